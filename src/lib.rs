@@ -1,0 +1,6 @@
+//! banger: one-command microVM sandboxes, driven by a content-addressed DAG of steps.
+//!
+//! See `ARCHITECTURE.md` for the data flow, the code map and the invariants.
+
+pub mod catalog;
+pub mod spec;

@@ -1,0 +1,277 @@
+//! The validated description of a sandbox: what a Bangerfile means once every default is
+//! resolved.
+//!
+//! A [`Spec`] is pure data. It is produced by [`crate::bangerfile`] (which owns parsing and
+//! diagnostics) and consumed by [`crate::plan`] (which lowers it into a DAG of steps). Nothing
+//! here does I/O, so a `Spec` can be built by hand in tests.
+//!
+//! Invariants a `Spec` upholds (the Bangerfile validator guarantees them):
+//! - `images` is in dependency order: an image built `from` another local image comes after it,
+//!   and there are no cycles.
+//! - `sandbox_image` names an entry of `images`.
+//! - every path is either relative to `project_dir` (project files) or a guest path that starts
+//!   with `/`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+/// Everything `banger up` needs to know about a project's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The Bangerfile this spec came from (absolute or as given on the command line).
+    pub source_file: PathBuf,
+    /// The directory that relative project paths are resolved against (the Bangerfile's dir).
+    pub project_dir: PathBuf,
+    /// Project name: `[project] name`, else the project directory's name.
+    pub name: String,
+    /// Images in dependency order; the sandbox image is among them.
+    pub images: Vec<ImageSpec>,
+    /// Name of the image `banger up` boots (`"sandbox"` for the `[image]` table).
+    pub sandbox_image: String,
+    /// The VM shape `banger up` boots with.
+    pub vm: VmShape,
+    /// Host directory imported into the guest, if any.
+    pub workspace: Option<WorkspaceSpec>,
+    /// The command `banger up` runs once the sandbox is ready, if any.
+    pub up: Option<UpCommand>,
+    /// Files copied from the host into the guest on every boot.
+    pub file_sync: Vec<FileSyncSpec>,
+}
+
+impl Spec {
+    /// The image with this name, if the Bangerfile defines it.
+    pub fn image(&self, name: &str) -> Option<&ImageSpec> {
+        self.images.iter().find(|image| image.name == name)
+    }
+}
+
+/// Name given to the `[image]` table: the image `banger up` boots.
+pub const SANDBOX_IMAGE_NAME: &str = "sandbox";
+
+/// One image: a base plus ordered provisioning steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// `"sandbox"` for `[image]`, else the key of `[images.NAME]`.
+    pub name: String,
+    /// Where the base root filesystem comes from.
+    pub from: ImageSource,
+    /// Fixed ext4 size; `None` means content × headroom with a floor.
+    pub size: Option<ByteSize>,
+    /// Kernel catalog name the image boots with.
+    pub kernel: String,
+    /// Provisioning steps, applied in order, each cached like an image layer.
+    pub provision: Vec<ProvisionStep>,
+}
+
+/// Where an image's base root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A bundle listed in the image catalog (`debian-bookworm`).
+    Catalog { name: String },
+    /// Any OCI reference (`docker.io/library/alpine:3.20`, `localhost:5000/x@sha256:…`).
+    Oci { reference: String },
+    /// A root filesystem built from distribution packages.
+    Recipe(RecipeSpec),
+    /// Another image defined in the same Bangerfile (`[images.NAME]`).
+    Image { name: String },
+}
+
+/// A distribution recipe: a base image built from packages (e.g. with `mmdebstrap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipeSpec {
+    /// Distribution family; only `debian` exists today.
+    pub distro: String,
+    /// Release name (`bookworm`).
+    pub suite: String,
+    /// Packages installed on top of the recipe's own base set, sorted and deduplicated.
+    pub packages: Vec<String>,
+}
+
+/// One provisioning step. Each produces a new root filesystem from the previous one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionStep {
+    /// Run a shell command inside the image (`sh -c`).
+    Run {
+        command: String,
+        /// Extra environment for the command, sorted by name.
+        env: BTreeMap<String, String>,
+    },
+    /// Copy a project file or directory into the image.
+    Copy {
+        /// Path relative to the project directory.
+        src: PathBuf,
+        /// Absolute guest path.
+        dest: String,
+        /// File mode to apply; `None` keeps the host file's mode.
+        mode: Option<u32>,
+    },
+}
+
+/// The VM's resources and network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmShape {
+    pub vcpu: u32,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    pub network: NetworkMode,
+}
+
+impl fmt::Display for VmShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} vcpu · {} MiB · {} disk · {} network",
+            self.vcpu,
+            self.memory.as_mib(),
+            self.disk,
+            self.network
+        )
+    }
+}
+
+/// How the guest reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NetworkMode {
+    /// Rootless user-mode networking with forwarded ports.
+    User,
+    /// A tap device on a host bridge (needs root).
+    Tap,
+    /// No network device at all.
+    None,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::User => "user",
+            NetworkMode::Tap => "tap",
+            NetworkMode::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A host directory imported into the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceSpec {
+    /// Host path relative to the project directory (`.` for the project itself).
+    pub host: PathBuf,
+    /// Absolute guest path.
+    pub guest: String,
+}
+
+/// What `banger up` runs in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpCommand {
+    /// Shell command line, run with `sh -c` in the workspace (or `/root`).
+    pub run: String,
+}
+
+/// A host file copied into the guest at boot (credentials, dotfiles).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSyncSpec {
+    /// Host path as written; `~/` is expanded when the sync runs, not when planning.
+    pub host: String,
+    /// Absolute guest path.
+    pub guest: String,
+    /// Mode for the guest copy; `None` keeps the host file's mode.
+    pub mode: Option<u32>,
+}
+
+/// A size in bytes, written in Bangerfiles as `512M`, `4G`, `2GiB` or a plain byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const KIB: u64 = 1024;
+    pub const MIB: u64 = 1024 * 1024;
+    pub const GIB: u64 = 1024 * 1024 * 1024;
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+
+    pub fn as_mib(self) -> u64 {
+        self.0 / Self::MIB
+    }
+
+    /// Parses `123`, `512K`, `512M`, `4G`, `1T`, with optional `i`/`iB`/`B` suffixes; all units
+    /// are binary (1G = 1024 MiB), as disk and memory sizes are.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, unit) = trimmed.split_at(split);
+        if digits.is_empty() {
+            return Err(format!(
+                "`{text}` is not a size: expected a number with an optional unit, like `512M` or `4G`"
+            ));
+        }
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{text}` is too large"))?;
+        let multiplier = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "K" | "KB" | "KI" | "KIB" => Self::KIB,
+            "M" | "MB" | "MI" | "MIB" => Self::MIB,
+            "G" | "GB" | "GI" | "GIB" => Self::GIB,
+            "T" | "TB" | "TI" | "TIB" => Self::GIB * 1024,
+            _ => {
+                return Err(format!(
+                    "`{text}` has an unknown unit `{unit}`: use K, M, G or T"
+                ));
+            }
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// The largest binary unit that divides the size exactly (`8G`, `1536M`, `100`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [
+            (Self::GIB * 1024, "T"),
+            (Self::GIB, "G"),
+            (Self::MIB, "M"),
+            (Self::KIB, "K"),
+        ];
+        for (size, suffix) in units {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{}", self.0 / size, suffix);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_binary_units() {
+        assert_eq!(ByteSize::parse("4G"), Ok(ByteSize(4 * ByteSize::GIB)));
+        assert_eq!(ByteSize::parse("512MiB"), Ok(ByteSize(512 * ByteSize::MIB)));
+        assert_eq!(ByteSize::parse("100"), Ok(ByteSize(100)));
+        assert!(ByteSize::parse("4X").unwrap_err().contains("unknown unit"));
+        assert!(ByteSize::parse("G").is_err());
+        assert!(ByteSize::parse("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn byte_sizes_display_in_the_largest_exact_unit() {
+        assert_eq!(ByteSize(8 * ByteSize::GIB).to_string(), "8G");
+        assert_eq!(ByteSize(1536 * ByteSize::MIB).to_string(), "1536M");
+        assert_eq!(ByteSize(100).to_string(), "100");
+    }
+}
