@@ -3,4 +3,9 @@
 //! See `ARCHITECTURE.md` for the data flow, the code map and the invariants.
 
 pub mod catalog;
+pub mod key;
 pub mod spec;
+pub mod assets;
+pub mod lock;
+pub mod plan;
+pub mod steps;

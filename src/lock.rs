@@ -1,0 +1,76 @@
+//! `Bangerfile.lock`: mutable inputs pinned to digests.
+//!
+//! An OCI tag can move; a plan keyed by the tag would silently change meaning. The first build
+//! resolves each reference and records its manifest digest and layers here; later plans read the
+//! lock, so the same Bangerfile plans the same steps (one fetch per pinned layer) until the user
+//! asks to update. Lowering reads a [`Lock`] as plain data; reading the file is the caller's I/O.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FILE_NAME: &str = "Bangerfile.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot read lock file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lock file {path} is not valid: {source}; delete it to resolve references again")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+/// Pinned references of one project.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    #[serde(default)]
+    pub oci: Vec<PinnedReference>,
+}
+
+/// One OCI reference pinned to its linux/amd64 manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedReference {
+    /// The reference as written in the Bangerfile.
+    pub reference: String,
+    /// Digest of the linux/amd64 image manifest.
+    pub manifest_digest: String,
+    pub layers: Vec<PinnedLayer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedLayer {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+impl Lock {
+    /// Reads the lock next to a Bangerfile; a missing file is an empty lock.
+    pub fn load(path: &Path) -> Result<Lock, LockError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| LockError::Parse {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Lock::default()),
+            Err(source) => Err(LockError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn pinned(&self, reference: &str) -> Option<&PinnedReference> {
+        self.oci.iter().find(|pin| pin.reference == reference)
+    }
+}

@@ -1,0 +1,465 @@
+//! Lowering a [`Spec`] into a [`Plan`]. Pure: the same spec, lock and catalogs always give the
+//! same plan, and nothing here touches the file system or the network.
+//!
+//! Shape of the plan for one image (ids in brackets):
+//! ```text
+//! OCI, pinned:    resolve → layer[i]… → flatten → mkfs → ownership → inject-agent
+//! OCI, unpinned:  resolve → fetch-layers → flatten → mkfs → ownership → inject-agent
+//! catalog bundle: fetch-bundle → unpack
+//! recipe:         mmdebstrap → mkfs → inject-agent
+//! local image:    (the other image's last step)
+//! then:           provision[0] → provision[1] → …          (each also reads the kernel)
+//! kernel:         fetch-package → extract → initramfs → stage   | fetch-bundle → stage | local
+//! sandbox:        vm/boot → vm/file-sync → vm/workspace → vm/up
+//! ```
+
+use std::collections::HashMap;
+
+use petgraph::graph::NodeIndex;
+
+use super::{Plan, PlanError, StepNode};
+use crate::catalog::{Catalogs, Prefer};
+use crate::key::{ParamValue, Params};
+use crate::lock::Lock;
+use crate::spec::{ImageSource, ImageSpec, ProvisionStep, RecipeSpec, Spec};
+use crate::steps::{self, KindInfo};
+
+/// Block size of every ext4 banger writes (4 KiB was 30 % faster than mke2fs's 1 KiB default
+/// for small images, see environment.md).
+pub const EXT4_BLOCK_SIZE: u64 = 4096;
+/// Auto-sized images get content × this percentage.
+pub const EXT4_HEADROOM_PERCENT: u64 = 150;
+/// Auto-sized images are never smaller than this.
+pub const EXT4_MIN_BYTES: u64 = 1024 * 1024 * 1024;
+
+fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
+    StepNode {
+        id,
+        kind: info.name.to_owned(),
+        version: info.version,
+        params,
+        cache: info.cache,
+        resource: info.resource,
+        weight: 1,
+        summary: String::new(),
+    }
+}
+
+/// Builds the plan for `banger up`: every image, the kernel(s), the boot and the up command.
+pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, PlanError> {
+    let mut lowering = Lowering {
+        plan: Plan::new(),
+        lock,
+        catalogs,
+        image_outputs: HashMap::new(),
+        kernels: HashMap::new(),
+    };
+    for image in &spec.images {
+        lowering.image(image)?;
+    }
+    let sandbox = spec
+        .image(&spec.sandbox_image)
+        .expect("validated spec names an existing sandbox image");
+    let rootfs = lowering.image_outputs[&sandbox.name];
+    let kernel = lowering.kernel(&sandbox.kernel)?;
+
+    let vm = spec.vm;
+    let boot = lowering.plan.add_step(
+        node(
+            &steps::VM_BOOT,
+            "vm/boot".into(),
+            Params::new()
+                .with("vcpu", vm.vcpu)
+                .with("memory", vm.memory.bytes())
+                .with("disk", vm.disk.bytes())
+                .with("network", vm.network.as_str()),
+        )
+        .summary(format!("boot {} ({vm})", spec.name)),
+    )?;
+    lowering.plan.add_input(boot, "rootfs", rootfs);
+    lowering.plan.add_input(boot, "kernel", kernel);
+    let mut last = boot;
+
+    if !spec.file_sync.is_empty() {
+        let entries = spec
+            .file_sync
+            .iter()
+            .map(|entry| {
+                let mode = entry.mode.map_or_else(String::new, |m| format!(" {m:04o}"));
+                ParamValue::Str(format!("{} -> {}{mode}", entry.host, entry.guest))
+            })
+            .collect();
+        let sync = lowering.plan.add_step(
+            node(
+                &steps::VM_FILE_SYNC,
+                "vm/file-sync".into(),
+                Params::new().with("entries", ParamValue::List(entries)),
+            )
+            .summary(format!("sync {} host file(s)", spec.file_sync.len())),
+        )?;
+        lowering.plan.add_input(sync, "vm", last);
+        last = sync;
+    }
+    if let Some(workspace) = &spec.workspace {
+        let host = workspace.host.to_string_lossy().into_owned();
+        let step = lowering.plan.add_step(
+            node(
+                &steps::VM_WORKSPACE,
+                "vm/workspace".into(),
+                Params::new()
+                    .with("host", host.clone())
+                    .with("guest", workspace.guest.clone()),
+            )
+            .summary(format!("workspace {host} -> {}", workspace.guest)),
+        )?;
+        lowering.plan.add_input(step, "vm", last);
+        last = step;
+    }
+    if let Some(up) = &spec.up {
+        let step = lowering.plan.add_step(
+            node(
+                &steps::VM_UP_COMMAND,
+                "vm/up".into(),
+                Params::new().with("run", up.run.clone()),
+            )
+            .summary(format!("run: {}", up.run)),
+        )?;
+        lowering.plan.add_input(step, "vm", last);
+        last = step;
+    }
+    lowering.plan.add_target(last);
+    Ok(lowering.plan)
+}
+
+struct Lowering<'a> {
+    plan: Plan,
+    lock: &'a Lock,
+    catalogs: &'a Catalogs,
+    /// Last step of each image, by image name.
+    image_outputs: HashMap<String, NodeIndex>,
+    /// Staged kernel step, by kernel name (shared by every image that boots it).
+    kernels: HashMap<String, NodeIndex>,
+}
+
+impl Lowering<'_> {
+    fn image(&mut self, image: &ImageSpec) -> Result<(), PlanError> {
+        let prefix = format!("image:{}", image.name);
+        let size = image.size.map(|size| size.bytes());
+        let mut rootfs = match &image.from {
+            ImageSource::Oci { reference } => self.oci_image(&prefix, reference, size)?,
+            ImageSource::Catalog { name } => self.catalog_image(&prefix, name, size)?,
+            ImageSource::Recipe(recipe) => self.recipe_image(&prefix, recipe, size)?,
+            ImageSource::Image { name } => self.image_outputs[name],
+        };
+        for (index, step) in image.provision.iter().enumerate() {
+            let id = format!("{prefix}/provision[{index}]");
+            let next = match step {
+                ProvisionStep::Run { command, env } => {
+                    let kernel = self.kernel(&image.kernel)?;
+                    let params = Params::new()
+                        .with("command", command.clone())
+                        .with("env", ParamValue::Map(env.clone()));
+                    let step = self.plan.add_step(
+                        node(&steps::PROVISION_RUN, id, params).summary(format!("run: {command}")),
+                    )?;
+                    self.plan.add_input(step, "rootfs", rootfs);
+                    self.plan.add_input(step, "kernel", kernel);
+                    step
+                }
+                ProvisionStep::Copy { src, dest, mode } => {
+                    let mut params = Params::new()
+                        .with("src", ParamValue::Source(src.clone()))
+                        .with("dest", dest.clone());
+                    if let Some(mode) = mode {
+                        params.insert("mode", format!("{mode:04o}"));
+                    }
+                    let step = self.plan.add_step(
+                        node(&steps::PROVISION_COPY, id, params)
+                            .summary(format!("copy {} -> {dest}", src.display())),
+                    )?;
+                    self.plan.add_input(step, "rootfs", rootfs);
+                    step
+                }
+            };
+            rootfs = next;
+        }
+        self.image_outputs.insert(image.name.clone(), rootfs);
+        Ok(())
+    }
+
+    fn mkfs(
+        &mut self,
+        prefix: &str,
+        tree: NodeIndex,
+        size: Option<u64>,
+    ) -> Result<NodeIndex, PlanError> {
+        let mut params = Params::new().with("block_size", EXT4_BLOCK_SIZE);
+        match size {
+            Some(bytes) => params.insert("size", bytes),
+            None => {
+                params.insert("headroom_percent", EXT4_HEADROOM_PERCENT);
+                params.insert("min_size", EXT4_MIN_BYTES);
+            }
+        }
+        let summary = match size {
+            Some(bytes) => format!("ext4, {}", crate::spec::ByteSize(bytes)),
+            None => format!("ext4, content × {EXT4_HEADROOM_PERCENT}% (≥ 1G)"),
+        };
+        let mkfs = self.plan.add_step(
+            node(&steps::ROOTFS_MKFS, format!("{prefix}/mkfs"), params).summary(summary),
+        )?;
+        self.plan.add_input(mkfs, "tree", tree);
+        Ok(mkfs)
+    }
+
+    fn inject_agent(&mut self, prefix: &str, rootfs: NodeIndex) -> Result<NodeIndex, PlanError> {
+        let step = self.plan.add_step(
+            node(
+                &steps::ROOTFS_INJECT_AGENT,
+                format!("{prefix}/inject-agent"),
+                Params::new().with("assets", crate::assets::guest_assets_digest()),
+            )
+            .summary("guest agent, units, sshd drop-in"),
+        )?;
+        self.plan.add_input(step, "rootfs", rootfs);
+        Ok(step)
+    }
+
+    fn oci_image(
+        &mut self,
+        prefix: &str,
+        reference: &str,
+        size: Option<u64>,
+    ) -> Result<NodeIndex, PlanError> {
+        let pin = self.lock.pinned(reference);
+        let mut resolve_params = Params::new().with("reference", reference);
+        let mut resolve_node = node(&steps::OCI_RESOLVE, format!("{prefix}/resolve"), Params::new());
+        match pin {
+            Some(pin) => {
+                resolve_params.insert("manifest_digest", pin.manifest_digest.clone());
+                resolve_node.summary = format!("{reference} @ {}", pin.manifest_digest);
+            }
+            None => {
+                // An unpinned tag may move, so its resolution is never reused.
+                resolve_node = resolve_node.never_cached();
+                resolve_node.summary = format!("{reference} (not pinned yet)");
+            }
+        }
+        resolve_node.params = resolve_params;
+        let resolve = self.plan.add_step(resolve_node)?;
+
+        let flatten = self.plan.add_step(
+            node(&steps::ROOTFS_FLATTEN, format!("{prefix}/flatten"), Params::new())
+                .summary("layers → one tree (whiteouts applied)"),
+        )?;
+        match pin {
+            Some(pin) => {
+                for (index, layer) in pin.layers.iter().enumerate() {
+                    let fetch = self.plan.add_step(
+                        node(
+                            &steps::OCI_FETCH_LAYER,
+                            format!("{prefix}/layer[{index}]"),
+                            Params::new()
+                                .with("digest", layer.digest.clone())
+                                .with("media_type", layer.media_type.clone())
+                                .with("size", layer.size),
+                        )
+                        .summary(format!("{} ({} bytes)", layer.digest, layer.size)),
+                    )?;
+                    self.plan.add_input(fetch, "manifest", resolve);
+                    self.plan
+                        .add_input(flatten, format!("layer[{index}]"), fetch);
+                }
+            }
+            None => {
+                let fetch = self.plan.add_step(
+                    node(
+                        &steps::OCI_FETCH_LAYERS,
+                        format!("{prefix}/fetch-layers"),
+                        Params::new().with("reference", reference),
+                    )
+                    .summary("every layer, once the reference is resolved"),
+                )?;
+                self.plan.add_input(fetch, "manifest", resolve);
+                self.plan.add_input(flatten, "layers", fetch);
+            }
+        }
+        let mkfs = self.mkfs(prefix, flatten, size)?;
+        let ownership = self.plan.add_step(
+            node(
+                &steps::ROOTFS_OWNERSHIP,
+                format!("{prefix}/ownership"),
+                Params::new(),
+            )
+            .summary("uid/gid, modes, xattrs, device nodes"),
+        )?;
+        self.plan.add_input(ownership, "rootfs", mkfs);
+        self.plan.add_input(ownership, "tree", flatten);
+        self.inject_agent(prefix, ownership)
+    }
+
+    fn catalog_image(
+        &mut self,
+        prefix: &str,
+        name: &str,
+        size: Option<u64>,
+    ) -> Result<NodeIndex, PlanError> {
+        let entry = self
+            .catalogs
+            .image(name)
+            .expect("validated spec names an existing catalog image");
+        let use_bundle = match (&entry.bundle, &entry.recipe, entry.prefer) {
+            (Some(_), None, _) | (Some(_), Some(_), Prefer::Bundle) => true,
+            (_, Some(_), _) => false,
+            (None, None, _) => true,
+        };
+        if use_bundle && let Some(bundle) = &entry.bundle {
+            let fetch = self.plan.add_step(
+                node(
+                    &steps::CATALOG_FETCH_BUNDLE,
+                    format!("{prefix}/fetch-bundle"),
+                    Params::new()
+                        .with("url", bundle.url.clone())
+                        .with("sha256", bundle.sha256.clone()),
+                )
+                .summary(format!("{name} bundle ({} bytes)", bundle.size)),
+            )?;
+            let unpack = self.plan.add_step(
+                node(&steps::BUNDLE_UNPACK, format!("{prefix}/unpack"), Params::new())
+                    .summary("rootfs.ext4 + manifest.json"),
+            )?;
+            self.plan.add_input(unpack, "bundle", fetch);
+            return Ok(unpack);
+        }
+        let recipe = entry
+            .recipe
+            .as_ref()
+            .map(|recipe| RecipeSpec {
+                distro: recipe.distro.clone(),
+                suite: recipe.suite.clone(),
+                packages: recipe.packages.clone(),
+            })
+            .expect("catalog entries have a bundle or a recipe (checked by tests)");
+        self.recipe_image(prefix, &recipe, size)
+    }
+
+    fn recipe_image(
+        &mut self,
+        prefix: &str,
+        recipe: &RecipeSpec,
+        size: Option<u64>,
+    ) -> Result<NodeIndex, PlanError> {
+        let packages = recipe
+            .packages
+            .iter()
+            .map(|name| ParamValue::Str(name.clone()))
+            .collect();
+        let bootstrap = self.plan.add_step(
+            node(
+                &steps::RECIPE_MMDEBSTRAP,
+                format!("{prefix}/mmdebstrap"),
+                Params::new()
+                    .with("distro", recipe.distro.clone())
+                    .with("suite", recipe.suite.clone())
+                    .with("packages", ParamValue::List(packages)),
+            )
+            .summary(format!(
+                "{} {} + {} package(s)",
+                recipe.distro,
+                recipe.suite,
+                recipe.packages.len()
+            )),
+        )?;
+        let mkfs = self.mkfs(prefix, bootstrap, size)?;
+        self.inject_agent(prefix, mkfs)
+    }
+
+    fn kernel(&mut self, name: &str) -> Result<NodeIndex, PlanError> {
+        if let Some(&staged) = self.kernels.get(name) {
+            return Ok(staged);
+        }
+        let prefix = format!("kernel:{name}");
+        let staged = match self.catalogs.kernel(name) {
+            None => self.plan.add_step(
+                node(
+                    &steps::KERNEL_LOCAL,
+                    format!("{prefix}/local"),
+                    Params::new().with("name", name),
+                )
+                .summary(format!("{name} from the local kernel store")),
+            )?,
+            Some(entry) => {
+                let use_bundle = entry.bundle.is_some()
+                    && (entry.recipe.is_none() || entry.prefer == Prefer::Bundle);
+                let source = match (&entry.bundle, &entry.recipe) {
+                    (Some(bundle), _) if use_bundle => self.plan.add_step(
+                        node(
+                            &steps::KERNEL_FETCH_BUNDLE,
+                            format!("{prefix}/fetch-bundle"),
+                            Params::new()
+                                .with("url", bundle.url.clone())
+                                .with("sha256", bundle.sha256.clone()),
+                        )
+                        .summary(format!("{name} bundle ({} bytes)", bundle.size)),
+                    )?,
+                    (_, Some(recipe)) => {
+                        let package = self.plan.add_step(
+                            node(
+                                &steps::KERNEL_FETCH_PACKAGE,
+                                format!("{prefix}/fetch-package"),
+                                Params::new()
+                                    .with("distro", recipe.distro.clone())
+                                    .with("suite", recipe.suite.clone())
+                                    .with("package", recipe.package.clone()),
+                            )
+                            .summary(format!("{} from {}", recipe.package, recipe.suite)),
+                        )?;
+                        let extract = self.plan.add_step(
+                            node(&steps::KERNEL_EXTRACT, format!("{prefix}/extract"), Params::new())
+                                .summary("ELF vmlinux with PVH + modules"),
+                        )?;
+                        self.plan.add_input(extract, "package", package);
+                        let initramfs = self.plan.add_step(
+                            node(
+                                &steps::KERNEL_INITRAMFS,
+                                format!("{prefix}/initramfs"),
+                                Params::new().with(
+                                    "modules",
+                                    ParamValue::List(
+                                        INITRAMFS_MODULES
+                                            .iter()
+                                            .map(|name| ParamValue::from(*name))
+                                            .collect(),
+                                    ),
+                                ),
+                            )
+                            .summary("virtio + vsock modules, mount root, switch_root"),
+                        )?;
+                        self.plan.add_input(initramfs, "kernel", extract);
+                        initramfs
+                    }
+                    (None, None) => unreachable!("catalog kernels have a bundle or a recipe"),
+                    (Some(_), None) => unreachable!("handled by use_bundle"),
+                };
+                let stage = self.plan.add_step(
+                    node(&steps::KERNEL_STAGE, format!("{prefix}/stage"), Params::new())
+                        .summary("vmlinux + initrd + modules"),
+                )?;
+                self.plan.add_input(stage, "kernel", source);
+                stage
+            }
+        };
+        self.kernels.insert(name.to_owned(), staged);
+        Ok(staged)
+    }
+}
+
+/// Modules banger's initramfs loads (their dependencies are resolved when it is built).
+pub const INITRAMFS_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+];

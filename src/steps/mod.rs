@@ -1,0 +1,238 @@
+//! The catalogue of step kinds: name, version, cache policy and resource class of each.
+//!
+//! Plans name steps by kind; the engine finds an executor for each kind at run time. Executors
+//! for the image, kernel and VM kinds arrive with the issues that build them; until then those
+//! kinds appear in plans and `banger graph` but `banger build` is not offered.
+//!
+//! Bump a kind's `version` whenever what it produces changes for the same params: every key of
+//! that kind, and of everything downstream, changes with it.
+
+use crate::plan::{CachePolicy, ResourceClass};
+
+/// Static facts about one step kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindInfo {
+    pub name: &'static str,
+    pub version: u32,
+    pub cache: CachePolicy,
+    pub resource: ResourceClass,
+    /// One line for `banger graph --format json` and the docs.
+    pub description: &'static str,
+}
+
+const fn kind(
+    name: &'static str,
+    version: u32,
+    cache: CachePolicy,
+    resource: ResourceClass,
+    description: &'static str,
+) -> KindInfo {
+    KindInfo {
+        name,
+        version,
+        cache,
+        resource,
+        description,
+    }
+}
+
+use CachePolicy::{Cached, Never};
+use ResourceClass::{Cpu, Disk, Network, Vm};
+
+pub const OCI_RESOLVE: KindInfo = kind(
+    "oci.resolve",
+    1,
+    Cached,
+    Network,
+    "resolve an OCI reference to the linux/amd64 manifest digest",
+);
+pub const OCI_FETCH_LAYERS: KindInfo = kind(
+    "oci.fetch-layers",
+    1,
+    Never,
+    Network,
+    "fetch every layer of an unpinned reference (layers are known once resolved)",
+);
+pub const OCI_FETCH_LAYER: KindInfo = kind(
+    "oci.fetch-layer",
+    1,
+    Cached,
+    Network,
+    "download one layer blob, verified against its digest",
+);
+pub const CATALOG_FETCH_BUNDLE: KindInfo = kind(
+    "catalog.fetch-bundle",
+    1,
+    Cached,
+    Network,
+    "download a catalog bundle, verified against its sha256",
+);
+pub const BUNDLE_UNPACK: KindInfo = kind(
+    "bundle.unpack",
+    1,
+    Cached,
+    Disk,
+    "unpack rootfs.ext4 and manifest.json from a bundle",
+);
+pub const RECIPE_MMDEBSTRAP: KindInfo = kind(
+    "recipe.mmdebstrap",
+    1,
+    Cached,
+    Network,
+    "build a root filesystem tar from distribution packages",
+);
+pub const ROOTFS_FLATTEN: KindInfo = kind(
+    "rootfs.flatten",
+    1,
+    Cached,
+    Disk,
+    "apply layers in order with whiteouts into one filesystem tree",
+);
+pub const ROOTFS_MKFS: KindInfo = kind(
+    "rootfs.mkfs",
+    1,
+    Cached,
+    Cpu,
+    "write an ext4 image (4 KiB blocks) from the flattened tree",
+);
+pub const ROOTFS_OWNERSHIP: KindInfo = kind(
+    "rootfs.ownership",
+    1,
+    Cached,
+    Disk,
+    "apply uid/gid, modes, xattrs and device nodes recorded in the layers",
+);
+pub const ROOTFS_INJECT_AGENT: KindInfo = kind(
+    "rootfs.inject-agent",
+    1,
+    Cached,
+    Disk,
+    "write banger's guest agent, units and sshd drop-in into the image",
+);
+pub const KERNEL_FETCH_BUNDLE: KindInfo = kind(
+    "kernel.fetch-bundle",
+    1,
+    Cached,
+    Network,
+    "download a kernel bundle, verified against its sha256",
+);
+pub const KERNEL_FETCH_PACKAGE: KindInfo = kind(
+    "kernel.fetch-package",
+    1,
+    Cached,
+    Network,
+    "download the distribution's kernel package",
+);
+pub const KERNEL_EXTRACT: KindInfo = kind(
+    "kernel.extract",
+    1,
+    Cached,
+    Cpu,
+    "turn the packaged kernel into an ELF vmlinux with PVH and collect modules",
+);
+pub const KERNEL_INITRAMFS: KindInfo = kind(
+    "kernel.initramfs",
+    1,
+    Cached,
+    Cpu,
+    "build banger's small initramfs that loads virtio modules and mounts the root",
+);
+pub const KERNEL_LOCAL: KindInfo = kind(
+    "kernel.local",
+    1,
+    Never,
+    Disk,
+    "read a kernel imported with `banger kernel import`",
+);
+pub const KERNEL_STAGE: KindInfo = kind(
+    "kernel.stage",
+    1,
+    Cached,
+    Disk,
+    "stage vmlinux, initrd and modules for booting",
+);
+pub const PROVISION_RUN: KindInfo = kind(
+    "provision.run",
+    1,
+    Cached,
+    Vm,
+    "run a command in a builder VM; the resulting root filesystem is the output",
+);
+pub const PROVISION_COPY: KindInfo = kind(
+    "provision.copy",
+    1,
+    Cached,
+    Disk,
+    "copy a project file into the image",
+);
+pub const VM_BOOT: KindInfo = kind(
+    "vm.boot",
+    1,
+    Never,
+    Vm,
+    "boot the sandbox VM and wait for its agent",
+);
+pub const VM_FILE_SYNC: KindInfo = kind(
+    "vm.file-sync",
+    1,
+    Never,
+    Disk,
+    "copy [[file_sync]] host files into the guest",
+);
+pub const VM_WORKSPACE: KindInfo = kind(
+    "vm.workspace",
+    1,
+    Never,
+    Disk,
+    "import the workspace directory into the guest",
+);
+pub const VM_UP_COMMAND: KindInfo = kind(
+    "vm.up-command",
+    1,
+    Never,
+    Vm,
+    "run the [up] command in the sandbox",
+);
+
+/// Every kind banger plans, for docs and `banger graph --format json`.
+pub const ALL_KINDS: &[KindInfo] = &[
+    OCI_RESOLVE,
+    OCI_FETCH_LAYERS,
+    OCI_FETCH_LAYER,
+    CATALOG_FETCH_BUNDLE,
+    BUNDLE_UNPACK,
+    RECIPE_MMDEBSTRAP,
+    ROOTFS_FLATTEN,
+    ROOTFS_MKFS,
+    ROOTFS_OWNERSHIP,
+    ROOTFS_INJECT_AGENT,
+    KERNEL_FETCH_BUNDLE,
+    KERNEL_FETCH_PACKAGE,
+    KERNEL_EXTRACT,
+    KERNEL_INITRAMFS,
+    KERNEL_LOCAL,
+    KERNEL_STAGE,
+    PROVISION_RUN,
+    PROVISION_COPY,
+    VM_BOOT,
+    VM_FILE_SYNC,
+    VM_WORKSPACE,
+    VM_UP_COMMAND,
+];
+
+pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
+    ALL_KINDS.iter().find(|info| info.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_are_unique() {
+        let mut names: Vec<_> = ALL_KINDS.iter().map(|info| info.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ALL_KINDS.len());
+    }
+}
