@@ -9,3 +9,4 @@ pub mod assets;
 pub mod lock;
 pub mod plan;
 pub mod steps;
+pub mod store;

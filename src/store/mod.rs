@@ -1,0 +1,447 @@
+//! The store: step outputs by content, one small record per step key.
+//!
+//! Layout (under the store directory, `~/.cache/banger/store` by default):
+//! - a `cacache` cache: output bytes are content-addressed (sha256 integrity); records are index
+//!   entries whose JSON metadata is the [`StepRecord`]. Every record key lives in the versioned
+//!   namespace [`NAMESPACE`] (`steps-v1/def/<key>`, `steps-v1/content/<key>`), so a format change
+//!   starts a new namespace instead of misreading old records.
+//! - `scratch/`: one directory per running step (`step-<pid>-…`), on the same file system so
+//!   publishing never crosses devices. Directories of dead processes are removed at start-up.
+//! - `last-use-v1.log`: one line per run listing the keys it used, for LRU order in GC.
+//!
+//! Lifecycle of an output:
+//! 1. A step writes files into its scratch directory.
+//! 2. [`Store::publish_file`] streams each file into content storage (never held in memory).
+//! 3. [`Store::commit`] writes the content-key record, then the definition-key record. Bytes
+//!    first, record last: a reader that finds a record finds its bytes, and a record whose bytes
+//!    are gone (evicted, deleted by hand) is treated as a miss ([`Miss::OutputMissing`]).
+//! 4. A hit hands out outputs by hard link ([`Store::materialize`]): no bytes are copied.
+//! 5. [`Store::gc`] evicts least-recently-used records above a size cap, never touching roots,
+//!    and leaves a tombstone so `banger graph --why` can say "evicted".
+//!
+//! Known weaknesses: cacache does not fsync, so the atomicity holds against crashes of banger
+//! (SIGKILL) but not against power loss; publishing copies the bytes once (cacache has no
+//! "adopt this file" call).
+
+mod gc;
+
+pub use gc::{GcOptions, GcReport, Usage};
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::{Key, Params};
+
+/// Version of the record namespace; bump when [`StepRecord`] changes incompatibly.
+pub const NAMESPACE: &str = "steps-v1";
+
+/// Errors from the store. Each names the key, path or integrity involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read store entry {entry}: {source}")]
+    ReadEntry {
+        entry: String,
+        #[source]
+        source: cacache::Error,
+    },
+    #[error("store entry {entry} is corrupt ({source}); `banger cache gc` removes it")]
+    CorruptEntry {
+        entry: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write store entry {entry}: {source}")]
+    WriteEntry {
+        entry: String,
+        #[source]
+        source: cacache::Error,
+    },
+    #[error("cannot store output {path}: {source}")]
+    Publish {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot link stored output {integrity} to {to}: {source}")]
+    Materialize {
+        integrity: String,
+        to: PathBuf,
+        #[source]
+        source: cacache::Error,
+    },
+    #[error("stored output has an invalid integrity `{integrity}`")]
+    BadIntegrity { integrity: String },
+    #[error("cannot create a scratch directory in {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot scan the store at {path}: {source}")]
+    Scan {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One stored output file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRef {
+    /// cacache integrity (`sha256-…`).
+    pub integrity: String,
+    pub size: u64,
+}
+
+/// An input as it was when the step ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedInput {
+    pub name: String,
+    pub step_id: String,
+    pub definition_key: Key,
+    pub output_digest: Key,
+}
+
+/// What the store knows about one execution of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step_id: String,
+    pub kind: String,
+    pub version: u32,
+    pub params: Params,
+    pub inputs: Vec<RecordedInput>,
+    pub outputs: BTreeMap<String, OutputRef>,
+    pub definition_key: Key,
+    pub content_key: Key,
+    pub output_digest: Key,
+    /// Unix milliseconds when the step finished.
+    pub created_ms: u64,
+    pub duration_ms: u64,
+}
+
+impl StepRecord {
+    pub fn total_size(&self) -> u64 {
+        self.outputs.values().map(|output| output.size).sum()
+    }
+}
+
+/// Why a lookup found nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    /// No record under this key, ever (as far as the store knows).
+    NoRecord,
+    /// `banger cache gc` evicted the record at this time.
+    Evicted { at_ms: u64 },
+    /// The record exists but this output's bytes are gone.
+    OutputMissing { record: Box<StepRecord>, output: String },
+}
+
+/// Result of looking a key up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Hit(Box<StepRecord>),
+    Miss(Miss),
+}
+
+impl Lookup {
+    pub fn hit(self) -> Option<StepRecord> {
+        match self {
+            Lookup::Hit(record) => Some(*record),
+            Lookup::Miss(_) => None,
+        }
+    }
+}
+
+/// Which of a step's two keys a lookup uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Definition,
+    Content,
+}
+
+impl KeyKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            KeyKind::Definition => "def",
+            KeyKind::Content => "content",
+        }
+    }
+}
+
+/// A handle on the store directory. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn entry_name(kind: &str, rest: &str) -> String {
+    format!("{NAMESPACE}/{kind}/{rest}")
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir` and removes scratch directories left by
+    /// processes that no longer exist.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(dir.join("scratch")).map_err(|source| StoreError::Open {
+            path: dir.clone(),
+            source,
+        })?;
+        let store = Store { dir };
+        store.remove_stale_scratch();
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Looks a step up by one of its keys; a record whose bytes are missing is a miss.
+    pub fn lookup(&self, kind: KeyKind, key: &Key) -> Result<Lookup, StoreError> {
+        let name = entry_name(kind.prefix(), &key.to_hex());
+        let Some(record) = self.read_json::<StepRecord>(&name)? else {
+            let tombstone = entry_name("evicted", &key.to_hex());
+            return Ok(Lookup::Miss(match self.read_json::<u64>(&tombstone)? {
+                Some(at_ms) => Miss::Evicted { at_ms },
+                None => Miss::NoRecord,
+            }));
+        };
+        for (output, reference) in &record.outputs {
+            let integrity = parse_integrity(&reference.integrity)?;
+            if !cacache::exists_sync(&self.dir, &integrity) {
+                return Ok(Lookup::Miss(Miss::OutputMissing {
+                    record: Box::new(record.clone()),
+                    output: output.clone(),
+                }));
+            }
+        }
+        Ok(Lookup::Hit(Box::new(record)))
+    }
+
+    /// Streams a file into content storage and returns its reference. The file is read once;
+    /// memory use does not depend on its size.
+    pub fn publish_file(&self, path: &Path) -> Result<OutputRef, StoreError> {
+        let publish_error = |source| StoreError::Publish {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(publish_error)?;
+        let size = file.metadata().map_err(publish_error)?.len();
+        let writer = cacache::WriteOpts::new()
+            .size(size as usize)
+            .open_hash_sync(&self.dir)
+            .map_err(|error| publish_error(std::io::Error::other(error)))?;
+        let mut buffered = BufWriter::with_capacity(1 << 20, writer);
+        std::io::copy(&mut file, &mut buffered).map_err(publish_error)?;
+        buffered.flush().map_err(publish_error)?;
+        let writer = buffered
+            .into_inner()
+            .map_err(|error| publish_error(error.into_error()))?;
+        let integrity = writer
+            .commit()
+            .map_err(|error| publish_error(std::io::Error::other(error)))?;
+        Ok(OutputRef {
+            integrity: integrity.to_string(),
+            size,
+        })
+    }
+
+    /// Publishes a record under its content key, then its definition key. Call only after
+    /// every output has been published.
+    pub fn commit(&self, record: &StepRecord) -> Result<(), StoreError> {
+        self.write_json(
+            &entry_name("content", &record.content_key.to_hex()),
+            record,
+        )?;
+        self.alias(record, &record.definition_key)
+    }
+
+    /// Records `record` under another definition key: after early cutoff, the new definition
+    /// key reuses the outputs found by content key.
+    pub fn alias(&self, record: &StepRecord, definition_key: &Key) -> Result<(), StoreError> {
+        let mut aliased = record.clone();
+        aliased.definition_key = *definition_key;
+        self.write_json(&entry_name("def", &definition_key.to_hex()), &aliased)
+    }
+
+    /// Makes a stored output available at `to` by hard link (no bytes are copied). The result is
+    /// shared with the store and must be treated as read-only.
+    pub fn materialize(&self, output: &OutputRef, to: &Path) -> Result<(), StoreError> {
+        let integrity = parse_integrity(&output.integrity)?;
+        cacache::hard_link_hash_sync(&self.dir, &integrity, to).map_err(|source| {
+            StoreError::Materialize {
+                integrity: output.integrity.clone(),
+                to: to.to_owned(),
+                source,
+            }
+        })
+    }
+
+    /// Remembers which definition key a project's step had on its last run, for `--why`.
+    pub fn set_last_run(&self, project: &str, step_id: &str, key: &Key) -> Result<(), StoreError> {
+        self.write_json(&last_run_entry(project, step_id), key)
+    }
+
+    pub fn last_run(&self, project: &str, step_id: &str) -> Result<Option<Key>, StoreError> {
+        self.read_json(&last_run_entry(project, step_id))
+    }
+
+    /// Notes that these definition keys were used now (LRU order for GC). One append per run.
+    pub fn touch(&self, keys: &[Key]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(gc::LAST_USE_LOG);
+        let mut line = now_ms().to_string();
+        for key in keys {
+            line.push(' ');
+            line.push_str(&key.to_hex());
+        }
+        line.push('\n');
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::Publish {
+                path: path.clone(),
+                source,
+            })?;
+        file.write_all(line.as_bytes())
+            .map_err(|source| StoreError::Publish { path, source })
+    }
+
+    /// Pins definition keys under a root name (an image in use, a running VM, a pinned
+    /// bundle): GC never evicts them. An empty list removes the root.
+    pub fn set_root(&self, name: &str, keys: &[Key]) -> Result<(), StoreError> {
+        let entry = entry_name("root", name);
+        if keys.is_empty() {
+            return cacache::index::delete(&self.dir, &entry)
+                .map_err(|source| StoreError::WriteEntry { entry, source });
+        }
+        self.write_json(&entry, &keys)
+    }
+
+    /// A fresh scratch directory for one step, removed when the returned guard drops.
+    pub fn scratch(&self) -> Result<tempfile::TempDir, StoreError> {
+        let parent = self.dir.join("scratch");
+        tempfile::Builder::new()
+            .prefix(&format!("step-{}-", std::process::id()))
+            .tempdir_in(&parent)
+            .map_err(|source| StoreError::Scratch {
+                path: parent,
+                source,
+            })
+    }
+
+    /// Every definition-key record, with the time it was last used.
+    pub fn records(&self) -> Result<Vec<(StepRecord, u64)>, StoreError> {
+        let inventory = gc::Inventory::scan(self)?;
+        let mut records: Vec<(StepRecord, u64)> = inventory
+            .definitions
+            .into_values()
+            .map(|entry| (entry.record, entry.last_used_ms))
+            .collect();
+        records.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.step_id.cmp(&b.0.step_id)));
+        Ok(records)
+    }
+
+    fn remove_stale_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("scratch")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|name| name.strip_prefix("step-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if !process_alive(pid) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        entry: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let found =
+            cacache::index::find(&self.dir, entry).map_err(|source| StoreError::ReadEntry {
+                entry: entry.to_owned(),
+                source,
+            })?;
+        match found {
+            None => Ok(None),
+            Some(metadata) => serde_json::from_value(metadata.metadata)
+                .map(Some)
+                .map_err(|source| StoreError::CorruptEntry {
+                    entry: entry.to_owned(),
+                    source,
+                }),
+        }
+    }
+
+    fn write_json<T: Serialize>(&self, entry: &str, value: &T) -> Result<(), StoreError> {
+        let json = serde_json::to_value(value).map_err(|source| StoreError::CorruptEntry {
+            entry: entry.to_owned(),
+            source,
+        })?;
+        let bytes = json.to_string().into_bytes();
+        let write_error = |source| StoreError::WriteEntry {
+            entry: entry.to_owned(),
+            source,
+        };
+        let mut writer = cacache::WriteOpts::new()
+            .size(bytes.len())
+            .metadata(json)
+            .open_sync(&self.dir, entry)
+            .map_err(write_error)?;
+        writer
+            .write_all(&bytes)
+            .map_err(|error| write_error(cacache::Error::IoError(error, entry.to_owned())))?;
+        writer.commit().map_err(write_error)?;
+        Ok(())
+    }
+}
+
+fn last_run_entry(project: &str, step_id: &str) -> String {
+    entry_name("last", &format!("{project}/{step_id}"))
+}
+
+fn parse_integrity(text: &str) -> Result<cacache::Integrity, StoreError> {
+    text.parse().map_err(|_| StoreError::BadIntegrity {
+        integrity: text.to_owned(),
+    })
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence without sending anything; EPERM still means it exists.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(errno) => errno == nix::errno::Errno::EPERM,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+use super::*;
+use crate::key::{definition_key, content_key, output_digest};
+
+fn record(store: &Store, step_id: &str, payload: &[u8]) -> StepRecord {
+    let scratch = store.scratch().unwrap();
+    let file = scratch.path().join("out");
+    std::fs::write(&file, payload).unwrap();
+    let output = store.publish_file(&file).unwrap();
+    let params = Params::new().with("id", step_id);
+    let def = definition_key("test", 1, &params, &[]);
+    StepRecord {
+        step_id: step_id.into(),
+        kind: "test".into(),
+        version: 1,
+        params: params.clone(),
+        inputs: vec![],
+        output_digest: output_digest([("out", output.integrity.as_str(), output.size)]),
+        outputs: BTreeMap::from([("out".to_owned(), output)]),
+        definition_key: def,
+        content_key: content_key("test", 1, &params, &[]),
+        created_ms: now_ms(),
+        duration_ms: 1,
+    }
+}
+
+#[test]
+fn committed_records_hit_and_materialize_by_hard_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rec = record(&store, "a", b"hello");
+    store.commit(&rec).unwrap();
+    let hit = store
+        .lookup(KeyKind::Definition, &rec.definition_key)
+        .unwrap()
+        .hit()
+        .unwrap();
+    assert_eq!(hit, rec);
+    assert!(store.lookup(KeyKind::Content, &rec.content_key).unwrap().hit().is_some());
+    let target = dir.path().join("linked");
+    store.materialize(&hit.outputs["out"], &target).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&target).unwrap().nlink() >= 2, "a hit must not copy bytes");
+}
+
+#[test]
+fn a_record_whose_bytes_are_gone_is_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rec = record(&store, "a", b"hello");
+    store.commit(&rec).unwrap();
+    let integrity = parse_integrity(&rec.outputs["out"].integrity).unwrap();
+    let path = gc::content_path(dir.path(), &integrity);
+    assert!(path.exists(), "content layout changed: {}", path.display());
+    std::fs::remove_file(path).unwrap();
+    match store.lookup(KeyKind::Definition, &rec.definition_key).unwrap() {
+        Lookup::Miss(Miss::OutputMissing { output, .. }) => assert_eq!(output, "out"),
+        other => panic!("expected a miss, got {other:?}"),
+    }
+}
+
+#[test]
+fn gc_evicts_least_recently_used_first_and_spares_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let old = record(&store, "old", &[1u8; 1000]);
+    let rooted = record(&store, "rooted", &[2u8; 1000]);
+    let recent = record(&store, "recent", &[3u8; 1000]);
+    for rec in [&old, &rooted, &recent] {
+        store.commit(rec).unwrap();
+    }
+    store.set_root("vm:test", &[rooted.definition_key]).unwrap();
+    store.touch(&[recent.definition_key]).unwrap();
+
+    let dry = store.gc(GcOptions { max_size: 2000, dry_run: true }).unwrap();
+    assert_eq!(dry.evicted, ["old"]);
+    assert!(store.lookup(KeyKind::Definition, &old.definition_key).unwrap().hit().is_some());
+
+    let report = store.gc(GcOptions { max_size: 2000, dry_run: false }).unwrap();
+    assert_eq!(report.evicted, ["old"], "{report:?}");
+    assert_eq!(report.freed_bytes, 1000);
+    assert!(matches!(
+        store.lookup(KeyKind::Definition, &old.definition_key).unwrap(),
+        Lookup::Miss(Miss::Evicted { .. })
+    ));
+    assert!(store.lookup(KeyKind::Definition, &rooted.definition_key).unwrap().hit().is_some());
+    assert!(store.lookup(KeyKind::Definition, &recent.definition_key).unwrap().hit().is_some());
+
+    let report = store.gc(GcOptions { max_size: 0, dry_run: false }).unwrap();
+    assert_eq!(report.evicted, ["recent"]);
+    assert_eq!(report.rooted, 1);
+    assert_eq!(report.remaining_bytes, 1000);
+}
+
+#[test]
+fn gc_sweeps_content_without_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let scratch = store.scratch().unwrap();
+    let file = scratch.path().join("orphan");
+    std::fs::write(&file, [7u8; 4096]).unwrap();
+    let orphan = store.publish_file(&file).unwrap();
+    let report = store.gc(GcOptions { max_size: u64::MAX, dry_run: false }).unwrap();
+    assert_eq!(report.orphan_bytes, 4096);
+    let integrity = parse_integrity(&orphan.integrity).unwrap();
+    assert!(!cacache::exists_sync(dir.path(), &integrity));
+}
+
+#[test]
+fn last_run_is_remembered_per_project_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = definition_key("k", 1, &Params::new(), &[]);
+    assert_eq!(store.last_run("p", "image:x/mkfs").unwrap(), None);
+    store.set_last_run("p", "image:x/mkfs", &key).unwrap();
+    assert_eq!(store.last_run("p", "image:x/mkfs").unwrap(), Some(key));
+    assert_eq!(store.last_run("q", "image:x/mkfs").unwrap(), None);
+}
+
+#[test]
+fn scratch_of_dead_processes_is_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("scratch").join("step-999999999-abc");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("partial"), b"x").unwrap();
+    let live = dir.path().join("scratch").join(format!("step-{}-abc", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    Store::open(dir.path()).unwrap();
+    assert!(!stale.exists());
+    assert!(live.exists());
+}
