@@ -229,7 +229,10 @@ pub enum ParamValue {
     /// keying.
     Source(PathBuf),
     /// A content digest (`blake3:…`, `sha256:…`) with the path it was taken from.
-    Digest { path: String, digest: String },
+    Digest {
+        path: String,
+        digest: String,
+    },
 }
 
 impl StableEncode for ParamValue {
@@ -515,7 +518,12 @@ mod tests {
         assert_ne!(base, definition_key("k", 2, &params, &[("rootfs", input)]));
         assert_ne!(
             base,
-            definition_key("k", 1, &params.clone().with("command", "make all"), &[("rootfs", input)])
+            definition_key(
+                "k",
+                1,
+                &params.clone().with("command", "make all"),
+                &[("rootfs", input)]
+            )
         );
         assert_ne!(base, definition_key("k", 1, &params, &[("other", input)]));
         assert_ne!(base, definition_key("k", 1, &params, &[("rootfs", base)]));

@@ -2,11 +2,12 @@
 //!
 //! See `ARCHITECTURE.md` for the data flow, the code map and the invariants.
 
-pub mod catalog;
-pub mod key;
-pub mod spec;
 pub mod assets;
+pub mod catalog;
+pub mod engine;
+pub mod key;
 pub mod lock;
 pub mod plan;
+pub mod spec;
 pub mod steps;
 pub mod store;

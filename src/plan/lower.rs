@@ -233,7 +233,11 @@ impl Lowering<'_> {
     ) -> Result<NodeIndex, PlanError> {
         let pin = self.lock.pinned(reference);
         let mut resolve_params = Params::new().with("reference", reference);
-        let mut resolve_node = node(&steps::OCI_RESOLVE, format!("{prefix}/resolve"), Params::new());
+        let mut resolve_node = node(
+            &steps::OCI_RESOLVE,
+            format!("{prefix}/resolve"),
+            Params::new(),
+        );
         match pin {
             Some(pin) => {
                 resolve_params.insert("manifest_digest", pin.manifest_digest.clone());
@@ -249,8 +253,12 @@ impl Lowering<'_> {
         let resolve = self.plan.add_step(resolve_node)?;
 
         let flatten = self.plan.add_step(
-            node(&steps::ROOTFS_FLATTEN, format!("{prefix}/flatten"), Params::new())
-                .summary("layers → one tree (whiteouts applied)"),
+            node(
+                &steps::ROOTFS_FLATTEN,
+                format!("{prefix}/flatten"),
+                Params::new(),
+            )
+            .summary("layers → one tree (whiteouts applied)"),
         )?;
         match pin {
             Some(pin) => {
@@ -325,8 +333,12 @@ impl Lowering<'_> {
                 .summary(format!("{name} bundle ({} bytes)", bundle.size)),
             )?;
             let unpack = self.plan.add_step(
-                node(&steps::BUNDLE_UNPACK, format!("{prefix}/unpack"), Params::new())
-                    .summary("rootfs.ext4 + manifest.json"),
+                node(
+                    &steps::BUNDLE_UNPACK,
+                    format!("{prefix}/unpack"),
+                    Params::new(),
+                )
+                .summary("rootfs.ext4 + manifest.json"),
             )?;
             self.plan.add_input(unpack, "bundle", fetch);
             return Ok(unpack);
@@ -415,8 +427,12 @@ impl Lowering<'_> {
                             .summary(format!("{} from {}", recipe.package, recipe.suite)),
                         )?;
                         let extract = self.plan.add_step(
-                            node(&steps::KERNEL_EXTRACT, format!("{prefix}/extract"), Params::new())
-                                .summary("ELF vmlinux with PVH + modules"),
+                            node(
+                                &steps::KERNEL_EXTRACT,
+                                format!("{prefix}/extract"),
+                                Params::new(),
+                            )
+                            .summary("ELF vmlinux with PVH + modules"),
                         )?;
                         self.plan.add_input(extract, "package", package);
                         let initramfs = self.plan.add_step(
@@ -442,8 +458,12 @@ impl Lowering<'_> {
                     (Some(_), None) => unreachable!("handled by use_bundle"),
                 };
                 let stage = self.plan.add_step(
-                    node(&steps::KERNEL_STAGE, format!("{prefix}/stage"), Params::new())
-                        .summary("vmlinux + initrd + modules"),
+                    node(
+                        &steps::KERNEL_STAGE,
+                        format!("{prefix}/stage"),
+                        Params::new(),
+                    )
+                    .summary("vmlinux + initrd + modules"),
                 )?;
                 self.plan.add_input(stage, "kernel", source);
                 stage

@@ -338,7 +338,13 @@ mod tests {
     use super::*;
 
     fn step(id: &str) -> StepNode {
-        StepNode::new(id, "test", 1, Params::new().with("id", id), ResourceClass::Cpu)
+        StepNode::new(
+            id,
+            "test",
+            1,
+            Params::new().with("id", id),
+            ResourceClass::Cpu,
+        )
     }
 
     #[test]
@@ -368,7 +374,10 @@ mod tests {
             Err(PlanError::AmbiguousStep { .. })
         ));
         assert!(plan.find("sandbox/provision[0]").is_ok());
-        assert!(matches!(plan.find("oot"), Err(PlanError::UnknownStep { .. })));
+        assert!(matches!(
+            plan.find("oot"),
+            Err(PlanError::UnknownStep { .. })
+        ));
     }
 
     #[test]

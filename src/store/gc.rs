@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use super::{NAMESPACE, Store, StoreError, StepRecord, entry_name, now_ms, parse_integrity};
+use super::{NAMESPACE, StepRecord, Store, StoreError, entry_name, now_ms, parse_integrity};
 use crate::key::Key;
 
 pub(super) const LAST_USE_LOG: &str = "last-use-v1.log";
@@ -80,7 +80,9 @@ impl Inventory {
                 source,
             };
             if let Some(hex) = metadata.key.strip_prefix(&def_prefix) {
-                let Some(key) = Key::parse_hex(hex) else { continue };
+                let Some(key) = Key::parse_hex(hex) else {
+                    continue;
+                };
                 let record: StepRecord =
                     serde_json::from_value(metadata.metadata.clone()).map_err(corrupt)?;
                 inventory.definitions.insert(
@@ -91,7 +93,9 @@ impl Inventory {
                     },
                 );
             } else if let Some(hex) = metadata.key.strip_prefix(&content_prefix) {
-                let Some(key) = Key::parse_hex(hex) else { continue };
+                let Some(key) = Key::parse_hex(hex) else {
+                    continue;
+                };
                 let record: StepRecord =
                     serde_json::from_value(metadata.metadata.clone()).map_err(corrupt)?;
                 inventory.content_records.insert(key, record);
@@ -274,7 +278,9 @@ fn sweep_orphans(dir: &Path, keep: &HashSet<PathBuf>, dry_run: bool) -> Result<u
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(file_type) = entry.file_type() else { continue };
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
             if file_type.is_dir() {
                 stack.push(path);
             } else if !keep.contains(&path) {
@@ -307,7 +313,9 @@ fn disk_usage(dir: &Path) -> Result<u64, StoreError> {
             source,
         })?;
         for entry in entries.flatten() {
-            let Ok(metadata) = entry.metadata() else { continue };
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
             if metadata.is_dir() {
                 stack.push(entry.path());
             } else {

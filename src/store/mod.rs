@@ -143,7 +143,10 @@ pub enum Miss {
     /// `banger cache gc` evicted the record at this time.
     Evicted { at_ms: u64 },
     /// The record exists but this output's bytes are gone.
-    OutputMissing { record: Box<StepRecord>, output: String },
+    OutputMissing {
+        record: Box<StepRecord>,
+        output: String,
+    },
 }
 
 /// Result of looking a key up.
@@ -266,11 +269,14 @@ impl Store {
     /// Publishes a record under its content key, then its definition key. Call only after
     /// every output has been published.
     pub fn commit(&self, record: &StepRecord) -> Result<(), StoreError> {
-        self.write_json(
-            &entry_name("content", &record.content_key.to_hex()),
-            record,
-        )?;
+        self.write_json(&entry_name("content", &record.content_key.to_hex()), record)?;
         self.alias(record, &record.definition_key)
+    }
+
+    /// Publishes a record under its content key only: for steps downstream of a never-cached
+    /// step, whose definition key does not pin what they read.
+    pub fn commit_content_only(&self, record: &StepRecord) -> Result<(), StoreError> {
+        self.write_json(&entry_name("content", &record.content_key.to_hex()), record)
     }
 
     /// Records `record` under another definition key: after early cutoff, the new definition
@@ -393,12 +399,14 @@ impl Store {
             })?;
         match found {
             None => Ok(None),
-            Some(metadata) => serde_json::from_value(metadata.metadata)
-                .map(Some)
-                .map_err(|source| StoreError::CorruptEntry {
-                    entry: entry.to_owned(),
-                    source,
-                }),
+            Some(metadata) => {
+                serde_json::from_value(metadata.metadata)
+                    .map(Some)
+                    .map_err(|source| StoreError::CorruptEntry {
+                        entry: entry.to_owned(),
+                        source,
+                    })
+            }
         }
     }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::key::{definition_key, content_key, output_digest};
+use crate::key::{content_key, definition_key, output_digest};
 
 fn record(store: &Store, step_id: &str, payload: &[u8]) -> StepRecord {
     let scratch = store.scratch().unwrap();
@@ -35,12 +35,21 @@ fn committed_records_hit_and_materialize_by_hard_link() {
         .hit()
         .unwrap();
     assert_eq!(hit, rec);
-    assert!(store.lookup(KeyKind::Content, &rec.content_key).unwrap().hit().is_some());
+    assert!(
+        store
+            .lookup(KeyKind::Content, &rec.content_key)
+            .unwrap()
+            .hit()
+            .is_some()
+    );
     let target = dir.path().join("linked");
     store.materialize(&hit.outputs["out"], &target).unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"hello");
     use std::os::unix::fs::MetadataExt;
-    assert!(std::fs::metadata(&target).unwrap().nlink() >= 2, "a hit must not copy bytes");
+    assert!(
+        std::fs::metadata(&target).unwrap().nlink() >= 2,
+        "a hit must not copy bytes"
+    );
 }
 
 #[test]
@@ -53,7 +62,10 @@ fn a_record_whose_bytes_are_gone_is_a_miss() {
     let path = gc::content_path(dir.path(), &integrity);
     assert!(path.exists(), "content layout changed: {}", path.display());
     std::fs::remove_file(path).unwrap();
-    match store.lookup(KeyKind::Definition, &rec.definition_key).unwrap() {
+    match store
+        .lookup(KeyKind::Definition, &rec.definition_key)
+        .unwrap()
+    {
         Lookup::Miss(Miss::OutputMissing { output, .. }) => assert_eq!(output, "out"),
         other => panic!("expected a miss, got {other:?}"),
     }
@@ -72,21 +84,56 @@ fn gc_evicts_least_recently_used_first_and_spares_roots() {
     store.set_root("vm:test", &[rooted.definition_key]).unwrap();
     store.touch(&[recent.definition_key]).unwrap();
 
-    let dry = store.gc(GcOptions { max_size: 2000, dry_run: true }).unwrap();
+    let dry = store
+        .gc(GcOptions {
+            max_size: 2000,
+            dry_run: true,
+        })
+        .unwrap();
     assert_eq!(dry.evicted, ["old"]);
-    assert!(store.lookup(KeyKind::Definition, &old.definition_key).unwrap().hit().is_some());
+    assert!(
+        store
+            .lookup(KeyKind::Definition, &old.definition_key)
+            .unwrap()
+            .hit()
+            .is_some()
+    );
 
-    let report = store.gc(GcOptions { max_size: 2000, dry_run: false }).unwrap();
+    let report = store
+        .gc(GcOptions {
+            max_size: 2000,
+            dry_run: false,
+        })
+        .unwrap();
     assert_eq!(report.evicted, ["old"], "{report:?}");
     assert_eq!(report.freed_bytes, 1000);
     assert!(matches!(
-        store.lookup(KeyKind::Definition, &old.definition_key).unwrap(),
+        store
+            .lookup(KeyKind::Definition, &old.definition_key)
+            .unwrap(),
         Lookup::Miss(Miss::Evicted { .. })
     ));
-    assert!(store.lookup(KeyKind::Definition, &rooted.definition_key).unwrap().hit().is_some());
-    assert!(store.lookup(KeyKind::Definition, &recent.definition_key).unwrap().hit().is_some());
+    assert!(
+        store
+            .lookup(KeyKind::Definition, &rooted.definition_key)
+            .unwrap()
+            .hit()
+            .is_some()
+    );
+    assert!(
+        store
+            .lookup(KeyKind::Definition, &recent.definition_key)
+            .unwrap()
+            .hit()
+            .is_some()
+    );
 
-    let report = store.gc(GcOptions { max_size: 0, dry_run: false }).unwrap();
+    let report = store
+        .gc(GcOptions {
+            max_size: 0,
+            dry_run: false,
+        })
+        .unwrap();
     assert_eq!(report.evicted, ["recent"]);
     assert_eq!(report.rooted, 1);
     assert_eq!(report.remaining_bytes, 1000);
@@ -100,7 +147,12 @@ fn gc_sweeps_content_without_a_record() {
     let file = scratch.path().join("orphan");
     std::fs::write(&file, [7u8; 4096]).unwrap();
     let orphan = store.publish_file(&file).unwrap();
-    let report = store.gc(GcOptions { max_size: u64::MAX, dry_run: false }).unwrap();
+    let report = store
+        .gc(GcOptions {
+            max_size: u64::MAX,
+            dry_run: false,
+        })
+        .unwrap();
     assert_eq!(report.orphan_bytes, 4096);
     let integrity = parse_integrity(&orphan.integrity).unwrap();
     assert!(!cacache::exists_sync(dir.path(), &integrity));
@@ -123,7 +175,10 @@ fn scratch_of_dead_processes_is_removed_on_open() {
     let stale = dir.path().join("scratch").join("step-999999999-abc");
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("partial"), b"x").unwrap();
-    let live = dir.path().join("scratch").join(format!("step-{}-abc", std::process::id()));
+    let live = dir
+        .path()
+        .join("scratch")
+        .join(format!("step-{}-abc", std::process::id()));
     std::fs::create_dir_all(&live).unwrap();
     Store::open(dir.path()).unwrap();
     assert!(!stale.exists());

@@ -1,0 +1,92 @@
+//! Resource classes: weighted concurrency limits per kind of work.
+//!
+//! One global `-j` would either starve downloads (network-bound, cheap on CPU) or overload the
+//! disk with parallel image writes. Each step names its class and a weight; it holds that many
+//! permits of its class while it runs. Permits are guards released on drop, so a cancelled or
+//! panicking step gives its permits back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::plan::ResourceClass;
+
+/// Permits per class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceLimits {
+    limits: HashMap<ResourceClass, u32>,
+}
+
+impl ResourceLimits {
+    /// Defaults for this host: downloads 8 at a time, disk writers 2, CPU work one per core,
+    /// 2 VMs, privileged operations one at a time.
+    pub fn for_host() -> ResourceLimits {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        ResourceLimits::uniform(1)
+            .with(ResourceClass::Network, 8)
+            .with(ResourceClass::Disk, 2)
+            .with(ResourceClass::Cpu, cpus)
+            .with(ResourceClass::Vm, 2)
+            .with(ResourceClass::Privileged, 1)
+    }
+
+    /// The same limit for every class.
+    pub fn uniform(limit: u32) -> ResourceLimits {
+        ResourceLimits {
+            limits: ResourceClass::ALL
+                .iter()
+                .map(|&class| (class, limit.max(1)))
+                .collect(),
+        }
+    }
+
+    pub fn with(mut self, class: ResourceClass, limit: u32) -> ResourceLimits {
+        self.limits.insert(class, limit.max(1));
+        self
+    }
+
+    pub fn limit(&self, class: ResourceClass) -> u32 {
+        self.limits.get(&class).copied().unwrap_or(1)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Resources {
+    limits: ResourceLimits,
+    semaphores: HashMap<ResourceClass, Arc<Semaphore>>,
+}
+
+impl Resources {
+    pub fn new(limits: ResourceLimits) -> Resources {
+        let semaphores = ResourceClass::ALL
+            .iter()
+            .map(|&class| {
+                (
+                    class,
+                    Arc::new(Semaphore::new(limits.limit(class) as usize)),
+                )
+            })
+            .collect();
+        Resources { limits, semaphores }
+    }
+
+    /// Takes `weight` permits of `class` if they are free now.
+    pub fn try_acquire(&self, class: ResourceClass, weight: u32) -> Option<OwnedSemaphorePermit> {
+        let weight = weight.clamp(1, self.limits.limit(class));
+        Arc::clone(&self.semaphores[&class])
+            .try_acquire_many_owned(weight)
+            .ok()
+    }
+
+    /// Waits for `weight` permits of `class`; a weight above the limit takes the whole class
+    /// rather than waiting forever.
+    #[allow(dead_code)]
+    pub async fn acquire(&self, class: ResourceClass, weight: u32) -> OwnedSemaphorePermit {
+        let weight = weight.clamp(1, self.limits.limit(class));
+        Arc::clone(&self.semaphores[&class])
+            .acquire_many_owned(weight)
+            .await
+            .expect("resource semaphores are never closed")
+    }
+}

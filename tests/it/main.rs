@@ -1,0 +1,4 @@
+//! banger's integration tests: one binary, one module per area.
+
+mod engine;
+mod support;
