@@ -127,32 +127,24 @@ impl Catalogs {
         kernels: &str,
         kernels_origin: &str,
     ) -> Result<Catalogs, CatalogError> {
-        let image_file: ImageCatalogFile =
-            serde_json::from_str(images).map_err(|source| CatalogError::Parse {
-                origin: images_origin.to_owned(),
-                source,
-            })?;
-        if image_file.version != 1 {
-            return Err(CatalogError::Version {
-                origin: images_origin.to_owned(),
-                found: image_file.version,
-            });
-        }
-        let kernel_file: KernelCatalogFile =
-            serde_json::from_str(kernels).map_err(|source| CatalogError::Parse {
-                origin: kernels_origin.to_owned(),
-                source,
-            })?;
-        if kernel_file.version != 1 {
-            return Err(CatalogError::Version {
-                origin: kernels_origin.to_owned(),
-                found: kernel_file.version,
-            });
-        }
         Ok(Catalogs {
-            images: image_file.images,
-            kernels: kernel_file.kernels,
+            images: Catalogs::parse_images(images, images_origin)?,
+            kernels: Catalogs::parse_kernels(kernels, kernels_origin)?,
         })
+    }
+
+    /// Parses an image catalog file (`{"version": 1, "images": [...]}`).
+    pub fn parse_images(text: &str, origin: &str) -> Result<Vec<ImageEntry>, CatalogError> {
+        let file: ImageCatalogFile = parse_json(text, origin)?;
+        check_version(file.version, origin)?;
+        Ok(file.images)
+    }
+
+    /// Parses a kernel catalog file (`{"version": 1, "kernels": [...]}`).
+    pub fn parse_kernels(text: &str, origin: &str) -> Result<Vec<KernelEntry>, CatalogError> {
+        let file: KernelCatalogFile = parse_json(text, origin)?;
+        check_version(file.version, origin)?;
+        Ok(file.kernels)
     }
 
     pub fn image(&self, name: &str) -> Option<&ImageEntry> {
@@ -161,6 +153,24 @@ impl Catalogs {
 
     pub fn kernel(&self, name: &str) -> Option<&KernelEntry> {
         self.kernels.iter().find(|entry| entry.name == name)
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, CatalogError> {
+    serde_json::from_str(text).map_err(|source| CatalogError::Parse {
+        origin: origin.to_owned(),
+        source,
+    })
+}
+
+fn check_version(found: u32, origin: &str) -> Result<(), CatalogError> {
+    if found == 1 {
+        Ok(())
+    } else {
+        Err(CatalogError::Version {
+            origin: origin.to_owned(),
+            found,
+        })
     }
 }
 

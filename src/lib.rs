@@ -4,10 +4,15 @@
 
 pub mod assets;
 pub mod catalog;
+pub mod config;
 pub mod engine;
+pub mod env;
+pub mod inspect;
 pub mod key;
 pub mod lock;
+pub mod paths;
 pub mod plan;
+pub mod sources;
 pub mod spec;
 pub mod steps;
 pub mod store;

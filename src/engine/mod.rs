@@ -44,7 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::key::{Key, Params, content_key, output_digest};
 use crate::plan::{CachePolicy, Plan, PlanError, StepNode};
-use crate::store::{KeyKind, Lookup, OutputRef, StepRecord, Store, StoreError, now_ms};
+use crate::store::{
+    KeyKind, LastRun, LastRunInput, Lookup, OutputRef, StepRecord, Store, StoreError, now_ms,
+};
 use queue::ReadyQueue;
 use resources::Resources;
 
@@ -750,16 +752,35 @@ impl Engine {
                 warning: error_chain(&error),
             });
         }
-        for node in done.keys() {
-            let step = plan.node(*node);
-            if step.cache == CachePolicy::Cached
-                && let Err(error) = store.set_last_run(project, &step.id, &def_keys[node.index()])
-            {
-                reporter.report(&Event::CacheWarning {
-                    step: step.id.clone(),
-                    warning: error_chain(&error),
-                });
-            }
+        let last_runs: Vec<(String, LastRun)> = done
+            .keys()
+            .filter(|node| plan.node(**node).cache == CachePolicy::Cached)
+            .map(|&node| {
+                let step = plan.node(node);
+                let inputs = plan
+                    .inputs(node)
+                    .into_iter()
+                    .map(|(name, input)| LastRunInput {
+                        name: name.to_owned(),
+                        step_id: plan.node(input).id.clone(),
+                        definition_key: def_keys[input.index()],
+                    })
+                    .collect();
+                let run = LastRun {
+                    definition_key: def_keys[node.index()],
+                    kind: step.kind.clone(),
+                    version: step.version,
+                    params: step.params.clone(),
+                    inputs,
+                };
+                (step.id.clone(), run)
+            })
+            .collect();
+        if let Err(error) = store.update_last_runs(project, last_runs) {
+            reporter.report(&Event::CacheWarning {
+                step: String::new(),
+                warning: error_chain(&error),
+            });
         }
 
         report.duration = started.elapsed();

@@ -8,6 +8,7 @@
 //! - `scratch/`: one directory per running step (`step-<pid>-…`), on the same file system so
 //!   publishing never crosses devices. Directories of dead processes are removed at start-up.
 //! - `last-use-v1.log`: one line per run listing the keys it used, for LRU order in GC.
+//! - `last-run-v1/`: per project, each step's definition on its last run, for `graph --why`.
 //!
 //! Lifecycle of an output:
 //! 1. A step writes files into its scratch directory.
@@ -93,6 +94,33 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Directory of per-project last-run files (`<blake3(project)>.json`).
+const LAST_RUN_DIR: &str = "last-run-v1";
+
+/// A step as it was defined on a project's last run: what `banger graph --why` compares the
+/// current plan against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRun {
+    pub definition_key: Key,
+    pub kind: String,
+    pub version: u32,
+    pub params: Params,
+    pub inputs: Vec<LastRunInput>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRunInput {
+    pub name: String,
+    pub step_id: String,
+    pub definition_key: Key,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LastRunFile {
+    project: String,
+    steps: BTreeMap<String, LastRun>,
 }
 
 /// One stored output file.
@@ -300,13 +328,71 @@ impl Store {
         })
     }
 
-    /// Remembers which definition key a project's step had on its last run, for `--why`.
-    pub fn set_last_run(&self, project: &str, step_id: &str, key: &Key) -> Result<(), StoreError> {
-        self.write_json(&last_run_entry(project, step_id), key)
+    /// What each step of `project` looked like on its last successful run (for
+    /// `banger graph --why`). Empty when the project never ran.
+    pub fn last_runs(&self, project: &str) -> Result<BTreeMap<String, LastRun>, StoreError> {
+        let path = self.last_runs_path(project);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(BTreeMap::new());
+            }
+            Err(source) => return Err(StoreError::Scan { path, source }),
+        };
+        let file: LastRunFile =
+            serde_json::from_str(&text).map_err(|source| StoreError::CorruptEntry {
+                entry: path.display().to_string(),
+                source,
+            })?;
+        Ok(file.steps)
     }
 
-    pub fn last_run(&self, project: &str, step_id: &str) -> Result<Option<Key>, StoreError> {
-        self.read_json(&last_run_entry(project, step_id))
+    /// Merges `runs` into the project's last-run file (one atomic rewrite, skipped when nothing
+    /// changed). Concurrent runs of one project may lose each other's update; that only makes
+    /// `--why` compare against an older run.
+    pub fn update_last_runs(
+        &self,
+        project: &str,
+        runs: impl IntoIterator<Item = (String, LastRun)>,
+    ) -> Result<(), StoreError> {
+        let mut steps = self.last_runs(project).unwrap_or_default();
+        let mut changed = false;
+        for (step_id, run) in runs {
+            if steps.get(&step_id) != Some(&run) {
+                steps.insert(step_id, run);
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        let path = self.last_runs_path(project);
+        let dir = path.parent().unwrap_or(&self.dir).to_owned();
+        let write_error = |source| StoreError::Publish {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(write_error)?;
+        let file = LastRunFile {
+            project: project.to_owned(),
+            steps,
+        };
+        let json = serde_json::to_vec(&file).map_err(|source| StoreError::CorruptEntry {
+            entry: path.display().to_string(),
+            source,
+        })?;
+        let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(write_error)?;
+        temp.write_all(&json).map_err(write_error)?;
+        temp.persist(&path)
+            .map_err(|error| write_error(error.error))?;
+        Ok(())
+    }
+
+    fn last_runs_path(&self, project: &str) -> PathBuf {
+        let digest = blake3::hash(project.as_bytes()).to_hex();
+        self.dir
+            .join(LAST_RUN_DIR)
+            .join(format!("{}.json", &digest[..32]))
     }
 
     /// Notes that these definition keys were used now (LRU order for GC). One append per run.
@@ -431,10 +517,6 @@ impl Store {
         writer.commit().map_err(write_error)?;
         Ok(())
     }
-}
-
-fn last_run_entry(project: &str, step_id: &str) -> String {
-    entry_name("last", &format!("{project}/{step_id}"))
 }
 
 fn parse_integrity(text: &str) -> Result<cacache::Integrity, StoreError> {

@@ -159,14 +159,30 @@ fn gc_sweeps_content_without_a_record() {
 }
 
 #[test]
-fn last_run_is_remembered_per_project_and_step() {
+fn last_runs_are_remembered_per_project_and_merged() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let key = definition_key("k", 1, &Params::new(), &[]);
-    assert_eq!(store.last_run("p", "image:x/mkfs").unwrap(), None);
-    store.set_last_run("p", "image:x/mkfs", &key).unwrap();
-    assert_eq!(store.last_run("p", "image:x/mkfs").unwrap(), Some(key));
-    assert_eq!(store.last_run("q", "image:x/mkfs").unwrap(), None);
+    let run = |command: &str| LastRun {
+        definition_key: definition_key("k", 1, &Params::new().with("c", command), &[]),
+        kind: "k".into(),
+        version: 1,
+        params: Params::new().with("c", command),
+        inputs: vec![],
+    };
+    assert!(store.last_runs("p").unwrap().is_empty());
+    store
+        .update_last_runs(
+            "p",
+            [("a".to_owned(), run("1")), ("b".to_owned(), run("1"))],
+        )
+        .unwrap();
+    store
+        .update_last_runs("p", [("b".to_owned(), run("2"))])
+        .unwrap();
+    let runs = store.last_runs("p").unwrap();
+    assert_eq!(runs["a"], run("1"));
+    assert_eq!(runs["b"], run("2"));
+    assert!(store.last_runs("q").unwrap().is_empty());
 }
 
 #[test]

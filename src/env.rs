@@ -1,0 +1,75 @@
+//! Every environment variable banger reads, in one place.
+//!
+//! Other modules read variables only through the functions here, so `docs/cli.md` can list them
+//! all and tests can see what a sandboxed run must override. The standard XDG variables and
+//! `HOME` are read by [`crate::paths`] through [`var_path`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Directory of the step store and downloads. Default: `$XDG_CACHE_HOME/banger`, else
+/// `~/.cache/banger`.
+pub const BANGER_CACHE_DIR: &str = "BANGER_CACHE_DIR";
+/// Directory of durable state (VM and image database, logs). Default:
+/// `$XDG_STATE_HOME/banger`, else `~/.local/state/banger`.
+pub const BANGER_STATE_DIR: &str = "BANGER_STATE_DIR";
+/// The config file. Default: `$XDG_CONFIG_HOME/banger/config.toml`, else
+/// `~/.config/banger/config.toml`. A missing file means built-in defaults.
+pub const BANGER_CONFIG: &str = "BANGER_CONFIG";
+/// Directory of sockets and other per-boot files. Default: `$XDG_RUNTIME_DIR/banger`, else
+/// `/tmp/banger-<uid>`.
+pub const BANGER_RUNTIME_DIR: &str = "BANGER_RUNTIME_DIR";
+/// Any non-empty value hides progress bars (events still print as plain lines with `-v`).
+pub const BANGER_NO_PROGRESS: &str = "BANGER_NO_PROGRESS";
+/// Any non-empty value disables colour (<https://no-color.org>).
+pub const NO_COLOR: &str = "NO_COLOR";
+/// Tests only: `1` turns "skipped: capability missing" into a failure, so CI never silently
+/// skips a test it was meant to run.
+pub const BANGER_TEST_REQUIRE_ALL: &str = "BANGER_TEST_REQUIRE_ALL";
+
+/// The standard variables banger honours, for the docs and for test sandboxes.
+pub const STANDARD: &[&str] = &[
+    "HOME",
+    "XDG_CACHE_HOME",
+    "XDG_STATE_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_RUNTIME_DIR",
+    NO_COLOR,
+];
+
+/// Every `BANGER_*` variable, for the docs and for test sandboxes.
+pub const ALL: &[&str] = &[
+    BANGER_CACHE_DIR,
+    BANGER_STATE_DIR,
+    BANGER_CONFIG,
+    BANGER_RUNTIME_DIR,
+    BANGER_NO_PROGRESS,
+    BANGER_TEST_REQUIRE_ALL,
+];
+
+/// A variable as a path; unset or empty counts as unset.
+pub fn var_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+}
+
+/// True when a flag variable is set to anything but the empty string.
+pub fn flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|value: OsString| !value.is_empty())
+}
+
+/// `BANGER_NO_PROGRESS`.
+pub fn no_progress() -> bool {
+    flag(BANGER_NO_PROGRESS)
+}
+
+/// `NO_COLOR`.
+pub fn no_color() -> bool {
+    flag(NO_COLOR)
+}
+
+/// `BANGER_TEST_REQUIRE_ALL=1`.
+pub fn test_require_all() -> bool {
+    std::env::var(BANGER_TEST_REQUIRE_ALL).is_ok_and(|value| value == "1")
+}
