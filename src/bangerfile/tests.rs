@@ -1238,7 +1238,10 @@ fn the_example_bangerfile_parses_and_lowers() {
         Ok(spec) => spec,
         Err(error) => panic!("Bangerfile.example is invalid:\n{error}"),
     };
-    assert_eq!(spec.project_dir, Path::new(env!("CARGO_MANIFEST_DIR")));
+    let repo = std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).expect("the repository exists");
+    assert_eq!(spec.project_dir, repo);
+    assert_eq!(spec.source_file, repo.join("Bangerfile.example"));
+    assert_eq!(spec.name, "banger-example");
     assert_eq!(image_names(&spec), ["base", "sandbox"]);
     let plan = crate::plan::lower::lower(&spec, &Lock::default(), &catalogs)
         .expect("the example lowers to a plan");
@@ -1344,4 +1347,50 @@ from = { image = "sandbox" }
 
         error: could not read Bangerfile: 1 error
         "#);
+}
+
+#[test]
+fn parse_names_the_file_as_given() {
+    let catalogs = Catalogs::embedded();
+    let ctx = ParseContext::new(&catalogs).with_probe(&probe);
+    let error = parse("[vm]\nvcpu = 0\n", Path::new("/work/demo/Bangerfile"), &ctx).unwrap_err();
+    let BangerfileError::Invalid { file, diagnostics } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(file, Path::new("/work/demo/Bangerfile"));
+    assert_eq!(diagnostics[0].file, Path::new("/work/demo/Bangerfile"));
+    assert!(
+        error
+            .to_string()
+            .contains(" --> /work/demo/Bangerfile:2:8 (vm.vcpu)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_directory_is_not_a_bangerfile() {
+    let catalogs = Catalogs::embedded();
+    let error = load(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        &ParseContext::new(&catalogs),
+    )
+    .unwrap_err();
+    assert!(matches!(error, BangerfileError::Read { .. }), "{error:?}");
+}
+
+#[test]
+fn the_filesystem_probe_tells_files_from_directories() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert_eq!(
+        probe_filesystem(repo, Path::new("examples/motd.sh")),
+        PathStatus::File
+    );
+    assert_eq!(
+        probe_filesystem(repo, Path::new("examples")),
+        PathStatus::Directory
+    );
+    assert_eq!(
+        probe_filesystem(repo, Path::new("no-such-file")),
+        PathStatus::Missing
+    );
 }
