@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the data flow, the code map and the invariants.
 
 pub mod assets;
+pub mod bangerfile;
 pub mod catalog;
 pub mod config;
 pub mod engine;
