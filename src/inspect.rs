@@ -23,7 +23,7 @@ use petgraph::graph::NodeIndex;
 use serde_json::{Value, json};
 
 use crate::engine::volatile_steps;
-use crate::key::{Key, ParamChange};
+use crate::key::{Key, ParamChange, ParamValue};
 use crate::plan::{CachePolicy, Plan, PlanError};
 use crate::store::{KeyKind, LastRun, Lookup, Miss, Store, StoreError};
 
@@ -594,7 +594,7 @@ pub fn render_json(inspection: &Inspection<'_>) -> Result<Value, InspectError> {
             let params: serde_json::Map<String, Value> = step
                 .params
                 .iter()
-                .map(|(name, value)| (name.to_owned(), Value::String(value.to_string())))
+                .map(|(name, value)| (name.to_owned(), param_json(value)))
                 .collect();
             let inputs: Vec<Value> = plan
                 .inputs(node)
@@ -621,6 +621,20 @@ pub fn render_json(inspection: &Inspection<'_>) -> Result<Value, InspectError> {
         .map(|node| plan.node(node).id.as_str())
         .collect();
     Ok(json!({"steps": steps, "targets": targets}))
+}
+
+/// A parameter as plain JSON (strings, numbers, lists, objects); project files as
+/// `{"path", "digest"}`.
+pub fn param_json(value: &ParamValue) -> Value {
+    match value {
+        ParamValue::Str(text) => json!(text),
+        ParamValue::Int(number) => json!(number),
+        ParamValue::Bool(flag) => json!(flag),
+        ParamValue::List(values) => Value::Array(values.iter().map(param_json).collect()),
+        ParamValue::Map(map) => json!(map),
+        ParamValue::Source(path) => json!({"path": path, "digest": null}),
+        ParamValue::Digest { path, digest } => json!({"path": path, "digest": digest}),
+    }
 }
 
 /// `--why` as indented text.
@@ -763,8 +777,8 @@ fn reason_json(reason: &Reason) -> Value {
                 .map(|change| {
                     json!({
                         "param": change.name,
-                        "old": change.old.as_ref().map(ToString::to_string),
-                        "new": change.new.as_ref().map(ToString::to_string),
+                        "old": change.old.as_ref().map(param_json),
+                        "new": change.new.as_ref().map(param_json),
                     })
                 })
                 .collect();

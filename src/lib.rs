@@ -13,6 +13,7 @@ pub mod key;
 pub mod lock;
 pub mod paths;
 pub mod plan;
+pub mod project;
 pub mod sources;
 pub mod spec;
 pub mod steps;

@@ -374,3 +374,165 @@ fn a_missing_executor_is_reported_before_anything_runs() {
     );
     assert_eq!(counters.total_runs(), 0);
 }
+
+/// Test step kind `test.slow-big`: writes `size_mb` MiB of deterministic bytes to output `out`,
+/// one MiB every `chunk_ms`, so a kill can land while it writes, publishes or commits.
+#[derive(Debug)]
+struct SlowBigExecutor;
+
+fn big_payload_chunk(index: u64) -> Vec<u8> {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&index.to_le_bytes());
+    hasher.finalize_xof().fill(&mut chunk);
+    chunk
+}
+
+impl banger::engine::Executor for SlowBigExecutor {
+    fn execute<'a>(
+        &'a self,
+        ctx: &'a banger::engine::StepContext,
+    ) -> banger::engine::BoxFuture<'a, Result<(), banger::engine::StepError>> {
+        Box::pin(async move {
+            use std::io::Write;
+            let size_mb = ctx.params.get_int("size_mb").unwrap_or(1);
+            let chunk_ms = ctx.params.get_int("chunk_ms").unwrap_or(0);
+            let path = ctx.output("out")?;
+            let mut file = std::fs::File::create(&path)
+                .map_err(|e| banger::engine::StepError::with_source("create", e))?;
+            for index in 0..size_mb {
+                file.write_all(&big_payload_chunk(index))
+                    .map_err(|e| banger::engine::StepError::with_source("write", e))?;
+                tokio::time::sleep(Duration::from_millis(chunk_ms)).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+const CRASH_STORE_VAR: &str = "BANGER_IT_CRASH_STORE";
+const CRASH_SIZE_MB: u64 = 48;
+
+fn crash_plan() -> Plan {
+    let mut plan = Plan::new();
+    let big = plan
+        .add_step(StepNode::new(
+            "big",
+            "test.slow-big",
+            1,
+            Params::new()
+                .with("size_mb", CRASH_SIZE_MB)
+                .with("chunk_ms", 8u64),
+            ResourceClass::Disk,
+        ))
+        .unwrap();
+    let after = plan.add_step(write_step("after", "done")).unwrap();
+    plan.add_input(after, "big", big);
+    plan
+}
+
+fn crash_engine(store: &std::path::Path, counters: &Arc<Counters>) -> Engine {
+    Engine::builder(Store::open(store).unwrap())
+        .limits(ResourceLimits::uniform(2))
+        .executor("test.slow-big", SlowBigExecutor)
+        .executor(
+            "test.write",
+            WriteExecutor {
+                counters: Arc::clone(counters),
+            },
+        )
+        .build()
+}
+
+/// Not a test on its own: the child process of
+/// [`a_run_killed_mid_step_leaves_no_partial_output_and_reruns`], which re-executes this test
+/// binary with `BANGER_IT_CRASH_STORE` set. Without it, it returns at once.
+#[test]
+fn crash_child_process_entry_point() {
+    let Some(store) = std::env::var_os(CRASH_STORE_VAR) else {
+        return;
+    };
+    let counters = Arc::new(Counters::default());
+    let engine = crash_engine(std::path::Path::new(&store), &counters);
+    run_blocking(&engine, &crash_plan(), RunOptions::default()).unwrap();
+}
+
+/// Checks what a reader of the store may see: nothing, or the whole, correct output.
+fn assert_no_partial_output(store_dir: &std::path::Path) -> bool {
+    let store = Store::open(store_dir).unwrap();
+    let keys = crash_plan().definition_keys().unwrap();
+    match store.lookup(KeyKind::Definition, &keys[0]).unwrap() {
+        Lookup::Hit(record) => {
+            let output = &record.outputs["out"];
+            assert_eq!(
+                output.size,
+                CRASH_SIZE_MB << 20,
+                "a partial output was recorded"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            store.materialize(output, &path).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            for (index, chunk) in bytes.chunks(1 << 20).enumerate() {
+                assert!(
+                    chunk == big_payload_chunk(index as u64).as_slice(),
+                    "stored output differs at MiB {index}"
+                );
+            }
+            true
+        }
+        Lookup::Miss(_) => false,
+    }
+}
+
+#[test]
+fn a_run_killed_mid_step_leaves_no_partial_output_and_reruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let exe = std::env::current_exe().unwrap();
+    let mut recorded_before_rerun = false;
+    // Kills spread over the step's write (~0.4 s), publish and commit phases.
+    for delay_ms in [150u64, 300, 420, 480, 540, 600, 700, 900] {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "engine::crash_child_process_entry_point",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_STORE_VAR, &store_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        let recorded = assert_no_partial_output(&store_dir);
+        eprintln!("killed after {delay_ms} ms: output recorded: {recorded}");
+        recorded_before_rerun |= recorded;
+        // Opening the store removed the dead run's scratch directory.
+        let leftovers: Vec<_> = std::fs::read_dir(store_dir.join("scratch"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "scratch left behind: {leftovers:?}");
+        if recorded_before_rerun {
+            break;
+        }
+    }
+    // A re-run completes, whatever state the kills left.
+    let counters = Arc::new(Counters::default());
+    let engine = crash_engine(&store_dir, &counters);
+    let report = run_blocking(&engine, &crash_plan(), RunOptions::default()).unwrap();
+    assert!(assert_no_partial_output(&store_dir));
+    assert_eq!(
+        read_output(engine.store(), &report, "after").len(),
+        4 + (CRASH_SIZE_MB << 20) as usize
+    );
+    let again = run_blocking(&engine, &crash_plan(), RunOptions::default()).unwrap();
+    assert!(
+        again.ran.is_empty(),
+        "a completed run must be cached: {:?}",
+        again.ran
+    );
+}

@@ -28,7 +28,7 @@ impl Counters {
         self.runs.lock().unwrap().values().sum()
     }
 
-    fn enter(&self, step: &str) {
+    pub fn enter(&self, step: &str) {
         *self
             .runs
             .lock()
@@ -39,7 +39,7 @@ impl Counters {
         self.peak.fetch_max(now, Ordering::SeqCst);
     }
 
-    fn leave(&self) {
+    pub fn leave(&self) {
         self.current.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -117,4 +117,179 @@ pub fn read_output(
     let path = dir.path().join("out");
     store.materialize(output, &path).unwrap();
     std::fs::read(path).unwrap()
+}
+
+/// A sandbox for running the real `banger` binary: its own HOME, XDG dirs and store, and no
+/// inherited `BANGER_*` variables.
+#[derive(Debug)]
+pub struct TestContext {
+    pub root: tempfile::TempDir,
+}
+
+impl TestContext {
+    pub fn new() -> TestContext {
+        TestContext {
+            root: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn home(&self) -> std::path::PathBuf {
+        self.root.path().join("home")
+    }
+
+    /// The project directory tests put Bangerfiles in.
+    pub fn project(&self) -> std::path::PathBuf {
+        let dir = self.root.path().join("project");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self.home().join(".cache/banger")
+    }
+
+    pub fn store_dir(&self) -> std::path::PathBuf {
+        self.cache_dir().join("store")
+    }
+
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.home().join(".config/banger/config.toml")
+    }
+
+    /// Copies `Bangerfile.example` (and the file it copies) into the project directory.
+    pub fn with_example_project(&self) -> std::path::PathBuf {
+        let project = self.project();
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::copy(repo.join("Bangerfile.example"), project.join("Bangerfile")).unwrap();
+        std::fs::create_dir_all(project.join("examples")).unwrap();
+        std::fs::copy(
+            repo.join("examples/motd.sh"),
+            project.join("examples/motd.sh"),
+        )
+        .unwrap();
+        project
+    }
+
+    /// `banger ARGS` run in the project directory.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_banger"));
+        command.args(args).current_dir(self.project());
+        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            command.env_remove(name);
+        }
+        command
+            .env("HOME", self.home())
+            .env("XDG_RUNTIME_DIR", self.root.path().join("run"))
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null());
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let output = self.command(args).output().unwrap();
+        Output {
+            code: output.status.code(),
+            stdout: self.redact(&String::from_utf8_lossy(&output.stdout)),
+            stderr: self.redact(&String::from_utf8_lossy(&output.stderr)),
+        }
+    }
+
+    /// Replaces this sandbox's temp path with `[ROOT]`.
+    pub fn redact(&self, text: &str) -> String {
+        let root = self.root.path().to_string_lossy().into_owned();
+        let canonical = std::fs::canonicalize(self.root.path())
+            .map(|path| path.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| root.clone());
+        text.replace(&canonical, "[ROOT]").replace(&root, "[ROOT]")
+    }
+}
+
+/// A finished `banger` run, redacted.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    /// The snapshot form: exit code, then stdout, then stderr.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "exit: {:?}", self.code)?;
+        writeln!(f, "--- stdout\n{}", self.stdout.trim_end())?;
+        write!(f, "--- stderr\n{}", self.stderr.trim_end())
+    }
+}
+
+/// Test step kind for every real kind: writes `out` = kind, params and every input's `out`, so
+/// keys and early cutoff behave as with real executors. Never-cached kinds write nothing.
+#[derive(Debug, Clone)]
+pub struct FakeStep {
+    pub counters: Arc<Counters>,
+}
+
+impl Executor for FakeStep {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            self.counters.enter(&ctx.step_id);
+            let result = (|| {
+                let info = banger::steps::kind_info(&ctx.kind).expect("a real kind");
+                if info.cache == banger::plan::CachePolicy::Never {
+                    return Ok(());
+                }
+                let mut bytes = format!("{} {:?}\n", ctx.kind, ctx.params).into_bytes();
+                for input in ctx.inputs() {
+                    if input.outputs.contains_key("out") {
+                        let path = ctx.input_file(&input.name, "out")?;
+                        bytes.extend(
+                            std::fs::read(path).map_err(|e| StepError::with_source("read", e))?,
+                        );
+                    }
+                }
+                std::fs::write(ctx.output("out")?, bytes)
+                    .map_err(|e| StepError::with_source("write", e))
+            })();
+            self.counters.leave();
+            result
+        })
+    }
+}
+
+/// An engine with [`FakeStep`] for every step kind banger plans.
+pub fn fake_engine(
+    store_dir: &std::path::Path,
+    counters: &Arc<Counters>,
+) -> banger::engine::Engine {
+    let mut builder =
+        banger::engine::Engine::builder(banger::store::Store::open(store_dir).unwrap());
+    for info in banger::steps::ALL_KINDS {
+        builder = builder.executor(
+            info.name,
+            FakeStep {
+                counters: Arc::clone(counters),
+            },
+        );
+    }
+    builder.build()
+}
+
+/// Runs the project's Bangerfile through the engine with fake executors, as `banger up` would
+/// key and record it.
+pub fn build_with_fakes(
+    context: &TestContext,
+    counters: &Arc<Counters>,
+) -> banger::engine::RunReport {
+    let config = banger::config::Config::defaults(&context.config_file());
+    let (spec, plan) =
+        banger::project::load_plan(&context.project().join("Bangerfile"), &config).unwrap();
+    let engine = fake_engine(&context.store_dir(), counters);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(engine.run(
+            &plan,
+            &banger::project::project_id(&spec),
+            &banger::engine::NullReporter,
+            banger::engine::RunOptions::default(),
+        ))
+        .unwrap()
 }

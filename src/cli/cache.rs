@@ -1,0 +1,226 @@
+//! `banger cache ls|du|gc`.
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use banger::inspect::format_time_ms;
+use banger::spec::ByteSize;
+use banger::store::{GcOptions, Store};
+
+use super::Context;
+use super::exit::ExitStatus;
+use super::printer::human_bytes;
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List stored steps, most recently used first.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Show how much the store holds and where.
+    Du,
+    /// Evict least-recently-used steps until the store fits its size cap.
+    #[command(
+        long_about = "Evict least-recently-used steps until the store fits its size cap.
+
+The cap is --max-size, else `[cache] max_size` in the config file, else 20G. Steps pinned by a \
+root (an image in use, a running VM) are never evicted. Evicted steps leave a tombstone, so \
+`banger graph --why` can say a step will run because it was evicted. Content that no record \
+references (left by an interrupted build) is removed as well."
+    )]
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Size cap for this run (512M, 20G, ...), overriding the config.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_size: Option<ByteSize>,
+    /// Show what would be evicted without removing anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn parse_size(text: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(text)
+}
+
+pub fn run(context: &mut Context, command: &CacheCommand) -> anyhow::Result<ExitStatus> {
+    match command {
+        CacheCommand::Ls => ls(context),
+        CacheCommand::Du => du(context),
+        CacheCommand::Gc(args) => gc(context, args),
+    }
+}
+
+fn ls(context: &mut Context) -> anyhow::Result<ExitStatus> {
+    let Some(store) = context.existing_store()? else {
+        if !context.printer.json {
+            context.printer.info("the store is empty");
+        }
+        return Ok(ExitStatus::Success);
+    };
+    let records = store.records()?;
+    let printer = &context.printer;
+    if printer.json {
+        for (record, last_used_ms) in &records {
+            printer.record(
+                "cache_entry",
+                json!({
+                    "step": record.step_id,
+                    "kind": record.kind,
+                    "key": record.definition_key.to_hex(),
+                    "bytes": record.total_size(),
+                    "created_ms": record.created_ms,
+                    "duration_ms": record.duration_ms,
+                    "last_used_ms": last_used_ms,
+                }),
+            )?;
+        }
+        return Ok(ExitStatus::Success);
+    }
+    if records.is_empty() {
+        printer.info("the store is empty");
+        return Ok(ExitStatus::Success);
+    }
+    let rows: Vec<[String; 5]> = records
+        .iter()
+        .map(|(record, last_used_ms)| {
+            [
+                record.step_id.clone(),
+                record.kind.clone(),
+                record.definition_key.short(),
+                human_bytes(record.total_size()),
+                format_time_ms(*last_used_ms),
+            ]
+        })
+        .collect();
+    let header = ["STEP", "KIND", "KEY", "SIZE", "LAST USED"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header.map(str::to_owned)).chain(rows) {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    printer.data(&out)?;
+    Ok(ExitStatus::Success)
+}
+
+fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
+    let cap = context.config()?.cache_max_size;
+    let dir = context.paths()?.store_dir();
+    let usage = match context.existing_store()? {
+        Some(store) => store.usage()?,
+        None => Default::default(),
+    };
+    let printer = &context.printer;
+    if printer.json {
+        printer.record(
+            "cache_usage",
+            json!({
+                "path": dir,
+                "records": usage.records,
+                "output_bytes": usage.output_bytes,
+                "disk_bytes": usage.disk_bytes,
+                "max_size": cap.bytes(),
+            }),
+        )?;
+        return Ok(ExitStatus::Success);
+    }
+    printer.data(&format!(
+        "store:    {}\nsteps:    {}\noutputs:  {} (cap {})\non disk:  {}\n",
+        dir.display(),
+        usage.records,
+        human_bytes(usage.output_bytes),
+        human_bytes(cap.bytes()),
+        human_bytes(usage.disk_bytes),
+    ))?;
+    Ok(ExitStatus::Success)
+}
+
+fn gc(context: &mut Context, args: &GcArgs) -> anyhow::Result<ExitStatus> {
+    let cap = match args.max_size {
+        Some(size) => size,
+        None => context.config()?.cache_max_size,
+    };
+    let Some(store) = context.existing_store()? else {
+        context
+            .printer
+            .info("the store is empty: nothing to collect");
+        return Ok(ExitStatus::Success);
+    };
+    collect(context, &store, cap, args.dry_run)
+}
+
+fn collect(
+    context: &Context,
+    store: &Store,
+    cap: ByteSize,
+    dry_run: bool,
+) -> anyhow::Result<ExitStatus> {
+    let report = store.gc(GcOptions {
+        max_size: cap.bytes(),
+        dry_run,
+    })?;
+    let printer = &context.printer;
+    if printer.json {
+        printer.record(
+            "cache_gc",
+            json!({
+                "dry_run": dry_run,
+                "evicted": report.evicted,
+                "freed_bytes": report.freed_bytes,
+                "orphan_bytes": report.orphan_bytes,
+                "remaining_bytes": report.remaining_bytes,
+                "rooted": report.rooted,
+                "max_size": cap.bytes(),
+            }),
+        )?;
+        return Ok(ExitStatus::Success);
+    }
+    let verb = if dry_run { "would evict" } else { "evicted" };
+    let mut out = String::new();
+    for step in &report.evicted {
+        out.push_str(&format!("{verb} {step}\n"));
+    }
+    out.push_str(&format!(
+        "{verb} {} step(s), {} of outputs; {} of unreferenced content {}; {} remain (cap {})\n",
+        report.evicted.len(),
+        human_bytes(report.freed_bytes),
+        human_bytes(report.orphan_bytes),
+        if dry_run { "would be swept" } else { "swept" },
+        human_bytes(report.remaining_bytes),
+        human_bytes(cap.bytes()),
+    ));
+    if report.rooted > 0 {
+        out.push_str(&format!(
+            "{} step(s) kept because a root pins them\n",
+            report.rooted
+        ));
+    }
+    printer.data(&out)?;
+    if report.remaining_bytes > cap.bytes() {
+        printer.warn(&format!(
+            "the store still holds {}, above the cap of {}: everything left is pinned by roots",
+            human_bytes(report.remaining_bytes),
+            human_bytes(cap.bytes())
+        ));
+    }
+    Ok(ExitStatus::Success)
+}

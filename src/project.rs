@@ -1,0 +1,109 @@
+//! A project: its Bangerfile, lock file and plan, loaded the same way by every command.
+//!
+//! 1. [`find_bangerfile`]: `./Bangerfile`, else the nearest one in a parent directory.
+//! 2. [`load_plan`]: config defaults → [`crate::bangerfile::load`] → [`Lock::load`] →
+//!    [`crate::plan::lower::lower`] → fingerprint the project files steps read → keyed plan.
+//! 3. [`project_id`] scopes the store's last-run records to this Bangerfile.
+
+use std::path::{Path, PathBuf};
+
+use crate::bangerfile::{self, BangerfileError, Defaults, ParseContext};
+use crate::config::{Config, ConfigError};
+use crate::lock::{self, Lock, LockError};
+use crate::plan::{Plan, PlanError, lower};
+use crate::sources::{self, SourceError};
+use crate::spec::{Spec, VmShape};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error(
+        "no {name} in {dir} or any parent directory; create one (see Bangerfile.example and \
+         docs/bangerfile.md) or pass --file PATH",
+        name = bangerfile::FILE_NAME,
+        dir = .dir.display()
+    )]
+    NotFound { dir: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bangerfile(#[from] BangerfileError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// `dir/Bangerfile` (returned as the relative `Bangerfile`, so messages stay short), else the
+/// nearest one in a parent directory (absolute), like cargo finds Cargo.toml.
+pub fn find_bangerfile(dir: &Path) -> Result<PathBuf, ProjectError> {
+    if dir.join(bangerfile::FILE_NAME).is_file() {
+        return Ok(PathBuf::from(bangerfile::FILE_NAME));
+    }
+    dir.ancestors()
+        .map(|ancestor| ancestor.join(bangerfile::FILE_NAME))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| ProjectError::NotFound {
+            dir: dir.to_owned(),
+        })
+}
+
+/// The defaults a Bangerfile may leave out, with the config's `[vm_defaults]` applied.
+pub fn defaults(config: &Config) -> Defaults {
+    let builtin = bangerfile::DEFAULT_VM;
+    Defaults {
+        vm: VmShape {
+            vcpu: config.vm_defaults.vcpu.unwrap_or(builtin.vcpu),
+            memory: config.vm_defaults.memory.unwrap_or(builtin.memory),
+            disk: config.vm_defaults.disk.unwrap_or(builtin.disk),
+            network: builtin.network,
+        },
+        ..Defaults::default()
+    }
+}
+
+/// Parses the Bangerfile, lowers it with its lock file, and replaces the project files its
+/// steps read by their content digests, so the plan is ready to key.
+pub fn load_plan(file: &Path, config: &Config) -> Result<(Spec, Plan), ProjectError> {
+    let catalogs = config.catalogs()?;
+    let context = ParseContext::new(&catalogs).with_defaults(defaults(config));
+    let spec = bangerfile::load(file, &context)?;
+    let lock = Lock::load(&spec.project_dir.join(lock::FILE_NAME))?;
+    let mut plan = lower::lower(&spec, &lock, &catalogs)?;
+    let fingerprints = sources::fingerprint(&spec.project_dir, &plan.sources())?;
+    plan.resolve_sources(&fingerprints);
+    Ok((spec, plan))
+}
+
+/// Scopes last-run records: the Bangerfile's absolute path, so two checkouts of one project
+/// keep separate histories.
+pub fn project_id(spec: &Spec) -> String {
+    spec.source_file.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nearest_bangerfile_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        std::fs::create_dir_all(&nested).unwrap();
+        std::fs::write(dir.path().join("a/Bangerfile"), "").unwrap();
+        assert_eq!(
+            find_bangerfile(&nested).unwrap(),
+            dir.path().join("a/Bangerfile")
+        );
+        assert_eq!(
+            find_bangerfile(&dir.path().join("a")).unwrap(),
+            Path::new("Bangerfile")
+        );
+        let error = find_bangerfile(dir.path()).unwrap_err();
+        assert!(
+            error.to_string().starts_with("no Bangerfile in "),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The real `banger` binary in a sandboxed HOME: graph, cache, errors, exit codes.
+
+use std::sync::Arc;
+
+use crate::support::{Counters, TestContext, build_with_fakes};
+
+#[test]
+fn graph_of_the_example_bangerfile() {
+    let context = TestContext::new();
+    context.with_example_project();
+    let output = context.run(&["graph"]);
+    insta::assert_snapshot!(output.to_string());
+    assert!(
+        !context.home().exists(),
+        "a read-only command created files under HOME"
+    );
+}
+
+#[test]
+fn graph_as_dot_and_json() {
+    let context = TestContext::new();
+    context.with_example_project();
+    let dot = context.run(&["graph", "--format", "dot"]);
+    assert_eq!(dot.code, Some(0), "{dot}");
+    assert!(dot.stdout.starts_with("digraph banger {"));
+    assert!(
+        dot.stdout.contains(
+            "\"image:sandbox/provision[0]\" -> \"image:sandbox/provision[1]\" [label=\"rootfs\"];"
+        ),
+        "{}",
+        dot.stdout
+    );
+
+    let json = context.run(&["graph", "--format", "json"]);
+    assert_eq!(json.code, Some(0), "{json}");
+    let document: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let steps = document["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 14);
+    assert_eq!(document["targets"], serde_json::json!(["vm/up"]));
+    let copy = steps
+        .iter()
+        .find(|step| step["id"] == "image:sandbox/provision[1]")
+        .unwrap();
+    assert_eq!(copy["status"], "will_run");
+    assert_eq!(copy["params"]["dest"], "/etc/profile.d/banger-example.sh");
+    assert!(
+        copy["params"]["src"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("blake3:")
+    );
+
+    let lines = context.run(&["--json", "graph"]);
+    let record: serde_json::Value = serde_json::from_str(lines.stdout.trim()).unwrap();
+    assert_eq!(record["type"], "graph");
+    assert_eq!(record["data"]["steps"].as_array().unwrap().len(), 14);
+}
+
+#[test]
+fn graph_shows_cached_steps_and_explains_what_changed() {
+    let context = TestContext::new();
+    let project = context.with_example_project();
+    let counters = Arc::new(Counters::default());
+    build_with_fakes(&context, &counters);
+
+    let after_build = context.run(&["graph"]);
+    insta::assert_snapshot!("after_build", after_build.to_string());
+
+    // Change the first provisioning step of the sandbox image.
+    let bangerfile = project.join("Bangerfile");
+    let text = std::fs::read_to_string(&bangerfile).unwrap();
+    std::fs::write(
+        &bangerfile,
+        text.replace(
+            "useradd --create-home --shell /bin/bash dev",
+            "useradd --create-home dev",
+        ),
+    )
+    .unwrap();
+    let changed = context.run(&["graph"]);
+    insta::assert_snapshot!("after_edit", changed.to_string());
+
+    let why = context.run(&["graph", "--why", "sandbox/provision[1]"]);
+    insta::assert_snapshot!("why_after_edit", why.to_string());
+
+    let why_json = context.run(&["--json", "graph", "--why", "sandbox/provision[0]"]);
+    let record: serde_json::Value = serde_json::from_str(why_json.stdout.trim()).unwrap();
+    assert_eq!(record["type"], "why");
+    let change = &record["data"]["reasons"][0];
+    assert_eq!(change["reason"], "params_changed");
+    assert_eq!(change["changes"][0]["param"], "command");
+    assert_eq!(
+        change["changes"][0]["old"],
+        "useradd --create-home --shell /bin/bash dev"
+    );
+    assert_eq!(change["changes"][0]["new"], "useradd --create-home dev");
+}
+
+#[test]
+fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained() {
+    let context = TestContext::new();
+    context.with_example_project();
+    let counters = Arc::new(Counters::default());
+    let first = build_with_fakes(&context, &counters);
+    assert_eq!(first.ran.len(), 14);
+    let second = build_with_fakes(&context, &counters);
+    // Only never-cached steps (boot, file sync, workspace, up) execute again.
+    let mut ran = second.ran.clone();
+    ran.sort();
+    assert_eq!(ran, ["vm/boot", "vm/file-sync", "vm/up", "vm/workspace"]);
+
+    let ls = context.run(&["cache", "ls"]);
+    assert_eq!(ls.code, Some(0), "{ls}");
+    assert!(ls.stdout.starts_with("STEP"), "{ls}");
+    assert_eq!(ls.stdout.lines().count(), 11, "{ls}");
+
+    let ls_json = context.run(&["--json", "cache", "ls"]);
+    for line in ls_json.stdout.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["type"], "cache_entry");
+        assert!(record["data"]["bytes"].as_u64().unwrap() > 0);
+    }
+
+    let du = context.run(&["--json", "cache", "du"]);
+    let usage: serde_json::Value = serde_json::from_str(du.stdout.trim()).unwrap();
+    assert_eq!(usage["data"]["records"], 10);
+
+    let dry = context.run(&["cache", "gc", "--max-size", "0", "--dry-run"]);
+    assert_eq!(dry.code, Some(0), "{dry}");
+    assert!(dry.stdout.contains("would evict 10 step(s)"), "{dry}");
+    assert_eq!(context.run(&["--json", "cache", "du"]).stdout, du.stdout);
+
+    let gc = context.run(&["cache", "gc", "--max-size", "0"]);
+    assert!(gc.stdout.contains("evicted 10 step(s)"), "{gc}");
+    let why = context.run(&["graph", "--why", "base/mkfs"]);
+    assert!(
+        why.stdout
+            .contains("unchanged since the last run, but `banger cache gc` evicted it"),
+        "{why}"
+    );
+}
+
+#[test]
+fn bad_bangerfiles_are_reported_with_locations() {
+    let context = TestContext::new();
+    let project = context.project();
+    let cases = [
+        ("unknown_key", "[vm]\nvcpus = 4\n"),
+        (
+            "wrong_type",
+            "[[image.provision]]\nrun = [\"make\"]\n\n[vm]\nmemory = true\n",
+        ),
+        (
+            "cycle",
+            "[images.a]\nfrom = { image = \"b\" }\n\n[images.b]\nfrom = { image = \"a\" }\n",
+        ),
+        (
+            "missing_file",
+            "[[image.provision]]\ncopy = \"scripts/setup.sh\"\nto = \"/usr/local/bin/setup\"\n",
+        ),
+    ];
+    for (name, text) in cases {
+        std::fs::write(project.join("Bangerfile"), text).unwrap();
+        let output = context.run(&["graph"]);
+        assert_eq!(output.code, Some(1), "{name}: {output}");
+        insta::assert_snapshot!(format!("bad_{name}"), output.to_string());
+    }
+}
+
+#[test]
+fn a_missing_bangerfile_and_an_unknown_step_are_user_errors() {
+    let context = TestContext::new();
+    let missing = context.run(&["graph"]);
+    insta::assert_snapshot!(missing.to_string(), @r"
+    exit: Some(1)
+    --- stdout
+
+    --- stderr
+    error: no Bangerfile in [ROOT]/project or any parent directory; create one (see Bangerfile.example and docs/bangerfile.md) or pass --file PATH
+    ");
+    let explicit = context.run(&["graph", "--file", "nope/Bangerfile"]);
+    assert_eq!(explicit.code, Some(1));
+    assert!(
+        explicit
+            .stderr
+            .starts_with("error: cannot read Bangerfile nope/Bangerfile: No such file"),
+        "{explicit}"
+    );
+
+    context.with_example_project();
+    let unknown = context.run(&["graph", "--why", "provision[7]"]);
+    assert_eq!(unknown.code, Some(1));
+    assert!(
+        unknown
+            .stderr
+            .starts_with("error: no step matches `provision[7]`"),
+        "{unknown}"
+    );
+    let ambiguous = context.run(&["graph", "--why", "provision[0]"]);
+    assert_eq!(ambiguous.code, Some(1));
+    assert!(
+        ambiguous.stderr.contains("matches several steps"),
+        "{ambiguous}"
+    );
+}
+
+#[test]
+fn help_lists_only_working_commands_and_usage_errors_exit_1() {
+    let context = TestContext::new();
+    let help = context.run(&["--help"]);
+    assert_eq!(help.code, Some(0));
+    let commands: Vec<&str> = help
+        .stdout
+        .lines()
+        .skip_while(|line| *line != "Commands:")
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .map(|line| line.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(commands, ["graph", "cache", "help"]);
+    for args in [&["graph", "--help"][..], &["cache", "gc", "--help"]] {
+        let output = context.run(args);
+        assert_eq!(output.code, Some(0), "{output}");
+        assert!(output.stdout.contains("Usage: banger"), "{output}");
+    }
+    let usage = context.run(&["cache", "gc", "--max-size", "lots"]);
+    assert_eq!(usage.code, Some(1), "{usage}");
+    assert!(usage.stderr.contains("`lots` is not a size"), "{usage}");
+}
+
+#[test]
+fn a_bad_config_file_names_itself() {
+    let context = TestContext::new();
+    std::fs::create_dir_all(context.config_file().parent().unwrap()).unwrap();
+    std::fs::write(context.config_file(), "[cache]\nmax_size = \"huge\"\n").unwrap();
+    let output = context.run(&["cache", "du"]);
+    assert_eq!(output.code, Some(1), "{output}");
+    assert_eq!(
+        output.stderr.trim(),
+        "error: config file [ROOT]/home/.config/banger/config.toml: `cache.max_size` = \"huge\": `huge` is not a size: expected a number with an optional unit, like `512M` or `4G`"
+    );
+}
