@@ -12,7 +12,8 @@
 //!
 //! Lifecycle of an output:
 //! 1. A step writes files into its scratch directory.
-//! 2. [`Store::publish_file`] streams each file into content storage (never held in memory).
+//! 2. [`Store::publish_file`] hashes each file (one streaming read) and renames it into content
+//!    storage: never copied, never held in memory, read-only from then on.
 //! 3. [`Store::commit`] writes the content-key record, then the definition-key record. Bytes
 //!    first, record last: a reader that finds a record finds its bytes, and a record whose bytes
 //!    are gone (evicted, deleted by hand) is treated as a miss ([`Miss::OutputMissing`]).
@@ -20,16 +21,18 @@
 //! 5. [`Store::gc`] evicts least-recently-used records above a size cap, never touching roots,
 //!    and leaves a tombstone so `banger graph --why` can say "evicted".
 //!
-//! Known weaknesses: cacache does not fsync, so the atomicity holds against crashes of banger
-//! (SIGKILL) but not against power loss; publishing copies the bytes once (cacache has no
-//! "adopt this file" call).
+//! Known weaknesses: nothing is fsynced, so the atomicity holds against crashes of banger
+//! (SIGKILL) but not against power loss; publishing relies on cacache's content layout
+//! (`content-v2/sha256/..`), which a unit test pins; hits are not re-verified (that would read
+//! every byte), so a stored file modified in place by root would go unnoticed.
 
 mod gc;
 
 pub use gc::{GcOptions, GcReport, Usage};
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -266,8 +269,10 @@ impl Store {
         Ok(Lookup::Hit(Box::new(record)))
     }
 
-    /// Streams a file into content storage and returns its reference. The file is read once;
-    /// memory use does not depend on its size.
+    /// Moves a finished output file into content storage and returns its reference. The file
+    /// is read once to hash it, then renamed into place (it is in the store's scratch area, so
+    /// on the same file system): a multi-GiB image is never copied and never held in memory.
+    /// Stored content is made read-only, since hits hand it out by hard link.
     pub fn publish_file(&self, path: &Path) -> Result<OutputRef, StoreError> {
         let publish_error = |source| StoreError::Publish {
             path: path.to_owned(),
@@ -275,6 +280,48 @@ impl Store {
         };
         let mut file = std::fs::File::open(path).map_err(publish_error)?;
         let size = file.metadata().map_err(publish_error)?.len();
+        let mut hasher = ssri::IntegrityOpts::new().algorithm(ssri::Algorithm::Sha256);
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let read = file.read(&mut buffer).map_err(publish_error)?;
+            if read == 0 {
+                break;
+            }
+            hasher.input(&buffer[..read]);
+        }
+        drop(file);
+        let integrity = hasher.result();
+        let target = gc::content_path(&self.dir, &integrity);
+        let reference = OutputRef {
+            integrity: integrity.to_string(),
+            size,
+        };
+        if target.exists() {
+            // Identical bytes are already stored (early cutoff territory): keep one copy.
+            let _ = std::fs::remove_file(path);
+            return Ok(reference);
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(publish_error)?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
+            .map_err(publish_error)?;
+        match std::fs::rename(path, &target) {
+            Ok(()) => Ok(reference),
+            // A scratch directory on another file system (it never is, but be safe): copy.
+            Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+                self.publish_by_copy(path, size)
+            }
+            Err(source) => Err(publish_error(source)),
+        }
+    }
+
+    fn publish_by_copy(&self, path: &Path, size: u64) -> Result<OutputRef, StoreError> {
+        let publish_error = |source| StoreError::Publish {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(publish_error)?;
         let writer = cacache::WriteOpts::new()
             .size(size as usize)
             .open_hash_sync(&self.dir)
@@ -315,11 +362,12 @@ impl Store {
         self.write_json(&entry_name("def", &definition_key.to_hex()), &aliased)
     }
 
-    /// Makes a stored output available at `to` by hard link (no bytes are copied). The result is
-    /// shared with the store and must be treated as read-only.
+    /// Makes a stored output available at `to` by hard link: no bytes are copied or read (the
+    /// content was hashed when it was published, and is read-only since). The result is shared
+    /// with the store: copy it before modifying it.
     pub fn materialize(&self, output: &OutputRef, to: &Path) -> Result<(), StoreError> {
         let integrity = parse_integrity(&output.integrity)?;
-        cacache::hard_link_hash_sync(&self.dir, &integrity, to).map_err(|source| {
+        cacache::hard_link_hash_unchecked_sync(&self.dir, &integrity, to).map_err(|source| {
             StoreError::Materialize {
                 integrity: output.integrity.clone(),
                 to: to.to_owned(),

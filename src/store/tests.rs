@@ -200,3 +200,30 @@ fn scratch_of_dead_processes_is_removed_on_open() {
     assert!(!stale.exists());
     assert!(live.exists());
 }
+
+#[test]
+fn publishing_moves_the_file_into_the_store_without_copying_it() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let scratch = store.scratch().unwrap();
+    let file = scratch.path().join("rootfs.ext4");
+    std::fs::write(&file, vec![5u8; 3 << 20]).unwrap();
+    let inode = std::fs::metadata(&file).unwrap().ino();
+    let output = store.publish_file(&file).unwrap();
+    assert_eq!(output.size, 3 << 20);
+    assert!(!file.exists(), "the scratch file should have been moved");
+    let stored = gc::content_path(dir.path(), &parse_integrity(&output.integrity).unwrap());
+    let metadata = std::fs::metadata(&stored).unwrap();
+    assert_eq!(metadata.ino(), inode, "the bytes were copied");
+    assert!(metadata.permissions().readonly());
+    // Publishing identical bytes again keeps the one stored copy.
+    std::fs::write(&file, vec![5u8; 3 << 20]).unwrap();
+    assert_eq!(store.publish_file(&file).unwrap(), output);
+    assert_eq!(std::fs::metadata(&stored).unwrap().ino(), inode);
+    // What cacache itself reads back is the same content.
+    assert!(cacache::exists_sync(
+        dir.path(),
+        &parse_integrity(&output.integrity).unwrap()
+    ));
+}
