@@ -445,11 +445,16 @@ impl Store {
 
     /// Notes that these definition keys were used now (LRU order for GC). One append per run.
     pub fn touch(&self, keys: &[Key]) -> Result<(), StoreError> {
+        self.touch_at(keys, now_ms())
+    }
+
+    /// [`Store::touch`] at a given time (tests need distinct times within one millisecond).
+    pub(crate) fn touch_at(&self, keys: &[Key], at_ms: u64) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
         let path = self.dir.join(gc::LAST_USE_LOG);
-        let mut line = now_ms().to_string();
+        let mut line = at_ms.to_string();
         for key in keys {
             line.push(' ');
             line.push_str(&key.to_hex());

@@ -82,7 +82,13 @@ fn gc_evicts_least_recently_used_first_and_spares_roots() {
         store.commit(rec).unwrap();
     }
     store.set_root("vm:test", &[rooted.definition_key]).unwrap();
-    store.touch(&[recent.definition_key]).unwrap();
+    // Records made in the same millisecond tie on their index time: use times that differ.
+    store
+        .touch_at(&[rooted.definition_key], now_ms() + 5_000)
+        .unwrap();
+    store
+        .touch_at(&[recent.definition_key], now_ms() + 10_000)
+        .unwrap();
 
     let dry = store
         .gc(GcOptions {
