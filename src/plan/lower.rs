@@ -483,3 +483,74 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport",
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::spec::{ByteSize, NetworkMode, SANDBOX_IMAGE_NAME, VmShape};
+
+    fn spec(commands: &[&str]) -> Spec {
+        Spec {
+            source_file: PathBuf::from("/p/Bangerfile"),
+            project_dir: PathBuf::from("/p"),
+            name: "p".into(),
+            images: vec![ImageSpec {
+                name: SANDBOX_IMAGE_NAME.into(),
+                from: ImageSource::Oci {
+                    reference: "docker.io/library/debian:bookworm".into(),
+                },
+                size: None,
+                kernel: "debian-cloud-amd64".into(),
+                provision: commands
+                    .iter()
+                    .map(|command| ProvisionStep::Run {
+                        command: (*command).into(),
+                        env: BTreeMap::new(),
+                    })
+                    .collect(),
+            }],
+            sandbox_image: SANDBOX_IMAGE_NAME.into(),
+            vm: VmShape {
+                vcpu: 2,
+                memory: ByteSize(2048 * ByteSize::MIB),
+                disk: ByteSize(8 * ByteSize::GIB),
+                network: NetworkMode::User,
+            },
+            workspace: None,
+            up: None,
+            file_sync: vec![],
+        }
+    }
+
+    fn keys_by_id(commands: &[&str]) -> HashMap<String, crate::key::Key> {
+        let plan = lower(&spec(commands), &Lock::default(), &Catalogs::embedded()).unwrap();
+        let keys = plan.definition_keys().unwrap();
+        plan.node_indices()
+            .map(|node| (plan.node(node).id.clone(), keys[node.index()]))
+            .collect()
+    }
+
+    #[test]
+    fn changing_one_provision_step_rekeys_it_and_what_follows_only() {
+        let before = keys_by_id(&["a", "b", "c"]);
+        let after = keys_by_id(&["a", "B", "c"]);
+        assert_eq!(before.len(), after.len());
+        let mut changed: Vec<&str> = before
+            .iter()
+            .filter(|(id, key)| after[*id] != **key)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                "image:sandbox/provision[1]",
+                "image:sandbox/provision[2]",
+                "vm/boot"
+            ]
+        );
+    }
+}
