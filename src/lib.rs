@@ -14,6 +14,7 @@ pub mod lock;
 pub mod paths;
 pub mod plan;
 pub mod project;
+pub mod rootfs;
 pub mod sources;
 pub mod spec;
 pub mod steps;

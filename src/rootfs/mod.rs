@@ -1,0 +1,4 @@
+//! Root filesystems from OCI layers: applying tar layers in order, with whiteouts, onto the
+//! ext4 image being built, refusing anything that would escape the image.
+
+pub mod path;
