@@ -15,6 +15,9 @@
 //! input re-ran but produced identical bytes, its dependants' content keys are unchanged and
 //! they are not re-run (early cutoff).
 //!
+//! A step's *hints* (where to download digest-pinned content from) are deliberately in no key:
+//! they do not change what the step produces.
+//!
 //! Params are a sorted map of named [`ParamValue`]s, so adding a parameter with a default value
 //! still changes the key: bump the step's `VERSION` when the meaning of a step changes without its
 //! params changing. Project files that a step reads are represented by [`ParamValue::Source`]

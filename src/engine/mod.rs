@@ -187,6 +187,8 @@ pub struct StepContext {
     pub step_id: String,
     pub kind: String,
     pub params: Params,
+    /// Unkeyed facts from the plan (see [`crate::plan::StepNode::hints`]).
+    pub hints: BTreeMap<String, String>,
     inputs: Vec<StepInput>,
     store: Store,
     scratch: OnceLock<Result<tempfile::TempDir, String>>,
@@ -959,6 +961,7 @@ async fn execute(
         step_id: job.step.id.clone(),
         kind: job.step.kind.clone(),
         params: job.step.params.clone(),
+        hints: job.step.hints.clone(),
         inputs: job
             .inputs
             .iter()

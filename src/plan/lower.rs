@@ -3,10 +3,11 @@
 //!
 //! Shape of the plan for one image (ids in brackets):
 //! ```text
-//! OCI, pinned:    resolve → layer[i]… → flatten → mkfs → ownership → inject-agent
-//! OCI, unpinned:  resolve → fetch-layers → flatten → mkfs → ownership → inject-agent
+//! OCI, pinned:    layer[i]… (parallel fetches) → rootfs
+//! OCI, unpinned:  resolve → fetch-layers → rootfs      (graph only: build pins first)
 //! catalog bundle: fetch-bundle → unpack
-//! recipe:         mmdebstrap → mkfs → inject-agent
+//! recipe:         mmdebstrap → rootfs
+//! rootfs = flatten with whiteouts → ext4 with owners, modes, xattrs → guest agent, one step
 //! local image:    (the other image's last step)
 //! then:           provision[0] → provision[1] → …          (each also reads the kernel)
 //! kernel:         fetch-package → extract → initramfs → stage   | fetch-bundle → stage | local
@@ -42,6 +43,7 @@ fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
         resource: info.resource,
         weight: 1,
         summary: String::new(),
+        hints: std::collections::BTreeMap::new(),
     }
 }
 
@@ -187,13 +189,19 @@ impl Lowering<'_> {
         Ok(())
     }
 
-    fn mkfs(
+    /// The one step that turns layers (OCI blobs or a recipe's tar) into the image: flatten with
+    /// whiteouts, write the ext4 with owners/modes/xattrs, inject banger's guest assets. Merged
+    /// because the ext4 writer does all of it in one pass over the tars (no tree on the host);
+    /// the summary names the phases so `banger graph` still shows what happens.
+    fn rootfs_build(
         &mut self,
         prefix: &str,
-        tree: NodeIndex,
+        layers: &[NodeIndex],
         size: Option<u64>,
     ) -> Result<NodeIndex, PlanError> {
-        let mut params = Params::new().with("block_size", EXT4_BLOCK_SIZE);
+        let mut params = Params::new()
+            .with("block_size", EXT4_BLOCK_SIZE)
+            .with("assets", crate::assets::guest_assets_digest());
         match size {
             Some(bytes) => params.insert("size", bytes),
             None => {
@@ -201,28 +209,22 @@ impl Lowering<'_> {
                 params.insert("min_size", EXT4_MIN_BYTES);
             }
         }
-        let summary = match size {
-            Some(bytes) => format!("ext4, {}", crate::spec::ByteSize(bytes)),
-            None => format!("ext4, content × {EXT4_HEADROOM_PERCENT}% (≥ 1G)"),
+        let sizing = match size {
+            Some(bytes) => format!("ext4 {}", crate::spec::ByteSize(bytes)),
+            None => format!("ext4 content × {EXT4_HEADROOM_PERCENT}% (≥ 1G)"),
         };
-        let mkfs = self.plan.add_step(
-            node(&steps::ROOTFS_MKFS, format!("{prefix}/mkfs"), params).summary(summary),
+        let summary = format!(
+            "flatten {} layer(s) with whiteouts → {sizing} with owners, modes, xattrs → guest agent",
+            layers.len()
+        );
+        let build = self.plan.add_step(
+            node(&steps::ROOTFS_BUILD, format!("{prefix}/rootfs"), params).summary(summary),
         )?;
-        self.plan.add_input(mkfs, "tree", tree);
-        Ok(mkfs)
-    }
-
-    fn inject_agent(&mut self, prefix: &str, rootfs: NodeIndex) -> Result<NodeIndex, PlanError> {
-        let step = self.plan.add_step(
-            node(
-                &steps::ROOTFS_INJECT_AGENT,
-                format!("{prefix}/inject-agent"),
-                Params::new().with("assets", crate::assets::guest_assets_digest()),
-            )
-            .summary("guest agent, units, sshd drop-in"),
-        )?;
-        self.plan.add_input(step, "rootfs", rootfs);
-        Ok(step)
+        for (index, layer) in layers.iter().enumerate() {
+            self.plan
+                .add_input(build, format!("layer[{index}]"), *layer);
+        }
+        Ok(build)
     }
 
     fn oci_image(
@@ -231,79 +233,52 @@ impl Lowering<'_> {
         reference: &str,
         size: Option<u64>,
     ) -> Result<NodeIndex, PlanError> {
-        let pin = self.lock.pinned(reference);
-        let mut resolve_params = Params::new().with("reference", reference);
-        let mut resolve_node = node(
-            &steps::OCI_RESOLVE,
-            format!("{prefix}/resolve"),
-            Params::new(),
-        );
-        match pin {
-            Some(pin) => {
-                resolve_params.insert("manifest_digest", pin.manifest_digest.clone());
-                resolve_node.summary = format!("{reference} @ {}", pin.manifest_digest);
-            }
-            None => {
-                // An unpinned tag may move, so its resolution is never reused.
-                resolve_node = resolve_node.never_cached();
-                resolve_node.summary = format!("{reference} (not pinned yet)");
-            }
+        let Some(pin) = self.lock.pinned(reference) else {
+            // Not pinned yet: `banger build` resolves and pins before it runs anything, so
+            // this shape only ever appears in `banger graph`. A tag may move, so the
+            // resolution is never cached and neither is anything that depends on it.
+            let resolve = self.plan.add_step(
+                node(
+                    &steps::OCI_RESOLVE,
+                    format!("{prefix}/resolve"),
+                    Params::new().with("reference", reference),
+                )
+                .never_cached()
+                .summary(format!("{reference} (not pinned yet)")),
+            )?;
+            let fetch = self.plan.add_step(
+                node(
+                    &steps::OCI_FETCH_LAYERS,
+                    format!("{prefix}/fetch-layers"),
+                    Params::new().with("reference", reference),
+                )
+                .summary("every layer, once the reference is resolved"),
+            )?;
+            self.plan.add_input(fetch, "manifest", resolve);
+            return self.rootfs_build(prefix, &[fetch], size);
+        };
+        let mut layers = Vec::with_capacity(pin.layers.len());
+        for (index, layer) in pin.layers.iter().enumerate() {
+            // Keyed by digest alone: the same blob from any repository is the same input.
+            let fetch = self.plan.add_step(
+                node(
+                    &steps::OCI_FETCH_LAYER,
+                    format!("{prefix}/layer[{index}]"),
+                    Params::new()
+                        .with("digest", layer.digest.clone())
+                        .with("media_type", layer.media_type.clone())
+                        .with("size", layer.size),
+                )
+                .hint("reference", reference)
+                .summary(format!(
+                    "{} ({}) from {reference}",
+                    layer.digest,
+                    crate::spec::ByteSize(layer.size)
+                )),
+            )?;
+            layers.push(fetch);
         }
-        resolve_node.params = resolve_params;
-        let resolve = self.plan.add_step(resolve_node)?;
-
-        let flatten = self.plan.add_step(
-            node(
-                &steps::ROOTFS_FLATTEN,
-                format!("{prefix}/flatten"),
-                Params::new(),
-            )
-            .summary("layers → one tree (whiteouts applied)"),
-        )?;
-        match pin {
-            Some(pin) => {
-                for (index, layer) in pin.layers.iter().enumerate() {
-                    let fetch = self.plan.add_step(
-                        node(
-                            &steps::OCI_FETCH_LAYER,
-                            format!("{prefix}/layer[{index}]"),
-                            Params::new()
-                                .with("digest", layer.digest.clone())
-                                .with("media_type", layer.media_type.clone())
-                                .with("size", layer.size),
-                        )
-                        .summary(format!("{} ({} bytes)", layer.digest, layer.size)),
-                    )?;
-                    self.plan.add_input(fetch, "manifest", resolve);
-                    self.plan
-                        .add_input(flatten, format!("layer[{index}]"), fetch);
-                }
-            }
-            None => {
-                let fetch = self.plan.add_step(
-                    node(
-                        &steps::OCI_FETCH_LAYERS,
-                        format!("{prefix}/fetch-layers"),
-                        Params::new().with("reference", reference),
-                    )
-                    .summary("every layer, once the reference is resolved"),
-                )?;
-                self.plan.add_input(fetch, "manifest", resolve);
-                self.plan.add_input(flatten, "layers", fetch);
-            }
-        }
-        let mkfs = self.mkfs(prefix, flatten, size)?;
-        let ownership = self.plan.add_step(
-            node(
-                &steps::ROOTFS_OWNERSHIP,
-                format!("{prefix}/ownership"),
-                Params::new(),
-            )
-            .summary("uid/gid, modes, xattrs, device nodes"),
-        )?;
-        self.plan.add_input(ownership, "rootfs", mkfs);
-        self.plan.add_input(ownership, "tree", flatten);
-        self.inject_agent(prefix, ownership)
+        self.rootfs_build(prefix, &layers, size)
     }
 
     fn catalog_image(
@@ -382,8 +357,7 @@ impl Lowering<'_> {
                 recipe.packages.len()
             )),
         )?;
-        let mkfs = self.mkfs(prefix, bootstrap, size)?;
-        self.inject_agent(prefix, mkfs)
+        self.rootfs_build(prefix, &[bootstrap], size)
     }
 
     fn kernel(&mut self, name: &str) -> Result<NodeIndex, PlanError> {

@@ -17,7 +17,7 @@
 
 pub mod lower;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -112,6 +112,9 @@ pub struct StepNode {
     pub weight: u32,
     /// One line for humans (`run: apt-get install -y make`).
     pub summary: String,
+    /// Facts the executor needs that do not change what the step produces, so they are not
+    /// part of any key: where to download digest-pinned content from, say.
+    pub hints: BTreeMap<String, String>,
 }
 
 impl StepNode {
@@ -132,7 +135,14 @@ impl StepNode {
             resource,
             weight: 1,
             summary: String::new(),
+            hints: BTreeMap::new(),
         }
+    }
+
+    /// Adds a hint (not keyed; see [`StepNode::hints`]).
+    pub fn hint(mut self, name: &str, value: impl Into<String>) -> StepNode {
+        self.hints.insert(name.to_owned(), value.into());
+        self
     }
 
     pub fn never_cached(mut self) -> StepNode {

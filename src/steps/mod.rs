@@ -81,33 +81,12 @@ pub const RECIPE_MMDEBSTRAP: KindInfo = kind(
     Network,
     "build a root filesystem tar from distribution packages",
 );
-pub const ROOTFS_FLATTEN: KindInfo = kind(
-    "rootfs.flatten",
+pub const ROOTFS_BUILD: KindInfo = kind(
+    "rootfs.build",
     1,
     Cached,
     Disk,
-    "apply layers in order with whiteouts into one filesystem tree",
-);
-pub const ROOTFS_MKFS: KindInfo = kind(
-    "rootfs.mkfs",
-    1,
-    Cached,
-    Cpu,
-    "write an ext4 image (4 KiB blocks) from the flattened tree",
-);
-pub const ROOTFS_OWNERSHIP: KindInfo = kind(
-    "rootfs.ownership",
-    1,
-    Cached,
-    Disk,
-    "apply uid/gid, modes, xattrs and device nodes recorded in the layers",
-);
-pub const ROOTFS_INJECT_AGENT: KindInfo = kind(
-    "rootfs.inject-agent",
-    1,
-    Cached,
-    Disk,
-    "write banger's guest agent, units and sshd drop-in into the image",
+    "flatten layers with whiteouts into an ext4 image (owners, modes, xattrs kept) and inject banger's guest assets",
 );
 pub const KERNEL_FETCH_BUNDLE: KindInfo = kind(
     "kernel.fetch-bundle",
@@ -202,10 +181,7 @@ pub const ALL_KINDS: &[KindInfo] = &[
     CATALOG_FETCH_BUNDLE,
     BUNDLE_UNPACK,
     RECIPE_MMDEBSTRAP,
-    ROOTFS_FLATTEN,
-    ROOTFS_MKFS,
-    ROOTFS_OWNERSHIP,
-    ROOTFS_INJECT_AGENT,
+    ROOTFS_BUILD,
     KERNEL_FETCH_BUNDLE,
     KERNEL_FETCH_PACKAGE,
     KERNEL_EXTRACT,

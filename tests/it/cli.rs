@@ -35,7 +35,7 @@ fn graph_as_dot_and_json() {
     assert_eq!(json.code, Some(0), "{json}");
     let document: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     let steps = document["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 14);
+    assert_eq!(steps.len(), 13);
     assert_eq!(document["targets"], serde_json::json!(["vm/up"]));
     let copy = steps
         .iter()
@@ -53,7 +53,7 @@ fn graph_as_dot_and_json() {
     let lines = context.run(&["--json", "graph"]);
     let record: serde_json::Value = serde_json::from_str(lines.stdout.trim()).unwrap();
     assert_eq!(record["type"], "graph");
-    assert_eq!(record["data"]["steps"].as_array().unwrap().len(), 14);
+    assert_eq!(record["data"]["steps"].as_array().unwrap().len(), 13);
 }
 
 #[test]
@@ -102,7 +102,7 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
     context.with_example_project();
     let counters = Arc::new(Counters::default());
     let first = build_with_fakes(&context, &counters);
-    assert_eq!(first.ran.len(), 14);
+    assert_eq!(first.ran.len(), 13);
     let second = build_with_fakes(&context, &counters);
     // Only never-cached steps (boot, file sync, workspace, up) execute again.
     let mut ran = second.ran.clone();
@@ -112,7 +112,7 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
     let ls = context.run(&["cache", "ls"]);
     assert_eq!(ls.code, Some(0), "{ls}");
     assert!(ls.stdout.starts_with("STEP"), "{ls}");
-    assert_eq!(ls.stdout.lines().count(), 11, "{ls}");
+    assert_eq!(ls.stdout.lines().count(), 10, "{ls}");
 
     let ls_json = context.run(&["--json", "cache", "ls"]);
     for line in ls_json.stdout.lines() {
@@ -123,16 +123,16 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
 
     let du = context.run(&["--json", "cache", "du"]);
     let usage: serde_json::Value = serde_json::from_str(du.stdout.trim()).unwrap();
-    assert_eq!(usage["data"]["records"], 10);
+    assert_eq!(usage["data"]["records"], 9);
 
     let dry = context.run(&["cache", "gc", "--max-size", "0", "--dry-run"]);
     assert_eq!(dry.code, Some(0), "{dry}");
-    assert!(dry.stdout.contains("would evict 10 step(s)"), "{dry}");
+    assert!(dry.stdout.contains("would evict 9 step(s)"), "{dry}");
     assert_eq!(context.run(&["--json", "cache", "du"]).stdout, du.stdout);
 
     let gc = context.run(&["cache", "gc", "--max-size", "0"]);
-    assert!(gc.stdout.contains("evicted 10 step(s)"), "{gc}");
-    let why = context.run(&["graph", "--why", "base/mkfs"]);
+    assert!(gc.stdout.contains("evicted 9 step(s)"), "{gc}");
+    let why = context.run(&["graph", "--why", "base/rootfs"]);
     assert!(
         why.stdout
             .contains("unchanged since the last run, but `banger cache gc` evicted it"),
