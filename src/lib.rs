@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod catalog;
 pub mod engine;
+pub mod ext4;
 pub mod key;
 pub mod lock;
 pub mod plan;
