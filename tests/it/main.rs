@@ -1,4 +1,5 @@
 //! banger's integration tests: one binary, one module per area.
 
 mod engine;
+mod ext4;
 mod support;
