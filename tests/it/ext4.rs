@@ -1642,3 +1642,112 @@ fn multi_gib_images_stream_in_bounded_memory() {
         1000
     );
 }
+
+#[test]
+fn link_counts_at_their_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("limits.img");
+    let m = meta(0, 0, 0o755, (0, 0));
+    let mut builder = Ext4Builder::create(&image, options()).unwrap();
+    // More subdirectories than a link count holds: dir_nlink says 1.
+    builder
+        .insert(Path::new("many"), EntryKind::Directory, &m)
+        .unwrap();
+    for i in 0..65_100 {
+        let path = format!("many/{i}");
+        builder
+            .insert(Path::new(&path), EntryKind::Directory, &m)
+            .unwrap();
+    }
+    // The most hard links one inode may have, then one too many.
+    builder
+        .insert(Path::new("links"), EntryKind::Directory, &m)
+        .unwrap();
+    builder
+        .insert(
+            Path::new("links/0"),
+            EntryKind::File {
+                size: 1,
+                data: &mut &b"x"[..],
+            },
+            &m,
+        )
+        .unwrap();
+    for i in 1..65_000 {
+        let path = format!("links/{i}");
+        let target = PathBuf::from("links/0");
+        builder
+            .insert(Path::new(&path), EntryKind::HardLink { target }, &m)
+            .unwrap();
+    }
+    let error = builder
+        .insert(
+            Path::new("links/extra"),
+            EntryKind::HardLink {
+                target: "links/0".into(),
+            },
+            &m,
+        )
+        .unwrap_err();
+    assert!(matches!(error, Ext4Error::TooManyLinks { .. }), "{error}");
+    builder.finish(auto()).unwrap();
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    assert_fsck_clean(&image);
+    assert_eq!(field(&debugfs(&image, "stat /many"), "Links:"), "1");
+    assert_eq!(
+        field(&debugfs(&image, "stat /links/64999"), "Links:"),
+        "65000"
+    );
+}
+
+#[test]
+fn long_and_non_ascii_names_hash_like_the_kernel() {
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("names.img");
+    let m = meta(0, 0, 0o644, (0, 0));
+    let mut builder = Ext4Builder::create(&image, options()).unwrap();
+    builder
+        .insert(Path::new("d"), EntryKind::Directory, &m)
+        .unwrap();
+    // Bytes ≥ 0x80 hash differently with signed and unsigned chars; e2fsck checks every
+    // entry against the superblock's choice.
+    let mut names: Vec<Vec<u8>> = (0..600)
+        .map(|i| {
+            let mut name = format!("caf\u{e9}-{i}-").into_bytes();
+            name.extend_from_slice(&[0xff, 0xfe, b'a' + (i % 26) as u8]);
+            name
+        })
+        .collect();
+    names.push(vec![b'n'; 255]);
+    names.push([vec![0xc3; 254], vec![b'z']].concat());
+    for name in &names {
+        let path = Path::new("d").join(std::ffi::OsStr::from_bytes(name));
+        builder.insert(&path, EntryKind::Fifo, &m).unwrap();
+    }
+    let too_long = Path::new("d").join("x".repeat(256));
+    let error = builder.insert(&too_long, EntryKind::Fifo, &m).unwrap_err();
+    assert!(matches!(error, Ext4Error::InvalidPath { .. }), "{error}");
+    builder.finish(auto()).unwrap();
+    assert_fsck_clean(&image);
+    assert_eq!(field(&debugfs(&image, "htree /d"), "Indirect levels:"), "0");
+    if !capable("root with loop devices", can_loop_mount()) {
+        return;
+    }
+    let mount = LoopMount::new(&image, true).unwrap();
+    for name in &names {
+        let path = mount
+            .path()
+            .join("d")
+            .join(std::ffi::OsStr::from_bytes(name));
+        assert!(
+            std::fs::symlink_metadata(&path).is_ok(),
+            "lookup of {path:?} failed"
+        );
+    }
+}
