@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod env;
+pub mod ext4;
 pub mod inspect;
 pub mod key;
 pub mod lock;
