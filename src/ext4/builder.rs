@@ -273,6 +273,24 @@ impl Ext4Builder {
         Ok(())
     }
 
+    /// Names in the directory `path` (not following symlinks), sorted; `None` when `path` is
+    /// not a directory. Lets a caller clear a directory selectively (an opaque whiteout that
+    /// arrives after entries of its own layer).
+    pub fn children(&self, path: &Path) -> Option<Vec<std::ffi::OsString>> {
+        use std::os::unix::ffi::OsStrExt;
+        let components = split_path(path).ok()?;
+        let node = self.tree.node(self.tree.lookup(&components)?);
+        let NodeKind::Directory(dir) = &node.kind else {
+            return None;
+        };
+        Some(
+            dir.entries
+                .keys()
+                .map(|name| std::ffi::OsStr::from_bytes(name).to_owned())
+                .collect(),
+        )
+    }
+
     /// Describes the entry at `path` without following symlinks (in the path or at its end).
     pub fn lookup(&self, path: &Path) -> Option<EntryInfo> {
         let components = split_path(path).ok()?;

@@ -1,4 +1,5 @@
 //! Root filesystems from OCI layers: applying tar layers in order, with whiteouts, onto the
 //! ext4 image being built, refusing anything that would escape the image.
 
+pub mod layers;
 pub mod path;

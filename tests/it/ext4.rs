@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
+use crate::support::{assert_fsck_clean, capable, debugfs, field, have_e2fsprogs, run, run_ok};
 use banger::ext4::{
     BuildOptions, EntryInfo, EntryKind, EntryType, Ext4Builder, Ext4Error, Metadata, Sizing,
 };
@@ -18,38 +19,8 @@ use banger::ext4::{
 // ---------------------------------------------------------------------------------------
 // Capabilities and tools
 
-fn require_all() -> bool {
-    std::env::var("BANGER_TEST_REQUIRE_ALL").as_deref() == Ok("1")
-}
-
-/// True when `available`; otherwise skips (returns false) or, under
-/// `BANGER_TEST_REQUIRE_ALL=1`, fails.
-fn capable(what: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
-    assert!(
-        !require_all(),
-        "{what} is unavailable, and BANGER_TEST_REQUIRE_ALL=1 forbids skipping"
-    );
-    eprintln!("skipping: {what} is unavailable");
-    false
-}
-
-fn have_e2fsprogs() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(|| {
-        ["e2fsck", "debugfs", "dumpe2fs"].iter().all(|tool| {
-            Command::new(tool)
-                .arg("-V")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-    })
-}
-
 /// Root, loop devices and a working `mount -o loop`, probed once with a real image.
-fn can_loop_mount() -> bool {
+pub(crate) fn can_loop_mount() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();
     *PROBE.get_or_init(|| {
         if !Path::new("/dev/loop-control").exists() {
@@ -63,60 +34,13 @@ fn can_loop_mount() -> bool {
     })
 }
 
-/// Runs a command; the error carries the argv, exit status and stderr.
-fn run(command: &mut Command) -> Result<Output, String> {
-    let argv = format!("{command:?}");
-    let output = command
-        .output()
-        .map_err(|e| format!("cannot run {argv}: {e}"))?;
-    if output.status.success() {
-        Ok(output)
-    } else {
-        Err(format!(
-            "{argv} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
-
-fn run_ok(command: &mut Command) -> String {
-    let output = run(command).unwrap_or_else(|e| panic!("{e}"));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `e2fsck -fn` exits 0 and says nothing beyond its five pass headers and the summary.
-fn assert_fsck_clean(image: &Path) {
-    let stdout = run_ok(Command::new("e2fsck").arg("-fn").arg(image));
-    for line in stdout.lines() {
-        let expected = line.starts_with("Pass ") || line.contains(" files (") || line.is_empty();
-        assert!(expected, "e2fsck complained about {image:?}:\n{stdout}");
-    }
-}
-
-fn debugfs(image: &Path, request: &str) -> String {
-    run_ok(Command::new("debugfs").arg("-R").arg(request).arg(image))
-}
-
-/// The whitespace-separated token following `label` in debugfs output.
-fn field<'a>(text: &'a str, label: &str) -> &'a str {
-    let at = text
-        .find(label)
-        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
-    text[at + label.len()..]
-        .split_whitespace()
-        .next()
-        .expect("a value")
-}
-
 /// A loop mount, unmounted (and its directory removed) on drop, even when a test fails.
-struct LoopMount {
+pub(crate) struct LoopMount {
     dir: tempfile::TempDir,
 }
 
 impl LoopMount {
-    fn new(image: &Path, read_only: bool) -> Result<LoopMount, String> {
+    pub(crate) fn new(image: &Path, read_only: bool) -> Result<LoopMount, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let options = if read_only { "loop,ro" } else { "loop" };
         run(Command::new("mount")
@@ -127,7 +51,7 @@ impl LoopMount {
         Ok(LoopMount { dir })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 }

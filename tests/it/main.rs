@@ -3,4 +3,5 @@
 mod cli;
 mod engine;
 mod ext4;
+mod rootfs;
 mod support;

@@ -2,6 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -292,4 +296,84 @@ pub fn build_with_fakes(
             banger::engine::RunOptions::default(),
         ))
         .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Capabilities and external tools
+
+pub fn require_all() -> bool {
+    std::env::var("BANGER_TEST_REQUIRE_ALL").as_deref() == Ok("1")
+}
+
+/// True when `available`; otherwise skips (returns false) or, under
+/// `BANGER_TEST_REQUIRE_ALL=1`, fails.
+pub fn capable(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !require_all(),
+        "{what} is unavailable, and BANGER_TEST_REQUIRE_ALL=1 forbids skipping"
+    );
+    eprintln!("skipping: {what} is unavailable");
+    false
+}
+
+pub fn have_e2fsprogs() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        ["e2fsck", "debugfs", "dumpe2fs"].iter().all(|tool| {
+            Command::new(tool)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    })
+}
+
+/// Runs a command; the error carries the argv, exit status and stderr.
+pub fn run(command: &mut Command) -> Result<std::process::Output, String> {
+    let argv = format!("{command:?}");
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run {argv}: {e}"))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(format!(
+            "{argv} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+pub fn run_ok(command: &mut Command) -> String {
+    let output = run(command).unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `e2fsck -fn` exits 0 and says nothing beyond its five pass headers and the summary.
+pub fn assert_fsck_clean(image: &Path) {
+    let stdout = run_ok(Command::new("e2fsck").arg("-fn").arg(image));
+    for line in stdout.lines() {
+        let expected = line.starts_with("Pass ") || line.contains(" files (") || line.is_empty();
+        assert!(expected, "e2fsck complained about {image:?}:\n{stdout}");
+    }
+}
+
+pub fn debugfs(image: &Path, request: &str) -> String {
+    run_ok(Command::new("debugfs").arg("-R").arg(request).arg(image))
+}
+
+/// The whitespace-separated token following `label` in debugfs output.
+pub fn field<'a>(text: &'a str, label: &str) -> &'a str {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
+    text[at + label.len()..]
+        .split_whitespace()
+        .next()
+        .expect("a value")
 }
