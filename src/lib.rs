@@ -18,5 +18,6 @@ pub mod project;
 pub mod rootfs;
 pub mod sources;
 pub mod spec;
+pub mod state;
 pub mod steps;
 pub mod store;

@@ -1,0 +1,303 @@
+//! Durable state in SQLite (`~/.local/state/banger/state.db`): named images today; VMs and
+//! kernels join it with the issues that add them.
+//!
+//! An image row names the step output that holds its `rootfs.ext4` (the definition key of the
+//! step that built it, and the output's integrity), so the bytes stay in the content store and
+//! are never copied per image. Every image is also a GC root (`image:<name>`) in the store, so
+//! `banger cache gc` never evicts an image that is registered.
+//!
+//! Schema versions are applied in order by [`migrate`] and recorded in `PRAGMA user_version`;
+//! a database from a newer banger is refused rather than misread.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::key::Key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create the state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the state database {path} has schema version {found}, newer than this banger knows \
+         ({known}); upgrade banger"
+    )]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("state database query failed ({what}): {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("no image named `{name}`; `banger image list` shows the images there are")]
+    NoSuchImage { name: String },
+    #[error(
+        "an image named `{name}` already exists; remove it first (`banger image rm {name}`) or \
+         pick another name"
+    )]
+    ImageExists { name: String },
+}
+
+/// Where an image came from, for `image list` and `image show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    /// `oci:REF@DIGEST`, `catalog:NAME`, `tar:DIGEST`, `file:PATH`, `bangerfile:PATH#IMAGE`.
+    pub source: String,
+    pub distro: Option<String>,
+    pub arch: String,
+    /// The kernel it boots with (a catalog or imported kernel name).
+    pub kernel_ref: Option<String>,
+    /// Integrity (`sha256-…`) and size of `rootfs.ext4` in the store.
+    pub rootfs_integrity: String,
+    pub rootfs_size: u64,
+    /// Definition key of the step whose output this is.
+    pub step_key: Key,
+    pub created_ms: u64,
+}
+
+/// Schema migrations, in order; index + 1 is the version each produces.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE images (
+        name TEXT PRIMARY KEY NOT NULL,
+        source TEXT NOT NULL,
+        distro TEXT,
+        arch TEXT NOT NULL,
+        kernel_ref TEXT,
+        rootfs_integrity TEXT NOT NULL,
+        rootfs_size INTEGER NOT NULL,
+        step_key TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );",
+];
+
+/// The state database.
+#[derive(Debug)]
+pub struct State {
+    connection: Connection,
+}
+
+fn query(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
+    move |source| StateError::Query { what, source }
+}
+
+impl State {
+    /// Opens (creating and migrating as needed) the database in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<State, StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join("state.db");
+        let open_error = |source| StateError::Open {
+            path: path.clone(),
+            source,
+        };
+        let connection = Connection::open(&path).map_err(open_error)?;
+        // Several CLI processes may write at once; wait instead of failing with SQLITE_BUSY.
+        connection
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(open_error)?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        migrate(&connection, &path)?;
+        Ok(State { connection })
+    }
+
+    /// Adds an image; an existing name is an error unless `replace`.
+    pub fn put_image(&self, image: &ImageRecord, replace: bool) -> Result<(), StateError> {
+        let verb = if replace {
+            "INSERT OR REPLACE"
+        } else {
+            "INSERT"
+        };
+        let result = self.connection.execute(
+            &format!(
+                "{verb} INTO images (name, source, distro, arch, kernel_ref, rootfs_integrity, \
+                 rootfs_size, step_key, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ),
+            params![
+                image.name,
+                image.source,
+                image.distro,
+                image.arch,
+                image.kernel_ref,
+                image.rootfs_integrity,
+                image.rootfs_size as i64,
+                image.step_key.to_hex(),
+                image.created_ms as i64,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StateError::ImageExists {
+                    name: image.name.clone(),
+                })
+            }
+            Err(source) => Err(StateError::Query {
+                what: "insert image",
+                source,
+            }),
+        }
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, StateError> {
+        self.connection
+            .query_row(
+                "SELECT name, source, distro, arch, kernel_ref, rootfs_integrity, rootfs_size, \
+                 step_key, created_ms FROM images WHERE name = ?1",
+                params![name],
+                row_to_image,
+            )
+            .optional()
+            .map_err(query("read image"))
+    }
+
+    /// The image, or an error naming it.
+    pub fn require_image(&self, name: &str) -> Result<ImageRecord, StateError> {
+        self.image(name)?.ok_or_else(|| StateError::NoSuchImage {
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every image, by name.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT name, source, distro, arch, kernel_ref, rootfs_integrity, rootfs_size, \
+                 step_key, created_ms FROM images ORDER BY name",
+            )
+            .map_err(query("list images"))?;
+        let rows = statement
+            .query_map([], row_to_image)
+            .map_err(query("list images"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list images"))
+    }
+
+    /// Removes an image row; false when there was none.
+    pub fn remove_image(&self, name: &str) -> Result<bool, StateError> {
+        let removed = self
+            .connection
+            .execute("DELETE FROM images WHERE name = ?1", params![name])
+            .map_err(query("remove image"))?;
+        Ok(removed > 0)
+    }
+}
+
+fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
+    let key: String = row.get(7)?;
+    Ok(ImageRecord {
+        name: row.get(0)?,
+        source: row.get(1)?,
+        distro: row.get(2)?,
+        arch: row.get(3)?,
+        kernel_ref: row.get(4)?,
+        rootfs_integrity: row.get(5)?,
+        rootfs_size: row.get::<_, i64>(6)? as u64,
+        step_key: Key::parse_hex(&key).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Text,
+                format!("`{key}` is not a step key").into(),
+            )
+        })?,
+        created_ms: row.get::<_, i64>(8)? as u64,
+    })
+}
+
+fn migrate(connection: &Connection, path: &Path) -> Result<(), StateError> {
+    let version: i64 = connection
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(query("read schema version"))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StateError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let target = index as i64 + 1;
+        connection
+            .execute_batch(&format!(
+                "BEGIN; {migration} PRAGMA user_version = {target}; COMMIT;"
+            ))
+            .map_err(query("migrate schema"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            source: "oci:docker.io/library/alpine:3.20@sha256:00".into(),
+            distro: Some("alpine".into()),
+            arch: "x86_64".into(),
+            kernel_ref: Some("debian-cloud-amd64".into()),
+            rootfs_integrity: "sha256-abc".into(),
+            rootfs_size: 1 << 30,
+            step_key: Key::from_bytes([7; 32]),
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn images_round_trip_and_names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        state.put_image(&image("b"), false).unwrap();
+        state.put_image(&image("a"), false).unwrap();
+        assert_eq!(state.image("a").unwrap(), Some(image("a")));
+        let names: Vec<String> = state.images().unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(matches!(
+            state.put_image(&image("a"), false),
+            Err(StateError::ImageExists { .. })
+        ));
+        state.put_image(&image("a"), true).unwrap();
+        assert!(state.remove_image("a").unwrap());
+        assert!(!state.remove_image("a").unwrap());
+        assert_eq!(
+            state.require_image("a").unwrap_err().to_string(),
+            "no image named `a`; `banger image list` shows the images there are"
+        );
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        State::open(dir.path())
+            .unwrap()
+            .put_image(&image("kept"), false)
+            .unwrap();
+        assert!(State::open(dir.path()).unwrap().image("kept").unwrap().is_some());
+        let connection = Connection::open(dir.path().join("state.db")).unwrap();
+        connection.pragma_update(None, "user_version", 99).unwrap();
+        drop(connection);
+        assert!(matches!(
+            State::open(dir.path()),
+            Err(StateError::TooNew { found: 99, .. })
+        ));
+    }
+}
