@@ -11,6 +11,7 @@ pub mod env;
 pub mod inspect;
 pub mod key;
 pub mod lock;
+pub mod oci;
 pub mod paths;
 pub mod plan;
 pub mod project;
