@@ -2,4 +2,6 @@
 
 mod cli;
 mod engine;
+mod oci;
+mod registry;
 mod support;
