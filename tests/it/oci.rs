@@ -12,7 +12,7 @@ use banger::oci::{
 };
 
 use crate::registry::{
-    BasicUser, FakeRegistry, Pusher, RealRegistry, Reply, TestImage, entries, push_image,
+    BasicUser, FakeRegistry, Pusher, RealRegistry, Reply, Request, TestImage, entries, push_image,
     push_index, sha256,
 };
 
@@ -353,6 +353,14 @@ struct FakeImage {
 
 impl FakeImage {
     async fn start(layer_reply: impl Fn(&[u8], usize) -> Reply + Send + Sync + 'static) -> Self {
+        FakeImage::start_gated(layer_reply, |_| None).await
+    }
+
+    /// Like [`FakeImage::start`], with `gate` answering first whenever it returns a reply.
+    async fn start_gated(
+        layer_reply: impl Fn(&[u8], usize) -> Reply + Send + Sync + 'static,
+        gate: impl Fn(&Request) -> Option<Reply> + Send + Sync + 'static,
+    ) -> Self {
         let mut rng = fastrand::Rng::with_seed(7);
         let content: Vec<u8> = std::iter::repeat_with(|| rng.u8(..))
             .take(200_000)
@@ -374,10 +382,14 @@ impl FakeImage {
         let manifest_path = "/v2/x/manifests/v1".to_owned();
         let layer_path = format!("/v2/x/blobs/{}", layer.digest);
         let config_path = format!("/v2/x/blobs/{}", sha256(&config));
-        let server = FakeRegistry::start({
+        let server = FakeRegistry::start_with_requests({
             let (manifest_path, layer_path, blob) =
                 (manifest_path.clone(), layer_path.clone(), blob.clone());
-            move |path, nth| {
+            move |request| {
+                if let Some(reply) = gate(request) {
+                    return reply;
+                }
+                let (path, nth) = (request.path.as_str(), request.nth);
                 if path == "/v2/" {
                     Reply::ok("application/json", b"{}".to_vec())
                 } else if path == manifest_path {
@@ -616,4 +628,67 @@ async fn a_dropped_fetch_leaves_nothing() {
         entries(dir.path()).is_empty(),
         "dropping the future removed the partial file"
     );
+}
+
+#[tokio::test]
+async fn bearer_tokens_come_from_the_challenge_realm_with_docker_config_credentials() {
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:pw")
+    );
+    let fake = FakeImage::start_gated(
+        |blob, _| Reply::ok("application/octet-stream", blob.to_vec()),
+        move |request| {
+            if request.path == "/token" {
+                // The credentials go to the token service, which swaps them for a token.
+                return Some(if request.header("authorization") == Some(basic.as_str()) {
+                    Reply::ok("application/json", br#"{"token": "tok-123"}"#.to_vec())
+                } else {
+                    Reply::status(401)
+                });
+            }
+            if request.header("authorization") == Some("Bearer tok-123") {
+                return None;
+            }
+            let realm = format!(
+                "http://{}/token",
+                request.header("host").unwrap_or_default()
+            );
+            Some(Reply::Full {
+                status: 401,
+                headers: vec![(
+                    "WWW-Authenticate".into(),
+                    format!("Bearer realm=\"{realm}\",service=\"fake\""),
+                )],
+                body: Vec::new(),
+            })
+        },
+    )
+    .await;
+    let config_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config_dir.path().join("config.json"),
+        serde_json::json!({"auths": {fake.server.address.clone(): {"username": "alice", "password": "pw"}}})
+            .to_string(),
+    )
+    .unwrap();
+    let with_credentials = RegistryClient::new(RegistryOptions {
+        docker_config: docker_config_path(Some(config_dir.path().to_owned()), None),
+        ..fast_options()
+    });
+    let (dir, result) = fake.fetch(&with_credentials).await;
+    result.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("layer")).unwrap(), fake.blob);
+    assert_eq!(
+        fake.server.count("/token"),
+        1,
+        "one token served the manifest, the config and the layer"
+    );
+
+    // Anonymous: the token service refuses, and so does the registry.
+    let error = client().resolve(&fake.reference()).await.unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, OciError::Unauthorized { .. }), "{message}");
+    assert!(message.contains("anonymous"), "{message}");
 }

@@ -446,10 +446,29 @@ impl Reply {
     }
 }
 
-type Handler = dyn Fn(&str, usize) -> Reply + Send + Sync;
+/// One request to the fake registry.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Without the query string.
+    pub path: String,
+    /// How many requests for this path came before this one.
+    pub nth: usize,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+}
 
-/// A scripted HTTP/1.1 server on loopback: `handler(path, n)` answers the `n`-th (0-based)
-/// request for `path`. One request per connection. Stops on drop.
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
+
+/// A scripted HTTP/1.1 server on loopback. One request per connection. Stops on drop.
 pub struct FakeRegistry {
     pub address: String,
     counts: Arc<Mutex<HashMap<String, usize>>>,
@@ -457,7 +476,15 @@ pub struct FakeRegistry {
 }
 
 impl FakeRegistry {
+    /// `handler(path, n)` answers the `n`-th (0-based) request for `path`.
     pub async fn start(handler: impl Fn(&str, usize) -> Reply + Send + Sync + 'static) -> Self {
+        FakeRegistry::start_with_requests(move |request| handler(&request.path, request.nth)).await
+    }
+
+    /// `handler` sees the whole request head.
+    pub async fn start_with_requests(
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let counts = Arc::new(Mutex::new(HashMap::new()));
@@ -511,7 +538,10 @@ async fn serve(
         }
     }
     let text = String::from_utf8_lossy(&head);
-    let path = text
+    let mut lines = text.split("\r\n");
+    let path = lines
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .nth(1)
         .unwrap_or("/")
@@ -519,13 +549,17 @@ async fn serve(
         .next()
         .unwrap_or("/")
         .to_owned();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
     let nth = {
         let mut counts = counts.lock().unwrap();
         let count = counts.entry(path.clone()).or_default();
         *count += 1;
         *count - 1
     };
-    let reply = handler(&path, nth);
+    let reply = handler(&Request { path, nth, headers });
     let (status, headers, declared, body) = match reply {
         Reply::Full {
             status,
