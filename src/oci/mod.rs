@@ -374,6 +374,12 @@ mod tests {
     }
 
     #[test]
+    fn errors_can_cross_tasks_and_become_step_error_sources() {
+        fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
+        assert_error::<OciError>();
+    }
+
+    #[test]
     fn pins_round_trip() {
         let image = resolved();
         let pin = image.pin("alpine:3.20");
