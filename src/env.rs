@@ -23,6 +23,12 @@ pub const BANGER_RUNTIME_DIR: &str = "BANGER_RUNTIME_DIR";
 pub const BANGER_NO_PROGRESS: &str = "BANGER_NO_PROGRESS";
 /// Any non-empty value disables colour (<https://no-color.org>).
 pub const NO_COLOR: &str = "NO_COLOR";
+/// Registries (`host[:port]`, comma-separated) spoken to over plain HTTP, in addition to
+/// loopback ones (`localhost`, `127.0.0.0/8`, `[::1]`), which always are.
+pub const BANGER_INSECURE_REGISTRIES: &str = "BANGER_INSECURE_REGISTRIES";
+/// Docker's: the directory holding `config.json`, whose `auths` give registry credentials.
+/// Default: `~/.docker`.
+pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
 /// Tests only: `1` turns "skipped: capability missing" into a failure, so CI never silently
 /// skips a test it was meant to run.
 pub const BANGER_TEST_REQUIRE_ALL: &str = "BANGER_TEST_REQUIRE_ALL";
@@ -35,6 +41,7 @@ pub const STANDARD: &[&str] = &[
     "XDG_CONFIG_HOME",
     "XDG_RUNTIME_DIR",
     NO_COLOR,
+    DOCKER_CONFIG,
 ];
 
 /// Every `BANGER_*` variable, for the docs and for test sandboxes.
@@ -44,6 +51,7 @@ pub const ALL: &[&str] = &[
     BANGER_CONFIG,
     BANGER_RUNTIME_DIR,
     BANGER_NO_PROGRESS,
+    BANGER_INSECURE_REGISTRIES,
     BANGER_TEST_REQUIRE_ALL,
 ];
 
@@ -67,6 +75,20 @@ pub fn no_progress() -> bool {
 /// `NO_COLOR`.
 pub fn no_color() -> bool {
     flag(NO_COLOR)
+}
+
+/// `BANGER_INSECURE_REGISTRIES`, split on commas, blanks dropped.
+pub fn insecure_registries() -> Vec<String> {
+    std::env::var(BANGER_INSECURE_REGISTRIES)
+        .map(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `BANGER_TEST_REQUIRE_ALL=1`.

@@ -12,6 +12,7 @@ pub mod ext4;
 pub mod inspect;
 pub mod key;
 pub mod lock;
+pub mod oci;
 pub mod paths;
 pub mod plan;
 pub mod project;

@@ -43,6 +43,12 @@ pub struct PinnedReference {
     pub reference: String,
     /// Digest of the linux/amd64 image manifest.
     pub manifest_digest: String,
+    /// Digest and size of the image config blob; absent in entries written before banger
+    /// recorded them, which then have to be resolved again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_size: Option<u64>,
     pub layers: Vec<PinnedLayer>,
 }
 
@@ -72,5 +78,17 @@ impl Lock {
 
     pub fn pinned(&self, reference: &str) -> Option<&PinnedReference> {
         self.oci.iter().find(|pin| pin.reference == reference)
+    }
+
+    /// Records a pin, replacing any earlier one for the same reference.
+    pub fn insert(&mut self, pin: PinnedReference) {
+        match self
+            .oci
+            .iter_mut()
+            .find(|old| old.reference == pin.reference)
+        {
+            Some(old) => *old = pin,
+            None => self.oci.push(pin),
+        }
     }
 }

@@ -33,7 +33,11 @@ pub enum StateError {
         "the state database {path} has schema version {found}, newer than this banger knows \
          ({known}); upgrade banger"
     )]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("state database query failed ({what}): {source}")]
     Query {
         what: &'static str,
@@ -68,8 +72,7 @@ pub struct ImageRecord {
 }
 
 /// Schema migrations, in order; index + 1 is the version each produces.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE images (
+const MIGRATIONS: &[&str] = &["CREATE TABLE images (
         name TEXT PRIMARY KEY NOT NULL,
         source TEXT NOT NULL,
         distro TEXT,
@@ -79,8 +82,7 @@ const MIGRATIONS: &[&str] = &[
         rootfs_size INTEGER NOT NULL,
         step_key TEXT NOT NULL,
         created_ms INTEGER NOT NULL
-    );",
-];
+    );"];
 
 /// The state database.
 #[derive(Debug)]
@@ -269,7 +271,12 @@ mod tests {
         state.put_image(&image("b"), false).unwrap();
         state.put_image(&image("a"), false).unwrap();
         assert_eq!(state.image("a").unwrap(), Some(image("a")));
-        let names: Vec<String> = state.images().unwrap().into_iter().map(|i| i.name).collect();
+        let names: Vec<String> = state
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert!(matches!(
             state.put_image(&image("a"), false),
@@ -291,7 +298,13 @@ mod tests {
             .unwrap()
             .put_image(&image("kept"), false)
             .unwrap();
-        assert!(State::open(dir.path()).unwrap().image("kept").unwrap().is_some());
+        assert!(
+            State::open(dir.path())
+                .unwrap()
+                .image("kept")
+                .unwrap()
+                .is_some()
+        );
         let connection = Connection::open(dir.path().join("state.db")).unwrap();
         connection.pragma_update(None, "user_version", 99).unwrap();
         drop(connection);

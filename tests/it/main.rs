@@ -3,5 +3,7 @@
 mod cli;
 mod engine;
 mod ext4;
+mod oci;
+mod registry;
 mod rootfs;
 mod support;

@@ -15,6 +15,32 @@ use banger::engine::{BoxFuture, Executor, StepContext, StepError};
 use banger::key::Params;
 use banger::plan::{Plan, ResourceClass, StepNode};
 
+/// Whether a test may run given `capability`: true when it is there. When it is missing the
+/// test should return early (skip), except under `BANGER_TEST_REQUIRE_ALL=1`, where this
+/// panics so CI can never pass by skipping.
+pub fn require(capability: bool, what: &str) -> bool {
+    if capability {
+        return true;
+    }
+    if banger::env::test_require_all() {
+        panic!("{what} is unavailable, and BANGER_TEST_REQUIRE_ALL=1 forbids skipping this test");
+    }
+    eprintln!("skipped: {what} is unavailable");
+    false
+}
+
+/// The first executable called `name` on `PATH`.
+pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Counts executions per step id and the peak number running at once.
 #[derive(Debug, Default)]
 pub struct Counters {

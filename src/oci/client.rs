@@ -1,0 +1,957 @@
+//! [`RegistryClient`]: resolve references and fetch blobs, with retries and verification.
+//!
+//! One oci-client `Client` is kept per (registry, credentials) pair, so connections and bearer
+//! tokens are reused across the layers of an image; the credentials themselves are read from
+//! the Docker config on every operation and only a hash of them is kept as the cache key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, Once};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use super::auth::{self, Credentials};
+use super::layer::media_types;
+use super::reference::is_loopback_registry;
+use super::retry::{Failure, Retrier};
+use super::{
+    ImageReference, Layer, OciError, Operation, ResolvedImage, RetryPolicy, check_layers,
+    docker_config_path,
+};
+use crate::engine::error_chain;
+use crate::lock::PinnedReference;
+
+const USER_AGENT: &str = concat!("banger/", env!("CARGO_PKG_VERSION"));
+
+/// Manifest kinds asked for; anything else the registry sends is refused when parsed.
+const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    media_types::OCI_MANIFEST,
+    media_types::OCI_INDEX,
+    media_types::DOCKER_MANIFEST,
+    media_types::DOCKER_MANIFEST_LIST,
+];
+
+/// A config larger than this is not an image config; refuse it rather than hold it in memory.
+const MAX_CONFIG_SIZE: u64 = 16 * 1024 * 1024;
+
+/// Writes of blobs to disk are batched into buffers of this size.
+const WRITE_BUFFER_SIZE: usize = 1024 * 1024;
+
+/// Installs rustls' ring crypto provider as the process default if none is installed yet.
+/// The client calls it itself; code that builds an `oci_client::Client` directly (tests
+/// pushing images) must call it first.
+pub fn install_tls_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // An error means another provider is already the default, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// How the client reaches registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// The Docker `config.json` to read credentials from; `None` means anonymous everywhere.
+    pub docker_config: Option<PathBuf>,
+    /// Registries (`host[:port]`, as references write them) spoken to over plain HTTP, in
+    /// addition to loopback ones.
+    pub insecure_registries: Vec<String>,
+    pub retry: RetryPolicy,
+    pub connect_timeout: Duration,
+    /// Longest wait for any single read, so a stalled transfer fails (and is retried) instead
+    /// of hanging.
+    pub read_timeout: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> RegistryOptions {
+        RegistryOptions {
+            docker_config: None,
+            insecure_registries: Vec::new(),
+            retry: RetryPolicy::default(),
+            connect_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RegistryOptions {
+    /// Defaults, with the Docker config from `DOCKER_CONFIG` or `HOME` and the insecure
+    /// registries from `BANGER_INSECURE_REGISTRIES`.
+    pub fn from_env() -> RegistryOptions {
+        RegistryOptions {
+            docker_config: docker_config_path(
+                crate::env::var_path(crate::env::DOCKER_CONFIG),
+                crate::env::var_path("HOME"),
+            ),
+            insecure_registries: crate::env::insecure_registries(),
+            ..RegistryOptions::default()
+        }
+    }
+
+    fn plain_http(&self, registry: &str) -> bool {
+        is_loopback_registry(registry)
+            || self
+                .insecure_registries
+                .iter()
+                .any(|insecure| insecure.eq_ignore_ascii_case(registry))
+    }
+}
+
+/// Resolves references and fetches blobs. Share one per process: it keeps connections and
+/// tokens per registry.
+pub struct RegistryClient {
+    options: RegistryOptions,
+    clients: Mutex<HashMap<String, oci_client::Client>>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One operation's client and credentials.
+struct Session {
+    client: oci_client::Client,
+    credentials: Credentials,
+}
+
+/// What a failure is about, for errors.
+struct Context<'a> {
+    operation: Operation,
+    reference: &'a ImageReference,
+    digest: Option<&'a str>,
+    credentials: &'a Credentials,
+}
+
+impl RegistryClient {
+    pub fn new(options: RegistryOptions) -> RegistryClient {
+        RegistryClient {
+            options,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// Resolves `reference` to its linux/amd64 image manifest: an index or manifest list is
+    /// followed to its linux/amd64 entry; a lone manifest has its config's platform checked.
+    /// A reference with a digest is fetched by digest alone (its tag is not consulted).
+    pub async fn resolve(&self, reference: &ImageReference) -> Result<ResolvedImage, OciError> {
+        let session = self.session(reference).await?;
+        let (body, digest) = self.fetch_manifest(&session, reference).await?;
+        match parse_manifest(reference, &body)? {
+            ParsedManifest::Image(manifest) => {
+                let image = resolved_image(reference, digest, manifest)?;
+                self.check_config_platform(&session, &image).await?;
+                Ok(image)
+            }
+            ParsedManifest::Index(entries) => {
+                let entry =
+                    select_linux_amd64(&entries).ok_or_else(|| OciError::NoMatchingPlatform {
+                        reference: reference.to_string(),
+                        available: available_platforms(&entries),
+                    })?;
+                let child = reference.with_digest(&entry.digest).map_err(|_| {
+                    OciError::InvalidManifest {
+                        reference: reference.to_string(),
+                        reason: format!(
+                            "its linux/amd64 entry has an unusable digest `{}`",
+                            entry.digest
+                        ),
+                    }
+                })?;
+                let (body, digest) = self.fetch_manifest(&session, &child).await?;
+                match parse_manifest(&child, &body)? {
+                    ParsedManifest::Image(manifest) => resolved_image(reference, digest, manifest),
+                    ParsedManifest::Index(_) => Err(OciError::InvalidManifest {
+                        reference: reference.to_string(),
+                        reason: "the linux/amd64 entry of its index is itself an index".to_owned(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Resolves a lock entry by its manifest digest (never its tag) and checks the registry
+    /// still describes the same layers.
+    pub async fn resolve_pinned(&self, pin: &PinnedReference) -> Result<ResolvedImage, OciError> {
+        let reference = ImageReference::parse(&pin.reference)?.with_digest(&pin.manifest_digest)?;
+        let image = self.resolve(&reference).await?;
+        let mismatch = |field: &str| OciError::PinMismatch {
+            reference: pin.reference.clone(),
+            manifest_digest: pin.manifest_digest.clone(),
+            field: field.to_owned(),
+        };
+        if image.manifest_digest != pin.manifest_digest {
+            return Err(mismatch("manifest digest"));
+        }
+        if pin
+            .config_digest
+            .as_ref()
+            .is_some_and(|config| *config != image.config_digest)
+        {
+            return Err(mismatch("config digest"));
+        }
+        let same_layers = image.layers.len() == pin.layers.len()
+            && image.layers.iter().zip(&pin.layers).all(|(layer, pinned)| {
+                layer.digest == pinned.digest
+                    && layer.media_type == pinned.media_type
+                    && layer.size == pinned.size
+            });
+        if !same_layers {
+            return Err(mismatch("layers"));
+        }
+        Ok(image)
+    }
+
+    /// Streams one layer blob of `reference`'s repository to `destination`, verifying size and
+    /// sha256 as it arrives. The bytes go to a temp file beside `destination`, renamed into
+    /// place only once verified: on any error, or if the future is dropped, nothing is left
+    /// behind. `progress(done, total)` is called as bytes arrive (from 0 again on a retry).
+    pub async fn fetch_layer(
+        &self,
+        reference: &ImageReference,
+        layer: &Layer,
+        destination: &Path,
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<(), OciError> {
+        check_layers(reference, std::slice::from_ref(layer))?;
+        let session = self.session(reference).await?;
+        let write_error = |path: &Path, source| OciError::BlobWrite {
+            reference: reference.to_string(),
+            digest: layer.digest.clone(),
+            path: path.to_owned(),
+            source,
+        };
+        let directory = match destination.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let partial = tempfile::Builder::new()
+            .prefix(".banger-blob-")
+            .suffix(".partial")
+            .tempfile_in(directory)
+            .map_err(|source| write_error(directory, source))?;
+        let file = partial
+            .as_file()
+            .try_clone()
+            .map_err(|source| write_error(partial.path(), source))?;
+        let mut sink = BlobSink::File {
+            writer: tokio::io::BufWriter::with_capacity(
+                WRITE_BUFFER_SIZE,
+                tokio::fs::File::from_std(file),
+            ),
+            path: partial.path().to_owned(),
+        };
+        let context = Context {
+            operation: Operation::FetchLayer,
+            reference,
+            digest: Some(&layer.digest),
+            credentials: &session.credentials,
+        };
+        self.fetch_blob(&session, &context, layer.size, &mut sink, &mut progress)
+            .await?;
+        drop(sink);
+        partial
+            .persist(destination)
+            .map_err(|error| write_error(destination, error.error))?;
+        Ok(())
+    }
+
+    /// The image's config blob, verified against its digest.
+    pub async fn fetch_config(&self, image: &ResolvedImage) -> Result<Vec<u8>, OciError> {
+        let session = self.session(&image.reference).await?;
+        self.fetch_config_with(&session, image).await
+    }
+
+    async fn fetch_config_with(
+        &self,
+        session: &Session,
+        image: &ResolvedImage,
+    ) -> Result<Vec<u8>, OciError> {
+        if image.config_size > MAX_CONFIG_SIZE {
+            return Err(OciError::InvalidManifest {
+                reference: image.reference.to_string(),
+                reason: format!(
+                    "its config declares {} bytes, more than an image config can need",
+                    image.config_size
+                ),
+            });
+        }
+        let context = Context {
+            operation: Operation::FetchConfig,
+            reference: &image.reference,
+            digest: Some(&image.config_digest),
+            credentials: &session.credentials,
+        };
+        let mut sink = BlobSink::Memory(Vec::new());
+        self.fetch_blob(
+            session,
+            &context,
+            image.config_size,
+            &mut sink,
+            &mut |_, _| {},
+        )
+        .await?;
+        match sink {
+            BlobSink::Memory(bytes) => Ok(bytes),
+            BlobSink::File { .. } => unreachable!("the sink was created in memory"),
+        }
+    }
+
+    /// A lone manifest (no index) could be for any platform: its config says which.
+    async fn check_config_platform(
+        &self,
+        session: &Session,
+        image: &ResolvedImage,
+    ) -> Result<(), OciError> {
+        #[derive(Deserialize)]
+        struct ConfigPlatform {
+            architecture: Option<String>,
+            os: Option<String>,
+            variant: Option<String>,
+        }
+        let config = self.fetch_config_with(session, image).await?;
+        let platform: ConfigPlatform =
+            serde_json::from_slice(&config).map_err(|error| OciError::InvalidManifest {
+                reference: image.reference.to_string(),
+                reason: format!("its config {} is not JSON: {error}", image.config_digest),
+            })?;
+        let os = platform.os.as_deref().unwrap_or("linux");
+        let architecture = platform.architecture.as_deref().unwrap_or("amd64");
+        if os != "linux" || architecture != "amd64" {
+            let mut shown = format!("{os}/{architecture}");
+            if let Some(variant) = platform.variant {
+                shown = format!("{shown}/{variant}");
+            }
+            return Err(OciError::WrongPlatform {
+                reference: image.reference.to_string(),
+                platform: shown,
+            });
+        }
+        Ok(())
+    }
+
+    async fn session(&self, reference: &ImageReference) -> Result<Session, OciError> {
+        let credentials =
+            auth::lookup(self.options.docker_config.as_deref(), reference.registry())?;
+        let client = self.client_for(reference.registry(), &credentials)?;
+        client
+            .store_auth_if_needed(
+                reference.to_client_reference().resolve_registry(),
+                &credentials.auth,
+            )
+            .await;
+        Ok(Session {
+            client,
+            credentials,
+        })
+    }
+
+    fn client_for(
+        &self,
+        registry: &str,
+        credentials: &Credentials,
+    ) -> Result<oci_client::Client, OciError> {
+        let key = format!("{registry}\n{}", credentials.fingerprint());
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        install_tls_provider();
+        let config = ClientConfig {
+            protocol: if self.options.plain_http(registry) {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            // Platforms are chosen here, so that a miss can list what is available.
+            platform_resolver: None,
+            connect_timeout: Some(self.options.connect_timeout),
+            read_timeout: Some(self.options.read_timeout),
+            user_agent: USER_AGENT,
+            ..ClientConfig::default()
+        };
+        let client =
+            oci_client::Client::try_from(config).map_err(|error| OciError::ClientSetup {
+                registry: registry.to_owned(),
+                message: error_chain(&error),
+            })?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// The manifest's bytes and digest. oci-client checks the bytes against the reference's
+    /// digest, or against the registry's `Docker-Content-Digest` when fetched by tag.
+    async fn fetch_manifest(
+        &self,
+        session: &Session,
+        reference: &ImageReference,
+    ) -> Result<(Vec<u8>, String), OciError> {
+        let context = Context {
+            operation: Operation::ResolveManifest,
+            reference,
+            digest: None,
+            credentials: &session.credentials,
+        };
+        let client_reference = reference.to_client_reference();
+        let mut retrier = Retrier::new(&self.options.retry);
+        loop {
+            let failure = match session
+                .client
+                .pull_manifest_raw(
+                    &client_reference,
+                    &session.credentials.auth,
+                    MANIFEST_MEDIA_TYPES,
+                )
+                .await
+            {
+                Ok((body, digest)) => return Ok((body.to_vec(), digest)),
+                Err(error) => classify(error, &context),
+            };
+            after_failure(&mut retrier, failure, &context).await?;
+        }
+    }
+
+    /// Streams a blob into `sink`, retrying transient failures from the start.
+    async fn fetch_blob(
+        &self,
+        session: &Session,
+        context: &Context<'_>,
+        size: u64,
+        sink: &mut BlobSink,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(), OciError> {
+        let mut retrier = Retrier::new(&self.options.retry);
+        loop {
+            sink.reset()
+                .await
+                .map_err(|source| sink.write_error(context, source))?;
+            progress(0, size);
+            let failure = match fetch_blob_once(session, context, size, sink, progress).await {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
+            };
+            after_failure(&mut retrier, failure, context).await?;
+        }
+    }
+}
+
+/// Where a blob's bytes go.
+enum BlobSink {
+    File {
+        writer: tokio::io::BufWriter<tokio::fs::File>,
+        path: PathBuf,
+    },
+    Memory(Vec<u8>),
+}
+
+impl BlobSink {
+    /// Empties the sink before an attempt.
+    async fn reset(&mut self) -> std::io::Result<()> {
+        match self {
+            BlobSink::File { writer, .. } => {
+                writer.flush().await?;
+                let file = writer.get_mut();
+                file.set_len(0).await?;
+                file.rewind().await?;
+                Ok(())
+            }
+            BlobSink::Memory(bytes) => {
+                bytes.clear();
+                Ok(())
+            }
+        }
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        match self {
+            BlobSink::File { writer, .. } => writer.write_all(chunk).await,
+            BlobSink::Memory(bytes) => {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    async fn finish(&mut self) -> std::io::Result<()> {
+        match self {
+            BlobSink::File { writer, .. } => writer.flush().await,
+            BlobSink::Memory(_) => Ok(()),
+        }
+    }
+
+    fn write_error(&self, context: &Context<'_>, source: std::io::Error) -> OciError {
+        let path = match self {
+            BlobSink::File { path, .. } => path.clone(),
+            BlobSink::Memory(_) => PathBuf::from("<memory>"),
+        };
+        OciError::BlobWrite {
+            reference: context.reference.to_string(),
+            digest: context.digest.unwrap_or_default().to_owned(),
+            path,
+            source,
+        }
+    }
+}
+
+/// One attempt at a blob: request, stream, hash, count, compare.
+async fn fetch_blob_once(
+    session: &Session,
+    context: &Context<'_>,
+    size: u64,
+    sink: &mut BlobSink,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(), Failure> {
+    let digest = context.digest.unwrap_or_default();
+    let reference = context.reference.to_string();
+    let truncated = |received| {
+        Failure::Fatal(OciError::BlobTruncated {
+            reference: reference.clone(),
+            digest: digest.to_owned(),
+            expected: size,
+            received,
+        })
+    };
+    let too_large = || {
+        Failure::Fatal(OciError::BlobTooLarge {
+            reference: reference.clone(),
+            digest: digest.to_owned(),
+            expected: size,
+        })
+    };
+    let mut stream = session
+        .client
+        .pull_blob_stream(&context.reference.to_client_reference(), digest)
+        .await
+        .map_err(|error| classify(error, context))?;
+    match stream.content_length {
+        Some(length) if length > size => return Err(too_large()),
+        Some(length) if length < size => return Err(truncated(length)),
+        _ => {}
+    }
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let bytes = match chunk {
+            Ok(bytes) => bytes,
+            // oci-client's own end-of-stream check; ours below says more.
+            Err(error) if is_digest_error(&error) => break,
+            Err(error) => {
+                return Err(Failure::Transient(format!(
+                    "the transfer broke off after {received} bytes: {}",
+                    error_chain(&error)
+                )));
+            }
+        };
+        received += bytes.len() as u64;
+        if received > size {
+            return Err(too_large());
+        }
+        hasher.update(&bytes);
+        sink.write(&bytes)
+            .await
+            .map_err(|source| Failure::Fatal(sink.write_error(context, source)))?;
+        progress(received, size);
+    }
+    if received < size {
+        return Err(truncated(received));
+    }
+    let actual = format!("sha256:{}", hex(&hasher.finalize()));
+    if actual != digest {
+        return Err(Failure::Fatal(OciError::BlobDigestMismatch {
+            reference,
+            digest: digest.to_owned(),
+            actual,
+        }));
+    }
+    sink.finish()
+        .await
+        .map_err(|source| Failure::Fatal(sink.write_error(context, source)))
+}
+
+fn is_digest_error(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<DigestError>().is_some())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Turns a failed attempt into the final error, or waits for the next attempt.
+async fn after_failure(
+    retrier: &mut Retrier<'_>,
+    failure: Failure,
+    context: &Context<'_>,
+) -> Result<(), OciError> {
+    match failure {
+        Failure::Fatal(error) => Err(error),
+        Failure::Transient(message) => {
+            retrier
+                .wait_or_give_up(message)
+                .await
+                .map_err(|gave_up| OciError::Transient {
+                    operation: context.operation,
+                    reference: context.reference.to_string(),
+                    digest: context.digest.map(str::to_owned),
+                    retries: gave_up.retries,
+                    elapsed_secs: gave_up.elapsed.as_secs_f64(),
+                    last: gave_up.last,
+                })
+        }
+    }
+}
+
+/// Sorts an oci-client error into retry-worthy or final, and makes final ones say what
+/// happened in banger's terms.
+fn classify(error: OciDistributionError, context: &Context<'_>) -> Failure {
+    let not_found = || match context.digest {
+        Some(digest) => OciError::BlobNotFound {
+            reference: context.reference.to_string(),
+            digest: digest.to_owned(),
+        },
+        None => OciError::ManifestNotFound {
+            reference: context.reference.to_string(),
+        },
+    };
+    let unauthorized = |status| OciError::Unauthorized {
+        operation: context.operation,
+        reference: context.reference.to_string(),
+        status,
+        credentials: context.credentials.source.clone(),
+    };
+    let other = |message: String| OciError::Registry {
+        operation: context.operation,
+        reference: context.reference.to_string(),
+        digest: context.digest.map(str::to_owned),
+        message,
+    };
+    match error {
+        OciDistributionError::UnauthorizedError { .. } => Failure::Fatal(unauthorized(Some(401))),
+        OciDistributionError::AuthenticationFailure(_) => Failure::Fatal(unauthorized(None)),
+        OciDistributionError::ServerError { code, url, message } => match code {
+            404 => Failure::Fatal(not_found()),
+            401 | 403 => Failure::Fatal(unauthorized(Some(code))),
+            408 | 429 | 500..=599 => Failure::Transient(format!("HTTP {code} from {url}")),
+            _ => Failure::Fatal(other(format!(
+                "HTTP {code} from {url}: {}",
+                shorten(&message)
+            ))),
+        },
+        OciDistributionError::RegistryError { envelope, url } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            let any = |wanted: &[OciErrorCode]| codes.iter().any(|code| wanted.contains(code));
+            if any(&[OciErrorCode::Unauthorized, OciErrorCode::Denied]) {
+                Failure::Fatal(unauthorized(None))
+            } else if any(&[
+                OciErrorCode::ManifestUnknown,
+                OciErrorCode::BlobUnknown,
+                OciErrorCode::NameUnknown,
+                OciErrorCode::NotFound,
+            ]) {
+                Failure::Fatal(not_found())
+            } else if any(&[OciErrorCode::Toomanyrequests]) {
+                Failure::Transient(format!("too many requests (from {url})"))
+            } else {
+                Failure::Fatal(other(format!("{url}: {}", shorten(&envelope.to_string()))))
+            }
+        }
+        OciDistributionError::RequestError(error) => {
+            let text = error_chain(&error);
+            if error.is_timeout()
+                || error.is_connect()
+                || error.is_request()
+                || error.is_body()
+                || error.is_decode()
+            {
+                Failure::Transient(text)
+            } else {
+                Failure::Fatal(other(text))
+            }
+        }
+        OciDistributionError::IoError(error) => Failure::Transient(error_chain(&error)),
+        other_error => Failure::Fatal(other(error_chain(&other_error))),
+    }
+}
+
+/// Registry error bodies can be whole HTML pages.
+fn shorten(text: &str) -> String {
+    const LIMIT: usize = 300;
+    let text = text.trim();
+    match text.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawManifest {
+    schema_version: Option<u32>,
+    media_type: Option<String>,
+    config: Option<RawDescriptor>,
+    layers: Option<Vec<RawDescriptor>>,
+    manifests: Option<Vec<IndexEntry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDescriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+struct IndexEntry {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+    variant: Option<String>,
+}
+
+enum ParsedManifest {
+    Image(ImageManifest),
+    Index(Vec<IndexEntry>),
+}
+
+struct ImageManifest {
+    config: RawDescriptor,
+    layers: Vec<RawDescriptor>,
+}
+
+fn parse_manifest(reference: &ImageReference, body: &[u8]) -> Result<ParsedManifest, OciError> {
+    let invalid = |reason: String| OciError::InvalidManifest {
+        reference: reference.to_string(),
+        reason,
+    };
+    let raw: RawManifest = serde_json::from_slice(body)
+        .map_err(|error| invalid(format!("it is not a manifest JSON document: {error}")))?;
+    match raw.schema_version {
+        Some(2) => {}
+        Some(version) => {
+            return Err(invalid(format!(
+                "schema version {version} is not supported (only schema 2)"
+            )));
+        }
+        None => return Err(invalid("it has no schemaVersion".to_owned())),
+    }
+    let media_type = raw.media_type.as_deref();
+    let is_index = matches!(
+        media_type,
+        Some(media_types::OCI_INDEX | media_types::DOCKER_MANIFEST_LIST)
+    );
+    if let Some(other) = media_type
+        && !is_index
+        && !matches!(
+            other,
+            media_types::OCI_MANIFEST | media_types::DOCKER_MANIFEST
+        )
+    {
+        return Err(invalid(format!(
+            "its media type `{other}` is not an image's"
+        )));
+    }
+    if is_index || (media_type.is_none() && raw.manifests.is_some()) {
+        let entries = raw
+            .manifests
+            .ok_or_else(|| invalid("the index lists no manifests".to_owned()))?;
+        return Ok(ParsedManifest::Index(entries));
+    }
+    let config = raw
+        .config
+        .ok_or_else(|| invalid("it has no config descriptor".to_owned()))?;
+    let layers = raw
+        .layers
+        .ok_or_else(|| invalid("it has no layers list".to_owned()))?;
+    Ok(ParsedManifest::Image(ImageManifest { config, layers }))
+}
+
+/// The linux/amd64 entry, preferring one without a CPU variant (the baseline any x86_64
+/// machine runs).
+fn select_linux_amd64(entries: &[IndexEntry]) -> Option<&IndexEntry> {
+    let amd64 = |entry: &&IndexEntry| {
+        entry
+            .platform
+            .as_ref()
+            .is_some_and(|platform| platform.os == "linux" && platform.architecture == "amd64")
+    };
+    entries
+        .iter()
+        .filter(amd64)
+        .find(|entry| {
+            entry
+                .platform
+                .as_ref()
+                .is_some_and(|platform| platform.variant.is_none())
+        })
+        .or_else(|| entries.iter().find(amd64))
+}
+
+fn available_platforms(entries: &[IndexEntry]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for entry in entries {
+        let shown = match &entry.platform {
+            Some(Platform {
+                architecture,
+                os,
+                variant: Some(variant),
+            }) => format!("{os}/{architecture}/{variant}"),
+            Some(Platform {
+                architecture, os, ..
+            }) => format!("{os}/{architecture}"),
+            None => "unspecified".to_owned(),
+        };
+        if !seen.contains(&shown) {
+            seen.push(shown);
+        }
+    }
+    seen
+}
+
+fn resolved_image(
+    reference: &ImageReference,
+    manifest_digest: String,
+    manifest: ImageManifest,
+) -> Result<ResolvedImage, OciError> {
+    let pinned =
+        reference
+            .with_digest(&manifest_digest)
+            .map_err(|_| OciError::InvalidManifest {
+                reference: reference.to_string(),
+                reason: format!("the registry gave it the unusable digest `{manifest_digest}`"),
+            })?;
+    super::reference::validate_digest(&manifest.config.digest).map_err(|reason| {
+        OciError::InvalidManifest {
+            reference: reference.to_string(),
+            reason: format!("config: {reason}"),
+        }
+    })?;
+    let layers: Vec<Layer> = manifest
+        .layers
+        .into_iter()
+        .map(|layer| Layer {
+            digest: layer.digest,
+            media_type: layer.media_type,
+            size: layer.size,
+        })
+        .collect();
+    check_layers(&pinned, &layers)?;
+    Ok(ResolvedImage {
+        reference: pinned,
+        manifest_digest,
+        config_digest: manifest.config.digest,
+        config_size: manifest.config.size,
+        layers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference() -> ImageReference {
+        ImageReference::parse("127.0.0.1:5000/x:1").unwrap()
+    }
+
+    #[test]
+    fn index_selection_prefers_plain_amd64_and_lists_platforms() {
+        let body = br#"{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+              {"digest": "sha256:a", "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+              {"digest": "sha256:b", "platform": {"os": "linux", "architecture": "amd64", "variant": "v3"}},
+              {"digest": "sha256:c", "platform": {"os": "linux", "architecture": "amd64"}},
+              {"digest": "sha256:d"}
+            ]}"#;
+        let ParsedManifest::Index(entries) = parse_manifest(&reference(), body).unwrap() else {
+            panic!("an index");
+        };
+        assert_eq!(select_linux_amd64(&entries).unwrap().digest, "sha256:c");
+        assert_eq!(
+            available_platforms(&entries),
+            [
+                "linux/arm64/v8",
+                "linux/amd64/v3",
+                "linux/amd64",
+                "unspecified"
+            ]
+        );
+        assert_eq!(
+            select_linux_amd64(&entries[..2]).unwrap().digest,
+            "sha256:b"
+        );
+        assert!(select_linux_amd64(&entries[..1]).is_none());
+    }
+
+    #[test]
+    fn refuses_unusable_manifests() {
+        for (body, needle) in [
+            (&br#"{"schemaVersion": 1, "fsLayers": []}"#[..], "schema version 1"),
+            (br#"not json"#, "not a manifest JSON"),
+            (
+                br#"{"schemaVersion": 2, "mediaType": "application/vnd.example+json"}"#,
+                "application/vnd.example+json",
+            ),
+            (
+                br#"{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}"#,
+                "no config",
+            ),
+        ] {
+            let error = parse_manifest(&reference(), body).err().unwrap().to_string();
+            assert!(error.contains(needle), "{error}");
+            assert!(error.contains("127.0.0.1:5000/x:1"), "{error}");
+        }
+    }
+
+    #[test]
+    fn plain_http_for_loopback_and_listed_registries() {
+        let options = RegistryOptions {
+            insecure_registries: vec!["registry.lan:5000".into()],
+            ..RegistryOptions::default()
+        };
+        assert!(options.plain_http("127.0.0.1:5000"));
+        assert!(options.plain_http("localhost"));
+        assert!(options.plain_http("[::1]:1"));
+        assert!(options.plain_http("registry.lan:5000"));
+        assert!(!options.plain_http("registry.lan"));
+        assert!(!options.plain_http("docker.io"));
+    }
+
+    #[test]
+    fn client_futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let client = RegistryClient::new(RegistryOptions::default());
+        let reference = reference();
+        let resolve = client.resolve(&reference);
+        assert_send(&resolve);
+        let layer = Layer {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            media_type: media_types::OCI_LAYER_GZIP.to_owned(),
+            size: 1,
+        };
+        let fetch = client.fetch_layer(&reference, &layer, Path::new("x"), |_, _| {});
+        assert_send(&fetch);
+    }
+}
