@@ -45,6 +45,31 @@ pub fn layer_compression(media_type: &str) -> Option<Compression> {
     }
 }
 
+/// The compression of a blob judged by its first bytes (for tars that come with no media
+/// type, like a recipe's output or `banger image import-tar`).
+pub fn sniff_compression(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+/// `blob`, decompressed.
+pub fn decompressed<R: Read + Send + 'static>(
+    compression: Compression,
+    blob: R,
+) -> std::io::Result<Box<dyn Read + Send>> {
+    Ok(match compression {
+        Compression::None => Box::new(BufReader::with_capacity(64 * 1024, blob)),
+        // Multi-member: parallel compressors (pigz) write several gzip members.
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(blob))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob)?),
+    })
+}
+
 /// The uncompressed tar stream of a layer blob.
 pub fn layer_reader<R: Read + Send + 'static>(
     media_type: &str,
@@ -54,23 +79,27 @@ pub fn layer_reader<R: Read + Send + 'static>(
         layer_compression(media_type).ok_or_else(|| OciError::UnknownLayerMediaType {
             media_type: media_type.to_owned(),
         })?;
-    Ok(match compression {
-        Compression::None => Box::new(BufReader::with_capacity(64 * 1024, blob)),
-        // Multi-member: parallel compressors (pigz) write several gzip members.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(blob))),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(blob).map_err(|source| {
-                OciError::LayerDecoder {
-                    media_type: media_type.to_owned(),
-                    source,
-                }
-            })?)
-        }
+    decompressed(compression, blob).map_err(|source| OciError::LayerDecoder {
+        media_type: media_type.to_owned(),
+        source,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compression_is_sniffed_from_magic_bytes() {
+        assert_eq!(
+            super::sniff_compression(&[0x1f, 0x8b, 8, 0]),
+            super::Compression::Gzip
+        );
+        assert_eq!(
+            super::sniff_compression(&[0x28, 0xb5, 0x2f, 0xfd]),
+            super::Compression::Zstd
+        );
+        assert_eq!(super::sniff_compression(b"usr/"), super::Compression::None);
+    }
+
     use std::io::Write;
 
     use super::*;

@@ -49,7 +49,9 @@ use std::path::PathBuf;
 
 pub use auth::{CredentialSource, docker_config_path};
 pub use client::{RegistryClient, RegistryOptions, install_tls_provider};
-pub use layer::{Compression, layer_compression, layer_reader, media_types};
+pub use layer::{
+    Compression, decompressed, layer_compression, layer_reader, media_types, sniff_compression,
+};
 pub use reference::{DEFAULT_REGISTRY, ImageReference, is_loopback_registry};
 pub use retry::RetryPolicy;
 

@@ -28,6 +28,7 @@ use crate::ext4::{
     BuildOptions, EntryKind, EntryType, Ext4Builder, Ext4Error, Ext4Summary, Metadata, Sizing,
     is_supported_xattr_name,
 };
+use crate::oci::{decompressed, sniff_compression};
 
 use super::path::{
     EntryMeaning, ImageTree, PathError, TreeNode, meaning, normalize_entry,
@@ -100,7 +101,7 @@ pub struct RootfsOptions {
 }
 
 /// Counts input bytes, for progress.
-struct Counting<R> {
+struct Counting<R: Read> {
     inner: R,
     count: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -114,29 +115,11 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// The compression of a layer, by its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    None,
-}
-
-pub fn detect_compression(head: &[u8]) -> Compression {
-    if head.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    }
-}
-
-/// Opens a layer blob as a decompressed tar stream.
+/// Opens a layer blob as a decompressed tar stream, its compression judged by magic bytes.
 pub fn open_layer(
     layer: &Layer,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> Result<Box<dyn Read>, RootfsError> {
+) -> Result<Box<dyn Read + Send>, RootfsError> {
     let open_error = |source| RootfsError::LayerOpen {
         layer: layer.name.clone(),
         path: layer.path.clone(),
@@ -153,15 +136,11 @@ pub fn open_layer(
             count: counter,
         },
     );
-    Ok(match detect_compression(&head[..read]) {
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(counted)),
-        Compression::Zstd => Box::new(zstd::Decoder::with_buffer(counted).map_err(|source| {
-            RootfsError::LayerRead {
-                layer: layer.name.clone(),
-                source,
-            }
-        })?),
-        Compression::None => Box::new(counted),
+    decompressed(sniff_compression(&head[..read]), counted).map_err(|source| {
+        RootfsError::LayerRead {
+            layer: layer.name.clone(),
+            source,
+        }
     })
 }
 
@@ -645,15 +624,5 @@ mod tests {
         assert_eq!(percent_decode(b"user.a%3Db"), Some(b"user.a=b".to_vec()));
         assert_eq!(base64_decode(b"aGVsbG8="), Some(b"hello".to_vec()));
         assert_eq!(base64_decode(b"AAEC"), Some(vec![0, 1, 2]));
-    }
-
-    #[test]
-    fn compression_is_detected_by_magic() {
-        assert_eq!(detect_compression(&[0x1f, 0x8b, 8, 0]), Compression::Gzip);
-        assert_eq!(
-            detect_compression(&[0x28, 0xb5, 0x2f, 0xfd]),
-            Compression::Zstd
-        );
-        assert_eq!(detect_compression(b"usr/"), Compression::None);
     }
 }
