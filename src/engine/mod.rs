@@ -261,6 +261,15 @@ impl StepContext {
         });
     }
 
+    /// A progress reporter that can move into a blocking task (`spawn_blocking`), which cannot
+    /// borrow the context.
+    pub fn progress_handle(&self) -> ProgressHandle {
+        ProgressHandle {
+            node: self.node,
+            events: self.events.clone(),
+        }
+    }
+
     fn scratch_dir(&self) -> Result<&Path, StepError> {
         match self
             .scratch
@@ -307,6 +316,30 @@ impl StepContext {
         }
         files.sort();
         Ok(files)
+    }
+}
+
+/// Reports a step's progress from anywhere (see [`StepContext::progress_handle`]).
+#[derive(Clone)]
+pub struct ProgressHandle {
+    node: NodeIndex,
+    events: mpsc::UnboundedSender<Message>,
+}
+
+impl std::fmt::Debug for ProgressHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressHandle").field("node", &self.node).finish()
+    }
+}
+
+impl ProgressHandle {
+    pub fn report(&self, done: u64, total: Option<u64>, unit: ProgressUnit) {
+        let _ = self.events.send(Message::Progress {
+            node: self.node,
+            done,
+            total,
+            unit,
+        });
     }
 }
 

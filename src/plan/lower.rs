@@ -336,11 +336,11 @@ impl Lowering<'_> {
         recipe: &RecipeSpec,
         size: Option<u64>,
     ) -> Result<NodeIndex, PlanError> {
-        let packages = recipe
-            .packages
-            .iter()
-            .map(|name| ParamValue::Str(name.clone()))
-            .collect();
+        let mut names: Vec<&str> = RECIPE_BASE_PACKAGES.to_vec();
+        names.extend(recipe.packages.iter().map(String::as_str));
+        names.sort_unstable();
+        names.dedup();
+        let packages = names.into_iter().map(ParamValue::from).collect();
         let bootstrap = self.plan.add_step(
             node(
                 &steps::RECIPE_MMDEBSTRAP,
@@ -447,6 +447,12 @@ impl Lowering<'_> {
         Ok(staged)
     }
 }
+
+/// Packages every recipe image gets, whatever the recipe lists: what banger's guest side
+/// needs (systemd to run the agent's units, sshd for `vm ssh`, `ip` for the network, CA
+/// certificates for anything that fetches).
+pub const RECIPE_BASE_PACKAGES: &[&str] =
+    &["ca-certificates", "iproute2", "openssh-server", "systemd-sysv"];
 
 /// Modules banger's initramfs loads (their dependencies are resolved when it is built).
 pub const INITRAMFS_MODULES: &[&str] = &[

@@ -80,6 +80,8 @@ pub enum RootfsError {
     },
     #[error("cannot finish the image: {0}")]
     Finish(#[source] Ext4Error),
+    #[error("the build was cancelled")]
+    Cancelled,
 }
 
 /// One layer to apply: a file holding a (possibly compressed) tar stream.
@@ -98,6 +100,8 @@ pub struct RootfsOptions {
     pub inject_assets: bool,
     /// Seeds the file system UUID and hash seed, so the same inputs give the same bytes.
     pub seed: Vec<u8>,
+    /// Checked between entries: a cancelled build stops and removes its image.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Counts input bytes, for progress.
@@ -178,10 +182,15 @@ pub fn build_rootfs(
         .map(|metadata| metadata.len())
         .sum();
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cancelled = || options.cancel.as_ref().is_some_and(|token| token.is_cancelled());
     for layer in layers {
-        apply_layer(&mut builder, layer, counter.clone(), &|done| {
-            progress(done, total)
-        })?;
+        apply_layer(
+            &mut builder,
+            layer,
+            counter.clone(),
+            &|done| progress(done, total),
+            &cancelled,
+        )?;
     }
     for path in [".dockerenv", "run/.containerenv"] {
         builder
@@ -203,6 +212,7 @@ fn apply_layer(
     layer: &Layer,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
     progress: &dyn Fn(u64),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<(), RootfsError> {
     let read_error = |source| RootfsError::LayerRead {
         layer: layer.name.clone(),
@@ -214,6 +224,9 @@ fn apply_layer(
     let mut added: HashSet<PathBuf> = HashSet::new();
     let mut last_report = 0u64;
     for entry in archive.entries().map_err(read_error)? {
+        if cancelled() {
+            return Err(RootfsError::Cancelled);
+        }
         let mut entry = entry.map_err(read_error)?;
         let raw_name = entry.path_bytes().into_owned();
         let unsafe_entry = |source| RootfsError::UnsafeEntry {

@@ -7,6 +7,15 @@
 //! Bump a kind's `version` whenever what it produces changes for the same params: every key of
 //! that kind, and of everything downstream, changes with it.
 
+pub mod fetch_layer;
+pub mod import_file;
+pub mod mmdebstrap;
+pub mod rootfs_build;
+
+use std::sync::Arc;
+
+use crate::engine::EngineBuilder;
+use crate::oci::RegistryClient;
 use crate::plan::{CachePolicy, ResourceClass};
 
 /// Static facts about one step kind.
@@ -59,6 +68,13 @@ pub const OCI_FETCH_LAYER: KindInfo = kind(
     Cached,
     Network,
     "download one layer blob, verified against its digest",
+);
+pub const IMPORT_FILE: KindInfo = kind(
+    "import.file",
+    1,
+    Cached,
+    Disk,
+    "bring a host file (a rootfs tar, an ext4 image) into the store, keyed by its content",
 );
 pub const CATALOG_FETCH_BUNDLE: KindInfo = kind(
     "catalog.fetch-bundle",
@@ -178,6 +194,7 @@ pub const ALL_KINDS: &[KindInfo] = &[
     OCI_RESOLVE,
     OCI_FETCH_LAYERS,
     OCI_FETCH_LAYER,
+    IMPORT_FILE,
     CATALOG_FETCH_BUNDLE,
     BUNDLE_UNPACK,
     RECIPE_MMDEBSTRAP,
@@ -195,6 +212,38 @@ pub const ALL_KINDS: &[KindInfo] = &[
     VM_WORKSPACE,
     VM_UP_COMMAND,
 ];
+
+/// What executors share: clients with their connection pools and credentials.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub registry: Arc<RegistryClient>,
+}
+
+impl Services {
+    /// Services configured from the environment (Docker config, insecure registries).
+    pub fn from_env() -> Services {
+        crate::oci::install_tls_provider();
+        Services {
+            registry: Arc::new(RegistryClient::new(crate::oci::RegistryOptions::from_env())),
+        }
+    }
+}
+
+/// Registers an executor for every kind this build of banger can run. Kinds without one
+/// (booting, provisioning with `run`, kernels) are reported by the engine before anything
+/// runs.
+pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuilder {
+    builder
+        .executor(
+            OCI_FETCH_LAYER.name,
+            fetch_layer::FetchLayer {
+                client: Arc::clone(&services.registry),
+            },
+        )
+        .executor(IMPORT_FILE.name, import_file::ImportFile)
+        .executor(RECIPE_MMDEBSTRAP.name, mmdebstrap::Mmdebstrap)
+        .executor(ROOTFS_BUILD.name, rootfs_build::RootfsBuild)
+}
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
     ALL_KINDS.iter().find(|info| info.name == name)

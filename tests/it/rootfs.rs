@@ -125,6 +125,7 @@ fn options() -> RootfsOptions {
         },
         inject_assets: true,
         seed: b"rootfs-test".to_vec(),
+        cancel: None,
     }
 }
 

@@ -1,0 +1,48 @@
+//! `oci.fetch-layer`: one layer blob, downloaded and verified against its digest.
+//!
+//! Params: `digest`, `media_type`, `size` (the key: the same blob from any repository is the
+//! same step). Hint: `reference`, the repository to download it from. Output: `layer`.
+
+use std::sync::Arc;
+
+use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
+use crate::oci::{ImageReference, Layer, RegistryClient};
+
+#[derive(Debug, Clone)]
+pub struct FetchLayer {
+    pub client: Arc<RegistryClient>,
+}
+
+impl Executor for FetchLayer {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let param = |name: &str| {
+                ctx.params.get_str(name).map(str::to_owned).ok_or_else(|| {
+                    StepError::new(format!("step {} lacks param `{name}`", ctx.step_id))
+                })
+            };
+            let layer = Layer {
+                digest: param("digest")?,
+                media_type: param("media_type")?,
+                size: ctx.params.get_int("size").unwrap_or(0),
+            };
+            let reference = ctx.hints.get("reference").ok_or_else(|| {
+                StepError::new(format!(
+                    "step {} does not say which repository holds {}",
+                    ctx.step_id, layer.digest
+                ))
+            })?;
+            let reference = ImageReference::parse(reference)
+                .map_err(|error| StepError::with_source("bad reference", error))?;
+            let destination = ctx.output("layer")?;
+            self.client
+                .fetch_layer(&reference, &layer, &destination, |done, total| {
+                    ctx.progress(done, Some(total), ProgressUnit::Bytes)
+                })
+                .await
+                .map_err(|error| {
+                    StepError::with_source(format!("cannot fetch layer {}", layer.digest), error)
+                })
+        })
+    }
+}

@@ -1,0 +1,68 @@
+//! `import.file`: a file from the host (a rootfs tar for `banger image import-tar`, an ext4
+//! image for `banger image register`), brought into the store.
+//!
+//! Params: `digest` (blake3 of the content, so the key follows the bytes, not the path) and
+//! `name` (the output's name). Hint: `path`, where to read it. The file is re-hashed while it
+//! is copied: if it changed since it was planned, the step fails rather than store bytes its
+//! key does not describe.
+
+use std::io::{Read, Write};
+
+use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportFile;
+
+impl Executor for ImportFile {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let source = ctx
+                .hints
+                .get("path")
+                .cloned()
+                .ok_or_else(|| StepError::new(format!("step {} has no path", ctx.step_id)))?;
+            let expected = ctx.params.get_str("digest").unwrap_or_default().to_owned();
+            let name = ctx.params.get_str("name").unwrap_or("file");
+            let destination = ctx.output(name)?;
+            let progress = ctx.progress_handle();
+            tokio::task::spawn_blocking(move || copy_verified(&source, &destination, &expected, &progress))
+                .await
+                .map_err(|error| StepError::new(format!("the import panicked: {error}")))?
+        })
+    }
+}
+
+fn copy_verified(
+    source: &str,
+    destination: &std::path::Path,
+    expected: &str,
+    progress: &crate::engine::ProgressHandle,
+) -> Result<(), StepError> {
+    let read_error = |error| StepError::with_source(format!("cannot read {source}"), error);
+    let mut input = std::fs::File::open(source).map_err(read_error)?;
+    let total = input.metadata().map_err(read_error)?.len();
+    let mut output = std::fs::File::create(destination)
+        .map_err(|error| StepError::with_source(format!("cannot write {}", destination.display()), error))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let read = input.read(&mut buffer).map_err(read_error)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        output
+            .write_all(&buffer[..read])
+            .map_err(|error| StepError::with_source(format!("cannot write {}", destination.display()), error))?;
+        done += read as u64;
+        progress.report(done, Some(total), ProgressUnit::Bytes);
+    }
+    let actual = format!("blake3:{}", hasher.finalize().to_hex());
+    if actual != expected {
+        return Err(StepError::new(format!(
+            "{source} changed while it was being imported (expected {expected}, read {actual}); run the command again"
+        )));
+    }
+    Ok(())
+}
