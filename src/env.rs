@@ -26,6 +26,9 @@ pub const NO_COLOR: &str = "NO_COLOR";
 /// Registries (`host[:port]`, comma-separated) spoken to over plain HTTP, in addition to
 /// loopback ones (`localhost`, `127.0.0.0/8`, `[::1]`), which always are.
 pub const BANGER_INSECURE_REGISTRIES: &str = "BANGER_INSECURE_REGISTRIES";
+/// How many times a registry or download request is tried in all when it fails transiently
+/// (5xx, 429, timeouts, dropped connections). Default 5; `1` disables retries.
+pub const BANGER_REGISTRY_RETRIES: &str = "BANGER_REGISTRY_RETRIES";
 /// Docker's: the directory holding `config.json`, whose `auths` give registry credentials.
 /// Default: `~/.docker`.
 pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
@@ -52,6 +55,7 @@ pub const ALL: &[&str] = &[
     BANGER_RUNTIME_DIR,
     BANGER_NO_PROGRESS,
     BANGER_INSECURE_REGISTRIES,
+    BANGER_REGISTRY_RETRIES,
     BANGER_TEST_REQUIRE_ALL,
 ];
 
@@ -94,4 +98,12 @@ pub fn insecure_registries() -> Vec<String> {
 /// `BANGER_TEST_REQUIRE_ALL=1`.
 pub fn test_require_all() -> bool {
     std::env::var(BANGER_TEST_REQUIRE_ALL).is_ok_and(|value| value == "1")
+}
+
+/// `BANGER_REGISTRY_RETRIES`, when set to a positive number.
+pub fn registry_retries() -> Option<u32> {
+    std::env::var(BANGER_REGISTRY_RETRIES)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .filter(|attempts: &u32| *attempts > 0)
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod env;
 pub mod ext4;
+pub mod images;
 pub mod inspect;
 pub mod key;
 pub mod lock;

@@ -19,6 +19,12 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write lock file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("lock file {path} is not valid: {source}; delete it to resolve references again")]
     Parse {
         path: PathBuf,
@@ -74,6 +80,32 @@ impl Lock {
                 source,
             }),
         }
+    }
+
+    /// Writes the lock atomically (a reader sees the old file or the new one, never half).
+    pub fn save(&self, path: &Path) -> Result<(), LockError> {
+        let write_error = |source| LockError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let mut text = String::from(
+            "# Written by `banger build`: OCI references pinned to the digests they resolved to.\n\
+             # Commit it so every checkout builds the same image; `banger build --update` moves\n\
+             # the pins to what the tags point at now.\n\n",
+        );
+        text.push_str(
+            &toml::to_string_pretty(self)
+                .map_err(|error| write_error(std::io::Error::other(error.to_string())))?,
+        );
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(write_error)?;
+        std::io::Write::write_all(&mut temp, text.as_bytes()).map_err(write_error)?;
+        temp.persist(path)
+            .map_err(|error| write_error(error.error))?;
+        Ok(())
     }
 
     pub fn pinned(&self, reference: &str) -> Option<&PinnedReference> {

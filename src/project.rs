@@ -5,9 +5,13 @@
 //!    [`crate::plan::lower::lower`] → fingerprint the project files steps read → keyed plan.
 //! 3. [`project_id`] scopes the store's last-run records to this Bangerfile.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use petgraph::graph::NodeIndex;
+
 use crate::bangerfile::{self, BangerfileError, Defaults, ParseContext};
+use crate::catalog::Catalogs;
 use crate::config::{Config, ConfigError};
 use crate::lock::{self, Lock, LockError};
 use crate::plan::{Plan, PlanError, lower};
@@ -63,17 +67,65 @@ pub fn defaults(config: &Config) -> Defaults {
     }
 }
 
+/// A parsed Bangerfile with its lock and the catalogs in force.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub spec: Spec,
+    pub lock: Lock,
+    pub catalogs: Catalogs,
+}
+
+impl Project {
+    /// Parses the Bangerfile and reads its lock file.
+    pub fn load(file: &Path, config: &Config) -> Result<Project, ProjectError> {
+        let catalogs = config.catalogs()?;
+        let context = ParseContext::new(&catalogs).with_defaults(defaults(config));
+        let spec = bangerfile::load(file, &context)?;
+        let lock = Lock::load(&self_lock_path(&spec))?;
+        Ok(Project {
+            spec,
+            lock,
+            catalogs,
+        })
+    }
+
+    /// Where the lock file lives: next to the Bangerfile.
+    pub fn lock_path(&self) -> PathBuf {
+        self_lock_path(&self.spec)
+    }
+
+    /// The whole `banger up` plan, keyed-ready (project files fingerprinted).
+    pub fn plan(&self) -> Result<Plan, ProjectError> {
+        let mut plan = lower::lower(&self.spec, &self.lock, &self.catalogs)?;
+        self.fingerprint(&mut plan)?;
+        Ok(plan)
+    }
+
+    /// The images alone (`banger build`): each image's last step is a target.
+    pub fn plan_images(&self) -> Result<(Plan, BTreeMap<String, NodeIndex>), ProjectError> {
+        let (mut plan, finals) =
+            lower::lower_images(&self.spec.images, &self.lock, &self.catalogs)?;
+        self.fingerprint(&mut plan)?;
+        Ok((plan, finals))
+    }
+
+    fn fingerprint(&self, plan: &mut Plan) -> Result<(), ProjectError> {
+        let fingerprints = sources::fingerprint(&self.spec.project_dir, &plan.sources())?;
+        plan.resolve_sources(&fingerprints);
+        Ok(())
+    }
+}
+
+fn self_lock_path(spec: &Spec) -> PathBuf {
+    spec.project_dir.join(lock::FILE_NAME)
+}
+
 /// Parses the Bangerfile, lowers it with its lock file, and replaces the project files its
 /// steps read by their content digests, so the plan is ready to key.
 pub fn load_plan(file: &Path, config: &Config) -> Result<(Spec, Plan), ProjectError> {
-    let catalogs = config.catalogs()?;
-    let context = ParseContext::new(&catalogs).with_defaults(defaults(config));
-    let spec = bangerfile::load(file, &context)?;
-    let lock = Lock::load(&spec.project_dir.join(lock::FILE_NAME))?;
-    let mut plan = lower::lower(&spec, &lock, &catalogs)?;
-    let fingerprints = sources::fingerprint(&spec.project_dir, &plan.sources())?;
-    plan.resolve_sources(&fingerprints);
-    Ok((spec, plan))
+    let project = Project::load(file, config)?;
+    let plan = project.plan()?;
+    Ok((project.spec, plan))
 }
 
 /// Scopes last-run records: the Bangerfile's absolute path, so two checkouts of one project

@@ -48,6 +48,26 @@ pub fn fingerprint_path(path: &Path) -> Result<String, SourceError> {
     Ok(format!("blake3:{}", encoder.finish()))
 }
 
+/// `blake3:<hex>` of a file's bytes alone (no name, no mode): how `import.file` keys a host
+/// file it brings into the store.
+pub fn content_digest(path: &Path) -> Result<String, SourceError> {
+    Ok(format!("blake3:{}", hash_file(path)?.to_hex()))
+}
+
+fn hash_file(path: &Path) -> Result<blake3::Hash, SourceError> {
+    let mut file = std::fs::File::open(path).map_err(read_error(path))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).map_err(read_error(path))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher.finalize())
+}
+
 fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     move |source| SourceError::Read {
         path: path.to_owned(),
@@ -66,17 +86,7 @@ fn encode_entry(encoder: &mut KeyEncoder, path: &Path, name: &str) -> Result<(),
     } else if file_type.is_file() {
         encoder.tag(b'f');
         encoder.u64(u64::from(metadata.permissions().mode() & 0o7777));
-        let mut hasher = blake3::Hasher::new();
-        let mut file = std::fs::File::open(path).map_err(read_error(path))?;
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let read = file.read(&mut buffer).map_err(read_error(path))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-        }
-        encoder.bytes(hasher.finalize().as_bytes());
+        encoder.bytes(hash_file(path)?.as_bytes());
     } else if file_type.is_dir() {
         encoder.tag(b'd');
         encoder.u64(u64::from(metadata.permissions().mode() & 0o7777));

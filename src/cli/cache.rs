@@ -94,30 +94,7 @@ fn ls(context: &mut Context) -> anyhow::Result<ExitStatus> {
             ]
         })
         .collect();
-    let header = ["STEP", "KIND", "KEY", "SIZE", "LAST USED"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(header.map(str::to_owned)).chain(rows) {
-        let line = format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3],
-        );
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let out = super::table(&["STEP", "KIND", "KEY", "SIZE", "LAST USED"], &rows);
     printer.data(&out)?;
     Ok(ExitStatus::Success)
 }

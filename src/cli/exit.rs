@@ -14,10 +14,13 @@ use std::process::ExitCode;
 use banger::bangerfile::BangerfileError;
 use banger::config::ConfigError;
 use banger::engine::{EngineError, error_chain};
+use banger::images::ImageError;
 use banger::lock::LockError;
+use banger::oci::OciError;
 use banger::plan::PlanError;
 use banger::project::ProjectError;
 use banger::sources::SourceError;
+use banger::state::StateError;
 
 use super::printer::{BrokenPipe, Printer};
 
@@ -57,7 +60,14 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
     if error.downcast_ref::<BrokenPipe>().is_some() {
         return ExitStatus::Success;
     }
-    if let Some(engine) = error.downcast_ref::<EngineError>() {
+    let engine =
+        error
+            .downcast_ref::<EngineError>()
+            .or_else(|| match error.downcast_ref::<ImageError>() {
+                Some(ImageError::Engine(inner)) => Some(inner),
+                _ => None,
+            });
+    if let Some(engine) = engine {
         match engine {
             EngineError::Cancelled => return ExitStatus::Interrupted,
             // Each failure was already shown as an event.
@@ -80,6 +90,24 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
         || error.downcast_ref::<BangerfileError>().is_some()
         || error.downcast_ref::<ConfigError>().is_some()
         || error.downcast_ref::<LockError>().is_some()
+        || error.downcast_ref::<StateError>().is_some_and(|error| {
+            matches!(
+                error,
+                StateError::NoSuchImage { .. } | StateError::ImageExists { .. }
+            )
+        })
+        || matches!(
+            error.downcast_ref::<ImageError>(),
+            Some(
+                ImageError::UnknownImage { .. }
+                    | ImageError::UnknownKernel { .. }
+                    | ImageError::State(StateError::NoSuchImage { .. })
+            )
+        )
+        || error
+            .downcast_ref::<OciError>()
+            .is_some_and(OciError::is_user_error)
+        || matches!(error.downcast_ref::<ImageError>(), Some(ImageError::Oci(oci)) if oci.is_user_error())
         || error.downcast_ref::<SourceError>().is_some()
         || matches!(
             error.downcast_ref::<ProjectError>(),

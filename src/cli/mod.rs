@@ -10,13 +10,12 @@
 //! 4. The command runs and returns `anyhow::Result<ExitStatus>`; [`exit::classify`] maps errors
 //!    to exit codes (documented in `docs/cli.md`), printing each error once.
 
+mod build;
 mod cache;
 mod exit;
 mod graph;
+mod image;
 mod printer;
-// The engine's first CLI caller is `banger build` (images issue); until then the renderers
-// are exercised by their unit tests only.
-#[allow(dead_code)]
 mod reporters;
 
 use std::path::PathBuf;
@@ -24,7 +23,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use banger::config::Config;
+use banger::engine::{Engine, ResourceLimits, RunOptions};
 use banger::paths::Paths;
+use banger::state::State;
+use banger::steps::Services;
 use banger::store::Store;
 
 pub use exit::ExitStatus;
@@ -81,6 +83,17 @@ rebuild to identical bytes, it will not run either
 evicted. Nothing is built and the store is only read."
     )]
     Graph(graph::GraphArgs),
+    /// Build the Bangerfile's images: pin OCI references, run what is not cached, record them.
+    #[command(
+        long_about = "Build the Bangerfile's images: pin OCI references in Bangerfile.lock, \
+run every step that is not already stored, and record each image as PROJECT/IMAGE (see `banger \
+image list`). Cached steps do not run; with everything cached nothing runs at all. Progress goes to \
+stderr; the built images are listed on stdout."
+    )]
+    Build(build::BuildArgs),
+    /// Pull, import, list and remove images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Inspect and trim the step store (~/.cache/banger/store).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -110,6 +123,18 @@ impl Context {
         Ok(self.config.as_ref().expect("just set"))
     }
 
+    /// Opens (creating if needed) the step store.
+    pub fn store(&mut self) -> anyhow::Result<Store> {
+        let dir = self.paths()?.store_dir();
+        Ok(Store::open(dir)?)
+    }
+
+    /// Opens (creating if needed) the state database.
+    pub fn state(&mut self) -> anyhow::Result<State> {
+        let dir = self.paths()?.state_dir.clone();
+        Ok(State::open(&dir)?)
+    }
+
     /// The store only if it already exists: read-only commands must not create it.
     pub fn existing_store(&mut self) -> anyhow::Result<Option<Store>> {
         let dir: PathBuf = self.paths()?.store_dir();
@@ -119,6 +144,81 @@ impl Context {
             Ok(None)
         }
     }
+}
+
+/// Left-aligned columns under a header, two spaces apart; a column of sizes (`SIZE`) is
+/// right-aligned.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|title| title.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row = header.map(str::to_owned);
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (index, cell) in row.iter().enumerate() {
+            let pad = widths[index] - cell.chars().count();
+            if index > 0 {
+                line.push_str("  ");
+            }
+            if header[index] == "SIZE" {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The async runtime commands that build run on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// An engine over `store` with every executor this build has.
+pub fn engine(store: &Store, services: &Services) -> Engine {
+    banger::steps::with_executors(
+        Engine::builder(store.clone()).limits(ResourceLimits::for_host()),
+        services,
+    )
+    .build()
+}
+
+/// Runs `work` with Ctrl-C wired to its cancellation: the first Ctrl-C cancels running steps
+/// (their scratch is removed, nothing is recorded) and the command exits with 130.
+pub fn run_cancellable<F, T, E>(
+    runtime: &tokio::runtime::Runtime,
+    keep_going: bool,
+    work: impl FnOnce(RunOptions) -> F,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let options = RunOptions {
+        keep_going,
+        ..RunOptions::default()
+    };
+    let cancel = options.cancel.clone();
+    runtime.block_on(async {
+        let watcher = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+        let result = work(options).await;
+        watcher.abort();
+        result
+    })
 }
 
 /// Runs the CLI and returns the process exit status. Only `main` exits.
@@ -143,6 +243,8 @@ pub fn run() -> ExitStatus {
     let result = match cli.command {
         Command::Graph(args) => graph::run(&mut context, &args),
         Command::Cache(command) => cache::run(&mut context, &command),
+        Command::Build(args) => build::run(&mut context, &args),
+        Command::Image(command) => image::run(&mut context, &command),
     };
     match result {
         Ok(status) => status,

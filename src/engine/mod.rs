@@ -121,7 +121,8 @@ pub enum EngineError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(
-        "no executor for step kind `{kind}` (step {step}); this build of banger cannot run it yet"
+        "this build of banger cannot run `{kind}` steps yet (needed by {step}); `banger graph` \
+         shows the plan"
     )]
     MissingExecutor { kind: String, step: String },
     #[error(transparent)]
@@ -328,7 +329,9 @@ pub struct ProgressHandle {
 
 impl std::fmt::Debug for ProgressHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProgressHandle").field("node", &self.node).finish()
+        f.debug_struct("ProgressHandle")
+            .field("node", &self.node)
+            .finish()
     }
 }
 

@@ -91,6 +91,11 @@ impl RegistryOptions {
                 crate::env::var_path("HOME"),
             ),
             insecure_registries: crate::env::insecure_registries(),
+            retry: RetryPolicy {
+                max_attempts: crate::env::registry_retries()
+                    .unwrap_or(RetryPolicy::default().max_attempts),
+                ..RetryPolicy::default()
+            },
             ..RegistryOptions::default()
         }
     }

@@ -333,6 +333,24 @@ pub enum OciError {
     },
 }
 
+impl OciError {
+    /// True when the user can fix it by changing what they asked for or their credentials;
+    /// false for failures of the network, the registry or the machine.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            OciError::InvalidReference { .. }
+                | OciError::DockerConfig { .. }
+                | OciError::ManifestNotFound { .. }
+                | OciError::Unauthorized { .. }
+                | OciError::NoMatchingPlatform { .. }
+                | OciError::WrongPlatform { .. }
+                | OciError::UnsupportedLayer { .. }
+                | OciError::UnknownLayerMediaType { .. }
+        )
+    }
+}
+
 fn status_suffix(status: Option<u16>) -> String {
     status
         .map(|code| format!(" (HTTP {code})"))

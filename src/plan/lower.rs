@@ -14,7 +14,7 @@
 //! sandbox:        vm/boot → vm/file-sync → vm/workspace → vm/up
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::NodeIndex;
 
@@ -45,6 +45,31 @@ fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
         summary: String::new(),
         hints: std::collections::BTreeMap::new(),
     }
+}
+
+/// The plan of some images alone (`banger build`, `banger image pull`): each image's last step
+/// is a target, and the map gives it by image name. `images` must be in dependency order, as
+/// [`Spec::images`] is.
+pub fn lower_images(
+    images: &[ImageSpec],
+    lock: &Lock,
+    catalogs: &Catalogs,
+) -> Result<(Plan, BTreeMap<String, NodeIndex>), PlanError> {
+    let mut lowering = Lowering {
+        plan: Plan::new(),
+        lock,
+        catalogs,
+        image_outputs: HashMap::new(),
+        kernels: HashMap::new(),
+    };
+    let mut finals = BTreeMap::new();
+    for image in images {
+        lowering.image(image)?;
+        let last = lowering.image_outputs[&image.name];
+        lowering.plan.add_target(last);
+        finals.insert(image.name.clone(), last);
+    }
+    Ok((lowering.plan, finals))
 }
 
 /// Builds the plan for `banger up`: every image, the kernel(s), the boot and the up command.
@@ -451,8 +476,12 @@ impl Lowering<'_> {
 /// Packages every recipe image gets, whatever the recipe lists: what banger's guest side
 /// needs (systemd to run the agent's units, sshd for `vm ssh`, `ip` for the network, CA
 /// certificates for anything that fetches).
-pub const RECIPE_BASE_PACKAGES: &[&str] =
-    &["ca-certificates", "iproute2", "openssh-server", "systemd-sysv"];
+pub const RECIPE_BASE_PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "iproute2",
+    "openssh-server",
+    "systemd-sysv",
+];
 
 /// Modules banger's initramfs loads (their dependencies are resolved when it is built).
 pub const INITRAMFS_MODULES: &[&str] = &[

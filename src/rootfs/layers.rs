@@ -182,7 +182,12 @@ pub fn build_rootfs(
         .map(|metadata| metadata.len())
         .sum();
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let cancelled = || options.cancel.as_ref().is_some_and(|token| token.is_cancelled());
+    let cancelled = || {
+        options
+            .cancel
+            .as_ref()
+            .is_some_and(|token| token.is_cancelled())
+    };
     for layer in layers {
         apply_layer(
             &mut builder,

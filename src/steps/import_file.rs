@@ -25,9 +25,11 @@ impl Executor for ImportFile {
             let name = ctx.params.get_str("name").unwrap_or("file");
             let destination = ctx.output(name)?;
             let progress = ctx.progress_handle();
-            tokio::task::spawn_blocking(move || copy_verified(&source, &destination, &expected, &progress))
-                .await
-                .map_err(|error| StepError::new(format!("the import panicked: {error}")))?
+            tokio::task::spawn_blocking(move || {
+                copy_verified(&source, &destination, &expected, &progress)
+            })
+            .await
+            .map_err(|error| StepError::new(format!("the import panicked: {error}")))?
         })
     }
 }
@@ -41,8 +43,9 @@ fn copy_verified(
     let read_error = |error| StepError::with_source(format!("cannot read {source}"), error);
     let mut input = std::fs::File::open(source).map_err(read_error)?;
     let total = input.metadata().map_err(read_error)?.len();
-    let mut output = std::fs::File::create(destination)
-        .map_err(|error| StepError::with_source(format!("cannot write {}", destination.display()), error))?;
+    let mut output = std::fs::File::create(destination).map_err(|error| {
+        StepError::with_source(format!("cannot write {}", destination.display()), error)
+    })?;
     let mut hasher = blake3::Hasher::new();
     let mut buffer = vec![0u8; 1 << 20];
     let mut done = 0u64;
@@ -52,9 +55,9 @@ fn copy_verified(
             break;
         }
         hasher.update(&buffer[..read]);
-        output
-            .write_all(&buffer[..read])
-            .map_err(|error| StepError::with_source(format!("cannot write {}", destination.display()), error))?;
+        output.write_all(&buffer[..read]).map_err(|error| {
+            StepError::with_source(format!("cannot write {}", destination.display()), error)
+        })?;
         done += read as u64;
         progress.report(done, Some(total), ProgressUnit::Bytes);
     }

@@ -370,7 +370,7 @@ fn a_missing_executor_is_reported_before_anything_runs() {
     let error = run_blocking(&engine, &plan, RunOptions::default()).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "no executor for step kind `test.unknown` (step b); this build of banger cannot run it yet"
+        "this build of banger cannot run `test.unknown` steps yet (needed by b); `banger graph` shows the plan"
     );
     assert_eq!(counters.total_runs(), 0);
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod engine;
 mod ext4;
+mod images;
 mod oci;
 mod registry;
 mod rootfs;

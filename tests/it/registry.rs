@@ -333,8 +333,28 @@ pub async fn push_image(
     architecture: &str,
     docker: bool,
 ) -> TestImage {
+    push_layers(
+        pusher,
+        repository,
+        tag,
+        architecture,
+        docker,
+        three_layers(architecture, docker),
+    )
+    .await
+}
+
+/// Pushes an image made of `layers` (media type, blob, the tar it unpacks to).
+pub async fn push_layers(
+    pusher: &Pusher,
+    repository: &str,
+    tag: Option<&str>,
+    architecture: &str,
+    docker: bool,
+    layer_blobs: Vec<(String, Vec<u8>, Vec<u8>)>,
+) -> TestImage {
     let mut layers = Vec::new();
-    for (media_type, blob, tar) in three_layers(architecture, docker) {
+    for (media_type, blob, tar) in layer_blobs {
         let digest = pusher.blob(repository, &blob).await;
         layers.push(TestLayer {
             layer: Layer {

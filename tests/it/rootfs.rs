@@ -129,8 +129,9 @@ fn options() -> RootfsOptions {
     }
 }
 
-/// Three layers (gzip, zstd, plain) exercising every case the images issue lists.
-fn faithful_layers(dir: &Path) -> Vec<Layer> {
+/// Three layers (gzip, zstd, plain) exercising every case the images issue lists, as
+/// `(OCI media type, blob, tar)`.
+pub(crate) fn faithful_layer_blobs() -> Vec<(String, Vec<u8>, Vec<u8>)> {
     let capability: &[u8] = &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let mut base = LayerTar::new();
     base.add(entry("./", Kind::Dir, 0o755))
@@ -187,11 +188,32 @@ fn faithful_layers(dir: &Path) -> Vec<Layer> {
         .add(entry("srv/data/file", Kind::File(b"data"), 0o640));
     let mut third = LayerTar::new();
     third.add(entry("etc/hosts", Kind::File(b"new\n"), 0o600));
+    let (base, second, third) = (base.finish(), second.finish(), third.finish());
     vec![
-        write_layer(dir, "base", &gzip(&base.finish())),
-        write_layer(dir, "second", &zstd(&second.finish())),
-        write_layer(dir, "third", &third.finish()),
+        (
+            banger::oci::media_types::OCI_LAYER_GZIP.to_owned(),
+            gzip(&base),
+            base,
+        ),
+        (
+            banger::oci::media_types::OCI_LAYER_ZSTD.to_owned(),
+            zstd(&second),
+            second,
+        ),
+        (
+            banger::oci::media_types::OCI_LAYER_TAR.to_owned(),
+            third.clone(),
+            third,
+        ),
     ]
+}
+
+fn faithful_layers(dir: &Path) -> Vec<Layer> {
+    faithful_layer_blobs()
+        .into_iter()
+        .zip(["base", "second", "third"])
+        .map(|((_, blob, _), name)| write_layer(dir, name, &blob))
+        .collect()
 }
 
 #[derive(Debug, PartialEq, Eq)]

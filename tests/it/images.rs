@@ -1,0 +1,297 @@
+//! `banger image` and `banger build` end to end: the real binary against Debian's real
+//! `docker-registry`, images the test pushes, the resulting ext4 checked with e2fsprogs.
+
+use std::path::PathBuf;
+
+use crate::registry::{BasicUser, FakeRegistry, Pusher, RealRegistry, Reply, push_layers};
+use crate::rootfs::faithful_layer_blobs;
+use crate::support::{TestContext, assert_fsck_clean, capable, debugfs, field, have_e2fsprogs};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// Pushes the faithful three-layer image as `REPO:v1` and returns its reference.
+fn push_faithful(registry: &RealRegistry, repository: &str, user: Option<&BasicUser>) -> String {
+    runtime().block_on(async {
+        let pusher = Pusher::new(&registry.address, user).await;
+        push_layers(
+            &pusher,
+            repository,
+            Some("v1"),
+            "amd64",
+            false,
+            faithful_layer_blobs(),
+        )
+        .await;
+    });
+    format!("{}/{repository}:v1", registry.address)
+}
+
+/// The JSON Lines records of a `--json` run.
+fn records(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// Hard-links the recorded image's rootfs out of the store.
+fn rootfs_of(context: &TestContext, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let show = context.run(&["--json", "image", "show", name]);
+    assert_eq!(show.code, Some(0), "{show}");
+    let record = &records(&show.stdout)[0]["data"];
+    let store = banger::store::Store::open(context.store_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rootfs.ext4");
+    store
+        .materialize(
+            &banger::store::OutputRef {
+                integrity: record["rootfs"].as_str().unwrap().to_owned(),
+                size: record["bytes"].as_u64().unwrap(),
+            },
+            &path,
+        )
+        .unwrap();
+    (dir, path)
+}
+
+#[test]
+fn pulling_from_a_real_registry_builds_a_faithful_ext4_once() {
+    let Some(registry) = RealRegistry::start(None) else {
+        return;
+    };
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let reference = push_faithful(&registry, "test/faithful", None);
+    let context = TestContext::new();
+
+    let pull = context.run(&["image", "pull", &reference, "--name", "faithful"]);
+    assert_eq!(pull.code, Some(0), "{pull}\n{}", registry.log());
+    assert!(pull.stdout.starts_with("faithful  "), "{pull}");
+    assert!(pull.stdout.trim_end().ends_with("pulled"), "{pull}");
+
+    let (_dir, image) = rootfs_of(&context, "faithful");
+    assert_fsck_clean(&image);
+    assert_eq!(
+        field(&debugfs(&image, "stat /usr/bin/sudo"), "Mode:"),
+        "04755"
+    );
+    assert_eq!(debugfs(&image, "cat /etc/hosts"), "new\n");
+    assert!(
+        debugfs(&image, "stat /etc/motd").is_empty(),
+        "whiteout ignored"
+    );
+    assert_eq!(
+        field(
+            &debugfs(&image, "stat /usr/local/bin/banger-agent"),
+            "Mode:"
+        ),
+        "0755"
+    );
+
+    // Pulling again does no work: nothing runs, the image is up to date.
+    let again = context.run(&["--json", "image", "pull", &reference, "--name", "faithful"]);
+    assert_eq!(again.code, Some(0), "{again}");
+    let events = records(&again.stdout);
+    let ran: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|event| event["type"] == "step_started" || event["type"] == "step_finished")
+        .collect();
+    assert!(ran.is_empty(), "a cached pull ran steps: {ran:?}");
+    let finished = events
+        .iter()
+        .find(|event| event["type"] == "run_finished")
+        .unwrap();
+    assert_eq!(finished["data"]["ran"], 0);
+
+    // The same layers under another tag are shared by digest: only nothing new runs.
+    let list = context.run(&["image", "ls"]);
+    assert!(list.stdout.contains("faithful"), "{list}");
+    let cache = context.run(&["--json", "cache", "ls"]);
+    let fetches = records(&cache.stdout)
+        .iter()
+        .filter(|record| record["data"]["kind"] == "oci.fetch-layer")
+        .count();
+    assert_eq!(fetches, 3);
+}
+
+#[test]
+fn registry_failures_are_clear_and_poison_nothing() {
+    let user = BasicUser {
+        name: "alice".into(),
+        password: "secret".into(),
+    };
+    let Some(registry) = RealRegistry::start(Some(&user)) else {
+        return;
+    };
+    let reference = push_faithful(&registry, "private/image", Some(&user));
+    let context = TestContext::new();
+    let denied = context.run(&["image", "pull", &reference]);
+    assert_eq!(denied.code, Some(1), "{denied}");
+    assert!(
+        denied.stderr.contains("not authorized") && denied.stderr.contains(&reference),
+        "{denied}"
+    );
+
+    let broken = runtime().block_on(FakeRegistry::start(|_path, _count| Reply::status(500)));
+    let reference = format!("{}/broken/image:v1", broken.address);
+    let failed = context
+        .command(&["image", "pull", &reference])
+        .env("BANGER_REGISTRY_RETRIES", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("transient") && stderr.contains("broken/image"),
+        "{stderr}"
+    );
+
+    // Nothing was recorded by either failure.
+    let list = context.run(&["--json", "image", "ls"]);
+    assert!(list.stdout.is_empty(), "{list}");
+    let cache = context.run(&["--json", "cache", "ls"]);
+    assert!(cache.stdout.is_empty(), "{cache}");
+}
+
+#[test]
+fn build_pins_the_bangerfile_and_rebuilds_nothing() {
+    let Some(registry) = RealRegistry::start(None) else {
+        return;
+    };
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let reference = push_faithful(&registry, "test/base", None);
+    let context = TestContext::new();
+    let project = context.project();
+    std::fs::write(
+        project.join("Bangerfile"),
+        format!(
+            "[project]\nname = \"demo\"\n\n[image]\nfrom = {{ oci = \"{reference}\" }}\nsize = \"256M\"\n"
+        ),
+    )
+    .unwrap();
+
+    let graph = context.run(&["graph"]);
+    assert!(graph.stdout.contains("(not pinned yet)"), "{graph}");
+
+    let build = context.run(&["build"]);
+    assert_eq!(build.code, Some(0), "{build}");
+    assert!(build.stderr.contains("pinned"), "{build}");
+    assert!(build.stdout.starts_with("demo/sandbox  "), "{build}");
+    let lock = std::fs::read_to_string(project.join("Bangerfile.lock")).unwrap();
+    assert!(lock.contains("manifest_digest = \"sha256:"), "{lock}");
+
+    let (_dir, image) = rootfs_of(&context, "demo/sandbox");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 256 << 20);
+    assert_fsck_clean(&image);
+
+    // Pinned now: graph shows layers by digest, all cached; a rebuild runs nothing.
+    let graph = context.run(&["graph"]);
+    assert!(graph.stdout.contains("image:sandbox/layer[2]"), "{graph}");
+    let again = context.run(&["--json", "build"]);
+    assert_eq!(again.code, Some(0), "{again}");
+    let events = records(&again.stdout);
+    let finished = events
+        .iter()
+        .find(|event| event["type"] == "run_finished")
+        .unwrap();
+    assert_eq!(finished["data"]["ran"], 0, "{again}");
+    assert!(events.iter().any(|event| event["type"] == "image_built"));
+}
+
+#[test]
+fn import_tar_and_register_and_remove() {
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let context = TestContext::new();
+    let (_, blob, _) = faithful_layer_blobs().remove(0);
+    let tar = context.root.path().join("rootfs.tar.gz");
+    std::fs::write(&tar, &blob).unwrap();
+
+    let imported = context.run(&[
+        "image",
+        "import-tar",
+        tar.to_str().unwrap(),
+        "--name",
+        "mine",
+    ]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+    let (_dir, image) = rootfs_of(&context, "mine");
+    assert_fsck_clean(&image);
+
+    // From stdin, the same bytes give the same image without running the build again.
+    let piped = context
+        .command(&["--json", "image", "import-tar", "-", "--name", "mine-too"])
+        .stdin(std::fs::File::open(&tar).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    let events = records(&String::from_utf8_lossy(&piped.stdout));
+    let finished = events
+        .iter()
+        .find(|event| event["type"] == "run_finished")
+        .unwrap();
+    assert_eq!(finished["data"]["ran"], 0, "{events:?}");
+
+    let registered = context.run(&[
+        "image",
+        "register",
+        "copy",
+        "--rootfs",
+        image.to_str().unwrap(),
+        "--distro",
+        "debian",
+    ]);
+    assert_eq!(registered.code, Some(0), "{registered}");
+    let not_ext4 = context.run(&[
+        "image",
+        "register",
+        "bad",
+        "--rootfs",
+        tar.to_str().unwrap(),
+    ]);
+    assert_eq!(not_ext4.code, Some(1));
+    assert!(
+        not_ext4.stderr.contains("is not an ext4 image"),
+        "{not_ext4}"
+    );
+    let bad_kernel = context.run(&[
+        "image",
+        "register",
+        "bad",
+        "--rootfs",
+        image.to_str().unwrap(),
+        "--kernel",
+        "nope",
+    ]);
+    assert_eq!(bad_kernel.code, Some(1));
+    assert!(
+        bad_kernel.stderr.contains("unknown kernel `nope`"),
+        "{bad_kernel}"
+    );
+
+    let removed = context.run(&["image", "rm", "mine", "copy"]);
+    assert_eq!(removed.code, Some(0), "{removed}");
+    let list = context.run(&["image", "ls"]);
+    assert!(
+        list.stdout.contains("mine-too") && !list.stdout.contains("copy"),
+        "{list}"
+    );
+    let missing = context.run(&["image", "show", "copy"]);
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing.stderr.contains("no image named `copy`"),
+        "{missing}"
+    );
+
+    // Unpinned images can be collected; the one still recorded cannot.
+    let gc = context.run(&["cache", "gc", "--max-size", "0"]);
+    assert_eq!(gc.code, Some(0), "{gc}");
+    let (_dir, still_there) = rootfs_of(&context, "mine-too");
+    assert_fsck_clean(&still_there);
+}
