@@ -20,7 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use banger::ext4::{BuildOptions, EntryKind, Ext4Builder, Ext4Summary, Metadata, Sizing};
+use std::os::unix::ffi::OsStrExt;
+
+use banger::ext4::{Ext4Summary, Sizing};
+use banger::rootfs::layers::{Layer, RootfsOptions, build_rootfs};
 
 type BenchResult<T> = Result<T, String>;
 
@@ -47,116 +50,24 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------
 // The writer: tar entries → Ext4Builder calls
 
-/// Converts `tar` to `image`; the child process's whole job.
+/// Converts `tar` to `image` through banger's own `rootfs.build` path (decompression sniffing,
+/// path checks, whiteouts, guest assets): the child process's whole job.
 fn convert(tar: &Path, image: &Path, sync: bool) -> BenchResult<Ext4Summary> {
-    let file = File::open(tar).map_err(|e| format!("open {}: {e}", tar.display()))?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
-    let mut options = BuildOptions::with_seed(b"banger ext4 bench");
-    options.sync = sync;
-    let mut builder = Ext4Builder::create(image, options).map_err(|e| e.to_string())?;
-    let entries = archive
-        .entries()
-        .map_err(|e| format!("read {}: {e}", tar.display()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| format!("read {}: {e}", tar.display()))?;
-        apply(&mut builder, &mut entry)?;
-    }
-    builder
-        .finish(Sizing::Auto {
+    let layers = [Layer {
+        name: tar.display().to_string(),
+        path: tar.to_owned(),
+    }];
+    let options = RootfsOptions {
+        sizing: Sizing::Auto {
             headroom_percent: 20,
             min_bytes: 0,
-        })
-        .map_err(|e| e.to_string())
-}
-
-/// `./usr/bin/ls` → `usr/bin/ls`; `./` → the root.
-fn normalize(path: &[u8]) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    let mut path = path;
-    while let Some(rest) = path.strip_prefix(b"./").or_else(|| path.strip_prefix(b"/")) {
-        path = rest;
-    }
-    if path == b"." {
-        path = b"";
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(
-        path.strip_suffix(b"/").unwrap_or(path),
-    ))
-}
-
-fn apply<R: Read>(builder: &mut Ext4Builder, entry: &mut tar::Entry<'_, R>) -> BenchResult<()> {
-    let path = normalize(&entry.path_bytes());
-    let header = entry.header();
-    let bad = |e: std::io::Error| format!("{}: {e}", path.display());
-    let mut meta = Metadata {
-        uid: header.uid().map_err(bad)? as u32,
-        gid: header.gid().map_err(bad)? as u32,
-        mode: header.mode().map_err(bad)?,
-        mtime: (header.mtime().map_err(bad)? as i64, 0),
-        xattrs: Vec::new(),
+        },
+        inject_assets: true,
+        seed: b"banger ext4 bench".to_vec(),
+        cancel: None,
+        sync,
     };
-    let entry_type = header.entry_type();
-    let device = if matches!(entry_type, tar::EntryType::Char | tar::EntryType::Block) {
-        (
-            header.device_major().map_err(bad)?.unwrap_or(0),
-            header.device_minor().map_err(bad)?.unwrap_or(0),
-        )
-    } else {
-        (0, 0)
-    };
-    let link = entry.link_name_bytes().map(|l| l.into_owned());
-    if let Some(extensions) = entry.pax_extensions().map_err(bad)? {
-        for extension in extensions {
-            let extension = extension.map_err(bad)?;
-            let key = extension.key_bytes();
-            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                meta.xattrs
-                    .push((name.to_vec(), extension.value_bytes().to_vec()));
-            } else if key == b"mtime" {
-                meta.mtime = pax_time(extension.value_bytes()).unwrap_or(meta.mtime);
-            }
-        }
-    }
-    let kind = match entry_type {
-        tar::EntryType::Directory => EntryKind::Directory,
-        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File {
-            size: entry.size(),
-            data: entry,
-        },
-        tar::EntryType::Symlink => EntryKind::Symlink {
-            target: link.ok_or_else(|| format!("{}: symlink without target", path.display()))?,
-        },
-        tar::EntryType::Link => EntryKind::HardLink {
-            target: normalize(
-                &link.ok_or_else(|| format!("{}: hard link without target", path.display()))?,
-            ),
-        },
-        tar::EntryType::Char => EntryKind::CharDevice {
-            major: device.0,
-            minor: device.1,
-        },
-        tar::EntryType::Block => EntryKind::BlockDevice {
-            major: device.0,
-            minor: device.1,
-        },
-        tar::EntryType::Fifo => EntryKind::Fifo,
-        _ => return Ok(()),
-    };
-    builder
-        .insert(&path, kind, &meta)
-        .map_err(|e| e.to_string())
-}
-
-/// A pax time, `secs[.fraction]`.
-fn pax_time(value: &[u8]) -> Option<(i64, u32)> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (secs, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let digits: String = fraction
-        .chars()
-        .chain("000000000".chars())
-        .take(9)
-        .collect();
-    Some((secs.parse().ok()?, digits.parse().ok()?))
+    build_rootfs(&layers, image, &options, &|_, _| {}).map_err(|e| banger::engine::error_chain(&e))
 }
 
 /// Child mode: `--convert TAR IMAGE sync|no-sync`; prints elapsed time and peak RSS.
@@ -252,7 +163,12 @@ fn debugfs_commands(tar: &Path, out: &Path) -> BenchResult<usize> {
             tar::EntryType::Fifo => 0o010000,
             _ => continue,
         };
-        let path = format!("/{}", normalize(&entry.path_bytes()).display());
+        let raw = entry.path_bytes();
+        let name = std::ffi::OsStr::from_bytes(&raw);
+        let Ok(Some(relative)) = banger::rootfs::path::normalize_entry(Path::new(name)) else {
+            continue;
+        };
+        let path = format!("/{}", relative.display());
         let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
         let mode = type_bits | header.mode().unwrap_or(0) & 0o7777;
         writeln!(

@@ -30,8 +30,10 @@ use crate::steps::{self, KindInfo};
 pub const EXT4_BLOCK_SIZE: u64 = 4096;
 /// Auto-sized images get content × this percentage.
 pub const EXT4_HEADROOM_PERCENT: u64 = 150;
-/// Auto-sized images are never smaller than this.
-pub const EXT4_MIN_BYTES: u64 = 1024 * 1024 * 1024;
+/// Auto-sized images are never smaller than this. Small, because every byte of an image is
+/// hashed when it is stored (holes included) and VMs write to their own layer, not the image;
+/// see docs/decisions.md.
+pub const EXT4_MIN_BYTES: u64 = 256 * 1024 * 1024;
 
 fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
     StepNode {
@@ -236,7 +238,10 @@ impl Lowering<'_> {
         }
         let sizing = match size {
             Some(bytes) => format!("ext4 {}", crate::spec::ByteSize(bytes)),
-            None => format!("ext4 content × {EXT4_HEADROOM_PERCENT}% (≥ 1G)"),
+            None => format!(
+                "ext4 content × {EXT4_HEADROOM_PERCENT}% (≥ {})",
+                crate::spec::ByteSize(EXT4_MIN_BYTES)
+            ),
         };
         let summary = format!(
             "flatten {} layer(s) with whiteouts → {sizing} with owners, modes, xattrs → guest agent",

@@ -102,6 +102,8 @@ pub struct RootfsOptions {
     pub seed: Vec<u8>,
     /// Checked between entries: a cancelled build stops and removes its image.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// fsync the image before returning (on for builds; benchmarks measure both).
+    pub sync: bool,
 }
 
 /// Counts input bytes, for progress.
@@ -174,8 +176,11 @@ pub fn build_rootfs(
     options: &RootfsOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Ext4Summary, RootfsError> {
-    let mut builder = Ext4Builder::create(image, BuildOptions::with_seed(&options.seed))
-        .map_err(RootfsError::Create)?;
+    let build_options = BuildOptions {
+        sync: options.sync,
+        ..BuildOptions::with_seed(&options.seed)
+    };
+    let mut builder = Ext4Builder::create(image, build_options).map_err(RootfsError::Create)?;
     let total: u64 = layers
         .iter()
         .filter_map(|layer| std::fs::metadata(&layer.path).ok())

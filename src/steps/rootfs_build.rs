@@ -52,6 +52,7 @@ impl Executor for RootfsBuild {
                 inject_assets: true,
                 seed,
                 cancel: Some(ctx.cancellation().clone()),
+                sync: true,
             };
             let progress = ctx.progress_handle();
             tokio::task::spawn_blocking(move || {

@@ -7,4 +7,5 @@ mod images;
 mod oci;
 mod registry;
 mod rootfs;
+mod slow;
 mod support;

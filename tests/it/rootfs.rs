@@ -126,6 +126,7 @@ fn options() -> RootfsOptions {
         inject_assets: true,
         seed: b"rootfs-test".to_vec(),
         cancel: None,
+        sync: true,
     }
 }
 
