@@ -135,7 +135,12 @@ pub fn plan_images(
     lock: &Lock,
     catalogs: &Catalogs,
 ) -> Result<(Plan, BTreeMap<String, petgraph::graph::NodeIndex>), ImageError> {
-    Ok(lower::lower_images(images, lock, catalogs)?)
+    Ok(lower::lower_images(
+        images,
+        std::path::Path::new("."),
+        lock,
+        catalogs,
+    )?)
 }
 
 /// Runs a plan from [`plan_images`] and returns each image's result.

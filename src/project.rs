@@ -103,8 +103,12 @@ impl Project {
 
     /// The images alone (`banger build`): each image's last step is a target.
     pub fn plan_images(&self) -> Result<(Plan, BTreeMap<String, NodeIndex>), ProjectError> {
-        let (mut plan, finals) =
-            lower::lower_images(&self.spec.images, &self.lock, &self.catalogs)?;
+        let (mut plan, finals) = lower::lower_images(
+            &self.spec.images,
+            &self.spec.project_dir,
+            &self.lock,
+            &self.catalogs,
+        )?;
         self.fingerprint(&mut plan)?;
         Ok((plan, finals))
     }

@@ -15,6 +15,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use petgraph::graph::NodeIndex;
 
@@ -54,11 +55,13 @@ fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
 /// [`Spec::images`] is.
 pub fn lower_images(
     images: &[ImageSpec],
+    project_dir: &Path,
     lock: &Lock,
     catalogs: &Catalogs,
 ) -> Result<(Plan, BTreeMap<String, NodeIndex>), PlanError> {
     let mut lowering = Lowering {
         plan: Plan::new(),
+        project_dir,
         lock,
         catalogs,
         image_outputs: HashMap::new(),
@@ -78,6 +81,7 @@ pub fn lower_images(
 pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, PlanError> {
     let mut lowering = Lowering {
         plan: Plan::new(),
+        project_dir: &spec.project_dir,
         lock,
         catalogs,
         image_outputs: HashMap::new(),
@@ -162,6 +166,9 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
 
 struct Lowering<'a> {
     plan: Plan,
+    /// Where `copy` sources are read from when the step runs (a hint: not keyed, the
+    /// fingerprint of the content is).
+    project_dir: &'a Path,
     lock: &'a Lock,
     catalogs: &'a Catalogs,
     /// Last step of each image, by image name.
@@ -204,6 +211,7 @@ impl Lowering<'_> {
                     }
                     let step = self.plan.add_step(
                         node(&steps::PROVISION_COPY, id, params)
+                            .hint("project_dir", self.project_dir.to_string_lossy())
                             .summary(format!("copy {} -> {dest}", src.display())),
                     )?;
                     self.plan.add_input(step, "rootfs", rootfs);

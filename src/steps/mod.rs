@@ -10,6 +10,7 @@
 pub mod fetch_layer;
 pub mod import_file;
 pub mod mmdebstrap;
+pub mod provision_copy;
 pub mod rootfs_build;
 
 use std::sync::Arc;
@@ -243,6 +244,7 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
         .executor(IMPORT_FILE.name, import_file::ImportFile)
         .executor(RECIPE_MMDEBSTRAP.name, mmdebstrap::Mmdebstrap)
         .executor(ROOTFS_BUILD.name, rootfs_build::RootfsBuild)
+        .executor(PROVISION_COPY.name, provision_copy::ProvisionCopy)
 }
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {

@@ -167,10 +167,17 @@ fn build_pins_the_bangerfile_and_rebuilds_nothing() {
     let reference = push_faithful(&registry, "test/base", None);
     let context = TestContext::new();
     let project = context.project();
+    std::fs::create_dir_all(project.join("conf/nested")).unwrap();
+    std::fs::write(project.join("setup.sh"), "#!/bin/sh\necho one\n").unwrap();
+    std::fs::write(project.join("conf/app.toml"), "x = 1\n").unwrap();
+    std::fs::write(project.join("conf/nested/deep"), "deep\n").unwrap();
+    std::os::unix::fs::symlink("app.toml", project.join("conf/link")).unwrap();
     std::fs::write(
         project.join("Bangerfile"),
         format!(
-            "[project]\nname = \"demo\"\n\n[image]\nfrom = {{ oci = \"{reference}\" }}\nsize = \"256M\"\n"
+            "[project]\nname = \"demo\"\n\n[image]\nfrom = {{ oci = \"{reference}\" }}\nsize = \"256M\"\n\n\
+             [[image.provision]]\ncopy = \"setup.sh\"\nto = \"/usr/local/bin/setup\"\nmode = \"0750\"\n\n\
+             [[image.provision]]\ncopy = \"conf\"\nto = \"/etc/app\"\n"
         ),
     )
     .unwrap();
@@ -188,6 +195,19 @@ fn build_pins_the_bangerfile_and_rebuilds_nothing() {
     let (_dir, image) = rootfs_of(&context, "demo/sandbox");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 256 << 20);
     assert_fsck_clean(&image);
+    assert_eq!(
+        debugfs(&image, "cat /usr/local/bin/setup"),
+        "#!/bin/sh\necho one\n"
+    );
+    let setup = debugfs(&image, "stat /usr/local/bin/setup");
+    assert_eq!(field(&setup, "Mode:"), "0750");
+    assert_eq!(field(&setup, "User:"), "0");
+    assert_eq!(debugfs(&image, "cat /etc/app/nested/deep"), "deep\n");
+    assert!(
+        debugfs(&image, "stat /etc/app/link").contains("Fast link dest: \"app.toml\""),
+        "{}",
+        debugfs(&image, "stat /etc/app/link")
+    );
 
     // Pinned now: graph shows layers by digest, all cached; a rebuild runs nothing.
     let graph = context.run(&["graph"]);
@@ -201,6 +221,27 @@ fn build_pins_the_bangerfile_and_rebuilds_nothing() {
         .unwrap();
     assert_eq!(finished["data"]["ran"], 0, "{again}");
     assert!(events.iter().any(|event| event["type"] == "image_built"));
+
+    // Editing a copied file re-runs that step and the ones after it, nothing before.
+    std::fs::write(project.join("setup.sh"), "#!/bin/sh\necho two\n").unwrap();
+    let edited = context.run(&["--json", "build"]);
+    assert_eq!(edited.code, Some(0), "{edited}");
+    let mut ran: Vec<String> = records(&edited.stdout)
+        .iter()
+        .filter(|event| event["type"] == "step_finished")
+        .map(|event| event["data"]["step"].as_str().unwrap().to_owned())
+        .collect();
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["image:sandbox/provision[0]", "image:sandbox/provision[1]"]
+    );
+    let (_dir, image) = rootfs_of(&context, "demo/sandbox");
+    assert_eq!(
+        debugfs(&image, "cat /usr/local/bin/setup"),
+        "#!/bin/sh\necho two\n"
+    );
+    assert_fsck_clean(&image);
 }
 
 #[test]
