@@ -135,7 +135,9 @@ fn registry_failures_are_clear_and_poison_nothing() {
         "{denied}"
     );
 
-    let broken = runtime().block_on(FakeRegistry::start(|_path, _count| Reply::status(500)));
+    // The fake registries serve from this runtime's workers, so it lives as long as the test.
+    let fakes = runtime();
+    let broken = fakes.block_on(FakeRegistry::start(|_path, _count| Reply::status(500)));
     let reference = format!("{}/broken/image:v1", broken.address);
     let failed = context
         .command(&["image", "pull", &reference])
@@ -145,15 +147,43 @@ fn registry_failures_are_clear_and_poison_nothing() {
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert_eq!(failed.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("transient") && stderr.contains("broken/image"),
+        stderr.contains("transient")
+            && stderr.contains("broken/image")
+            && stderr.contains("HTTP 500"),
         "{stderr}"
     );
 
-    // Nothing was recorded by either failure.
+    // A layer whose bytes do not match its digest, and a truncated one.
+    for (what, reply) in [("mismatch", 0usize), ("truncated", 1usize)] {
+        let fake = fakes.block_on(crate::oci::FakeImage::start(move |blob, _| {
+            let mut bytes = blob.to_vec();
+            if reply == 0 {
+                bytes[100] ^= 0xff;
+            } else {
+                bytes.truncate(bytes.len() / 2);
+            }
+            Reply::ok("application/octet-stream", bytes)
+        }));
+        let reference = format!("{}/x:v1", fake.server.address);
+        let failed = context
+            .command(&["image", "pull", &reference])
+            .env("BANGER_REGISTRY_RETRIES", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert_ne!(failed.status.code(), Some(0), "{what}: {stderr}");
+        assert!(stderr.contains(&fake.layer.digest), "{what}: {stderr}");
+    }
+
+    // Nothing was recorded by any failure, and no scratch is left.
     let list = context.run(&["--json", "image", "ls"]);
     assert!(list.stdout.is_empty(), "{list}");
     let cache = context.run(&["--json", "cache", "ls"]);
     assert!(cache.stdout.is_empty(), "{cache}");
+    let scratch: Vec<_> = std::fs::read_dir(context.store_dir().join("scratch"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    assert!(scratch.is_empty(), "{scratch:?}");
 }
 
 #[test]

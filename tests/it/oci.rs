@@ -344,15 +344,17 @@ async fn basic_auth_from_the_docker_config() {
 
 /// A fake registry holding one amd64 image whose config and manifest are served faithfully
 /// and whose single layer is served by `layer`.
-struct FakeImage {
-    server: FakeRegistry,
-    layer: Layer,
+pub(crate) struct FakeImage {
+    pub(crate) server: FakeRegistry,
+    pub(crate) layer: Layer,
     blob: Vec<u8>,
     layer_path: String,
 }
 
 impl FakeImage {
-    async fn start(layer_reply: impl Fn(&[u8], usize) -> Reply + Send + Sync + 'static) -> Self {
+    pub(crate) async fn start(
+        layer_reply: impl Fn(&[u8], usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         FakeImage::start_gated(layer_reply, |_| None).await
     }
 
