@@ -19,6 +19,9 @@ pub const BANGER_CONFIG: &str = "BANGER_CONFIG";
 /// Directory of sockets and other per-boot files. Default: `$XDG_RUNTIME_DIR/banger`, else
 /// `/tmp/banger-<uid>`.
 pub const BANGER_RUNTIME_DIR: &str = "BANGER_RUNTIME_DIR";
+/// `kvm` or `tcg`: the accelerator QEMU uses, overriding detection (which never picks KVM on a
+/// host where guests hang under it).
+pub const BANGER_ACCEL: &str = "BANGER_ACCEL";
 /// Any non-empty value hides progress bars (events still print as plain lines with `-v`).
 pub const BANGER_NO_PROGRESS: &str = "BANGER_NO_PROGRESS";
 /// Any non-empty value disables colour (<https://no-color.org>).
@@ -49,6 +52,7 @@ pub const STANDARD: &[&str] = &[
 
 /// Every `BANGER_*` variable, for the docs and for test sandboxes.
 pub const ALL: &[&str] = &[
+    BANGER_ACCEL,
     BANGER_CACHE_DIR,
     BANGER_STATE_DIR,
     BANGER_CONFIG,

@@ -23,3 +23,4 @@ pub mod spec;
 pub mod state;
 pub mod steps;
 pub mod store;
+pub mod vm;
