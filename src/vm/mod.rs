@@ -2,4 +2,5 @@
 //! (The Firecracker backend, per-VM storage and the lifecycle arrive with the VM issue.)
 
 pub mod accel;
+pub mod qemu;
 pub mod qmp;

@@ -1,0 +1,379 @@
+//! The QEMU `microvm` backend: the command line, and the QEMU process.
+//!
+//! Lifecycle of a boot:
+//! 1. [`QemuSpec`] says what to boot; [`QemuSpec::argv`] is pure (unit-tested, and shown by
+//!    `-v` so a failing boot can be reproduced by hand).
+//! 2. [`QemuProcess::spawn`] starts QEMU as a child in its own process group (never
+//!    `-daemonize`: it leaves zombies), serial console to a log file, QMP on a unix socket.
+//! 3. [`QemuProcess::stop`] asks over QMP to quit, then SIGTERM, then SIGKILL after a grace
+//!    period; dropping a process that was not stopped kills its group.
+//!
+//! Choices that come from measurements on TCG hosts (environment.md): `microvm` with ACPI on
+//! (devices appear as `LNRO0005`, banger's initramfs loads `virtio_mmio`), PIT and PIC kept
+//! on, `tsc_early_khz=` on the kernel command line, a 128 MiB translation cache, `quiet`
+//! serial. Memory comes from a shared memfd backend when a vhost-user vsock device is
+//! attached (the vhost-user daemon maps guest memory).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::accel::Accel;
+use super::qmp::Qmp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(
+        "QEMU is not installed (`{binary}` not found); install it (`apt-get install \
+         qemu-system-x86`)"
+    )]
+    NotInstalled { binary: String },
+    #[error("cannot start {argv}: {source}")]
+    Spawn {
+        argv: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited at start-up ({status}): {argv}\n{stderr}")]
+    EarlyExit {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("QEMU's control socket {path} did not appear within {seconds} s")]
+    NoControlSocket { path: PathBuf, seconds: u64 },
+    #[error("cannot wait for QEMU: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+/// A disk attached as a virtio-blk device (`/dev/vda`, `/dev/vdb`, … in attach order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Writes go to a temporary overlay QEMU discards at exit (throwaway runs).
+    pub snapshot: bool,
+}
+
+/// User-mode networking with TCP ports forwarded from loopback to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserNet {
+    /// `(host port on 127.0.0.1, guest port)`.
+    pub forwards: Vec<(u16, u16)>,
+}
+
+/// Everything QEMU needs to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuSpec {
+    pub binary: String,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub disks: Vec<Disk>,
+    pub net: Option<UserNet>,
+    /// A vhost-user vsock daemon's socket (`vhost-device-vsock`).
+    pub vhost_vsock: Option<PathBuf>,
+    /// Serial console output goes here.
+    pub serial_log: PathBuf,
+    /// QMP listens here.
+    pub qmp_socket: PathBuf,
+}
+
+impl QemuSpec {
+    /// The full argv, binary first.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = vec![self.binary.clone()];
+        let mut push = |items: &[&str]| argv.extend(items.iter().map(|item| (*item).to_owned()));
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        let machine = if self.vhost_vsock.is_some() {
+            // The vhost-user daemon needs guest memory it can map: a shared memfd.
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on,memory-backend=mem0"
+        } else {
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on"
+        };
+        push(&["-machine", machine]);
+        let accel = self.accel.qemu_arg();
+        push(&["-accel", accel]);
+        let cpu = if self.accel.is_tcg() { "max" } else { "host" };
+        push(&["-cpu", cpu]);
+        let smp = self.vcpus.max(1).to_string();
+        push(&["-smp", &smp]);
+        let memory = format!("{}M", self.memory_mib);
+        push(&["-m", &memory]);
+        if self.vhost_vsock.is_some() {
+            let backend = format!("memory-backend-memfd,id=mem0,size={memory},share=on");
+            push(&["-object", &backend]);
+        }
+        let kernel = self.kernel.to_string_lossy().into_owned();
+        push(&["-kernel", &kernel]);
+        if let Some(initrd) = &self.initrd {
+            let initrd = initrd.to_string_lossy().into_owned();
+            push(&["-initrd", &initrd]);
+        }
+        push(&["-append", &self.cmdline]);
+        let serial = format!(
+            "file,id=serial0,path={}",
+            escape_option(&self.serial_log.to_string_lossy())
+        );
+        push(&["-chardev", &serial, "-serial", "chardev:serial0"]);
+        let qmp = format!(
+            "unix:{},server=on,wait=off",
+            escape_option(&self.qmp_socket.to_string_lossy())
+        );
+        push(&["-qmp", &qmp]);
+        for (index, disk) in self.disks.iter().enumerate() {
+            let mut drive = format!(
+                "id=disk{index},file={},format=raw,if=none",
+                escape_option(&disk.path.to_string_lossy())
+            );
+            if disk.read_only {
+                drive.push_str(",readonly=on");
+            }
+            if disk.snapshot {
+                drive.push_str(",snapshot=on");
+            }
+            // Flushes matter only for writes that must survive: a disk nothing keeps needs none.
+            if disk.read_only || disk.snapshot {
+                drive.push_str(",cache=unsafe");
+            }
+            let device = format!("virtio-blk-device,drive=disk{index}");
+            push(&["-drive", &drive, "-device", &device]);
+        }
+        if let Some(net) = &self.net {
+            let mut netdev = String::from("user,id=net0");
+            for (host, guest) in &net.forwards {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+            }
+            push(&[
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
+        }
+        if let Some(socket) = &self.vhost_vsock {
+            let chardev = format!(
+                "socket,id=vsock0,path={}",
+                escape_option(&socket.to_string_lossy())
+            );
+            push(&[
+                "-chardev",
+                &chardev,
+                "-device",
+                "vhost-user-vsock-device,chardev=vsock0",
+            ]);
+        }
+        argv
+    }
+}
+
+/// QEMU's option parser splits on commas; a literal comma is written twice.
+fn escape_option(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: tokio::process::Child,
+    qmp_socket: PathBuf,
+    argv: Vec<String>,
+}
+
+impl QemuProcess {
+    /// Starts QEMU and waits for its control socket.
+    pub async fn spawn(spec: &QemuSpec) -> Result<QemuProcess, QemuError> {
+        let argv = spec.argv();
+        let printable = argv.join(" ");
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                QemuError::NotInstalled {
+                    binary: argv[0].clone(),
+                }
+            } else {
+                QemuError::Spawn {
+                    argv: printable.clone(),
+                    source,
+                }
+            }
+        })?;
+        let seconds = 20;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        loop {
+            if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                return Err(QemuError::EarlyExit {
+                    argv: printable,
+                    status: status.to_string(),
+                    stderr,
+                });
+            }
+            if spec.qmp_socket.exists() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QemuError::NoControlSocket {
+                    path: spec.qmp_socket.clone(),
+                    seconds,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(QemuProcess {
+            child,
+            qmp_socket: spec.qmp_socket.clone(),
+            argv,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// Has QEMU exited (and with what)?
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>, QemuError> {
+        self.child.try_wait().map_err(QemuError::Wait)
+    }
+
+    /// Quits QEMU: QMP `quit`, else SIGTERM to its group, else SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) -> Result<(), QemuError> {
+        if let Ok(mut qmp) = Qmp::connect(&self.qmp_socket).await {
+            let _ = qmp.quit().await;
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(pid) = self.child.id() {
+            let group = nix::unistd::Pid::from_raw(-(pid as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+            return Ok(());
+        }
+        let _ = self.child.start_kill();
+        self.child.wait().await.map_err(QemuError::Wait)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> QemuSpec {
+        QemuSpec {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg {
+                reason: "test".into(),
+            },
+            vcpus: 2,
+            memory_mib: 1024,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initrd".into()),
+            cmdline: "console=ttyS0 quiet".into(),
+            disks: vec![
+                Disk {
+                    path: "/images/root,1.ext4".into(),
+                    read_only: true,
+                    snapshot: false,
+                },
+                Disk {
+                    path: "/vm/work.ext4".into(),
+                    read_only: false,
+                    snapshot: false,
+                },
+            ],
+            net: Some(UserNet {
+                forwards: vec![(40022, 22)],
+            }),
+            vhost_vsock: Some("/vm/vhost.sock".into()),
+            serial_log: "/vm/serial.log".into(),
+            qmp_socket: "/vm/qmp.sock".into(),
+        }
+    }
+
+    #[test]
+    fn the_command_line_carries_every_device() {
+        insta::assert_snapshot!(spec().argv().join("\n"), @r"
+        qemu-system-x86_64
+        -nodefaults
+        -no-user-config
+        -nographic
+        -no-reboot
+        -machine
+        microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on,memory-backend=mem0
+        -accel
+        tcg,tb-size=128
+        -cpu
+        max
+        -smp
+        2
+        -m
+        1024M
+        -object
+        memory-backend-memfd,id=mem0,size=1024M,share=on
+        -kernel
+        /k/vmlinux
+        -initrd
+        /k/initrd
+        -append
+        console=ttyS0 quiet
+        -chardev
+        file,id=serial0,path=/vm/serial.log
+        -serial
+        chardev:serial0
+        -qmp
+        unix:/vm/qmp.sock,server=on,wait=off
+        -drive
+        id=disk0,file=/images/root,,1.ext4,format=raw,if=none,readonly=on,cache=unsafe
+        -device
+        virtio-blk-device,drive=disk0
+        -drive
+        id=disk1,file=/vm/work.ext4,format=raw,if=none
+        -device
+        virtio-blk-device,drive=disk1
+        -netdev
+        user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22
+        -device
+        virtio-net-device,netdev=net0
+        -chardev
+        socket,id=vsock0,path=/vm/vhost.sock
+        -device
+        vhost-user-vsock-device,chardev=vsock0
+        ");
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu_and_no_shared_memory_without_vsock() {
+        let mut spec = spec();
+        spec.accel = Accel::Kvm;
+        spec.vhost_vsock = None;
+        let argv = spec.argv();
+        assert!(argv.windows(2).any(|pair| pair == ["-cpu", "host"]));
+        assert!(argv.windows(2).any(|pair| pair == ["-accel", "kvm"]));
+        assert!(!argv.iter().any(|arg| arg.contains("memory-backend")));
+    }
+}
