@@ -47,6 +47,16 @@ pub enum StateError {
     #[error("no image named `{name}`; `banger image list` shows the images there are")]
     NoSuchImage { name: String },
     #[error(
+        "no kernel named `{name}`; `banger kernel list` shows the kernels there are, `banger \
+         kernel list --available` the catalog (`banger kernel pull NAME` fetches one)"
+    )]
+    NoSuchKernel { name: String },
+    #[error(
+        "a kernel named `{name}` already exists; remove it first (`banger kernel rm {name}`) or \
+         pick another name"
+    )]
+    KernelExists { name: String },
+    #[error(
         "an image named `{name}` already exists; remove it first (`banger image rm {name}`) or \
          pick another name"
     )]
@@ -71,8 +81,32 @@ pub struct ImageRecord {
     pub created_ms: u64,
 }
 
+/// One stored file of a kernel: integrity in the store and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    pub integrity: String,
+    pub size: u64,
+}
+
+/// A kernel banger can boot: an ELF vmlinux with PVH, an optional initramfs and modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRecord {
+    pub name: String,
+    /// `catalog:NAME (recipe|bundle)`, `import:DIR`.
+    pub source: String,
+    /// `uname -r` of the kernel, when known.
+    pub release: Option<String>,
+    pub vmlinux: StoredFile,
+    pub initrd: Option<StoredFile>,
+    /// The modules tree, as a tar.
+    pub modules: Option<StoredFile>,
+    pub step_key: Key,
+    pub created_ms: u64,
+}
+
 /// Schema migrations, in order; index + 1 is the version each produces.
-const MIGRATIONS: &[&str] = &["CREATE TABLE images (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE images (
         name TEXT PRIMARY KEY NOT NULL,
         source TEXT NOT NULL,
         distro TEXT,
@@ -82,7 +116,21 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE images (
         rootfs_size INTEGER NOT NULL,
         step_key TEXT NOT NULL,
         created_ms INTEGER NOT NULL
-    );"];
+    );",
+    "CREATE TABLE kernels (
+        name TEXT PRIMARY KEY NOT NULL,
+        source TEXT NOT NULL,
+        release TEXT,
+        vmlinux_integrity TEXT NOT NULL,
+        vmlinux_size INTEGER NOT NULL,
+        initrd_integrity TEXT,
+        initrd_size INTEGER,
+        modules_integrity TEXT,
+        modules_size INTEGER,
+        step_key TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );",
+];
 
 /// The state database.
 #[derive(Debug)]
@@ -202,6 +250,135 @@ impl State {
     }
 }
 
+impl State {
+    /// Adds a kernel; an existing name is an error unless `replace`.
+    pub fn put_kernel(&self, kernel: &KernelRecord, replace: bool) -> Result<(), StateError> {
+        let verb = if replace {
+            "INSERT OR REPLACE"
+        } else {
+            "INSERT"
+        };
+        let optional = |file: &Option<StoredFile>| {
+            (
+                file.as_ref().map(|file| file.integrity.clone()),
+                file.as_ref().map(|file| file.size as i64),
+            )
+        };
+        let (initrd_integrity, initrd_size) = optional(&kernel.initrd);
+        let (modules_integrity, modules_size) = optional(&kernel.modules);
+        let result = self.connection.execute(
+            &format!(
+                "{verb} INTO kernels (name, source, release, vmlinux_integrity, vmlinux_size, \
+                 initrd_integrity, initrd_size, modules_integrity, modules_size, step_key, \
+                 created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ),
+            params![
+                kernel.name,
+                kernel.source,
+                kernel.release,
+                kernel.vmlinux.integrity,
+                kernel.vmlinux.size as i64,
+                initrd_integrity,
+                initrd_size,
+                modules_integrity,
+                modules_size,
+                kernel.step_key.to_hex(),
+                kernel.created_ms as i64,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StateError::KernelExists {
+                    name: kernel.name.clone(),
+                })
+            }
+            Err(source) => Err(StateError::Query {
+                what: "insert kernel",
+                source,
+            }),
+        }
+    }
+
+    pub fn kernel(&self, name: &str) -> Result<Option<KernelRecord>, StateError> {
+        self.connection
+            .query_row(
+                &format!("SELECT {KERNEL_COLUMNS} FROM kernels WHERE name = ?1"),
+                params![name],
+                row_to_kernel,
+            )
+            .optional()
+            .map_err(query("read kernel"))
+    }
+
+    /// The kernel, or an error naming it and the commands that provide one.
+    pub fn require_kernel(&self, name: &str) -> Result<KernelRecord, StateError> {
+        self.kernel(name)?.ok_or_else(|| StateError::NoSuchKernel {
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn kernels(&self) -> Result<Vec<KernelRecord>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare(&format!(
+                "SELECT {KERNEL_COLUMNS} FROM kernels ORDER BY name"
+            ))
+            .map_err(query("list kernels"))?;
+        let rows = statement
+            .query_map([], row_to_kernel)
+            .map_err(query("list kernels"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(query("list kernels"))
+    }
+
+    pub fn remove_kernel(&self, name: &str) -> Result<bool, StateError> {
+        let removed = self
+            .connection
+            .execute("DELETE FROM kernels WHERE name = ?1", params![name])
+            .map_err(query("remove kernel"))?;
+        Ok(removed > 0)
+    }
+}
+
+const KERNEL_COLUMNS: &str = "name, source, release, vmlinux_integrity, vmlinux_size, \
+    initrd_integrity, initrd_size, modules_integrity, modules_size, step_key, created_ms";
+
+fn parse_key(column: usize, text: &str) -> rusqlite::Result<Key> {
+    Key::parse_hex(text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("`{text}` is not a step key").into(),
+        )
+    })
+}
+
+fn row_to_kernel(row: &rusqlite::Row<'_>) -> rusqlite::Result<KernelRecord> {
+    let optional = |integrity: Option<String>, size: Option<i64>| {
+        integrity.map(|integrity| StoredFile {
+            integrity,
+            size: size.unwrap_or(0) as u64,
+        })
+    };
+    let key: String = row.get(9)?;
+    Ok(KernelRecord {
+        name: row.get(0)?,
+        source: row.get(1)?,
+        release: row.get(2)?,
+        vmlinux: StoredFile {
+            integrity: row.get(3)?,
+            size: row.get::<_, i64>(4)? as u64,
+        },
+        initrd: optional(row.get(5)?, row.get(6)?),
+        modules: optional(row.get(7)?, row.get(8)?),
+        step_key: parse_key(9, &key)?,
+        created_ms: row.get::<_, i64>(10)? as u64,
+    })
+}
+
 fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
     let key: String = row.get(7)?;
     Ok(ImageRecord {
@@ -212,13 +389,7 @@ fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
         kernel_ref: row.get(4)?,
         rootfs_integrity: row.get(5)?,
         rootfs_size: row.get::<_, i64>(6)? as u64,
-        step_key: Key::parse_hex(&key).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                7,
-                rusqlite::types::Type::Text,
-                format!("`{key}` is not a step key").into(),
-            )
-        })?,
+        step_key: parse_key(7, &key)?,
         created_ms: row.get::<_, i64>(8)? as u64,
     })
 }
@@ -288,6 +459,43 @@ mod tests {
         assert_eq!(
             state.require_image("a").unwrap_err().to_string(),
             "no image named `a`; `banger image list` shows the images there are"
+        );
+    }
+
+    #[test]
+    fn kernels_round_trip_with_optional_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let kernel = KernelRecord {
+            name: "k".into(),
+            source: "import:/tmp/k".into(),
+            release: Some("6.1.0-56-cloud-amd64".into()),
+            vmlinux: StoredFile {
+                integrity: "sha256-v".into(),
+                size: 30 << 20,
+            },
+            initrd: None,
+            modules: Some(StoredFile {
+                integrity: "sha256-m".into(),
+                size: 1 << 20,
+            }),
+            step_key: Key::from_bytes([1; 32]),
+            created_ms: 5,
+        };
+        state.put_kernel(&kernel, false).unwrap();
+        assert_eq!(state.require_kernel("k").unwrap(), kernel);
+        assert!(matches!(
+            state.put_kernel(&kernel, false),
+            Err(StateError::KernelExists { .. })
+        ));
+        assert_eq!(state.kernels().unwrap().len(), 1);
+        assert!(state.remove_kernel("k").unwrap());
+        assert!(
+            state
+                .require_kernel("k")
+                .unwrap_err()
+                .to_string()
+                .contains("banger kernel pull NAME")
         );
     }
 
