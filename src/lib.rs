@@ -6,6 +6,7 @@ pub mod assets;
 pub mod bangerfile;
 pub mod catalog;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod env;
 pub mod ext4;

@@ -12,6 +12,7 @@
 
 mod build;
 mod cache;
+mod doctor;
 mod exit;
 mod graph;
 mod image;
@@ -94,6 +95,8 @@ stderr; the built images are listed on stdout."
     /// Pull, import, list and remove images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Report what this host can do: accelerator (KVM or TCG, and why), QEMU, vsock, tools.
+    Doctor,
     /// Inspect and trim the step store (~/.cache/banger/store).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -245,6 +248,7 @@ pub fn run() -> ExitStatus {
         Command::Cache(command) => cache::run(&mut context, &command),
         Command::Build(args) => build::run(&mut context, &args),
         Command::Image(command) => image::run(&mut context, &command),
+        Command::Doctor => doctor::run(&mut context),
     };
     match result {
         Ok(status) => status,

@@ -217,7 +217,10 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
         .take_while(|line| !line.is_empty())
         .map(|line| line.split_whitespace().next().unwrap())
         .collect();
-    assert_eq!(commands, ["graph", "build", "image", "cache", "help"]);
+    assert_eq!(
+        commands,
+        ["graph", "build", "image", "doctor", "cache", "help"]
+    );
     for args in [&["graph", "--help"][..], &["cache", "gc", "--help"]] {
         let output = context.run(args);
         assert_eq!(output.code, Some(0), "{output}");

@@ -1,0 +1,240 @@
+//! `banger doctor`: what this host can do, what is missing, and how to fix it.
+//!
+//! Each check probes one capability (a program, a device, a directory) and says whether banger
+//! can use it, and if not, the command that fixes it. Checks never change anything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::vm::accel::{self, Accel, HostFacts};
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Works.
+    Ok,
+    /// Works, with a limitation worth knowing (TCG instead of KVM).
+    Degraded,
+    /// Missing: the features that need it fail until it is fixed.
+    Missing,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Degraded => "degraded",
+            Health::Missing => "missing",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub health: Health,
+    /// What was found, or what is wrong.
+    pub detail: String,
+    /// What needs it.
+    pub needed_for: &'static str,
+    /// How to fix it, when it is not ok.
+    pub fix: Option<String>,
+}
+
+/// Finds a program on `PATH` (or at an absolute path).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Path::new(name).is_file().then(|| PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The first line a program prints for `args`, if it runs.
+fn first_line(program: &Path, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    let text = if output.stdout.is_empty() {
+        output.stderr
+    } else {
+        output.stdout
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .map(|line| line.trim().to_owned())
+}
+
+fn program_check(
+    name: &'static str,
+    program: &str,
+    version_args: &[&str],
+    needed_for: &'static str,
+    fix: &str,
+) -> Check {
+    match find_program(program) {
+        Some(path) => Check {
+            name,
+            health: Health::Ok,
+            detail: first_line(&path, version_args).unwrap_or_else(|| path.display().to_string()),
+            needed_for,
+            fix: None,
+        },
+        None => Check {
+            name,
+            health: Health::Missing,
+            detail: format!("`{program}` not found on PATH"),
+            needed_for,
+            fix: Some(fix.to_owned()),
+        },
+    }
+}
+
+/// Every check, in report order.
+pub fn run_checks(store_dir: &Path) -> Vec<Check> {
+    let facts = HostFacts::probe();
+    let accel_check = match accel::choose(&facts) {
+        Ok(Accel::Kvm) => Check {
+            name: "accelerator",
+            health: Health::Ok,
+            detail: "KVM".into(),
+            needed_for: "fast VM boots",
+            fix: None,
+        },
+        Ok(Accel::Tcg { reason }) => Check {
+            name: "accelerator",
+            health: Health::Degraded,
+            detail: format!("TCG (software emulation): {reason}"),
+            needed_for: "fast VM boots",
+            fix: Some(
+                "boots work, several times slower; on a host where KVM works for ordinary \
+                 guests, give banger access to /dev/kvm"
+                    .into(),
+            ),
+        },
+        Err(error) => Check {
+            name: "accelerator",
+            health: Health::Missing,
+            detail: error.to_string(),
+            needed_for: "VM boots",
+            fix: Some(format!(
+                "unset {} or set it to kvm or tcg",
+                crate::env::BANGER_ACCEL
+            )),
+        },
+    };
+    let tsc = match accel::host_tsc_khz() {
+        Some(khz) => Check {
+            name: "host TSC frequency",
+            health: Health::Ok,
+            detail: format!("{khz} kHz (passed to TCG guests as tsc_early_khz)"),
+            needed_for: "booting under TCG",
+            fix: None,
+        },
+        None => Check {
+            name: "host TSC frequency",
+            health: Health::Degraded,
+            detail: "not found in the kernel log or /proc/cpuinfo".into(),
+            needed_for: "booting under TCG (guests may hang calibrating the TSC)",
+            fix: Some("run banger as a user who may read the kernel log (dmesg)".into()),
+        },
+    };
+    let store = {
+        // The store may not exist yet: probe the nearest directory that does, creating nothing.
+        let existing = store_dir
+            .ancestors()
+            .find(|dir| dir.is_dir())
+            .unwrap_or(Path::new("/"));
+        let probe = tempfile::tempfile_in(existing).map(|_| ());
+        match probe {
+            Ok(()) => Check {
+                name: "store",
+                health: Health::Ok,
+                detail: format!("{} is writable", store_dir.display()),
+                needed_for: "everything that builds",
+                fix: None,
+            },
+            Err(error) => Check {
+                name: "store",
+                health: Health::Missing,
+                detail: format!("{}: {error}", store_dir.display()),
+                needed_for: "everything that builds",
+                fix: Some(format!(
+                    "make it writable, or point {} elsewhere",
+                    crate::env::BANGER_CACHE_DIR
+                )),
+            },
+        }
+    };
+    vec![
+        accel_check,
+        tsc,
+        program_check(
+            "qemu",
+            "qemu-system-x86_64",
+            &["--version"],
+            "booting VMs (the QEMU microvm backend)",
+            "apt-get install qemu-system-x86",
+        ),
+        program_check(
+            "vhost-device-vsock",
+            "vhost-device-vsock",
+            &["--version"],
+            "the host↔guest agent channel under QEMU (hybrid vsock)",
+            "cargo install --locked vhost-device-vsock",
+        ),
+        program_check(
+            "firecracker",
+            "firecracker",
+            &["--version"],
+            "the Firecracker backend (needs working KVM)",
+            "install the firecracker binary on PATH",
+        ),
+        program_check(
+            "debugfs",
+            "debugfs",
+            &["-V"],
+            "`copy` provisioning steps",
+            "apt-get install e2fsprogs",
+        ),
+        program_check(
+            "mmdebstrap",
+            "mmdebstrap",
+            &["--version"],
+            "building the default Debian image from packages",
+            "apt-get install mmdebstrap",
+        ),
+        program_check(
+            "apt-get",
+            "apt-get",
+            &["--version"],
+            "building the default kernel from the distribution's package",
+            "use `banger kernel pull` from a catalog bundle, or `banger kernel import`",
+        ),
+        store,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_on_path_and_missing_ones_say_how_to_fix() {
+        assert!(find_program("sh").is_some());
+        let missing = program_check(
+            "nope",
+            "banger-surely-missing-program",
+            &[],
+            "testing",
+            "install it",
+        );
+        assert_eq!(missing.health, Health::Missing);
+        assert_eq!(missing.fix.as_deref(), Some("install it"));
+        let present = program_check("sh", "sh", &["-c", "echo hi"], "testing", "");
+        assert_eq!(present.health, Health::Ok);
+        assert_eq!(present.detail, "hi");
+    }
+}
