@@ -4,6 +4,7 @@
 
 pub mod assets;
 pub mod bangerfile;
+pub mod bundle;
 pub mod catalog;
 pub mod config;
 pub mod engine;

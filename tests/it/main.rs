@@ -1,5 +1,6 @@
 //! banger's integration tests: one binary, one module per area.
 
+mod bundle;
 mod cli;
 mod engine;
 mod ext4;
