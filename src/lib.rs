@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 pub mod env;
 pub mod ext4;
+pub mod fetch;
 pub mod inspect;
 pub mod key;
 pub mod lock;

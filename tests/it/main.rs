@@ -4,6 +4,7 @@ mod bundle;
 mod cli;
 mod engine;
 mod ext4;
+mod fetch;
 mod oci;
 mod registry;
 mod rootfs;
