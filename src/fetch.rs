@@ -22,7 +22,8 @@
 //! mismatched download leaves nothing in the destination directory.
 //!
 //! TLS: rustls with ring ([`crate::oci::install_tls_provider`]) and the platform's roots, like
-//! the registry client. Redirects are followed (at most 10).
+//! the registry client. Redirects are followed (at most 10). Plain `http://` is allowed: the
+//! expected sha256 pins the content, whoever serves it.
 //!
 //! Known weaknesses:
 //! - A transfer that fails midway restarts from byte 0 (no `Range` resume).
