@@ -456,8 +456,9 @@ pub struct WrittenBundle {
 /// `manifest` gives every field but `files`, which must be empty: the written manifest lists
 /// exactly `files`, each hashed while it is packed, and is returned with the bundle's own
 /// digest. Each input is read once, streamed, never held in memory. The bundle is written to a
-/// temp file beside `out` and renamed into place only when complete; an error or cancellation
-/// leaves nothing. `progress(done, total)` counts input bytes packed.
+/// temp file beside `out` and renamed into place only when complete (replacing an existing
+/// `out`); an error or cancellation leaves nothing. `progress(done, total)` counts input bytes
+/// packed.
 pub fn write_bundle(
     manifest: &BundleManifest,
     files: &[(String, PathBuf)],

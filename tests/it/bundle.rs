@@ -211,8 +211,7 @@ fn the_same_inputs_give_the_same_bundle_bytes() {
     let first = write(&files, &dir.path().join("first.tar.zst"));
     // Another order, later modification times: the bytes must not change.
     files.reverse();
-    let later = filetime_now_plus(&kernel.join("vmlinux"));
-    assert!(later);
+    assert!(move_mtime_forward(&kernel.join("vmlinux")));
     let second = write(&files, &dir.path().join("second.tar.zst"));
     assert_eq!(first, second);
     assert!(
@@ -223,7 +222,7 @@ fn the_same_inputs_give_the_same_bundle_bytes() {
 }
 
 /// Touches `path` so its mtime moves; true when it did.
-fn filetime_now_plus(path: &Path) -> bool {
+fn move_mtime_forward(path: &Path) -> bool {
     let before = fs::metadata(path).unwrap().mtime();
     let file = fs::File::options().write(true).open(path).unwrap();
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
