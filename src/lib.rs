@@ -4,12 +4,14 @@
 
 pub mod assets;
 pub mod bangerfile;
+pub mod bundle;
 pub mod catalog;
 pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod env;
 pub mod ext4;
+pub mod fetch;
 pub mod images;
 pub mod inspect;
 pub mod key;

@@ -53,6 +53,8 @@ pub use layer::{
     Compression, decompressed, layer_compression, layer_reader, media_types, sniff_compression,
 };
 pub use reference::{DEFAULT_REGISTRY, ImageReference, is_loopback_registry};
+/// For other HTTP clients of banger (`fetch`) to retry the same way.
+pub(crate) use retry::Retrier;
 pub use retry::RetryPolicy;
 
 use crate::lock::{PinnedLayer, PinnedReference};

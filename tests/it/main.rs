@@ -1,8 +1,10 @@
 //! banger's integration tests: one binary, one module per area.
 
+mod bundle;
 mod cli;
 mod engine;
 mod ext4;
+mod fetch;
 mod images;
 mod oci;
 mod registry;

@@ -167,7 +167,7 @@ impl Drop for RealRegistry {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -176,7 +176,7 @@ fn free_port() -> u16 {
 }
 
 /// The status code of `GET path`, if anything answers HTTP.
-fn http_status(address: &str, path: &str) -> Option<u16> {
+pub fn http_status(address: &str, path: &str) -> Option<u16> {
     let mut stream =
         TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_millis(200)).ok()?;
     stream
@@ -444,6 +444,10 @@ pub enum Reply {
     },
     /// Declares `declared` bytes, sends `body`, then closes the connection.
     CutOff { declared: usize, body: Vec<u8> },
+    /// A 200 with no `Content-Length`: `body`, then the connection closes (HTTP/1.0 style).
+    Unannounced { body: Vec<u8> },
+    /// Declares `declared` bytes, sends `body`, then neither sends more nor closes.
+    StallAfter { declared: usize, body: Vec<u8> },
     /// Reads the request and never answers.
     Stall,
 }
@@ -585,15 +589,25 @@ async fn serve(
             status,
             headers,
             body,
-        } => (status, headers, body.len(), body),
-        Reply::CutOff { declared, body } => (200, Vec::new(), declared, body),
+        } => (status, headers, Some(body.len()), body),
+        Reply::CutOff { declared, body } => (200, Vec::new(), Some(declared), body),
+        Reply::Unannounced { body } => (200, Vec::new(), None, body),
+        Reply::StallAfter { declared, body } => {
+            let head = format!("HTTP/1.1 200 Fake\r\nContent-Length: {declared}\r\n\r\n");
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return;
+        }
         Reply::Stall => {
             tokio::time::sleep(Duration::from_secs(60)).await;
             return;
         }
     };
-    let mut response =
-        format!("HTTP/1.1 {status} Fake\r\nContent-Length: {declared}\r\nConnection: close\r\n");
+    let mut response = format!("HTTP/1.1 {status} Fake\r\nConnection: close\r\n");
+    if let Some(declared) = declared {
+        response.push_str(&format!("Content-Length: {declared}\r\n"));
+    }
     for (name, value) in headers {
         response.push_str(&format!("{name}: {value}\r\n"));
     }

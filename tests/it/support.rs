@@ -403,3 +403,12 @@ pub fn field<'a>(text: &'a str, label: &str) -> &'a str {
         .next()
         .expect("a value")
 }
+
+/// Lowercase hex sha256 of `bytes`, as bundle manifests and catalogs write it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
