@@ -11,6 +11,7 @@ pub mod env;
 pub mod ext4;
 pub mod images;
 pub mod inspect;
+pub mod kernel;
 pub mod key;
 pub mod lock;
 pub mod oci;
