@@ -26,7 +26,9 @@
 //! Every module here has its own error enum naming the package, file or entry involved.
 
 pub mod compression;
+pub mod cpio;
 mod elf;
+pub mod initramfs;
 pub mod modules;
 pub mod vmlinux;
 
