@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod ext4;
 mod images;
+mod kernel;
 mod oci;
 mod registry;
 mod rootfs;
