@@ -14,6 +14,7 @@ pub mod ext4;
 pub mod fetch;
 pub mod images;
 pub mod inspect;
+pub mod kernel;
 pub mod key;
 pub mod lock;
 pub mod oci;

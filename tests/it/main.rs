@@ -6,6 +6,7 @@ mod engine;
 mod ext4;
 mod fetch;
 mod images;
+mod kernel;
 mod oci;
 mod registry;
 mod rootfs;
