@@ -55,9 +55,19 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot fetch catalog {url} (set in {config}): {source}")]
+    CatalogFetch {
+        url: String,
+        config: PathBuf,
+        #[source]
+        source: Box<crate::fetch::FetchError>,
+    },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
 }
+
+/// A catalog bigger than this is refused (they are a few KiB).
+const CATALOG_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,9 +164,12 @@ impl Config {
                 })
                 .transpose()
         };
-        let relative_to_config = |file: PathBuf| match path.parent() {
-            Some(dir) if file.is_relative() => dir.join(file),
-            _ => file,
+        let relative_to_config = |file: PathBuf| {
+            let is_url = file.to_string_lossy().contains("://");
+            match path.parent() {
+                Some(dir) if file.is_relative() && !is_url => dir.join(file),
+                _ => file,
+            }
         };
         if raw.vm_defaults.vcpu == Some(0) {
             return Err(ConfigError::Value {
@@ -180,26 +193,96 @@ impl Config {
         })
     }
 
-    /// The catalogs in force: the embedded ones, each replaced by a configured file.
+    /// The catalogs in force: the embedded ones, each replaced by a configured file or URL.
+    /// A URL is fetched (`cache_dir/catalogs/` keeps the last good copy, used with a warning on
+    /// `warn` when the URL cannot be reached).
     pub fn catalogs(&self) -> Result<Catalogs, ConfigError> {
-        let embedded = Catalogs::embedded();
-        let read = |file: &Path| {
-            std::fs::read_to_string(file).map_err(|source| ConfigError::CatalogRead {
-                path: file.to_owned(),
-                config: self.path.clone(),
-                source,
-            })
-        };
-        let mut catalogs = embedded.clone();
-        if let Some(file) = &self.image_catalog {
-            let text = read(file)?;
-            catalogs.images = Catalogs::parse_images(&text, &file.display().to_string())?;
+        self.catalogs_with(None, &|_| {})
+    }
+
+    /// [`Config::catalogs`], fetching URL catalogs into `cache_dir` when one is given.
+    pub fn catalogs_with(
+        &self,
+        cache_dir: Option<&Path>,
+        warn: &dyn Fn(&str),
+    ) -> Result<Catalogs, ConfigError> {
+        let mut catalogs = Catalogs::embedded();
+        if let Some(source) = &self.image_catalog {
+            let text = self.read_catalog(source, cache_dir, warn)?;
+            catalogs.images = Catalogs::parse_images(&text, &source.display().to_string())?;
         }
-        if let Some(file) = &self.kernel_catalog {
-            let text = read(file)?;
-            catalogs.kernels = Catalogs::parse_kernels(&text, &file.display().to_string())?;
+        if let Some(source) = &self.kernel_catalog {
+            let text = self.read_catalog(source, cache_dir, warn)?;
+            catalogs.kernels = Catalogs::parse_kernels(&text, &source.display().to_string())?;
         }
         Ok(catalogs)
+    }
+
+    fn read_catalog(
+        &self,
+        source: &Path,
+        cache_dir: Option<&Path>,
+        warn: &dyn Fn(&str),
+    ) -> Result<String, ConfigError> {
+        let text = source.to_string_lossy();
+        let is_url = ["http://", "https://", "file://"]
+            .iter()
+            .any(|scheme| text.starts_with(scheme));
+        if !is_url {
+            return std::fs::read_to_string(source).map_err(|source_error| {
+                ConfigError::CatalogRead {
+                    path: source.to_owned(),
+                    config: self.path.clone(),
+                    source: source_error,
+                }
+            });
+        }
+        let url = text.into_owned();
+        let cached = cache_dir.map(|dir| {
+            dir.join("catalogs").join(format!(
+                "{}.json",
+                &blake3::hash(url.as_bytes()).to_hex()[..32]
+            ))
+        });
+        let fetched =
+            crate::fetch::Fetcher::new(crate::fetch::FetchOptions::default()).and_then(|fetcher| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| crate::fetch::FetchError::ClientSetup {
+                        message: error.to_string(),
+                    })?
+                    .block_on(fetcher.fetch_text(&url, CATALOG_MAX_BYTES))
+            });
+        match (fetched, &cached) {
+            (Ok(text), Some(cached)) => {
+                // A failed cache write only costs the offline fallback.
+                if let Some(dir) = cached.parent()
+                    && std::fs::create_dir_all(dir).is_ok()
+                    && let Ok(mut temp) = tempfile::NamedTempFile::new_in(dir)
+                    && std::io::Write::write_all(&mut temp, text.as_bytes()).is_ok()
+                {
+                    let _ = temp.persist(cached);
+                }
+                Ok(text)
+            }
+            (Ok(text), None) => Ok(text),
+            (Err(error), Some(cached)) if cached.exists() => {
+                warn(&format!(
+                    "cannot fetch catalog {url} ({error}); using the copy fetched earlier"
+                ));
+                std::fs::read_to_string(cached).map_err(|source| ConfigError::CatalogRead {
+                    path: cached.clone(),
+                    config: self.path.clone(),
+                    source,
+                })
+            }
+            (Err(error), _) => Err(ConfigError::CatalogFetch {
+                url,
+                config: self.path.clone(),
+                source: Box::new(error),
+            }),
+        }
     }
 }
 
@@ -230,6 +313,43 @@ mod tests {
         assert_eq!(config.vm_defaults.vcpu, Some(4));
         assert_eq!(config.vm_defaults.memory, Some(ByteSize(4 * ByteSize::GIB)));
         assert_eq!(config.vm_defaults.disk, None);
+    }
+
+    #[test]
+    fn catalogs_come_from_urls_and_fall_back_to_the_last_good_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("images.json");
+        std::fs::write(
+            &catalog,
+            r#"{"version": 1, "images": [{"name": "mine", "distro": "debian", "arch": "x86_64",
+                "kernel_ref": "debian-cloud-amd64", "prefer": "bundle",
+                "bundle": {"url": "file:///x.tar.zst", "sha256": "00", "size": 1}}]}"#,
+        )
+        .unwrap();
+        let config = Config::parse(
+            &format!("[catalogs]\nimages = \"file://{}\"\n", catalog.display()),
+            &dir.path().join("config.toml"),
+        )
+        .unwrap();
+        let cache = dir.path().join("cache");
+        let catalogs = config.catalogs_with(Some(&cache), &|_| {}).unwrap();
+        assert!(catalogs.image("mine").is_some());
+        std::fs::remove_file(&catalog).unwrap();
+        let warnings = std::cell::RefCell::new(Vec::new());
+        let fallback = config
+            .catalogs_with(Some(&cache), &|text| {
+                warnings.borrow_mut().push(text.to_owned())
+            })
+            .unwrap();
+        assert!(fallback.image("mine").is_some());
+        assert_eq!(warnings.borrow().len(), 1);
+        let error = config.catalogs().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot fetch catalog file://"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -327,6 +327,64 @@ impl Fetcher {
         &self.options
     }
 
+    /// A small text document (a catalog) that comes with no digest to check: read whole, at
+    /// most `max_bytes`. One attempt: callers fall back to their last good copy.
+    pub async fn fetch_text(&self, url: &str, max_bytes: u64) -> Result<String, FetchError> {
+        let (source, shown) = parse_source(url)?;
+        let too_large = |size: u64| FetchError::Request {
+            url: shown.clone(),
+            message: format!("{size} bytes is more than the {max_bytes} a catalog may have"),
+        };
+        let bytes = match source {
+            Source::File(path) => {
+                let bytes =
+                    tokio::fs::read(&path)
+                        .await
+                        .map_err(|source| FetchError::ReadSource {
+                            url: shown.clone(),
+                            source,
+                        })?;
+                if bytes.len() as u64 > max_bytes {
+                    return Err(too_large(bytes.len() as u64));
+                }
+                bytes
+            }
+            Source::Http(url) => {
+                let request_error = |error: reqwest::Error| FetchError::Request {
+                    url: shown.clone(),
+                    message: error_chain(&error.without_url()),
+                };
+                let response = self.client.get(url).send().await.map_err(request_error)?;
+                let status = response.status().as_u16();
+                match status {
+                    200 => {}
+                    404 | 410 => {
+                        return Err(FetchError::NotFound {
+                            url: shown,
+                            detail: format!("HTTP {status}"),
+                        });
+                    }
+                    401 | 403 => return Err(FetchError::Refused { url: shown, status }),
+                    _ => return Err(FetchError::HttpStatus { url: shown, status }),
+                }
+                if let Some(length) = response.content_length()
+                    && length > max_bytes
+                {
+                    return Err(too_large(length));
+                }
+                let bytes = response.bytes().await.map_err(request_error)?;
+                if bytes.len() as u64 > max_bytes {
+                    return Err(too_large(bytes.len() as u64));
+                }
+                bytes.to_vec()
+            }
+        };
+        String::from_utf8(bytes).map_err(|_| FetchError::Request {
+            url: shown,
+            message: "the document is not UTF-8 text".into(),
+        })
+    }
+
     /// Downloads `url` (`http://`, `https://`, `file://` or an absolute path) to `dest`,
     /// verifying it against `expected` while it streams. Only a verified file is renamed into
     /// place; on any error, on cancellation through `cancel`, or when the future is dropped,

@@ -76,9 +76,18 @@ pub struct Project {
 }
 
 impl Project {
-    /// Parses the Bangerfile and reads its lock file.
+    /// Parses the Bangerfile and reads its lock file, with the embedded or configured-file
+    /// catalogs (see [`Project::load_with`] for URL catalogs).
     pub fn load(file: &Path, config: &Config) -> Result<Project, ProjectError> {
-        let catalogs = config.catalogs()?;
+        Project::load_with(file, config, config.catalogs()?)
+    }
+
+    /// Parses the Bangerfile and reads its lock file, with the given catalogs.
+    pub fn load_with(
+        file: &Path,
+        config: &Config,
+        catalogs: Catalogs,
+    ) -> Result<Project, ProjectError> {
         let context = ParseContext::new(&catalogs).with_defaults(defaults(config));
         let spec = bangerfile::load(file, &context)?;
         let lock = Lock::load(&self_lock_path(&spec))?;

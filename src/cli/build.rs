@@ -27,6 +27,9 @@ pub struct BuildArgs {
     /// After a failure, keep building steps that do not depend on it.
     #[arg(long)]
     keep_going: bool,
+    /// Also write the sandbox image as a bundle (`.tar.zst`) and print its catalog entry.
+    #[arg(long, value_name = "OUT")]
+    bundle: Option<PathBuf>,
 }
 
 pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus> {
@@ -38,9 +41,10 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
         }
     };
     let config = context.config()?.clone();
-    let mut project = Project::load(&file, &config)?;
+    let catalogs = context.catalogs()?;
+    let mut project = Project::load_with(&file, &config, catalogs)?;
     let runtime = super::runtime()?;
-    let services = banger::steps::Services::from_env();
+    let services = banger::steps::Services::from_env()?;
 
     // 1. Pin what the lock does not pin yet.
     let before = project.lock.clone();
@@ -101,6 +105,11 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
         images::register(&state, &store, &record, true)?;
     }
     report_built(context, &built, &project.spec.name)?;
+    if let Some(out) = &args.bundle {
+        let name = format!("{}/{}", project.spec.name, project.spec.sandbox_image);
+        let record = state.require_image(&name)?;
+        return super::image::export_bundle(context, &record, out, None);
+    }
     Ok(ExitStatus::Success)
 }
 

@@ -45,7 +45,10 @@ pub fn run(context: &mut Context, args: &GraphArgs) -> anyhow::Result<ExitStatus
         }
     };
     let config = context.config()?.clone();
-    let (spec, plan) = project::load_plan(&file, &config)?;
+    let catalogs = context.catalogs()?;
+    let loaded = project::Project::load_with(&file, &config, catalogs)?;
+    let plan = loaded.plan()?;
+    let spec = loaded.spec;
     let empty_store;
     let store = match context.existing_store()? {
         Some(store) => store,

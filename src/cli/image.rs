@@ -48,6 +48,20 @@ Every step is cached: pulling again with nothing changed does no work. Credentia
     ImportTar(ImportTarArgs),
     /// Record an existing ext4 root filesystem image under a name.
     Register(RegisterArgs),
+    /// Write an image as a bundle (`.tar.zst` of rootfs.ext4 + manifest.json) and print its
+    /// catalog entry.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The image to export.
+    name: String,
+    /// The bundle to write (`NAME.tar.zst`).
+    out: PathBuf,
+    /// Distribution for the manifest [default: the image's, else its /etc/os-release ID].
+    #[arg(long)]
+    distro: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -114,11 +128,16 @@ pub fn run(context: &mut Context, command: &ImageCommand) -> anyhow::Result<Exit
         ImageCommand::Remove { names } => remove(context, names),
         ImageCommand::ImportTar(args) => import_tar(context, args),
         ImageCommand::Register(args) => register(context, args),
+        ImageCommand::Export(args) => {
+            let state = context.state()?;
+            let record = state.require_image(&args.name)?;
+            export_bundle(context, &record, &args.out, args.distro.as_deref())
+        }
     }
 }
 
 fn default_kernel(context: &mut Context, chosen: Option<&str>) -> anyhow::Result<String> {
-    let catalogs = context.config()?.catalogs()?;
+    let catalogs = context.catalogs()?;
     let kernel = match chosen {
         Some(kernel) => kernel.to_owned(),
         None => catalogs
@@ -142,9 +161,9 @@ struct Job {
 }
 
 fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
-    let catalogs = context.config()?.catalogs()?;
+    let catalogs = context.catalogs()?;
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env();
+    let services = steps::Services::from_env()?;
     let size = args.size.map(|size| size.bytes());
     let job = match images::classify_pull(&args.image, &catalogs)? {
         PullSource::Catalog(entry) => {
@@ -355,7 +374,7 @@ fn import_tar(context: &mut Context, args: &ImportTarArgs) -> anyhow::Result<Exi
     job.name = args.name.clone();
     job.kernel = kernel;
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env();
+    let services = steps::Services::from_env()?;
     build_and_record(context, &runtime, &services, job)
 }
 
@@ -406,7 +425,7 @@ fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitSt
         finals: BTreeMap::from([("import".to_owned(), import)]),
     };
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env();
+    let services = steps::Services::from_env()?;
     build_and_record(context, &runtime, &services, job)
 }
 
@@ -426,7 +445,7 @@ fn image_json(record: &ImageRecord) -> serde_json::Value {
 
 fn list(context: &mut Context, args: &ListArgs) -> anyhow::Result<ExitStatus> {
     if args.available {
-        let catalogs = context.config()?.catalogs()?;
+        let catalogs = context.catalogs()?;
         let printer = &context.printer;
         let mut out = String::new();
         for entry in &catalogs.images {
@@ -519,6 +538,92 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
             record.name,
             human_bytes(record.rootfs_size)
         ));
+    }
+    Ok(ExitStatus::Success)
+}
+
+/// The image's distribution: its record, else `ID=` from its `/etc/os-release` (read with
+/// debugfs, which is optional: `unknown` without it).
+fn image_distro(record: &ImageRecord, rootfs: &Path) -> String {
+    if let Some(distro) = &record.distro {
+        return distro.clone();
+    }
+    let output = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /etc/os-release")
+        .arg(rootfs)
+        .stderr(std::process::Stdio::null())
+        .output();
+    output
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .find_map(|line| line.strip_prefix("ID="))
+                .map(|id| id.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Writes `record` as a bundle at `out` and prints the catalog entry that points at it.
+pub fn export_bundle(
+    context: &mut Context,
+    record: &ImageRecord,
+    out: &Path,
+    distro: Option<&str>,
+) -> anyhow::Result<ExitStatus> {
+    let store = context.store()?;
+    let staging = store.scratch()?;
+    let rootfs = staging.path().join("rootfs.ext4");
+    store.materialize(
+        &banger::store::OutputRef {
+            integrity: record.rootfs_integrity.clone(),
+            size: record.rootfs_size,
+        },
+        &rootfs,
+    )?;
+    let distro = distro
+        .map(str::to_owned)
+        .unwrap_or_else(|| image_distro(record, &rootfs));
+    let kernel = record
+        .kernel_ref
+        .clone()
+        .context("the image has no kernel; register it again with --kernel")?;
+    let manifest =
+        banger::bundle::BundleManifest::image(&record.name, &distro, &record.arch, &kernel);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let written = banger::bundle::write_bundle(
+        &manifest,
+        &[("rootfs.ext4".to_owned(), rootfs.clone())],
+        out,
+        &mut |_, _| {},
+        &cancel,
+    )?;
+    let absolute = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_owned());
+    let entry = json!({
+        "name": record.name,
+        "description": format!("{} ({distro})", record.name),
+        "distro": distro,
+        "arch": record.arch,
+        "kernel_ref": kernel,
+        "prefer": "bundle",
+        "bundle": {
+            "url": format!("file://{}", absolute.display()),
+            "sha256": written.sha256,
+            "size": written.size,
+        },
+    });
+    let printer = &context.printer;
+    if printer.json {
+        printer.record("bundle", entry)?;
+    } else {
+        printer.info(&format!(
+            "wrote {} ({}); its catalog entry (put it in a catalog's \"images\" list, with the \
+             URL where you publish the bundle):",
+            out.display(),
+            human_bytes(written.size)
+        ));
+        printer.data(&format!("{entry:#}\n"))?;
     }
     Ok(ExitStatus::Success)
 }

@@ -126,6 +126,14 @@ impl Context {
         Ok(self.config.as_ref().expect("just set"))
     }
 
+    /// The catalogs in force (URL catalogs fetched, with the last good copy as fallback).
+    pub fn catalogs(&mut self) -> anyhow::Result<banger::catalog::Catalogs> {
+        let cache_dir = self.paths()?.cache_dir.clone();
+        let config = self.config()?.clone();
+        let printer = self.printer.clone();
+        Ok(config.catalogs_with(Some(&cache_dir), &|warning| printer.warn(warning))?)
+    }
+
     /// Opens (creating if needed) the step store.
     pub fn store(&mut self) -> anyhow::Result<Store> {
         let dir = self.paths()?.store_dir();

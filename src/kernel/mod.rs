@@ -32,6 +32,7 @@ mod elf;
 pub mod fetch;
 pub mod initramfs;
 pub mod modules;
+pub mod modules_tar;
 pub mod vmlinux;
 
 use std::path::{Path, PathBuf};

@@ -341,9 +341,13 @@ impl Lowering<'_> {
                     format!("{prefix}/fetch-bundle"),
                     Params::new()
                         .with("url", bundle.url.clone())
-                        .with("sha256", bundle.sha256.clone()),
+                        .with("sha256", bundle.sha256.clone())
+                        .with("size", bundle.size),
                 )
-                .summary(format!("{name} bundle ({} bytes)", bundle.size)),
+                .summary(format!(
+                    "{name} bundle ({})",
+                    crate::spec::ByteSize(bundle.size)
+                )),
             )?;
             let unpack = self.plan.add_step(
                 node(

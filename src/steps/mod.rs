@@ -7,6 +7,7 @@
 //! Bump a kind's `version` whenever what it produces changes for the same params: every key of
 //! that kind, and of everything downstream, changes with it.
 
+pub mod bundle_steps;
 pub mod fetch_layer;
 pub mod import_file;
 pub mod mmdebstrap;
@@ -218,15 +219,22 @@ pub const ALL_KINDS: &[KindInfo] = &[
 #[derive(Debug, Clone)]
 pub struct Services {
     pub registry: Arc<RegistryClient>,
+    pub fetcher: Arc<crate::fetch::Fetcher>,
 }
 
 impl Services {
     /// Services configured from the environment (Docker config, insecure registries).
-    pub fn from_env() -> Services {
+    pub fn from_env() -> Result<Services, crate::fetch::FetchError> {
         crate::oci::install_tls_provider();
-        Services {
-            registry: Arc::new(RegistryClient::new(crate::oci::RegistryOptions::from_env())),
-        }
+        let registry = crate::oci::RegistryOptions::from_env();
+        let fetch = crate::fetch::FetchOptions {
+            retry: registry.retry.clone(),
+            ..crate::fetch::FetchOptions::default()
+        };
+        Ok(Services {
+            registry: Arc::new(RegistryClient::new(registry)),
+            fetcher: Arc::new(crate::fetch::Fetcher::new(fetch)?),
+        })
     }
 }
 
@@ -245,6 +253,13 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
         .executor(RECIPE_MMDEBSTRAP.name, mmdebstrap::Mmdebstrap)
         .executor(ROOTFS_BUILD.name, rootfs_build::RootfsBuild)
         .executor(PROVISION_COPY.name, provision_copy::ProvisionCopy)
+        .executor(
+            CATALOG_FETCH_BUNDLE.name,
+            bundle_steps::FetchBundle {
+                fetcher: Arc::clone(&services.fetcher),
+            },
+        )
+        .executor(BUNDLE_UNPACK.name, bundle_steps::UnpackBundle)
 }
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {

@@ -366,3 +366,105 @@ fn import_tar_and_register_and_remove() {
     let (_dir, still_there) = rootfs_of(&context, "mine-too");
     assert_fsck_clean(&still_there);
 }
+
+#[test]
+fn bundles_export_and_pull_back_through_a_catalog() {
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let context = TestContext::new();
+    let (_, blob, _) = faithful_layer_blobs().remove(0);
+    let tar = context.root.path().join("rootfs.tar.gz");
+    std::fs::write(&tar, &blob).unwrap();
+    let imported = context.run(&[
+        "image",
+        "import-tar",
+        tar.to_str().unwrap(),
+        "--name",
+        "golden",
+    ]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+
+    let bundle = context.root.path().join("golden.tar.zst");
+    // Raw output: the entry's URL holds the temp path, which `run` would redact.
+    let export = context
+        .command(&[
+            "--json",
+            "image",
+            "export",
+            "golden",
+            bundle.to_str().unwrap(),
+            "--distro",
+            "debian",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(export.status.code(), Some(0), "{export:?}");
+    let entry = records(&String::from_utf8_lossy(&export.stdout))[0]["data"].clone();
+    assert_eq!(
+        entry["bundle"]["size"],
+        std::fs::metadata(&bundle).unwrap().len()
+    );
+    assert_eq!(entry["kernel_ref"], "debian-cloud-amd64");
+
+    // A catalog that lists the bundle, configured by path.
+    let write_catalog = |name: &str, entry: &serde_json::Value| {
+        let mut entry = entry.clone();
+        entry["name"] = serde_json::json!(name);
+        let catalog = context.root.path().join(format!("{name}.json"));
+        std::fs::write(
+            &catalog,
+            serde_json::json!({"version": 1, "images": [entry]}).to_string(),
+        )
+        .unwrap();
+        std::fs::create_dir_all(context.config_file().parent().unwrap()).unwrap();
+        std::fs::write(
+            context.config_file(),
+            format!("[catalogs]\nimages = \"{}\"\n", catalog.display()),
+        )
+        .unwrap();
+    };
+    write_catalog("golden-bundle", &entry);
+    let available = context.run(&["image", "list", "--available"]);
+    assert!(available.stdout.contains("golden-bundle"), "{available}");
+    let pulled = context.run(&["image", "pull", "golden-bundle"]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    let original = records(&context.run(&["--json", "image", "show", "golden"]).stdout)[0]["data"]
+        ["rootfs"]
+        .clone();
+    let from_bundle = records(
+        &context
+            .run(&["--json", "image", "show", "golden-bundle"])
+            .stdout,
+    )[0]["data"]
+        .clone();
+    assert_eq!(
+        from_bundle["rootfs"], original,
+        "the bundle changed the image"
+    );
+    assert!(
+        from_bundle["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("catalog:golden-bundle (bundle)"),
+        "{from_bundle}"
+    );
+
+    // A catalog whose sha256 is wrong: a clear error, and nothing of it is stored.
+    let mut bad = entry.clone();
+    bad["bundle"]["sha256"] = serde_json::json!("0".repeat(64));
+    write_catalog("tampered", &bad);
+    let before = records(&context.run(&["--json", "cache", "ls"]).stdout).len();
+    let refused = context.run(&["image", "pull", "tampered"]);
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(refused.stderr.contains("failed verification"), "{refused}");
+    assert_eq!(
+        records(&context.run(&["--json", "cache", "ls"]).stdout).len(),
+        before,
+        "a failed fetch was recorded"
+    );
+    let scratch: Vec<_> = std::fs::read_dir(context.store_dir().join("scratch"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    assert!(scratch.is_empty(), "{scratch:?}");
+}

@@ -1,0 +1,103 @@
+//! `catalog.fetch-bundle` and `bundle.unpack`: an image (or kernel) from a catalog bundle.
+//!
+//! `catalog.fetch-bundle` — params `url`, `sha256` (and `size`); output `bundle.tar.zst`,
+//! verified while it streams ([`crate::fetch`]); a mismatch stores nothing.
+//! `bundle.unpack` — input `bundle`; outputs the bundle's files (`rootfs.ext4` for images;
+//! `vmlinux`, `initrd` and `modules.tar` for kernels) and `manifest.json`, each checked
+//! against the manifest's sha256 ([`crate::bundle::unpack_bundle`]).
+
+use std::sync::Arc;
+
+use crate::bundle::{BundleKind, unpack_bundle};
+use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
+use crate::fetch::{Expected, Fetcher};
+
+#[derive(Debug, Clone)]
+pub struct FetchBundle {
+    pub fetcher: Arc<Fetcher>,
+}
+
+impl Executor for FetchBundle {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let url = ctx
+                .params
+                .get_str("url")
+                .ok_or_else(|| StepError::new(format!("step {} has no url", ctx.step_id)))?;
+            let expected = Expected {
+                sha256: ctx.params.get_str("sha256").unwrap_or_default().to_owned(),
+                size: ctx.params.get_int("size"),
+            };
+            let destination = ctx.output("bundle.tar.zst")?;
+            self.fetcher
+                .fetch_verified(
+                    url,
+                    &expected,
+                    &destination,
+                    |done, total| ctx.progress(done, total, ProgressUnit::Bytes),
+                    ctx.cancellation(),
+                )
+                .await
+                .map_err(|error| StepError::with_source("cannot fetch the bundle", error))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnpackBundle;
+
+impl Executor for UnpackBundle {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let bundle = ctx.input_file("bundle", "bundle.tar.zst")?;
+            let unpacked = ctx.work_dir()?.join("unpacked");
+            let rootfs = ctx.output(crate::images::ROOTFS_OUTPUT)?;
+            let out_dir = rootfs
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            let progress = ctx.progress_handle();
+            let cancel = ctx.cancellation().clone();
+            tokio::task::spawn_blocking(move || -> Result<(), StepError> {
+                let manifest = unpack_bundle(
+                    &bundle,
+                    &unpacked,
+                    &mut |done, total| progress.report(done, Some(total), ProgressUnit::Bytes),
+                    &cancel,
+                )
+                .map_err(|error| StepError::with_source("cannot unpack the bundle", error))?;
+                let move_out = |name: &str, to: &std::path::Path| {
+                    std::fs::rename(unpacked.join(name), to).map_err(|error| {
+                        StepError::with_source(
+                            format!("cannot move {name} out of the bundle"),
+                            error,
+                        )
+                    })
+                };
+                match manifest.kind {
+                    BundleKind::Image => move_out("rootfs.ext4", &out_dir.join("rootfs.ext4"))?,
+                    BundleKind::Kernel => {
+                        move_out("vmlinux", &out_dir.join("vmlinux"))?;
+                        if unpacked.join("initrd").exists() {
+                            move_out("initrd", &out_dir.join("initrd"))?;
+                        }
+                        if unpacked.join("modules").is_dir() {
+                            crate::kernel::modules_tar::pack(
+                                &unpacked.join("modules"),
+                                &out_dir.join("modules.tar"),
+                            )
+                            .map_err(|error| {
+                                StepError::with_source("cannot pack the kernel's modules", error)
+                            })?;
+                        }
+                    }
+                }
+                std::fs::write(out_dir.join("manifest.json"), manifest.to_json())
+                    .map_err(|error| StepError::with_source("cannot write manifest.json", error))?;
+                Ok(())
+            })
+            .await
+            .map_err(|error| StepError::new(format!("unpacking panicked: {error}")))?
+        })
+    }
+}
