@@ -100,6 +100,12 @@ pub const GUEST_ASSETS: &[GuestAsset] = &[
     ),
 ];
 
+/// Digest of the agent binary alone (`blake3:<hex>`): what an initramfs built around it is
+/// keyed by.
+pub fn agent_digest() -> String {
+    format!("blake3:{}", blake3::hash(AGENT_BINARY).to_hex())
+}
+
 /// Digest over every asset's path, kind and contents (`blake3:<hex>`).
 pub fn guest_assets_digest() -> String {
     let mut encoder = KeyEncoder::new("banger/guest-assets/v2");

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod images;
 pub mod inspect;
 pub mod kernel;
+pub mod kernels;
 pub mod key;
 pub mod lock;
 pub mod oci;

@@ -44,7 +44,7 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
     let catalogs = context.catalogs()?;
     let mut project = Project::load_with(&file, &config, catalogs)?;
     let runtime = super::runtime()?;
-    let services = banger::steps::Services::from_env()?;
+    let services = banger::steps::Services::from_env(&context.paths()?.state_dir.clone())?;
 
     // 1. Pin what the lock does not pin yet.
     let before = project.lock.clone();

@@ -93,7 +93,10 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
         || error.downcast_ref::<StateError>().is_some_and(|error| {
             matches!(
                 error,
-                StateError::NoSuchImage { .. } | StateError::ImageExists { .. }
+                StateError::NoSuchImage { .. }
+                    | StateError::ImageExists { .. }
+                    | StateError::NoSuchKernel { .. }
+                    | StateError::KernelExists { .. }
             )
         })
         || matches!(

@@ -163,7 +163,7 @@ struct Job {
 fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
     let catalogs = context.catalogs()?;
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env()?;
+    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
     let size = args.size.map(|size| size.bytes());
     let job = match images::classify_pull(&args.image, &catalogs)? {
         PullSource::Catalog(entry) => {
@@ -374,7 +374,7 @@ fn import_tar(context: &mut Context, args: &ImportTarArgs) -> anyhow::Result<Exi
     job.name = args.name.clone();
     job.kernel = kernel;
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env()?;
+    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
     build_and_record(context, &runtime, &services, job)
 }
 
@@ -425,7 +425,7 @@ fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitSt
         finals: BTreeMap::from([("import".to_owned(), import)]),
     };
     let runtime = super::runtime()?;
-    let services = steps::Services::from_env()?;
+    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
     build_and_record(context, &runtime, &services, job)
 }
 

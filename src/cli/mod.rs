@@ -16,6 +16,7 @@ mod doctor;
 mod exit;
 mod graph;
 mod image;
+mod kernel;
 mod printer;
 mod reporters;
 
@@ -95,6 +96,9 @@ stderr; the built images are listed on stdout."
     /// Pull, import, list and remove images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Pull, import, list and remove kernels.
+    #[command(subcommand)]
+    Kernel(kernel::KernelCommand),
     /// Report what this host can do: accelerator (KVM or TCG, and why), QEMU, vsock, tools.
     Doctor,
     /// Inspect and trim the step store (~/.cache/banger/store).
@@ -257,6 +261,7 @@ pub fn run() -> ExitStatus {
         Command::Build(args) => build::run(&mut context, &args),
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
+        Command::Kernel(command) => kernel::run(&mut context, &command),
     };
     match result {
         Ok(status) => status,

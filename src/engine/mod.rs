@@ -247,6 +247,11 @@ impl StepContext {
         self.ensure_dir("work")
     }
 
+    /// The store, for executors that hand out already-stored files.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Fires when the run is cancelled.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel

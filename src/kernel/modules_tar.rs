@@ -110,8 +110,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "kernel/",
-                "kernel/drivers/",
+                "kernel",
+                "kernel/drivers",
                 "kernel/drivers/virtio.ko",
                 "modules.order"
             ]

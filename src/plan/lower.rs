@@ -66,6 +66,7 @@ pub fn lower_images(
         catalogs,
         image_outputs: HashMap::new(),
         kernels: HashMap::new(),
+        refresh: None,
     };
     let mut finals = BTreeMap::new();
     for image in images {
@@ -77,6 +78,27 @@ pub fn lower_images(
     Ok((lowering.plan, finals))
 }
 
+/// The plan of one kernel (`banger kernel pull`), its staging step the target. `refresh`
+/// re-keys the fetch (`--force`).
+pub fn lower_kernel(
+    name: &str,
+    catalogs: &Catalogs,
+    refresh: Option<u64>,
+) -> Result<(Plan, NodeIndex), PlanError> {
+    let mut lowering = Lowering {
+        plan: Plan::new(),
+        project_dir: Path::new("."),
+        lock: &Lock::default(),
+        catalogs,
+        image_outputs: HashMap::new(),
+        kernels: HashMap::new(),
+        refresh,
+    };
+    let staged = lowering.kernel(name)?;
+    lowering.plan.add_target(staged);
+    Ok((lowering.plan, staged))
+}
+
 /// Builds the plan for `banger up`: every image, the kernel(s), the boot and the up command.
 pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, PlanError> {
     let mut lowering = Lowering {
@@ -86,6 +108,7 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
         catalogs,
         image_outputs: HashMap::new(),
         kernels: HashMap::new(),
+        refresh: None,
     };
     for image in &spec.images {
         lowering.image(image)?;
@@ -175,6 +198,8 @@ struct Lowering<'a> {
     image_outputs: HashMap<String, NodeIndex>,
     /// Staged kernel step, by kernel name (shared by every image that boots it).
     kernels: HashMap<String, NodeIndex>,
+    /// `kernel pull --force`: a value that re-keys the kernel's fetch.
+    refresh: Option<u64>,
 }
 
 impl Lowering<'_> {
@@ -407,86 +432,117 @@ impl Lowering<'_> {
             return Ok(staged);
         }
         let prefix = format!("kernel:{name}");
-        let staged = match self.catalogs.kernel(name) {
-            None => self.plan.add_step(
+        let Some(entry) = self.catalogs.kernel(name) else {
+            let local = self.plan.add_step(
                 node(
                     &steps::KERNEL_LOCAL,
                     format!("{prefix}/local"),
                     Params::new().with("name", name),
                 )
-                .summary(format!("{name} from the local kernel store")),
-            )?,
-            Some(entry) => {
-                let use_bundle = entry.bundle.is_some()
-                    && (entry.recipe.is_none() || entry.prefer == Prefer::Bundle);
-                let source = match (&entry.bundle, &entry.recipe) {
-                    (Some(bundle), _) if use_bundle => self.plan.add_step(
-                        node(
-                            &steps::KERNEL_FETCH_BUNDLE,
-                            format!("{prefix}/fetch-bundle"),
+                .summary(format!("{name} from `banger kernel import`")),
+            )?;
+            self.kernels.insert(name.to_owned(), local);
+            return Ok(local);
+        };
+        let refresh = |mut params: Params, refresh: Option<u64>| {
+            // `kernel pull --force`: a new key makes the fetch run again; if it brings the
+            // same bytes, early cutoff spares everything after it.
+            if let Some(at) = refresh {
+                params.insert("refresh", at);
+            }
+            params
+        };
+        let use_bundle =
+            entry.bundle.is_some() && (entry.recipe.is_none() || entry.prefer == Prefer::Bundle);
+        let stage = self.plan.add_step(
+            node(
+                &steps::KERNEL_STAGE,
+                format!("{prefix}/stage"),
+                Params::new(),
+            )
+            .summary("vmlinux + initrd + modules"),
+        )?;
+        match (&entry.bundle, &entry.recipe) {
+            (Some(bundle), _) if use_bundle => {
+                let fetch = self.plan.add_step(
+                    node(
+                        &steps::KERNEL_FETCH_BUNDLE,
+                        format!("{prefix}/fetch-bundle"),
+                        refresh(
                             Params::new()
                                 .with("url", bundle.url.clone())
-                                .with("sha256", bundle.sha256.clone()),
-                        )
-                        .summary(format!("{name} bundle ({} bytes)", bundle.size)),
-                    )?,
-                    (_, Some(recipe)) => {
-                        let package = self.plan.add_step(
-                            node(
-                                &steps::KERNEL_FETCH_PACKAGE,
-                                format!("{prefix}/fetch-package"),
-                                Params::new()
-                                    .with("distro", recipe.distro.clone())
-                                    .with("suite", recipe.suite.clone())
-                                    .with("package", recipe.package.clone()),
-                            )
-                            .summary(format!("{} from {}", recipe.package, recipe.suite)),
-                        )?;
-                        let extract = self.plan.add_step(
-                            node(
-                                &steps::KERNEL_EXTRACT,
-                                format!("{prefix}/extract"),
-                                Params::new(),
-                            )
-                            .summary("ELF vmlinux with PVH + modules"),
-                        )?;
-                        self.plan.add_input(extract, "package", package);
-                        let initramfs = self.plan.add_step(
-                            node(
-                                &steps::KERNEL_INITRAMFS,
-                                format!("{prefix}/initramfs"),
-                                Params::new().with(
-                                    "modules",
-                                    ParamValue::List(
-                                        INITRAMFS_MODULES
-                                            .iter()
-                                            .map(|name| ParamValue::from(*name))
-                                            .collect(),
-                                    ),
-                                ),
-                            )
-                            .summary("virtio + vsock modules, mount root, switch_root"),
-                        )?;
-                        self.plan.add_input(initramfs, "kernel", extract);
-                        initramfs
-                    }
-                    (None, None) => unreachable!("catalog kernels have a bundle or a recipe"),
-                    (Some(_), None) => unreachable!("handled by use_bundle"),
-                };
-                let stage = self.plan.add_step(
+                                .with("sha256", bundle.sha256.clone())
+                                .with("size", bundle.size),
+                            self.refresh,
+                        ),
+                    )
+                    .summary(format!(
+                        "{name} bundle ({})",
+                        crate::spec::ByteSize(bundle.size)
+                    )),
+                )?;
+                let unpack = self.plan.add_step(
                     node(
-                        &steps::KERNEL_STAGE,
-                        format!("{prefix}/stage"),
+                        &steps::BUNDLE_UNPACK,
+                        format!("{prefix}/unpack"),
                         Params::new(),
                     )
-                    .summary("vmlinux + initrd + modules"),
+                    .summary("vmlinux, initrd, modules"),
                 )?;
-                self.plan.add_input(stage, "kernel", source);
-                stage
+                self.plan.add_input(unpack, "bundle", fetch);
+                self.plan.add_input(stage, "kernel", unpack);
             }
-        };
-        self.kernels.insert(name.to_owned(), staged);
-        Ok(staged)
+            (_, Some(recipe)) => {
+                let package = self.plan.add_step(
+                    node(
+                        &steps::KERNEL_FETCH_PACKAGE,
+                        format!("{prefix}/fetch-package"),
+                        refresh(
+                            Params::new()
+                                .with("distro", recipe.distro.clone())
+                                .with("suite", recipe.suite.clone())
+                                .with("package", recipe.package.clone()),
+                            self.refresh,
+                        ),
+                    )
+                    .summary(format!("{} from {}", recipe.package, recipe.suite)),
+                )?;
+                let extract = self.plan.add_step(
+                    node(
+                        &steps::KERNEL_EXTRACT,
+                        format!("{prefix}/extract"),
+                        Params::new(),
+                    )
+                    .summary("ELF vmlinux with PVH + modules"),
+                )?;
+                self.plan.add_input(extract, "package", package);
+                let initramfs = self.plan.add_step(
+                    node(
+                        &steps::KERNEL_INITRAMFS,
+                        format!("{prefix}/initramfs"),
+                        Params::new()
+                            .with(
+                                "modules",
+                                ParamValue::List(
+                                    INITRAMFS_MODULES
+                                        .iter()
+                                        .map(|name| ParamValue::from(*name))
+                                        .collect(),
+                                ),
+                            )
+                            .with("agent", crate::assets::agent_digest()),
+                    )
+                    .summary("banger's agent as /init + virtio, vsock and overlay modules"),
+                )?;
+                self.plan.add_input(initramfs, "kernel", extract);
+                self.plan.add_input(stage, "kernel", extract);
+                self.plan.add_input(stage, "initramfs", initramfs);
+            }
+            (None, None) => unreachable!("catalog kernels have a bundle or a recipe (tested)"),
+            (Some(_), None) => unreachable!("a bundle-only entry uses the bundle"),
+        }
+        self.kernels.insert(name.to_owned(), stage);
+        Ok(stage)
     }
 }
 
@@ -502,6 +558,7 @@ pub const RECIPE_BASE_PACKAGES: &[&str] = &[
 
 /// Modules banger's initramfs loads (their dependencies are resolved when it is built).
 pub const INITRAMFS_MODULES: &[&str] = &[
+    "overlay",
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",

@@ -10,6 +10,12 @@
 pub mod bundle_steps;
 pub mod fetch_layer;
 pub mod import_file;
+pub mod kernel_extract;
+pub mod kernel_import;
+pub mod kernel_initramfs;
+pub mod kernel_local;
+pub mod kernel_package;
+pub mod kernel_stage;
 pub mod mmdebstrap;
 pub mod provision_copy;
 pub mod rootfs_build;
@@ -141,6 +147,13 @@ pub const KERNEL_LOCAL: KindInfo = kind(
     Disk,
     "read a kernel imported with `banger kernel import`",
 );
+pub const KERNEL_IMPORT: KindInfo = kind(
+    "kernel.import",
+    1,
+    Cached,
+    Disk,
+    "bring a kernel directory (vmlinux, initrd, modules) into the store",
+);
 pub const KERNEL_STAGE: KindInfo = kind(
     "kernel.stage",
     1,
@@ -206,6 +219,7 @@ pub const ALL_KINDS: &[KindInfo] = &[
     KERNEL_EXTRACT,
     KERNEL_INITRAMFS,
     KERNEL_LOCAL,
+    KERNEL_IMPORT,
     KERNEL_STAGE,
     PROVISION_RUN,
     PROVISION_COPY,
@@ -220,11 +234,13 @@ pub const ALL_KINDS: &[KindInfo] = &[
 pub struct Services {
     pub registry: Arc<RegistryClient>,
     pub fetcher: Arc<crate::fetch::Fetcher>,
+    /// Where the state database lives (`kernel.local` reads imported kernels from it).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl Services {
     /// Services configured from the environment (Docker config, insecure registries).
-    pub fn from_env() -> Result<Services, crate::fetch::FetchError> {
+    pub fn from_env(state_dir: &std::path::Path) -> Result<Services, crate::fetch::FetchError> {
         crate::oci::install_tls_provider();
         let registry = crate::oci::RegistryOptions::from_env();
         let fetch = crate::fetch::FetchOptions {
@@ -234,6 +250,7 @@ impl Services {
         Ok(Services {
             registry: Arc::new(RegistryClient::new(registry)),
             fetcher: Arc::new(crate::fetch::Fetcher::new(fetch)?),
+            state_dir: state_dir.to_owned(),
         })
     }
 }
@@ -260,6 +277,26 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
             },
         )
         .executor(BUNDLE_UNPACK.name, bundle_steps::UnpackBundle)
+        .executor(
+            KERNEL_FETCH_BUNDLE.name,
+            bundle_steps::FetchBundle {
+                fetcher: Arc::clone(&services.fetcher),
+            },
+        )
+        .executor(
+            KERNEL_FETCH_PACKAGE.name,
+            kernel_package::FetchKernelPackage,
+        )
+        .executor(KERNEL_EXTRACT.name, kernel_extract::ExtractKernel)
+        .executor(KERNEL_INITRAMFS.name, kernel_initramfs::BuildInitramfs)
+        .executor(KERNEL_IMPORT.name, kernel_import::ImportKernel)
+        .executor(
+            KERNEL_LOCAL.name,
+            kernel_local::LocalKernel {
+                state_dir: services.state_dir.clone(),
+            },
+        )
+        .executor(KERNEL_STAGE.name, kernel_stage::StageKernel)
 }
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {
