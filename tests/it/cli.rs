@@ -219,7 +219,9 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
         .collect();
     assert_eq!(
         commands,
-        ["graph", "build", "image", "kernel", "doctor", "cache", "help"]
+        [
+            "graph", "build", "image", "kernel", "doctor", "cache", "help"
+        ]
     );
     for args in [&["graph", "--help"][..], &["cache", "gc", "--help"]] {
         let output = context.run(args);
