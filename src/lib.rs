@@ -12,6 +12,7 @@ pub mod engine;
 pub mod env;
 pub mod ext4;
 pub mod fetch;
+pub mod guest;
 pub mod images;
 pub mod inspect;
 pub mod kernel;

@@ -5,6 +5,7 @@ mod cli;
 mod engine;
 mod ext4;
 mod fetch;
+mod guest;
 mod images;
 mod kernel;
 mod oci;

@@ -1,62 +1,175 @@
-//! banger-agent: the guest side of banger's host↔guest channel.
+//! banger-agent: the guest side of banger's host↔guest channel, and banger's initramfs init.
 //!
-//! It listens on AF_VSOCK (port [`DEFAULT_PORT`]), which both VMMs expose to the host through
-//! Firecracker's hybrid vsock protocol, and answers line-based requests. Version 1 of the
-//! protocol knows `ping` (readiness); exec, file transfer and network bootstrap grow with the
-//! kernel/agent work and are documented in banger's `docs/agent.md` as they land.
+//! Modes, chosen from the command line (and from being PID 1):
+//! - **init** (`init.rs`): PID 1 of banger's initramfs. Mounts the root (optionally under an
+//!   overlay), switches to it and execs the image's init, or stays PID 1 and serves.
+//! - **serve** (default; `serve.rs`, `exec.rs`, `files.rs`, `mux.rs`): serves protocol v1
+//!   (`protocol.rs`, specified in banger's `docs/agent.md`) on AF_VSOCK port
+//!   [`DEFAULT_PORT`] and, if present, the virtio-serial port `banger.0`; `--listen-unix`
+//!   serves a unix socket instead, so tests drive the real binary without a VM.
+//! - **network-up** (`net.rs`) and **first-boot** (`firstboot.rs`): the one-shot helpers
+//!   banger's systemd units run in images.
 //!
-//! Statically linked (`+crt-static`), with no dynamic dependencies at all, so the same binary
-//! runs on glibc and musl guests and in images that lack a C library.
+//! Statically linked (`+crt-static`) with no dynamic dependencies, so the same binary runs on
+//! glibc and musl guests and in images that lack a C library.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+mod cmdline;
+mod console;
+mod exec;
+mod files;
+mod firstboot;
+mod init;
+mod modules;
+mod mux;
+mod net;
+mod protocol;
+mod reaper;
+mod serve;
+mod wire;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::mpsc;
 
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept, bind, listen, socket,
-};
+use crate::mux::SerialSource;
+use crate::protocol::{PROTOCOL_VERSION, Ready};
+use crate::reaper::{Reaper, ShutdownHandler};
+use crate::serve::Agent;
 
-/// The vsock port the agent listens on unless `--port` says otherwise.
+/// The vsock port the agent listens on unless `--port` says otherwise (banger's
+/// `assets::AGENT_VSOCK_PORT`).
 const DEFAULT_PORT: u32 = 10_789;
-/// Protocol version, sent in every `ping` answer.
-const PROTOCOL_VERSION: u32 = 1;
 
 fn usage() -> String {
     format!(
-        "usage: banger-agent [--port N] [--version]\n\nServes banger's guest protocol v{PROTOCOL_VERSION} on vsock port {DEFAULT_PORT}."
+        "usage: banger-agent [serve] [--port N] [--no-vsock] [--listen-unix PATH]
+                    [--serial DEVICE | --no-serial | --serial-listen-unix PATH]
+       banger-agent init          (as PID 1 of banger's initramfs; implied when PID 1)
+       banger-agent network-up [--cmdline FILE]
+       banger-agent first-boot
+       banger-agent --version
+
+Serves banger's guest protocol v{PROTOCOL_VERSION}: by default on vsock port {DEFAULT_PORT} and
+the virtio-serial port banger.0 if there is one. Naming any transport serves only the named ones."
     )
 }
 
-fn main() -> ExitCode {
-    let mut port = DEFAULT_PORT;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--version" => {
-                println!(
-                    "banger-agent {} (protocol {PROTOCOL_VERSION})",
-                    env!("CARGO_PKG_VERSION")
-                );
-                return ExitCode::SUCCESS;
-            }
-            "--port" => match args.next().and_then(|value| value.parse().ok()) {
-                Some(value) => port = value,
-                None => {
-                    eprintln!("banger-agent: --port needs a number\n{}", usage());
-                    return ExitCode::from(2);
-                }
-            },
-            "-h" | "--help" => {
-                println!("{}", usage());
-                return ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("banger-agent: unknown argument `{other}`\n{}", usage());
-                return ExitCode::from(2);
-            }
+/// Where to serve.
+#[derive(Debug, Default)]
+pub struct ServeOptions {
+    vsock_port: Option<u32>,
+    unix: Option<PathBuf>,
+    serial: Option<SerialChoice>,
+}
+
+#[derive(Debug)]
+enum SerialChoice {
+    /// The `banger.0` port if the guest has one.
+    Auto,
+    Device(PathBuf),
+    /// Tests: a unix socket whose connections stand in for the serial port's host side.
+    ListenUnix(PathBuf),
+}
+
+impl ServeOptions {
+    /// What a guest serves on: vsock and the serial port if present.
+    pub fn guest_default() -> ServeOptions {
+        ServeOptions {
+            vsock_port: Some(DEFAULT_PORT),
+            unix: None,
+            serial: Some(SerialChoice::Auto),
         }
     }
-    match serve(port) {
+
+    fn parse(arguments: &[String]) -> Result<ServeOptions, String> {
+        let mut options = ServeOptions::default();
+        let mut explicit = false;
+        let mut no_vsock = false;
+        let mut no_serial = false;
+        let mut arguments = arguments.iter();
+        let value = |flag: &str, arguments: &mut std::slice::Iter<'_, String>| {
+            arguments
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        while let Some(argument) = arguments.next() {
+            match argument.as_str() {
+                "--port" => {
+                    let port = value("--port", &mut arguments)?;
+                    options.vsock_port = Some(
+                        port.parse()
+                            .map_err(|_| format!("--port {port}: not a number"))?,
+                    );
+                    explicit = true;
+                }
+                "--no-vsock" => no_vsock = true,
+                "--listen-unix" => {
+                    options.unix = Some(value("--listen-unix", &mut arguments)?.into());
+                    explicit = true;
+                }
+                "--serial" => {
+                    options.serial = Some(SerialChoice::Device(
+                        value("--serial", &mut arguments)?.into(),
+                    ));
+                    explicit = true;
+                }
+                "--serial-listen-unix" => {
+                    options.serial = Some(SerialChoice::ListenUnix(
+                        value("--serial-listen-unix", &mut arguments)?.into(),
+                    ));
+                    explicit = true;
+                }
+                "--no-serial" => no_serial = true,
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        if !explicit {
+            options = ServeOptions::guest_default();
+        }
+        if no_vsock {
+            options.vsock_port = None;
+        }
+        if no_serial {
+            options.serial = None;
+        }
+        Ok(options)
+    }
+}
+
+fn main() -> ExitCode {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match arguments.split_first() {
+        Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
+        _ if init::is_pid1() => init::run(),
+        _ => ("serve", arguments.as_slice()),
+    };
+    let result = match command {
+        _ if rest
+            .iter()
+            .any(|argument| argument == "-h" || argument == "--help") =>
+        {
+            println!("{}", usage());
+            Ok(())
+        }
+        "serve" if rest.iter().any(|argument| argument == "--version") => {
+            println!(
+                "banger-agent {} (protocol {PROTOCOL_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(())
+        }
+        "serve" => {
+            ServeOptions::parse(rest).and_then(|options| serve_forever(options, None, false))
+        }
+        "init" if init::is_pid1() => init::run(),
+        "init" => Err("init mode runs only as PID 1 (from banger's initramfs)".into()),
+        "network-up" => network_up(rest),
+        "first-boot" => firstboot::run(),
+        other => Err(format!("unknown command `{other}`\n{}", usage())),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("banger-agent: {message}");
@@ -65,64 +178,181 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(port: u32) -> Result<(), String> {
-    let listener = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|errno| format!("cannot create a vsock socket (is vsock loaded?): {errno}"))?;
-    let address = VsockAddr::new(libc_vmaddr_cid_any(), port);
-    bind(listener.as_raw_fd(), &address)
-        .map_err(|errno| format!("cannot bind vsock port {port}: {errno}"))?;
-    listen(&listener, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
-        .map_err(|errno| format!("cannot listen on vsock port {port}: {errno}"))?;
-    loop {
-        let fd = match accept(listener.as_raw_fd()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(errno) => return Err(format!("accept failed: {errno}")),
-        };
-        std::thread::spawn(move || handle(fd));
-    }
-}
-
-/// VMADDR_CID_ANY: accept connections addressed to any of this guest's CIDs.
-fn libc_vmaddr_cid_any() -> u32 {
-    u32::MAX
-}
-
-fn handle(fd: std::os::fd::RawFd) {
-    let stream = into_stream(fd);
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut writer = stream;
-    for line in BufReader::new(read_half).lines() {
-        let Ok(line) = line else { return };
-        let reply = match line.trim() {
-            "ping" => format!(
-                "ok banger-agent {} protocol {PROTOCOL_VERSION}",
-                env!("CARGO_PKG_VERSION")
-            ),
-            "" => continue,
-            other => format!("error unknown request `{other}`"),
-        };
-        if writeln!(writer, "{reply}").is_err() {
-            return;
+/// Undoes signals ignored by whoever started the agent (`nohup`, a service manager, a CI
+/// runner): ignored dispositions survive `exec`, so every guest command would inherit them.
+/// The real-time signals libc reserves for itself cannot be changed and are left alone.
+fn restore_default_signal_dispositions() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for candidate in Signal::iterator() {
+        // SIGPIPE stays ignored: Rust's runtime set that up so a closed peer is an error,
+        // not death, and std restores the default in every child it spawns.
+        if matches!(
+            candidate,
+            Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE
+        ) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no code of ours in signal context; the only
+        // thread that exists yet is this one.
+        #[allow(unsafe_code)]
+        let previous = unsafe { signal(candidate, SigHandler::SigDfl) };
+        if let Ok(previous) = previous
+            && !matches!(previous, SigHandler::SigIgn)
+        {
+            // Put back whatever Rust's runtime or a library installed on purpose.
+            #[allow(unsafe_code)]
+            // SAFETY: re-installs the handler that was there a moment ago.
+            let _ = unsafe { signal(candidate, previous) };
         }
     }
 }
 
-fn into_stream(fd: std::os::fd::RawFd) -> std::fs::File {
-    std::fs::File::from(owned(fd))
+/// Listens on every requested transport and serves until all of them have failed.
+pub fn serve_forever(
+    options: ServeOptions,
+    on_shutdown: Option<ShutdownHandler>,
+    pid1: bool,
+) -> Result<(), String> {
+    restore_default_signal_dispositions();
+    // First, while this is the only thread: the signal mask is inherited by every thread.
+    let reaper =
+        Reaper::start(on_shutdown).map_err(|error| format!("cannot start the reaper: {error}"))?;
+    let mut problems = Vec::new();
+    let vsock = match options.vsock_port {
+        Some(port) => match serve::listen_vsock(port) {
+            Ok(listener) => Some((port, listener)),
+            Err(error) => {
+                problems.push(error.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+    let unix = match &options.unix {
+        Some(path) => Some(serve::listen_unix(path).map_err(|error| error.to_string())?),
+        None => None,
+    };
+    let serial = match options.serial {
+        Some(SerialChoice::Auto) => mux::find_serial_port().map(SerialSource::Device),
+        Some(SerialChoice::Device(path)) => Some(SerialSource::Device(path)),
+        Some(SerialChoice::ListenUnix(path)) => Some(SerialSource::Listener(
+            serve::listen_unix(&path).map_err(|error| error.to_string())?,
+        )),
+        None => None,
+    };
+    let mut transports = Vec::new();
+    if let Some((port, _)) = &vsock {
+        transports.push(format!("vsock port {port}"));
+    }
+    if let Some(path) = &options.unix {
+        transports.push(format!("unix {}", path.display()));
+    }
+    match &serial {
+        Some(SerialSource::Device(path)) => transports.push(format!("serial {}", path.display())),
+        Some(SerialSource::Listener(_)) => transports.push("serial over unix".into()),
+        None => {}
+    }
+    if transports.is_empty() {
+        problems.push("no transport to serve on".into());
+        return Err(problems.join("; "));
+    }
+    for problem in &problems {
+        console::warn(problem);
+    }
+    let boot = console::since_boot();
+    let agent = Arc::new(Agent {
+        reaper,
+        ready: Ready {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: PROTOCOL_VERSION,
+            kernel_release: init::kernel_release(),
+            boot_ms: u64::try_from(boot.as_millis()).unwrap_or(u64::MAX),
+            pid1,
+        },
+    });
+    console::info(&format!("agent ready on {}", transports.join(", ")));
+    let (ended, endings) = mpsc::channel::<String>();
+    let mut running = 0;
+    let mut start = |name: &str, work: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
+        let ended = ended.clone();
+        let name = name.to_owned();
+        let started = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let outcome = work();
+                let _ = ended.send(match outcome {
+                    Ok(()) => format!("{name} stopped"),
+                    Err(error) => format!("{name} failed: {error}"),
+                });
+            });
+        if started.is_ok() {
+            running += 1;
+        }
+    };
+    if let Some((_, listener)) = vsock {
+        let agent = Arc::clone(&agent);
+        start(
+            "vsock",
+            Box::new(move || serve::accept_vsock(agent, listener)),
+        );
+    }
+    if let Some(listener) = unix {
+        let agent = Arc::clone(&agent);
+        start(
+            "unix",
+            Box::new(move || serve::accept_unix(agent, listener)),
+        );
+    }
+    if let Some(source) = serial {
+        let agent = Arc::clone(&agent);
+        start("serial", Box::new(move || mux::serve_serial(agent, source)));
+    }
+    drop(ended);
+    let mut failures = Vec::new();
+    for _ in 0..running {
+        match endings.recv() {
+            Ok(message) => {
+                console::warn(&message);
+                failures.push(message);
+            }
+            Err(_) => break,
+        }
+    }
+    Err(failures.join("; "))
 }
 
-fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
-    #[allow(unsafe_code)]
-    // SAFETY: `fd` comes straight from `accept` and is owned by no one else.
-    unsafe {
-        OwnedFd::from_raw_fd(fd)
+/// `network-up`: configures the interface from `ip=` unless systemd-networkd will.
+fn network_up(arguments: &[String]) -> Result<(), String> {
+    let cmdline_path = match arguments {
+        [] => "/proc/cmdline".to_owned(),
+        [flag, path] if flag == "--cmdline" => path.clone(),
+        _ => return Err(format!("network-up takes only --cmdline FILE\n{}", usage())),
+    };
+    let text = std::fs::read_to_string(&cmdline_path)
+        .map_err(|error| format!("cannot read {cmdline_path}: {error}"))?;
+    let networkd_configured = std::fs::read_dir("/run/systemd/network").is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            entry
+                .path()
+                .extension()
+                .is_some_and(|extension| extension == "network")
+        })
+    });
+    if networkd_configured {
+        // systemd-network-generator turned `ip=` into networkd configuration already.
+        return Ok(());
     }
+    let cmdline = cmdline::Cmdline::parse(&text);
+    let Some(spec) = cmdline.value("ip") else {
+        return Ok(());
+    };
+    let Some(ip) = cmdline::IpConfig::parse(spec)? else {
+        return Ok(());
+    };
+    let interface = net::configure(&ip)?;
+    console::info(&format!(
+        "network {interface} {}/{}",
+        ip.address, ip.prefix_len
+    ));
+    Ok(())
 }

@@ -1,0 +1,432 @@
+//! `Exec`: runs one command and streams it, in the connection's own thread.
+//!
+//! 1. The program is resolved against the effective `PATH` here (so a missing program is an
+//!    `Error`, not exit code 127, and std can always use `posix_spawn`), the working directory
+//!    is checked, and the command starts in its own process group through the [`Reaper`].
+//! 2. One `poll` loop then moves bytes: client frames (`Stdin`, `StdinEof`, `Signal`), the
+//!    command's stdout and stderr (non-blocking pipes, one frame per read), pending stdin into
+//!    the command, and the reaper's exit pipe. No thread per command, no shell unless asked.
+//! 3. Once the command has exited, whatever its pipes still hold is sent, then `Exit`.
+//!    Output written later by background processes that kept the pipes open is not waited
+//!    for (like `docker exec`).
+//! 4. If the client disconnects, the whole process group gets SIGKILL.
+//!
+//! Weakness: writes to the client block; a client that stops reading stalls the command once
+//! the pipes fill, which is the backpressure we want. Client frames are not read while more
+//! than [`STDIN_BACKLOG`] bytes of stdin wait for the command, so a `Signal` sent behind a
+//! large stdin backlog waits until the command reads.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use crate::protocol::{self, DATA_CHUNK, ErrorKind, Exit, FrameType};
+use crate::serve::{Connection, Disconnected};
+use crate::wire::{Frame, ReadError, error_kind};
+
+/// `PATH` for commands when neither the agent's environment nor the request has one (the
+/// agent as PID 1 starts with the kernel's bare environment).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Stdin bytes buffered for the command before client frames stop being read.
+const STDIN_BACKLOG: usize = 256 * 1024;
+
+/// A request that cannot start, with the error to send.
+struct Refusal(ErrorKind, String);
+
+/// Runs one `Exec` request to its `Exit` (or `Error`).
+pub fn run(connection: &mut Connection, request: protocol::Exec) -> Result<(), Disconnected> {
+    let mut command = match prepare(&request) {
+        Ok(command) => command,
+        Err(Refusal(kind, message)) => return connection.refuse(kind, message),
+    };
+    let (mut child, exit_pipe) = match connection.reaper.spawn(&mut command) {
+        Ok(started) => started,
+        Err(error) => {
+            let message = format!("cannot start {}: {error}", describe(&request));
+            return connection.refuse(ErrorKind::Spawn, message);
+        }
+    };
+    let process_group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let mut session = Session {
+        stdin: child.stdin.take().map(OwnedFd::from).map(File::from),
+        stdout: child.stdout.take().map(OwnedFd::from).map(File::from),
+        stderr: child.stderr.take().map(OwnedFd::from).map(File::from),
+        exit_pipe,
+        process_group,
+        pending_stdin: Vec::new(),
+        stdin_eof_requested: false,
+        exit: None,
+        buffer: vec![0; DATA_CHUNK],
+    };
+    for pipe in [&session.stdin, &session.stdout, &session.stderr]
+        .into_iter()
+        .flatten()
+    {
+        // Blocking pipes would stall the loop; failing to switch is not worth refusing for.
+        let _ = fcntl(pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+    }
+    let outcome = session.drive(connection);
+    if outcome.is_err() {
+        session.kill();
+    }
+    outcome
+}
+
+/// Validates the request and builds the command.
+fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
+    if request.tty {
+        return Err(Refusal(
+            ErrorKind::Unsupported,
+            "tty is not supported by protocol version 1".into(),
+        ));
+    }
+    let (program, arguments): (&str, Vec<&str>) = match (&request.argv, &request.shell) {
+        (Some(argv), None) => match argv.split_first() {
+            Some((program, rest)) => (program, rest.iter().map(String::as_str).collect()),
+            None => return Err(Refusal(ErrorKind::BadRequest, "argv is empty".into())),
+        },
+        (None, Some(line)) => ("/bin/sh", vec!["-c", line.as_str()]),
+        _ => {
+            return Err(Refusal(
+                ErrorKind::BadRequest,
+                "exactly one of argv and shell must be given".into(),
+            ));
+        }
+    };
+    let search_path = request
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| {
+            (!request.clear_env)
+                .then(|| std::env::var("PATH").ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| DEFAULT_PATH.to_owned());
+    let resolved = resolve_program(program, &search_path).ok_or_else(|| {
+        Refusal(
+            ErrorKind::NotFound,
+            format!("cannot start `{program}`: not found in PATH {search_path}"),
+        )
+    })?;
+    let mut command = Command::new(&resolved);
+    command.arg0(program).args(arguments);
+    if request.clear_env {
+        command.env_clear();
+    }
+    if !request.env.contains_key("PATH") && std::env::var_os("PATH").is_none() {
+        command.env("PATH", DEFAULT_PATH);
+    }
+    command.envs(&request.env);
+    if let Some(cwd) = &request.cwd {
+        match std::fs::metadata(cwd) {
+            Ok(meta) if meta.is_dir() => {
+                command.current_dir(cwd);
+            }
+            Ok(_) => {
+                return Err(Refusal(
+                    ErrorKind::BadRequest,
+                    format!("working directory {cwd} is not a directory"),
+                ));
+            }
+            Err(error) => {
+                return Err(Refusal(
+                    error_kind(&error),
+                    format!("working directory {cwd}: {error}"),
+                ));
+            }
+        }
+    }
+    command
+        .stdin(if request.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    Ok(command)
+}
+
+/// `program` itself if it contains a slash, else the first executable file of that name in
+/// `search_path`.
+pub fn resolve_program(program: &str, search_path: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_executable = |path: &Path| {
+        std::fs::metadata(path)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    if program.is_empty() {
+        return None;
+    }
+    std::env::split_paths(OsStr::new(search_path))
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn describe(request: &protocol::Exec) -> String {
+    match (&request.argv, &request.shell) {
+        (Some(argv), _) => format!("{argv:?}"),
+        (_, Some(line)) => format!("sh -c {line:?}"),
+        _ => "the command".into(),
+    }
+}
+
+/// One running command and the state of its streams.
+struct Session {
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    exit_pipe: OwnedFd,
+    process_group: Pid,
+    pending_stdin: Vec<u8>,
+    stdin_eof_requested: bool,
+    exit: Option<Exit>,
+    buffer: Vec<u8>,
+}
+
+/// Adds `fd` (if any) to the poll set; returns its index.
+fn slot<'fd>(
+    fds: &mut Vec<PollFd<'fd>>,
+    fd: Option<std::os::fd::BorrowedFd<'fd>>,
+    flags: PollFlags,
+) -> Option<usize> {
+    fd.map(|fd| {
+        fds.push(PollFd::new(fd, flags));
+        fds.len() - 1
+    })
+}
+
+/// Which polled descriptors are ready.
+struct Ready {
+    client: bool,
+    stdout: bool,
+    stderr: bool,
+    stdin: bool,
+    exited: bool,
+}
+
+/// What a client frame means for the running command.
+enum Step {
+    Continue,
+    /// A frame that is not legal during `Exec`: the command is killed and the request fails.
+    Violation(String),
+}
+
+impl Session {
+    fn drive(&mut self, connection: &mut Connection) -> Result<(), Disconnected> {
+        loop {
+            while self.pending_stdin.len() < STDIN_BACKLOG {
+                match connection.reader.buffered_frame() {
+                    Ok(Some(frame)) => {
+                        if let Step::Violation(message) = self.client_frame(connection, frame)? {
+                            self.kill();
+                            return connection.refuse(ErrorKind::BadRequest, message);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => return Err(connection.fail(error)),
+                }
+            }
+            if let Some(exit) = self.exit {
+                self.drain_output(connection)?;
+                return connection.send_json(FrameType::Exit, &exit);
+            }
+            self.wait_and_move(connection)?;
+        }
+    }
+
+    /// One `poll` over every live descriptor, then one step on each ready one.
+    fn wait_and_move(&mut self, connection: &mut Connection) -> Result<(), Disconnected> {
+        let want_client = self.pending_stdin.len() < STDIN_BACKLOG;
+        let want_stdin = !self.pending_stdin.is_empty();
+        let input = PollFlags::POLLIN;
+        let polled = {
+            let mut fds = Vec::with_capacity(5);
+            let client = slot(&mut fds, want_client.then(|| connection.reader.fd()), input);
+            let stdout = slot(&mut fds, self.stdout.as_ref().map(AsFd::as_fd), input);
+            let stderr = slot(&mut fds, self.stderr.as_ref().map(AsFd::as_fd), input);
+            let stdin = slot(
+                &mut fds,
+                self.stdin.as_ref().filter(|_| want_stdin).map(AsFd::as_fd),
+                PollFlags::POLLOUT,
+            );
+            let exited = slot(&mut fds, Some(self.exit_pipe.as_fd()), input);
+            poll(&mut fds, PollTimeout::NONE).map(|_| {
+                let ready = |index: Option<usize>| {
+                    index.is_some_and(|index| fds[index].any().unwrap_or(false))
+                };
+                Ready {
+                    client: ready(client),
+                    stdout: ready(stdout),
+                    stderr: ready(stderr),
+                    stdin: ready(stdin),
+                    exited: ready(exited),
+                }
+            })
+        };
+        let ready = match polled {
+            Ok(ready) => ready,
+            Err(nix::errno::Errno::EINTR) => return Ok(()),
+            Err(errno) => return Err(connection.fail(ReadError::Io(errno.into()))),
+        };
+        if ready.client {
+            match connection.reader.fill() {
+                Ok(true) => {}
+                // The client is gone: nobody is left to see the output.
+                Ok(false) => return Err(Disconnected),
+                Err(error) => return Err(connection.fail(ReadError::Io(error))),
+            }
+        }
+        if ready.stdout {
+            self.pump(connection, FrameType::Stdout)?;
+        }
+        if ready.stderr {
+            self.pump(connection, FrameType::Stderr)?;
+        }
+        if ready.stdin {
+            self.feed_stdin();
+        }
+        if ready.exited {
+            match crate::reaper::read_exit(&self.exit_pipe) {
+                Ok(exit) => self.exit = Some(exit),
+                Err(error) => return Err(connection.fail(ReadError::Io(error))),
+            }
+        }
+        Ok(())
+    }
+
+    fn client_frame(
+        &mut self,
+        connection: &mut Connection,
+        frame: Frame,
+    ) -> Result<Step, Disconnected> {
+        match frame.header.frame_type() {
+            Some(FrameType::Stdin) => {
+                if self.stdin.is_some() && !self.stdin_eof_requested {
+                    self.pending_stdin.extend_from_slice(&frame.payload);
+                }
+                // Otherwise the command did not ask for stdin or closed it: drop the bytes.
+            }
+            Some(FrameType::StdinEof) => {
+                self.stdin_eof_requested = true;
+                if self.pending_stdin.is_empty() {
+                    self.stdin = None;
+                }
+            }
+            Some(FrameType::Signal) => {
+                let request: protocol::Signal = match protocol::decode_json(&frame.payload) {
+                    Ok(request) => request,
+                    Err(error) => return Ok(Step::Violation(format!("bad Signal: {error}"))),
+                };
+                let Ok(signal) = Signal::try_from(request.signal) else {
+                    return Ok(Step::Violation(format!(
+                        "unknown signal number {}",
+                        request.signal
+                    )));
+                };
+                // The group may be gone already; that is not an error.
+                let _ = killpg(self.process_group, signal);
+            }
+            Some(FrameType::Hello) => connection.hello(&frame)?,
+            Some(other) => {
+                return Ok(Step::Violation(format!(
+                    "{other:?} is not allowed while a command runs"
+                )));
+            }
+            None => {
+                return Ok(Step::Violation(format!(
+                    "unknown frame type {:#04x}",
+                    frame.header.kind
+                )));
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Reads what one pipe has and sends it as one frame; closes it at end of file.
+    fn pump(&mut self, connection: &mut Connection, kind: FrameType) -> Result<(), Disconnected> {
+        let pipe = match kind {
+            FrameType::Stdout => &mut self.stdout,
+            _ => &mut self.stderr,
+        };
+        let Some(file) = pipe else { return Ok(()) };
+        match file.read(&mut self.buffer) {
+            Ok(0) => *pipe = None,
+            Ok(count) => connection.send_bytes(kind, &self.buffer[..count])?,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => *pipe = None,
+        }
+        Ok(())
+    }
+
+    /// After the command exited: sends what its pipes still hold, without waiting for more.
+    fn drain_output(&mut self, connection: &mut Connection) -> Result<(), Disconnected> {
+        for kind in [FrameType::Stdout, FrameType::Stderr] {
+            loop {
+                let pipe = match kind {
+                    FrameType::Stdout => &mut self.stdout,
+                    _ => &mut self.stderr,
+                };
+                let Some(file) = pipe else { break };
+                match file.read(&mut self.buffer) {
+                    Ok(0) | Err(_) => {
+                        *pipe = None;
+                        break;
+                    }
+                    Ok(count) => connection.send_bytes(kind, &self.buffer[..count])?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn feed_stdin(&mut self) {
+        let Some(stdin) = &mut self.stdin else {
+            self.pending_stdin.clear();
+            return;
+        };
+        match stdin.write(&self.pending_stdin) {
+            Ok(count) => {
+                self.pending_stdin.drain(..count);
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => {
+                // The command closed its stdin (EPIPE): the rest has nowhere to go.
+                self.stdin = None;
+                self.pending_stdin.clear();
+            }
+        }
+        if self.pending_stdin.is_empty() && self.stdin_eof_requested {
+            self.stdin = None;
+        }
+    }
+
+    fn kill(&self) {
+        if self.exit.is_none() {
+            let _ = killpg(self.process_group, Signal::SIGKILL);
+        }
+    }
+}

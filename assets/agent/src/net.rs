@@ -1,0 +1,350 @@
+//! Bringing the network up from `ip=` with rtnetlink, for images without iproute2 or a
+//! network manager (container images run with the agent as PID 1, and `banger-agent
+//! network-up` in images whose systemd has no networkd).
+//!
+//! Netlink requests are plain byte buffers sent on an AF_NETLINK socket, so this needs no
+//! `unsafe` and no ioctl structures: loopback up; the interface up; its address; a default
+//! route. Each request asks for an acknowledgement, and "already exists" counts as done, so
+//! running it twice is harmless.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
+    socket,
+};
+
+use crate::cmdline::IpConfig;
+
+const NLMSG_HEADER_LEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const AF_UNSPEC: u8 = 0;
+const AF_INET: u8 = 2;
+const IFF_UP: u32 = 0x1;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_BROADCAST: u16 = 4;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RTN_UNICAST: u8 = 1;
+
+/// How long to wait for the interface to appear (its driver may still be probing).
+const INTERFACE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One netlink message: header, fixed body, then attributes, each padded to 4 bytes.
+pub fn message(
+    kind: u16,
+    flags: u16,
+    sequence: u32,
+    body: &[u8],
+    attributes: &[(u16, &[u8])],
+) -> Vec<u8> {
+    let mut bytes = vec![0u8; NLMSG_HEADER_LEN];
+    bytes.extend_from_slice(body);
+    pad(&mut bytes);
+    for (attribute, value) in attributes {
+        let length = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+        bytes.extend_from_slice(&length.to_ne_bytes());
+        bytes.extend_from_slice(&attribute.to_ne_bytes());
+        bytes.extend_from_slice(value);
+        pad(&mut bytes);
+    }
+    let total = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    bytes[0..4].copy_from_slice(&total.to_ne_bytes());
+    bytes[4..6].copy_from_slice(&kind.to_ne_bytes());
+    bytes[6..8].copy_from_slice(&flags.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&sequence.to_ne_bytes());
+    // Bytes 12..16, the sender's port id: 0 lets the kernel fill it in.
+    bytes
+}
+
+fn pad(bytes: &mut Vec<u8>) {
+    while !bytes.len().is_multiple_of(4) {
+        bytes.push(0);
+    }
+}
+
+/// `struct ifinfomsg` setting IFF_UP on `index`.
+pub fn link_up_body(index: u32) -> Vec<u8> {
+    let mut body = vec![AF_UNSPEC, 0, 0, 0];
+    body.extend_from_slice(&(index as i32).to_ne_bytes());
+    body.extend_from_slice(&IFF_UP.to_ne_bytes()); // flags
+    body.extend_from_slice(&IFF_UP.to_ne_bytes()); // change mask
+    body
+}
+
+/// `struct ifaddrmsg` for an IPv4 address on `index`.
+pub fn address_body(index: u32, prefix_len: u8) -> Vec<u8> {
+    let mut body = vec![AF_INET, prefix_len, 0, RT_SCOPE_UNIVERSE];
+    body.extend_from_slice(&index.to_ne_bytes());
+    body
+}
+
+/// `struct rtmsg` for a default IPv4 route in the main table.
+pub fn default_route_body() -> Vec<u8> {
+    let mut body = vec![
+        AF_INET,
+        0, // destination prefix length: 0 is the default route
+        0,
+        0,
+        RT_TABLE_MAIN,
+        RTPROT_BOOT,
+        RT_SCOPE_UNIVERSE,
+        RTN_UNICAST,
+    ];
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body
+}
+
+/// The broadcast address of `address/prefix_len`.
+pub fn broadcast(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let host_bits = u32::MAX.checked_shr(u32::from(prefix_len)).unwrap_or(0);
+    Ipv4Addr::from(u32::from(address) | host_bits)
+}
+
+/// A route netlink socket.
+struct Netlink {
+    socket: OwnedFd,
+    sequence: u32,
+}
+
+impl Netlink {
+    fn open() -> Result<Netlink, String> {
+        let socket = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(|errno| format!("cannot open a netlink socket: {errno}"))?;
+        bind(socket.as_raw_fd(), &NetlinkAddr::new(0, 0))
+            .map_err(|errno| format!("cannot bind a netlink socket: {errno}"))?;
+        Ok(Netlink {
+            socket,
+            sequence: 0,
+        })
+    }
+
+    /// Sends one request and waits for its acknowledgement; EEXIST counts as success.
+    fn request(
+        &mut self,
+        what: &str,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+        attributes: &[(u16, &[u8])],
+    ) -> Result<(), String> {
+        self.sequence += 1;
+        let bytes = message(
+            kind,
+            flags | NLM_F_REQUEST | NLM_F_ACK,
+            self.sequence,
+            body,
+            attributes,
+        );
+        sendto(
+            self.socket.as_raw_fd(),
+            &bytes,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(|errno| format!("{what}: {errno}"))?;
+        let mut reply = vec![0u8; 8192];
+        loop {
+            let count = match recv(self.socket.as_raw_fd(), &mut reply, MsgFlags::empty()) {
+                Ok(count) => count,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(format!("{what}: {errno}")),
+            };
+            match ack_status(&reply[..count], self.sequence) {
+                Some(0) => return Ok(()),
+                Some(code) if -code == Errno::EEXIST as i32 => return Ok(()),
+                Some(code) => return Err(format!("{what}: {}", Errno::from_raw(-code))),
+                None => continue,
+            }
+        }
+    }
+}
+
+/// The error code (0 for success) of the acknowledgement for `sequence` in `reply`.
+pub fn ack_status(reply: &[u8], sequence: u32) -> Option<i32> {
+    let mut offset = 0;
+    while offset + NLMSG_HEADER_LEN <= reply.len() {
+        let word = |at: usize| {
+            u32::from_ne_bytes([reply[at], reply[at + 1], reply[at + 2], reply[at + 3]])
+        };
+        let length = word(offset) as usize;
+        let kind = u16::from_ne_bytes([reply[offset + 4], reply[offset + 5]]);
+        let seq = word(offset + 8);
+        if length < NLMSG_HEADER_LEN || offset + length > reply.len() {
+            return None;
+        }
+        if kind == NLMSG_ERROR && seq == sequence && length >= NLMSG_HEADER_LEN + 4 {
+            return Some(word(offset + NLMSG_HEADER_LEN) as i32);
+        }
+        offset += (length + 3) & !3;
+    }
+    None
+}
+
+/// The interface to configure: the named one, else the first non-loopback one.
+fn choose_interface(named: Option<&str>) -> Result<String, String> {
+    if let Some(name) = named {
+        return Ok(name.to_owned());
+    }
+    let waited = crate::init::wait_for_path_with(
+        || first_ethernet().is_some(),
+        Some(INTERFACE_TIMEOUT),
+        |_| {},
+    );
+    match (waited, first_ethernet()) {
+        (Ok(_), Some(name)) => Ok(name),
+        _ => Err("no network interface besides lo".into()),
+    }
+}
+
+fn first_ethernet() -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "lo")
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+/// Configures the interface from `ip`; returns its name.
+pub fn configure(ip: &IpConfig) -> Result<String, String> {
+    let mut netlink = Netlink::open()?;
+    let loopback = nix::net::if_::if_nametoindex("lo").map_err(|errno| format!("lo: {errno}"))?;
+    netlink.request("bring lo up", RTM_NEWLINK, 0, &link_up_body(loopback), &[])?;
+    let name = choose_interface(ip.device.as_deref())?;
+    let class = Path::new("/sys/class/net").join(&name);
+    if crate::init::wait_for_path_with(|| class.exists(), Some(INTERFACE_TIMEOUT), |_| {}).is_err()
+    {
+        return Err(format!(
+            "interface {name} did not appear within {INTERFACE_TIMEOUT:?}"
+        ));
+    }
+    let index =
+        nix::net::if_::if_nametoindex(name.as_str()).map_err(|errno| format!("{name}: {errno}"))?;
+    netlink.request(
+        &format!("bring {name} up"),
+        RTM_NEWLINK,
+        0,
+        &link_up_body(index),
+        &[],
+    )?;
+    let address = ip.address.octets();
+    let broadcast = broadcast(ip.address, ip.prefix_len).octets();
+    netlink.request(
+        &format!("add {}/{} to {name}", ip.address, ip.prefix_len),
+        RTM_NEWADDR,
+        NLM_F_CREATE | NLM_F_EXCL,
+        &address_body(index, ip.prefix_len),
+        &[
+            (IFA_LOCAL, &address),
+            (IFA_ADDRESS, &address),
+            (IFA_BROADCAST, &broadcast),
+        ],
+    )?;
+    if let Some(gateway) = ip.gateway {
+        let gateway_bytes = gateway.octets();
+        let index_bytes = index.to_ne_bytes();
+        netlink.request(
+            &format!("add a default route via {gateway}"),
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &default_route_body(),
+            &[(RTA_GATEWAY, &gateway_bytes), (RTA_OIF, &index_bytes)],
+        )?;
+    }
+    Ok(name)
+}
+
+/// `nameserver` lines for `/etc/resolv.conf`.
+pub fn resolv_conf(dns: &[Ipv4Addr]) -> String {
+    dns.iter()
+        .map(|server| format!("nameserver {server}\n"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_their_length_type_flags_and_padded_attributes() {
+        let bytes = message(
+            RTM_NEWADDR,
+            NLM_F_REQUEST | NLM_F_ACK,
+            7,
+            &address_body(3, 24),
+            &[(IFA_LOCAL, &[10, 0, 0, 2]), (99, &[1])],
+        );
+        // 16 header + 8 body + 8 first attribute + 8 (5 padded) second attribute.
+        assert_eq!(bytes.len(), 40);
+        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), 40);
+        assert_eq!(
+            u16::from_ne_bytes(bytes[4..6].try_into().unwrap()),
+            RTM_NEWADDR
+        );
+        assert_eq!(u16::from_ne_bytes(bytes[6..8].try_into().unwrap()), 5);
+        assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().unwrap()), 7);
+        assert_eq!(&bytes[16..20], &[AF_INET, 24, 0, 0]);
+        assert_eq!(u32::from_ne_bytes(bytes[20..24].try_into().unwrap()), 3);
+        assert_eq!(u16::from_ne_bytes(bytes[24..26].try_into().unwrap()), 8);
+        assert_eq!(&bytes[28..32], &[10, 0, 0, 2]);
+        assert_eq!(u16::from_ne_bytes(bytes[32..34].try_into().unwrap()), 5);
+        assert_eq!(&bytes[36..40], &[1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn acknowledgements_are_found_by_sequence() {
+        let mut reply = message(NLMSG_ERROR, 0, 4, &(-17i32).to_ne_bytes(), &[]);
+        reply.extend(message(NLMSG_ERROR, 0, 5, &0i32.to_ne_bytes(), &[]));
+        assert_eq!(ack_status(&reply, 4), Some(-17));
+        assert_eq!(ack_status(&reply, 5), Some(0));
+        assert_eq!(ack_status(&reply, 6), None);
+        assert_eq!(ack_status(&reply[..10], 4), None);
+    }
+
+    #[test]
+    fn broadcast_addresses() {
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 0, 2, 15), 24),
+            Ipv4Addr::new(10, 0, 2, 255)
+        );
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 0, 2, 15), 32),
+            Ipv4Addr::new(10, 0, 2, 15)
+        );
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 0, 2, 15), 0),
+            Ipv4Addr::BROADCAST
+        );
+    }
+
+    #[test]
+    fn resolv_conf_lists_servers_in_order() {
+        assert_eq!(
+            resolv_conf(&[Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)]),
+            "nameserver 1.1.1.1\nnameserver 9.9.9.9\n"
+        );
+    }
+}
