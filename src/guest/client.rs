@@ -10,8 +10,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::error::GuestError;
 use super::protocol::{
-    self, DATA_CHUNK, End, ErrorReply, Exec, FileInfo, FrameHeader, FrameType, GetFile, HEADER_LEN,
-    Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile, Ready, encode_frame, encode_json_frame,
+    self, DATA_CHUNK, End, ErrorKind, ErrorReply, Exec, FileInfo, FrameHeader, FrameType, GetFile,
+    HEADER_LEN, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile, Ready, encode_frame,
+    encode_json_frame,
 };
 
 /// Where a guest's agent is reached.
@@ -67,7 +68,8 @@ impl GuestEndpoint {
 }
 
 /// Runs `attempt` until it succeeds or `deadline` passes, pausing between tries; the error
-/// then is [`GuestError::NotReady`] naming the last failure. A version mismatch is final.
+/// then is [`GuestError::NotReady`] naming the last failure. A version mismatch, found by
+/// either side, is final: retrying cannot change it.
 async fn retry_until<T, F, Fut>(
     deadline: Instant,
     endpoint: &str,
@@ -82,7 +84,7 @@ where
     loop {
         let last = match tokio::time::timeout_at(deadline.into(), attempt()).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error @ GuestError::UnsupportedVersion { .. })) => return Err(error),
+            Ok(Err(error)) if is_version_mismatch(&error) => return Err(error),
             Ok(Err(error)) => error_chain(&error),
             Err(_) => "timed out".to_owned(),
         };
@@ -97,6 +99,19 @@ where
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
+}
+
+/// Whether `error` says the two sides share no protocol version: this client's own check of
+/// `Ready`, or the agent's `unsupported_version` answer to `Hello`.
+fn is_version_mismatch(error: &GuestError) -> bool {
+    matches!(
+        error,
+        GuestError::UnsupportedVersion { .. }
+            | GuestError::Remote {
+                kind: ErrorKind::UnsupportedVersion,
+                ..
+            }
+    )
 }
 
 /// An error and its sources on one line.
@@ -118,6 +133,15 @@ pub enum ExitStatus {
     Code(i32),
     /// This signal killed it.
     Signal(i32),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit {code}"),
+            ExitStatus::Signal(signal) => write!(f, "killed by signal {signal}"),
+        }
+    }
 }
 
 impl ExitStatus {
@@ -272,7 +296,8 @@ impl GuestChannel {
     }
 
     /// Runs a command, streaming `stdin` to it (when the request asks for stdin) and its
-    /// output to `stdout` and `stderr` as it comes, until it ends.
+    /// output to `stdout` and `stderr` as it comes, until it ends. Stdin not yet sent when the
+    /// command ends is not read.
     pub async fn exec<I, O, E>(
         &mut self,
         request: &Exec,
@@ -291,27 +316,6 @@ impl GuestChannel {
         let channel = self.channel;
         let writer = &mut self.writer;
         let reader = &mut self.reader;
-        let feed = async {
-            if !request.stdin {
-                return Ok(());
-            }
-            let mut buffer = vec![0u8; DATA_CHUNK];
-            loop {
-                let count =
-                    stdin
-                        .read(&mut buffer)
-                        .await
-                        .map_err(|source| GuestError::LocalRead {
-                            what: "stdin",
-                            source,
-                        })?;
-                if count == 0 {
-                    return write_frame(writer, FrameType::StdinEof, channel, b"", "StdinEof")
-                        .await;
-                }
-                write_frame(writer, FrameType::Stdin, channel, &buffer[..count], "Stdin").await?;
-            }
-        };
         let receive = async {
             // Outer error: the stream broke off. Inner: the agent refused, cleanly.
             loop {
@@ -337,19 +341,55 @@ impl GuestChannel {
                 }
             }
         };
-        tokio::pin!(feed, receive);
-        let mut feeding = true;
+        tokio::pin!(receive);
+        // Stdin is fed from this loop, not a future of its own, so that what was sent is known
+        // when the command ends: `read` and `write` are cancel-safe, and `frame` and `written`
+        // are the frame being sent and how much of it the agent has.
+        let mut feeding = request.stdin;
+        let mut buffer = vec![0u8; if feeding { DATA_CHUNK } else { 0 }];
+        let mut frame = Vec::new();
+        let mut written = 0;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut receive => break outcome,
-                fed = &mut feed, if feeding => {
-                    feeding = false;
-                    fed?;
+                read = stdin.read(&mut buffer), if feeding && frame.is_empty() => {
+                    let count = read.map_err(|source| GuestError::LocalRead {
+                        what: "stdin",
+                        source,
+                    })?;
+                    frame = if count == 0 {
+                        feeding = false;
+                        encode_frame(FrameType::StdinEof, channel, b"")
+                    } else {
+                        encode_frame(FrameType::Stdin, channel, &buffer[..count])
+                    };
+                }
+                sent = writer.write(&frame[written..]), if !frame.is_empty() => {
+                    let what = if feeding { "Stdin" } else { "StdinEof" };
+                    match sent {
+                        Ok(0) => {
+                            return Err(GuestError::Send {
+                                what,
+                                source: std::io::ErrorKind::WriteZero.into(),
+                            });
+                        }
+                        Ok(count) => written += count,
+                        Err(source) => return Err(GuestError::Send { what, source }),
+                    }
+                    if written == frame.len() {
+                        frame.clear();
+                        written = 0;
+                    }
                 }
             }
         };
-        // The command is over: whatever stdin was still in flight is dropped with `feed`.
         let result = outcome?;
+        // The command is over and the rest of stdin is dropped, but a frame cut in the middle
+        // would swallow the next request: finish it. The agent ignores `Stdin` after `Exit`.
+        if written > 0 {
+            let what = if feeding { "Stdin" } else { "StdinEof" };
+            write_all_to(writer, &frame[written..], what).await?;
+        }
         self.busy = false;
         result
     }
@@ -580,8 +620,16 @@ async fn write_frame(
     payload: &[u8],
     what: &'static str,
 ) -> Result<(), GuestError> {
+    write_all_to(writer, &encode_frame(kind, channel, payload), what).await
+}
+
+async fn write_all_to(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), GuestError> {
     writer
-        .write_all(&encode_frame(kind, channel, payload))
+        .write_all(bytes)
         .await
         .map_err(|source| GuestError::Send { what, source })
 }

@@ -18,7 +18,10 @@
 //!    concurrency, open more channels.
 //! 4. Every future here is cancellable by drop. A request dropped half-way leaves its channel
 //!    mid-stream, so the channel refuses further requests ([`GuestError::Poisoned`]);
-//!    dropping the channel closes the connection, and the agent then kills the command.
+//!    dropping the channel closes the connection, and the agent then kills the command. A
+//!    command that ends before its stdin is all sent leaves the channel usable: `exec`
+//!    finishes the `Stdin` frame it was writing (the agent ignores stdin after `Exit`) and
+//!    sends no more.
 //!
 //! Weaknesses: no pseudo-terminal (`tty` is refused by protocol v1); no signal forwarding
 //! during `exec` yet (the agent understands `Signal`); one channel per serial connection,

@@ -859,3 +859,164 @@ async fn the_serial_transport_multiplexes_channels_and_survives_reconnects() {
     assert_eq!(outputs[&11], b"channel 11\n");
     assert_eq!(outputs[&12], b"channel 12\n");
 }
+
+#[tokio::test]
+async fn clear_env_gives_the_command_and_its_children_a_default_path() {
+    let agent = Agent::start();
+    let mut channel = agent.channel().await;
+    let mut request = ExecRequest::argv(["sh", "-c", "echo $PATH; env | grep -c ^PATH="]);
+    request.clear_env = true;
+    let (status, stdout, stderr) = run(&mut channel, request, b"").await;
+    assert_eq!(status, ExitStatus::Code(0), "stderr: {stderr:?}");
+    assert_eq!(
+        String::from_utf8(stdout).unwrap(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n1\n"
+    );
+
+    // A PATH in `env` wins, with or without clear_env.
+    let mut request = ExecRequest::shell("echo $PATH").with_env("PATH", "/bin:/usr/bin");
+    request.clear_env = true;
+    let (_, stdout, _) = run(&mut channel, request, b"").await;
+    assert_eq!(stdout, b"/bin:/usr/bin\n");
+}
+
+#[tokio::test]
+async fn get_file_refuses_a_fifo_at_once_and_the_channel_stays_usable() {
+    let agent = Agent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut channel = agent.channel().await;
+    let error = tokio::time::timeout(
+        Duration::from_secs(10),
+        channel.get_file(&fifo.display().to_string(), Vec::new()),
+    )
+    .await
+    .expect("GetFile of a FIFO hangs")
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            GuestError::Remote {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let (status, stdout, _) = run(&mut channel, ExecRequest::argv(["echo", "ok"]), b"").await;
+    assert_eq!(
+        (status, stdout.as_slice()),
+        (ExitStatus::Code(0), b"ok\n".as_slice())
+    );
+}
+
+#[tokio::test]
+async fn a_command_that_exits_before_its_stdin_is_sent_leaves_the_channel_in_step() {
+    let agent = Agent::start();
+    let mut channel = agent.channel().await;
+    let input = vec![b'x'; 4 << 20];
+    // `true` exits at once; `sleep` never reads, so the agent stops reading the connection
+    // once its stdin backlog is full. Either way the client is often cut off inside a
+    // `Stdin` frame, but not always: a short first read shifts where every later frame
+    // starts, and many rounds make a missed cut (the bug hiding) very unlikely.
+    for round in 0..32 {
+        let first = 1 + round * 2039;
+        let line = if round % 4 == 3 { "sleep 0.05" } else { "true" };
+        let stdin = (&input[..first]).chain(input.as_slice());
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            channel.exec(
+                &ExecRequest::shell(line).with_stdin(),
+                stdin,
+                tokio::io::sink(),
+                tokio::io::sink(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("`{line}` hangs"))
+        .unwrap();
+        assert_eq!(status, ExitStatus::Code(0), "{line}");
+        let mut stdout = Vec::new();
+        let status = tokio::time::timeout(
+            Duration::from_secs(10),
+            channel.exec(
+                &ExecRequest::argv(["echo", "ok"]),
+                tokio::io::empty(),
+                &mut stdout,
+                tokio::io::sink(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the request after `{line}` ({first}) hangs: the stream is out of step")
+        });
+        assert_eq!(
+            (status.unwrap(), stdout.as_slice()),
+            (ExitStatus::Code(0), b"ok\n".as_slice()),
+            "after `{line}` ({first})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wait_ready_gives_up_at_once_when_the_agent_refuses_the_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // An agent that speaks only versions newer than this client: every Hello gets
+    // `unsupported_version`.
+    let fake_agent = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let mut header = [0u8; HEADER_LEN];
+                    if stream.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    let header = FrameHeader::decode(&header).unwrap();
+                    let mut payload = vec![0u8; header.len as usize];
+                    if stream.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let reply = ErrorReply {
+                        kind: ErrorKind::UnsupportedVersion,
+                        message: "this agent speaks 1000 to 1001".into(),
+                    };
+                    let frame = protocol::encode_json_frame(FrameType::Error, 0, &reply);
+                    if stream.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let endpoint = GuestEndpoint::Unix { path: socket };
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(3),
+        endpoint.wait_ready(Instant::now() + Duration::from_secs(10)),
+    )
+    .await
+    .expect("wait_ready retried a version refusal");
+    let error = outcome.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            GuestError::Remote {
+                kind: ErrorKind::UnsupportedVersion,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    fake_agent.abort();
+}

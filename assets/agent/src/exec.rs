@@ -16,7 +16,7 @@
 //! than [`STDIN_BACKLOG`] bytes of stdin wait for the command, so a `Signal` sent behind a
 //! large stdin backlog waits until the command reads.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -33,8 +33,9 @@ use crate::protocol::{self, DATA_CHUNK, ErrorKind, Exit, FrameType};
 use crate::serve::{Connection, Disconnected};
 use crate::wire::{Frame, ReadError, error_kind};
 
-/// `PATH` for commands when neither the agent's environment nor the request has one (the
-/// agent as PID 1 starts with the kernel's bare environment).
+/// `PATH` for commands whose request has none and that do not inherit the agent's (with
+/// `clear_env`, or when the agent has none: as PID 1 it starts with the kernel's bare
+/// environment).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Stdin bytes buffered for the command before client frames stop being read.
@@ -103,20 +104,14 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
             ));
         }
     };
-    let search_path = request
-        .env
-        .get("PATH")
-        .cloned()
-        .or_else(|| {
-            (!request.clear_env)
-                .then(|| std::env::var("PATH").ok())
-                .flatten()
-        })
-        .unwrap_or_else(|| DEFAULT_PATH.to_owned());
+    let search_path = command_path(request, std::env::var_os("PATH"));
     let resolved = resolve_program(program, &search_path).ok_or_else(|| {
         Refusal(
             ErrorKind::NotFound,
-            format!("cannot start `{program}`: not found in PATH {search_path}"),
+            format!(
+                "cannot start `{program}`: not found in PATH {}",
+                search_path.to_string_lossy()
+            ),
         )
     })?;
     let mut command = Command::new(&resolved);
@@ -124,10 +119,8 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
     if request.clear_env {
         command.env_clear();
     }
-    if !request.env.contains_key("PATH") && std::env::var_os("PATH").is_none() {
-        command.env("PATH", DEFAULT_PATH);
-    }
-    command.envs(&request.env);
+    // The command sees the PATH its program was found in, and exports it to its children.
+    command.env("PATH", &search_path).envs(&request.env);
     if let Some(cwd) = &request.cwd {
         match std::fs::metadata(cwd) {
             Ok(meta) if meta.is_dir() => {
@@ -159,9 +152,20 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
     Ok(command)
 }
 
+/// The `PATH` a command gets: the request's, else the agent's (`agent_path`) unless
+/// `clear_env`, else [`DEFAULT_PATH`].
+fn command_path(request: &protocol::Exec, agent_path: Option<OsString>) -> OsString {
+    if let Some(path) = request.env.get("PATH") {
+        return path.into();
+    }
+    agent_path
+        .filter(|_| !request.clear_env)
+        .unwrap_or_else(|| DEFAULT_PATH.into())
+}
+
 /// `program` itself if it contains a slash, else the first executable file of that name in
 /// `search_path`.
-pub fn resolve_program(program: &str, search_path: &str) -> Option<PathBuf> {
+pub fn resolve_program(program: &str, search_path: impl AsRef<OsStr>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let is_executable = |path: &Path| {
         std::fs::metadata(path)
@@ -173,7 +177,7 @@ pub fn resolve_program(program: &str, search_path: &str) -> Option<PathBuf> {
     if program.is_empty() {
         return None;
     }
-    std::env::split_paths(OsStr::new(search_path))
+    std::env::split_paths(search_path.as_ref())
         .map(|dir| dir.join(program))
         .find(|candidate| is_executable(candidate))
 }
@@ -428,5 +432,57 @@ impl Session {
         if self.exit.is_none() {
             let _ = killpg(self.process_group, Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(clear_env: bool, path: Option<&str>) -> protocol::Exec {
+        let mut request = protocol::Exec {
+            argv: Some(vec!["true".into()]),
+            clear_env,
+            ..protocol::Exec::default()
+        };
+        if let Some(path) = path {
+            request.env.insert("PATH".into(), path.into());
+        }
+        request
+    }
+
+    #[test]
+    fn clear_env_without_a_path_in_env_gets_the_default_path() {
+        let agent = Some(OsString::from("/agent/bin"));
+        assert_eq!(command_path(&exec(true, None), agent), DEFAULT_PATH);
+        assert_eq!(command_path(&exec(true, None), None), DEFAULT_PATH);
+    }
+
+    #[test]
+    fn the_agents_path_is_inherited_unless_clear_env() {
+        let agent = Some(OsString::from("/agent/bin"));
+        assert_eq!(command_path(&exec(false, None), agent), "/agent/bin");
+        assert_eq!(command_path(&exec(false, None), None), DEFAULT_PATH);
+    }
+
+    #[test]
+    fn a_path_in_env_always_wins() {
+        for clear_env in [false, true] {
+            let agent = Some(OsString::from("/agent/bin"));
+            assert_eq!(
+                command_path(&exec(clear_env, Some("/mine")), agent),
+                "/mine"
+            );
+        }
+    }
+
+    #[test]
+    fn the_command_gets_the_path_its_program_was_found_in() {
+        let command = prepare(&exec(true, None)).unwrap_or_else(|_| panic!("refused"));
+        let path = command
+            .get_envs()
+            .find(|(name, _)| *name == "PATH")
+            .and_then(|(_, value)| value);
+        assert_eq!(path, Some(OsStr::new(DEFAULT_PATH)));
     }
 }

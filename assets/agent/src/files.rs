@@ -7,8 +7,11 @@
 //! When the file cannot be written, the agent answers `Error` at once and then discards the
 //! announced `Data`, so the connection stays in step with the client.
 //!
-//! `GetFile` sends regular files only (a device or FIFO could stream forever), `FileInfo`
-//! first, then `Data` frames until end of file, then `End` with the byte count.
+//! `GetFile` sends regular files only (a device or FIFO could stream forever, and opening a
+//! FIFO blocks until it has a writer), `FileInfo` first, then `Data` frames until end of
+//! file, then `End` with the byte count. The type is checked with `stat` before opening, so
+//! nothing else is opened; the open itself is non-blocking and its `fstat` must show the
+//! same regular file, so a path swapped for a FIFO in between is refused too, not waited on.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -16,6 +19,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::unistd::{Gid, Uid, fchown};
 
 use crate::protocol::{self, DATA_CHUNK, End, ErrorKind, FileInfo, FrameType};
@@ -169,27 +173,42 @@ impl Drop for Target {
     }
 }
 
+/// Opens `path` (following symbolic links) if it is a regular file, without ever blocking
+/// in `open` or opening anything else; returns the file and its metadata.
+fn open_regular(path: &str) -> Result<(File, std::fs::Metadata), (ErrorKind, String)> {
+    let cannot_open =
+        |error: io::Error| (error_kind(&error), format!("cannot open {path}: {error}"));
+    let not_regular = || {
+        (
+            ErrorKind::BadRequest,
+            format!("{path} is not a regular file"),
+        )
+    };
+    let before = std::fs::metadata(path).map_err(cannot_open)?;
+    if !before.is_file() {
+        return Err(not_regular());
+    }
+    // O_NONBLOCK: if the path became a FIFO since the `stat`, `open` returns at once.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+        .map_err(cannot_open)?;
+    let meta = file.metadata().map_err(cannot_open)?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
+        return Err(not_regular());
+    }
+    // Reads of a regular file never block anyway; clear the flag so they behave as usual.
+    fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).map_err(|errno| cannot_open(errno.into()))?;
+    Ok((file, meta))
+}
+
 /// Sends a regular file.
 pub fn get(connection: &mut Connection, request: protocol::GetFile) -> Result<(), Disconnected> {
-    let opened = File::open(&request.path).and_then(|file| {
-        let meta = file.metadata()?;
-        Ok((file, meta))
-    });
-    let (mut file, meta) = match opened {
+    let (mut file, meta) = match open_regular(&request.path) {
         Ok(opened) => opened,
-        Err(error) => {
-            return connection.refuse(
-                error_kind(&error),
-                format!("cannot open {}: {error}", request.path),
-            );
-        }
+        Err((kind, message)) => return connection.refuse(kind, message),
     };
-    if !meta.is_file() {
-        return connection.refuse(
-            ErrorKind::BadRequest,
-            format!("{} is not a regular file", request.path),
-        );
-    }
     connection.send_json(
         FrameType::FileInfo,
         &FileInfo {
@@ -218,4 +237,78 @@ pub fn get(connection: &mut Connection, request: protocol::GetFile) -> Result<()
         }
     }
     connection.send_json(FrameType::End, &End { size: sent })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A fresh directory under the system's temporary directory; removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "banger-agent-{name}-{}-{}",
+                std::process::id(),
+                TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `open_regular` in a thread, so a regression that blocks fails instead of hanging.
+    fn open_with_timeout(path: &Path) -> Result<(File, std::fs::Metadata), (ErrorKind, String)> {
+        let path = path.to_str().unwrap().to_owned();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // The receiver is gone only if it timed out, and then the test failed already.
+            let _ = sender.send(open_regular(&path));
+        });
+        receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("open_regular blocked")
+    }
+
+    #[test]
+    fn fifos_and_directories_are_refused_without_blocking() {
+        let dir = TempDir::new("fifo");
+        let fifo = dir.0.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let refused = open_with_timeout(&fifo).map(|_| ()).unwrap_err();
+        assert_eq!(refused.0, ErrorKind::BadRequest, "{}", refused.1);
+        let refused = open_with_timeout(&dir.0).map(|_| ()).unwrap_err();
+        assert_eq!(refused.0, ErrorKind::BadRequest, "{}", refused.1);
+        let missing = open_with_timeout(&dir.0.join("missing"))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(missing.0, ErrorKind::NotFound, "{}", missing.1);
+    }
+
+    #[test]
+    fn regular_files_open_through_symlinks_in_blocking_mode() {
+        let dir = TempDir::new("regular");
+        let target = dir.0.join("file");
+        std::fs::write(&target, b"content").unwrap();
+        let link = dir.0.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (mut file, meta) = open_with_timeout(&link).unwrap();
+        assert_eq!(meta.len(), 7);
+        let flags = fcntl(&file, FcntlArg::F_GETFL).unwrap();
+        assert_eq!(
+            OFlag::from_bits_truncate(flags) & OFlag::O_NONBLOCK,
+            OFlag::empty()
+        );
+        let mut content = String::new();
+        file.read_to_string(&mut content).unwrap();
+        assert_eq!(content, "content");
+    }
 }

@@ -23,6 +23,12 @@
 //!    `/dev/pts`, `/dev/shm` and cgroup2, sets the hostname and brings the network up from
 //!    `ip=`, writes `/etc/resolv.conf` from its DNS fields, reaps orphans, serves the
 //!    protocol, and powers off on SIGTERM, SIGINT (Ctrl-Alt-Del) or SIGPWR.
+//! 8. As PID 1, once serving, the agent starts first boot (`firstboot.rs`) in the background
+//!    unless `/var/lib/banger/first-boot.done` exists or the root is read-only: machine id,
+//!    the OpenSSH server through the image's package manager when `sshd` is missing, host
+//!    keys. It runs as a child process; its progress and outcome are console lines, and a
+//!    failure is retried at the next boot but never stops the agent. (systemd images run
+//!    banger's first-boot unit instead.)
 //!
 //! Only steps 2 and 4's waiting logic and the parsers are testable without being PID 1; they
 //! are unit-tested here and in `cmdline.rs` and `modules.rs`.
@@ -531,7 +537,12 @@ fn stay_pid1(config: &InitConfig) -> ! {
             .spawn(move || power_off(signal));
     });
     let options = crate::ServeOptions::guest_default();
-    if let Err(message) = crate::serve_forever(options, Some(shutdown), true) {
+    let pid1 = crate::Pid1 {
+        on_shutdown: shutdown,
+        // After the network (above), in the background: the package manager may need it.
+        on_start: Box::new(crate::firstboot::start_once),
+    };
+    if let Err(message) = crate::serve_forever(options, Some(pid1)) {
         console::error(&message);
     }
     // Nothing to serve on: stay alive so the kernel does not panic, and keep reaping.

@@ -7,8 +7,11 @@
 //!   (`protocol.rs`, specified in banger's `docs/agent.md`) on AF_VSOCK port
 //!   [`DEFAULT_PORT`] and, if present, the virtio-serial port `banger.0`; `--listen-unix`
 //!   serves a unix socket instead, so tests drive the real binary without a VM.
-//! - **network-up** (`net.rs`) and **first-boot** (`firstboot.rs`): the one-shot helpers
-//!   banger's systemd units run in images.
+//! - **network-up** (`net.rs`): configures the network from `ip=` once, for images whose
+//!   own tools will not.
+//! - **first-boot** (`firstboot.rs`): what an image instance needs once (machine id, the
+//!   OpenSSH server through the guest's package manager if `sshd` is missing, host keys). The
+//!   agent as PID 1 starts it in the background; it can also be run by hand.
 //!
 //! Statically linked (`+crt-static`) with no dynamic dependencies, so the same binary runs on
 //! glibc and musl guests and in images that lack a C library.
@@ -47,7 +50,7 @@ fn usage() -> String {
                     [--serial DEVICE | --no-serial | --serial-listen-unix PATH]
        banger-agent init          (as PID 1 of banger's initramfs; implied when PID 1)
        banger-agent network-up [--cmdline FILE]
-       banger-agent first-boot
+       banger-agent first-boot [--quiet]
        banger-agent --version
 
 Serves banger's guest protocol v{PROTOCOL_VERSION}: by default on vsock port {DEFAULT_PORT} and
@@ -140,9 +143,13 @@ impl ServeOptions {
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
+    // As PID 1 the agent is always init: the kernel passes the command line's unknown words
+    // (`single`, whatever follows `--`) as arguments, and PID 1 must never exit.
+    if init::is_pid1() {
+        init::run();
+    }
     let (command, rest) = match arguments.split_first() {
         Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
-        _ if init::is_pid1() => init::run(),
         _ => ("serve", arguments.as_slice()),
     };
     let result = match command {
@@ -160,13 +167,10 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        "serve" => {
-            ServeOptions::parse(rest).and_then(|options| serve_forever(options, None, false))
-        }
-        "init" if init::is_pid1() => init::run(),
+        "serve" => ServeOptions::parse(rest).and_then(|options| serve_forever(options, None)),
         "init" => Err("init mode runs only as PID 1 (from banger's initramfs)".into()),
         "network-up" => network_up(rest),
-        "first-boot" => firstboot::run(),
+        "first-boot" => firstboot::command(rest),
         other => Err(format!("unknown command `{other}`\n{}", usage())),
     };
     match result {
@@ -207,13 +211,27 @@ fn restore_default_signal_dispositions() {
     }
 }
 
+/// What the agent does only as the guest's PID 1 (`init.rs`).
+pub struct Pid1 {
+    /// Receives SIGTERM, SIGINT (Ctrl-Alt-Del) and SIGPWR.
+    pub on_shutdown: ShutdownHandler,
+    /// Called once the reaper runs and the transports listen, before serving: every process
+    /// it starts must go through the reaper, and every thread it starts inherits the
+    /// reaper's signal mask. It must return promptly; lasting work belongs on its own thread.
+    pub on_start: Box<dyn FnOnce(&Reaper)>,
+}
+
 /// Listens on every requested transport and serves until all of them have failed.
-pub fn serve_forever(
-    options: ServeOptions,
-    on_shutdown: Option<ShutdownHandler>,
-    pid1: bool,
-) -> Result<(), String> {
+pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), String> {
     restore_default_signal_dispositions();
+    let (on_shutdown, on_start) = match pid1 {
+        Some(Pid1 {
+            on_shutdown,
+            on_start,
+        }) => (Some(on_shutdown), Some(on_start)),
+        None => (None, None),
+    };
+    let is_pid1 = on_start.is_some();
     // First, while this is the only thread: the signal mask is inherited by every thread.
     let reaper =
         Reaper::start(on_shutdown).map_err(|error| format!("cannot start the reaper: {error}"))?;
@@ -267,10 +285,13 @@ pub fn serve_forever(
             protocol: PROTOCOL_VERSION,
             kernel_release: init::kernel_release(),
             boot_ms: u64::try_from(boot.as_millis()).unwrap_or(u64::MAX),
-            pid1,
+            pid1: is_pid1,
         },
     });
     console::info(&format!("agent ready on {}", transports.join(", ")));
+    if let Some(on_start) = on_start {
+        on_start(&agent.reaper);
+    }
     let (ended, endings) = mpsc::channel::<String>();
     let mut running = 0;
     let mut start = |name: &str, work: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
