@@ -157,10 +157,18 @@ mod tests {
         std::fs::write(&path, AGENT_BINARY).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let output = std::process::Command::new(&path)
-            .arg("--version")
-            .output()
-            .unwrap();
+        // Another test thread forking while the file was open for writing holds it open
+        // until that child execs: ETXTBSY for a moment.
+        let mut attempts = 0;
+        let output = loop {
+            match std::process::Command::new(&path).arg("--version").output() {
+                Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert!(output.status.success());
         assert!(
             String::from_utf8_lossy(&output.stdout).contains("protocol 1"),

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! `etc/banger/modules.load` lists the modules in load order, one per line, each a path
-//! relative to the initramfs root (`lib/modules/6.1.0-56-cloud-amd64/kernel/…/virtio.ko`),
-//! `\n`-terminated, no comments: init reads it line by line and calls `finit_module` on each.
+//! relative to `/lib/modules/<release>/` (`kernel/drivers/virtio/virtio.ko`), `\n`-terminated,
+//! no comments: init reads it line by line and calls `finit_module` on each (the format is
+//! the agent's, `assets/agent/src/modules.rs`).
 //! Dependencies come first (see [`super::modules`]).
 //!
 //! Modules are written uncompressed whatever the package shipped, and the whole archive is
@@ -248,7 +249,7 @@ fn write_tree<W: Write>(
             .read_plain()
             .map_err(|source| InitramfsError::Module { source })?;
         tree.file(&name, 0o644, &plain)?;
-        load_list.push(name);
+        load_list.push(relative);
     }
     let mut list = load_list.join("\n");
     if !list.is_empty() {
@@ -370,15 +371,15 @@ mod tests {
         assert_eq!(
             summary.module_load_list,
             [
-                "lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko",
-                "lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/virtio/virtio.ko",
-                "lib/modules/6.1.0-1-cloud-amd64/kernel/net/vmw_vsock/vsock.ko",
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/net/vmw_vsock/vsock.ko",
             ]
         );
         assert_eq!(summary.uncompressed_size, bytes.len() as u64);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains(
-            "lib/modules/6.1.0-1-cloud-amd64/kernel/drivers/virtio/virtio_ring.ko\nlib/modules/6.1.0-1-cloud-amd64/kernel/drivers/virtio/virtio.ko\n"
+            "kernel/drivers/virtio/virtio_ring.ko\nkernel/drivers/virtio/virtio.ko\nkernel/net/vmw_vsock/vsock.ko\n"
         ));
         assert!(text.ends_with("TRAILER!!!\0\0\0\0"));
 

@@ -135,7 +135,7 @@ pub const KERNEL_EXTRACT: KindInfo = kind(
 );
 pub const KERNEL_INITRAMFS: KindInfo = kind(
     "kernel.initramfs",
-    1,
+    2,
     Cached,
     Cpu,
     "build banger's small initramfs that loads virtio modules and mounts the root",
