@@ -168,21 +168,29 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
             },
         }
     };
+    let qemu = crate::env::var_path(crate::env::BANGER_QEMU).map_or_else(
+        || "qemu-system-x86_64".to_owned(),
+        |path| path.display().to_string(),
+    );
+    let vhost_vsock = crate::vm::vsock::find_binary().map_or_else(
+        || "vhost-device-vsock".to_owned(),
+        |path| path.display().to_string(),
+    );
     vec![
         accel_check,
         tsc,
         program_check(
             "qemu",
-            "qemu-system-x86_64",
+            &qemu,
             &["--version"],
             "booting VMs (the QEMU microvm backend)",
             "apt-get install qemu-system-x86",
         ),
         program_check(
             "vhost-device-vsock",
-            "vhost-device-vsock",
+            &vhost_vsock,
             &["--version"],
-            "the host↔guest agent channel under QEMU (hybrid vsock)",
+            "the host↔guest agent channel under QEMU (hybrid vsock; without it, virtio-serial)",
             "cargo install --locked vhost-device-vsock",
         ),
         program_check(

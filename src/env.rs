@@ -22,6 +22,11 @@ pub const BANGER_RUNTIME_DIR: &str = "BANGER_RUNTIME_DIR";
 /// `kvm` or `tcg`: the accelerator QEMU uses, overriding detection (which never picks KVM on a
 /// host where guests hang under it).
 pub const BANGER_ACCEL: &str = "BANGER_ACCEL";
+/// The `vhost-device-vsock` binary QEMU's vsock runs through. Default: found on `PATH`, else
+/// in cargo's `bin` directory.
+pub const BANGER_VHOST_DEVICE_VSOCK: &str = "BANGER_VHOST_DEVICE_VSOCK";
+/// The QEMU binary. Default: `qemu-system-x86_64` on `PATH`.
+pub const BANGER_QEMU: &str = "BANGER_QEMU";
 /// Any non-empty value hides progress bars (events still print as plain lines with `-v`).
 pub const BANGER_NO_PROGRESS: &str = "BANGER_NO_PROGRESS";
 /// Any non-empty value disables colour (<https://no-color.org>).
@@ -35,6 +40,9 @@ pub const BANGER_REGISTRY_RETRIES: &str = "BANGER_REGISTRY_RETRIES";
 /// Docker's: the directory holding `config.json`, whose `auths` give registry credentials.
 /// Default: `~/.docker`.
 pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
+/// Tests only: the `firecracker` binary the Firecracker backend tests run (default: on
+/// `PATH`).
+pub const BANGER_TEST_FIRECRACKER: &str = "BANGER_TEST_FIRECRACKER";
 /// Tests only: `1` turns "skipped: capability missing" into a failure, so CI never silently
 /// skips a test it was meant to run.
 pub const BANGER_TEST_REQUIRE_ALL: &str = "BANGER_TEST_REQUIRE_ALL";
@@ -53,6 +61,8 @@ pub const STANDARD: &[&str] = &[
 /// Every `BANGER_*` variable, for the docs and for test sandboxes.
 pub const ALL: &[&str] = &[
     BANGER_ACCEL,
+    BANGER_QEMU,
+    BANGER_VHOST_DEVICE_VSOCK,
     BANGER_CACHE_DIR,
     BANGER_STATE_DIR,
     BANGER_CONFIG,
@@ -61,6 +71,7 @@ pub const ALL: &[&str] = &[
     BANGER_INSECURE_REGISTRIES,
     BANGER_REGISTRY_RETRIES,
     BANGER_TEST_REQUIRE_ALL,
+    BANGER_TEST_FIRECRACKER,
 ];
 
 /// A variable as a path; unset or empty counts as unset.

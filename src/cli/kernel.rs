@@ -44,6 +44,48 @@ only if the bytes changed)."
     /// Forget kernels; their bytes go at the next `banger cache gc`.
     #[command(visible_alias = "rm")]
     Remove { names: Vec<String> },
+    /// Boot a kernel on an image and check that banger's guest agent answers.
+    #[command(
+        long_about = "Boot a kernel with its initramfs on an image under QEMU microvm and check \
+that banger's guest agent answers: readiness, `uname -r` (must match the kernel's release), and \
+`sh -c 'exit 7'` (must return 7). Prints the time from QEMU start to the agent being ready and \
+to the first command's result, and the command round trip.
+
+The image is attached read-only with the guest's writes in memory, so nothing is modified. \
+KVM is used only where guests really run under it; otherwise TCG (see `banger doctor`, \
+BANGER_ACCEL). Exits 1 if the guest does not come up or a check fails, with the end of the \
+serial console; the whole console log is kept under the state directory."
+    )]
+    Test(TestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The recorded kernel to boot (`banger kernel list`).
+    name: String,
+    /// The image to boot it on (`banger image list`).
+    #[arg(long, default_value = banger::bangerfile::DEFAULT_IMAGE)]
+    image: String,
+    /// How the host reaches the agent: vsock (through vhost-device-vsock) or the virtio-serial
+    /// fallback; auto picks vsock when vhost-device-vsock is installed.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    transport: TransportChoice,
+    /// Give up on the agent after this many seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    memory: u64,
+    /// Extra kernel command-line words (e.g. `banger.init=agent`); repeatable.
+    #[arg(long = "append", value_name = "WORD")]
+    append: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportChoice {
+    Auto,
+    Vsock,
+    Serial,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +120,7 @@ pub fn run(context: &mut Context, command: &KernelCommand) -> anyhow::Result<Exi
         KernelCommand::List(args) => list(context, args),
         KernelCommand::Show { name } => show(context, name),
         KernelCommand::Remove { names } => remove(context, names),
+        KernelCommand::Test(args) => test(context, args),
     }
 }
 
@@ -348,4 +391,182 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
         ));
     }
     Ok(ExitStatus::Success)
+}
+
+fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
+    use banger::vm::accel::{self, HostFacts};
+    use banger::vm::boot::{AgentTransport, BootError, BootSpec, smoke_test};
+    use banger::vm::vsock;
+
+    let state = context.state()?;
+    let kernel = state.require_kernel(&args.name)?;
+    let image = state.image(&args.image)?.ok_or_else(|| {
+        UsageError(format!(
+            "image `{}` is not in the store; fetch it with `banger image pull {}`, or name \
+             another with --image",
+            args.image, args.image
+        ))
+    })?;
+    let Some(initrd) = &kernel.initrd else {
+        return Err(UsageError(format!(
+            "kernel `{}` has no initramfs, and banger's initramfs is what loads the virtio \
+             modules and starts the agent; rebuild it with `banger kernel pull` or import it \
+             with an initrd",
+            kernel.name
+        ))
+        .into());
+    };
+    let accel = accel::choose(&HostFacts::probe())?;
+    let vsock_daemon = vsock::find_binary();
+    let transport = match (args.transport, &vsock_daemon) {
+        (TransportChoice::Serial, _) | (TransportChoice::Auto, None) => AgentTransport::Serial,
+        (TransportChoice::Vsock | TransportChoice::Auto, _) => AgentTransport::Vsock,
+    };
+
+    let store = context.store()?;
+    // Hard links into the store's own scratch: no bytes are copied, whatever the image size.
+    let files = store.scratch()?;
+    let link = |file: &banger::state::StoredFile, name: &str| -> anyhow::Result<PathBuf> {
+        let path = files.path().join(name);
+        store.materialize(
+            &banger::store::OutputRef {
+                integrity: file.integrity.clone(),
+                size: file.size,
+            },
+            &path,
+        )?;
+        Ok(path)
+    };
+    let vmlinux = link(&kernel.vmlinux, "vmlinux")?;
+    let initrd = link(initrd, "initrd")?;
+    let rootfs = link(
+        &banger::state::StoredFile {
+            integrity: image.rootfs_integrity.clone(),
+            size: image.rootfs_size,
+        },
+        "rootfs.ext4",
+    )?;
+    let paths = context.paths()?.clone();
+    std::fs::create_dir_all(&paths.runtime_dir)
+        .with_context(|| format!("cannot create {}", paths.runtime_dir.display()))?;
+    let sockets = tempfile::Builder::new()
+        .prefix("kernel-test-")
+        .tempdir_in(&paths.runtime_dir)
+        .with_context(|| {
+            format!(
+                "cannot create a directory in {}",
+                paths.runtime_dir.display()
+            )
+        })?;
+    let logs = paths.state_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let spec = BootSpec {
+        qemu_binary: banger::env::var_path(banger::env::BANGER_QEMU).map_or_else(
+            || "qemu-system-x86_64".to_owned(),
+            |path| path.display().to_string(),
+        ),
+        accel: accel.clone(),
+        vcpus: 1,
+        memory_mib: args.memory,
+        kernel: vmlinux,
+        initrd: Some(initrd),
+        rootfs,
+        transport,
+        vsock_daemon,
+        extra_cmdline: args.append.clone(),
+        dir: sockets.path().to_owned(),
+        serial_log: logs.join(format!("kernel-test-{}.console.log", kernel.name)),
+    };
+    let printer = &context.printer;
+    printer.info(&format!(
+        "booting {} ({}) on {} under QEMU microvm, {accel}, agent over {transport}",
+        kernel.name,
+        kernel.release.as_deref().unwrap_or("release unknown"),
+        image.name
+    ));
+    let runtime = super::runtime()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    let report = match runtime.block_on(smoke_test(&spec, deadline)) {
+        Ok(report) => report,
+        Err(error) => {
+            let environment = matches!(
+                error,
+                BootError::Qemu(banger::vm::qemu::QemuError::NotInstalled { .. })
+                    | BootError::Vsock(vsock::VsockError::NotInstalled { .. })
+            );
+            if environment {
+                return Err(error.into());
+            }
+            printer.error(&format!(
+                "kernel {}: {}",
+                kernel.name,
+                banger::engine::error_chain(&error)
+            ));
+            return Ok(ExitStatus::UserError);
+        }
+    };
+    let release_ok = kernel
+        .release
+        .as_deref()
+        .is_none_or(|release| release == report.uname_release);
+    let exit_ok = report.exit_seven == banger::guest::ExitStatus::Code(7);
+    if printer.json {
+        printer.record(
+            "kernel_test",
+            json!({
+                "kernel": kernel.name,
+                "image": image.name,
+                "accel": accel.to_string(),
+                "transport": report.transport.to_string(),
+                "agent_ready_ms": report.agent_ready.as_millis() as u64,
+                "first_command_ms": report.first_command.as_millis() as u64,
+                "round_trip_us": report.round_trip.as_micros() as u64,
+                "agent_version": report.ready.agent_version,
+                "protocol": report.ready.protocol,
+                "agent_pid1": report.ready.pid1,
+                "uname_release": report.uname_release,
+                "expected_release": kernel.release,
+                "exit_seven": report.exit_seven.to_string(),
+                "passed": release_ok && exit_ok,
+            }),
+        )?;
+    } else {
+        let mark = |ok: bool| if ok { "ok" } else { "FAILED" };
+        printer.data(&format!(
+            "agent ready      {:.1} s after QEMU start (agent {}, protocol {})\n\
+             uname -r         {}  {}\n\
+             sh -c 'exit 7'   {}  {}\n\
+             first command    {:.1} s after QEMU start\n\
+             round trip       {:.1} ms (median of {})\n",
+            report.agent_ready.as_secs_f64(),
+            report.ready.agent_version,
+            report.ready.protocol,
+            report.uname_release,
+            mark(release_ok),
+            report.exit_seven,
+            mark(exit_ok),
+            report.first_command.as_secs_f64(),
+            report.round_trip.as_secs_f64() * 1000.0,
+            banger::vm::boot::SMOKE_ROUND_TRIPS,
+        ))?;
+    }
+    if !release_ok {
+        printer.error(&format!(
+            "the guest runs {}, but kernel {} is {}",
+            report.uname_release,
+            kernel.name,
+            kernel.release.as_deref().unwrap_or("-")
+        ));
+    }
+    if !exit_ok {
+        printer.error(&format!(
+            "`sh -c 'exit 7'` came back as {}, not exit 7",
+            report.exit_seven
+        ));
+    }
+    Ok(if release_ok && exit_ok {
+        ExitStatus::Success
+    } else {
+        ExitStatus::UserError
+    })
 }

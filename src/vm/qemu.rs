@@ -76,6 +76,9 @@ pub struct QemuSpec {
     pub net: Option<UserNet>,
     /// A vhost-user vsock daemon's socket (`vhost-device-vsock`).
     pub vhost_vsock: Option<PathBuf>,
+    /// The host end of the guest's virtio-serial port `banger.0` (the agent's fallback
+    /// transport): QEMU listens on this unix socket.
+    pub agent_serial: Option<PathBuf>,
     /// Serial console output goes here.
     pub serial_log: PathBuf,
     /// QMP listens here.
@@ -164,6 +167,20 @@ impl QemuSpec {
                 &chardev,
                 "-device",
                 "vhost-user-vsock-device,chardev=vsock0",
+            ]);
+        }
+        if let Some(socket) = &self.agent_serial {
+            let chardev = format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                escape_option(&socket.to_string_lossy())
+            );
+            push(&[
+                "-device",
+                "virtio-serial-device",
+                "-chardev",
+                &chardev,
+                "-device",
+                "virtserialport,chardev=agent0,name=banger.0",
             ]);
         }
         argv
@@ -310,6 +327,7 @@ mod tests {
                 forwards: vec![(40022, 22)],
             }),
             vhost_vsock: Some("/vm/vhost.sock".into()),
+            agent_serial: Some("/vm/agent.sock".into()),
             serial_log: "/vm/serial.log".into(),
             qmp_socket: "/vm/qmp.sock".into(),
         }
@@ -363,6 +381,12 @@ mod tests {
         socket,id=vsock0,path=/vm/vhost.sock
         -device
         vhost-user-vsock-device,chardev=vsock0
+        -device
+        virtio-serial-device
+        -chardev
+        socket,id=agent0,path=/vm/agent.sock,server=on,wait=off
+        -device
+        virtserialport,chardev=agent0,name=banger.0
         ");
     }
 

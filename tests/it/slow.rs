@@ -1,10 +1,70 @@
-//! The slow end-to-end group: real Debian root filesystems from distribution packages (and,
-//! with the VM issues, real boots). Each test takes tens of seconds; CI runs them all.
+//! The slow end-to-end group: real Debian root filesystems from distribution packages, the
+//! default kernel from Debian's package, and real boots under QEMU. Each test takes tens of
+//! seconds to minutes; CI runs them all.
+//!
+//! Building the default image (mmdebstrap) and kernel takes minutes, so the tests share one
+//! HOME where both are built once per test process: [`debian_world`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
 use crate::support::{
-    TestContext, assert_fsck_clean, capable, debugfs, field, find_program, have_e2fsprogs,
+    Output, TestContext, assert_fsck_clean, capable, debugfs, field, find_program, have_e2fsprogs,
 };
+
+/// A HOME holding the default kernel and the default image, built by the first test that
+/// asks; `kernel_pull` is that first `--json kernel pull` run.
+struct DebianWorld {
+    context: TestContext,
+    kernel_pull: Output,
+}
+
+/// Where the shared world lives, for removal at exit (statics are never dropped).
+static WORLD_ROOT: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+extern "C" fn remove_world() {
+    if let Ok(root) = WORLD_ROOT.lock()
+        && let Some(root) = root.as_ref()
+    {
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
+/// The shared world, or `None` (skip) when the host cannot build it.
+fn debian_world() -> Option<&'static DebianWorld> {
+    if !capable(
+        "mmdebstrap (Debian package `mmdebstrap`)",
+        find_program("mmdebstrap").is_some(),
+    ) || !capable("e2fsprogs", have_e2fsprogs())
+        || !capable(
+            "apt-get (the default kernel comes from Debian's package)",
+            find_program("apt-get").is_some(),
+        )
+    {
+        return None;
+    }
+    static WORLD: OnceLock<DebianWorld> = OnceLock::new();
+    Some(WORLD.get_or_init(|| {
+        let context = TestContext::new();
+        *WORLD_ROOT.lock().unwrap() = Some(context.root.path().to_owned());
+        // The test harness ends with `exit`, which runs atexit handlers but drops no statics.
+        // SAFETY: registers a plain function with no captured state; it runs at exit.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::atexit(remove_world)
+        };
+        let kernel_pull = context.run(&["--json", "kernel", "pull", "debian-cloud-amd64"]);
+        assert_eq!(kernel_pull.code, Some(0), "{kernel_pull}");
+        // The catalog's default image, built from packages: no hosted URL needed.
+        let image_pull = context.run(&["image", "pull", "debian-bookworm"]);
+        assert_eq!(image_pull.code, Some(0), "{image_pull}");
+        DebianWorld {
+            context,
+            kernel_pull,
+        }
+    }))
+}
 
 fn records(stdout: &str) -> Vec<serde_json::Value> {
     stdout
@@ -15,21 +75,13 @@ fn records(stdout: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn slow_debian_recipe_builds_and_its_tar_pulls_back_from_a_registry() {
-    if !capable(
-        "mmdebstrap (Debian package `mmdebstrap`)",
-        find_program("mmdebstrap").is_some(),
-    ) || !capable("e2fsprogs", have_e2fsprogs())
-    {
+    let Some(world) = debian_world() else {
         return;
-    }
+    };
     let Some(registry) = RealRegistry::start(None) else {
         return;
     };
-    let context = TestContext::new();
-
-    // The catalog's default image, built from packages: no hosted URL needed.
-    let pull = context.run(&["image", "pull", "debian-bookworm"]);
-    assert_eq!(pull.code, Some(0), "{pull}");
+    let context = &world.context;
     let show = context.run(&["--json", "image", "show", "debian-bookworm"]);
     let record = &records(&show.stdout)[0]["data"];
     let store = banger::store::Store::open(context.store_dir()).unwrap();
@@ -112,15 +164,11 @@ fn slow_debian_recipe_builds_and_its_tar_pulls_back_from_a_registry() {
 
 #[test]
 fn slow_default_kernel_builds_from_the_debian_package_once_and_imports_back() {
-    if !capable(
-        "apt-get (the default kernel comes from Debian's package)",
-        find_program("apt-get").is_some(),
-    ) {
+    let Some(world) = debian_world() else {
         return;
-    }
-    let context = TestContext::new();
-    let pull = context.run(&["--json", "kernel", "pull", "debian-cloud-amd64"]);
-    assert_eq!(pull.code, Some(0), "{pull}");
+    };
+    let context = &world.context;
+    let pull = &world.kernel_pull;
     let events = records(&pull.stdout);
     let ran: Vec<&str> = events
         .iter()
@@ -205,4 +253,195 @@ fn slow_default_kernel_builds_from_the_debian_package_once_and_imports_back() {
         list.stdout.contains("mine") && list.stdout.contains("debian-cloud-amd64"),
         "{list}"
     );
+}
+
+/// The console log `banger kernel test` keeps for `kernel`, for failure messages.
+fn console_log(context: &TestContext, kernel: &str) -> String {
+    let path = context.home().join(format!(
+        ".local/state/banger/logs/kernel-test-{kernel}.console.log"
+    ));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => format!("--- serial console ({}) ---\n{text}", path.display()),
+        Err(error) => format!("(no console log at {}: {error})", path.display()),
+    }
+}
+
+/// Runs `banger --json kernel test` and returns its `kernel_test` record, dumping the whole
+/// serial console if it did not pass.
+fn kernel_test(context: &TestContext, image: &str, transport: &str) -> serde_json::Value {
+    let output = context.run(&[
+        "--json",
+        "kernel",
+        "test",
+        "debian-cloud-amd64",
+        "--image",
+        image,
+        "--transport",
+        transport,
+        "--timeout",
+        "300",
+    ]);
+    let console = || console_log(context, "debian-cloud-amd64");
+    assert_eq!(output.code, Some(0), "{output}\n{}", console());
+    let record = records(&output.stdout)
+        .into_iter()
+        .find(|record| record["type"] == "kernel_test")
+        .unwrap_or_else(|| panic!("no kernel_test record: {output}\n{}", console()));
+    eprintln!(
+        "kernel test on {image} over {transport}: {}",
+        record["data"]
+    );
+    record["data"].clone()
+}
+
+/// A root filesystem tar with nothing but a static busybox: no libc, no init system, no
+/// package manager banger knows.
+fn busybox_rootfs_tar(busybox: &Path) -> Vec<u8> {
+    let applets = crate::support::run_ok(std::process::Command::new(busybox).arg("--list-full"));
+    let mut builder = tar::Builder::new(Vec::new());
+    let header = |path: &str, kind: tar::EntryType, mode: u32, size: u64| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(size);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        header.set_path(path).unwrap();
+        header
+    };
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys",
+    ] {
+        let mut entry = header(dir, tar::EntryType::Directory, 0o755, 0);
+        entry.set_cksum();
+        builder.append(&entry, std::io::empty()).unwrap();
+    }
+    for dir in ["tmp", "root"] {
+        let mode = if dir == "tmp" { 0o1777 } else { 0o700 };
+        let mut entry = header(dir, tar::EntryType::Directory, mode, 0);
+        entry.set_cksum();
+        builder.append(&entry, std::io::empty()).unwrap();
+    }
+    let binary = std::fs::read(busybox).unwrap();
+    let mut entry = header(
+        "bin/busybox",
+        tar::EntryType::Regular,
+        0o755,
+        binary.len() as u64,
+    );
+    entry.set_cksum();
+    builder.append(&entry, binary.as_slice()).unwrap();
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+    {
+        if applet == "bin/busybox" {
+            continue;
+        }
+        let mut entry = header(applet, tar::EntryType::Symlink, 0o777, 0);
+        entry.set_link_name("/bin/busybox").unwrap();
+        entry.set_cksum();
+        builder.append(&entry, std::io::empty()).unwrap();
+    }
+    let os_release = b"ID=busybox\nNAME=\"busybox only\"\n";
+    let mut entry = header(
+        "etc/os-release",
+        tar::EntryType::Regular,
+        0o644,
+        os_release.len() as u64,
+    );
+    entry.set_cksum();
+    builder.append(&entry, &os_release[..]).unwrap();
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn slow_the_default_kernel_boots_debian_and_busybox_and_the_agent_answers() {
+    if !capable(
+        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
+        find_program("qemu-system-x86_64").is_some(),
+    ) || !capable(
+        "vhost-device-vsock (`cargo install --locked vhost-device-vsock`)",
+        banger::vm::vsock::find_binary().is_some(),
+    ) || !capable(
+        "a static busybox (Debian package `busybox-static`)",
+        Path::new("/bin/busybox").exists(),
+    ) {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let kernel = records(&world.kernel_pull.stdout)
+        .into_iter()
+        .find(|event| event["type"] == "kernel")
+        .unwrap();
+    let release = kernel["data"]["release"].as_str().unwrap().to_owned();
+
+    // Debian with systemd: the initramfs hands over to systemd, which starts the agent.
+    let debian = kernel_test(context, "debian-bookworm", "vsock");
+    assert_eq!(debian["passed"], true, "{debian}");
+    assert_eq!(debian["uname_release"], release.as_str());
+    assert_eq!(debian["expected_release"], release.as_str());
+    assert_eq!(debian["exit_seven"], "exit 7");
+    assert_eq!(debian["transport"], "vsock");
+    assert_eq!(
+        debian["agent_pid1"], false,
+        "systemd should be PID 1: {debian}"
+    );
+
+    // busybox only: no libc for the agent to lean on, no init that would start it, so the
+    // agent stays PID 1; reached over vsock and over the virtio-serial fallback.
+    let tar = busybox_rootfs_tar(Path::new("/bin/busybox"));
+    let dir = tempfile::tempdir().unwrap();
+    let tar_path = dir.path().join("busybox.tar");
+    std::fs::write(&tar_path, &tar).unwrap();
+    let imported = context.run(&[
+        "image",
+        "import-tar",
+        tar_path.to_str().unwrap(),
+        "--name",
+        "busybox",
+    ]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+    let show = context.run(&["--json", "image", "show", "busybox"]);
+    let record = &records(&show.stdout)[0]["data"];
+    let store = banger::store::Store::open(context.store_dir()).unwrap();
+    let image = dir.path().join("busybox.ext4");
+    store
+        .materialize(
+            &banger::store::OutputRef {
+                integrity: record["rootfs"].as_str().unwrap().to_owned(),
+                size: record["bytes"].as_u64().unwrap(),
+            },
+            &image,
+        )
+        .unwrap();
+    for libc_dir in ["/lib", "/lib64", "/usr/lib", "/lib/x86_64-linux-gnu"] {
+        let ls = debugfs(&image, &format!("ls -l {libc_dir}"));
+        assert!(
+            !ls.contains("libc.so") && !ls.contains("ld-linux") && !ls.contains("ld-musl"),
+            "the busybox image has a libc in {libc_dir}:\n{ls}"
+        );
+    }
+    assert!(
+        !debugfs(&image, "stat /usr/local/bin/banger-agent").is_empty(),
+        "the agent was not injected"
+    );
+    for transport in ["vsock", "serial"] {
+        let busybox = kernel_test(context, "busybox", transport);
+        assert_eq!(busybox["passed"], true, "{busybox}");
+        assert_eq!(busybox["uname_release"], release.as_str());
+        assert_eq!(busybox["exit_seven"], "exit 7");
+        assert_eq!(busybox["agent_pid1"], true, "{busybox}");
+        let expected = if transport == "serial" {
+            "virtio-serial"
+        } else {
+            "vsock"
+        };
+        assert_eq!(busybox["transport"], expected);
+    }
 }

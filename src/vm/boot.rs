@@ -1,0 +1,390 @@
+//! A throwaway boot: a kernel and banger's initramfs on an image, under QEMU `microvm`, with
+//! the guest agent reached over vsock (through `vhost-device-vsock`) or the virtio-serial
+//! fallback. `banger kernel test` and the boot benchmark run on this; the VM lifecycle
+//! (per-VM disks, networking, the daemon) builds on the same pieces.
+//!
+//! The image is attached read-only and the guest's changes live in a tmpfs overlay
+//! (`banger.overlay=tmpfs`, set up by the agent in the initramfs), so the stored image is never
+//! written and nothing needs copying.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::accel::{self, Accel};
+use super::qemu::{Disk, QemuError, QemuProcess, QemuSpec};
+use super::vsock::{VhostVsock, VsockError};
+use crate::guest::{GuestChannel, GuestEndpoint, GuestError, Ready};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(
+        "the guest's agent did not answer within {waited:.1?} over {endpoint}: {source}\n\
+         the console log is {log}; its last lines:\n{tail}",
+        log = serial_log.display()
+    )]
+    AgentTimeout {
+        endpoint: String,
+        waited: Duration,
+        serial_log: PathBuf,
+        tail: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error(
+        "QEMU exited ({status}) before the guest's agent answered (a kernel panic or \
+         power-off in the guest)\nthe console log is {log}; its last lines:\n{tail}",
+        log = serial_log.display()
+    )]
+    GuestDied {
+        status: String,
+        serial_log: PathBuf,
+        tail: String,
+    },
+    #[error("a command in the guest failed (console log: {log})", log = serial_log.display())]
+    Command {
+        serial_log: PathBuf,
+        #[source]
+        source: GuestError,
+    },
+}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentTransport {
+    /// Hybrid vsock through `vhost-device-vsock`.
+    Vsock,
+    /// The virtio-serial port `banger.0`, multiplexed by the agent.
+    Serial,
+}
+
+impl std::fmt::Display for AgentTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentTransport::Vsock => "vsock",
+            AgentTransport::Serial => "virtio-serial",
+        })
+    }
+}
+
+/// Everything a throwaway boot needs.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub qemu_binary: String,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The image's `rootfs.ext4`; attached read-only.
+    pub rootfs: PathBuf,
+    pub transport: AgentTransport,
+    /// `vhost-device-vsock`, for [`AgentTransport::Vsock`].
+    pub vsock_daemon: Option<PathBuf>,
+    /// Appended to the kernel command line (`banger.init=agent`, `init=…`).
+    pub extra_cmdline: Vec<String>,
+    /// Sockets go here; the caller owns and removes it.
+    pub dir: PathBuf,
+    /// The serial console is written here (replaced if it exists).
+    pub serial_log: PathBuf,
+}
+
+/// The kernel command line for a throwaway boot.
+///
+/// `tsc_early_khz` matters only under TCG: without it the kernel calibrates the TSC against
+/// an emulated timer, which under TCG takes seconds and can pick a wildly wrong rate.
+pub fn kernel_cmdline(accel: &Accel, tsc_khz: Option<u64>, extra: &[String]) -> String {
+    let mut words = vec![
+        "console=ttyS0".to_owned(),
+        "root=/dev/vda".to_owned(),
+        "ro".to_owned(),
+        "rootwait".to_owned(),
+        "banger.overlay=tmpfs".to_owned(),
+        "panic=-1".to_owned(),
+        "quiet".to_owned(),
+    ];
+    if let (true, Some(khz)) = (accel.is_tcg(), tsc_khz) {
+        words.push(format!("tsc_early_khz={khz}"));
+    }
+    words.extend(extra.iter().cloned());
+    words.join(" ")
+}
+
+/// A booted (or booting) throwaway VM.
+#[derive(Debug)]
+pub struct BootedVm {
+    qemu: QemuProcess,
+    vsock: Option<VhostVsock>,
+    endpoint: GuestEndpoint,
+    serial_log: PathBuf,
+    started: Instant,
+}
+
+impl BootedVm {
+    /// Starts the vsock daemon (if used) and QEMU; returns as soon as QEMU runs.
+    pub async fn start(spec: &BootSpec) -> Result<BootedVm, BootError> {
+        let started = Instant::now();
+        let serial_log = spec.serial_log.clone();
+        let (vsock, endpoint, agent_serial) = match spec.transport {
+            AgentTransport::Vsock => {
+                let binary = spec
+                    .vsock_daemon
+                    .clone()
+                    .or_else(super::vsock::find_binary)
+                    .ok_or_else(|| VsockError::NotInstalled {
+                        binary: "vhost-device-vsock".into(),
+                    })?;
+                let daemon = VhostVsock::spawn(&binary, &spec.dir).await?;
+                let endpoint = GuestEndpoint::HybridVsock {
+                    uds_path: daemon.uds_path().to_owned(),
+                    port: crate::assets::AGENT_VSOCK_PORT,
+                };
+                (Some(daemon), endpoint, None)
+            }
+            AgentTransport::Serial => {
+                let socket = spec.dir.join("agent-serial.sock");
+                let endpoint = GuestEndpoint::Serial {
+                    path: socket.clone(),
+                };
+                (None, endpoint, Some(socket))
+            }
+        };
+        let qemu_spec = QemuSpec {
+            binary: spec.qemu_binary.clone(),
+            accel: spec.accel.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &spec.extra_cmdline),
+            disks: vec![Disk {
+                path: spec.rootfs.clone(),
+                read_only: true,
+                snapshot: false,
+            }],
+            net: None,
+            vhost_vsock: vsock
+                .as_ref()
+                .map(|daemon| daemon.vhost_socket().to_owned()),
+            agent_serial,
+            serial_log: serial_log.clone(),
+            qmp_socket: spec.dir.join("qmp.sock"),
+        };
+        let qemu = QemuProcess::spawn(&qemu_spec).await?;
+        Ok(BootedVm {
+            qemu,
+            vsock,
+            endpoint,
+            serial_log,
+            started,
+        })
+    }
+
+    /// When QEMU was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn transport(&self) -> AgentTransport {
+        match self.endpoint {
+            GuestEndpoint::Serial { .. } => AgentTransport::Serial,
+            _ => AgentTransport::Vsock,
+        }
+    }
+
+    pub fn endpoint(&self) -> &GuestEndpoint {
+        &self.endpoint
+    }
+
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    pub fn qemu(&self) -> &QemuProcess {
+        &self.qemu
+    }
+
+    /// Waits until the agent answers `Hello`, or QEMU exits, or `deadline` passes.
+    pub async fn wait_agent(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<(GuestChannel, Ready), BootError> {
+        let endpoint = self.endpoint.clone();
+        let ready = endpoint.wait_ready(deadline);
+        tokio::pin!(ready);
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                result = &mut ready => {
+                    return result.map_err(|source| BootError::AgentTimeout {
+                        endpoint: endpoint.to_string(),
+                        waited: self.started.elapsed(),
+                        serial_log: self.serial_log.clone(),
+                        tail: console_tail(&self.serial_log, 30),
+                        source,
+                    });
+                }
+                _ = poll.tick() => {
+                    if let Some(status) = self.qemu.try_wait()? {
+                        return Err(BootError::GuestDied {
+                            status: status.to_string(),
+                            serial_log: self.serial_log.clone(),
+                            tail: console_tail(&self.serial_log, 30),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops QEMU and the vsock daemon and removes their sockets (the console log stays).
+    pub async fn stop(self) -> Result<(), BootError> {
+        let qmp = self.qemu.qmp_socket().to_owned();
+        self.qemu.stop(Duration::from_secs(3)).await?;
+        let _ = std::fs::remove_file(qmp);
+        if let Some(daemon) = self.vsock {
+            daemon.stop().await?;
+        }
+        if let GuestEndpoint::Serial { path } = &self.endpoint {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+}
+
+/// What a boot smoke test saw.
+#[derive(Debug, Clone)]
+pub struct SmokeReport {
+    pub transport: AgentTransport,
+    /// QEMU start to the agent's `Ready`.
+    pub agent_ready: Duration,
+    /// QEMU start to the first command's exit status.
+    pub first_command: Duration,
+    /// The agent's own report of the guest.
+    pub ready: Ready,
+    /// `uname -r` in the guest.
+    pub uname_release: String,
+    /// What `sh -c 'exit 7'` returned.
+    pub exit_seven: crate::guest::ExitStatus,
+    /// The median of [`SMOKE_ROUND_TRIPS`] `true` commands on the ready channel.
+    pub round_trip: Duration,
+}
+
+/// How many `true` commands the smoke test times.
+pub const SMOKE_ROUND_TRIPS: usize = 10;
+
+/// Boots `spec`, waits for the agent until `deadline`, runs `uname -r`, `sh -c 'exit 7'` and a
+/// few `true`s through it, and stops the VM, whatever happened.
+pub async fn smoke_test(spec: &BootSpec, deadline: Instant) -> Result<SmokeReport, BootError> {
+    let mut vm = BootedVm::start(spec).await?;
+    let outcome = smoke_commands(&mut vm, deadline).await;
+    let stopped = vm.stop().await;
+    let report = outcome?;
+    stopped?;
+    Ok(report)
+}
+
+async fn smoke_commands(vm: &mut BootedVm, deadline: Instant) -> Result<SmokeReport, BootError> {
+    use crate::guest::ExecRequest;
+    let (mut channel, ready) = vm.wait_agent(deadline).await?;
+    let agent_ready = vm.started().elapsed();
+    let command_failed = |source: GuestError| BootError::Command {
+        serial_log: vm.serial_log().to_owned(),
+        source,
+    };
+    let (status, stdout, _) = run_captured(&mut channel, ExecRequest::argv(["uname", "-r"]))
+        .await
+        .map_err(command_failed)?;
+    let first_command = vm.started().elapsed();
+    let uname_release = if status == crate::guest::ExitStatus::Code(0) {
+        String::from_utf8_lossy(&stdout).trim().to_owned()
+    } else {
+        format!("(uname -r failed: {status})")
+    };
+    let (exit_seven, _, _) = run_captured(&mut channel, ExecRequest::argv(["sh", "-c", "exit 7"]))
+        .await
+        .map_err(command_failed)?;
+    let mut samples = Vec::with_capacity(SMOKE_ROUND_TRIPS);
+    for _ in 0..SMOKE_ROUND_TRIPS {
+        let sent = Instant::now();
+        run_captured(&mut channel, ExecRequest::argv(["true"]))
+            .await
+            .map_err(command_failed)?;
+        samples.push(sent.elapsed());
+    }
+    samples.sort();
+    Ok(SmokeReport {
+        transport: vm.transport(),
+        agent_ready,
+        first_command,
+        ready,
+        uname_release,
+        exit_seven,
+        round_trip: samples[samples.len() / 2],
+    })
+}
+
+/// Runs `request` with no stdin; returns its status, stdout and stderr.
+pub async fn run_captured(
+    channel: &mut GuestChannel,
+    request: crate::guest::ExecRequest,
+) -> Result<(crate::guest::ExitStatus, Vec<u8>, Vec<u8>), GuestError> {
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let status = channel
+        .exec(&request, &[][..], &mut stdout, &mut stderr)
+        .await?;
+    Ok((status, stdout, stderr))
+}
+
+/// The last `lines` lines of a console log, or a note saying it is empty or unreadable.
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.is_empty() => "  (the console log is empty)".to_owned(),
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            all[start..]
+                .iter()
+                .map(|line| format!("  | {}", line.trim_end_matches('\r')))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(error) => format!("  (cannot read the console log: {error})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_boots_get_the_host_tsc_rate_and_kvm_boots_do_not() {
+        let tcg = Accel::Tcg {
+            reason: "test".into(),
+        };
+        let extra = vec!["banger.init=agent".to_owned()];
+        assert_eq!(
+            kernel_cmdline(&tcg, Some(2_300_000), &extra),
+            "console=ttyS0 root=/dev/vda ro rootwait banger.overlay=tmpfs panic=-1 quiet \
+             tsc_early_khz=2300000 banger.init=agent"
+        );
+        assert!(!kernel_cmdline(&Accel::Kvm, Some(2_300_000), &[]).contains("tsc_early_khz"));
+        assert!(!kernel_cmdline(&tcg, None, &[]).contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn console_tails_keep_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "one\r\ntwo\nthree\n").unwrap();
+        assert_eq!(console_tail(&log, 2), "  | two\n  | three");
+        std::fs::write(&log, "").unwrap();
+        assert!(console_tail(&log, 2).contains("empty"));
+        assert!(console_tail(&dir.path().join("missing"), 2).contains("cannot read"));
+    }
+}

