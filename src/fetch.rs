@@ -689,6 +689,12 @@ pub fn display_url(url: &reqwest::Url) -> String {
     text
 }
 
+/// A source (URL or path) as [`Fetcher::fetch_verified`]'s errors show it, for messages about
+/// what was fetched from it: [`display_url`] for a URL, the path itself for a path.
+pub fn display_source(input: &str) -> String {
+    parse_source(input).map_or_else(|_| display_raw(input), |(_, shown)| shown)
+}
+
 /// [`display_url`] for text that did not parse as a URL.
 fn display_raw(input: &str) -> String {
     let cut = input.find(['?', '#']).unwrap_or(input.len());
@@ -734,6 +740,11 @@ mod tests {
             "https://exa mple/x?…"
         );
         assert_eq!(display_raw("not a url"), "not a url");
+        assert_eq!(
+            display_source("https://user:secret@example.test/k.tar.zst?sig=1"),
+            "https://example.test/k.tar.zst?…"
+        );
+        assert_eq!(display_source("/srv/k.tar.zst"), "/srv/k.tar.zst");
     }
 
     #[test]

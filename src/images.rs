@@ -49,7 +49,9 @@ pub enum ImageError {
     #[error("image {image} was built but its last step has no `{ROOTFS_OUTPUT}` output")]
     NoRootfs { image: String },
     #[error(
-        "unknown kernel `{name}`; kernels banger knows: {}",
+        "unknown kernel `{name}`: it is neither recorded nor in the kernel catalog; record a \
+         kernel of your own with `banger kernel import {name} --from DIR`, or use one banger \
+         knows ({}) — catalog kernels are fetched with `banger kernel pull NAME`",
         .known.join(", ")
     )]
     UnknownKernel { name: String, known: Vec<String> },
@@ -180,17 +182,25 @@ pub fn root_name(image: &str) -> String {
 }
 
 /// Checks that `kernel` names a kernel banger can provide.
-pub fn check_kernel(kernel: &str, catalogs: &Catalogs) -> Result<(), ImageError> {
-    if catalogs.kernel(kernel).is_some() {
+pub fn check_kernel(
+    kernel: &str,
+    catalogs: &Catalogs,
+    recorded: &[String],
+) -> Result<(), ImageError> {
+    if catalogs.kernel(kernel).is_some() || recorded.iter().any(|name| name == kernel) {
         return Ok(());
     }
+    let mut known: Vec<String> = catalogs
+        .kernels
+        .iter()
+        .map(|entry| entry.name.clone())
+        .chain(recorded.iter().cloned())
+        .collect();
+    known.sort();
+    known.dedup();
     Err(ImageError::UnknownKernel {
         name: kernel.to_owned(),
-        known: catalogs
-            .kernels
-            .iter()
-            .map(|entry| entry.name.clone())
-            .collect(),
+        known,
     })
 }
 

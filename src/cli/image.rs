@@ -146,7 +146,7 @@ fn default_kernel(context: &mut Context, chosen: Option<&str>) -> anyhow::Result
             .map(|entry| entry.name.clone())
             .context("the kernel catalog is empty; pass --kernel")?,
     };
-    images::check_kernel(&kernel, &catalogs)?;
+    images::check_kernel(&kernel, &catalogs, &recorded_kernels(context)?)?;
     Ok(kernel)
 }
 
@@ -171,7 +171,7 @@ fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
                 .kernel
                 .clone()
                 .unwrap_or_else(|| entry.kernel_ref.clone());
-            images::check_kernel(&kernel, &catalogs)?;
+            images::check_kernel(&kernel, &catalogs, &recorded_kernels(context)?)?;
             let spec = ImageSpec {
                 name: entry.name.clone(),
                 from: ImageSource::Catalog {
@@ -626,4 +626,14 @@ pub fn export_bundle(
         printer.data(&format!("{entry:#}\n"))?;
     }
     Ok(ExitStatus::Success)
+}
+
+/// The names of the kernels recorded in the state database (imported or pulled).
+fn recorded_kernels(context: &mut Context) -> anyhow::Result<Vec<String>> {
+    Ok(context
+        .state()?
+        .kernels()?
+        .into_iter()
+        .map(|kernel| kernel.name)
+        .collect())
 }

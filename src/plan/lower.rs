@@ -380,6 +380,7 @@ impl Lowering<'_> {
                     format!("{prefix}/unpack"),
                     Params::new(),
                 )
+                .hint("url", bundle.url.clone())
                 .summary("rootfs.ext4 + manifest.json"),
             )?;
             self.plan.add_input(unpack, "bundle", fetch);
@@ -487,6 +488,7 @@ impl Lowering<'_> {
                         format!("{prefix}/unpack"),
                         Params::new(),
                     )
+                    .hint("url", bundle.url.clone())
                     .summary("vmlinux, initrd, modules"),
                 )?;
                 self.plan.add_input(unpack, "bundle", fetch);

@@ -4,7 +4,9 @@
 //! verified while it streams ([`crate::fetch`]); a mismatch stores nothing.
 //! `bundle.unpack` — input `bundle`; outputs the bundle's files (`rootfs.ext4` for images;
 //! `vmlinux`, `initrd` and `modules.tar` for kernels) and `manifest.json`, each checked
-//! against the manifest's sha256 ([`crate::bundle::unpack_bundle`]).
+//! against the manifest's sha256 ([`crate::bundle::unpack_bundle`]). Hint `url` (not keyed):
+//! where the bundle came from, named in errors, since the file being read is a scratch copy
+//! that is gone by the time the error is shown.
 
 use std::sync::Arc;
 
@@ -58,6 +60,13 @@ impl Executor for UnpackBundle {
                 .unwrap_or_default();
             let progress = ctx.progress_handle();
             let cancel = ctx.cancellation().clone();
+            let failed = match ctx.hints.get("url") {
+                Some(url) => format!(
+                    "cannot unpack the bundle from {}",
+                    crate::fetch::display_source(url)
+                ),
+                None => "cannot unpack the bundle".to_owned(),
+            };
             tokio::task::spawn_blocking(move || -> Result<(), StepError> {
                 let manifest = unpack_bundle(
                     &bundle,
@@ -65,7 +74,7 @@ impl Executor for UnpackBundle {
                     &mut |done, total| progress.report(done, Some(total), ProgressUnit::Bytes),
                     &cancel,
                 )
-                .map_err(|error| StepError::with_source("cannot unpack the bundle", error))?;
+                .map_err(|error| StepError::with_source(failed, error))?;
                 let move_out = |name: &str, to: &std::path::Path| {
                     std::fs::rename(unpacked.join(name), to).map_err(|error| {
                         StepError::with_source(

@@ -342,7 +342,10 @@ fn import_tar_and_register_and_remove() {
     ]);
     assert_eq!(bad_kernel.code, Some(1));
     assert!(
-        bad_kernel.stderr.contains("unknown kernel `nope`"),
+        bad_kernel.stderr.contains("unknown kernel `nope`")
+            && bad_kernel
+                .stderr
+                .contains("banger kernel import nope --from DIR"),
         "{bad_kernel}"
     );
 
