@@ -314,6 +314,7 @@ fn main() -> ExitCode {
         transport,
         vsock_daemon: Some(vsock_daemon.clone()),
         extra_cmdline: Vec::new(),
+        vm_disks: None,
         dir: work.path().to_owned(),
         serial_log: work.path().join("console.log"),
     };

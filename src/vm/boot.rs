@@ -3,9 +3,9 @@
 //! fallback. `banger kernel test` and the boot benchmark run on this; the VM lifecycle
 //! (per-VM disks, networking, the daemon) builds on the same pieces.
 //!
-//! The image is attached read-only and the guest's changes live in a tmpfs overlay
-//! (`banger.overlay=tmpfs`, set up by the agent in the initramfs), so the stored image is never
-//! written and nothing needs copying.
+//! The image is attached read-only and the guest's changes live in an overlay set up by the
+//! agent in the initramfs: over a tmpfs, or over the VM's own disks (`storage.rs`), so the
+//! stored image is never written and nothing needs copying.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -86,13 +86,16 @@ pub struct BootSpec {
     pub vsock_daemon: Option<PathBuf>,
     /// Appended to the kernel command line (`banger.init=agent`, `init=…`).
     pub extra_cmdline: Vec<String>,
+    /// The VM's own writable layer and work disk; without them the guest's changes live in
+    /// memory (a tmpfs overlay) and vanish at power-off.
+    pub vm_disks: Option<super::storage::VmDisks>,
     /// Sockets go here; the caller owns and removes it.
     pub dir: PathBuf,
     /// The serial console is written here (replaced if it exists).
     pub serial_log: PathBuf,
 }
 
-/// The kernel command line for a throwaway boot.
+/// The kernel command line for a boot (the overlay words come from [`BootSpec::vm_disks`]).
 ///
 /// `tsc_early_khz` matters only under TCG: without it the kernel calibrates the TSC against
 /// an emulated timer, which under TCG takes seconds and can pick a wildly wrong rate.
@@ -100,9 +103,10 @@ pub fn kernel_cmdline(accel: &Accel, tsc_khz: Option<u64>, extra: &[String]) -> 
     let mut words = vec![
         "console=ttyS0".to_owned(),
         "root=/dev/vda".to_owned(),
-        "ro".to_owned(),
+        // The image itself is always mounted read-only under the overlay; `rw` is the
+        // overlay's mode.
+        "rw".to_owned(),
         "rootwait".to_owned(),
-        "banger.overlay=tmpfs".to_owned(),
         "panic=-1".to_owned(),
         "quiet".to_owned(),
     ];
@@ -152,6 +156,30 @@ impl BootedVm {
                 (None, endpoint, Some(socket))
             }
         };
+        let mut extra = Vec::new();
+        let mut disks = vec![Disk {
+            path: spec.rootfs.clone(),
+            read_only: true,
+            snapshot: false,
+        }];
+        match &spec.vm_disks {
+            Some(vm_disks) => {
+                for path in [&vm_disks.overlay, &vm_disks.work] {
+                    disks.push(Disk {
+                        path: path.clone(),
+                        read_only: false,
+                        snapshot: false,
+                    });
+                }
+                extra.extend(
+                    super::storage::VmDisks::cmdline()
+                        .iter()
+                        .map(|word| (*word).to_owned()),
+                );
+            }
+            None => extra.push("banger.overlay=tmpfs".to_owned()),
+        }
+        extra.extend(spec.extra_cmdline.iter().cloned());
         let qemu_spec = QemuSpec {
             binary: spec.qemu_binary.clone(),
             accel: spec.accel.clone(),
@@ -159,12 +187,8 @@ impl BootedVm {
             memory_mib: spec.memory_mib,
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
-            cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &spec.extra_cmdline),
-            disks: vec![Disk {
-                path: spec.rootfs.clone(),
-                read_only: true,
-                snapshot: false,
-            }],
+            cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &extra),
+            disks,
             net: None,
             vhost_vsock: vsock
                 .as_ref()
@@ -370,8 +394,8 @@ mod tests {
         let extra = vec!["banger.init=agent".to_owned()];
         assert_eq!(
             kernel_cmdline(&tcg, Some(2_300_000), &extra),
-            "console=ttyS0 root=/dev/vda ro rootwait banger.overlay=tmpfs panic=-1 quiet \
-             tsc_early_khz=2300000 banger.init=agent"
+            "console=ttyS0 root=/dev/vda rw rootwait panic=-1 quiet tsc_early_khz=2300000 \
+             banger.init=agent"
         );
         assert!(!kernel_cmdline(&Accel::Kvm, Some(2_300_000), &[]).contains("tsc_early_khz"));
         assert!(!kernel_cmdline(&tcg, None, &[]).contains("tsc_early_khz"));

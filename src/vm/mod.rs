@@ -8,4 +8,5 @@ pub mod boot;
 pub mod firecracker;
 pub mod qemu;
 pub mod qmp;
+pub mod storage;
 pub mod vsock;

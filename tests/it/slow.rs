@@ -445,3 +445,135 @@ fn slow_the_default_kernel_boots_debian_and_busybox_and_the_agent_answers() {
         assert_eq!(busybox["transport"], expected);
     }
 }
+
+/// Hard-links a stored file (`{integrity, bytes}` as the `--json` records show it) to `to`.
+fn materialize_record(context: &TestContext, file: &serde_json::Value, to: &Path) {
+    let store = banger::store::Store::open(context.store_dir()).unwrap();
+    store
+        .materialize(
+            &banger::store::OutputRef {
+                integrity: file["integrity"].as_str().unwrap().to_owned(),
+                size: file["bytes"].as_u64().unwrap(),
+            },
+            to,
+        )
+        .unwrap();
+}
+
+#[test]
+fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
+    use banger::guest::{ExecRequest, ExitStatus};
+    use banger::vm::boot::{AgentTransport, BootSpec, BootedVm, run_captured};
+    use banger::vm::storage::VmDisks;
+
+    if !capable(
+        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
+        find_program("qemu-system-x86_64").is_some(),
+    ) || !capable(
+        "a static busybox (Debian package `busybox-static`)",
+        Path::new("/bin/busybox").exists(),
+    ) {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = tempfile::tempdir().unwrap();
+    let tar_path = dir.path().join("busybox.tar");
+    std::fs::write(&tar_path, busybox_rootfs_tar(Path::new("/bin/busybox"))).unwrap();
+    let imported = context.run(&[
+        "--json",
+        "image",
+        "import-tar",
+        tar_path.to_str().unwrap(),
+        "--name",
+        "busybox-disks",
+    ]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+    let image = records(&imported.stdout)
+        .into_iter()
+        .find(|record| record["type"] == "image")
+        .unwrap()["data"]
+        .clone();
+    let kernel = records(&world.kernel_pull.stdout)
+        .into_iter()
+        .find(|event| event["type"] == "kernel")
+        .unwrap()["data"]
+        .clone();
+    let rootfs = dir.path().join("rootfs.ext4");
+    materialize_record(
+        context,
+        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
+        &rootfs,
+    );
+    let vmlinux = dir.path().join("vmlinux");
+    materialize_record(context, &kernel["vmlinux"], &vmlinux);
+    let initrd = dir.path().join("initrd");
+    materialize_record(context, &kernel["initrd"], &initrd);
+
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let disks = VmDisks::create(&vm_dir, "disk-test", 1 << 30, 256 << 20).unwrap();
+    assert_fsck_clean(&disks.overlay);
+    assert_fsck_clean(&disks.work);
+    let spec = BootSpec {
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: banger::vm::accel::choose(&banger::vm::accel::HostFacts::probe()).unwrap(),
+        vcpus: 1,
+        memory_mib: 512,
+        kernel: vmlinux,
+        initrd: Some(initrd),
+        rootfs,
+        transport: AgentTransport::Serial,
+        vsock_daemon: None,
+        extra_cmdline: Vec::new(),
+        vm_disks: Some(disks),
+        dir: vm_dir.clone(),
+        serial_log: vm_dir.join("console.log"),
+    };
+    let console = || {
+        std::fs::read_to_string(vm_dir.join("console.log"))
+            .unwrap_or_else(|error| error.to_string())
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let run = |commands: &'static str| -> (ExitStatus, String) {
+        runtime.block_on(async {
+            let mut vm = BootedVm::start(&spec).await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+            let (mut channel, _) = vm
+                .wait_agent(deadline)
+                .await
+                .unwrap_or_else(|error| panic!("{error}\n{}", console()));
+            let (status, stdout, stderr) =
+                run_captured(&mut channel, ExecRequest::argv(["sh", "-c", commands]))
+                    .await
+                    .unwrap();
+            drop(channel);
+            vm.stop().await.unwrap();
+            (
+                status,
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&stdout),
+                    String::from_utf8_lossy(&stderr)
+                ),
+            )
+        })
+    };
+
+    // First boot: a change under /root (work disk) and one elsewhere (writable layer).
+    let (status, output) =
+        run("stat -c %a /root && echo kept > /root/note && echo also > /etc/banger-note && sync");
+    assert_eq!(status, ExitStatus::Code(0), "{output}\n{}", console());
+    assert_eq!(output.trim(), "700", "a fresh work disk is private to root");
+
+    // Second boot on the same disks: both changes are there; the image was never written.
+    let (status, output) = run("cat /root/note /etc/banger-note");
+    assert_eq!(status, ExitStatus::Code(0), "{output}\n{}", console());
+    assert_eq!(output, "kept\nalso\n");
+    assert!(
+        debugfs(&dir.path().join("rootfs.ext4"), "stat /etc/banger-note").is_empty(),
+        "the shared image was written"
+    );
+}

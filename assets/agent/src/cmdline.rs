@@ -115,6 +115,9 @@ pub struct InitConfig {
     pub device_timeout: Option<Duration>,
     pub init: InitChoice,
     pub overlay: Option<Overlay>,
+    /// `banger.work=/dev/vdX`: an ext4 disk mounted on `/root`, the VM's work area that
+    /// survives stop/start whatever happens to the root's writable layer.
+    pub work: Option<String>,
     /// `quiet`: only warnings and errors on the console.
     pub quiet: bool,
     /// `ip=`, for images where the agent stays PID 1.
@@ -168,6 +171,15 @@ impl InitConfig {
                 ));
             }
         };
+        let work = match cmdline.value("banger.work") {
+            None | Some("") | Some("none") => None,
+            Some(path) if path.starts_with("/dev/") => Some(path.to_owned()),
+            Some(other) => {
+                return Err(format!(
+                    "banger.work={other}: expected a device path under /dev"
+                ));
+            }
+        };
         let ip = match cmdline.value("ip") {
             Some(spec) => IpConfig::parse(spec)?,
             None => None,
@@ -180,6 +192,7 @@ impl InitConfig {
             device_timeout,
             init,
             overlay,
+            work,
             quiet: cmdline.has("quiet"),
             ip,
             init_args: cmdline.init_args.clone(),
@@ -356,6 +369,12 @@ mod tests {
             })
         );
         assert!(InitConfig::from_cmdline(&Cmdline::parse("banger.overlay=vdb")).is_err());
+        assert_eq!(
+            config("banger.work=/dev/vdc").work.as_deref(),
+            Some("/dev/vdc")
+        );
+        assert_eq!(config("").work, None);
+        assert!(InitConfig::from_cmdline(&Cmdline::parse("banger.work=vdc")).is_err());
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! 5. Mount it on `/newroot`, read-only unless `rw`. With `banger.overlay=`, mount it
 //!    read-only on `/banger/lower` instead, mount the writable layer (a tmpfs, or a disk that
 //!    already holds a filesystem) on `/banger/rw`, and mount an overlayfs of the two on
-//!    `/newroot` (`upper/` and `work/` on the writable layer, created if missing).
+//!    `/newroot` (`upper/` and `work/` on the writable layer, created if missing). With
+//!    `banger.work=/dev/vdX`, mount that ext4 disk on the new root's `/root` (seeded from the
+//!    image's `/root` the first time).
 //! 6. Move `/dev`, `/proc` and `/sys` into the new root, delete the initramfs's files (they
 //!    would pin memory forever), move the new root onto `/` and `chroot` into it
 //!    (`switch_root`).
@@ -94,6 +96,9 @@ fn boot() -> Result<Infallible, String> {
         .ok_or("no root= on the kernel command line")?;
     wait_for_device(&root, config.device_timeout)?;
     assemble_root(&root, &config)?;
+    if let Some(work) = &config.work {
+        mount_work_disk(work, config.device_timeout)?;
+    }
     switch_root()?;
     start_init(&config)
 }
@@ -296,6 +301,90 @@ fn has_ext_magic(device: &str) -> bool {
         .and_then(|mut file| file.read_exact(&mut bytes))
         .is_ok()
         && bytes[1080..1082] == [0x53, 0xEF]
+}
+
+/// Where the work disk is mounted first, to be seeded before it covers the image's `/root`.
+const WORK_STAGING: &str = "/banger/work";
+
+/// Mounts the work disk on the new root's `/root`. A fresh disk (nothing but `lost+found`)
+/// first gets the image's `/root` files (shell profiles) and mode 0700, so the first login
+/// looks like the image's; after that it is left as the guest left it.
+fn mount_work_disk(device: &str, timeout: Option<Duration>) -> Result<(), String> {
+    wait_for_device(device, timeout)?;
+    std::fs::create_dir_all(WORK_STAGING)
+        .map_err(|error| format!("cannot create {WORK_STAGING}: {error}"))?;
+    mount_device(device, WORK_STAGING, Some("ext4"), MsFlags::MS_NOSUID, None).map_err(
+        |error| {
+            if has_ext_magic(device) {
+                error
+            } else {
+                format!(
+                    "{error}: {device} holds no ext4 filesystem (banger formats work disks on \
+                     the host; init never formats disks)"
+                )
+            }
+        },
+    )?;
+    let image_root = format!("{NEW_ROOT}/root");
+    if is_fresh(Path::new(WORK_STAGING)) {
+        if let Err(error) = copy_tree(Path::new(&image_root), Path::new(WORK_STAGING)) {
+            console::warn(&format!("cannot seed the work disk from /root: {error}"));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(WORK_STAGING, std::fs::Permissions::from_mode(0o700));
+    }
+    std::fs::create_dir_all(&image_root)
+        .map_err(|error| format!("cannot create {image_root}: {error}"))?;
+    mount(
+        Some(WORK_STAGING),
+        image_root.as_str(),
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|errno| format!("cannot move the work disk onto {image_root}: {errno}"))?;
+    console::info(&format!("work disk {device} mounted on /root"));
+    Ok(())
+}
+
+/// A file system holding nothing but `lost+found`.
+fn is_fresh(root: &Path) -> bool {
+    std::fs::read_dir(root).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .all(|entry| entry.file_name() == "lost+found")
+    })
+}
+
+/// Copies regular files, directories and symlinks from `from` into `to`, keeping modes and
+/// owners (a home directory's skeleton: small, so no care for sparse or special files).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&source)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_tree(&source, &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(&source, &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source)?, &target)?;
+        } else {
+            continue;
+        }
+        if !kind.is_symlink() {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(meta.mode()))?;
+        }
+        std::os::unix::fs::lchown(&target, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    Ok(())
 }
 
 fn assemble_root(root: &str, config: &InitConfig) -> Result<(), String> {

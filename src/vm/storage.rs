@@ -1,0 +1,148 @@
+//! Per-VM disks, without copying the image.
+//!
+//! A VM boots its image read-only and shared (one `rootfs.ext4` in the store for every VM),
+//! plus two disks of its own:
+//! - the **writable layer** (`/dev/vdb`, `banger.overlay=/dev/vdb`): the upper directory of
+//!   the overlayfs the agent's init assembles over the image, so every change to the root
+//!   lands here;
+//! - the **work disk** (`/dev/vdc`, `banger.work=/dev/vdc`): mounted on `/root`, kept when
+//!   the writable layer is reset.
+//!
+//! Both are blank ext4 file systems written by banger's own ext4 writer, which writes only
+//! the blocks that are not zero: a 16 GiB disk costs the same few metadata blocks as a 1 GiB
+//! one (sparse files; the guest's writes allocate). The guest init never formats disks.
+
+use std::path::{Path, PathBuf};
+
+use crate::ext4::{BuildOptions, Ext4Builder, Ext4Error, Sizing};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot create a {bytes}-byte disk at {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        bytes: u64,
+        #[source]
+        source: Ext4Error,
+    },
+    #[error("a VM disk must be at least {min} bytes, not {bytes}")]
+    TooSmall { bytes: u64, min: u64 },
+}
+
+/// The smallest disk banger creates: room for the journal and some files.
+pub const MIN_DISK_BYTES: u64 = 64 << 20;
+
+/// Writes a blank ext4 file system of `bytes` at `path` (replacing it), labelled `label`.
+/// `seed` makes the UUID (use the VM's id: each VM's disks differ, re-creating is repeatable).
+pub fn create_blank_ext4(
+    path: &Path,
+    bytes: u64,
+    label: &str,
+    seed: &[u8],
+) -> Result<(), StorageError> {
+    if bytes < MIN_DISK_BYTES {
+        return Err(StorageError::TooSmall {
+            bytes,
+            min: MIN_DISK_BYTES,
+        });
+    }
+    let mut options = BuildOptions::with_seed(seed);
+    options.label = label.as_bytes().iter().copied().take(16).collect();
+    options.timestamp = 0;
+    let create_error = |source| StorageError::Create {
+        path: path.to_owned(),
+        bytes,
+        source,
+    };
+    let builder = Ext4Builder::create(path, options).map_err(create_error)?;
+    builder.finish(Sizing::Fixed(bytes)).map_err(create_error)?;
+    Ok(())
+}
+
+/// A VM's own disks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisks {
+    /// The writable layer over the image (`/dev/vdb`).
+    pub overlay: PathBuf,
+    /// The work disk mounted on `/root` (`/dev/vdc`).
+    pub work: PathBuf,
+}
+
+impl VmDisks {
+    /// Where a VM whose files live in `dir` keeps its disks.
+    pub fn in_dir(dir: &Path) -> VmDisks {
+        VmDisks {
+            overlay: dir.join("overlay.ext4"),
+            work: dir.join("work.ext4"),
+        }
+    }
+
+    /// Creates both disks, blank: the writable layer as large as the VM's disk size, the
+    /// work disk `work_bytes`. On failure neither is left behind.
+    pub fn create(
+        dir: &Path,
+        vm_id: &str,
+        disk_bytes: u64,
+        work_bytes: u64,
+    ) -> Result<VmDisks, StorageError> {
+        let disks = VmDisks::in_dir(dir);
+        let made = create_blank_ext4(
+            &disks.overlay,
+            disk_bytes,
+            "banger-rw",
+            format!("{vm_id}/overlay").as_bytes(),
+        )
+        .and_then(|()| {
+            create_blank_ext4(
+                &disks.work,
+                work_bytes,
+                "banger-work",
+                format!("{vm_id}/work").as_bytes(),
+            )
+        });
+        if let Err(error) = made {
+            let _ = std::fs::remove_file(&disks.overlay);
+            let _ = std::fs::remove_file(&disks.work);
+            return Err(error);
+        }
+        Ok(disks)
+    }
+
+    /// The kernel command-line words that make the agent's init use these disks, attached
+    /// after the image as the second and third virtio-blk devices.
+    pub fn cmdline() -> [&'static str; 2] {
+        ["banger.overlay=/dev/vdb", "banger.work=/dev/vdc"]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn blank_disks_are_sparse_whatever_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = VmDisks::create(dir.path(), "vm-a", 1 << 30, 256 << 20).unwrap();
+        let small_used = std::fs::metadata(&small.overlay).unwrap().blocks() * 512;
+        let big_dir = dir.path().join("big");
+        std::fs::create_dir(&big_dir).unwrap();
+        let big = VmDisks::create(&big_dir, "vm-b", 16 << 30, 256 << 20).unwrap();
+        let big_meta = std::fs::metadata(&big.overlay).unwrap();
+        assert_eq!(big_meta.len(), 16 << 30);
+        // A 16× larger disk must not allocate 16× the blocks: only per-group metadata grows.
+        let big_used = big_meta.blocks() * 512;
+        assert!(
+            big_used < 64 << 20,
+            "a blank 16 GiB disk allocates {big_used} bytes (1 GiB: {small_used})"
+        );
+    }
+
+    #[test]
+    fn tiny_disks_are_refused_and_nothing_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = VmDisks::create(dir.path(), "vm", 1 << 20, 256 << 20).unwrap_err();
+        assert!(matches!(error, StorageError::TooSmall { .. }), "{error}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
