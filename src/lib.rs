@@ -26,6 +26,7 @@ pub mod project;
 pub mod rootfs;
 pub mod sources;
 pub mod spec;
+pub mod ssh;
 pub mod state;
 pub mod steps;
 pub mod store;
