@@ -7,6 +7,7 @@ pub mod bangerfile;
 pub mod bundle;
 pub mod catalog;
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod engine;
 pub mod env;

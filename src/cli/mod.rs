@@ -12,6 +12,7 @@
 
 mod build;
 mod cache;
+mod daemon;
 mod doctor;
 mod exit;
 mod graph;
@@ -104,6 +105,16 @@ stderr; the built images are listed on stdout."
     /// Inspect and trim the step store (~/.cache/banger/store).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// The background process that owns VMs, the store and builds (started on demand).
+    #[command(
+        subcommand,
+        long_about = "The daemon is one background process per user that owns the VMs, the \
+store and running builds, so concurrent banger commands share work. Commands that need it \
+start it by themselves (`banger daemon run`, detached; its log is \
+~/.local/state/banger/logs/daemon.log). It listens on $XDG_RUNTIME_DIR/banger/banger.sock, \
+readable by your user only."
+    )]
+    Daemon(daemon::DaemonCommand),
 }
 
 /// Lazily resolved environment of a command.
@@ -262,6 +273,7 @@ pub fn run() -> ExitStatus {
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
         Command::Kernel(command) => kernel::run(&mut context, &command),
+        Command::Daemon(command) => daemon::run(&mut context, &command),
     };
     match result {
         Ok(status) => status,

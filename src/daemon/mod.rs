@@ -1,0 +1,59 @@
+//! The daemon: one process per user that owns the engine, the store and the VMs, so that
+//! concurrent CLI invocations share work; the CLI is a thin client that starts it on demand.
+//!
+//! - `protocol.rs`: the JSON Lines request/response protocol (versioned).
+//! - `server.rs`: start-up (runtime dir, exclusive lock, stale-socket cleanup, 0600 socket),
+//!   serving, and shutdown that leaves no socket or lock behind.
+//! - `client.rs`: connect, or start the daemon (`banger daemon run`, detached) and connect;
+//!   replace a daemon that speaks another protocol version.
+//!
+//! Today the daemon answers `status` and `stop`; VM requests move in with the VM lifecycle.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("a banger daemon is already running{} on {}", pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default(), socket.display())]
+    AlreadyRunning { pid: Option<u32>, socket: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the daemon ({argv}): {source}")]
+    Spawn {
+        argv: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the daemon did not start ({argv}: {status}); its log is {}{}",
+        log.display(),
+        if stderr.is_empty() { String::new() } else { format!(":\n{stderr}") }
+    )]
+    StartFailed {
+        argv: String,
+        status: String,
+        log: PathBuf,
+        stderr: String,
+    },
+    #[error("the daemon speaks another protocol version: {message}")]
+    Version { message: String },
+    #[error("lost the connection to the daemon: {source}")]
+    Lost {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unexpected answer from the daemon during {during}: {response}")]
+    Unexpected {
+        during: &'static str,
+        response: String,
+    },
+    #[error("the daemon on {} did not stop in time", socket.display())]
+    StopTimeout { socket: PathBuf },
+}

@@ -1,0 +1,199 @@
+//! The daemon process: one per user, found through its socket.
+//!
+//! Start-up, in order, each step undone if a later one fails (a [`Running`] guard owns what
+//! was made):
+//! 1. the runtime directory (0700);
+//! 2. an exclusive `flock` on `daemon.lock` there, holding our pid: a second daemon stops
+//!    here with [`DaemonError::AlreadyRunning`] and touches nothing;
+//! 3. a socket left by a daemon that died (the lock proves none runs) is removed;
+//! 4. bind `banger.sock`, mode 0600 (only this user may talk to the daemon).
+//!
+//! It serves until `Stop`, SIGTERM or SIGINT, then removes the socket and the lock file.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::DaemonError;
+use super::protocol::{DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response};
+
+/// What a running daemon holds; dropping it removes the socket, then releases the lock.
+struct Running {
+    socket: PathBuf,
+    lock_path: PathBuf,
+    _lock: Flock<std::fs::File>,
+    bound: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.bound {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The lock file next to `socket`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    socket.with_file_name("daemon.lock")
+}
+
+/// Runs the daemon on `socket` until asked to stop.
+pub async fn run(socket: &Path) -> Result<(), DaemonError> {
+    let dir = socket.parent().expect("the socket lives in a directory");
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DaemonError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    let lock_path = lock_path(socket);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&lock_path)
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
+            return Err(DaemonError::AlreadyRunning {
+                pid,
+                socket: socket.to_owned(),
+            });
+        }
+        Err((_, errno)) => {
+            return Err(DaemonError::Io {
+                path: lock_path,
+                source: errno.into(),
+            });
+        }
+    };
+    let mut running = Running {
+        socket: socket.to_owned(),
+        lock_path: lock_path.clone(),
+        _lock: lock,
+        bound: false,
+    };
+    {
+        use std::io::{Seek, Write};
+        let mut file: &std::fs::File = &running._lock;
+        file.set_len(0).map_err(io(&lock_path))?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(io(&lock_path))?;
+        writeln!(file, "{}", std::process::id()).map_err(io(&lock_path))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io(socket)(error)),
+    }
+    let listener = UnixListener::bind(socket).map_err(io(socket))?;
+    running.bound = true;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(io(socket))?;
+
+    let state = Arc::new(State {
+        socket: socket.to_owned(),
+        started_ms: crate::store::now_ms(),
+        connections: AtomicU64::new(0),
+        stop: tokio::sync::Notify::new(),
+    });
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io(socket))?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                state.connections.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve_connection(stream, Arc::clone(&state)));
+            }
+            () = state.stop.notified() => break,
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    drop(listener);
+    drop(running);
+    Ok(())
+}
+
+struct State {
+    socket: PathBuf,
+    started_ms: u64,
+    connections: AtomicU64,
+    stop: tokio::sync::Notify,
+}
+
+async fn serve_connection(stream: UnixStream, state: Arc<State>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader).lines();
+    let mut greeted = false;
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Err(error) => Response::Error {
+                kind: ErrorKind::BadRequest,
+                message: format!("not a request: {error}"),
+            },
+            Ok(Request::Hello { protocol, .. }) if protocol != PROTOCOL_VERSION => {
+                Response::Error {
+                    kind: ErrorKind::Version,
+                    message: format!(
+                        "this daemon (pid {}, banger {}) speaks protocol {PROTOCOL_VERSION}, \
+                         the client {protocol}",
+                        std::process::id(),
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                }
+            }
+            Ok(Request::Hello { .. }) => {
+                greeted = true;
+                Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    pid: std::process::id(),
+                }
+            }
+            // Stop is honoured without a greeting: it is how a client of another version
+            // replaces this daemon.
+            Ok(Request::Stop) => {
+                let _ = write_line(&mut writer, &Response::Stopping).await;
+                state.stop.notify_one();
+                return;
+            }
+            Ok(_) if !greeted => Response::Error {
+                kind: ErrorKind::BadRequest,
+                message: "say hello first".into(),
+            },
+            Ok(Request::Status) => Response::Status(DaemonStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol: PROTOCOL_VERSION,
+                socket: state.socket.display().to_string(),
+                started_ms: state.started_ms,
+                connections: state.connections.load(Ordering::Relaxed),
+            }),
+        };
+        if write_line(&mut writer, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_line(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(response).map_err(std::io::Error::other)?;
+    line.push('\n');
+    writer.write_all(line.as_bytes()).await
+}
