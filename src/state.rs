@@ -1,5 +1,6 @@
-//! Durable state in SQLite (`~/.local/state/banger/state.db`): named images today; VMs and
-//! kernels join it with the issues that add them.
+//! Durable state in SQLite (`~/.local/state/banger/state.db`): named images, kernels and VMs.
+//! A VM row is what must survive the daemon (its name, what it boots, its shape, whether it
+//! should be running); momentary handles (pids, sockets, ports) live with the daemon.
 //!
 //! An image row names the step output that holds its `rootfs.ext4` (the definition key of the
 //! step that built it, and the output's integrity), so the bytes stay in the content store and
@@ -61,6 +62,54 @@ pub enum StateError {
          pick another name"
     )]
     ImageExists { name: String },
+    #[error("no VM named `{name}`; `banger vm list` shows the VMs there are")]
+    NoSuchVm { name: String },
+    #[error(
+        "a VM named `{name}` already exists; pick another name or remove it first (`banger vm \
+         rm {name}`)"
+    )]
+    VmExists { name: String },
+}
+
+/// Whether a VM should be running: what the daemon restores after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Created, never started, or stopped.
+    Stopped,
+    Running,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Running => "running",
+        }
+    }
+
+    fn parse(text: &str) -> VmState {
+        match text {
+            "running" => VmState::Running,
+            _ => VmState::Stopped,
+        }
+    }
+}
+
+/// A VM, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub name: String,
+    /// Random, fixed at creation: seeds its disks' UUIDs, names its directories' contents.
+    pub id: String,
+    pub image: String,
+    pub kernel: String,
+    /// `qemu` or `firecracker`.
+    pub backend: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub state: VmState,
+    pub created_ms: u64,
 }
 
 /// Where an image came from, for `image list` and `image show`.
@@ -128,6 +177,18 @@ const MIGRATIONS: &[&str] = &[
         modules_integrity TEXT,
         modules_size INTEGER,
         step_key TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );",
+    "CREATE TABLE vms (
+        name TEXT PRIMARY KEY NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        image TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL,
+        state TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     );",
 ];
@@ -417,9 +478,178 @@ fn migrate(connection: &Connection, path: &Path) -> Result<(), StateError> {
     Ok(())
 }
 
+impl State {
+    /// Records a new VM; its name must be free.
+    pub fn create_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
+        let result = self.connection.execute(
+            "INSERT INTO vms (name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
+             state, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                vm.name,
+                vm.id,
+                vm.image,
+                vm.kernel,
+                vm.backend,
+                vm.vcpus,
+                vm.memory_mib as i64,
+                vm.disk_bytes as i64,
+                vm.state.as_str(),
+                vm.created_ms as i64,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StateError::VmExists {
+                    name: vm.name.clone(),
+                })
+            }
+            Err(source) => Err(StateError::Query {
+                what: "insert VM",
+                source,
+            }),
+        }
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, StateError> {
+        self.connection
+            .query_row(
+                "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
+                 created_ms FROM vms WHERE name = ?1",
+                params![name],
+                row_to_vm,
+            )
+            .optional()
+            .map_err(query("read VM"))
+    }
+
+    /// The VM, or an error naming it.
+    pub fn require_vm(&self, name: &str) -> Result<VmRecord, StateError> {
+        self.vm(name)?.ok_or_else(|| StateError::NoSuchVm {
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every VM, by name.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
+                 created_ms FROM vms ORDER BY name",
+            )
+            .map_err(query("list VMs"))?;
+        let rows = statement
+            .query_map([], row_to_vm)
+            .map_err(query("list VMs"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list VMs"))
+    }
+
+    /// Records whether `name` should be running.
+    pub fn set_vm_state(&self, name: &str, state: VmState) -> Result<(), StateError> {
+        let changed = self
+            .connection
+            .execute(
+                "UPDATE vms SET state = ?2 WHERE name = ?1",
+                params![name, state.as_str()],
+            )
+            .map_err(query("update VM"))?;
+        if changed == 0 {
+            return Err(StateError::NoSuchVm {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes a VM row; false when there was none.
+    pub fn remove_vm(&self, name: &str) -> Result<bool, StateError> {
+        let removed = self
+            .connection
+            .execute("DELETE FROM vms WHERE name = ?1", params![name])
+            .map_err(query("remove VM"))?;
+        Ok(removed > 0)
+    }
+}
+
+fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
+    let state: String = row.get(8)?;
+    Ok(VmRecord {
+        name: row.get(0)?,
+        id: row.get(1)?,
+        image: row.get(2)?,
+        kernel: row.get(3)?,
+        backend: row.get(4)?,
+        vcpus: row.get(5)?,
+        memory_mib: row.get::<_, i64>(6)? as u64,
+        disk_bytes: row.get::<_, i64>(7)? as u64,
+        state: VmState::parse(&state),
+        created_ms: row.get::<_, i64>(9)? as u64,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vm(name: &str, id: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            id: id.into(),
+            image: "debian-bookworm".into(),
+            kernel: "debian-cloud-amd64".into(),
+            backend: "qemu".into(),
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_bytes: 8 << 30,
+            state: VmState::Stopped,
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn vms_round_trip_with_unique_names_and_a_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        state.create_vm(&vm("web", "01")).unwrap();
+        state.create_vm(&vm("db", "02")).unwrap();
+        assert_eq!(state.vm("web").unwrap(), Some(vm("web", "01")));
+        assert!(matches!(
+            state.create_vm(&vm("web", "03")),
+            Err(StateError::VmExists { .. })
+        ));
+        state.set_vm_state("web", VmState::Running).unwrap();
+        // What the daemon reads back after a restart.
+        let reopened = State::open(dir.path()).unwrap();
+        let names: Vec<(String, VmState)> = reopened
+            .vms()
+            .unwrap()
+            .into_iter()
+            .map(|vm| (vm.name, vm.state))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("db".to_owned(), VmState::Stopped),
+                ("web".to_owned(), VmState::Running)
+            ]
+        );
+        assert!(matches!(
+            reopened.set_vm_state("nope", VmState::Running),
+            Err(StateError::NoSuchVm { .. })
+        ));
+        assert!(reopened.remove_vm("web").unwrap());
+        assert!(!reopened.remove_vm("web").unwrap());
+        assert!(
+            reopened
+                .require_vm("web")
+                .unwrap_err()
+                .to_string()
+                .contains("no VM named `web`")
+        );
+    }
 
     fn image(name: &str) -> ImageRecord {
         ImageRecord {

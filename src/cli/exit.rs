@@ -98,6 +98,8 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
                     | StateError::ImageExists { .. }
                     | StateError::NoSuchKernel { .. }
                     | StateError::KernelExists { .. }
+                    | StateError::NoSuchVm { .. }
+                    | StateError::VmExists { .. }
             )
         })
         || matches!(

@@ -8,5 +8,6 @@ pub mod boot;
 pub mod firecracker;
 pub mod qemu;
 pub mod qmp;
+pub mod shape;
 pub mod storage;
 pub mod vsock;
