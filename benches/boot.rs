@@ -315,6 +315,7 @@ fn main() -> ExitCode {
         vsock_daemon: Some(vsock_daemon.clone()),
         extra_cmdline: Vec::new(),
         vm_disks: None,
+        forwards: Vec::new(),
         dir: work.path().to_owned(),
         serial_log: work.path().join("console.log"),
     };

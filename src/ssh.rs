@@ -128,6 +128,52 @@ impl SshIdentity {
     }
 }
 
+/// Authorizes banger's key for root in a guest, through its agent: `/root/.ssh` (0700) and
+/// `authorized_keys` (0600), replaced atomically.
+pub async fn authorize_in_guest(
+    channel: &mut crate::guest::GuestChannel,
+    identity: &SshIdentity,
+) -> Result<(), AuthorizeError> {
+    use crate::guest::{ExecRequest, ExitStatus, PutFileRequest};
+    let line = identity.public_key_line()? + "\n";
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let status = channel
+        .exec(
+            &ExecRequest::argv(["sh", "-c", "mkdir -p /root/.ssh && chmod 700 /root/.ssh"]),
+            &[][..],
+            &mut stdout,
+            &mut stderr,
+        )
+        .await?;
+    if status != ExitStatus::Code(0) {
+        return Err(AuthorizeError::Prepare {
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        });
+    }
+    let request = PutFileRequest {
+        path: "/root/.ssh/authorized_keys".into(),
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        size: line.len() as u64,
+        create_parents: false,
+    };
+    channel.put_file(&request, line.as_bytes()).await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error(transparent)]
+    Key(#[from] SshError),
+    #[error("cannot install banger's SSH key in the guest")]
+    Guest(#[from] crate::guest::GuestError),
+    #[error("cannot create /root/.ssh in the guest ({status}): {stderr}")]
+    Prepare { status: String, stderr: String },
+}
+
 /// Where and as whom to reach a VM's sshd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshTarget {
@@ -160,13 +206,21 @@ pub fn ssh_argv(
         format!("UserKnownHostsFile={}", target.known_hosts.display()),
         "-o".into(),
         "StrictHostKeyChecking=accept-new".into(),
+        // The file is the VM's alone: hashing its one entry hides nothing.
+        "-o".into(),
+        "HashKnownHosts=no".into(),
         "-o".into(),
         "LogLevel=ERROR".into(),
         "-p".into(),
         target.port.to_string(),
     ];
     if batch {
-        argv.extend(["-o".into(), "BatchMode=yes".into()]);
+        argv.extend([
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+        ]);
     }
     argv.push(format!("{}@{}", target.user, target.host));
     if !command.is_empty() {
@@ -232,8 +286,8 @@ mod tests {
             ssh_argv(&identity, &target, &["uname".into(), "-r".into()], true).join(" "),
             "ssh -i /state/ssh/id_ed25519 -o IdentitiesOnly=yes -o IdentityAgent=none \
              -o UserKnownHostsFile=/state/vms/dev/known_hosts \
-             -o StrictHostKeyChecking=accept-new -o LogLevel=ERROR -p 40022 \
-             -o BatchMode=yes root@127.0.0.1 -- uname -r"
+             -o StrictHostKeyChecking=accept-new -o HashKnownHosts=no -o LogLevel=ERROR -p 40022 \
+             -o BatchMode=yes -o ConnectTimeout=10 root@127.0.0.1 -- uname -r"
         );
         let interactive = ssh_argv(&identity, &target, &[], false);
         assert_eq!(interactive.last().unwrap(), "root@127.0.0.1");

@@ -475,6 +475,7 @@ fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
         vsock_daemon,
         extra_cmdline: args.append.clone(),
         vm_disks: None,
+        forwards: Vec::new(),
         dir: sockets.path().to_owned(),
         serial_log: logs.join(format!("kernel-test-{}.console.log", kernel.name)),
     };

@@ -89,11 +89,18 @@ pub struct BootSpec {
     /// The VM's own writable layer and work disk; without them the guest's changes live in
     /// memory (a tmpfs overlay) and vanish at power-off.
     pub vm_disks: Option<super::storage::VmDisks>,
+    /// `(host port on 127.0.0.1, guest port)` forwarded through QEMU's user-mode network;
+    /// empty means no network device at all.
+    pub forwards: Vec<(u16, u16)>,
     /// Sockets go here; the caller owns and removes it.
     pub dir: PathBuf,
     /// The serial console is written here (replaced if it exists).
     pub serial_log: PathBuf,
 }
+
+/// The guest's address on QEMU's user-mode network (always 10.0.2.0/24: the gateway is
+/// .2, the DNS forwarder .3), for the agent's or the image's network bring-up.
+pub const USER_NET_IP: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3";
 
 /// The kernel command line for a boot (the overlay words come from [`BootSpec::vm_disks`]).
 ///
@@ -179,6 +186,9 @@ impl BootedVm {
             }
             None => extra.push("banger.overlay=tmpfs".to_owned()),
         }
+        if !spec.forwards.is_empty() {
+            extra.push(USER_NET_IP.to_owned());
+        }
         extra.extend(spec.extra_cmdline.iter().cloned());
         let qemu_spec = QemuSpec {
             binary: spec.qemu_binary.clone(),
@@ -189,7 +199,9 @@ impl BootedVm {
             initrd: spec.initrd.clone(),
             cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &extra),
             disks,
-            net: None,
+            net: (!spec.forwards.is_empty()).then(|| super::qemu::UserNet {
+                forwards: spec.forwards.clone(),
+            }),
             vhost_vsock: vsock
                 .as_ref()
                 .map(|daemon| daemon.vhost_socket().to_owned()),

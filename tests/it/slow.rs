@@ -529,6 +529,7 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
         vsock_daemon: None,
         extra_cmdline: Vec::new(),
         vm_disks: Some(disks),
+        forwards: Vec::new(),
         dir: vm_dir.clone(),
         serial_log: vm_dir.join("console.log"),
     };
@@ -576,4 +577,109 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
         debugfs(&dir.path().join("rootfs.ext4"), "stat /etc/banger-note").is_empty(),
         "the shared image was written"
     );
+}
+
+#[test]
+fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
+    use banger::ssh::{SshIdentity, SshTarget, authorize_in_guest, ssh_argv};
+    use banger::vm::boot::{AgentTransport, BootSpec, BootedVm};
+
+    if !capable(
+        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
+        find_program("qemu-system-x86_64").is_some(),
+    ) || !capable(
+        "ssh and ssh-keygen (Debian package `openssh-client`)",
+        find_program("ssh").is_some() && find_program("ssh-keygen").is_some(),
+    ) {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let kernel = records(&world.kernel_pull.stdout)
+        .into_iter()
+        .find(|event| event["type"] == "kernel")
+        .unwrap()["data"]
+        .clone();
+    let show = context.run(&["--json", "image", "show", "debian-bookworm"]);
+    let image = records(&show.stdout)[0]["data"].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs.ext4");
+    materialize_record(
+        context,
+        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
+        &rootfs,
+    );
+    let vmlinux = dir.path().join("vmlinux");
+    materialize_record(context, &kernel["vmlinux"], &vmlinux);
+    let initrd = dir.path().join("initrd");
+    materialize_record(context, &kernel["initrd"], &initrd);
+    let identity = SshIdentity::ensure(&dir.path().join("state")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let spec = BootSpec {
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: banger::vm::accel::choose(&banger::vm::accel::HostFacts::probe()).unwrap(),
+        vcpus: 1,
+        memory_mib: 1024,
+        kernel: vmlinux,
+        initrd: Some(initrd),
+        rootfs,
+        transport: AgentTransport::Serial,
+        vsock_daemon: None,
+        extra_cmdline: Vec::new(),
+        vm_disks: None,
+        forwards: vec![(port, 22)],
+        dir: vm_dir.clone(),
+        serial_log: vm_dir.join("console.log"),
+    };
+    let console = || std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut vm = runtime.block_on(BootedVm::start(&spec)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let result = runtime.block_on(async {
+        let (mut channel, _) = vm.wait_agent(deadline).await.map_err(|e| e.to_string())?;
+        authorize_in_guest(&mut channel, &identity)
+            .await
+            .map_err(|e| banger::engine::error_chain(&e))
+    });
+    if let Err(error) = result {
+        let _ = runtime.block_on(vm.stop());
+        panic!("{error}\n{}", console());
+    }
+    let target = SshTarget {
+        host: "127.0.0.1".into(),
+        port,
+        user: "root".into(),
+        known_hosts: vm_dir.join("known_hosts"),
+    };
+    let argv = ssh_argv(&identity, &target, &["uname".into(), "-r".into()], true);
+    // sshd comes up some seconds after the agent under TCG: retry until the deadline.
+    let mut last = String::new();
+    let mut answer = None;
+    while std::time::Instant::now() < deadline {
+        let output = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        if output.status.success() {
+            answer = Some(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+            break;
+        }
+        last = String::from_utf8_lossy(&output.stderr).into_owned();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let _ = runtime.block_on(vm.stop());
+    let answer = answer.unwrap_or_else(|| panic!("ssh never answered: {last}\n{}", console()));
+    assert_eq!(answer, kernel["release"].as_str().unwrap());
+    // The host key was pinned in the VM's own known_hosts, not the user's.
+    let pinned = std::fs::read_to_string(vm_dir.join("known_hosts")).unwrap();
+    assert!(pinned.contains(&format!("[127.0.0.1]:{port}")), "{pinned}");
 }
