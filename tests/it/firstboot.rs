@@ -274,9 +274,7 @@ impl ChrootedAgent {
     }
 
     async fn channel(&self) -> GuestChannel {
-        GuestChannel::connect_unix(&self.root.host_path("/agent.sock"))
-            .await
-            .unwrap()
+        crate::support::connect_agent(&self.root.host_path("/agent.sock")).await
     }
 }
 

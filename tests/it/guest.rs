@@ -86,11 +86,14 @@ impl Agent {
                 Err(error) => panic!("cannot start the agent: {error}"),
             }
         };
+        // Until a connection is accepted, not just until the file exists: it appears at
+        // `bind`, a moment before the agent listens. (The probe is a connection that ends at
+        // once, which the agent shrugs off.)
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "the agent never created {socket:?}"
+                "the agent never listened on {socket:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -102,7 +105,7 @@ impl Agent {
     }
 
     async fn channel(&self) -> GuestChannel {
-        GuestChannel::connect_unix(&self.socket()).await.unwrap()
+        crate::support::connect_agent(&self.socket()).await
     }
 }
 

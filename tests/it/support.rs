@@ -412,3 +412,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// Connects to an agent's unix socket, retrying while it is refused: the socket file
+/// appears at `bind`, a moment before the agent listens.
+pub async fn connect_agent(socket: &Path) -> banger::guest::GuestChannel {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match banger::guest::GuestChannel::connect_unix(socket).await {
+            Ok(channel) => return channel,
+            Err(banger::guest::GuestError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(error) => panic!(
+                "cannot connect to the agent at {}: {error}",
+                socket.display()
+            ),
+        }
+    }
+}
