@@ -276,6 +276,37 @@ impl BootedVm {
         }
     }
 
+    /// Powers the guest off cleanly, so its disks are consistent: through its agent (`channel`,
+    /// whose `Ready` said whether the agent is PID 1), `systemctl poweroff` under systemd, or
+    /// SIGTERM to the agent as PID 1 (it stops everything, syncs and powers off). Waits up to
+    /// `grace` for QEMU to exit, then stops it hard. Returns whether the guest went by itself.
+    pub async fn power_off(
+        mut self,
+        channel: &mut GuestChannel,
+        agent_is_pid1: bool,
+        grace: Duration,
+    ) -> Result<bool, BootError> {
+        use crate::guest::ExecRequest;
+        let request = if agent_is_pid1 {
+            ExecRequest::argv(["kill", "-TERM", "1"])
+        } else {
+            ExecRequest::argv(["systemctl", "poweroff", "--no-block"])
+        };
+        // The guest may go before the answer comes back: an error here is expected.
+        let _ = tokio::time::timeout(Duration::from_secs(10), run_captured(channel, request)).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut graceful = false;
+        while tokio::time::Instant::now() < deadline {
+            if self.qemu.try_wait()?.is_some() {
+                graceful = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop().await?;
+        Ok(graceful)
+    }
+
     /// Stops QEMU and the vsock daemon and removes their sockets (the console log stays).
     pub async fn stop(self) -> Result<(), BootError> {
         let qmp = self.qemu.qmp_socket().to_owned();

@@ -538,11 +538,12 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
             .unwrap_or_else(|error| error.to_string())
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Each boot runs `commands` through the agent, then powers the guest off cleanly.
     let run = |commands: &'static str| -> (ExitStatus, String) {
         runtime.block_on(async {
             let mut vm = BootedVm::start(&spec).await.unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-            let (mut channel, _) = vm
+            let (mut channel, ready) = vm
                 .wait_agent(deadline)
                 .await
                 .unwrap_or_else(|error| panic!("{error}\n{}", console()));
@@ -550,8 +551,15 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
                 run_captured(&mut channel, ExecRequest::argv(["sh", "-c", commands]))
                     .await
                     .unwrap();
-            drop(channel);
-            vm.stop().await.unwrap();
+            let graceful = vm
+                .power_off(&mut channel, ready.pid1, std::time::Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(
+                graceful,
+                "the guest did not power off by itself\n{}",
+                console()
+            );
             (
                 status,
                 format!(
@@ -644,15 +652,19 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
     let mut vm = runtime.block_on(BootedVm::start(&spec)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let result = runtime.block_on(async {
-        let (mut channel, _) = vm.wait_agent(deadline).await.map_err(|e| e.to_string())?;
+        let (mut channel, ready) = vm.wait_agent(deadline).await.map_err(|e| e.to_string())?;
         authorize_in_guest(&mut channel, &identity)
             .await
-            .map_err(|e| banger::engine::error_chain(&e))
+            .map_err(|e| banger::engine::error_chain(&e))?;
+        Ok::<_, String>((channel, ready))
     });
-    if let Err(error) = result {
-        let _ = runtime.block_on(vm.stop());
-        panic!("{error}\n{}", console());
-    }
+    let (mut channel, ready) = match result {
+        Ok(connected) => connected,
+        Err(error) => {
+            let _ = runtime.block_on(vm.stop());
+            panic!("{error}\n{}", console());
+        }
+    };
     let target = SshTarget {
         host: "127.0.0.1".into(),
         port,
@@ -676,9 +688,17 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
         last = String::from_utf8_lossy(&output.stderr).into_owned();
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    let _ = runtime.block_on(vm.stop());
+    // systemd powers the guest off when asked through the agent.
+    let graceful = runtime
+        .block_on(vm.power_off(
+            &mut channel,
+            ready.pid1,
+            std::time::Duration::from_secs(120),
+        ))
+        .unwrap();
     let answer = answer.unwrap_or_else(|| panic!("ssh never answered: {last}\n{}", console()));
     assert_eq!(answer, kernel["release"].as_str().unwrap());
+    assert!(graceful, "systemd did not power off\n{}", console());
     // The host key was pinned in the VM's own known_hosts, not the user's.
     let pinned = std::fs::read_to_string(vm_dir.join("known_hosts")).unwrap();
     assert!(pinned.contains(&format!("[127.0.0.1]:{port}")), "{pinned}");
