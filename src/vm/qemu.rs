@@ -226,30 +226,24 @@ impl QemuProcess {
             }
         })?;
         let seconds = 20;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        loop {
-            if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = pipe.read_to_string(&mut stderr).await;
-                }
+        match super::wait_for_socket(&mut child, &spec.qmp_socket, Duration::from_secs(seconds))
+            .await
+        {
+            Ok(()) => {}
+            Err(super::StartupFailure::Exited { status, stderr }) => {
                 return Err(QemuError::EarlyExit {
                     argv: printable,
-                    status: status.to_string(),
+                    status,
                     stderr,
                 });
             }
-            if spec.qmp_socket.exists() {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
+            Err(super::StartupFailure::TimedOut) => {
                 return Err(QemuError::NoControlSocket {
                     path: spec.qmp_socket.clone(),
                     seconds,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(super::StartupFailure::Wait(error)) => return Err(QemuError::Wait(error)),
         }
         Ok(QemuProcess {
             child,

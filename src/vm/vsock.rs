@@ -101,28 +101,24 @@ impl VhostVsock {
                 }
             })?;
         let seconds = 10;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        while !vhost_socket.exists() {
-            if let Some(status) = child.try_wait().map_err(VsockError::Wait)? {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = pipe.read_to_string(&mut stderr).await;
-                }
+        match super::wait_for_socket(&mut child, &vhost_socket, Duration::from_secs(seconds)).await
+        {
+            Ok(()) => {}
+            Err(super::StartupFailure::Exited { status, stderr }) => {
                 return Err(VsockError::EarlyExit {
                     argv: printable,
-                    status: status.to_string(),
+                    status,
                     stderr,
                 });
             }
-            if tokio::time::Instant::now() >= deadline {
+            Err(super::StartupFailure::TimedOut) => {
                 return Err(VsockError::NoSocket {
                     argv: printable,
                     socket: vhost_socket,
                     seconds,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err(super::StartupFailure::Wait(error)) => return Err(VsockError::Wait(error)),
         }
         Ok(VhostVsock {
             child,

@@ -6,6 +6,8 @@
 //! HOME where both are built once per test process: [`debian_world`].
 
 use std::path::{Path, PathBuf};
+
+use banger::vm::boot::{AgentTransport, BootSpec};
 use std::sync::{Mutex, OnceLock};
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
@@ -460,19 +462,65 @@ fn materialize_record(context: &TestContext, file: &serde_json::Value, to: &Path
         .unwrap();
 }
 
+/// A throwaway boot of the world's default kernel on `image` (its `--json` record): kernel,
+/// initrd and image hard-linked into `dir`, the VM's files in `dir/vm`, serial transport, no
+/// disks of its own and no network (tests set those).
+fn boot_spec(world: &DebianWorld, image: &serde_json::Value, dir: &Path) -> BootSpec {
+    let context = &world.context;
+    let kernel = records(&world.kernel_pull.stdout)
+        .into_iter()
+        .find(|event| event["type"] == "kernel")
+        .unwrap()["data"]
+        .clone();
+    let rootfs = dir.join("rootfs.ext4");
+    materialize_record(
+        context,
+        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
+        &rootfs,
+    );
+    let vmlinux = dir.join("vmlinux");
+    materialize_record(context, &kernel["vmlinux"], &vmlinux);
+    let initrd = dir.join("initrd");
+    materialize_record(context, &kernel["initrd"], &initrd);
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    BootSpec {
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: banger::vm::accel::choose(&banger::vm::accel::HostFacts::probe()).unwrap(),
+        vcpus: 1,
+        memory_mib: 1024,
+        kernel: vmlinux,
+        initrd: Some(initrd),
+        rootfs,
+        transport: AgentTransport::Serial,
+        vsock_daemon: None,
+        extra_cmdline: Vec::new(),
+        vm_disks: None,
+        forwards: Vec::new(),
+        serial_log: vm_dir.join("console.log"),
+        dir: vm_dir,
+    }
+}
+
+fn have_qemu() -> bool {
+    capable(
+        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
+        find_program("qemu-system-x86_64").is_some(),
+    )
+}
+
 #[test]
 fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
     use banger::guest::{ExecRequest, ExitStatus};
-    use banger::vm::boot::{AgentTransport, BootSpec, BootedVm, run_captured};
+    use banger::vm::boot::{BootedVm, run_captured};
     use banger::vm::storage::VmDisks;
 
-    if !capable(
-        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
-        find_program("qemu-system-x86_64").is_some(),
-    ) || !capable(
-        "a static busybox (Debian package `busybox-static`)",
-        Path::new("/bin/busybox").exists(),
-    ) {
+    if !have_qemu()
+        || !capable(
+            "a static busybox (Debian package `busybox-static`)",
+            Path::new("/bin/busybox").exists(),
+        )
+    {
         return;
     }
     let Some(world) = debian_world() else {
@@ -496,43 +544,13 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
         .find(|record| record["type"] == "image")
         .unwrap()["data"]
         .clone();
-    let kernel = records(&world.kernel_pull.stdout)
-        .into_iter()
-        .find(|event| event["type"] == "kernel")
-        .unwrap()["data"]
-        .clone();
-    let rootfs = dir.path().join("rootfs.ext4");
-    materialize_record(
-        context,
-        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
-        &rootfs,
-    );
-    let vmlinux = dir.path().join("vmlinux");
-    materialize_record(context, &kernel["vmlinux"], &vmlinux);
-    let initrd = dir.path().join("initrd");
-    materialize_record(context, &kernel["initrd"], &initrd);
-
-    let vm_dir = dir.path().join("vm");
-    std::fs::create_dir(&vm_dir).unwrap();
+    let mut spec = boot_spec(world, &image, dir.path());
+    spec.memory_mib = 512;
+    let vm_dir = spec.dir.clone();
     let disks = VmDisks::create(&vm_dir, "disk-test", 1 << 30, 256 << 20).unwrap();
     assert_fsck_clean(&disks.overlay);
     assert_fsck_clean(&disks.work);
-    let spec = BootSpec {
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel: banger::vm::accel::choose(&banger::vm::accel::HostFacts::probe()).unwrap(),
-        vcpus: 1,
-        memory_mib: 512,
-        kernel: vmlinux,
-        initrd: Some(initrd),
-        rootfs,
-        transport: AgentTransport::Serial,
-        vsock_daemon: None,
-        extra_cmdline: Vec::new(),
-        vm_disks: Some(disks),
-        forwards: Vec::new(),
-        dir: vm_dir.clone(),
-        serial_log: vm_dir.join("console.log"),
-    };
+    spec.vm_disks = Some(disks);
     let console = || {
         std::fs::read_to_string(vm_dir.join("console.log"))
             .unwrap_or_else(|error| error.to_string())
@@ -590,15 +608,14 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
 #[test]
 fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
     use banger::ssh::{SshIdentity, SshTarget, authorize_in_guest, ssh_argv};
-    use banger::vm::boot::{AgentTransport, BootSpec, BootedVm};
+    use banger::vm::boot::BootedVm;
 
-    if !capable(
-        "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
-        find_program("qemu-system-x86_64").is_some(),
-    ) || !capable(
-        "ssh and ssh-keygen (Debian package `openssh-client`)",
-        find_program("ssh").is_some() && find_program("ssh-keygen").is_some(),
-    ) {
+    if !have_qemu()
+        || !capable(
+            "ssh and ssh-keygen (Debian package `openssh-client`)",
+            find_program("ssh").is_some() && find_program("ssh-keygen").is_some(),
+        )
+    {
         return;
     }
     let Some(world) = debian_world() else {
@@ -613,40 +630,15 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
     let show = context.run(&["--json", "image", "show", "debian-bookworm"]);
     let image = records(&show.stdout)[0]["data"].clone();
     let dir = tempfile::tempdir().unwrap();
-    let rootfs = dir.path().join("rootfs.ext4");
-    materialize_record(
-        context,
-        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
-        &rootfs,
-    );
-    let vmlinux = dir.path().join("vmlinux");
-    materialize_record(context, &kernel["vmlinux"], &vmlinux);
-    let initrd = dir.path().join("initrd");
-    materialize_record(context, &kernel["initrd"], &initrd);
     let identity = SshIdentity::ensure(&dir.path().join("state")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let vm_dir = dir.path().join("vm");
-    std::fs::create_dir(&vm_dir).unwrap();
-    let spec = BootSpec {
-        qemu_binary: "qemu-system-x86_64".into(),
-        accel: banger::vm::accel::choose(&banger::vm::accel::HostFacts::probe()).unwrap(),
-        vcpus: 1,
-        memory_mib: 1024,
-        kernel: vmlinux,
-        initrd: Some(initrd),
-        rootfs,
-        transport: AgentTransport::Serial,
-        vsock_daemon: None,
-        extra_cmdline: Vec::new(),
-        vm_disks: None,
-        forwards: vec![(port, 22)],
-        dir: vm_dir.clone(),
-        serial_log: vm_dir.join("console.log"),
-    };
+    let mut spec = boot_spec(world, &image, dir.path());
+    spec.forwards = vec![(port, 22)];
+    let vm_dir = spec.dir.clone();
     let console = || std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut vm = runtime.block_on(BootedVm::start(&spec)).unwrap();
