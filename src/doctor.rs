@@ -193,12 +193,15 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
             "the host↔guest agent channel under QEMU (hybrid vsock; without it, virtio-serial)",
             "cargo install --locked vhost-device-vsock",
         ),
-        program_check(
-            "firecracker",
-            "firecracker",
-            &["--version"],
-            "the Firecracker backend (needs working KVM)",
-            "install the firecracker binary on PATH",
+        firecracker_backend(
+            program_check(
+                "firecracker",
+                "firecracker",
+                &["--version"],
+                "the Firecracker backend (needs working KVM)",
+                "install the firecracker binary on PATH",
+            ),
+            &accel::choose(&facts),
         ),
         program_check(
             "debugfs",
@@ -225,9 +228,53 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
     ]
 }
 
+/// The Firecracker check says whether the backend can boot guests, not only whether the
+/// binary is there: Firecracker has no TCG, so where banger would pick TCG (no KVM, or a PVM
+/// host whose KVM hangs ordinary guests) it is installed but unusable.
+fn firecracker_backend(binary: Check, accel: &Result<Accel, accel::AccelError>) -> Check {
+    match (binary.health, accel) {
+        (Health::Ok, Ok(Accel::Tcg { reason })) => Check {
+            health: Health::Degraded,
+            detail: format!(
+                "{}, but it cannot boot guests here: {reason}",
+                binary.detail
+            ),
+            fix: Some("VMs use the QEMU backend on this host".into()),
+            ..binary
+        },
+        _ => binary,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn firecracker_is_unusable_where_only_tcg_would_work() {
+        let installed = || Check {
+            name: "firecracker",
+            health: Health::Ok,
+            detail: "Firecracker v1.12.1".into(),
+            needed_for: "the Firecracker backend (needs working KVM)",
+            fix: None,
+        };
+        let kvm = firecracker_backend(installed(), &Ok(Accel::Kvm));
+        assert_eq!(kvm.health, Health::Ok);
+        let pvm = firecracker_backend(
+            installed(),
+            &Ok(Accel::Tcg {
+                reason: "this host runs under a PVM hypervisor".into(),
+            }),
+        );
+        assert_eq!(pvm.health, Health::Degraded);
+        assert_eq!(
+            pvm.detail,
+            "Firecracker v1.12.1, but it cannot boot guests here: this host runs under a PVM \
+             hypervisor"
+        );
+        assert!(pvm.fix.unwrap().contains("QEMU backend"));
+    }
 
     #[test]
     fn programs_are_found_on_path_and_missing_ones_say_how_to_fix() {
