@@ -114,6 +114,16 @@ fn is_version_mismatch(error: &GuestError) -> bool {
     )
 }
 
+/// A unix stream to `path`, its failure naming the path.
+async fn connect_stream(path: &Path) -> Result<UnixStream, GuestError> {
+    UnixStream::connect(path)
+        .await
+        .map_err(|source| GuestError::Connect {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// An error and its sources on one line.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -229,24 +239,15 @@ impl GuestChannel {
 
     /// Connects to an agent listening on a unix socket.
     pub async fn connect_unix(path: &Path) -> Result<GuestChannel, GuestError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| GuestError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(GuestChannel::new(stream, 0))
+        Ok(GuestChannel::new(connect_stream(path).await?, 0))
     }
 
     /// Connects to the host socket of a guest's virtio-serial port, on a fresh channel.
     pub async fn connect_serial(path: &Path) -> Result<GuestChannel, GuestError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| GuestError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(GuestChannel::new(stream, fastrand::u32(1..)))
+        Ok(GuestChannel::new(
+            connect_stream(path).await?,
+            fastrand::u32(1..),
+        ))
     }
 
     /// Connects to guest `port` through a VMM's hybrid vsock socket, retrying until
@@ -526,13 +527,7 @@ impl GuestChannel {
 
 /// One hybrid vsock attempt: connect, `CONNECT <port>\n`, expect `OK <n>\n`.
 async fn hybrid_vsock_once(uds_path: &Path, port: u32) -> Result<GuestChannel, GuestError> {
-    let stream = UnixStream::connect(uds_path)
-        .await
-        .map_err(|source| GuestError::Connect {
-            path: uds_path.to_owned(),
-            source,
-        })?;
-    let mut channel = GuestChannel::new(stream, 0);
+    let mut channel = GuestChannel::new(connect_stream(uds_path).await?, 0);
     channel
         .writer
         .write_all(format!("CONNECT {port}\n").as_bytes())

@@ -26,19 +26,6 @@ fn no_progress() -> impl FnMut(u64, u64) {
     |_, _| {}
 }
 
-/// Deterministic bytes that compress somewhat, like real binaries.
-fn pseudo_random(length: usize, seed: u32) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as u8) & 0x3f
-        })
-        .collect()
-}
-
 /// A real ext4 image, mostly empty: a few directories and files, sized [`IMAGE_SIZE`].
 fn build_ext4(path: &Path) {
     let mut options = BuildOptions::with_seed(b"banger bundle tests");
@@ -68,7 +55,7 @@ fn build_ext4(path: &Path) {
             &file,
         )
         .unwrap();
-    let binary = pseudo_random(6 * 1024 * 1024 + 123, 7);
+    let binary = crate::support::pseudo_random(6 * 1024 * 1024 + 123, 7);
     builder
         .insert(
             Path::new("usr/bin/tool"),
@@ -239,15 +226,31 @@ fn kernel_tree(root: &Path) -> PathBuf {
     fs::create_dir_all(modules.join("block")).unwrap();
     let deep = modules.join(format!("very/{}/deep", "nested-directory-name".repeat(4)));
     fs::create_dir_all(&deep).unwrap();
-    fs::write(kernel.join("vmlinux"), pseudo_random(3 * 1024 * 1024, 1)).unwrap();
-    fs::write(kernel.join("initrd"), pseudo_random(700 * 1024, 2)).unwrap();
-    fs::write(modules.join("net/virtio_net.ko"), pseudo_random(90_000, 3)).unwrap();
     fs::write(
-        modules.join("block/virtio_blk.ko"),
-        pseudo_random(40_000, 4),
+        kernel.join("vmlinux"),
+        crate::support::pseudo_random(3 * 1024 * 1024, 1),
     )
     .unwrap();
-    fs::write(deep.join("vsock.ko"), pseudo_random(5_000, 5)).unwrap();
+    fs::write(
+        kernel.join("initrd"),
+        crate::support::pseudo_random(700 * 1024, 2),
+    )
+    .unwrap();
+    fs::write(
+        modules.join("net/virtio_net.ko"),
+        crate::support::pseudo_random(90_000, 3),
+    )
+    .unwrap();
+    fs::write(
+        modules.join("block/virtio_blk.ko"),
+        crate::support::pseudo_random(40_000, 4),
+    )
+    .unwrap();
+    fs::write(
+        deep.join("vsock.ko"),
+        crate::support::pseudo_random(5_000, 5),
+    )
+    .unwrap();
     fs::write(kernel.join("modules/6.1.0-test/modules.dep"), b"").unwrap();
     kernel
 }
@@ -382,7 +385,7 @@ fn a_failed_or_cancelled_write_leaves_nothing() {
     fs::create_dir(&out_dir).unwrap();
     let bundle = out_dir.join("image.tar.zst");
     let image = dir.path().join("rootfs.ext4");
-    fs::write(&image, pseudo_random(3 * 1024 * 1024, 9)).unwrap();
+    fs::write(&image, crate::support::pseudo_random(3 * 1024 * 1024, 9)).unwrap();
     let image_files = [("rootfs.ext4".to_owned(), image.clone())];
     let write =
         |manifest: &BundleManifest, files: &[(String, PathBuf)], cancel: &CancellationToken| {
@@ -458,7 +461,7 @@ fn unpacking_refuses_to_replace_existing_files() {
 fn a_cancelled_unpack_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("rootfs.ext4");
-    fs::write(&image, pseudo_random(5 * 1024 * 1024, 11)).unwrap();
+    fs::write(&image, crate::support::pseudo_random(5 * 1024 * 1024, 11)).unwrap();
     let bundle = dir.path().join("image.tar.zst");
     write_bundle(
         &image_manifest(),
@@ -780,7 +783,7 @@ fn invalid_manifests_are_refused() {
 fn truncated_and_corrupt_bundles_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("rootfs.ext4");
-    fs::write(&image, pseudo_random(4 * 1024 * 1024, 13)).unwrap();
+    fs::write(&image, crate::support::pseudo_random(4 * 1024 * 1024, 13)).unwrap();
     let bundle = dir.path().join("image.tar.zst");
     write_bundle(
         &image_manifest(),

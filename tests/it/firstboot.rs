@@ -13,7 +13,6 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger::guest::{ExecRequest, ExitStatus, GuestChannel};
@@ -52,21 +51,6 @@ fn is_static_elf(elf: &[u8]) -> bool {
         elf.get(start..start + 4)
             .is_some_and(|kind| u32::from_le_bytes(kind.try_into().unwrap()) != PT_INTERP)
     })
-}
-
-/// The embedded agent, written once per test process and hard-linked into each root, so no
-/// root's copy is ever open for writing while another test thread forks (ETXTBSY).
-fn agent_binary() -> &'static Path {
-    static BINARY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &BINARY
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("banger-agent");
-            std::fs::write(&path, banger::assets::AGENT_BINARY).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            (dir, path)
-        })
-        .1
 }
 
 /// A root filesystem holding only busybox, its applet links, a few device nodes and the
@@ -114,8 +98,8 @@ impl BusyboxRoot {
             .unwrap();
         }
         let agent = root.host_path(AGENT_IN_ROOT);
-        if std::fs::hard_link(agent_binary(), &agent).is_err() {
-            std::fs::copy(agent_binary(), &agent).unwrap();
+        if std::fs::hard_link(crate::support::agent_binary(), &agent).is_err() {
+            std::fs::copy(crate::support::agent_binary(), &agent).unwrap();
         }
         root.assert_no_libc();
         root

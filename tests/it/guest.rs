@@ -6,7 +6,6 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger::guest::protocol::{self, ErrorReply, FrameHeader, FrameType, HEADER_LEN};
@@ -15,20 +14,6 @@ use banger::guest::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-
-/// The embedded agent, written once per test process.
-fn agent_binary() -> &'static Path {
-    static BINARY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &BINARY
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("banger-agent");
-            std::fs::write(&path, banger::assets::AGENT_BINARY).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            (dir, path)
-        })
-        .1
-}
 
 /// A running agent; killed on drop.
 struct Agent {
@@ -59,14 +44,14 @@ impl Agent {
         shell
             .arg("-c")
             .arg(r#"trap '' HUP INT TERM; exec "$0" --listen-unix "$1""#)
-            .arg(agent_binary())
+            .arg(crate::support::agent_binary())
             .arg(&socket);
         Agent::spawn(dir, &socket, shell)
     }
 
     /// Starts the agent with `args` and waits for `socket`, wherever it is, to appear.
     fn start_listening_at(dir: tempfile::TempDir, socket: &Path, args: Vec<String>) -> Agent {
-        let mut command = Command::new(agent_binary());
+        let mut command = Command::new(crate::support::agent_binary());
         command.args(&args);
         Agent::spawn(dir, socket, command)
     }

@@ -18,25 +18,12 @@ use crate::support::{TestContext, sha256_hex};
 /// `docs/cli.md`, `src/cli/exit.rs`: a step failed.
 const STEP_FAILED: i32 = 1;
 
-/// Deterministic bytes that compress somewhat, like real binaries.
-fn pseudo_random(length: usize, seed: u32) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..length)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as u8) & 0x3f
-        })
-        .collect()
-}
-
 fn vmlinux_bytes() -> Vec<u8> {
-    pseudo_random(2 * 1024 * 1024 + 77, 1)
+    crate::support::pseudo_random(2 * 1024 * 1024 + 77, 1)
 }
 
 fn initrd_bytes() -> Vec<u8> {
-    pseudo_random(300 * 1024, 2)
+    crate::support::pseudo_random(300 * 1024, 2)
 }
 
 /// A kernel bundle file and what a catalog entry says of it.
@@ -75,7 +62,11 @@ fn good_bundle(dir: &Path) -> Bundle {
     fs::create_dir_all(modules.join("net")).unwrap();
     fs::write(kernel.join("vmlinux"), vmlinux_bytes()).unwrap();
     fs::write(kernel.join("initrd"), initrd_bytes()).unwrap();
-    fs::write(modules.join("net/virtio_net.ko"), pseudo_random(60_000, 3)).unwrap();
+    fs::write(
+        modules.join("net/virtio_net.ko"),
+        crate::support::pseudo_random(60_000, 3),
+    )
+    .unwrap();
     fs::write(kernel.join("modules/6.1.0-test/modules.dep"), b"").unwrap();
     let path = dir.join("good-kernel.tar.zst");
     let written = write_bundle(

@@ -89,15 +89,7 @@ fn slow_debian_recipe_builds_and_its_tar_pulls_back_from_a_registry() {
     let store = banger::store::Store::open(context.store_dir()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("rootfs.ext4");
-    store
-        .materialize(
-            &banger::store::OutputRef {
-                integrity: record["rootfs"].as_str().unwrap().to_owned(),
-                size: record["bytes"].as_u64().unwrap(),
-            },
-            &image,
-        )
-        .unwrap();
+    materialize_rootfs(context, record, &image);
     assert_fsck_clean(&image);
     for path in [
         "/usr/sbin/sshd",
@@ -151,15 +143,7 @@ fn slow_debian_recipe_builds_and_its_tar_pulls_back_from_a_registry() {
     let show = context.run(&["--json", "image", "show", "from-registry"]);
     let record = &records(&show.stdout)[0]["data"];
     let pulled_image = dir.path().join("pulled.ext4");
-    store
-        .materialize(
-            &banger::store::OutputRef {
-                integrity: record["rootfs"].as_str().unwrap().to_owned(),
-                size: record["bytes"].as_u64().unwrap(),
-            },
-            &pulled_image,
-        )
-        .unwrap();
+    materialize_rootfs(context, record, &pulled_image);
     assert_fsck_clean(&pulled_image);
     assert!(!debugfs(&pulled_image, "stat /usr/sbin/sshd").is_empty());
 }
@@ -411,17 +395,8 @@ fn slow_the_default_kernel_boots_debian_and_busybox_and_the_agent_answers() {
     assert_eq!(imported.code, Some(0), "{imported}");
     let show = context.run(&["--json", "image", "show", "busybox"]);
     let record = &records(&show.stdout)[0]["data"];
-    let store = banger::store::Store::open(context.store_dir()).unwrap();
     let image = dir.path().join("busybox.ext4");
-    store
-        .materialize(
-            &banger::store::OutputRef {
-                integrity: record["rootfs"].as_str().unwrap().to_owned(),
-                size: record["bytes"].as_u64().unwrap(),
-            },
-            &image,
-        )
-        .unwrap();
+    materialize_rootfs(context, record, &image);
     for libc_dir in ["/lib", "/lib64", "/usr/lib", "/lib/x86_64-linux-gnu"] {
         let ls = debugfs(&image, &format!("ls -l {libc_dir}"));
         assert!(
@@ -446,6 +421,15 @@ fn slow_the_default_kernel_boots_debian_and_busybox_and_the_agent_answers() {
         };
         assert_eq!(busybox["transport"], expected);
     }
+}
+
+/// Hard-links an image's `rootfs.ext4` (its `--json` record: `rootfs`, `bytes`) to `to`.
+fn materialize_rootfs(context: &TestContext, image: &serde_json::Value, to: &Path) {
+    materialize_record(
+        context,
+        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
+        to,
+    );
 }
 
 /// Hard-links a stored file (`{integrity, bytes}` as the `--json` records show it) to `to`.
@@ -473,11 +457,7 @@ fn boot_spec(world: &DebianWorld, image: &serde_json::Value, dir: &Path) -> Boot
         .unwrap()["data"]
         .clone();
     let rootfs = dir.join("rootfs.ext4");
-    materialize_record(
-        context,
-        &serde_json::json!({"integrity": image["rootfs"], "bytes": image["bytes"]}),
-        &rootfs,
-    );
+    materialize_rootfs(context, image, &rootfs);
     let vmlinux = dir.join("vmlinux");
     materialize_record(context, &kernel["vmlinux"], &vmlinux);
     let initrd = dir.join("initrd");

@@ -433,3 +433,32 @@ pub async fn connect_agent(socket: &Path) -> banger::guest::GuestChannel {
         }
     }
 }
+
+/// The embedded agent, written once per test process (so no copy is ever open for writing
+/// while another test thread forks: ETXTBSY); tests hard-link or run it from here.
+pub fn agent_binary() -> &'static Path {
+    use std::os::unix::fs::PermissionsExt;
+    static BINARY: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
+    &BINARY
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("banger-agent");
+            std::fs::write(&path, banger::assets::AGENT_BINARY).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            (dir, path)
+        })
+        .1
+}
+
+/// Deterministic bytes that compress somewhat, like real binaries.
+pub fn pseudo_random(length: usize, seed: u32) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state as u8) & 0x3f
+        })
+        .collect()
+}
