@@ -97,7 +97,7 @@ stderr; the built images are listed on stdout."
     /// Pull, import, list and remove images.
     #[command(subcommand)]
     Image(image::ImageCommand),
-    /// Pull, import, list and remove kernels.
+    /// Pull, import, list and remove kernels; boot-test one (`kernel test`).
     #[command(subcommand)]
     Kernel(kernel::KernelCommand),
     /// Report what this host can do: accelerator (KVM or TCG, and why), QEMU, vsock, tools.
