@@ -23,6 +23,7 @@ pub mod lock;
 pub mod oci;
 pub mod paths;
 pub mod plan;
+pub mod privileged;
 pub mod project;
 pub mod rootfs;
 pub mod sources;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use banger::privileged::{self, PrivilegedError, TapAddresses, TapDevice};
 use banger::vm::firecracker::{
     ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, JailerSpec, LogLevel,
     Logger, MacAddr, Method, NetworkInterface, Stopped, Vsock,
@@ -197,6 +198,12 @@ impl Tap {
         run_ok(
             Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap", "user", &uid]),
         );
+        Tap::guard(name)
+    }
+
+    /// Deletes tap `name` on drop, whoever makes it: taken before the tap is made, so a test
+    /// that fails anywhere after leaves no tap.
+    fn guard(name: &str) -> Tap {
         Tap {
             name: name.to_owned(),
         }
@@ -205,9 +212,9 @@ impl Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
-            .output();
+        // banger's own deletion: unlike `ip tuntap del`, it works while a Firecracker that a
+        // panic just killed still holds the tap.
+        let _ = TapDevice::delete_by_name(&self.name);
         assert!(
             std::thread::panicking() || !Path::new("/sys/class/net").join(&self.name).exists(),
             "tap {} could not be removed",
@@ -629,6 +636,161 @@ async fn jailed_firecracker_is_configured_started_and_its_jail_removed() {
     drop(tap);
     let log = std::fs::read_to_string(fixture.path("firecracker.log")).unwrap();
     assert!(log.contains("Put request on \"/drives/work\""), "{log}");
+}
+
+/// `ip -j addr show dev NAME`: the interface's flags and addresses.
+fn interface(name: &str) -> Value {
+    let json = run_ok(Command::new("ip").args(["-j", "addr", "show", "dev", name]));
+    let mut interfaces: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(interfaces.len(), 1, "{json}");
+    interfaces.remove(0)
+}
+
+/// The tap banger made: a tap owned by `uid`, up, with the host's end of the /30 and nothing
+/// else of IPv4.
+fn assert_banger_tap(name: &str, addresses: &TapAddresses, uid: u32) {
+    let sys = Path::new("/sys/class/net").join(name);
+    assert!(sys.exists(), "no tap {name}");
+    let owner = std::fs::read_to_string(sys.join("owner")).unwrap();
+    assert_eq!(owner.trim(), uid.to_string());
+    let interface = interface(name);
+    let flags = interface["flags"].as_array().unwrap();
+    // Up administratively; its carrier comes only when a VM attaches.
+    assert!(flags.contains(&json!("UP")), "{interface:#}");
+    let inet: Vec<(Value, Value)> = interface["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|address| address["family"] == "inet")
+        .map(|address| (address["local"].clone(), address["prefixlen"].clone()))
+        .collect();
+    assert_eq!(
+        inet,
+        [(json!(addresses.host.to_string()), json!(30))],
+        "{interface:#}"
+    );
+}
+
+fn have_root_and_ip() -> bool {
+    capable("root, for tap devices", is_root())
+        && capable(
+            "ip (iproute2), for tap devices",
+            find_program("ip").is_some(),
+        )
+}
+
+#[test]
+fn banger_creates_a_configured_tap_and_deletes_it_idempotently() {
+    if !have_root_and_ip() {
+        return;
+    }
+    let name = tap_name('p');
+    let _guard = Tap::guard(&name);
+    let addresses = privileged::tap_addresses(&name);
+    let nobody = 65534;
+    let tap = TapDevice::create(&name, &addresses, nobody).unwrap();
+    assert_eq!((tap.name(), tap.addresses()), (name.as_str(), &addresses));
+    assert_banger_tap(&name, &addresses, nobody);
+
+    tap.delete().unwrap();
+    assert!(!Path::new("/sys/class/net").join(&name).exists());
+    // Again, as a restarted daemon would: the tap is gone, which is what it wanted.
+    TapDevice::delete_by_name(&name).unwrap();
+    // An interface that is no tap is never deleted.
+    let error = TapDevice::delete_by_name("lo").unwrap_err();
+    assert!(
+        matches!(error, PrivilegedError::NotATap { .. }),
+        "{error:?}"
+    );
+    assert!(Path::new("/sys/class/net/lo").exists());
+}
+
+#[test]
+fn a_tap_creation_that_fails_leaves_nothing_and_touches_no_existing_tap() {
+    if !have_root_and_ip() {
+        return;
+    }
+    // `ip addr add` refuses a /33, after the tap was added: that tap must be gone again.
+    let name = tap_name('f');
+    let _guard = Tap::guard(&name);
+    let mut bad = privileged::tap_addresses(&name);
+    bad.prefix = 33;
+    let error = TapDevice::create(&name, &bad, 0).unwrap_err();
+    let PrivilegedError::Command { argv, stderr, .. } = &error else {
+        panic!("expected the failed command, got {error:?}");
+    };
+    assert_eq!(argv, &format!("ip addr add {}/33 dev {name}", bad.host));
+    assert!(!stderr.is_empty(), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains(argv.as_str()) && text.contains(stderr.as_str()),
+        "{text}"
+    );
+    assert!(
+        !Path::new("/sys/class/net").join(&name).exists(),
+        "a half-made tap was left behind"
+    );
+
+    // A tap of that name already there (say, a live VM's): creating fails at once and leaves
+    // it as it was.
+    let addresses = privileged::tap_addresses(&name);
+    let existing = TapDevice::create(&name, &addresses, 0).unwrap();
+    let error = TapDevice::create(&name, &addresses, 0).unwrap_err();
+    assert!(
+        matches!(&error, PrivilegedError::Command { argv, .. } if argv.starts_with("ip tuntap add")),
+        "{error:?}"
+    );
+    assert_banger_tap(&name, &addresses, 0);
+    existing.delete().unwrap();
+}
+
+#[tokio::test]
+async fn firecracker_takes_a_tap_banger_made_and_the_tap_outlives_it() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !have_root_and_ip() {
+        return;
+    }
+    let fixture = Fixture::new(binary, "bangertap", HALT_FOREVER);
+    let name = tap_name('n');
+    let _guard = Tap::guard(&name);
+    let addresses = privileged::tap_addresses(&fixture.id);
+    let uid = nix::unistd::geteuid().as_raw();
+    let tap = TapDevice::create(&name, &addresses, uid).unwrap();
+    let mut spec = fixture.spec(Some(tap.name()));
+    spec.boot_args = format!("{} {}", spec.boot_args, addresses.guest_cmdline("eth0"));
+    let mut process = FirecrackerProcess::spawn(&spec).await.unwrap();
+    process.configure().await.unwrap();
+
+    // Firecracker opened the tap (PUT /network-interfaces/eth0 fails otherwise) and reports
+    // it, with the guest's address on the command line.
+    let requests = spec.configuration_requests().unwrap();
+    let config = process.api().get_json("/vm/config").await.unwrap();
+    assert_read_back(&requests, &config);
+    let interfaces = config["network-interfaces"].as_array().unwrap();
+    assert_eq!(interfaces.len(), 1, "{config:#}");
+    assert_eq!(interfaces[0]["host_dev_name"], name.as_str());
+    let boot_args = config["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains(&format!("ip={}::{}:", addresses.guest, addresses.host)),
+        "{boot_args}"
+    );
+    // Attaching changed nothing banger set.
+    assert_banger_tap(&name, &addresses, uid);
+
+    if capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        process.start().await.unwrap();
+    }
+    let vsock = process.vsock_uds_path().unwrap().to_path_buf();
+    assert_eq!(
+        process.stop(Duration::from_millis(300)).await.unwrap(),
+        Stopped::Killed
+    );
+    assert_gone(&fixture, &[&spec.api_socket, &vsock], None);
+    // The tap is persistent: it stays for banger to delete, as it would for a VM that
+    // outlives its daemon.
+    assert_banger_tap(&name, &addresses, uid);
+    tap.delete().unwrap();
+    assert!(!Path::new("/sys/class/net").join(&name).exists());
 }
 
 // ---------------------------------------------------------------------------------------
