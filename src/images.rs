@@ -8,18 +8,29 @@
 //!    everything cached means nothing runs.
 //! 3. [`register`] records the result in the state database and pins it as a GC root
 //!    (`image:<name>`), so `banger cache gc` never evicts a registered image.
+//!
+//! [`pull`] is the whole of `banger image pull` for the CLI and the daemon alike: a catalog
+//! name or an OCI reference in ([`ImagePullRequest`]), a recorded image out. It is
+//! [`prepare_pull`] (classify, check the kernel, pin, plan) then [`build_and_record`] (run,
+//! record, pin as a root); `import-tar` and `register` use the second half with plans of their
+//! own. Its future is `Send`: the state database (a SQLite connection, not `Sync`) is opened
+//! only in synchronous stretches, never held across an await.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use crate::catalog::{Catalogs, ImageEntry};
+use petgraph::graph::NodeIndex;
+
+use crate::catalog::{Catalogs, ImageEntry, Prefer};
 use crate::engine::{Engine, EngineError, Reporter, RunOptions, RunReport};
 use crate::key::Key;
 use crate::lock::Lock;
 use crate::oci::{ImageReference, OciError, RegistryClient};
 use crate::plan::{Plan, PlanError, lower};
-use crate::spec::{ImageSource, ImageSpec};
+use crate::spec::{ByteSize, ImageSource, ImageSpec};
 use crate::state::{ImageRecord, State, StateError};
-use crate::store::{OutputRef, Store, StoreError};
+use crate::steps::Services;
+use crate::store::{OutputRef, Store, StoreError, now_ms};
 
 /// The output every image step ends with.
 pub const ROOTFS_OUTPUT: &str = "rootfs.ext4";
@@ -55,6 +66,10 @@ pub enum ImageError {
         .known.join(", ")
     )]
     UnknownKernel { name: String, known: Vec<String> },
+    #[error("the kernel catalog is empty; pass --kernel")]
+    NoDefaultKernel,
+    #[error("the plan of image {image} built no image")]
+    NothingBuilt { image: String },
 }
 
 impl From<OciError> for ImageError {
@@ -224,4 +239,261 @@ pub fn remove(state: &State, store: &Store, name: &str) -> Result<ImageRecord, I
     state.remove_image(name)?;
     store.set_root(&root_name(name), &[])?;
     Ok(record)
+}
+
+/// What pulling (or building and recording) an image runs against. Holds no open [`State`]:
+/// see the module doc.
+#[derive(Debug, Clone, Copy)]
+pub struct PullEnv<'a> {
+    /// An engine over `store` with every executor ([`crate::steps::engine`]).
+    pub engine: &'a Engine,
+    /// The registry client pins references with; the same the engine's executors use.
+    pub services: &'a Services,
+    pub catalogs: &'a Catalogs,
+    pub store: &'a Store,
+    /// Where the state database is (opened when needed).
+    pub state_dir: &'a Path,
+}
+
+/// `banger image pull QUERY [--name] [--kernel] [--size]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagePullRequest {
+    /// A catalog name or an OCI reference.
+    pub query: String,
+    /// Record it under this name [default: the catalog name, or the reference as given].
+    pub name: Option<String>,
+    /// The kernel it boots with [default: the catalog entry's, else the default kernel].
+    pub kernel: Option<String>,
+    /// A fixed ext4 size instead of content × headroom.
+    pub size: Option<ByteSize>,
+}
+
+/// A pulled image, recorded and pinned.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    pub record: ImageRecord,
+    /// The engine's report: nothing in `ran` means the image was up to date.
+    pub report: RunReport,
+    /// `REF resolved to DIGEST` for an OCI reference; `None` for a catalog image.
+    pub resolved: Option<String>,
+}
+
+/// What a pull or import builds and how its result is recorded.
+#[derive(Debug, Clone)]
+pub struct ImageJob {
+    /// The name it is recorded under.
+    pub name: String,
+    /// Where it came from, for `image list` (`catalog:NAME (bundle)`, `oci:REF@DIGEST`, …).
+    pub source: String,
+    pub distro: Option<String>,
+    /// The kernel it boots with (checked to exist).
+    pub kernel: String,
+    pub plan: Plan,
+    /// The image's last step; the first entry is the image recorded.
+    pub finals: BTreeMap<String, NodeIndex>,
+}
+
+/// A pull resolved and planned, not yet run.
+#[derive(Debug, Clone)]
+pub struct PreparedPull {
+    pub job: ImageJob,
+    /// `REF resolved to DIGEST` for an OCI reference; `None` for a catalog image.
+    pub resolved: Option<String>,
+}
+
+/// Pulls an image: [`prepare_pull`], then [`build_and_record`]. Engine events go to
+/// `reporter`; `options` carries the cancellation token.
+pub async fn pull(
+    env: &PullEnv<'_>,
+    request: &ImagePullRequest,
+    reporter: &dyn Reporter,
+    options: RunOptions,
+) -> Result<PulledImage, ImageError> {
+    let PreparedPull { job, resolved } = prepare_pull(env, request).await?;
+    let (record, report) = build_and_record(env, &job, reporter, options).await?;
+    Ok(PulledImage {
+        record,
+        report,
+        resolved,
+    })
+}
+
+/// The first half of [`pull`]: a catalog name or OCI reference ([`classify_pull`]), its
+/// kernel checked, an OCI reference pinned to its manifest digest (the one network call), and
+/// the plan that builds it. Nothing runs and nothing is recorded.
+pub async fn prepare_pull(
+    env: &PullEnv<'_>,
+    request: &ImagePullRequest,
+) -> Result<PreparedPull, ImageError> {
+    let catalogs = env.catalogs;
+    match classify_pull(&request.query, catalogs)? {
+        PullSource::Catalog(entry) => {
+            let kernel = request
+                .kernel
+                .clone()
+                .unwrap_or_else(|| entry.kernel_ref.clone());
+            check_kernel(&kernel, catalogs, &recorded_kernels(env.state_dir)?)?;
+            let spec = ImageSpec {
+                name: entry.name.clone(),
+                from: ImageSource::Catalog {
+                    name: entry.name.clone(),
+                },
+                size: request.size,
+                kernel: kernel.clone(),
+                provision: Vec::new(),
+            };
+            let (plan, finals) = plan_images(&[spec], &Lock::default(), catalogs)?;
+            let how = match (entry.prefer, &entry.bundle) {
+                (Prefer::Bundle, Some(_)) => "bundle",
+                _ => "recipe",
+            };
+            let job = ImageJob {
+                name: request.name.clone().unwrap_or_else(|| entry.name.clone()),
+                source: format!("catalog:{} ({how})", entry.name),
+                distro: Some(entry.distro.clone()),
+                kernel,
+                plan,
+                finals,
+            };
+            Ok(PreparedPull {
+                job,
+                resolved: None,
+            })
+        }
+        PullSource::Oci(reference) => {
+            let kernel = default_kernel(catalogs, request.kernel.as_deref(), env.state_dir)?;
+            let spec = ImageSpec {
+                name: request.query.clone(),
+                from: ImageSource::Oci {
+                    reference: request.query.clone(),
+                },
+                size: request.size,
+                kernel: kernel.clone(),
+                provision: Vec::new(),
+            };
+            let mut lock = Lock::default();
+            let pinned = pin_references(
+                std::slice::from_ref(&spec),
+                &mut lock,
+                &env.services.registry,
+                true,
+            )
+            .await?;
+            let digest = pinned
+                .first()
+                .map(|(_, digest)| digest.clone())
+                .unwrap_or_default();
+            let (plan, finals) = plan_images(&[spec], &lock, catalogs)?;
+            let job = ImageJob {
+                name: request
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| request.query.clone()),
+                source: format!("oci:{reference}@{digest}"),
+                distro: None,
+                kernel,
+                plan,
+                finals,
+            };
+            Ok(PreparedPull {
+                job,
+                resolved: Some(format!("{reference} resolved to {digest}")),
+            })
+        }
+    }
+}
+
+/// Runs `job`'s plan (as project `image:NAME`) and records the image it built under
+/// `job.name`, replacing an image of that name, pinned as a GC root.
+pub async fn build_and_record(
+    env: &PullEnv<'_>,
+    job: &ImageJob,
+    reporter: &dyn Reporter,
+    options: RunOptions,
+) -> Result<(ImageRecord, RunReport), ImageError> {
+    let project = format!("image:{}", job.name);
+    let (report, built) = build(
+        env.engine,
+        &job.plan,
+        &job.finals,
+        &project,
+        reporter,
+        options,
+    )
+    .await?;
+    let image = built
+        .into_iter()
+        .next()
+        .ok_or_else(|| ImageError::NothingBuilt {
+            image: job.name.clone(),
+        })?;
+    let record = ImageRecord {
+        name: job.name.clone(),
+        source: job.source.clone(),
+        distro: job.distro.clone(),
+        arch: "x86_64".into(),
+        kernel_ref: Some(job.kernel.clone()),
+        rootfs_integrity: image.rootfs.integrity,
+        rootfs_size: image.rootfs.size,
+        step_key: image.step_key,
+        created_ms: now_ms(),
+    };
+    register(&State::open(env.state_dir)?, env.store, &record, true)?;
+    Ok((record, report))
+}
+
+/// The kernel an image boots with: `chosen`, else the kernel catalog's first; either way one
+/// that is in the catalog or recorded.
+pub fn default_kernel(
+    catalogs: &Catalogs,
+    chosen: Option<&str>,
+    state_dir: &Path,
+) -> Result<String, ImageError> {
+    let kernel = match chosen {
+        Some(kernel) => kernel.to_owned(),
+        None => catalogs
+            .kernels
+            .first()
+            .map(|entry| entry.name.clone())
+            .ok_or(ImageError::NoDefaultKernel)?,
+    };
+    check_kernel(&kernel, catalogs, &recorded_kernels(state_dir)?)?;
+    Ok(kernel)
+}
+
+/// The names of the kernels recorded in the state database (imported or pulled).
+fn recorded_kernels(state_dir: &Path) -> Result<Vec<String>, ImageError> {
+    Ok(State::open(state_dir)?
+        .kernels()?
+        .into_iter()
+        .map(|kernel| kernel.name)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon runs pulls in `tokio::spawn`: their futures must be `Send`. Checked at
+    /// compile time; never called.
+    #[allow(dead_code)]
+    fn pull_futures_are_send(env: &PullEnv<'_>, request: &ImagePullRequest, job: &ImageJob) {
+        fn send<T: Send>(_: &T) {}
+        let reporter = crate::engine::NullReporter;
+        send(&pull(env, request, &reporter, RunOptions::default()));
+        send(&prepare_pull(env, request));
+        send(&build_and_record(
+            env,
+            job,
+            &reporter,
+            RunOptions::default(),
+        ));
+        send(&crate::kernels::pull(
+            env,
+            "k",
+            false,
+            &reporter,
+            RunOptions::default(),
+        ));
+    }
 }

@@ -230,6 +230,35 @@ pub fn ssh_argv(
     argv
 }
 
+/// The remote command line for `ssh`, which joins its arguments with spaces for the remote
+/// shell: one argument is a shell line and goes as it is (`vm ssh NAME -- 'ls | wc -l'`);
+/// several are an argv, each quoted so that it arrives as one word
+/// (`vm ssh NAME -- sh -c 'exit 7'`).
+pub fn remote_command(argv: &[String]) -> Vec<String> {
+    if argv.len() <= 1 {
+        return argv.to_vec();
+    }
+    vec![
+        argv.iter()
+            .map(|word| shell_quote(word))
+            .collect::<Vec<_>>()
+            .join(" "),
+    ]
+}
+
+/// `word` as one POSIX shell word.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&byte));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +321,32 @@ mod tests {
         let interactive = ssh_argv(&identity, &target, &[], false);
         assert_eq!(interactive.last().unwrap(), "root@127.0.0.1");
         assert!(!interactive.iter().any(|arg| arg == "BatchMode=yes"));
+    }
+
+    #[test]
+    fn several_words_arrive_as_an_argv_and_one_as_a_shell_line() {
+        let words = |items: &[&str]| {
+            items
+                .iter()
+                .map(|item| (*item).to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            remote_command(&words(&["ls | wc -l"])),
+            words(&["ls | wc -l"])
+        );
+        assert_eq!(
+            remote_command(&words(&["sh", "-c", "echo it's > /root/x"])),
+            words(&["sh -c 'echo it'\\''s > /root/x'"])
+        );
+        assert_eq!(
+            remote_command(&words(&["uname", "-r"])),
+            words(&["uname -r"])
+        );
+        assert_eq!(
+            remote_command(&words(&["printf", ""])),
+            words(&["printf ''"])
+        );
+        assert!(remote_command(&[]).is_empty());
     }
 }

@@ -30,11 +30,12 @@ pub fn launcher(context: &mut Context) -> anyhow::Result<Launcher> {
 }
 
 pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<ExitStatus> {
-    let socket = context.paths()?.socket();
+    let paths = context.paths()?.clone();
+    let socket = paths.socket();
     let runtime = super::runtime()?;
     match command {
         DaemonCommand::Run => {
-            runtime.block_on(server::run(&socket))?;
+            runtime.block_on(server::run(&paths))?;
             Ok(ExitStatus::Success)
         }
         DaemonCommand::Status => {

@@ -16,6 +16,7 @@ use banger::bangerfile::BangerfileError;
 use banger::config::ConfigError;
 use banger::engine::{EngineError, error_chain};
 use banger::images::ImageError;
+use banger::kernels::KernelError;
 use banger::lock::LockError;
 use banger::oci::OciError;
 use banger::plan::PlanError;
@@ -32,6 +33,8 @@ pub enum ExitStatus {
     UserError,
     Failure,
     Interrupted,
+    /// A guest command's own exit code (`vm run -- CMD`, `vm run`'s shell).
+    Code(u8),
 }
 
 impl ExitStatus {
@@ -41,6 +44,7 @@ impl ExitStatus {
             ExitStatus::UserError => 1,
             ExitStatus::Failure => 2,
             ExitStatus::Interrupted => 130,
+            ExitStatus::Code(code) => code,
         }
     }
 }
@@ -61,13 +65,16 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
     if error.downcast_ref::<BrokenPipe>().is_some() {
         return ExitStatus::Success;
     }
-    let engine =
-        error
-            .downcast_ref::<EngineError>()
-            .or_else(|| match error.downcast_ref::<ImageError>() {
-                Some(ImageError::Engine(inner)) => Some(inner),
-                _ => None,
-            });
+    let engine = error
+        .downcast_ref::<EngineError>()
+        .or_else(|| match error.downcast_ref::<ImageError>() {
+            Some(ImageError::Engine(inner)) => Some(inner),
+            _ => None,
+        })
+        .or_else(|| match error.downcast_ref::<KernelError>() {
+            Some(KernelError::Engine(inner)) => Some(inner),
+            _ => None,
+        });
     if let Some(engine) = engine {
         match engine {
             EngineError::Cancelled => return ExitStatus::Interrupted,
@@ -109,6 +116,10 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
                     | ImageError::UnknownKernel { .. }
                     | ImageError::State(StateError::NoSuchImage { .. })
             )
+        )
+        || matches!(
+            error.downcast_ref::<KernelError>(),
+            Some(KernelError::NotInCatalog { .. })
         )
         || error
             .downcast_ref::<OciError>()

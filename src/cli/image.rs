@@ -8,17 +8,17 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use banger::catalog::Prefer;
-use banger::images::{self, PullSource};
+use banger::catalog::Catalogs;
+use banger::engine::Engine;
+use banger::images::{self, ImageJob, ImagePullRequest, PullEnv};
 use banger::inspect::format_time_ms;
 use banger::key::Params;
-use banger::lock::Lock;
 use banger::plan::lower::{EXT4_HEADROOM_PERCENT, EXT4_MIN_BYTES};
 use banger::plan::{Plan, StepNode};
-use banger::spec::{ByteSize, ImageSource, ImageSpec};
+use banger::spec::ByteSize;
 use banger::state::ImageRecord;
 use banger::steps;
-use banger::store::now_ms;
+use banger::store::Store;
 
 use super::Context;
 use super::exit::{ExitStatus, UsageError};
@@ -136,141 +136,79 @@ pub fn run(context: &mut Context, command: &ImageCommand) -> anyhow::Result<Exit
     }
 }
 
-fn default_kernel(context: &mut Context, chosen: Option<&str>) -> anyhow::Result<String> {
-    let catalogs = context.catalogs()?;
-    let kernel = match chosen {
-        Some(kernel) => kernel.to_owned(),
-        None => catalogs
-            .kernels
-            .first()
-            .map(|entry| entry.name.clone())
-            .context("the kernel catalog is empty; pass --kernel")?,
-    };
-    images::check_kernel(&kernel, &catalogs, &recorded_kernels(context)?)?;
-    Ok(kernel)
+/// What a command that builds images or kernels owns; [`BuildEnv::env`] lends it to the
+/// library's pull and record functions.
+#[derive(Debug)]
+pub struct BuildEnv {
+    pub runtime: tokio::runtime::Runtime,
+    pub catalogs: Catalogs,
+    services: steps::Services,
+    store: Store,
+    engine: Engine,
+    state_dir: PathBuf,
 }
 
-/// What a pull or import builds and how it is recorded.
-struct Job {
-    name: String,
-    source: String,
-    distro: Option<String>,
-    kernel: String,
-    plan: Plan,
-    finals: BTreeMap<String, petgraph::graph::NodeIndex>,
+impl BuildEnv {
+    /// The catalogs in force, a runtime, the services, the store (created if needed) and an
+    /// engine over it.
+    pub fn open(context: &mut Context) -> anyhow::Result<BuildEnv> {
+        let catalogs = context.catalogs()?;
+        let runtime = super::runtime()?;
+        let state_dir = context.paths()?.state_dir.clone();
+        let services = steps::Services::from_env(&state_dir)?;
+        let store = context.store()?;
+        let engine = super::engine(&store, &services);
+        Ok(BuildEnv {
+            runtime,
+            catalogs,
+            services,
+            store,
+            engine,
+            state_dir,
+        })
+    }
+
+    pub fn env(&self) -> PullEnv<'_> {
+        PullEnv {
+            engine: &self.engine,
+            services: &self.services,
+            catalogs: &self.catalogs,
+            store: &self.store,
+            state_dir: &self.state_dir,
+        }
+    }
 }
 
 fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
-    let catalogs = context.catalogs()?;
-    let runtime = super::runtime()?;
-    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
-    let size = args.size.map(|size| size.bytes());
-    let job = match images::classify_pull(&args.image, &catalogs)? {
-        PullSource::Catalog(entry) => {
-            let kernel = args
-                .kernel
-                .clone()
-                .unwrap_or_else(|| entry.kernel_ref.clone());
-            images::check_kernel(&kernel, &catalogs, &recorded_kernels(context)?)?;
-            let spec = ImageSpec {
-                name: entry.name.clone(),
-                from: ImageSource::Catalog {
-                    name: entry.name.clone(),
-                },
-                size: args.size,
-                kernel: kernel.clone(),
-                provision: Vec::new(),
-            };
-            let (plan, finals) = images::plan_images(&[spec], &Lock::default(), &catalogs)?;
-            let how = match (entry.prefer, &entry.bundle) {
-                (Prefer::Bundle, Some(_)) => "bundle",
-                _ => "recipe",
-            };
-            Job {
-                name: args.name.clone().unwrap_or_else(|| entry.name.clone()),
-                source: format!("catalog:{} ({how})", entry.name),
-                distro: Some(entry.distro.clone()),
-                kernel,
-                plan,
-                finals,
-            }
-        }
-        PullSource::Oci(reference) => {
-            let kernel = default_kernel(context, args.kernel.as_deref())?;
-            let spec = ImageSpec {
-                name: args.image.clone(),
-                from: ImageSource::Oci {
-                    reference: args.image.clone(),
-                },
-                size: size.map(ByteSize),
-                kernel: kernel.clone(),
-                provision: Vec::new(),
-            };
-            let mut lock = Lock::default();
-            let pinned = runtime.block_on(images::pin_references(
-                std::slice::from_ref(&spec),
-                &mut lock,
-                &services.registry,
-                true,
-            ))?;
-            let digest = pinned
-                .first()
-                .map(|(_, digest)| digest.clone())
-                .unwrap_or_default();
-            context
-                .printer
-                .info(&format!("{reference} resolved to {digest}"));
-            let (plan, finals) = images::plan_images(&[spec], &lock, &catalogs)?;
-            Job {
-                name: args.name.clone().unwrap_or_else(|| args.image.clone()),
-                source: format!("oci:{reference}@{digest}"),
-                distro: None,
-                kernel,
-                plan,
-                finals,
-            }
-        }
+    let build = BuildEnv::open(context)?;
+    let env = build.env();
+    let request = ImagePullRequest {
+        query: args.image.clone(),
+        name: args.name.clone(),
+        kernel: args.kernel.clone(),
+        size: args.size,
     };
-    build_and_record(context, &runtime, &services, job)
+    // The library's `images::pull` in two halves, so the pin is reported before the build.
+    let prepared = build
+        .runtime
+        .block_on(images::prepare_pull(&env, &request))?;
+    if let Some(resolved) = &prepared.resolved {
+        context.printer.info(resolved);
+    }
+    build_and_record(context, &build, &prepared.job)
 }
 
+/// Runs `job` (Ctrl-C cancels it), records the image and prints it.
 fn build_and_record(
-    context: &mut Context,
-    runtime: &tokio::runtime::Runtime,
-    services: &steps::Services,
-    job: Job,
+    context: &Context,
+    build: &BuildEnv,
+    job: &ImageJob,
 ) -> anyhow::Result<ExitStatus> {
-    let store = context.store()?;
-    let engine = super::engine(&store, services);
+    let env = build.env();
     let reporter = super::reporters::for_printer(&context.printer);
-    let project = format!("image:{}", job.name);
-    let (report, built) = super::run_cancellable(runtime, false, |options| {
-        images::build(
-            &engine,
-            &job.plan,
-            &job.finals,
-            &project,
-            reporter.as_ref(),
-            options,
-        )
+    let (record, report) = super::run_cancellable(&build.runtime, false, |options| {
+        images::build_and_record(&env, job, reporter.as_ref(), options)
     })?;
-    let image = built
-        .into_iter()
-        .next()
-        .context("the plan built no image")?;
-    let record = ImageRecord {
-        name: job.name.clone(),
-        source: job.source,
-        distro: job.distro,
-        arch: "x86_64".into(),
-        kernel_ref: Some(job.kernel),
-        rootfs_integrity: image.rootfs.integrity.clone(),
-        rootfs_size: image.rootfs.size,
-        step_key: image.step_key,
-        created_ms: now_ms(),
-    };
-    let state = context.state()?;
-    images::register(&state, &store, &record, true)?;
     let printer = &context.printer;
     if printer.json {
         printer.record("image", image_json(&record))?;
@@ -316,7 +254,7 @@ fn spool(source: &str, dir: &Path) -> anyhow::Result<(PathBuf, String)> {
 }
 
 /// The plan of `import.file` (keyed by the file's digest) → `rootfs.build`.
-fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Result<Job> {
+fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Result<ImageJob> {
     let mut plan = Plan::new();
     let import = plan.add_step(
         StepNode::new(
@@ -353,7 +291,7 @@ fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Res
     )?;
     plan.add_input(build, "layer[0]", import);
     plan.add_target(build);
-    Ok(Job {
+    Ok(ImageJob {
         name: String::new(),
         source: format!("tar:{digest}"),
         distro: None,
@@ -364,22 +302,21 @@ fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Res
 }
 
 fn import_tar(context: &mut Context, args: &ImportTarArgs) -> anyhow::Result<ExitStatus> {
-    let kernel = default_kernel(context, args.kernel.as_deref())?;
-    let store = context.store()?;
+    let build = BuildEnv::open(context)?;
+    let kernel = images::default_kernel(&build.catalogs, args.kernel.as_deref(), &build.state_dir)?;
     // Spooled inside the store's scratch area: the import step then hard-links nothing across
     // file systems, and a crash leaves scratch that the next open removes.
-    let spool_dir = store.scratch()?;
+    let spool_dir = build.store.scratch()?;
     let (path, digest) = spool(&args.file, spool_dir.path())?;
     let mut job = import_plan(&path, &digest, args.size)?;
     job.name = args.name.clone();
     job.kernel = kernel;
-    let runtime = super::runtime()?;
-    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
-    build_and_record(context, &runtime, &services, job)
+    build_and_record(context, &build, &job)
 }
 
 fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitStatus> {
-    let kernel = default_kernel(context, args.kernel.as_deref())?;
+    let build = BuildEnv::open(context)?;
+    let kernel = images::default_kernel(&build.catalogs, args.kernel.as_deref(), &build.state_dir)?;
     let metadata = std::fs::metadata(&args.rootfs)
         .with_context(|| format!("cannot read {}", args.rootfs.display()))?;
     if !metadata.is_file() {
@@ -416,7 +353,7 @@ fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitSt
         .summary(format!("{}", absolute.display())),
     )?;
     plan.add_target(import);
-    let job = Job {
+    let job = ImageJob {
         name: args.name.clone(),
         source: format!("file:{}", absolute.display()),
         distro: args.distro.clone(),
@@ -424,9 +361,7 @@ fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitSt
         plan,
         finals: BTreeMap::from([("import".to_owned(), import)]),
     };
-    let runtime = super::runtime()?;
-    let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
-    build_and_record(context, &runtime, &services, job)
+    build_and_record(context, &build, &job)
 }
 
 fn image_json(record: &ImageRecord) -> serde_json::Value {
@@ -626,14 +561,4 @@ pub fn export_bundle(
         printer.data(&format!("{entry:#}\n"))?;
     }
     Ok(ExitStatus::Success)
-}
-
-/// The names of the kernels recorded in the state database (imported or pulled).
-fn recorded_kernels(context: &mut Context) -> anyhow::Result<Vec<String>> {
-    Ok(context
-        .state()?
-        .kernels()?
-        .into_iter()
-        .map(|kernel| kernel.name)
-        .collect())
 }

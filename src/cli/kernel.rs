@@ -6,18 +6,17 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use banger::catalog::Prefer;
 use banger::inspect::format_time_ms;
-use banger::kernels;
+use banger::kernels::{self, PulledKernel};
 use banger::key::Params;
-use banger::plan::lower::{INITRAMFS_MODULES, lower_kernel};
+use banger::plan::lower::INITRAMFS_MODULES;
 use banger::plan::{Plan, StepNode};
 use banger::state::KernelRecord;
 use banger::steps;
-use banger::store::now_ms;
 
 use super::Context;
 use super::exit::{ExitStatus, UsageError};
+use super::image::BuildEnv;
 use super::printer::human_bytes;
 
 #[derive(Debug, Subcommand)]
@@ -124,40 +123,12 @@ pub fn run(context: &mut Context, command: &KernelCommand) -> anyhow::Result<Exi
     }
 }
 
-/// Runs a kernel plan and records its staging step's outputs as `name`.
-fn build_and_record(
-    context: &mut Context,
-    name: &str,
-    source: &str,
-    plan: &Plan,
-    target: petgraph::graph::NodeIndex,
-) -> anyhow::Result<ExitStatus> {
-    let runtime = super::runtime()?;
-    let state_dir = context.paths()?.state_dir.clone();
-    let services = steps::Services::from_env(&state_dir)?;
-    let store = context.store()?;
-    let engine = super::engine(&store, &services);
-    let reporter = super::reporters::for_printer(&context.printer);
-    let keys = plan.definition_keys()?;
-    let project = format!("kernel:{name}");
-    let report = super::run_cancellable(&runtime, false, |options| {
-        engine.run(plan, &project, reporter.as_ref(), options)
-    })?;
-    let step = plan.node(target);
-    let record = kernels::record_from_outputs(
-        name,
-        source,
-        &step.id,
-        keys[target.index()],
-        &report,
-        &store,
-        now_ms(),
-    )?;
-    let state = context.state()?;
-    kernels::register(&state, &store, &record)?;
+/// Prints a kernel a pull or import recorded.
+fn print_recorded(context: &Context, pulled: &PulledKernel) -> anyhow::Result<ExitStatus> {
+    let PulledKernel { record, report } = pulled;
     let printer = &context.printer;
     if printer.json {
-        printer.record("kernel", kernel_json(&record))?;
+        printer.record("kernel", kernel_json(record))?;
     } else {
         let verb = if report.ran.is_empty() {
             "up to date"
@@ -174,33 +145,17 @@ fn build_and_record(
 }
 
 fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
-    let catalogs = context.catalogs()?;
-    let Some(entry) = catalogs.kernel(&args.name) else {
-        let known: Vec<&str> = catalogs
-            .kernels
-            .iter()
-            .map(|entry| entry.name.as_str())
-            .collect();
-        return Err(UsageError(format!(
-            "`{}` is not in the kernel catalog (it has: {}); a kernel of your own is added with \
-             `banger kernel import NAME --from DIR`",
-            args.name,
-            known.join(", ")
-        ))
-        .into());
-    };
-    let how = match (entry.prefer, &entry.bundle) {
-        (Prefer::Bundle, Some(_)) => "bundle",
-        _ if entry.recipe.is_none() => "bundle",
-        _ => "recipe",
-    };
-    let refresh = args.force.then(now_ms);
-    let (plan, target) = lower_kernel(&args.name, &catalogs, refresh)?;
-    let source = format!("catalog:{} ({how})", entry.name);
-    build_and_record(context, &args.name, &source, &plan, target)
+    let build = BuildEnv::open(context)?;
+    let env = build.env();
+    let reporter = super::reporters::for_printer(&context.printer);
+    let pulled = super::run_cancellable(&build.runtime, false, |options| {
+        kernels::pull(&env, &args.name, args.force, reporter.as_ref(), options)
+    })?;
+    print_recorded(context, &pulled)
 }
 
 fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus> {
+    let build = BuildEnv::open(context)?;
     let dir = std::fs::canonicalize(&args.from)
         .with_context(|| format!("cannot read {}", args.from.display()))?;
     if !dir.join("vmlinux").is_file() {
@@ -211,8 +166,7 @@ fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus
         ))
         .into());
     }
-    let catalogs = context.catalogs()?;
-    if catalogs.kernel(&args.name).is_some() {
+    if build.catalogs.kernel(&args.name).is_some() {
         return Err(UsageError(format!(
             "`{}` is a catalog kernel's name; pick another name for your own kernel",
             args.name
@@ -270,7 +224,20 @@ fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus
     }
     plan.add_target(stage);
     let source = format!("import:{}", dir.display());
-    build_and_record(context, &args.name, &source, &plan, stage)
+    let env = build.env();
+    let reporter = super::reporters::for_printer(&context.printer);
+    let pulled = super::run_cancellable(&build.runtime, false, |options| {
+        kernels::build_and_record(
+            &env,
+            &args.name,
+            &source,
+            &plan,
+            stage,
+            reporter.as_ref(),
+            options,
+        )
+    })?;
+    print_recorded(context, &pulled)
 }
 
 fn kernel_json(record: &KernelRecord) -> serde_json::Value {

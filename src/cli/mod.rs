@@ -20,16 +20,16 @@ mod image;
 mod kernel;
 mod printer;
 mod reporters;
+mod vm;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use banger::config::Config;
-use banger::engine::{Engine, ResourceLimits, RunOptions};
+use banger::engine::RunOptions;
 use banger::paths::Paths;
 use banger::state::State;
-use banger::steps::Services;
 use banger::store::Store;
 
 pub use exit::ExitStatus;
@@ -69,6 +69,9 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run, create, stop and delete microVMs (`vm run` boots one and opens a shell).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Show a Bangerfile's step graph with each step's cache status, or why a step would run.
     #[command(
         long_about = "Show a Bangerfile's step graph with each step's cache status.
@@ -211,14 +214,8 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// An engine over `store` with every executor this build has.
-pub fn engine(store: &Store, services: &Services) -> Engine {
-    banger::steps::with_executors(
-        Engine::builder(store.clone()).limits(ResourceLimits::for_host()),
-        services,
-    )
-    .build()
-}
+/// An engine over a store with every executor this build has (the daemon's too).
+pub use banger::steps::engine;
 
 /// Runs `work` with Ctrl-C wired to its cancellation: the first Ctrl-C cancels running steps
 /// (their scratch is removed, nothing is recorded) and the command exits with 130.
@@ -274,6 +271,7 @@ pub fn run() -> ExitStatus {
         Command::Doctor => doctor::run(&mut context),
         Command::Kernel(command) => kernel::run(&mut context, &command),
         Command::Daemon(command) => daemon::run(&mut context, &command),
+        Command::Vm(command) => vm::run(&mut context, &command),
     };
     match result {
         Ok(status) => status,

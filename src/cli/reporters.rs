@@ -8,7 +8,8 @@
 //!   the bars.
 //! - [`LineReporter`] (piped stderr): a line per finished, failed or skipped step; cached steps
 //!   and starts only with `-v`. Quiet mode prints failures only.
-//! - [`JsonReporter`] (`--json`): every event as `{"type": …, "data": …}` on stdout.
+//! - [`JsonReporter`] (`--json`): every event as `{"type": …, "data": …}` on stdout, which
+//!   is the event's serde form (see [`Event`]).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,7 +17,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::{Value, json};
 
 use banger::engine::{Event, ProgressUnit, Reporter};
 
@@ -91,86 +91,6 @@ pub fn event_line(event: &Event, verbosity: Verbosity) -> Option<String> {
     }
 }
 
-/// The JSON payload of an event, and its type name.
-pub fn event_json(event: &Event) -> (&'static str, Value) {
-    let ms = |duration: &Duration| duration.as_millis() as u64;
-    match event {
-        Event::RunStarted {
-            steps,
-            cached,
-            to_run,
-        } => (
-            "run_started",
-            json!({"steps": steps, "cached": cached, "to_run": to_run}),
-        ),
-        Event::StepCached {
-            step,
-            kind,
-            key,
-            hit,
-        } => (
-            "step_cached",
-            json!({"step": step, "kind": kind, "key": key.to_hex(), "hit": hit.as_str()}),
-        ),
-        Event::StepStarted {
-            step,
-            kind,
-            key,
-            summary,
-        } => (
-            "step_started",
-            json!({"step": step, "kind": kind, "key": key.to_hex(), "summary": summary}),
-        ),
-        Event::StepProgress {
-            step,
-            done,
-            total,
-            unit,
-        } => (
-            "step_progress",
-            json!({
-                "step": step,
-                "done": done,
-                "total": total,
-                "unit": match unit { ProgressUnit::Bytes => "bytes", ProgressUnit::Items => "items" },
-            }),
-        ),
-        Event::StepFinished {
-            step,
-            kind,
-            duration,
-            output_bytes,
-        } => (
-            "step_finished",
-            json!({"step": step, "kind": kind, "duration_ms": ms(duration), "output_bytes": output_bytes}),
-        ),
-        Event::StepFailed { step, kind, error } => (
-            "step_failed",
-            json!({"step": step, "kind": kind, "error": error}),
-        ),
-        Event::StepSkipped { step, because } => {
-            ("step_skipped", json!({"step": step, "because": because}))
-        }
-        Event::StepCancelled { step } => ("step_cancelled", json!({"step": step})),
-        Event::CacheWarning { step, warning } => {
-            ("cache_warning", json!({"step": step, "warning": warning}))
-        }
-        Event::RunFinished {
-            ran,
-            cached,
-            failed,
-            skipped,
-            duration,
-        } => (
-            "run_finished",
-            json!({
-                "ran": ran, "cached": cached, "failed": failed, "skipped": skipped,
-                "duration_ms": ms(duration),
-            }),
-        ),
-    }
-}
-
 /// JSON Lines on a writer (stdout in the CLI).
 pub struct JsonReporter {
     out: Mutex<Box<dyn Write + Send>>,
@@ -192,8 +112,12 @@ impl JsonReporter {
 
 impl Reporter for JsonReporter {
     fn report(&self, event: &Event) {
-        let (kind, data) = event_json(event);
-        let mut line = json!({"type": kind, "data": data}).to_string();
+        // The event's serde form is the `{"type": …, "data": …}` envelope itself; through a
+        // `Value` so keys come out sorted like every other JSON record.
+        let Ok(value) = serde_json::to_value(event) else {
+            return;
+        };
+        let mut line = value.to_string();
         line.push('\n');
         if let Ok(mut out) = self.out.lock() {
             // A closed stdout must not stop the build; main notices it on its next write.
@@ -342,6 +266,7 @@ mod tests {
     use super::*;
     use banger::engine::HitKind;
     use banger::key::Key;
+    use serde_json::Value;
     use std::sync::Arc;
 
     #[derive(Clone, Default)]
@@ -448,6 +373,11 @@ mod tests {
                 "{line}"
             );
         }
+        // Keys sorted, as every JSON record the CLI prints.
+        assert_eq!(
+            text.lines().nth(4).unwrap(),
+            r#"{"data":{"duration_ms":1500,"kind":"oci.fetch-layer","output_bytes":2048,"step":"image:x/layer[0]"},"type":"step_finished"}"#
+        );
         assert_eq!(lines[3]["type"], "step_progress");
         assert_eq!(lines[3]["data"]["unit"], "bytes");
         assert_eq!(lines[4]["data"]["duration_ms"], 1500);

@@ -202,7 +202,12 @@ async fn start(socket: &Path, launcher: &Launcher) -> Result<DaemonClient, Daemo
             return Ok(client);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            // Another client may have started one at the same moment: use it.
+            // Another client may have started one at the same moment: ours found it holding
+            // the lock and left. Wait for that one to listen (it finds its VMs first).
+            if other_daemon_starting(socket) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             if let Some(client) = DaemonClient::connect(socket).await? {
                 return Ok(client);
             }
@@ -210,7 +215,7 @@ async fn start(socket: &Path, launcher: &Launcher) -> Result<DaemonClient, Daemo
                 argv,
                 status: status.to_string(),
                 log: launcher.log.clone(),
-                stderr: log_tail(&launcher.log, log_start),
+                stderr: crate::vm::log_since(&launcher.log, log_start),
             });
         }
         if Instant::now() >= deadline {
@@ -220,19 +225,18 @@ async fn start(socket: &Path, launcher: &Launcher) -> Result<DaemonClient, Daemo
                 argv,
                 status: format!("no answer within {} s", START_TIMEOUT.as_secs()),
                 log: launcher.log.clone(),
-                stderr: log_tail(&launcher.log, log_start),
+                stderr: crate::vm::log_since(&launcher.log, log_start),
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// What the daemon wrote to its log since `from`.
-fn log_tail(log: &Path, from: u64) -> String {
-    std::fs::read(log)
-        .map(|bytes| {
-            let start = (from as usize).min(bytes.len());
-            String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
-        })
-        .unwrap_or_default()
+/// Whether a live daemon holds the lock next to `socket` (it may not listen yet).
+fn other_daemon_starting(socket: &Path) -> bool {
+    let pid = std::fs::read_to_string(super::server::lock_path(socket))
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    pid.and_then(crate::vm::process::ProcessHandle::of)
+        .is_some_and(|daemon| daemon.is_alive())
 }

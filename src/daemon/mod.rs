@@ -7,11 +7,13 @@
 //! - `client.rs`: connect, or start the daemon (`banger daemon run`, detached) and connect;
 //!   replace a daemon that speaks another protocol version.
 //!
-//! Today the daemon answers `status` and `stop`; VM requests move in with the VM lifecycle.
+//! - `vms.rs`: the VM lifecycle (create, start, stop, kill, delete, list) and finding running
+//!   VMs again after a restart.
 
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod vms;
 
 use std::path::PathBuf;
 
@@ -53,6 +55,11 @@ pub enum DaemonError {
     Unexpected {
         during: &'static str,
         response: String,
+    },
+    #[error("cannot take over the VMs: {source}")]
+    Vms {
+        #[source]
+        source: vms::VmError,
     },
     #[error("the daemon on {} did not stop in time", socket.display())]
     StopTimeout { socket: PathBuf },

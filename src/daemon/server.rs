@@ -21,6 +21,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 use super::DaemonError;
 use super::protocol::{DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response};
+use super::vms::{Events, Vms, timeout};
+use crate::paths::Paths;
 
 /// What a running daemon holds; dropping it removes the socket, then releases the lock.
 struct Running {
@@ -44,8 +46,9 @@ pub fn lock_path(socket: &Path) -> PathBuf {
     socket.with_file_name("daemon.lock")
 }
 
-/// Runs the daemon on `socket` until asked to stop.
-pub async fn run(socket: &Path) -> Result<(), DaemonError> {
+/// Runs the daemon for `paths` (on [`Paths::socket`]) until asked to stop.
+pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
+    let socket = &paths.socket();
     let dir = socket.parent().expect("the socket lives in a directory");
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -93,6 +96,10 @@ pub async fn run(socket: &Path) -> Result<(), DaemonError> {
             .map_err(io(&lock_path))?;
         writeln!(file, "{}", std::process::id()).map_err(io(&lock_path))?;
     }
+    // Before the socket exists: no client can ask about VMs the daemon has not found yet.
+    let vms = Vms::open(paths.clone())
+        .await
+        .map_err(|source| DaemonError::Vms { source })?;
     match std::fs::remove_file(socket) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -107,6 +114,7 @@ pub async fn run(socket: &Path) -> Result<(), DaemonError> {
         started_ms: crate::store::now_ms(),
         connections: AtomicU64::new(0),
         stop: tokio::sync::Notify::new(),
+        vms: Arc::new(vms),
     });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io(socket))?;
@@ -132,6 +140,7 @@ struct State {
     started_ms: u64,
     connections: AtomicU64,
     stop: tokio::sync::Notify,
+    vms: Arc<Vms>,
 }
 
 async fn serve_connection(stream: UnixStream, state: Arc<State>) {
@@ -182,11 +191,88 @@ async fn serve_connection(stream: UnixStream, state: Arc<State>) {
                 started_ms: state.started_ms,
                 connections: state.connections.load(Ordering::Relaxed),
             }),
+            Ok(request) => {
+                if serve_vm_request(request, &state, &mut writer)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
         };
         if write_line(&mut writer, &response).await.is_err() {
             return;
         }
     }
+}
+
+/// Runs a VM request in a task of its own (a client that goes away does not cancel it
+/// halfway), relaying its progress events, then its answer.
+async fn serve_vm_request(
+    request: Request,
+    state: &Arc<State>,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let events = Events(sender);
+    let vms = Arc::clone(&state.vms);
+    let task = tokio::spawn(async move {
+        let result = match request {
+            Request::VmCreate(create) => vms
+                .create(&create, &events)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
+            Request::VmStart { name, timeout_secs } => vms
+                .start(&name, timeout(timeout_secs), &events)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
+            Request::VmStop { name } => vms
+                .stop(&name, &events)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
+            Request::VmRestart { name, timeout_secs } => match vms.stop(&name, &events).await {
+                Ok(_) | Err(super::vms::VmError::NotRunning { .. }) => vms
+                    .start(&name, timeout(timeout_secs), &events)
+                    .await
+                    .map(|info| Response::Vm(Box::new(info))),
+                Err(error) => Err(error),
+            },
+            Request::VmKill { name } => vms
+                .kill(&name)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
+            Request::VmDelete { name } => {
+                vms.delete(&name).await.map(|()| Response::Deleted { name })
+            }
+            Request::VmList => vms.list().await.map(Response::Vms),
+            Request::VmShow { name } => vms
+                .show(&name)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
+            Request::Hello { .. } | Request::Status | Request::Stop => {
+                unreachable!("answered by serve_connection")
+            }
+        };
+        result.unwrap_or_else(|error| Response::Error {
+            kind: error.kind(),
+            message: crate::engine::error_chain(&error),
+        })
+    });
+    tokio::pin!(task);
+    let response = loop {
+        tokio::select! {
+            Some(event) = receiver.recv() => write_line(writer, &event).await?,
+            joined = &mut task => break joined.unwrap_or_else(|error| Response::Error {
+                kind: ErrorKind::Failed,
+                message: format!("the daemon's task failed: {error}"),
+            }),
+        }
+    };
+    while let Ok(event) = receiver.try_recv() {
+        write_line(writer, &event).await?;
+    }
+    write_line(writer, &response).await
 }
 
 async fn write_line(

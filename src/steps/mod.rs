@@ -22,9 +22,10 @@ pub mod rootfs_build;
 
 use std::sync::Arc;
 
-use crate::engine::EngineBuilder;
+use crate::engine::{Engine, EngineBuilder, ResourceLimits};
 use crate::oci::RegistryClient;
 use crate::plan::{CachePolicy, ResourceClass};
+use crate::store::Store;
 
 /// Static facts about one step kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +298,16 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
             },
         )
         .executor(KERNEL_STAGE.name, kernel_stage::StageKernel)
+}
+
+/// An engine over `store` with every executor this build has and the host's resource limits:
+/// the one the CLI and the daemon run plans on.
+pub fn engine(store: &Store, services: &Services) -> Engine {
+    with_executors(
+        Engine::builder(store.clone()).limits(ResourceLimits::for_host()),
+        services,
+    )
+    .build()
 }
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {

@@ -135,8 +135,18 @@ pub struct BootedVm {
 }
 
 impl BootedVm {
-    /// Starts the vsock daemon (if used) and QEMU; returns as soon as QEMU runs.
+    /// Starts the vsock daemon (if used) and QEMU; returns as soon as QEMU runs. Both die
+    /// with the returned value.
     pub async fn start(spec: &BootSpec) -> Result<BootedVm, BootError> {
+        BootedVm::start_logged(spec, None).await
+    }
+
+    /// [`BootedVm::start`], with QEMU's and the vsock daemon's stderr appended to
+    /// `stderr_log` so that they can be [detached](BootedVm::detach) to outlive this process.
+    pub async fn start_logged(
+        spec: &BootSpec,
+        stderr_log: Option<&Path>,
+    ) -> Result<BootedVm, BootError> {
         let started = Instant::now();
         let serial_log = spec.serial_log.clone();
         let (vsock, endpoint, agent_serial) = match spec.transport {
@@ -148,7 +158,7 @@ impl BootedVm {
                     .ok_or_else(|| VsockError::NotInstalled {
                         binary: "vhost-device-vsock".into(),
                     })?;
-                let daemon = VhostVsock::spawn(&binary, &spec.dir).await?;
+                let daemon = VhostVsock::spawn(&binary, &spec.dir, stderr_log).await?;
                 let endpoint = GuestEndpoint::HybridVsock {
                     uds_path: daemon.uds_path().to_owned(),
                     port: crate::assets::AGENT_VSOCK_PORT,
@@ -208,6 +218,7 @@ impl BootedVm {
             agent_serial,
             serial_log: serial_log.clone(),
             qmp_socket: spec.dir.join("qmp.sock"),
+            stderr_log: stderr_log.map(Path::to_path_buf),
         };
         let qemu = QemuProcess::spawn(&qemu_spec).await?;
         Ok(BootedVm {
@@ -217,6 +228,20 @@ impl BootedVm {
             serial_log,
             started,
         })
+    }
+
+    /// Hands QEMU and the vsock daemon over to handles that outlive this process (started
+    /// with [`BootedVm::start_logged`] and a log): `(qemu, vsock daemon, agent endpoint)`.
+    pub fn detach(
+        self,
+    ) -> (
+        Option<super::process::ProcessHandle>,
+        Option<super::process::ProcessHandle>,
+        GuestEndpoint,
+    ) {
+        let qemu = self.qemu.detach();
+        let vsock = self.vsock.and_then(VhostVsock::detach);
+        (qemu, vsock, self.endpoint)
     }
 
     /// When QEMU was started.
@@ -286,14 +311,7 @@ impl BootedVm {
         agent_is_pid1: bool,
         grace: Duration,
     ) -> Result<bool, BootError> {
-        use crate::guest::ExecRequest;
-        let request = if agent_is_pid1 {
-            ExecRequest::argv(["kill", "-TERM", "1"])
-        } else {
-            ExecRequest::argv(["systemctl", "poweroff", "--no-block"])
-        };
-        // The guest may go before the answer comes back: an error here is expected.
-        let _ = tokio::time::timeout(Duration::from_secs(10), run_captured(channel, request)).await;
+        request_poweroff(channel, agent_is_pid1).await;
         let deadline = tokio::time::Instant::now() + grace;
         let mut graceful = false;
         while tokio::time::Instant::now() < deadline {
@@ -392,6 +410,20 @@ async fn smoke_commands(vm: &mut BootedVm, deadline: Instant) -> Result<SmokeRep
         exit_seven,
         round_trip: samples[samples.len() / 2],
     })
+}
+
+/// Asks the guest to power itself off cleanly through its agent: `systemctl poweroff` under
+/// systemd, SIGTERM to the agent when it is PID 1 (it stops everything, syncs and powers
+/// off). Does not wait for the power-off; the guest may go before answering, so errors are
+/// expected and ignored.
+pub async fn request_poweroff(channel: &mut GuestChannel, agent_is_pid1: bool) {
+    use crate::guest::ExecRequest;
+    let request = if agent_is_pid1 {
+        ExecRequest::argv(["kill", "-TERM", "1"])
+    } else {
+        ExecRequest::argv(["systemctl", "poweroff", "--no-block"])
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), run_captured(channel, request)).await;
 }
 
 /// Runs `request` with no stdin; returns its status, stdout and stderr.

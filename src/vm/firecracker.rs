@@ -693,8 +693,8 @@ impl FirecrackerProcess {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            // Not `kill_on_drop`: `Drop` kills its group unless it was detached.
+            .process_group(0);
         let mut child = command.spawn().map_err(|source| {
             discard_jail(if source.kind() == std::io::ErrorKind::NotFound {
                 FirecrackerError::NotInstalled {
@@ -904,6 +904,13 @@ impl FirecrackerProcess {
                 source,
             })?;
         Ok(Stopped::Killed)
+    }
+
+    /// Lets Firecracker run on without this handle (a daemon's VM outlives the daemon); the
+    /// returned handle finds it again. Its sockets and jail stay: they are the VM's.
+    pub fn detach(mut self) -> Option<super::process::ProcessHandle> {
+        self.cleaned = true;
+        self.child.id().and_then(super::process::ProcessHandle::of)
     }
 
     /// SIGKILLs the process group at once and removes the sockets and jail.

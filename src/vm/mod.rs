@@ -4,8 +4,10 @@
 //! per-VM storage and the lifecycle arrive with the VM issue.)
 
 pub mod accel;
+pub mod backend;
 pub mod boot;
 pub mod firecracker;
+pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod shape;
@@ -56,4 +58,14 @@ pub(crate) async fn wait_for_socket(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What a log file gained since it was `from` bytes long (a process's stderr, for an error).
+pub(crate) fn log_since(log: &Path, from: u64) -> String {
+    std::fs::read(log)
+        .map(|bytes| {
+            let start = (from as usize).min(bytes.len());
+            String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
+        })
+        .unwrap_or_default()
 }

@@ -83,6 +83,10 @@ pub struct QemuSpec {
     pub serial_log: PathBuf,
     /// QMP listens here.
     pub qmp_socket: PathBuf,
+    /// QEMU's own stderr is appended here, and the process is meant to outlive this one
+    /// (a daemon's VM): it is not killed when its [`QemuProcess`] is dropped or detached.
+    /// `None`: stderr is captured for errors and QEMU dies with its handle.
+    pub stderr_log: Option<PathBuf>,
 }
 
 impl QemuSpec {
@@ -198,6 +202,9 @@ pub struct QemuProcess {
     child: tokio::process::Child,
     qmp_socket: PathBuf,
     argv: Vec<String>,
+    stderr_log: Option<PathBuf>,
+    /// Handed over with [`QemuProcess::detach`]: dropping this handle leaves QEMU running.
+    detached: bool,
 }
 
 impl QemuProcess {
@@ -206,13 +213,31 @@ impl QemuProcess {
         let argv = spec.argv();
         let printable = argv.join(" ");
         let mut command = tokio::process::Command::new(&argv[0]);
+        let stderr = match &spec.stderr_log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| QemuError::Spawn {
+                        argv: format!("{printable} (its log {})", path.display()),
+                        source,
+                    })?,
+            ),
+            None => Stdio::piped(),
+        };
+        let log_start = spec
+            .stderr_log
+            .as_ref()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |meta| meta.len());
+        // Not `kill_on_drop`: `Drop` kills it unless it was detached.
         command
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .stderr(stderr)
+            .process_group(0);
         let mut child = command.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 QemuError::NotInstalled {
@@ -231,6 +256,10 @@ impl QemuProcess {
         {
             Ok(()) => {}
             Err(super::StartupFailure::Exited { status, stderr }) => {
+                let stderr = match &spec.stderr_log {
+                    Some(log) if stderr.is_empty() => super::log_since(log, log_start),
+                    _ => stderr,
+                };
                 return Err(QemuError::EarlyExit {
                     argv: printable,
                     status,
@@ -249,7 +278,20 @@ impl QemuProcess {
             child,
             qmp_socket: spec.qmp_socket.clone(),
             argv,
+            stderr_log: spec.stderr_log.clone(),
+            detached: false,
         })
+    }
+
+    /// Lets QEMU run on without this handle (its stderr must go to a log, not to a pipe
+    /// this process holds); the returned handle finds it again.
+    pub fn detach(mut self) -> Option<super::process::ProcessHandle> {
+        debug_assert!(
+            self.stderr_log.is_some(),
+            "a detached QEMU needs a stderr log"
+        );
+        self.detached = true;
+        self.child.id().and_then(super::process::ProcessHandle::of)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -290,6 +332,14 @@ impl QemuProcess {
     }
 }
 
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +374,7 @@ mod tests {
             agent_serial: Some("/vm/agent.sock".into()),
             serial_log: "/vm/serial.log".into(),
             qmp_socket: "/vm/qmp.sock".into(),
+            stderr_log: None,
         }
     }
 

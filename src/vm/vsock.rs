@@ -57,17 +57,24 @@ pub fn find_binary() -> Option<PathBuf> {
     })
 }
 
-/// A running `vhost-device-vsock`; killed when dropped.
+/// A running `vhost-device-vsock`; killed when dropped, unless detached.
 #[derive(Debug)]
 pub struct VhostVsock {
     child: tokio::process::Child,
     vhost_socket: PathBuf,
     uds_path: PathBuf,
+    detached: bool,
 }
 
 impl VhostVsock {
-    /// Starts the daemon with its sockets in `dir` and waits until QEMU can connect.
-    pub async fn spawn(binary: &Path, dir: &Path) -> Result<VhostVsock, VsockError> {
+    /// Starts the daemon with its sockets in `dir` and waits until QEMU can connect. With
+    /// `stderr_log`, its stderr is appended there (so it may outlive this process: see
+    /// [`VhostVsock::detach`]); without, it is captured for errors.
+    pub async fn spawn(
+        binary: &Path,
+        dir: &Path,
+        stderr_log: Option<&Path>,
+    ) -> Result<VhostVsock, VsockError> {
         let vhost_socket = dir.join("vhost-vsock.sock");
         let uds_path = dir.join("vsock.sock");
         let argv = [
@@ -80,13 +87,28 @@ impl VhostVsock {
             uds_path.to_string_lossy().into_owned(),
         ];
         let printable = argv.join(" ");
+        let (stderr, log_start) = match stderr_log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VsockError::Spawn {
+                        argv: format!("{printable} (its log {})", path.display()),
+                        source,
+                    })?;
+                let start = file.metadata().map_or(0, |meta| meta.len());
+                (Stdio::from(file), start)
+            }
+            None => (Stdio::piped(), 0),
+        };
+        // Not `kill_on_drop`: `Drop` kills it unless it was detached.
         let mut child = tokio::process::Command::new(binary)
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|source| {
                 if source.kind() == std::io::ErrorKind::NotFound {
@@ -105,6 +127,10 @@ impl VhostVsock {
         {
             Ok(()) => {}
             Err(super::StartupFailure::Exited { status, stderr }) => {
+                let stderr = match stderr_log {
+                    Some(log) if stderr.is_empty() => super::log_since(log, log_start),
+                    _ => stderr,
+                };
                 return Err(VsockError::EarlyExit {
                     argv: printable,
                     status,
@@ -124,7 +150,15 @@ impl VhostVsock {
             child,
             vhost_socket,
             uds_path,
+            detached: false,
         })
+    }
+
+    /// Lets the daemon run on without this handle (spawned with a stderr log); the returned
+    /// handle finds it again.
+    pub fn detach(mut self) -> Option<super::process::ProcessHandle> {
+        self.detached = true;
+        self.child.id().and_then(super::process::ProcessHandle::of)
     }
 
     /// The vhost-user socket QEMU connects to.
@@ -144,5 +178,13 @@ impl VhostVsock {
         let _ = std::fs::remove_file(&self.vhost_socket);
         let _ = std::fs::remove_file(&self.uds_path);
         Ok(())
+    }
+}
+
+impl Drop for VhostVsock {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.child.start_kill();
+        }
     }
 }

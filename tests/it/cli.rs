@@ -232,7 +232,7 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
     assert_eq!(
         commands,
         [
-            "graph", "build", "image", "kernel", "doctor", "cache", "daemon", "help"
+            "vm", "graph", "build", "image", "kernel", "doctor", "cache", "daemon", "help"
         ]
     );
     for args in [&["graph", "--help"][..], &["cache", "gc", "--help"]] {

@@ -17,3 +17,4 @@ mod registry;
 mod rootfs;
 mod slow;
 mod support;
+mod vm;

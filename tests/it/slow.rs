@@ -17,9 +17,9 @@ use crate::support::{
 
 /// A HOME holding the default kernel and the default image, built by the first test that
 /// asks; `kernel_pull` is that first `--json kernel pull` run.
-struct DebianWorld {
-    context: TestContext,
-    kernel_pull: Output,
+pub(crate) struct DebianWorld {
+    pub(crate) context: TestContext,
+    pub(crate) kernel_pull: Output,
 }
 
 /// Where the shared world lives, for removal at exit (statics are never dropped).
@@ -29,12 +29,13 @@ extern "C" fn remove_world() {
     if let Ok(root) = WORLD_ROOT.lock()
         && let Some(root) = root.as_ref()
     {
+        crate::vm::stop_daemon_and_vms(&root.join("home"), &root.join("run"));
         let _ = std::fs::remove_dir_all(root);
     }
 }
 
 /// The shared world, or `None` (skip) when the host cannot build it.
-fn debian_world() -> Option<&'static DebianWorld> {
+pub(crate) fn debian_world() -> Option<&'static DebianWorld> {
     if !capable(
         "mmdebstrap (Debian package `mmdebstrap`)",
         find_program("mmdebstrap").is_some(),
@@ -68,7 +69,7 @@ fn debian_world() -> Option<&'static DebianWorld> {
     }))
 }
 
-fn records(stdout: &str) -> Vec<serde_json::Value> {
+pub(crate) fn records(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -482,7 +483,7 @@ fn boot_spec(world: &DebianWorld, image: &serde_json::Value, dir: &Path) -> Boot
     }
 }
 
-fn have_qemu() -> bool {
+pub(crate) fn have_qemu() -> bool {
     capable(
         "qemu-system-x86_64 (Debian package `qemu-system-x86`)",
         find_program("qemu-system-x86_64").is_some(),

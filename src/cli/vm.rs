@@ -1,0 +1,703 @@
+//! `banger vm run|create|start|stop|restart|kill|delete|list|show|logs|ssh|prune`: a thin
+//! client of the daemon, which owns the VMs. Commands in a guest run over its agent (`vm run
+//! -- CMD`) or the system `ssh` (`vm ssh`, the shell of a bare `vm run`).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use banger::daemon::client::DaemonClient;
+use banger::daemon::protocol::{CreateVm, ErrorKind, Progress, Request, Response, VmInfo};
+use banger::inspect::format_time_ms;
+use banger::spec::ByteSize;
+
+use super::Context;
+use super::exit::ExitStatus;
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM, boot it, and open a shell in it, or run CMD and exit with its code.
+    #[command(
+        long_about = "Create a VM, boot it and wait for it, then either open an SSH \
+shell in it (no CMD) or run CMD through the guest agent, streaming its output, and exit with \
+CMD's exit code.
+
+A missing image or kernel is produced first (the default image is the catalog's \
+debian-bookworm, with the kernel its catalog entry names), with progress on stderr. With --rm the \
+VM is deleted afterwards, unless the guest never came up: then it is kept (stopped) so that \
+`banger vm logs NAME` can show why.
+
+Examples:
+  banger vm run
+  banger vm run --rm -- uname -r
+  banger vm run --name ci --memory 4G -- make test"
+    )]
+    Run(RunArgs),
+    /// Create a VM (stopped): its disks, its links to the image and kernel, its record.
+    Create(CreateArgs),
+    /// Boot a stopped VM and wait until its agent answers.
+    Start(StartArgs),
+    /// Power a VM off cleanly through its agent (forced after 30 s).
+    Stop { name: String },
+    /// Stop a VM, then start it again.
+    Restart(StartArgs),
+    /// Stop a VM's VMM at once, with no guest shutdown.
+    Kill { name: String },
+    /// Delete VMs: kill them if they run, remove their disks, logs and records.
+    #[command(visible_alias = "rm")]
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// List VMs with their state, spec and SSH address.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Print a VM's serial console log (the guest's boot messages).
+    Logs {
+        name: String,
+        /// Keep printing what the guest writes, until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Open an SSH session in a running VM, or run CMD there.
+    #[command(
+        long_about = "Open an SSH session in a running VM as root, or run CMD there and \
+exit with its code. Uses banger's own key and the VM's own known_hosts (no prompts).
+
+One CMD argument is a shell line (`banger vm ssh box -- 'ls | wc -l'`); several are a command \
+and its arguments, each passed as one word (`banger vm ssh box -- sh -c 'exit 7'`)."
+    )]
+    Ssh {
+        name: String,
+        /// The command to run instead of a shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Delete every stopped VM (asks first unless -f).
+    Prune {
+        /// Do not ask.
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM's name (generated when absent; becomes its host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The image (`banger image list`; a catalog name or OCI reference is pulled).
+    #[arg(long)]
+    image: Option<String>,
+    /// The kernel (default: the one the image names).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// The VMM: `qemu` or `firecracker` (default: Firecracker where KVM works and banger runs
+    /// as root, QEMU otherwise).
+    #[arg(long, value_parser = ["qemu", "firecracker"])]
+    backend: Option<String>,
+    /// Virtual CPUs (default: config [vm_defaults], else host CPUs / 4, at most 4).
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory, e.g. `2G`, `1536M` (default: config, else host RAM / 8, at most 8 GiB).
+    #[arg(long, value_parser = ByteSize::parse)]
+    memory: Option<ByteSize>,
+    /// The VM's writable disk size, e.g. `8G` (sparse: it costs what is written).
+    #[arg(long, value_parser = ByteSize::parse)]
+    disk: Option<ByteSize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Delete the VM afterwards (kept if it never came up, for `vm logs`).
+    #[arg(long)]
+    rm: bool,
+    /// Seconds to wait for the guest to come up.
+    #[arg(long, default_value_t = 180)]
+    timeout: u64,
+    /// The command to run in the guest (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    name: String,
+    /// Seconds to wait for the guest to come up.
+    #[arg(long, default_value_t = 180)]
+    timeout: u64,
+}
+
+pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitStatus> {
+    let runtime = super::runtime()?;
+    let mut session = Session::connect(context, &runtime)?;
+    match command {
+        VmCommand::Run(args) => vm_run(context, &runtime, &mut session, args),
+        VmCommand::Create(args) => {
+            let request = Request::VmCreate(create_request(args, false, None));
+            one_vm(context, &runtime, &mut session, &request, "created")
+        }
+        VmCommand::Start(args) => {
+            let request = Request::VmStart {
+                name: args.name.clone(),
+                timeout_secs: Some(args.timeout),
+            };
+            one_vm(context, &runtime, &mut session, &request, "running")
+        }
+        VmCommand::Stop { name } => {
+            let request = Request::VmStop { name: name.clone() };
+            one_vm(context, &runtime, &mut session, &request, "stopped")
+        }
+        VmCommand::Restart(args) => {
+            let request = Request::VmRestart {
+                name: args.name.clone(),
+                timeout_secs: Some(args.timeout),
+            };
+            one_vm(context, &runtime, &mut session, &request, "running")
+        }
+        VmCommand::Kill { name } => {
+            let request = Request::VmKill { name: name.clone() };
+            one_vm(context, &runtime, &mut session, &request, "killed")
+        }
+        VmCommand::Delete { names } => delete(context, &runtime, &mut session, names),
+        VmCommand::List => list(context, &runtime, &mut session),
+        VmCommand::Show { name } => show(context, &runtime, &mut session, name),
+        VmCommand::Logs { name, follow } => logs(context, &runtime, &mut session, name, *follow),
+        VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
+        VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
+    }
+}
+
+/// A connection to the daemon (started if need be) and how to show its progress.
+struct Session {
+    client: DaemonClient,
+    reporter: Box<dyn banger::engine::Reporter>,
+}
+
+/// The daemon said no: its message is printed once, the exit status follows its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Refused {
+    fn status(&self) -> ExitStatus {
+        match self.kind {
+            ErrorKind::Environment => ExitStatus::Failure,
+            _ => ExitStatus::UserError,
+        }
+    }
+}
+
+impl Session {
+    fn connect(context: &mut Context, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+        let socket = context.paths()?.socket();
+        let launcher = super::daemon::launcher(context)?;
+        let client = runtime.block_on(DaemonClient::connect_or_start(&socket, &launcher))?;
+        Ok(Session {
+            client,
+            reporter: super::reporters::for_printer(&context.printer),
+        })
+    }
+
+    /// Sends `request`, rendering its progress; a refusal comes back as [`Refused`].
+    fn call(
+        &mut self,
+        context: &Context,
+        runtime: &tokio::runtime::Runtime,
+        request: &Request,
+    ) -> anyhow::Result<Result<Response, Refused>> {
+        let printer = context.printer.clone();
+        let reporter = &self.reporter;
+        let response = runtime.block_on(self.client.request_with_events(request, |event| {
+            match serde_json::from_value::<Progress>(event) {
+                Ok(Progress::Engine(event)) => reporter.report(&event),
+                Ok(Progress::Note(text)) if printer.json => {
+                    let _ = printer.record("vm_progress", json!({ "message": text }));
+                }
+                Ok(Progress::Note(text)) => printer.info(&text),
+                Err(_) => {}
+            }
+        }))?;
+        Ok(match response {
+            Response::Error { kind, message } => Err(Refused { kind, message }),
+            other => Ok(other),
+        })
+    }
+
+    fn vm(
+        &mut self,
+        context: &Context,
+        runtime: &tokio::runtime::Runtime,
+        request: &Request,
+    ) -> anyhow::Result<Result<VmInfo, Refused>> {
+        Ok(match self.call(context, runtime, request)? {
+            Ok(Response::Vm(info)) => Ok(*info),
+            Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+            Err(refused) => Err(refused),
+        })
+    }
+}
+
+fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> CreateVm {
+    CreateVm {
+        name: args.name.clone(),
+        image: args.image.clone(),
+        kernel: args.kernel.clone(),
+        backend: args.backend.clone(),
+        vcpus: args.vcpu,
+        memory_mib: args.memory.map(|size| size.bytes() >> 20),
+        disk_bytes: args.disk.map(|size| size.bytes()),
+        start,
+        timeout_secs: timeout,
+    }
+}
+
+fn refused(context: &Context, refused: &Refused) -> ExitStatus {
+    context.printer.error(&refused.message);
+    refused.status()
+}
+
+fn vm_json(info: &VmInfo) -> serde_json::Value {
+    json!(info)
+}
+
+fn one_vm(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    request: &Request,
+    verb: &str,
+) -> anyhow::Result<ExitStatus> {
+    let info = match session.vm(context, runtime, request)? {
+        Ok(info) => info,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let printer = &context.printer;
+    if printer.json {
+        printer.record("vm", vm_json(&info))?;
+    } else {
+        printer.data(&format!("{}  {verb}\n", info.name))?;
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn delete(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    names: &[String],
+) -> anyhow::Result<ExitStatus> {
+    let mut status = ExitStatus::Success;
+    for name in names {
+        let request = Request::VmDelete { name: name.clone() };
+        match session.call(context, runtime, &request)? {
+            Ok(_) => {
+                let printer = &context.printer;
+                if printer.json {
+                    printer.record("vm_deleted", json!({ "name": name }))?;
+                } else {
+                    printer.data(&format!("{name}  deleted\n"))?;
+                }
+            }
+            Err(error) => status = refused(context, &error),
+        }
+    }
+    Ok(status)
+}
+
+fn list_vms(
+    context: &Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+) -> anyhow::Result<Result<Vec<VmInfo>, Refused>> {
+    Ok(match session.call(context, runtime, &Request::VmList)? {
+        Ok(Response::Vms(vms)) => Ok(vms),
+        Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+        Err(refused) => Err(refused),
+    })
+}
+
+fn list(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+) -> anyhow::Result<ExitStatus> {
+    let vms = match list_vms(context, runtime, session)? {
+        Ok(vms) => vms,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let printer = &context.printer;
+    if printer.json {
+        for vm in &vms {
+            printer.record("vm", vm_json(vm))?;
+        }
+        return Ok(ExitStatus::Success);
+    }
+    if vms.is_empty() {
+        printer.info("no VMs; `banger vm run` makes one");
+        return Ok(ExitStatus::Success);
+    }
+    let rows: Vec<[String; 6]> = vms
+        .iter()
+        .map(|vm| {
+            [
+                vm.name.clone(),
+                vm.state.clone(),
+                vm.image.clone(),
+                vm.spec.clone(),
+                ssh_address(vm).unwrap_or_else(|| "-".to_owned()),
+                format_time_ms(vm.created_ms),
+            ]
+        })
+        .collect();
+    printer.data(&super::table(
+        &["NAME", "STATE", "IMAGE", "SPEC", "SSH", "CREATED"],
+        &rows,
+    ))?;
+    Ok(ExitStatus::Success)
+}
+
+fn ssh_address(vm: &VmInfo) -> Option<String> {
+    Some(format!("{}:{}", vm.ssh_host.as_ref()?, vm.ssh_port?))
+}
+
+fn show_vm(
+    context: &Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+) -> anyhow::Result<Result<VmInfo, Refused>> {
+    let request = Request::VmShow {
+        name: name.to_owned(),
+    };
+    session.vm(context, runtime, &request)
+}
+
+fn show(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+) -> anyhow::Result<ExitStatus> {
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let printer = &context.printer;
+    if printer.json {
+        printer.record("vm", vm_json(&vm))?;
+        return Ok(ExitStatus::Success);
+    }
+    printer.data(&format!(
+        "name:     {}\nstate:    {}{}\nimage:    {}\nkernel:   {}\nbackend:  {}\nspec:     {}\n\
+         ssh:      {}\nconsole:  {}\ndisks:    {}\ncreated:  {}\n",
+        vm.name,
+        vm.state,
+        vm.pid
+            .map(|pid| format!(" (pid {pid})"))
+            .unwrap_or_default(),
+        vm.image,
+        vm.kernel,
+        vm.backend,
+        vm.spec,
+        ssh_address(&vm).unwrap_or_else(|| "-".to_owned()),
+        vm.console_log,
+        vm.dir,
+        format_time_ms(vm.created_ms),
+    ))?;
+    Ok(ExitStatus::Success)
+}
+
+fn logs(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+    follow: bool,
+) -> anyhow::Result<ExitStatus> {
+    use std::io::{Read, Seek, Write};
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let mut file = match std::fs::File::open(&vm.console_log) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !follow => {
+            context
+                .printer
+                .info(&format!("VM `{name}` has not booted yet: no console log"));
+            return Ok(ExitStatus::Success);
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot read {}", vm.console_log));
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        file.read_to_end(&mut buffer)
+            .with_context(|| format!("cannot read {}", vm.console_log))?;
+        if stdout
+            .write_all(&buffer)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(ExitStatus::Success);
+        }
+        if !follow {
+            return Ok(ExitStatus::Success);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // A restart truncates the log: start over.
+        let position = file.stream_position().unwrap_or(0);
+        if std::fs::metadata(&vm.console_log).map_or(0, |meta| meta.len()) < position {
+            file.seek(std::io::SeekFrom::Start(0))?;
+        }
+    }
+}
+
+/// The `ssh` argv for a running VM.
+fn ssh_argv(
+    context: &mut Context,
+    vm: &VmInfo,
+    command: &[String],
+) -> anyhow::Result<Option<Vec<String>>> {
+    let (Some(host), Some(port)) = (&vm.ssh_host, vm.ssh_port) else {
+        return Ok(None);
+    };
+    let identity = banger::ssh::SshIdentity::ensure(&context.paths()?.state_dir)?;
+    let target = banger::ssh::SshTarget {
+        host: host.clone(),
+        port,
+        user: "root".to_owned(),
+        known_hosts: vm.known_hosts.clone().into(),
+    };
+    let command = banger::ssh::remote_command(command);
+    Ok(Some(banger::ssh::ssh_argv(
+        &identity, &target, &command, false,
+    )))
+}
+
+fn ssh(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+    command: &[String],
+) -> anyhow::Result<ExitStatus> {
+    use std::os::unix::process::CommandExt;
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let Some(argv) = ssh_argv(context, &vm, command)? else {
+        context.printer.error(&format!(
+            "VM `{name}` is not running; start it with `banger vm start {name}`"
+        ));
+        return Ok(ExitStatus::UserError);
+    };
+    wait_for_sshd(context, runtime, &vm);
+    let error = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    Err(error).with_context(|| format!("cannot run {}", argv.join(" ")))
+}
+
+fn prune(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    force: bool,
+) -> anyhow::Result<ExitStatus> {
+    let vms = match list_vms(context, runtime, session)? {
+        Ok(vms) => vms,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let stopped: Vec<String> = vms
+        .into_iter()
+        .filter(|vm| vm.state == "stopped")
+        .map(|vm| vm.name)
+        .collect();
+    if stopped.is_empty() {
+        context.printer.info("no stopped VMs to delete");
+        return Ok(ExitStatus::Success);
+    }
+    if !force {
+        if !std::io::stdin().is_terminal() {
+            context.printer.error(&format!(
+                "would delete {} stopped VM(s) ({}); not asking without a terminal: pass -f",
+                stopped.len(),
+                stopped.join(", ")
+            ));
+            return Ok(ExitStatus::UserError);
+        }
+        eprint!(
+            "delete {} stopped VM(s) and their disks ({})? [y/N] ",
+            stopped.len(),
+            stopped.join(", ")
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            context.printer.info("nothing deleted");
+            return Ok(ExitStatus::Success);
+        }
+    }
+    delete(context, runtime, session, &stopped)
+}
+
+fn vm_run(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    args: &RunArgs,
+) -> anyhow::Result<ExitStatus> {
+    let request = Request::VmCreate(create_request(&args.create, true, Some(args.timeout)));
+    let vm = match session.vm(context, runtime, &request)? {
+        Ok(vm) => vm,
+        Err(error) => {
+            // A guest that never came up is kept, stopped, for `vm logs`: the message says so.
+            return Ok(refused(context, &error));
+        }
+    };
+    let outcome = if args.command.is_empty() {
+        interactive_shell(context, runtime, &vm)
+    } else {
+        run_in_guest(runtime, &vm, &args.command)
+    };
+    if args.rm {
+        let request = Request::VmDelete {
+            name: vm.name.clone(),
+        };
+        if let Err(error) = session.call(context, runtime, &request)? {
+            context.printer.warn(&format!(
+                "could not delete VM `{}`: {}",
+                vm.name, error.message
+            ));
+        }
+    } else if args.command.is_empty() {
+        context.printer.info(&format!(
+            "VM `{}` keeps running; `banger vm ssh {}` to come back, `banger vm rm {}` to \
+             delete it",
+            vm.name, vm.name, vm.name
+        ));
+    }
+    outcome
+}
+
+/// Runs `command` through the guest's agent with this process's stdout and stderr (and its
+/// stdin when that is not a terminal); exits with the command's code.
+fn run_in_guest(
+    runtime: &tokio::runtime::Runtime,
+    vm: &VmInfo,
+    command: &[String],
+) -> anyhow::Result<ExitStatus> {
+    let agent = vm
+        .agent
+        .as_ref()
+        .context("the daemon reported no agent address for the running VM")?;
+    let endpoint = agent.endpoint();
+    runtime.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut channel, _) = endpoint
+            .wait_ready(deadline)
+            .await
+            .with_context(|| format!("cannot reach the agent of VM `{}`", vm.name))?;
+        let mut request = banger::guest::ExecRequest::argv(command.iter().cloned());
+        let forward_stdin = !std::io::stdin().is_terminal();
+        if forward_stdin {
+            request = request.with_stdin();
+        }
+        let stdin: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if forward_stdin {
+            Box::new(tokio::io::stdin())
+        } else {
+            Box::new(tokio::io::empty())
+        };
+        let exec = channel.exec(&request, stdin, tokio::io::stdout(), tokio::io::stderr());
+        tokio::select! {
+            status = exec => {
+                let status = status.with_context(|| {
+                    format!("running `{}` in VM `{}`", command.join(" "), vm.name)
+                })?;
+                Ok(guest_exit(status))
+            }
+            _ = tokio::signal::ctrl_c() => Ok(ExitStatus::Interrupted),
+        }
+    })
+}
+
+/// The process exit status for a guest command's: its code, or 128 + signal like a shell.
+fn guest_exit(status: banger::guest::ExitStatus) -> ExitStatus {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitStatus::Code(code.clamp(0, 255) as u8),
+        (None, Some(signal)) => ExitStatus::Code((128 + signal).clamp(0, 255) as u8),
+        (None, None) => ExitStatus::Failure,
+    }
+}
+
+/// Waits for the guest's sshd, then runs `ssh` in this terminal.
+fn interactive_shell(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    vm: &VmInfo,
+) -> anyhow::Result<ExitStatus> {
+    let Some(argv) = ssh_argv(context, vm, &[])? else {
+        anyhow::bail!("the daemon reported no SSH address for VM `{}`", vm.name);
+    };
+    wait_for_sshd(context, runtime, vm);
+    let status = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .with_context(|| format!("cannot run {}", argv.join(" ")))?;
+    Ok(match status.code() {
+        Some(code) => ExitStatus::Code(code.clamp(0, 255) as u8),
+        None => ExitStatus::Failure,
+    })
+}
+
+/// Waits (up to a minute) for the VM's sshd: the agent answers before sshd listens, and
+/// `ssh` would fail at once.
+fn wait_for_sshd(context: &Context, runtime: &tokio::runtime::Runtime, vm: &VmInfo) {
+    let (Some(host), Some(port)) = (&vm.ssh_host, vm.ssh_port) else {
+        return;
+    };
+    if !runtime.block_on(sshd_answers(host, port)) {
+        context.printer.warn(&format!(
+            "the SSH server of VM `{}` did not answer within 60 s; trying anyway",
+            vm.name
+        ));
+    }
+}
+
+/// Whether an SSH server answers with its banner at `host:port` within a minute.
+async fn sshd_answers(host: &str, port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(mut stream)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            let mut banner = [0u8; 4];
+            if let Ok(Ok(4)) =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut banner)).await
+                && &banner == b"SSH-"
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}

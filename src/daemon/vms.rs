@@ -1,0 +1,800 @@
+//! The VM lifecycle, as the daemon runs it: create, start, stop, kill, delete, list, and
+//! finding running VMs again after a restart.
+//!
+//! Where a VM's things live:
+//! - its record (name, image, kernel, backend, shape, whether it should run): the state
+//!   database;
+//! - its disks, console log, VMM log and `known_hosts`: `STATE/vms/NAME/`;
+//! - hard links to its image, kernel and initramfs: `CACHE/vm-boot/ID/` (beside the store,
+//!   so linking never copies, and the bytes stay while the VM exists even if the image is
+//!   removed);
+//! - while it runs: its sockets and scratch file `launched.json` (the [`Launched`] handles):
+//!   `RUNTIME/vms/ID/` (a short path: unix sockets allow ~100 bytes).
+//!
+//! Every operation on one VM holds that VM's lock; producing an image or kernel holds a lock
+//! per name, so two `vm run`s needing the same default image build it once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::protocol::{CreateVm, ErrorKind, Progress, Response, VmInfo};
+use crate::catalog::Catalogs;
+use crate::config::Config;
+use crate::engine::{Event, Reporter, RunOptions};
+use crate::paths::Paths;
+use crate::state::{State, StateError, StoredFile, VmRecord, VmState};
+use crate::store::{OutputRef, Store};
+use crate::vm::accel::{self, Accel};
+use crate::vm::backend::{Backend, BackendError, BackendKind, Launched, MachineSpec, VmmBackend};
+use crate::vm::shape::{HostResources, ShapeRequest, VmShape};
+use crate::vm::storage::VmDisks;
+
+/// The default wait for a guest's agent: generous, because TCG boots are slow.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a guest gets to power off by itself on `vm stop`.
+const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+/// The image a VM gets when none is named and the config names none.
+pub const DEFAULT_IMAGE: &str = "debian-bookworm";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    BadName(#[from] crate::vm::shape::BadName),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("no accelerator to boot VMs with: {reason}")]
+    NoAccelerator { reason: String },
+    #[error(transparent)]
+    Storage(#[from] crate::vm::storage::StorageError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernels::KernelError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{backend}` is not a backend: use `qemu` or `firecracker`")]
+    UnknownBackend { backend: String },
+    #[error(
+        "kernel `{kernel}` is neither recorded nor in the kernel catalog; import it with \
+         `banger kernel import {kernel} --from DIR` or name another with --kernel"
+    )]
+    UnknownKernel { kernel: String },
+    #[error(
+        "kernel `{kernel}` has no initramfs, and banger's initramfs is what mounts the VM's \
+         disks and starts its agent; pull it again with `banger kernel pull` or import it \
+         with an initrd"
+    )]
+    NoInitramfs { kernel: String },
+    #[error("VM `{name}` is already running")]
+    AlreadyRunning { name: String },
+    #[error("VM `{name}` is not running; start it with `banger vm start {name}`")]
+    NotRunning { name: String },
+    #[error(
+        "VM `{name}` did not come up: {reason}\nthe likely cause is in its console log: \
+         `banger vm logs {name}`; its last lines:\n{tail}"
+    )]
+    GuestDidNotComeUp {
+        name: String,
+        reason: String,
+        tail: String,
+    },
+    #[error("cannot install banger's SSH key in VM `{name}`")]
+    Authorize {
+        name: String,
+        #[source]
+        source: crate::ssh::AuthorizeError,
+    },
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
+}
+
+impl VmError {
+    /// How the client should classify it.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            VmError::State(StateError::NoSuchVm { .. } | StateError::VmExists { .. })
+            | VmError::BadName(_)
+            | VmError::UnknownBackend { .. }
+            | VmError::UnknownKernel { .. }
+            | VmError::NoInitramfs { .. }
+            | VmError::AlreadyRunning { .. }
+            | VmError::NotRunning { .. }
+            | VmError::Config(_) => ErrorKind::Invalid,
+            VmError::Backend(
+                BackendError::FirecrackerUnusable { .. } | BackendError::FirecrackerMissing,
+            ) => ErrorKind::Invalid,
+            VmError::Backend(BackendError::Privileged(_)) | VmError::NoAccelerator { .. } => {
+                ErrorKind::Environment
+            }
+            _ => ErrorKind::Failed,
+        }
+    }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
+    let path = path.to_owned();
+    move |source| VmError::Io { what, path, source }
+}
+
+/// Where one request's progress goes.
+#[derive(Debug, Clone)]
+pub struct Events(pub UnboundedSender<Response>);
+
+impl Events {
+    pub fn note(&self, text: impl Into<String>) {
+        self.send(&Progress::Note(text.into()));
+    }
+
+    fn send(&self, progress: &Progress) {
+        if let Ok(value) = serde_json::to_value(progress) {
+            // A client that went away stops listening; the work goes on.
+            let _ = self.0.send(Response::Event(value));
+        }
+    }
+}
+
+impl Reporter for Events {
+    fn report(&self, event: &Event) {
+        self.send(&Progress::Engine(event.clone()));
+    }
+}
+
+/// The daemon's VMs.
+pub struct Vms {
+    paths: Paths,
+    store: Store,
+    engine: crate::engine::Engine,
+    services: crate::steps::Services,
+    accel: Result<Accel, String>,
+    host: HostResources,
+    /// Running VMs by name: the same facts as their scratch files.
+    live: Mutex<HashMap<String, Launched>>,
+    /// One lock per VM name, `image:NAME` and `kernel:NAME`.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Vms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vms").field("paths", &self.paths).finish()
+    }
+}
+
+impl Vms {
+    /// Opens the store and state and finds the VMs that still run (see [`Vms::reconcile`]).
+    pub async fn open(paths: Paths) -> Result<Vms, VmError> {
+        let store = Store::open(paths.store_dir())?;
+        let services = crate::steps::Services::from_env(&paths.state_dir)?;
+        let engine = crate::steps::engine(&store, &services);
+        let accel = accel::choose(&accel::HostFacts::probe()).map_err(|error| error.to_string());
+        let vms = Vms {
+            paths,
+            store,
+            engine,
+            services,
+            accel,
+            host: HostResources::probe(),
+            live: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        };
+        vms.reconcile().await?;
+        Ok(vms)
+    }
+
+    fn state(&self) -> Result<State, VmError> {
+        Ok(State::open(&self.paths.state_dir)?)
+    }
+
+    fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(locks.entry(key.to_owned()).or_default())
+    }
+
+    fn accel(&self) -> Result<Accel, VmError> {
+        self.accel
+            .clone()
+            .map_err(|reason| VmError::NoAccelerator { reason })
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.paths.state_dir.join("vms").join(name)
+    }
+
+    fn boot_dir(&self, id: &str) -> PathBuf {
+        self.paths.cache_dir.join("vm-boot").join(id)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.paths.runtime_dir.join("vms").join(id)
+    }
+
+    fn scratch_file(&self, id: &str) -> PathBuf {
+        self.run_dir(id).join("launched.json")
+    }
+
+    /// At start-up: every VM recorded as running whose VMM still runs (same pid, same start
+    /// time, per its scratch file) is running again; the rest are stopped and what their run
+    /// left (helpers, tap, sockets) is removed. Run directories that belong to no VM go too.
+    async fn reconcile(&self) -> Result<(), VmError> {
+        let records = self.state()?.vms()?;
+        for record in &records {
+            let launched = self.read_scratch(&record.id);
+            match launched {
+                Some(launched) if launched.vmm.is_alive() => {
+                    self.live_insert(&record.name, launched);
+                    if record.state != VmState::Running {
+                        self.state()?.set_vm_state(&record.name, VmState::Running)?;
+                    }
+                }
+                other => {
+                    if let Some(launched) = other {
+                        crate::vm::backend::release(&launched).await;
+                    }
+                    let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
+                    if record.state != VmState::Stopped {
+                        self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
+                    }
+                }
+            }
+        }
+        let known: Vec<&str> = records.iter().map(|record| record.id.as_str()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.paths.runtime_dir.join("vms")) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if known.contains(&id.as_str()) {
+                    continue;
+                }
+                if let Some(launched) = self.read_scratch(&id) {
+                    launched.vmm.kill().await;
+                    crate::vm::backend::release(&launched).await;
+                }
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn read_scratch(&self, id: &str) -> Option<Launched> {
+        let text = std::fs::read_to_string(self.scratch_file(id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write_scratch(&self, id: &str, launched: &Launched) -> Result<(), VmError> {
+        let path = self.scratch_file(id);
+        let temporary = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(launched).expect("handles serialize");
+        std::fs::write(&temporary, text).map_err(io("cannot write", &temporary))?;
+        std::fs::rename(&temporary, &path).map_err(io("cannot write", &path))
+    }
+
+    fn live_insert(&self, name: &str, launched: Launched) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.insert(name.to_owned(), launched);
+    }
+
+    fn live_remove(&self, name: &str) -> Option<Launched> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(name)
+    }
+
+    /// The running VM's handles, if its VMM still runs; a VMM that went away by itself (a
+    /// guest power-off, a crash) is noticed here and the VM recorded as stopped.
+    async fn running(&self, record: &VmRecord) -> Result<Option<Launched>, VmError> {
+        let launched = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.get(&record.name).cloned()
+        };
+        match launched {
+            Some(launched) if launched.vmm.is_alive() => Ok(Some(launched)),
+            Some(launched) => {
+                self.live_remove(&record.name);
+                self.finish_run(record, &launched).await?;
+                Ok(None)
+            }
+            None => {
+                if record.state == VmState::Running {
+                    self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// After the VMM is gone: helpers and tap go, the run directory goes, the VM is stopped.
+    async fn finish_run(&self, record: &VmRecord, launched: &Launched) -> Result<(), VmError> {
+        crate::vm::backend::release(launched).await;
+        let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
+        self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
+        Ok(())
+    }
+
+    fn info(&self, record: &VmRecord, launched: Option<&Launched>) -> VmInfo {
+        let dir = self.vm_dir(&record.name);
+        VmInfo {
+            name: record.name.clone(),
+            id: record.id.clone(),
+            image: record.image.clone(),
+            kernel: record.kernel.clone(),
+            backend: record.backend.clone(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            disk_bytes: record.disk_bytes,
+            spec: VmShape {
+                vcpus: record.vcpus,
+                memory_mib: record.memory_mib,
+                disk_bytes: record.disk_bytes,
+            }
+            .to_string(),
+            state: if launched.is_some() {
+                "running"
+            } else {
+                "stopped"
+            }
+            .to_owned(),
+            created_ms: record.created_ms,
+            pid: launched.map(|launched| launched.vmm.pid),
+            ssh_host: launched.map(|launched| launched.ssh_host.clone()),
+            ssh_port: launched.map(|launched| launched.ssh_port),
+            agent: launched.map(|launched| launched.agent.clone()),
+            known_hosts: dir.join("known_hosts").display().to_string(),
+            console_log: dir.join("console.log").display().to_string(),
+            dir: dir.display().to_string(),
+            run_dir: self.run_dir(&record.id).display().to_string(),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>, VmError> {
+        let mut infos = Vec::new();
+        for record in self.state()?.vms()? {
+            let launched = self.running(&record).await?;
+            infos.push(self.info(&record, launched.as_ref()));
+        }
+        Ok(infos)
+    }
+
+    pub async fn show(&self, name: &str) -> Result<VmInfo, VmError> {
+        let record = self.state()?.require_vm(name)?;
+        let launched = self.running(&record).await?;
+        Ok(self.info(&record, launched.as_ref()))
+    }
+
+    fn pull_env<'a>(&'a self, catalogs: &'a Catalogs) -> crate::images::PullEnv<'a> {
+        crate::images::PullEnv {
+            engine: &self.engine,
+            services: &self.services,
+            catalogs,
+            store: &self.store,
+            state_dir: &self.paths.state_dir,
+        }
+    }
+
+    /// The image `name`, produced first if it is not recorded (a catalog name or an OCI
+    /// reference).
+    async fn ensure_image(
+        &self,
+        name: &str,
+        events: &Events,
+    ) -> Result<crate::state::ImageRecord, VmError> {
+        let lock = self.lock(&format!("image:{name}"));
+        let _held = lock.lock().await;
+        if let Some(image) = self.state()?.image(name)? {
+            return Ok(image);
+        }
+        events.note(format!("image `{name}` is not here yet: producing it"));
+        let catalogs = self.catalogs(events)?;
+        let env = self.pull_env(&catalogs);
+        let request = crate::images::ImagePullRequest {
+            query: name.to_owned(),
+            name: Some(name.to_owned()),
+            kernel: None,
+            size: None,
+        };
+        let pulled = crate::images::pull(&env, &request, events, RunOptions::default()).await?;
+        if let Some(resolved) = &pulled.resolved {
+            events.note(resolved.clone());
+        }
+        Ok(pulled.record)
+    }
+
+    /// The kernel `name`, produced first from the kernel catalog if it is not recorded.
+    async fn ensure_kernel(
+        &self,
+        name: &str,
+        events: &Events,
+    ) -> Result<crate::state::KernelRecord, VmError> {
+        let lock = self.lock(&format!("kernel:{name}"));
+        let _held = lock.lock().await;
+        if let Some(kernel) = self.state()?.kernel(name)? {
+            return Ok(kernel);
+        }
+        let catalogs = self.catalogs(events)?;
+        if catalogs.kernel(name).is_none() {
+            return Err(VmError::UnknownKernel {
+                kernel: name.to_owned(),
+            });
+        }
+        events.note(format!("kernel `{name}` is not here yet: producing it"));
+        let env = self.pull_env(&catalogs);
+        let pulled = crate::kernels::pull(&env, name, false, events, RunOptions::default()).await?;
+        Ok(pulled.record)
+    }
+
+    fn config(&self) -> Result<Config, VmError> {
+        Ok(Config::load(&self.paths.config_file)?)
+    }
+
+    fn catalogs(&self, events: &Events) -> Result<Catalogs, VmError> {
+        let config = self.config()?;
+        Ok(
+            config.catalogs_with(Some(&self.paths.cache_dir), &|warning| {
+                events.note(format!("warning: {warning}"))
+            })?,
+        )
+    }
+
+    /// Creates a VM (and, with `request.start`, boots it). On failure nothing of it is left.
+    pub async fn create(&self, request: &CreateVm, events: &Events) -> Result<VmInfo, VmError> {
+        let taken: Vec<String> = self
+            .state()?
+            .vms()?
+            .into_iter()
+            .map(|record| record.name)
+            .collect();
+        let name = match &request.name {
+            Some(name) => {
+                crate::vm::shape::validate_name(name)?;
+                name.clone()
+            }
+            None => crate::vm::shape::generate_name(&taken, fastrand::u64(..)),
+        };
+        if taken.contains(&name) {
+            return Err(StateError::VmExists { name }.into());
+        }
+        let backend_kind = match &request.backend {
+            None => None,
+            Some(text) => {
+                Some(
+                    BackendKind::parse(text).ok_or_else(|| VmError::UnknownBackend {
+                        backend: text.clone(),
+                    })?,
+                )
+            }
+        };
+        let backend = Backend::choose(backend_kind, &self.accel()?)?;
+        let image_name = request
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+        let image = self.ensure_image(&image_name, events).await?;
+        let kernel_name = match (&request.kernel, &image.kernel_ref) {
+            (Some(kernel), _) | (None, Some(kernel)) => kernel.clone(),
+            (None, None) => self
+                .catalogs(events)?
+                .kernels
+                .first()
+                .map(|entry| entry.name.clone())
+                .ok_or_else(|| VmError::UnknownKernel {
+                    kernel: "(the catalog is empty)".to_owned(),
+                })?,
+        };
+        let kernel = self.ensure_kernel(&kernel_name, events).await?;
+        let Some(initrd) = kernel.initrd.clone() else {
+            return Err(VmError::NoInitramfs {
+                kernel: kernel.name,
+            });
+        };
+        let shape = VmShape::resolve(
+            &ShapeRequest {
+                vcpus: request.vcpus,
+                memory_mib: request.memory_mib,
+                disk_bytes: request.disk_bytes,
+            },
+            &self.config()?.vm_defaults,
+            &self.host,
+        );
+        let lock = self.lock(&name);
+        let _held = lock.lock().await;
+        let id = new_id();
+        let record = VmRecord {
+            name: name.clone(),
+            id: id.clone(),
+            image: image.name.clone(),
+            kernel: kernel.name.clone(),
+            backend: backend.kind().as_str().to_owned(),
+            vcpus: shape.vcpus,
+            memory_mib: shape.memory_mib,
+            disk_bytes: shape.disk_bytes,
+            state: VmState::Stopped,
+            created_ms: crate::store::now_ms(),
+        };
+        events.note(format!("spec: {shape}"));
+        let made = self.make_vm_files(&record, &image_file(&image), &kernel.vmlinux, &initrd);
+        let made = made.and_then(|()| Ok(self.state()?.create_vm(&record)?));
+        if let Err(error) = made {
+            self.remove_vm_files(&record);
+            return Err(error);
+        }
+        events.note(format!(
+            "created VM `{name}` ({} on {}, {} backend)",
+            image.name,
+            kernel.name,
+            backend.kind()
+        ));
+        drop(_held);
+        if request.start {
+            return self
+                .start(&name, timeout(request.timeout_secs), events)
+                .await;
+        }
+        Ok(self.info(&record, None))
+    }
+
+    /// The VM's disks (blank and sparse: the same work for any size) and links to its boot
+    /// files (hard links: no bytes copied).
+    fn make_vm_files(
+        &self,
+        record: &VmRecord,
+        rootfs: &StoredFile,
+        vmlinux: &StoredFile,
+        initrd: &StoredFile,
+    ) -> Result<(), VmError> {
+        let dir = self.vm_dir(&record.name);
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        VmDisks::create(&dir, &record.id, record.disk_bytes, record.disk_bytes)?;
+        let boot = self.boot_dir(&record.id);
+        std::fs::create_dir_all(&boot).map_err(io("cannot create", &boot))?;
+        for (file, name) in [
+            (rootfs, "rootfs.ext4"),
+            (vmlinux, "vmlinux"),
+            (initrd, "initrd"),
+        ] {
+            self.store.materialize(
+                &OutputRef {
+                    integrity: file.integrity.clone(),
+                    size: file.size,
+                },
+                &boot.join(name),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remove_vm_files(&self, record: &VmRecord) {
+        let _ = std::fs::remove_dir_all(self.vm_dir(&record.name));
+        let _ = std::fs::remove_dir_all(self.boot_dir(&record.id));
+        let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
+    }
+
+    /// Boots a stopped VM and waits for its agent until `timeout`; installs banger's SSH key.
+    /// A guest that does not come up is stopped again (its console log stays).
+    pub async fn start(
+        &self,
+        name: &str,
+        timeout: Duration,
+        events: &Events,
+    ) -> Result<VmInfo, VmError> {
+        let lock = self.lock(name);
+        let _held = lock.lock().await;
+        let record = self.state()?.require_vm(name)?;
+        if self.running(&record).await?.is_some() {
+            return Err(VmError::AlreadyRunning {
+                name: name.to_owned(),
+            });
+        }
+        let kind = BackendKind::parse(&record.backend).unwrap_or(BackendKind::Qemu);
+        let backend = Backend::choose(Some(kind), &self.accel()?)?;
+        let run_dir = self.run_dir(&record.id);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).map_err(io("cannot create", &run_dir))?;
+        let dir = self.vm_dir(&record.name);
+        let boot = self.boot_dir(&record.id);
+        let spec = MachineSpec {
+            id: record.id.clone(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            kernel: boot.join("vmlinux"),
+            initrd: Some(boot.join("initrd")),
+            rootfs: boot.join("rootfs.ext4"),
+            disks: VmDisks::in_dir(&dir),
+            run_dir: run_dir.clone(),
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            ssh_port: free_loopback_port().map_err(io("cannot pick a port for", &run_dir))?,
+        };
+        let accel_note = match (&backend, &self.accel) {
+            (Backend::Qemu(qemu), _) => format!("QEMU microvm, {}", qemu.accel),
+            (Backend::Firecracker(_), _) => "Firecracker, KVM".to_owned(),
+        };
+        events.note(format!("booting `{name}` ({accel_note})"));
+        let started = Instant::now();
+        let launched = match backend.launch(&spec).await {
+            Ok(launched) => launched,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(error.into());
+            }
+        };
+        // From here the VM exists outside this process: record it before anything else can
+        // fail, so a daemon killed now finds it again.
+        let recorded = self
+            .write_scratch(&record.id, &launched)
+            .and_then(|()| Ok(self.state()?.set_vm_state(name, VmState::Running)?));
+        if let Err(error) = recorded {
+            backend.halt(&launched, Duration::from_secs(1)).await;
+            self.finish_run(&record, &launched).await?;
+            return Err(error);
+        }
+        self.live_insert(name, launched.clone());
+        match self.wait_guest(&record, &launched, started, timeout).await {
+            Ok(()) => {
+                events.note(format!(
+                    "`{name}` is up ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                ));
+                Ok(self.info(&record, Some(&launched)))
+            }
+            Err(error) => {
+                self.live_remove(name);
+                backend.halt(&launched, Duration::from_secs(2)).await;
+                self.finish_run(&record, &launched).await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Waits for the agent (or for the VMM to die), then authorizes banger's SSH key.
+    async fn wait_guest(
+        &self,
+        record: &VmRecord,
+        launched: &Launched,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        let endpoint = launched.agent.endpoint();
+        let deadline = started + timeout;
+        let console = self.vm_dir(&record.name).join("console.log");
+        let did_not_come_up = |reason: String| VmError::GuestDidNotComeUp {
+            name: record.name.clone(),
+            reason,
+            tail: crate::vm::boot::console_tail(&console, 20),
+        };
+        let ready = endpoint.wait_ready(deadline);
+        tokio::pin!(ready);
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
+        let mut channel = loop {
+            tokio::select! {
+                result = &mut ready => match result {
+                    Ok((channel, _ready)) => break channel,
+                    Err(error) => {
+                        return Err(did_not_come_up(format!(
+                            "its agent did not answer within {} s over {endpoint} ({error})",
+                            timeout.as_secs()
+                        )));
+                    }
+                },
+                _ = poll.tick() => {
+                    if !launched.vmm.is_alive() {
+                        return Err(did_not_come_up(format!(
+                            "its VMM ({}) exited before the agent answered (a kernel panic or \
+                             a power-off in the guest)",
+                            launched.backend
+                        )));
+                    }
+                }
+            }
+        };
+        let identity = crate::ssh::SshIdentity::ensure(&self.paths.state_dir)?;
+        crate::ssh::authorize_in_guest(&mut channel, &identity)
+            .await
+            .map_err(|source| VmError::Authorize {
+                name: record.name.clone(),
+                source,
+            })
+    }
+
+    /// Powers the guest off through its agent, waits for the VMM to exit, forces it after a
+    /// grace period.
+    pub async fn stop(&self, name: &str, events: &Events) -> Result<VmInfo, VmError> {
+        let lock = self.lock(name);
+        let _held = lock.lock().await;
+        let record = self.state()?.require_vm(name)?;
+        let Some(launched) = self.running(&record).await? else {
+            return Err(VmError::NotRunning {
+                name: name.to_owned(),
+            });
+        };
+        events.note(format!("stopping `{name}`"));
+        self.power_off(&record, &launched).await;
+        self.live_remove(name);
+        self.finish_run(&record, &launched).await?;
+        Ok(self.info(&record, None))
+    }
+
+    async fn power_off(&self, record: &VmRecord, launched: &Launched) {
+        let endpoint = launched.agent.endpoint();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Ok((mut channel, ready)) = endpoint.wait_ready(deadline).await {
+            crate::vm::boot::request_poweroff(&mut channel, ready.pid1).await;
+        }
+        if !launched.vmm.wait_gone(POWEROFF_GRACE).await {
+            let accel = self.accel().unwrap_or(Accel::Kvm);
+            let kind = BackendKind::parse(&record.backend).unwrap_or(launched.backend);
+            Backend::for_recorded(kind, &accel)
+                .halt(launched, Duration::from_secs(3))
+                .await;
+        }
+    }
+
+    /// Stops the VMM at once.
+    pub async fn kill(&self, name: &str) -> Result<VmInfo, VmError> {
+        let lock = self.lock(name);
+        let _held = lock.lock().await;
+        let record = self.state()?.require_vm(name)?;
+        let Some(launched) = self.running(&record).await? else {
+            return Err(VmError::NotRunning {
+                name: name.to_owned(),
+            });
+        };
+        launched.vmm.kill().await;
+        self.live_remove(name);
+        self.finish_run(&record, &launched).await?;
+        Ok(self.info(&record, None))
+    }
+
+    /// Kills the VM if it runs and removes it: record, disks, logs, links, sockets.
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let lock = self.lock(name);
+        let _held = lock.lock().await;
+        let record = self.state()?.require_vm(name)?;
+        if let Some(launched) = self.running(&record).await? {
+            launched.vmm.kill().await;
+            self.live_remove(name);
+            crate::vm::backend::release(&launched).await;
+        }
+        self.state()?.remove_vm(name)?;
+        self.remove_vm_files(&record);
+        Ok(())
+    }
+}
+
+/// The requested agent wait, or the default.
+pub fn timeout(seconds: Option<u64>) -> Duration {
+    seconds.map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs)
+}
+
+fn image_file(image: &crate::state::ImageRecord) -> StoredFile {
+    StoredFile {
+        integrity: image.rootfs_integrity.clone(),
+        size: image.rootfs_size,
+    }
+}
+
+/// 12 random lowercase letters and digits.
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..12)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// A loopback port free right now (the OS picks it; QEMU binds it a moment later).
+fn free_loopback_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}

@@ -1,0 +1,536 @@
+//! The VMM backends behind one trait: QEMU `microvm` (KVM or TCG) and Firecracker (KVM only).
+//!
+//! A backend launches a machine and hands back a [`Launched`]: plain, serializable facts
+//! (process handles, sockets, addresses) rather than live child handles, because a VM
+//! outlives the daemon that started it. The daemon writes it to the VM's scratch file and
+//! reads it back after a restart; [`VmmBackend::halt`] works from it alone.
+//!
+//! What differs per backend: how the machine is described (QEMU argv vs Firecracker API
+//! requests), how the agent is reached (a `vhost-device-vsock` daemon or virtio-serial for
+//! QEMU, Firecracker's own hybrid vsock), the network (QEMU user-mode networking with SSH
+//! forwarded to a loopback port; a tap made by [`crate::privileged`] for Firecracker), and
+//! how the VMM is told to quit (QMP `quit`; `SendCtrlAltDel`).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::accel::Accel;
+use super::boot::{AgentTransport, BootError, BootSpec, BootedVm};
+use super::firecracker::{
+    ApiClient, ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, LogLevel,
+    Logger, NetworkInterface, Vsock,
+};
+use super::process::ProcessHandle;
+use super::storage::VmDisks;
+use crate::guest::GuestEndpoint;
+use crate::privileged::{self, PrivilegedError, TapDevice};
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Qemu,
+    Firecracker,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Firecracker => "firecracker",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<BackendKind> {
+        match text {
+            "qemu" => Some(BackendKind::Qemu),
+            "firecracker" => Some(BackendKind::Firecracker),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Boot(Box<BootError>),
+    #[error(transparent)]
+    Firecracker(#[from] FirecrackerError),
+    #[error(transparent)]
+    Privileged(#[from] PrivilegedError),
+    #[error(
+        "the Firecracker backend cannot boot guests on this host: {reason}; use the QEMU \
+         backend (`--backend qemu`, the default here)"
+    )]
+    FirecrackerUnusable { reason: String },
+    #[error(
+        "the Firecracker backend needs the `firecracker` binary on PATH; install it, or use \
+         the QEMU backend (`--backend qemu`)"
+    )]
+    FirecrackerMissing,
+    #[error("the VMM of this VM left no process to follow (pid unknown right after start)")]
+    NoPid,
+}
+
+impl From<BootError> for BackendError {
+    fn from(error: BootError) -> BackendError {
+        BackendError::Boot(Box::new(error))
+    }
+}
+
+/// One VM's machine, as every backend needs it.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    /// The VM's fixed random id (names its tap, its Firecracker `--id`).
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The shared, read-only image.
+    pub rootfs: PathBuf,
+    /// The VM's writable layer and `/root` work disk.
+    pub disks: VmDisks,
+    /// Sockets go here (the VM's runtime directory).
+    pub run_dir: PathBuf,
+    /// The guest's serial console.
+    pub console_log: PathBuf,
+    /// The VMM's (and its helpers') own messages.
+    pub vmm_log: PathBuf,
+    /// The loopback port forwarded to the guest's port 22 (user-mode networking).
+    pub ssh_port: u16,
+}
+
+/// Where the agent listens, in a form the scratch file can hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentAddress {
+    Vsock { uds_path: PathBuf, port: u32 },
+    Serial { path: PathBuf },
+}
+
+impl AgentAddress {
+    pub fn endpoint(&self) -> GuestEndpoint {
+        match self {
+            AgentAddress::Vsock { uds_path, port } => GuestEndpoint::HybridVsock {
+                uds_path: uds_path.clone(),
+                port: *port,
+            },
+            AgentAddress::Serial { path } => GuestEndpoint::Serial { path: path.clone() },
+        }
+    }
+
+    fn of(endpoint: GuestEndpoint) -> AgentAddress {
+        match endpoint {
+            GuestEndpoint::HybridVsock { uds_path, port } => AgentAddress::Vsock { uds_path, port },
+            GuestEndpoint::Serial { path } | GuestEndpoint::Unix { path } => {
+                AgentAddress::Serial { path }
+            }
+        }
+    }
+}
+
+/// A running VM's momentary handles: what the daemon keeps in memory and in the VM's
+/// scratch file, and all it needs to reach or stop the VM after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launched {
+    pub backend: BackendKind,
+    /// QEMU or Firecracker.
+    pub vmm: ProcessHandle,
+    /// Processes that live and die with the VMM (`vhost-device-vsock`).
+    pub helpers: Vec<ProcessHandle>,
+    /// QMP, or Firecracker's API socket.
+    pub control_socket: PathBuf,
+    pub agent: AgentAddress,
+    /// Where the guest's sshd is reached from the host.
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// The host tap (Firecracker), deleted with the VM's run.
+    pub tap: Option<String>,
+}
+
+/// One VMM.
+pub trait VmmBackend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Starts the machine; returns as soon as the VMM runs (the guest is still booting).
+    /// On failure nothing it started is left running.
+    fn launch(
+        &self,
+        spec: &MachineSpec,
+    ) -> impl Future<Output = Result<Launched, BackendError>> + Send;
+
+    /// Makes the VMM quit: politely for `grace`, then by force. The guest has had its chance
+    /// to power off through its agent before this is called. Returns when it is gone.
+    fn halt(&self, launched: &Launched, grace: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// QEMU `microvm`.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    pub binary: String,
+    pub accel: Accel,
+    pub transport: AgentTransport,
+    pub vsock_daemon: Option<PathBuf>,
+}
+
+impl QemuBackend {
+    /// QEMU as banger finds it: `$BANGER_QEMU` or `qemu-system-x86_64`, vsock when
+    /// `vhost-device-vsock` is installed, virtio-serial otherwise.
+    pub fn from_env(accel: Accel) -> QemuBackend {
+        let vsock_daemon = super::vsock::find_binary();
+        QemuBackend {
+            binary: crate::env::var_path(crate::env::BANGER_QEMU).map_or_else(
+                || "qemu-system-x86_64".to_owned(),
+                |path| path.display().to_string(),
+            ),
+            accel,
+            transport: if vsock_daemon.is_some() {
+                AgentTransport::Vsock
+            } else {
+                AgentTransport::Serial
+            },
+            vsock_daemon,
+        }
+    }
+}
+
+impl VmmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        let boot = BootSpec {
+            qemu_binary: self.binary.clone(),
+            accel: self.accel.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            rootfs: spec.rootfs.clone(),
+            transport: self.transport,
+            vsock_daemon: self.vsock_daemon.clone(),
+            extra_cmdline: Vec::new(),
+            vm_disks: Some(spec.disks.clone()),
+            forwards: vec![(spec.ssh_port, 22)],
+            dir: spec.run_dir.clone(),
+            serial_log: spec.console_log.clone(),
+        };
+        let vm = BootedVm::start_logged(&boot, Some(&spec.vmm_log)).await?;
+        let control_socket = vm.qemu().qmp_socket().to_owned();
+        let (qemu, vsock, endpoint) = vm.detach();
+        let vmm = match qemu {
+            Some(qemu) => qemu,
+            None => {
+                if let Some(vsock) = vsock {
+                    vsock.kill().await;
+                }
+                return Err(BackendError::NoPid);
+            }
+        };
+        Ok(Launched {
+            backend: BackendKind::Qemu,
+            vmm,
+            helpers: vsock.into_iter().collect(),
+            control_socket,
+            agent: AgentAddress::of(endpoint),
+            ssh_host: "127.0.0.1".to_owned(),
+            ssh_port: spec.ssh_port,
+            tap: None,
+        })
+    }
+
+    async fn halt(&self, launched: &Launched, grace: Duration) {
+        if launched.vmm.is_alive()
+            && let Ok(mut qmp) = super::qmp::Qmp::connect(&launched.control_socket).await
+        {
+            let _ = qmp.quit().await;
+        }
+        if !launched.vmm.wait_gone(grace).await {
+            launched.vmm.terminate(grace).await;
+        }
+    }
+}
+
+/// Firecracker (needs KVM that works; networking through a tap, so root).
+#[derive(Debug, Clone)]
+pub struct FirecrackerBackend {
+    pub binary: PathBuf,
+}
+
+/// The MAC of a VM's interface: locally administered, from its id.
+fn guest_mac(vm_id: &str) -> super::firecracker::MacAddr {
+    let hash = blake3::hash(vm_id.as_bytes());
+    let bytes = hash.as_bytes();
+    super::firecracker::MacAddr([0x06, 0x00, bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+impl FirecrackerBackend {
+    /// The Firecracker spec of `spec` with the tap `tap` (pure).
+    pub fn firecracker_spec(
+        &self,
+        spec: &MachineSpec,
+        tap: &str,
+        addresses: &privileged::TapAddresses,
+    ) -> FirecrackerSpec {
+        let mut extra: Vec<String> = VmDisks::cmdline()
+            .iter()
+            .map(|word| (*word).to_owned())
+            .collect();
+        extra.push(addresses.guest_cmdline("eth0"));
+        FirecrackerSpec {
+            binary: self.binary.clone(),
+            id: spec.id.clone(),
+            jailer: None,
+            api_socket: spec.run_dir.join("firecracker.sock"),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            boot_args: super::boot::kernel_cmdline(&Accel::Kvm, None, &extra),
+            drives: vec![
+                Drive::root(&spec.rootfs),
+                Drive::writable("overlay", &spec.disks.overlay),
+                Drive::writable("work", &spec.disks.work),
+            ],
+            network_interfaces: vec![NetworkInterface {
+                id: "eth0".to_owned(),
+                tap: tap.to_owned(),
+                guest_mac: Some(guest_mac(&spec.id)),
+            }],
+            vsock: Some(Vsock::new(spec.run_dir.join("vsock.sock"))),
+            serial_log: Some(spec.console_log.clone()),
+            logger: Some(Logger {
+                path: spec.vmm_log.clone(),
+                level: LogLevel::Warning,
+            }),
+        }
+    }
+}
+
+impl VmmBackend for FirecrackerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        let addresses = privileged::tap_addresses(&spec.id);
+        let tap_name = privileged::tap_name(&spec.id);
+        let tap = TapDevice::create(&tap_name, &addresses, nix::unistd::getuid().as_raw())?;
+        let fc_spec = self.firecracker_spec(spec, tap.name(), &addresses);
+        let process = match FirecrackerProcess::launch(&fc_spec).await {
+            Ok(process) => process,
+            Err(error) => {
+                let _ = tap.delete();
+                return Err(error.into());
+            }
+        };
+        let control_socket = process.api_socket().to_owned();
+        let uds_path = process
+            .vsock_uds_path()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| spec.run_dir.join("vsock.sock"));
+        let Some(vmm) = process.detach() else {
+            let _ = tap.delete();
+            return Err(BackendError::NoPid);
+        };
+        Ok(Launched {
+            backend: BackendKind::Firecracker,
+            vmm,
+            helpers: Vec::new(),
+            control_socket,
+            agent: AgentAddress::Vsock {
+                uds_path,
+                port: crate::assets::AGENT_VSOCK_PORT,
+            },
+            ssh_host: addresses.guest.to_string(),
+            ssh_port: 22,
+            tap: Some(tap.name().to_owned()),
+        })
+    }
+
+    async fn halt(&self, launched: &Launched, grace: Duration) {
+        if launched.vmm.is_alive() {
+            let api = ApiClient::new(&launched.control_socket).with_timeout(grace);
+            let _ = api.send(&ApiRequest::send_ctrl_alt_del()).await;
+        }
+        if !launched.vmm.wait_gone(grace).await {
+            launched.vmm.kill().await;
+        }
+    }
+}
+
+/// The backend a VM uses, chosen at creation and recorded with it.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Qemu(QemuBackend),
+    Firecracker(FirecrackerBackend),
+}
+
+impl Backend {
+    /// The backend for `kind` on this host (`None`: the best one here — Firecracker where
+    /// KVM works and it is installed and banger runs as root, QEMU otherwise). An explicit
+    /// Firecracker that cannot boot here is refused with the reason.
+    pub fn choose(kind: Option<BackendKind>, accel: &Accel) -> Result<Backend, BackendError> {
+        let firecracker = crate::doctor::find_program("firecracker");
+        match kind {
+            Some(BackendKind::Qemu) => Ok(Backend::Qemu(QemuBackend::from_env(accel.clone()))),
+            Some(BackendKind::Firecracker) => match (accel, firecracker) {
+                (Accel::Tcg { reason }, _) => Err(BackendError::FirecrackerUnusable {
+                    reason: reason.clone(),
+                }),
+                (Accel::Kvm, None) => Err(BackendError::FirecrackerMissing),
+                (Accel::Kvm, Some(binary)) => {
+                    Ok(Backend::Firecracker(FirecrackerBackend { binary }))
+                }
+            },
+            None => match (accel, firecracker) {
+                (Accel::Kvm, Some(binary)) if privileged::is_root() => {
+                    Ok(Backend::Firecracker(FirecrackerBackend { binary }))
+                }
+                _ => Ok(Backend::Qemu(QemuBackend::from_env(accel.clone()))),
+            },
+        }
+    }
+
+    /// The backend that runs a VM recorded with `kind` (for stopping it: no host checks).
+    pub fn for_recorded(kind: BackendKind, accel: &Accel) -> Backend {
+        match kind {
+            BackendKind::Qemu => Backend::Qemu(QemuBackend::from_env(accel.clone())),
+            BackendKind::Firecracker => Backend::Firecracker(FirecrackerBackend {
+                binary: crate::doctor::find_program("firecracker")
+                    .unwrap_or_else(|| PathBuf::from("firecracker")),
+            }),
+        }
+    }
+}
+
+impl VmmBackend for Backend {
+    fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Qemu(backend) => backend.kind(),
+            Backend::Firecracker(backend) => backend.kind(),
+        }
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        match self {
+            Backend::Qemu(backend) => backend.launch(spec).await,
+            Backend::Firecracker(backend) => backend.launch(spec).await,
+        }
+    }
+
+    async fn halt(&self, launched: &Launched, grace: Duration) {
+        match self {
+            Backend::Qemu(backend) => backend.halt(launched, grace).await,
+            Backend::Firecracker(backend) => backend.halt(launched, grace).await,
+        }
+    }
+}
+
+/// Stops what a launch left besides the VMM (helpers, the tap) once the VMM is gone.
+pub async fn release(launched: &Launched) {
+    for helper in &launched.helpers {
+        helper.terminate(Duration::from_secs(2)).await;
+    }
+    if let Some(tap) = &launched.tap {
+        let _ = TapDevice::delete_by_name(tap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> MachineSpec {
+        MachineSpec {
+            id: "k3j9x2p0qa7m".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/store/vmlinux".into(),
+            initrd: Some("/store/initrd".into()),
+            rootfs: "/store/rootfs.ext4".into(),
+            disks: VmDisks::in_dir(Path::new("/state/vms/box")),
+            run_dir: "/run/banger/vms/box".into(),
+            console_log: "/state/vms/box/console.log".into(),
+            vmm_log: "/state/vms/box/vmm.log".into(),
+            ssh_port: 40022,
+        }
+    }
+
+    #[test]
+    fn the_firecracker_machine_has_the_image_read_only_and_the_vm_disks_writable() {
+        let backend = FirecrackerBackend {
+            binary: "/usr/bin/firecracker".into(),
+        };
+        let addresses = privileged::tap_addresses("k3j9x2p0qa7m");
+        let spec = backend.firecracker_spec(&machine(), "bgr-k3j9x2p0qa", &addresses);
+        assert_eq!(spec.drives[0], Drive::root("/store/rootfs.ext4"));
+        assert!(spec.drives[1..].iter().all(|drive| !drive.is_read_only));
+        assert!(spec.boot_args.contains("banger.overlay=/dev/vdb"));
+        assert!(spec.boot_args.contains("banger.work=/dev/vdc"));
+        assert!(
+            spec.boot_args
+                .contains(&format!("ip={}::{}:", addresses.guest, addresses.host)),
+            "{}",
+            spec.boot_args
+        );
+        assert!(!spec.boot_args.contains("tsc_early_khz"), "KVM only");
+        assert_eq!(spec.network_interfaces[0].tap, "bgr-k3j9x2p0qa");
+        assert_eq!(
+            spec.network_interfaces[0].guest_mac,
+            Some(guest_mac("k3j9x2p0qa7m")),
+            "the MAC is stable across boots"
+        );
+        spec.configuration_requests()
+            .expect("every path fits the API");
+    }
+
+    #[test]
+    fn launched_vms_round_trip_through_the_scratch_file_format() {
+        let launched = Launched {
+            backend: BackendKind::Qemu,
+            vmm: ProcessHandle {
+                pid: 42,
+                start_ticks: 7,
+            },
+            helpers: vec![ProcessHandle {
+                pid: 43,
+                start_ticks: 8,
+            }],
+            control_socket: "/run/x/qmp.sock".into(),
+            agent: AgentAddress::Vsock {
+                uds_path: "/run/x/vsock.sock".into(),
+                port: 1024,
+            },
+            ssh_host: "127.0.0.1".into(),
+            ssh_port: 40022,
+            tap: None,
+        };
+        let text = serde_json::to_string(&launched).unwrap();
+        assert_eq!(serde_json::from_str::<Launched>(&text).unwrap(), launched);
+    }
+
+    #[test]
+    fn an_explicit_firecracker_is_refused_where_only_tcg_works() {
+        let tcg = Accel::Tcg {
+            reason: "nested PVM".into(),
+        };
+        let error = Backend::choose(Some(BackendKind::Firecracker), &tcg).unwrap_err();
+        assert!(error.to_string().contains("nested PVM"), "{error}");
+        assert!(matches!(
+            Backend::choose(None, &tcg).unwrap(),
+            Backend::Qemu(_)
+        ));
+    }
+}

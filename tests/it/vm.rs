@@ -1,0 +1,381 @@
+//! The VM lifecycle end to end, through the real `banger` binary and its daemon, booting the
+//! real default image and kernel under QEMU (TCG on hosts without working KVM). Part of the
+//! slow group (`slow_vm_*`): each boot takes seconds to a minute. On failure, the VM's serial
+//! console is dumped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::slow::{debian_world, have_qemu, records};
+use crate::support::{Output, TestContext, capable, find_program};
+
+/// Stops every VM of the HOME and then its daemon (for the shared world at exit).
+pub(crate) fn stop_daemon_and_vms(home: &Path, runtime_dir: &Path) {
+    let banger = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_banger"));
+        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            command.env_remove(name);
+        }
+        command
+            .args(args)
+            .env("HOME", home)
+            .env("XDG_RUNTIME_DIR", runtime_dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    if !runtime_dir.join("banger/banger.sock").exists() {
+        return;
+    }
+    if let Ok(list) = banger(&["--json", "vm", "list"]) {
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            if let Ok(record) = serde_json::from_str::<serde_json::Value>(line)
+                && let Some(name) = record["data"]["name"].as_str()
+            {
+                let _ = banger(&["vm", "rm", name]);
+            }
+        }
+    }
+    let _ = banger(&["daemon", "stop"]);
+}
+
+fn can_boot() -> bool {
+    have_qemu()
+        && capable(
+            "ssh and ssh-keygen (Debian package `openssh-client`)",
+            find_program("ssh").is_some() && find_program("ssh-keygen").is_some(),
+        )
+}
+
+/// A VM's directory of disks and logs in `context`'s HOME.
+fn vm_dir(context: &TestContext, name: &str) -> PathBuf {
+    context.home().join(".local/state/banger/vms").join(name)
+}
+
+/// The VM's console log, for failure messages.
+fn console(context: &TestContext, name: &str) -> String {
+    let log = vm_dir(context, name).join("console.log");
+    match std::fs::read_to_string(&log) {
+        Ok(text) => format!("--- console of {name}\n{text}"),
+        Err(error) => format!("--- no console log of {name} ({error})"),
+    }
+}
+
+/// `banger ARGS`, which must succeed; on failure, panics with the output and the console.
+fn vm_ok(context: &TestContext, name: &str, args: &[&str]) -> Output {
+    let output = context.run(args);
+    assert_eq!(
+        output.code,
+        Some(0),
+        "banger {}\n{output}\n{}",
+        args.join(" "),
+        console(context, name)
+    );
+    output
+}
+
+/// The `vm` record of `vm show NAME`.
+fn show(context: &TestContext, name: &str) -> serde_json::Value {
+    let output = vm_ok(context, name, &["--json", "vm", "show", name]);
+    records(&output.stdout)[0]["data"].clone()
+}
+
+/// Deletes the VM whatever happens to the test.
+struct Cleanup<'a> {
+    context: &'a TestContext,
+    name: &'a str,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.context.run(&["vm", "rm", self.name]);
+    }
+}
+
+/// A path from redacted output (`[ROOT]/…`) as it really is.
+fn real_path(context: &TestContext, value: &serde_json::Value) -> PathBuf {
+    let text = value.as_str().expect("a path");
+    PathBuf::from(text.replace("[ROOT]", &context.root.path().to_string_lossy()))
+}
+
+fn process_exists(pid: u64) -> bool {
+    // A zombie waiting for its parent to reap it is gone too.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Nothing of a deleted VM is left: no process, no run directory (sockets, scratch file), no
+/// disks, no row.
+fn assert_nothing_left(context: &TestContext, name: &str, shown: &serde_json::Value) {
+    let pid = shown["pid"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_exists(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!process_exists(pid), "the VMM (pid {pid}) was left running");
+    for key in ["run_dir", "dir"] {
+        let path = real_path(context, &shown[key]);
+        assert!(
+            path.is_absolute() && !path.exists(),
+            "{} was left behind",
+            path.display()
+        );
+    }
+    let list = vm_ok(context, name, &["--json", "vm", "list"]);
+    assert!(
+        records(&list.stdout)
+            .iter()
+            .all(|record| record["data"]["name"] != name),
+        "{list}"
+    );
+}
+
+#[test]
+fn slow_vm_run_rm_on_a_fresh_home_builds_image_and_kernel_once_for_two_runs() {
+    if !can_boot()
+        || !capable("mmdebstrap", find_program("mmdebstrap").is_some())
+        || !capable("apt-get", find_program("apt-get").is_some())
+    {
+        return;
+    }
+    let context = TestContext::new();
+    let _daemon = StopDaemon(&context);
+    let run = |name: &str| {
+        let mut command = context.command(&[
+            "--json", "vm", "run", "--rm", "--name", name, "--memory", "1G", "--vcpu", "1", "--",
+            "uname", "-r",
+        ]);
+        command.stdout(std::process::Stdio::piped());
+        command.stderr(std::process::Stdio::piped());
+        command.spawn().unwrap()
+    };
+    // Both start on an empty store: one daemon, one build of each.
+    let first = run("fresh-one");
+    let second = run("fresh-two");
+    let outputs: Vec<Output> = [first, second]
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().unwrap();
+            Output {
+                code: output.status.code(),
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            }
+        })
+        .collect();
+    let kernels = context.run(&["--json", "kernel", "list"]);
+    let kernels = records(&kernels.stdout);
+    assert_eq!(kernels.len(), 1, "{kernels:?}");
+    let release = kernels[0]["data"]["release"].as_str().unwrap().to_owned();
+    let mut started: Vec<String> = Vec::new();
+    for (output, name) in outputs.iter().zip(["fresh-one", "fresh-two"]) {
+        assert_eq!(
+            output.code,
+            Some(0),
+            "{output}\n{}",
+            console(&context, name)
+        );
+        let lines: Vec<&str> = output.stdout.lines().collect();
+        assert!(
+            lines.contains(&release.as_str()),
+            "the guest's `uname -r` ({release}) is not in:\n{output}"
+        );
+        assert!(
+            output.stdout.contains("spec: 1 vcpu · 1024 MiB · 8G disk"),
+            "{output}"
+        );
+        for line in lines {
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(line)
+                && event["type"] == "step_started"
+            {
+                started.push(event["data"]["kind"].as_str().unwrap_or("").to_owned());
+            }
+        }
+    }
+    // Every step of the image and the kernel ran once between the two runs.
+    let mut kinds = started.clone();
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(kinds.len(), started.len(), "a step ran twice: {started:?}");
+    assert!(
+        started.iter().any(|kind| kind == "recipe.mmdebstrap"),
+        "{started:?}"
+    );
+    assert!(
+        started.iter().any(|kind| kind.starts_with("kernel.")),
+        "{started:?}"
+    );
+    let images = records(&context.run(&["--json", "image", "list"]).stdout);
+    assert_eq!(images.len(), 1, "{images:?}");
+    // --rm: nothing listed, nothing on disk.
+    let list = context.run(&["--json", "vm", "list"]);
+    assert_eq!(list.code, Some(0), "{list}");
+    assert!(list.stdout.trim().is_empty(), "{list}");
+    for name in ["fresh-one", "fresh-two"] {
+        assert!(!vm_dir(&context, name).exists());
+    }
+}
+
+/// Stops a test HOME's VMs and daemon however the test ends.
+struct StopDaemon<'a>(&'a TestContext);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
+    }
+}
+
+#[test]
+fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "exit-seven";
+    let _cleanup = Cleanup { context, name };
+    let output = context.run(&[
+        "vm", "run", "--rm", "--name", name, "--memory", "1G", "--vcpu", "1", "--", "sh", "-c",
+        "exit 7",
+    ]);
+    assert_eq!(output.code, Some(7), "{output}\n{}", console(context, name));
+    assert!(
+        output.stderr.contains("spec: 1 vcpu · 1024 MiB"),
+        "{output}"
+    );
+    assert!(!vm_dir(context, name).exists(), "--rm left the VM's files");
+
+    // A guest given one second cannot come up (a TCG boot takes several): the error names
+    // the VM and `vm logs`, the VM is kept, stopped, with its console log.
+    let output = context.run(&["vm", "create", "--name", "timeout-vm", "--memory", "1G"]);
+    let _cleanup_timeout = Cleanup {
+        context,
+        name: "timeout-vm",
+    };
+    assert_eq!(output.code, Some(0), "{output}");
+    let output = context.run(&["vm", "start", "timeout-vm", "--timeout", "1"]);
+    assert_eq!(output.code, Some(1), "{output}");
+    assert!(
+        output.stderr.contains("VM `timeout-vm` did not come up"),
+        "{output}"
+    );
+    assert!(
+        output.stderr.contains("banger vm logs timeout-vm"),
+        "{output}"
+    );
+    let shown = show(context, "timeout-vm");
+    assert_eq!(shown["state"], "stopped", "{shown}");
+    assert!(!real_path(context, &shown["run_dir"]).exists());
+    assert!(
+        real_path(context, &shown["console_log"]).exists(),
+        "the console log is kept"
+    );
+    vm_ok(context, "timeout-vm", &["vm", "logs", "timeout-vm"]);
+}
+
+#[test]
+fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "lifecycle";
+    let _cleanup = Cleanup { context, name };
+    let created = vm_ok(
+        context,
+        name,
+        &[
+            "vm", "create", "--name", name, "--memory", "1G", "--vcpu", "1", "--disk", "2G",
+        ],
+    );
+    assert!(
+        created.stderr.contains("spec: 1 vcpu · 1024 MiB · 2G disk"),
+        "{created}"
+    );
+    assert_eq!(show(context, name)["state"], "stopped");
+    vm_ok(context, name, &["vm", "start", name]);
+    vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "ssh",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo kept across boots > /root/kept",
+        ],
+    );
+    let stopped = vm_ok(context, name, &["vm", "stop", name]);
+    assert!(stopped.stdout.contains("stopped"), "{stopped}");
+    assert_eq!(show(context, name)["state"], "stopped");
+    vm_ok(context, name, &["vm", "start", name]);
+    let read = vm_ok(
+        context,
+        name,
+        &["vm", "ssh", name, "--", "cat", "/root/kept"],
+    );
+    assert_eq!(read.stdout.trim(), "kept across boots", "{read}");
+    let shown = show(context, name);
+    assert_eq!(shown["state"], "running");
+    let dir = real_path(context, &shown["run_dir"]);
+    assert!(
+        dir.join("launched.json").exists(),
+        "the scratch file is where it should be"
+    );
+    vm_ok(context, name, &["vm", "delete", name]);
+    assert_nothing_left(context, name, &shown);
+}
+
+#[test]
+fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "outlives-daemon";
+    let _cleanup = Cleanup { context, name };
+    vm_ok(
+        context,
+        name,
+        &["vm", "create", "--name", name, "--memory", "1G"],
+    );
+    vm_ok(context, name, &["vm", "start", name]);
+    let before = show(context, name);
+    let status = vm_ok(context, name, &["--json", "daemon", "status"]);
+    let daemon = records(&status.stdout)[0]["data"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The next command starts a new daemon, which finds the VM running.
+    let after = show(context, name);
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["pid"], before["pid"], "the same VMM");
+    let status = vm_ok(context, name, &["--json", "daemon", "status"]);
+    assert_ne!(
+        records(&status.stdout)[0]["data"]["pid"].as_i64().unwrap(),
+        daemon
+    );
+    let answer = vm_ok(
+        context,
+        name,
+        &["vm", "ssh", name, "--", "echo", "still", "here"],
+    );
+    assert_eq!(answer.stdout.trim(), "still here", "{answer}");
+    vm_ok(context, name, &["vm", "delete", name]);
+    assert_nothing_left(context, name, &after);
+}
