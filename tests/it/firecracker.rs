@@ -1110,3 +1110,92 @@ fn the_openapi_check_catches_what_firecracker_would_refuse() {
         assert_eq!(api.check(&request), [expected], "{}", request.describe());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The backend trait
+
+/// What the daemon does with a Firecracker VM, through `VmmBackend`: launch (tap, drives,
+/// vsock, InstanceStart), handles that outlive the launching code, halt, release.
+#[tokio::test]
+async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_trait() {
+    use banger::vm::backend::{
+        AgentAddress, BackendKind, FirecrackerBackend, MachineSpec, VmmBackend, release,
+    };
+    use banger::vm::storage::VmDisks;
+
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !have_root_and_ip() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let fixture = Fixture::new(binary.clone(), "trait", RESET_ON_KEY);
+    let dir = fixture.dir.path();
+    // The VM id names its tap (`bgr-` + its first 10 characters): unique per test run.
+    let id = format!("t{:09}", std::process::id());
+    let tap = privileged::tap_name(&id);
+    let _guard = Tap::guard(&tap);
+    let disks = VmDisks::create(dir, &id, 64 << 20, 64 << 20).unwrap();
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let spec = MachineSpec {
+        id: id.clone(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: dir.join("vmlinux"),
+        initrd: Some(dir.join("initrd")),
+        rootfs: dir.join("root.ext4"),
+        disks,
+        run_dir: run_dir.clone(),
+        console_log: dir.join("console.log"),
+        vmm_log: dir.join("vmm.log"),
+        ssh_port: 0,
+    };
+    let backend = FirecrackerBackend { binary };
+    let launched = backend.launch(&spec).await.unwrap();
+    assert_eq!(launched.backend, BackendKind::Firecracker);
+    assert!(launched.vmm.is_alive());
+    let addresses = privileged::tap_addresses(&id);
+    assert_eq!(launched.tap.as_deref(), Some(tap.as_str()));
+    assert_eq!(launched.ssh_host, addresses.guest.to_string());
+    assert_eq!(
+        launched.agent,
+        AgentAddress::Vsock {
+            uds_path: run_dir.join("vsock.sock"),
+            port: banger::assets::AGENT_VSOCK_PORT,
+        }
+    );
+    assert_banger_tap(&tap, &addresses, nix::unistd::getuid().as_raw());
+
+    // Everything the daemon asked for is what Firecracker runs: the image read-only, the
+    // VM's two disks writable, the tap, the vsock socket.
+    let api = banger::vm::firecracker::ApiClient::new(&launched.control_socket);
+    let config = api.get_json("/vm/config").await.unwrap();
+    let drives = config["drives"].as_array().unwrap();
+    let drive = |id: &str| drives.iter().find(|drive| drive["drive_id"] == id).unwrap();
+    assert_eq!(drive("rootfs")["is_read_only"], true, "{config:#}");
+    assert_eq!(drive("overlay")["is_read_only"], false, "{config:#}");
+    assert_eq!(drive("work")["is_read_only"], false, "{config:#}");
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"],
+        tap.as_str()
+    );
+    assert_eq!(
+        config["vsock"]["uds_path"],
+        run_dir.join("vsock.sock").to_str().unwrap()
+    );
+
+    // The handles survive a round trip through the scratch file format.
+    let scratch = serde_json::to_string(&launched).unwrap();
+    let reloaded: banger::vm::backend::Launched = serde_json::from_str(&scratch).unwrap();
+    // This guest resets on Ctrl+Alt+Del, so the polite halt is enough.
+    backend.halt(&reloaded, Duration::from_secs(5)).await;
+    assert!(!reloaded.vmm.is_alive());
+    assert!(
+        Path::new("/sys/class/net").join(&tap).exists(),
+        "the tap waits for release"
+    );
+    release(&reloaded).await;
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "release deletes the tap"
+    );
+}
