@@ -379,3 +379,39 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
     vm_ok(context, name, &["vm", "delete", name]);
     assert_nothing_left(context, name, &after);
 }
+
+#[test]
+fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
+    let context = TestContext::new();
+    let _daemon = StopDaemon(&context);
+    let list = context.run(&["vm", "list"]);
+    assert_eq!(list.code, Some(0), "{list}");
+    assert!(list.stderr.contains("no VMs"), "{list}");
+    for (args, expected) in [
+        (&["vm", "show", "nosuch"][..], "no VM named `nosuch`"),
+        (&["vm", "rm", "nosuch"][..], "no VM named `nosuch`"),
+        (&["vm", "start", "nosuch"][..], "no VM named `nosuch`"),
+        (
+            &["vm", "create", "--name", "Not_A_Name"][..],
+            "`Not_A_Name` is not a valid VM name",
+        ),
+        (
+            &["vm", "ssh", "nosuch", "--", "true"][..],
+            "no VM named `nosuch`",
+        ),
+    ] {
+        let output = context.run(args);
+        assert_eq!(output.code, Some(1), "banger {}\n{output}", args.join(" "));
+        assert!(
+            output.stderr.contains(expected),
+            "banger {}\n{output}",
+            args.join(" ")
+        );
+    }
+    let prune = context.run(&["vm", "prune"]);
+    assert_eq!(prune.code, Some(0), "{prune}");
+    assert!(prune.stderr.contains("no stopped VMs"), "{prune}");
+    // Refusals come before any build: the store holds no step.
+    let steps = context.run(&["--json", "cache", "ls"]);
+    assert!(steps.stdout.trim().is_empty(), "{steps}");
+}
