@@ -9,8 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any incompatible change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
