@@ -259,6 +259,7 @@ fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> Creat
         disk_bytes: args.disk.map(|size| size.bytes()),
         start,
         timeout_secs: timeout,
+        remove_if_abandoned: false,
     }
 }
 
@@ -561,7 +562,10 @@ fn vm_run(
     session: &mut Session,
     args: &RunArgs,
 ) -> anyhow::Result<ExitStatus> {
-    let request = Request::VmCreate(create_request(&args.create, true, Some(args.timeout)));
+    let mut create = create_request(&args.create, true, Some(args.timeout));
+    // Ctrl-C while the VM is being made ends this process; the daemon then deletes it.
+    create.remove_if_abandoned = args.rm;
+    let request = Request::VmCreate(create);
     let vm = match session.vm(context, runtime, &request)? {
         Ok(vm) => vm,
         Err(error) => {

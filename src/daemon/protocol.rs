@@ -70,6 +70,10 @@ pub struct CreateVm {
     pub start: bool,
     /// How long to wait for the guest's agent (seconds).
     pub timeout_secs: Option<u64>,
+    /// Delete the VM if the client is gone when it is ready (`vm run --rm` interrupted
+    /// while the VM was being made).
+    #[serde(default)]
+    pub remove_if_abandoned: bool,
 }
 
 /// One VM as the daemon reports it.

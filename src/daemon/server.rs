@@ -214,6 +214,8 @@ async fn serve_vm_request(
     state: &Arc<State>,
     writer: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
+    let remove_if_abandoned =
+        matches!(&request, Request::VmCreate(create) if create.remove_if_abandoned);
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
     let events = Events(sender);
     let vms = Arc::clone(&state.vms);
@@ -262,17 +264,28 @@ async fn serve_vm_request(
     tokio::pin!(task);
     let response = loop {
         tokio::select! {
-            Some(event) = receiver.recv() => write_line(writer, &event).await?,
+            // A client that went away still gets its request finished (and, for an abandoned
+            // `vm run --rm`, cleaned up below).
+            Some(event) = receiver.recv() => { let _ = write_line(writer, &event).await; }
             joined = &mut task => break joined.unwrap_or_else(|error| Response::Error {
                 kind: ErrorKind::Failed,
                 message: format!("the daemon's task failed: {error}"),
             }),
         }
     };
+    let mut delivered = Ok(());
     while let Ok(event) = receiver.try_recv() {
-        write_line(writer, &event).await?;
+        delivered = delivered.and(write_line(writer, &event).await);
     }
-    write_line(writer, &response).await
+    let delivered = delivered.and(write_line(writer, &response).await);
+    if delivered.is_err()
+        && remove_if_abandoned
+        && let Response::Vm(info) = &response
+    {
+        // Nobody is left to use or delete this one-shot VM.
+        let _ = state.vms.delete(&info.name).await;
+    }
+    delivered
 }
 
 async fn write_line(

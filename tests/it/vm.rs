@@ -415,3 +415,55 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
     let steps = context.run(&["--json", "cache", "ls"]);
     assert!(steps.stdout.trim().is_empty(), "{steps}");
 }
+
+#[test]
+fn slow_vm_run_rm_interrupted_while_the_vm_boots_leaves_no_vm() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "abandoned";
+    let _cleanup = Cleanup { context, name };
+    let mut command = context.command(&[
+        "vm", "run", "--rm", "--name", name, "--memory", "1G", "--vcpu", "1", "--", "true",
+    ]);
+    command.stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    // Interrupted once the VM exists and boots (a TCG boot takes several seconds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !vm_dir(context, name).join("console.log").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM never started booting"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    // The daemon finishes the boot, finds nobody to answer, and deletes the VM.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let list = vm_ok(context, name, &["--json", "vm", "list"]);
+        if records(&list.stdout)
+            .iter()
+            .all(|record| record["data"]["name"] != name)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned VM was never deleted:\n{list}\n{}",
+            console(context, name)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!vm_dir(context, name).exists());
+}
