@@ -52,11 +52,6 @@ const fn symlink(guest_path: &'static str, target: &'static str) -> GuestAsset {
 pub const GUEST_ASSETS: &[GuestAsset] = &[
     file(AGENT_GUEST_PATH, 0o755, AGENT_BINARY),
     file(
-        "/usr/local/libexec/banger-network-bootstrap",
-        0o755,
-        include_bytes!("../assets/libexec/banger-network-bootstrap"),
-    ),
-    file(
         "/usr/local/libexec/banger-first-boot",
         0o755,
         include_bytes!("../assets/libexec/banger-first-boot"),
