@@ -17,6 +17,8 @@
 //! mmdebstrap, e2fsprogs, busybox-static and vhost-device-vsock.
 //! Run: `cargo bench --bench boot` (or `scripts/bench-boot`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -24,20 +26,9 @@ use std::time::{Duration, Instant};
 use banger::vm::accel::{self, Accel, HostFacts};
 use banger::vm::boot::{AgentTransport, BootSpec, SmokeReport, smoke_test};
 
+use common::{json_record, materialize, median, ms, secs};
+
 const RUNS: usize = 3;
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn secs(duration: Duration) -> String {
-    format!("{:.2} s", duration.as_secs_f64())
-}
-
-fn ms(duration: Duration) -> String {
-    format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
-}
 
 /// `banger ARGS` in the bench HOME; panics with its output if it fails.
 fn banger(home: &Path, args: &[&str]) -> String {
@@ -59,30 +50,6 @@ fn banger(home: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn json_record(stdout: &str, kind: &str) -> serde_json::Value {
-    stdout
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|record| record["type"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} record in {stdout}"))["data"]
-        .clone()
-}
-
-/// Hard-links a stored file out of the bench HOME's store.
-fn materialize(home: &Path, integrity: &str, size: u64, to: &Path) {
-    let store = banger::store::Store::open(home.join(".cache/banger/store")).expect("store");
-    let _ = std::fs::remove_file(to);
-    store
-        .materialize(
-            &banger::store::OutputRef {
-                integrity: integrity.to_owned(),
-                size,
-            },
-            to,
-        )
-        .expect("materialize");
 }
 
 /// A root filesystem tar with only a static busybox (as the slow boot test builds it).

@@ -32,6 +32,8 @@
 //! `scripts/bench-boot` needs to build the image and kernel when no store can be seeded.
 //! Run: `cargo bench --bench vm` (or `scripts/bench-vm`).
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -42,6 +44,8 @@ use std::time::{Duration, Instant};
 use banger::vm::accel::{self, HostFacts};
 use banger::vm::boot::{AgentTransport, BootSpec, BootedVm};
 
+use common::{json_record, materialize, median, ms, secs};
+
 const CREATE_RUNS: usize = 5;
 const COPY_RUNS: usize = 3;
 const RUN_RUNS: usize = 3;
@@ -51,19 +55,6 @@ const KERNEL: &str = "debian-cloud-amd64";
 const IMAGE: &str = "debian-bookworm";
 /// The images of the create benchmark: name and size.
 const SIZED_IMAGES: [(&str, u64); 2] = [("bench-vm-1g", 1 << 30), ("bench-vm-16g", 16 << 30)];
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn secs(duration: Duration) -> String {
-    format!("{:.2} s", duration.as_secs_f64())
-}
-
-fn ms(duration: Duration) -> String {
-    format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
-}
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
@@ -218,30 +209,6 @@ impl Drop for Sandbox {
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
-}
-
-fn json_record(stdout: &str, kind: &str) -> serde_json::Value {
-    stdout
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|record| record["type"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} record in {stdout}"))["data"]
-        .clone()
-}
-
-/// Hard-links a stored file out of the bench HOME's store.
-fn materialize(home: &Path, integrity: &str, size: u64, to: &Path) {
-    let store = banger::store::Store::open(home.join(".cache/banger/store")).expect("store");
-    let _ = std::fs::remove_file(to);
-    store
-        .materialize(
-            &banger::store::OutputRef {
-                integrity: integrity.to_owned(),
-                size,
-            },
-            to,
-        )
-        .expect("materialize");
 }
 
 /// On the first run, copies the boot bench's store (its kernel and image steps are then
