@@ -168,10 +168,7 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
             },
         }
     };
-    let qemu = crate::env::var_path(crate::env::BANGER_QEMU).map_or_else(
-        || "qemu-system-x86_64".to_owned(),
-        |path| path.display().to_string(),
-    );
+    let qemu = crate::vm::qemu::binary();
     let vhost_vsock = crate::vm::vsock::find_binary().map_or_else(
         || "vhost-device-vsock".to_owned(),
         |path| path.display().to_string(),

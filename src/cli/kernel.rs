@@ -428,10 +428,7 @@ fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
     let logs = paths.state_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let spec = BootSpec {
-        qemu_binary: banger::env::var_path(banger::env::BANGER_QEMU).map_or_else(
-            || "qemu-system-x86_64".to_owned(),
-            |path| path.display().to_string(),
-        ),
+        qemu_binary: banger::vm::qemu::binary(),
         accel: accel.clone(),
         vcpus: 1,
         memory_mib: args.memory,

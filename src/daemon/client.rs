@@ -140,9 +140,7 @@ pub async fn stop(socket: &Path) -> Result<Option<u32>, DaemonError> {
         Ok(stream) => stream,
         Err(_) => return Ok(None),
     };
-    let pid = std::fs::read_to_string(super::server::lock_path(socket))
-        .ok()
-        .and_then(|text| text.trim().parse().ok());
+    let pid = super::server::lock_pid(socket);
     let (reader, mut writer) = stream.into_split();
     let mut line = serde_json::to_string(&Request::Stop).expect("requests serialize");
     line.push('\n');
@@ -234,9 +232,7 @@ async fn start(socket: &Path, launcher: &Launcher) -> Result<DaemonClient, Daemo
 
 /// Whether a live daemon holds the lock next to `socket` (it may not listen yet).
 fn other_daemon_starting(socket: &Path) -> bool {
-    let pid = std::fs::read_to_string(super::server::lock_path(socket))
-        .ok()
-        .and_then(|text| text.trim().parse::<u32>().ok());
-    pid.and_then(crate::vm::process::ProcessHandle::of)
+    super::server::lock_pid(socket)
+        .and_then(crate::vm::process::ProcessHandle::of)
         .is_some_and(|daemon| daemon.is_alive())
 }

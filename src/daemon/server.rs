@@ -46,6 +46,13 @@ pub fn lock_path(socket: &Path) -> PathBuf {
     socket.with_file_name("daemon.lock")
 }
 
+/// The pid a daemon wrote into the lock file next to `socket` (it may have died since).
+pub fn lock_pid(socket: &Path) -> Option<u32> {
+    std::fs::read_to_string(lock_path(socket))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
 /// Runs the daemon for `paths` (on [`Paths::socket`]) until asked to stop.
 pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
     let socket = &paths.socket();
@@ -67,11 +74,8 @@ pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
     let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => lock,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let pid = std::fs::read_to_string(&lock_path)
-                .ok()
-                .and_then(|text| text.trim().parse().ok());
             return Err(DaemonError::AlreadyRunning {
-                pid,
+                pid: lock_pid(socket),
                 socket: socket.to_owned(),
             });
         }

@@ -617,9 +617,9 @@ impl Vms {
             vmm_log: dir.join("vmm.log"),
             ssh_port: free_loopback_port().map_err(io("cannot pick a port for", &run_dir))?,
         };
-        let accel_note = match (&backend, &self.accel) {
-            (Backend::Qemu(qemu), _) => format!("QEMU microvm, {}", qemu.accel),
-            (Backend::Firecracker(_), _) => "Firecracker, KVM".to_owned(),
+        let accel_note = match &backend {
+            Backend::Qemu(qemu) => format!("QEMU microvm, {}", qemu.accel),
+            Backend::Firecracker(_) => "Firecracker, KVM".to_owned(),
         };
         events.note(format!("booting `{name}` ({accel_note})"));
         let started = Instant::now();
@@ -720,13 +720,13 @@ impl Vms {
             });
         };
         events.note(format!("stopping `{name}`"));
-        self.power_off(&record, &launched).await;
+        self.power_off(&launched).await;
         self.live_remove(name);
         self.finish_run(&record, &launched).await?;
         Ok(self.info(&record, None))
     }
 
-    async fn power_off(&self, record: &VmRecord, launched: &Launched) {
+    async fn power_off(&self, launched: &Launched) {
         let endpoint = launched.agent.endpoint();
         let deadline = Instant::now() + Duration::from_secs(5);
         if let Ok((mut channel, ready)) = endpoint.wait_ready(deadline).await {
@@ -734,8 +734,7 @@ impl Vms {
         }
         if !launched.vmm.wait_gone(POWEROFF_GRACE).await {
             let accel = self.accel().unwrap_or(Accel::Kvm);
-            let kind = BackendKind::parse(&record.backend).unwrap_or(launched.backend);
-            Backend::for_recorded(kind, &accel)
+            Backend::for_recorded(launched.backend, &accel)
                 .halt(launched, Duration::from_secs(3))
                 .await;
         }

@@ -189,10 +189,7 @@ impl QemuBackend {
     pub fn from_env(accel: Accel) -> QemuBackend {
         let vsock_daemon = super::vsock::find_binary();
         QemuBackend {
-            binary: crate::env::var_path(crate::env::BANGER_QEMU).map_or_else(
-                || "qemu-system-x86_64".to_owned(),
-                |path| path.display().to_string(),
-            ),
+            binary: super::qemu::binary(),
             accel,
             transport: if vsock_daemon.is_some() {
                 AgentTransport::Vsock

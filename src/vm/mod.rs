@@ -30,12 +30,40 @@ pub(crate) enum StartupFailure {
     Wait(std::io::Error),
 }
 
-/// Waits until `child` creates `socket`, or exits (its piped stderr is collected), or
-/// `timeout` passes.
+/// Where a helper process's stderr goes: a pipe, read if it fails at start-up, or (for a
+/// process meant to outlive this one) appended to a log, whose new part is read instead.
+pub(crate) struct StderrTarget {
+    log: Option<(std::path::PathBuf, u64)>,
+}
+
+impl StderrTarget {
+    /// Opens `log` for appending (or plans a pipe when `None`); the `Stdio` goes to the child.
+    pub(crate) fn open(log: Option<&Path>) -> std::io::Result<(std::process::Stdio, StderrTarget)> {
+        let Some(path) = log else {
+            return Ok((std::process::Stdio::piped(), StderrTarget { log: None }));
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|error| {
+                std::io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+            })?;
+        let start = file.metadata().map_or(0, |meta| meta.len());
+        let target = StderrTarget {
+            log: Some((path.to_owned(), start)),
+        };
+        Ok((std::process::Stdio::from(file), target))
+    }
+}
+
+/// Waits until `child` creates `socket`, or exits (its stderr is collected from the pipe or
+/// the log of `stderr`), or `timeout` passes.
 pub(crate) async fn wait_for_socket(
     child: &mut tokio::process::Child,
     socket: &Path,
     timeout: Duration,
+    stderr_target: &StderrTarget,
 ) -> Result<(), StartupFailure> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -44,6 +72,9 @@ pub(crate) async fn wait_for_socket(
             if let Some(mut pipe) = child.stderr.take() {
                 use tokio::io::AsyncReadExt;
                 let _ = pipe.read_to_string(&mut stderr).await;
+            }
+            if let Some((log, start)) = &stderr_target.log {
+                stderr = log_since(log, *start);
             }
             return Err(StartupFailure::Exited {
                 status: status.to_string(),

@@ -62,6 +62,14 @@ pub struct UserNet {
     pub forwards: Vec<(u16, u16)>,
 }
 
+/// The QEMU binary banger runs: `$BANGER_QEMU`, else `qemu-system-x86_64` on `PATH`.
+pub fn binary() -> String {
+    crate::env::var_path(crate::env::BANGER_QEMU).map_or_else(
+        || "qemu-system-x86_64".to_owned(),
+        |path| path.display().to_string(),
+    )
+}
+
 /// Everything QEMU needs to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuSpec {
@@ -213,24 +221,11 @@ impl QemuProcess {
         let argv = spec.argv();
         let printable = argv.join(" ");
         let mut command = tokio::process::Command::new(&argv[0]);
-        let stderr = match &spec.stderr_log {
-            Some(path) => Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| QemuError::Spawn {
-                        argv: format!("{printable} (its log {})", path.display()),
-                        source,
-                    })?,
-            ),
-            None => Stdio::piped(),
-        };
-        let log_start = spec
-            .stderr_log
-            .as_ref()
-            .and_then(|path| std::fs::metadata(path).ok())
-            .map_or(0, |meta| meta.len());
+        let (stderr, stderr_target) = super::StderrTarget::open(spec.stderr_log.as_deref())
+            .map_err(|source| QemuError::Spawn {
+                argv: format!("{printable} (its stderr log)"),
+                source,
+            })?;
         // Not `kill_on_drop`: `Drop` kills it unless it was detached.
         command
             .args(&argv[1..])
@@ -251,15 +246,16 @@ impl QemuProcess {
             }
         })?;
         let seconds = 20;
-        match super::wait_for_socket(&mut child, &spec.qmp_socket, Duration::from_secs(seconds))
-            .await
+        match super::wait_for_socket(
+            &mut child,
+            &spec.qmp_socket,
+            Duration::from_secs(seconds),
+            &stderr_target,
+        )
+        .await
         {
             Ok(()) => {}
             Err(super::StartupFailure::Exited { status, stderr }) => {
-                let stderr = match &spec.stderr_log {
-                    Some(log) if stderr.is_empty() => super::log_since(log, log_start),
-                    _ => stderr,
-                };
                 return Err(QemuError::EarlyExit {
                     argv: printable,
                     status,

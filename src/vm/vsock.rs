@@ -87,21 +87,11 @@ impl VhostVsock {
             uds_path.to_string_lossy().into_owned(),
         ];
         let printable = argv.join(" ");
-        let (stderr, log_start) = match stderr_log {
-            Some(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VsockError::Spawn {
-                        argv: format!("{printable} (its log {})", path.display()),
-                        source,
-                    })?;
-                let start = file.metadata().map_or(0, |meta| meta.len());
-                (Stdio::from(file), start)
-            }
-            None => (Stdio::piped(), 0),
-        };
+        let (stderr, stderr_target) =
+            super::StderrTarget::open(stderr_log).map_err(|source| VsockError::Spawn {
+                argv: format!("{printable} (its stderr log)"),
+                source,
+            })?;
         // Not `kill_on_drop`: `Drop` kills it unless it was detached.
         let mut child = tokio::process::Command::new(binary)
             .args(&argv[1..])
@@ -123,14 +113,16 @@ impl VhostVsock {
                 }
             })?;
         let seconds = 10;
-        match super::wait_for_socket(&mut child, &vhost_socket, Duration::from_secs(seconds)).await
+        match super::wait_for_socket(
+            &mut child,
+            &vhost_socket,
+            Duration::from_secs(seconds),
+            &stderr_target,
+        )
+        .await
         {
             Ok(()) => {}
             Err(super::StartupFailure::Exited { status, stderr }) => {
-                let stderr = match stderr_log {
-                    Some(log) if stderr.is_empty() => super::log_since(log, log_start),
-                    _ => stderr,
-                };
                 return Err(VsockError::EarlyExit {
                     argv: printable,
                     status,
