@@ -1,5 +1,6 @@
 //! POSIX ACLs: the user-space xattr format (`system.posix_acl_*` as `getxattr` returns it and
-//! tar carries it) converted to ext4's on-disk format.
+//! tar carries it) converted to ext4's on-disk format ([`to_disk`], for the writer) and back
+//! ([`from_disk`], for the reader).
 //!
 //! User space: a 4-byte header (version 2) and 8-byte entries `{tag u16, perm u16, id u32}`.
 //! ext4: a 4-byte header (version 1); entries for `USER`/`GROUP` keep their id (8 bytes), the
@@ -69,6 +70,47 @@ pub(crate) fn to_disk(value: &[u8]) -> Result<Vec<u8>, &'static str> {
     Ok(out)
 }
 
+/// The id user space sees for entries that carry none (`ACL_UNDEFINED_ID`).
+const UNDEFINED_ID: u32 = u32::MAX;
+
+/// Converts an ACL in ext4's format back to the user-space format, as the kernel's
+/// `posix_acl_to_xattr` would show it: version 2, 8-byte entries, `ACL_UNDEFINED_ID` as the id
+/// of the entries that store none. Only the layout is checked (known tags, whole entries):
+/// semantic checks are the writer's business, and an image may come from any tool.
+pub(crate) fn from_disk(value: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let Some((version, mut entries)) = value.split_first_chunk::<4>() else {
+        return Err("shorter than the 4-byte header");
+    };
+    if u32::from_le_bytes(*version) != DISK_VERSION {
+        return Err("header version is not 1");
+    }
+    let mut out = Vec::with_capacity(4 + value.len() * 2);
+    out.extend_from_slice(&USER_SPACE_VERSION.to_le_bytes());
+    while !entries.is_empty() {
+        let Some((short, rest)) = entries.split_first_chunk::<4>() else {
+            return Err("ends inside an entry");
+        };
+        let tag = u16::from_le_bytes([short[0], short[1]]);
+        let id = match tag {
+            USER | GROUP => {
+                let Some((id, rest)) = rest.split_first_chunk::<4>() else {
+                    return Err("ends inside a named entry");
+                };
+                entries = rest;
+                u32::from_le_bytes(*id)
+            }
+            USER_OBJ | GROUP_OBJ | MASK | OTHER => {
+                entries = rest;
+                UNDEFINED_ID
+            }
+            _ => return Err("unknown entry tag"),
+        };
+        out.extend_from_slice(&short[..]);
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +149,46 @@ mod tests {
         ]
         .concat();
         assert_eq!(disk, expected);
+    }
+
+    #[test]
+    fn disk_format_converts_back_to_what_went_in() {
+        let acl = user_space(&[
+            (USER_OBJ, 7, UNDEFINED_ID),
+            (USER, 5, 1000),
+            (USER, 4, 70_000),
+            (GROUP_OBJ, 5, UNDEFINED_ID),
+            (GROUP, 4, 2000),
+            (MASK, 5, UNDEFINED_ID),
+            (OTHER, 1, UNDEFINED_ID),
+        ]);
+        assert_eq!(from_disk(&to_disk(&acl).unwrap()).unwrap(), acl);
+        let minimal = user_space(&[
+            (USER_OBJ, 6, UNDEFINED_ID),
+            (GROUP_OBJ, 4, UNDEFINED_ID),
+            (OTHER, 4, UNDEFINED_ID),
+        ]);
+        assert_eq!(from_disk(&to_disk(&minimal).unwrap()).unwrap(), minimal);
+        let empty = user_space(&[]);
+        assert_eq!(from_disk(&to_disk(&empty).unwrap()).unwrap(), empty);
+    }
+
+    #[test]
+    fn malformed_disk_acls_are_errors() {
+        assert!(from_disk(&[1, 0]).is_err());
+        assert!(from_disk(&2u32.to_le_bytes()).is_err()); // user-space version
+        let mut cut = to_disk(&user_space(&[
+            (USER_OBJ, 7, 0),
+            (USER, 5, 1),
+            (GROUP_OBJ, 5, 0),
+            (MASK, 5, 0),
+            (OTHER, 0, 0),
+        ]))
+        .unwrap();
+        cut.truncate(4 + 4 + 6); // inside the named entry's id
+        assert!(from_disk(&cut).is_err());
+        let unknown: Vec<u8> = [&1u32.to_le_bytes()[..], &[0x40, 0, 7, 0]].concat();
+        assert!(from_disk(&unknown).is_err());
     }
 
     #[test]

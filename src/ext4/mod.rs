@@ -73,6 +73,7 @@ mod dir;
 mod finish;
 mod inode;
 mod layout;
+pub mod reader;
 mod superblock;
 mod tree;
 mod writer;
@@ -82,6 +83,9 @@ use std::io;
 use std::path::PathBuf;
 
 pub use builder::Ext4Builder;
+pub use reader::{
+    DirEntry, Ext4ReadError, Ext4Reader, FileKind, FileReader, InodeInfo, InodeNo, Xattrs,
+};
 pub use xattr::is_supported_xattr_name;
 
 /// Options fixed for the whole build.
