@@ -70,6 +70,7 @@ mod alloc;
 mod builder;
 mod checksum;
 mod dir;
+pub mod export;
 mod finish;
 mod inode;
 mod layout;
@@ -83,6 +84,9 @@ use std::io;
 use std::path::PathBuf;
 
 pub use builder::Ext4Builder;
+pub use export::{
+    ExcludeRule, ExportError, ExportOptions, ExportSummary, export_tar, export_tar_to_file,
+};
 pub use reader::{
     DirEntry, Ext4ReadError, Ext4Reader, FileKind, FileReader, InodeInfo, InodeNo, Xattrs,
 };
