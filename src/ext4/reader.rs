@@ -779,7 +779,8 @@ impl Ext4Reader {
                     itable_unused |= u32::from(le16(raw, 0x32)) << 16;
                 }
                 let flags = le16(raw, 0x12);
-                if inode_table < g.first_data_block
+                // The superblock is at or before `first_data_block`: no table starts there.
+                if inode_table <= g.first_data_block
                     || inode_table
                         .checked_add(table_blocks)
                         .is_none_or(|end| end > g.blocks)
