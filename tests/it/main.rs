@@ -5,6 +5,7 @@ mod cli;
 mod daemon;
 mod engine;
 mod ext4;
+mod ext4_read;
 mod fetch;
 mod firecracker;
 mod firstboot;
