@@ -56,6 +56,14 @@
 //! peak RSS 16 MiB. Two thirds of the CPU time is the kernel copying into the page cache.
 //! A 3 GiB file plus 200,000 entries peaks at about 55 MiB.
 //!
+//! # Reading images back
+//! [`reader`] is the way back, for any ext4 image (this writer's, mke2fs's, a guest
+//! kernel's): read-only, through positioned reads, refusing the features it cannot read
+//! faithfully. [`export`] turns a directory of an image into a deterministic tar stream (a
+//! base layer, or an OCI diff from an overlayfs upper directory). Neither shares code with
+//! the writer but the ACL conversion (`acl.rs`) and CRC32C: reading must not inherit the
+//! writer's assumptions (4 KiB blocks, 256-byte inodes, no `64bit`).
+//!
 //! # Known weaknesses
 //! - Metadata of every entry stays in memory until `finish` (about 200 bytes per entry: a
 //!   million entries fit well under a 256 MiB budget). File data never does.

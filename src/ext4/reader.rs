@@ -330,6 +330,7 @@ struct Geometry {
     first_ino: u32,
     filetype: bool,
     huge_file: bool,
+    largedir: bool,
     /// Descriptors say which inode-table parts are unused (`uninit_bg` or `metadata_csum`).
     tracks_unused: bool,
     /// `metadata_csum` seed, when inode checksums are to be verified.
@@ -431,19 +432,20 @@ fn is_power_of(mut n: u64, base: u64) -> bool {
 }
 
 impl Ext4Reader {
-    /// Opens `image` and reads its superblock and group descriptors.
+    /// Opens `image` (a file, or a block device) and reads its superblock and group
+    /// descriptors.
     pub fn open(image: &Path) -> Result<Ext4Reader, Ext4ReadError> {
         let file = File::open(image).map_err(|source| Ext4ReadError::Open {
             image: image.to_owned(),
             source,
         })?;
-        let file_bytes = file
-            .metadata()
-            .map_err(|source| Ext4ReadError::Open {
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let file_bytes = io::Seek::seek(&mut &file, io::SeekFrom::End(0)).map_err(|source| {
+            Ext4ReadError::Open {
                 image: image.to_owned(),
                 source,
-            })?
-            .len();
+            }
+        })?;
         let mut reader = Ext4Reader {
             file,
             path: image.to_owned(),
@@ -458,6 +460,7 @@ impl Ext4Reader {
                 first_ino: GOOD_OLD_FIRST_INODE,
                 filetype: false,
                 huge_file: false,
+                largedir: false,
                 tracks_unused: false,
                 csum_seed: None,
                 clean: false,
@@ -635,6 +638,7 @@ impl Ext4Reader {
             first_ino,
             filetype: incompat & INCOMPAT_FILETYPE != 0,
             huge_file: ro_compat & RO_COMPAT_HUGE_FILE != 0,
+            largedir: incompat & INCOMPAT_LARGEDIR != 0,
             tracks_unused: ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0,
             csum_seed,
             clean: le16(sb, 0x3A) & STATE_VALID != 0,
@@ -909,7 +913,12 @@ impl Ext4Reader {
         } else {
             0
         };
-        let size = u64::from(le32(bytes, 0x04)) | u64::from(le32(bytes, 0x6C)) << 32;
+        // The high half is a size only for regular files (and directories under `largedir`):
+        // it used to be the directory ACL, which old images may still hold.
+        let mut size = u64::from(le32(bytes, 0x04));
+        if kind == FileKind::Regular || (kind == FileKind::Directory && g.largedir) {
+            size |= u64::from(le32(bytes, 0x6C)) << 32;
+        }
         // The largest size 32-bit logical block numbers can address.
         let max_size = g.block_size << 32;
         if size > max_size {
@@ -1016,17 +1025,15 @@ impl Ext4Reader {
         blocks
     }
 
-    /// A symlink whose target is stored in `i_block` (the kernel's test: no data blocks).
+    /// A symlink whose target is stored in `i_block`: the kernel's test, no data blocks
+    /// (whatever the extents flag says).
     fn is_fast_symlink(&self, inode: &Inode) -> bool {
-        if inode.flags & INODE_FLAG_EXTENTS != 0 {
-            return false;
-        }
         let attribute_sectors = if inode.file_acl != 0 {
             self.geometry.block_size / 512
         } else {
             0
         };
-        inode.size < 60 && self.sectors(inode).saturating_sub(attribute_sectors) == 0
+        self.sectors(inode).saturating_sub(attribute_sectors) == 0
     }
 
     fn block_map<'r>(&'r self, inode: &Inode) -> Result<BlockMap<'r>, Ext4ReadError> {
@@ -1058,6 +1065,12 @@ impl Ext4Reader {
             ));
         }
         let target = if self.is_fast_symlink(&inode) {
+            if inode.size >= 60 {
+                return Err(self.inode_error(
+                    inode.ino,
+                    format!("symlink of {} bytes has no data blocks", inode.size),
+                ));
+            }
             inode.i_block()[..inode.size as usize].to_vec()
         } else {
             let mut target = Vec::with_capacity(inode.size as usize);
@@ -1979,6 +1992,14 @@ mod tests {
         assert_eq!(check_extent_header(&block, Some(0)), Ok((340, 0)));
         block[4..6].copy_from_slice(&341u16.to_le_bytes());
         assert!(check_extent_header(&block, Some(0)).is_err());
+    }
+
+    #[test]
+    fn readers_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Ext4Reader>();
+        fn sendable<T: Send>() {}
+        sendable::<FileReader<'static>>();
     }
 
     #[test]

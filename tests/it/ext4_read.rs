@@ -1920,10 +1920,7 @@ fn ext4_read_corrupted_metadata_never_panics_or_hangs() {
     let source = dir.path().join("src");
     std::fs::create_dir(&source).unwrap();
     small_source(&source);
-    let iterations: u64 = std::env::var("BANGER_TEST_FUZZ_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(600);
+    let iterations: u64 = 600;
     let walker = GuardedWalker::new();
     for (config, args, systematic) in [
         (
