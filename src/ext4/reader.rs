@@ -2008,6 +2008,15 @@ mod tests {
         assert_eq!(decode_rec_len(0, 65536), 65536);
         assert_eq!(decode_rec_len(u16::MAX, 65536), 65536);
         assert_eq!(decode_rec_len(0xFFFC | 1, 65536), 0xFFFC | 1 << 16);
+        // A whole 64 KiB block as e2fsprogs writes an emptied one: one entry, rec_len 65535.
+        let mut block = vec![0u8; 65536];
+        block[4..6].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(parse(&block), Ok(Vec::new()));
+        // And one live entry spanning it.
+        block[0..4].copy_from_slice(&12u32.to_le_bytes());
+        block[6] = 1;
+        block[8] = b'x';
+        assert_eq!(parse(&block).unwrap().len(), 1);
     }
 
     #[test]

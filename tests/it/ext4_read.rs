@@ -133,19 +133,9 @@ fn assert_same_tree(expected: &Tree, actual: &Tree, context: &str) {
     }
 }
 
-fn hash_reader(mut reader: impl Read) -> (u64, String) {
-    let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = reader.read(&mut buffer).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        total += n as u64;
-    }
-    (total, hasher.finalize().to_hex().to_string())
+/// Size and blake3 of everything `reader` gives, read in 64 KiB pieces.
+fn hash_reader(reader: impl Read) -> (u64, String) {
+    hash_with_buffer(reader, 1 << 16)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -454,6 +444,9 @@ fn scan_image(reader: &Ext4Reader) -> Tree {
     while let Some((dir, dir_path)) = stack.pop() {
         for entry in reader.read_dir(dir).unwrap() {
             if dir_path.is_empty() && entry.name == b"lost+found" {
+                // Not compared, but read: its empty blocks hold one entry spanning the block
+                // (with 64 KiB blocks, the special record length encoding).
+                assert_eq!(reader.read_dir(entry.ino).unwrap(), []);
                 continue;
             }
             let path = join(&dir_path, &entry.name);
@@ -718,19 +711,32 @@ fn source() -> &'static Source {
 // ---------------------------------------------------------------------------------------
 // The tests
 
-/// mke2fs configurations: name, size, extra arguments, whether files use extent trees.
-const MKFS_CONFIGS: &[(&str, &str, &[&str], bool)] = &[
+/// How mke2fs maps `/sparse` (400 data blocks of 4 KiB between 4 KiB holes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SparseMap {
+    /// An extent tree with leaves in blocks of their own.
+    ExtentTree,
+    /// 84 extents per 1 KiB leaf: five leaves under an index block.
+    ExtentTreeOfDepth2,
+    /// 64 KiB blocks all hold data: one extent in the inode.
+    OneExtent,
+    /// Indirect blocks (no `extent` feature).
+    Indirect,
+}
+
+/// mke2fs configurations: name, size, extra arguments, how `/sparse` gets mapped.
+const MKFS_CONFIGS: &[(&str, &str, &[&str], SparseMap)] = &[
     (
         "default, re-indexed",
         "128M",
         &["-b", "4096", "-I", "256"],
-        true,
+        SparseMap::ExtentTree,
     ),
     (
         "no journal",
         "128M",
         &["-b", "4096", "-O", "^has_journal"],
-        true,
+        SparseMap::ExtentTree,
     ),
     (
         "64bit + meta_bg, 17 GiB",
@@ -743,26 +749,37 @@ const MKFS_CONFIGS: &[(&str, &str, &[&str], bool)] = &[
             "-J",
             "size=8",
         ],
-        true,
+        SparseMap::ExtentTree,
     ),
-    ("1 KiB blocks", "128M", &["-b", "1024"], true),
+    (
+        "1 KiB blocks",
+        "128M",
+        &["-b", "1024"],
+        SparseMap::ExtentTreeOfDepth2,
+    ),
+    (
+        "64 KiB blocks",
+        "512M",
+        &["-b", "65536"],
+        SparseMap::OneExtent,
+    ),
     (
         "128-byte inodes",
         "128M",
         &["-b", "4096", "-I", "128"],
-        true,
+        SparseMap::ExtentTree,
     ),
     (
         "indirect block maps",
         "128M",
         &["-b", "4096", "-O", "^extent,^64bit"],
-        false,
+        SparseMap::Indirect,
     ),
     (
         "ext2 layout, 2 KiB blocks",
         "128M",
         &["-t", "ext2", "-b", "2048", "-O", "^resize_inode"],
-        false,
+        SparseMap::Indirect,
     ),
 ];
 
@@ -775,7 +792,7 @@ fn ext4_read_mkfs_images_give_the_tree_back() {
     let expected = as_mkfs_stores(source.tree.clone());
     assert!(expected.len() > HTREE_ENTRIES + 20);
     let dir = tempfile::tempdir().unwrap();
-    for (i, &(name, size, args, extents)) in MKFS_CONFIGS.iter().enumerate() {
+    for (i, &(name, size, args, sparse_map)) in MKFS_CONFIGS.iter().enumerate() {
         let image = dir.path().join(format!("image-{i}.ext4"));
         mkfs(&image, &source.root, size, args);
         if i == 0 {
@@ -797,15 +814,16 @@ fn ext4_read_mkfs_images_give_the_tree_back() {
                 .arg("stat /sparse")
                 .arg(&image),
         );
-        if extents {
+        let expected_marker = match sparse_map {
+            SparseMap::ExtentTree => Some("(ETB0)"),
+            SparseMap::ExtentTreeOfDepth2 => Some("(ETB1)"),
+            SparseMap::OneExtent => None,
+            SparseMap::Indirect => Some("(IND)"),
+        };
+        if let Some(marker) = expected_marker {
             assert!(
-                stat.contains("(ETB0)"),
-                "{name}: /sparse has no extent tree block:\n{stat}"
-            );
-        } else {
-            assert!(
-                stat.contains("(IND)"),
-                "{name}: /sparse has no indirect block:\n{stat}"
+                stat.contains(marker),
+                "{name}: /sparse has no {marker} block:\n{stat}"
             );
         }
         let reader = Ext4Reader::open(&image).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1487,6 +1505,24 @@ fn ext4_read_kernel_written_images_give_the_mounted_tree_back() {
     }
 }
 
+/// Where the only data of the 4 GiB+ test file starts.
+const HUGE_DATA_AT: u64 = (4 << 30) + 4096;
+
+fn hash_with_buffer(mut reader: impl Read, size: usize) -> (u64, String) {
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; size];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buffer).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        total += n as u64;
+    }
+    (total, hasher.finalize().to_hex().to_string())
+}
+
 /// Without extents, 1 KiB blocks: direct, single, double and triple indirect blocks.
 #[test]
 fn ext4_read_indirect_maps_reach_triple_indirect_blocks() {
@@ -1502,6 +1538,10 @@ fn ext4_read_indirect_maps_reach_triple_indirect_blocks() {
         far.write_all_at(&vec![byte; 3000], offset).unwrap();
     }
     drop(far);
+    // Data only past 4 GiB: the size needs i_size_high, the block number 32 bits.
+    let huge = std::fs::File::create(source.join("huge")).unwrap();
+    huge.write_all_at(b"0123456789", HUGE_DATA_AT).unwrap();
+    drop(huge);
     let expected = hash_reader(std::fs::File::open(source.join("far")).unwrap());
     for args in [
         &["-b", "1024", "-O", "^extent,^64bit"][..],
@@ -1529,11 +1569,35 @@ fn ext4_read_indirect_maps_reach_triple_indirect_blocks() {
             expected,
             "{args:?}"
         );
-        // Big reads take the direct path, small ones the buffer: same bytes.
-        let mut big = vec![0u8; 3 << 20];
-        let mut file = reader.open_file(ino).unwrap();
-        let n = file.read(&mut big).unwrap();
-        assert!(n > 0);
+        // Reads of 1 MiB or more bypass the buffer: the same bytes.
+        assert_eq!(
+            hash_with_buffer(reader.open_file(ino).unwrap(), 3 << 20),
+            expected,
+            "{args:?}, large reads"
+        );
+        let huge = reader.lookup(Path::new("huge")).unwrap().unwrap();
+        assert_eq!(reader.inode(huge).unwrap().size, HUGE_DATA_AT + 10);
+        let mut file = reader.open_file(huge).unwrap();
+        let mut buffer = vec![0u8; 4 << 20];
+        let zeros = vec![0u8; 4 << 20];
+        let (mut position, mut tail) = (0u64, Vec::new());
+        loop {
+            let n = file.read(&mut buffer).unwrap();
+            if n == 0 {
+                break;
+            }
+            let zero = (HUGE_DATA_AT.saturating_sub(position) as usize).min(n);
+            assert!(
+                buffer[..zero] == zeros[..zero],
+                "{args:?}: data in the hole"
+            );
+            tail.extend_from_slice(&buffer[zero..n]);
+            position += n as u64;
+        }
+        assert_eq!(
+            (position, tail.as_slice()),
+            (HUGE_DATA_AT + 10, &b"0123456789"[..])
+        );
         std::fs::remove_file(&image).unwrap();
     }
 }
