@@ -44,7 +44,8 @@
 //!   `uds_path`, the protocol [`crate::guest`] speaks for both backends. Firecracker binds
 //!   `uds_path` when `/vsock` is configured and fails if the file exists, hence the stale
 //!   check at spawn.
-//! - The API client ([`api`]) is a few hundred lines by hand: see its module note.
+//! - The API client ([`api`]) is hyper's HTTP/1.1 connection over the unix socket, one per
+//!   request: see its module note.
 //!
 //! Known weaknesses: a `FirecrackerProcess` is tied to the tokio child that started it, so a
 //! restarted daemon cannot adopt a running Firecracker yet (it can still reach its API
@@ -62,6 +63,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::engine::error_chain;
 
 pub use api::{ApiClient, ApiRequest, ApiResponse, Method};
 pub use jailer::JailerSpec;
@@ -160,17 +163,104 @@ pub enum FirecrackerError {
         fault_message: String,
     },
     #[error(
-        "cannot talk to Firecracker's API at {} ({method} {path}): {source}\n  request body: {}",
+        "cannot make {method} {path} an HTTP request for Firecracker's API: {source}\n  request \
+         body: {}",
+        shown(body)
+    )]
+    ApiBuildRequest {
+        method: Method,
+        path: String,
+        body: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error(
+        "cannot connect to Firecracker's API at {} ({method} {path}): {source}\n  request body: {}",
         socket.display(),
         shown(body)
     )]
-    ApiIo {
+    ApiConnect {
         socket: PathBuf,
         method: Method,
         path: String,
         body: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "cannot open an HTTP/1.1 connection on Firecracker's API at {} ({method} {path}): {}\n  \
+         request body: {}",
+        socket.display(),
+        error_chain(source),
+        shown(body)
+    )]
+    ApiHandshake {
+        socket: PathBuf,
+        method: Method,
+        path: String,
+        body: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error(
+        "cannot send {method} {path} to Firecracker's API at {} or read the head of its answer: \
+         {}\n  request body: {}",
+        socket.display(),
+        error_chain(source),
+        shown(body)
+    )]
+    ApiSend {
+        socket: PathBuf,
+        method: Method,
+        path: String,
+        body: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error(
+        "cannot read the body of the HTTP {status} answer to {method} {path} from Firecracker's \
+         API at {}: {}\n  request body: {}",
+        socket.display(),
+        error_chain(source.as_ref()),
+        shown(body)
+    )]
+    ApiReadBody {
+        socket: PathBuf,
+        method: Method,
+        path: String,
+        body: String,
+        status: u16,
+        /// hyper's error, boxed by `http_body_util::Limited`.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "the HTTP {status} answer to {method} {path} from Firecracker's API at {} is longer than \
+         the {limit} bytes banger reads\n  request body: {}",
+        socket.display(),
+        shown(body)
+    )]
+    ApiBodyTooLarge {
+        socket: PathBuf,
+        method: Method,
+        path: String,
+        body: String,
+        status: u16,
+        limit: usize,
+    },
+    #[error(
+        "cannot parse the answer to {method} {path} from Firecracker's API at {} as JSON \
+         ({source}): {answer}",
+        socket.display()
+    )]
+    ApiParseAnswer {
+        socket: PathBuf,
+        method: Method,
+        path: String,
+        /// The answer's body, as text.
+        answer: String,
+        #[source]
+        source: serde_json::Error,
     },
     #[error(
         "Firecracker's API at {} did not answer {method} {path} within {seconds} s\n  request \
@@ -184,19 +274,6 @@ pub enum FirecrackerError {
         path: String,
         body: String,
         seconds: f64,
-    },
-    #[error(
-        "Firecracker's API at {} answered {method} {path} with something banger cannot read: \
-         {detail}\n  request body: {}",
-        socket.display(),
-        shown(body)
-    )]
-    ApiMalformed {
-        socket: PathBuf,
-        method: Method,
-        path: String,
-        body: String,
-        detail: String,
     },
     #[error("cannot wait for {argv}: {source}")]
     Wait {

@@ -1,26 +1,43 @@
-//! Firecracker's API: the requests banger sends and a minimal HTTP/1.1 client over the API's
-//! unix socket.
+//! Firecracker's API: the requests banger sends, and a client for them on hyper's HTTP/1.1
+//! connection over the API's unix socket.
 //!
-//! Why by hand: the API is a handful of `PUT`s and `GET`s with small JSON bodies, and no HTTP
-//! crate in banger's tree speaks HTTP over a unix socket (reqwest cannot). What the client
-//! does, and why:
-//! - **One connection per request.** Firecracker keeps connections open after answering, so
-//!   the end of a response is known only from its head: `Content-Length`, or no body at all
-//!   for `204`. A fresh connection per request means a failed or timed-out exchange never
-//!   leaves a half-read stream for the next request; a connect costs microseconds.
-//! - **Status lines without a reason phrase** (`HTTP/1.1 204 `) are what Firecracker sends;
-//!   only the version and the three-digit code are read.
+//! Why hyper: the framing (request heads, `Content-Length`, chunked or length-delimited
+//! bodies, status lines with or without a reason phrase, keep-alive) is hyper's, so there is
+//! no hand-written HTTP parser in banger to get wrong. hyper is already in the build through
+//! reqwest, which itself cannot dial a unix socket; hyper's connection-level client
+//! (`client::conn::http1`) takes any byte stream, here a `tokio::net::UnixStream`.
+//!
+//! What is still banger's, and why:
+//! - **The requests**: [`ApiRequest`] keeps the JSON body as the exact text sent (fields in
+//!   their struct's order), so an error shows what Firecracker read; ids in paths go through
+//!   [`encode_segment`].
+//! - **One connection per request.** Firecracker keeps connections open after answering. A
+//!   fresh connection per request means a failed or timed-out exchange never leaves a
+//!   half-read stream or a confused connection for the next one, and no pool has to notice a
+//!   Firecracker that died; a connect costs microseconds. The connection is driven inside
+//!   [`ApiClient::send`] itself, not in a spawned task, so it lives exactly as long as the
+//!   exchange and is closed when `send` returns or is dropped.
+//! - **One timeout for the whole exchange** (connect to last body byte, [`DEFAULT_TIMEOUT`]
+//!   unless [`ApiClient::with_timeout`] says otherwise): a Firecracker that accepts but never
+//!   answers cannot hang banger.
 //! - **Errors keep Firecracker's own words**: a non-2xx answer becomes
 //!   [`FirecrackerError::Api`] with the method, path, request body and the body's
-//!   `fault_message` verbatim (the raw body when it is not the documented JSON).
-//! - Chunked responses are refused (Firecracker does not send them); heads and bodies are
-//!   bounded so a confused peer cannot make banger buffer without limit.
+//!   `fault_message` verbatim (the raw body when it is not the documented JSON). Every other
+//!   failure names the step that failed (connect, handshake, send, read body) with the
+//!   socket, the request and hyper's error.
+//! - **Bounded answers**: a body longer than [`MAX_BODY`] is refused, at once when its
+//!   `Content-Length` says so, else once that many bytes arrived (`http_body_util::Limited`).
+//!   Heads are bounded by hyper's read buffer (about 400 KiB).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::FirecrackerError;
@@ -39,6 +56,14 @@ impl Method {
             Method::Get => "GET",
             Method::Put => "PUT",
             Method::Patch => "PATCH",
+        }
+    }
+
+    fn to_http(self) -> hyper::Method {
+        match self {
+            Method::Get => hyper::Method::GET,
+            Method::Put => hyper::Method::PUT,
+            Method::Patch => hyper::Method::PATCH,
         }
     }
 }
@@ -111,23 +136,18 @@ impl ApiRequest {
         format!("{} {}", self.method, self.path)
     }
 
-    /// The request's bytes on the wire.
-    fn encode(&self) -> Vec<u8> {
-        let mut head = format!(
-            "{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n",
-            self.method, self.path
-        );
-        let body = self.body_text();
+    /// The request as hyper sends it. hyper adds `Content-Length` from the body (none when
+    /// there is no body); `Host` is required by HTTP/1.1 and ignored by Firecracker.
+    fn to_http(&self) -> Result<hyper::Request<Full<Bytes>>, hyper::http::Error> {
+        let mut builder = hyper::Request::builder()
+            .method(self.method.to_http())
+            .uri(self.path.as_str())
+            .header(HOST, "localhost")
+            .header(ACCEPT, "application/json");
         if self.body.is_some() {
-            head.push_str("Content-Type: application/json\r\n");
+            builder = builder.header(CONTENT_TYPE, "application/json");
         }
-        if self.body.is_some() || self.method != Method::Get {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        head.push_str("\r\n");
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(body.as_bytes());
-        bytes
+        builder.body(Full::new(Bytes::from(self.body_text())))
     }
 }
 
@@ -154,10 +174,8 @@ pub fn encode_segment(segment: &str) -> String {
 
 /// How long one request may take, connect to last body byte, unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest response head accepted.
-const MAX_HEAD: usize = 64 * 1024;
 /// Longest response body accepted (the largest answer banger reads is `/vm/config`).
-const MAX_BODY: usize = 16 * 1024 * 1024;
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// A client for one Firecracker API socket.
 #[derive(Debug, Clone)]
@@ -186,17 +204,19 @@ impl ApiClient {
     /// Sends `request` on a fresh connection. A non-2xx answer is [`FirecrackerError::Api`]
     /// with Firecracker's `fault_message`.
     pub async fn send(&self, request: &ApiRequest) -> Result<ApiResponse, FirecrackerError> {
-        let exchange = async {
-            let mut stream = UnixStream::connect(&self.socket)
-                .await
-                .map_err(Exchange::Io)?;
-            stream
-                .write_all(&request.encode())
-                .await
-                .map_err(Exchange::Io)?;
-            read_response(&mut stream).await
-        };
-        let (status, body) = match tokio::time::timeout(self.timeout, exchange).await {
+        let http_request =
+            request
+                .to_http()
+                .map_err(|source| FirecrackerError::ApiBuildRequest {
+                    method: request.method,
+                    path: request.path.clone(),
+                    body: request.body_text(),
+                    source,
+                })?;
+        let answer = tokio::time::timeout(self.timeout, self.exchange(http_request)).await;
+        let (status, body) = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(failure)) => return Err(failure.into_error(&self.socket, request)),
             Err(_) => {
                 return Err(FirecrackerError::ApiTimeout {
                     socket: self.socket.clone(),
@@ -206,28 +226,12 @@ impl ApiClient {
                     seconds: self.timeout.as_secs_f64(),
                 });
             }
-            Ok(Err(Exchange::Io(source))) => {
-                return Err(FirecrackerError::ApiIo {
-                    socket: self.socket.clone(),
-                    method: request.method,
-                    path: request.path.clone(),
-                    body: request.body_text(),
-                    source,
-                });
-            }
-            Ok(Err(Exchange::Malformed(detail))) => {
-                return Err(FirecrackerError::ApiMalformed {
-                    socket: self.socket.clone(),
-                    method: request.method,
-                    path: request.path.clone(),
-                    body: request.body_text(),
-                    detail,
-                });
-            }
-            Ok(Ok(answer)) => answer,
         };
         if (200..300).contains(&status) {
-            return Ok(ApiResponse { status, body });
+            return Ok(ApiResponse {
+                status,
+                body: body.to_vec(),
+            });
         }
         Err(FirecrackerError::Api {
             method: request.method,
@@ -238,20 +242,125 @@ impl ApiClient {
         })
     }
 
+    /// One exchange on a fresh connection: connect, hand the stream to hyper, send, read the
+    /// whole (bounded) body. Dropping the returned future closes the connection.
+    async fn exchange(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(u16, Bytes), Failure> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(Failure::Connect)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(Failure::Handshake)?;
+        let answer = async move {
+            let response = sender.send_request(request).await.map_err(Failure::Send)?;
+            let status = response.status().as_u16();
+            // The length Firecracker announces, refused before reading a byte of it.
+            if response.body().size_hint().lower() > MAX_BODY as u64 {
+                return Err(Failure::TooLarge { status });
+            }
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|source| {
+                    if source.is::<LengthLimitError>() {
+                        Failure::TooLarge { status }
+                    } else {
+                        Failure::ReadBody { status, source }
+                    }
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        // The connection does the reading and writing and must be polled alongside the
+        // answer. Its own result is not needed: hyper hands a connection error to the request
+        // in flight, so `answer` fails with it.
+        let mut connection = std::pin::pin!(connection);
+        let mut answer = std::pin::pin!(answer);
+        let mut driving = true;
+        loop {
+            tokio::select! {
+                result = &mut answer => return result,
+                _ = &mut connection, if driving => driving = false,
+            }
+        }
+    }
+
     /// `GET path`, the answer parsed as JSON.
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, FirecrackerError> {
         let request = ApiRequest::get(path);
         let response = self.send(&request).await?;
-        serde_json::from_slice(&response.body).map_err(|error| FirecrackerError::ApiMalformed {
+        serde_json::from_slice(&response.body).map_err(|source| FirecrackerError::ApiParseAnswer {
             socket: self.socket.clone(),
             method: request.method,
             path: request.path.clone(),
-            body: String::new(),
-            detail: format!(
-                "the answer is not JSON ({error}): {}",
-                String::from_utf8_lossy(&response.body)
-            ),
+            answer: String::from_utf8_lossy(&response.body).into_owned(),
+            source,
         })
+    }
+}
+
+/// What failed in one exchange, before the request's details are attached.
+#[derive(Debug)]
+enum Failure {
+    Connect(std::io::Error),
+    Handshake(hyper::Error),
+    Send(hyper::Error),
+    ReadBody {
+        status: u16,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    TooLarge {
+        status: u16,
+    },
+}
+
+impl Failure {
+    /// The error for `request`, naming the socket and the request.
+    fn into_error(self, socket: &Path, request: &ApiRequest) -> FirecrackerError {
+        let socket = socket.to_path_buf();
+        let (method, path, body) = (request.method, request.path.clone(), request.body_text());
+        match self {
+            Failure::Connect(source) => FirecrackerError::ApiConnect {
+                socket,
+                method,
+                path,
+                body,
+                source,
+            },
+            Failure::Handshake(source) => FirecrackerError::ApiHandshake {
+                socket,
+                method,
+                path,
+                body,
+                source,
+            },
+            Failure::Send(source) => FirecrackerError::ApiSend {
+                socket,
+                method,
+                path,
+                body,
+                source,
+            },
+            Failure::ReadBody { status, source } => FirecrackerError::ApiReadBody {
+                socket,
+                method,
+                path,
+                body,
+                status,
+                source,
+            },
+            Failure::TooLarge { status } => FirecrackerError::ApiBodyTooLarge {
+                socket,
+                method,
+                path,
+                body,
+                status,
+                limit: MAX_BODY,
+            },
+        }
     }
 }
 
@@ -268,132 +377,22 @@ fn fault_message(body: &[u8]) -> String {
     }
 }
 
-#[derive(Debug)]
-enum Exchange {
-    Io(std::io::Error),
-    Malformed(String),
-}
-
-/// Reads one response: the head up to the blank line, then the body by `Content-Length`
-/// (none for 1xx, 204 and 304; until end of stream when the length is absent).
-async fn read_response(stream: &mut UnixStream) -> Result<(u16, Vec<u8>), Exchange> {
-    let mut buffer = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(at) = find(&buffer, b"\r\n\r\n") {
-            break at;
-        }
-        if buffer.len() > MAX_HEAD {
-            return Err(Exchange::Malformed(format!(
-                "the response head is longer than {MAX_HEAD} bytes"
-            )));
-        }
-        let read = stream.read(&mut chunk).await.map_err(Exchange::Io)?;
-        if read == 0 {
-            return Err(if buffer.is_empty() {
-                Exchange::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "Firecracker closed the connection without answering",
-                ))
-            } else {
-                Exchange::Malformed(format!(
-                    "the connection closed inside the response head: {:?}",
-                    String::from_utf8_lossy(&buffer)
-                ))
-            });
-        }
-        buffer.extend_from_slice(&chunk[..read]);
-    };
-    let head = std::str::from_utf8(&buffer[..head_end])
-        .map_err(|_| Exchange::Malformed("the response head is not UTF-8".to_owned()))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = parse_status_line(status_line).ok_or_else(|| {
-        Exchange::Malformed(format!("not an HTTP/1.x status line: {status_line:?}"))
-    })?;
-    let mut content_length = None;
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| Exchange::Malformed(format!("not a header line: {line:?}")))?;
-        let value = value.trim();
-        if name.trim().eq_ignore_ascii_case("content-length") {
-            let length = value.parse::<usize>().map_err(|_| {
-                Exchange::Malformed(format!("Content-Length is not a number: {value:?}"))
-            })?;
-            if length > MAX_BODY {
-                return Err(Exchange::Malformed(format!(
-                    "the response body is {length} bytes, more than the {MAX_BODY} accepted"
-                )));
-            }
-            content_length = Some(length);
-        } else if name.trim().eq_ignore_ascii_case("transfer-encoding")
-            && !value.eq_ignore_ascii_case("identity")
-        {
-            return Err(Exchange::Malformed(format!(
-                "unsupported Transfer-Encoding {value:?}"
-            )));
-        }
-    }
-    let mut body = buffer.split_off(head_end + 4);
-    if (100..200).contains(&status) || status == 204 || status == 304 {
-        return Ok((status, Vec::new()));
-    }
-    match content_length {
-        Some(length) => {
-            while body.len() < length {
-                let read = stream.read(&mut chunk).await.map_err(Exchange::Io)?;
-                if read == 0 {
-                    return Err(Exchange::Malformed(format!(
-                        "the connection closed after {} of {length} body bytes",
-                        body.len()
-                    )));
-                }
-                body.extend_from_slice(&chunk[..read]);
-            }
-            body.truncate(length);
-        }
-        None => loop {
-            let read = stream.read(&mut chunk).await.map_err(Exchange::Io)?;
-            if read == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..read]);
-            if body.len() > MAX_BODY {
-                return Err(Exchange::Malformed(format!(
-                    "the response body is longer than the {MAX_BODY} bytes accepted"
-                )));
-            }
-        },
-    }
-    Ok((status, body))
-}
-
-/// `HTTP/1.1 204 ` or `HTTP/1.1 200 OK` → the code.
-fn parse_status_line(line: &str) -> Option<u16> {
-    let mut parts = line.split(' ');
-    let version = parts.next()?;
-    let code = parts.next()?;
-    if !version.starts_with("HTTP/1.") || code.len() != 3 {
-        return None;
-    }
-    code.parse().ok().filter(|code| (100..600).contains(code))
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
 
-    /// A one-shot server: reads one request head (and a body by Content-Length), sends it
-    /// back through the receiver, writes each of `replies` in turn, then keeps the
-    /// connection open (as Firecracker does) unless `close` is set.
+    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+        haystack
+            .windows(needle.len())
+            .position(|window| window == needle)
+    }
+
+    /// A one-shot server speaking raw bytes, to play Firecracker (status lines without a
+    /// reason phrase, connections kept open) and peers that misbehave: reads one request head
+    /// (and a body by Content-Length), sends it back through the receiver, writes each of
+    /// `replies` in turn, then keeps the connection open unless `close` is set.
     async fn serve(
         dir: &Path,
         replies: Vec<Vec<u8>>,
@@ -413,21 +412,27 @@ mod tests {
             loop {
                 let read = stream.read(&mut chunk).await.unwrap();
                 request.extend_from_slice(&chunk[..read]);
+                if read == 0 {
+                    break;
+                }
                 if let Some(end) = find(&request, b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
                     let length = head
                         .lines()
                         .find_map(|line| line.strip_prefix("content-length: "))
                         .map_or(0, |value| value.trim().parse::<usize>().unwrap());
-                    if request.len() >= end + 4 + length || read == 0 {
+                    if request.len() >= end + 4 + length {
                         break;
                     }
                 }
             }
             let _ = sender.send(request);
             for reply in replies {
-                stream.write_all(&reply).await.unwrap();
-                stream.flush().await.unwrap();
+                // The client may hang up first (an answer it refuses to read to the end).
+                if stream.write_all(&reply).await.is_err() {
+                    return;
+                }
+                let _ = stream.flush().await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if !close {
@@ -438,68 +443,87 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_encoded_with_a_content_length() {
-        let request = ApiRequest::instance_start();
-        assert_eq!(
-            String::from_utf8(request.encode()).unwrap(),
-            "PUT /actions HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
-             Content-Type: application/json\r\nContent-Length: 31\r\n\r\n\
-             {\"action_type\":\"InstanceStart\"}"
-        );
-        let get = ApiRequest::get("/vm/config");
-        assert_eq!(
-            String::from_utf8(get.encode()).unwrap(),
-            "GET /vm/config HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
-        );
-    }
-
-    #[test]
     fn path_segments_are_percent_encoded() {
         assert_eq!(encode_segment("rootfs_1-a.b~"), "rootfs_1-a.b~");
         assert_eq!(encode_segment("a b/c?é"), "a%20b%2Fc%3F%C3%A9");
     }
 
-    #[test]
-    fn status_lines_need_no_reason_phrase() {
-        assert_eq!(parse_status_line("HTTP/1.1 204 "), Some(204));
-        assert_eq!(parse_status_line("HTTP/1.1 200 OK"), Some(200));
-        assert_eq!(parse_status_line("HTTP/1.1 400"), Some(400));
-        assert_eq!(parse_status_line("HTTP/2 200"), None);
-        assert_eq!(parse_status_line("HTTP/1.1 20x "), None);
-        assert_eq!(parse_status_line("garbage"), None);
-    }
-
     #[tokio::test]
-    async fn a_204_on_a_kept_open_connection_returns_at_once() {
+    async fn requests_carry_their_json_body_and_a_204_on_a_kept_open_connection_returns() {
         let dir = tempfile::tempdir().unwrap();
+        // Firecracker's own answer: no reason phrase, and the connection stays open.
         let reply = b"HTTP/1.1 204 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n\r\n";
-        let (path, server, _) = serve(dir.path(), vec![reply.to_vec()], false).await;
-        let client = ApiClient::new(&path).with_timeout(Duration::from_secs(5));
-        let response = client.send(&ApiRequest::instance_start()).await.unwrap();
-        assert_eq!(response.status, 204);
-        assert!(response.body.is_empty());
-        server.abort();
+        for (index, request, expected_head, expected_body) in [
+            (
+                0,
+                ApiRequest::instance_start(),
+                &[
+                    "put /actions http/1.1",
+                    "accept: application/json",
+                    "content-type: application/json",
+                    "content-length: 31",
+                ][..],
+                r#"{"action_type":"InstanceStart"}"#,
+            ),
+            (
+                1,
+                ApiRequest::get("/vm/config"),
+                &["get /vm/config http/1.1", "accept: application/json"][..],
+                "",
+            ),
+        ] {
+            let case = dir.path().join(index.to_string());
+            std::fs::create_dir(&case).unwrap();
+            let (path, server, sent) = serve(&case, vec![reply.to_vec()], false).await;
+            let client = ApiClient::new(&path).with_timeout(Duration::from_secs(5));
+            let response = client.send(&request).await.unwrap();
+            assert_eq!(response.status, 204);
+            assert!(response.body.is_empty());
+            let sent = String::from_utf8(sent.await.unwrap()).unwrap();
+            let (head, body) = sent.split_once("\r\n\r\n").unwrap();
+            let head = head.to_lowercase();
+            let lines: Vec<&str> = head.split("\r\n").collect();
+            for line in expected_head {
+                assert!(lines.contains(line), "{line:?} missing from {head:?}");
+            }
+            if request.body.is_none() {
+                assert!(!head.contains("content-type"), "{head}");
+            }
+            assert_eq!(body, expected_body);
+            server.abort();
+        }
     }
 
     #[tokio::test]
-    async fn a_body_split_across_writes_is_read_by_content_length() {
+    async fn a_json_answer_is_read_by_its_length_on_a_kept_open_connection() {
         let dir = tempfile::tempdir().unwrap();
         let body = br#"{"vcpu_count":2,"mem_size_mib":256}"#;
         let head = format!(
             "HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        let replies = vec![
-            head.as_bytes()[..10].to_vec(),
-            [&head.as_bytes()[10..], &body[..5]].concat(),
-            body[5..].to_vec(),
-        ];
-        let (path, server, request) = serve(dir.path(), replies, false).await;
+        let (path, server, _) =
+            serve(dir.path(), vec![head.into_bytes(), body.to_vec()], false).await;
         let client = ApiClient::new(&path).with_timeout(Duration::from_secs(5));
         let config = client.get_json("/machine-config").await.unwrap();
         assert_eq!(config["vcpu_count"], 2);
-        let request = String::from_utf8(request.await.unwrap()).unwrap();
-        assert!(request.starts_with("GET /machine-config HTTP/1.1\r\n"));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_json_names_the_request_and_shows_the_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let reply = b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        let (path, server, _) = serve(dir.path(), vec![reply], false).await;
+        let error = ApiClient::new(&path)
+            .get_json("/vm/config")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, FirecrackerError::ApiParseAnswer { answer, .. } if answer == "hello"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("GET /vm/config"), "{error}");
         server.abort();
     }
 
@@ -551,6 +575,20 @@ mod tests {
         server.abort();
     }
 
+    #[test]
+    fn fault_messages_are_taken_verbatim_else_the_body_is() {
+        assert_eq!(
+            fault_message(br#"{"fault_message":"Invalid entry address."}"#),
+            "Invalid entry address."
+        );
+        assert_eq!(fault_message(b"it broke!"), "it broke!");
+        assert_eq!(
+            fault_message(br#"{"error":"elsewhere"}"#),
+            r#"{"error":"elsewhere"}"#
+        );
+        assert_eq!(fault_message(b""), "(no error text in the answer)");
+    }
+
     #[tokio::test]
     async fn an_error_body_that_is_not_json_is_kept_as_text() {
         let dir = tempfile::tempdir().unwrap();
@@ -568,40 +606,78 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn malformed_and_truncated_answers_are_reported_not_hung_on() {
+    async fn broken_answers_are_reported_by_the_step_that_failed_not_hung_on() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(Vec<u8>, &str)> = vec![
+        type Expected = fn(&FirecrackerError) -> bool;
+        let cases: Vec<(Vec<u8>, Expected)> = vec![
             (
                 b"SSH-2.0-OpenSSH\r\n\r\n".to_vec(),
-                "not an HTTP/1.x status line",
+                |error| matches!(error, FirecrackerError::ApiSend { source, .. } if source.is_parse()),
             ),
+            // Firecracker gone before answering.
+            (
+                Vec::new(),
+                |error| matches!(error, FirecrackerError::ApiSend { source, .. } if source.is_incomplete_message()),
+            ),
+            (b"HTTP/1.1 200 \r\nContent-Le".to_vec(), |error| {
+                matches!(error, FirecrackerError::ApiSend { .. })
+            }),
             (
                 b"HTTP/1.1 200 \r\nContent-Length: 10\r\n\r\nabc".to_vec(),
-                "closed after 3 of 10 body bytes",
-            ),
-            (
-                b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
-                "unsupported Transfer-Encoding",
-            ),
-            (
-                b"HTTP/1.1 200 \r\nContent-Le".to_vec(),
-                "inside the response head",
+                |error| matches!(error, FirecrackerError::ApiReadBody { status: 200, .. }),
             ),
         ];
         for (index, (reply, expected)) in cases.into_iter().enumerate() {
-            let case_dir = dir.path().join(index.to_string());
-            std::fs::create_dir(&case_dir).unwrap();
-            let (path, _server, _) = serve(&case_dir, vec![reply], true).await;
+            let case = dir.path().join(index.to_string());
+            std::fs::create_dir(&case).unwrap();
+            let (path, _server, _) = serve(&case, vec![reply], true).await;
             let error = ApiClient::new(&path)
                 .with_timeout(Duration::from_secs(5))
-                .send(&ApiRequest::get("/"))
+                .send(&ApiRequest::get("/vm/config"))
+                .await
+                .unwrap_err();
+            assert!(expected(&error), "case {index}: {error:?}");
+            let text = error.to_string();
+            assert!(text.contains("GET /vm/config"), "{text}");
+            assert!(text.contains("api.sock"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_longer_than_the_bound_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Announced by its length: refused before any of it is read.
+        let announced =
+            format!("HTTP/1.1 200 \r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1).into_bytes();
+        // Chunked, so only counting tells: one chunk a byte too long.
+        let mut chunked = format!(
+            "HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            MAX_BODY + 1
+        )
+        .into_bytes();
+        chunked.resize(chunked.len() + MAX_BODY + 1, b'x');
+        chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+        for (index, reply) in [announced, chunked].into_iter().enumerate() {
+            let case = dir.path().join(index.to_string());
+            std::fs::create_dir(&case).unwrap();
+            let (path, server, _) = serve(&case, vec![reply], false).await;
+            let error = ApiClient::new(&path)
+                .with_timeout(Duration::from_secs(10))
+                .send(&ApiRequest::get("/vm/config"))
                 .await
                 .unwrap_err();
             assert!(
-                matches!(error, FirecrackerError::ApiMalformed { .. }),
-                "{error:?}"
+                matches!(
+                    error,
+                    FirecrackerError::ApiBodyTooLarge {
+                        status: 200,
+                        limit: MAX_BODY,
+                        ..
+                    }
+                ),
+                "case {index}: {error:?}"
             );
-            assert!(error.to_string().contains(expected), "{error}");
+            server.abort();
         }
     }
 
@@ -625,14 +701,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_socket_is_an_io_error_naming_the_socket() {
+    async fn no_socket_is_a_connect_error_naming_the_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing.sock");
         let error = ApiClient::new(&path)
             .send(&ApiRequest::get("/"))
             .await
             .unwrap_err();
-        assert!(matches!(error, FirecrackerError::ApiIo { .. }), "{error:?}");
+        assert!(
+            matches!(error, FirecrackerError::ApiConnect { .. }),
+            "{error:?}"
+        );
         assert!(error.to_string().contains("missing.sock"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_is_no_uri_is_refused_before_connecting() {
+        let error = ApiClient::new("/nonexistent/api.sock")
+            .send(&ApiRequest::get("/drives/a b"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, FirecrackerError::ApiBuildRequest { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("GET /drives/a b"), "{error}");
     }
 }
