@@ -20,7 +20,7 @@ const OTHER: u16 = 0x20;
 /// tags in canonical order, named ids ascending, one each of the owner, group and other
 /// entries, and a mask when there are named entries. An ACL with no entries stays empty.
 pub(crate) fn to_disk(value: &[u8]) -> Result<Vec<u8>, &'static str> {
-    if value.len() < 4 || (value.len() - 4) % 8 != 0 {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(8) {
         return Err("length is not a 4-byte header plus 8-byte entries");
     }
     let version = u32::from_le_bytes(value[..4].try_into().expect("4 bytes"));

@@ -898,7 +898,7 @@ fn file_type(kind: &NodeKind) -> u8 {
 fn set_bits(bitmap: &mut [u8], start: u64, len: u64) {
     let end = start + len;
     let mut bit = start;
-    while bit < end && bit % 8 != 0 {
+    while bit < end && !bit.is_multiple_of(8) {
         bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
         bit += 1;
     }

@@ -39,7 +39,7 @@ pub(crate) fn group_has_superblock(group: u64) -> bool {
 }
 
 fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n % base == 0 {
+    while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1

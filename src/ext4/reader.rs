@@ -425,7 +425,7 @@ fn decode_device(i_block: &[u8]) -> (u32, u32) {
 }
 
 fn is_power_of(mut n: u64, base: u64) -> bool {
-    while n > 1 && n % base == 0 {
+    while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
@@ -1364,7 +1364,7 @@ fn parse_dir_block(
         let ino = le32(block, at);
         let rec_len = decode_rec_len(le16(block, at + 4), block.len());
         let name_len = usize::from(block[at + 6]);
-        if rec_len < 12 || rec_len % 4 != 0 {
+        if rec_len < 12 || !rec_len.is_multiple_of(4) {
             return Err((
                 at,
                 format!("record length {rec_len} is not a multiple of 4 of at least 12"),

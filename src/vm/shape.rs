@@ -92,9 +92,9 @@ impl fmt::Display for VmShape {
     /// `2 vcpu · 2048 MiB · 8G disk`, as every create prints it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let gib = self.disk_bytes as f64 / (1u64 << 30) as f64;
-        let disk = if self.disk_bytes % (1 << 30) == 0 {
+        let disk = if self.disk_bytes.is_multiple_of(1 << 30) {
             format!("{}G", self.disk_bytes >> 30)
-        } else if self.disk_bytes % (1 << 20) == 0 {
+        } else if self.disk_bytes.is_multiple_of(1 << 20) {
             format!("{}M", self.disk_bytes >> 20)
         } else {
             format!("{gib:.1}G")

@@ -876,10 +876,10 @@ impl OpenApi {
 
     fn check_value(&self, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
         let schema = self.resolve(schema);
-        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-            if !allowed.contains(value) {
-                errors.push(format!("{at}: {value} is not one of {allowed:?}"));
-            }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.contains(value)
+        {
+            errors.push(format!("{at}: {value} is not one of {allowed:?}"));
         }
         let kind = schema.get("type").and_then(Value::as_str).unwrap_or(
             // A schema with properties and no type is an object.
@@ -904,15 +904,15 @@ impl OpenApi {
         }
         if kind == "integer" {
             let number = value.as_f64().unwrap();
-            if let Some(minimum) = schema.get("minimum").and_then(Value::as_f64) {
-                if number < minimum {
-                    errors.push(format!("{at}: {value} is below the minimum {minimum}"));
-                }
+            if let Some(minimum) = schema.get("minimum").and_then(Value::as_f64)
+                && number < minimum
+            {
+                errors.push(format!("{at}: {value} is below the minimum {minimum}"));
             }
-            if let Some(maximum) = schema.get("maximum").and_then(Value::as_f64) {
-                if number > maximum {
-                    errors.push(format!("{at}: {value} is above the maximum {maximum}"));
-                }
+            if let Some(maximum) = schema.get("maximum").and_then(Value::as_f64)
+                && number > maximum
+            {
+                errors.push(format!("{at}: {value} is above the maximum {maximum}"));
             }
         }
         if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
