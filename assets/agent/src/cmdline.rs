@@ -122,6 +122,12 @@ pub struct InitConfig {
     pub quiet: bool,
     /// `ip=`, for images where the agent stays PID 1.
     pub ip: Option<IpConfig>,
+    /// `banger.builder`: a throwaway builder VM whose writable layer the host turns into an
+    /// image layer. The overlay is mounted so that its upper directory is a self-contained
+    /// diff (no metacopy, redirects or index), first boot never runs (its identity must not
+    /// land in an image), and when the image's init is exec'd a copy of the agent keeps
+    /// serving beside it (the intermediate image has no agent unit).
+    pub builder: bool,
     pub init_args: Vec<String>,
 }
 
@@ -195,6 +201,14 @@ impl InitConfig {
             work,
             quiet: cmdline.has("quiet"),
             ip,
+            builder: match cmdline.value("banger.builder") {
+                None => cmdline.has("banger.builder"),
+                Some("1") | Some("yes") | Some("true") => true,
+                Some("0") | Some("no") | Some("false") => false,
+                Some(other) => {
+                    return Err(format!("banger.builder={other}: expected 1 or 0"));
+                }
+            },
             init_args: cmdline.init_args.clone(),
         })
     }
@@ -317,6 +331,16 @@ mod tests {
         assert_eq!(config.init, InitChoice::Auto);
         assert_eq!(config.overlay, None);
         assert!(!config.quiet);
+        assert!(!config.builder);
+    }
+
+    #[test]
+    fn builder_mode_is_a_flag_or_a_boolean_value() {
+        assert!(config("root=/dev/vda banger.builder").builder);
+        assert!(config("banger.builder=1").builder);
+        assert!(!config("banger.builder=0").builder);
+        let error = InitConfig::from_cmdline(&Cmdline::parse("banger.builder=maybe")).unwrap_err();
+        assert!(error.contains("banger.builder=maybe"), "{error}");
     }
 
     #[test]

@@ -445,7 +445,13 @@ fn assemble_root(root: &str, config: &InitConfig) -> Result<(), String> {
     }
     std::fs::create_dir_all(NEW_ROOT)
         .map_err(|error| format!("cannot create {NEW_ROOT}: {error}"))?;
-    let options = format!("lowerdir={LOWER},upperdir={upper},workdir={work}");
+    let mut options = format!("lowerdir={LOWER},upperdir={upper},workdir={work}");
+    if config.builder {
+        // The host reads the upper directory as a diff layer: every changed file must be
+        // there whole (no metacopy), renamed directories copied (no redirects), and nothing
+        // may point into the lower file system (no index).
+        options.push_str(",redirect_dir=off,index=off,metacopy=off");
+    }
     mount(
         Some("overlay"),
         NEW_ROOT,
@@ -531,6 +537,9 @@ fn remove_tree(directory: &Path, device: u64) {
 
 /// Execs the image's init, or becomes the image's PID 1 when it has none.
 fn start_init(config: &InitConfig) -> Result<Infallible, String> {
+    if config.builder && config.init != InitChoice::Agent {
+        prepare_builder_beside_init(config);
+    }
     match &config.init {
         InitChoice::Path(path) => {
             let error = exec_init(path, &config.init_args);
@@ -566,6 +575,48 @@ fn start_init(config: &InitConfig) -> Result<Infallible, String> {
     }
 }
 
+/// A builder VM that runs the image's init (`init = "systemd"` steps): its intermediate image
+/// has no agent unit, so before the exec this agent brings the network up itself and starts
+/// a copy of itself, serving, as a child that the image's init inherits.
+fn prepare_builder_beside_init(config: &InitConfig) {
+    configure_network(config);
+    // The initramfs is gone, but /proc/self/exe still names this very binary.
+    match std::process::Command::new("/proc/self/exe")
+        .arg("serve")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => console::info(&format!("builder agent serving as pid {}", child.id())),
+        Err(error) => console::warn(&format!("cannot start the builder's agent: {error}")),
+    }
+}
+
+/// Hostname, addresses and `resolv.conf` from `ip=`, as the agent does when it is PID 1.
+fn configure_network(config: &InitConfig) {
+    let Some(ip) = &config.ip else { return };
+    if let Some(hostname) = &ip.hostname
+        && let Err(errno) = nix::unistd::sethostname(hostname)
+    {
+        console::warn(&format!("cannot set the hostname {hostname}: {errno}"));
+    }
+    match crate::net::configure(ip) {
+        Ok(interface) => console::info(&format!(
+            "network {interface} {}/{}{}",
+            ip.address,
+            ip.prefix_len,
+            ip.gateway
+                .map(|gateway| format!(" via {gateway}"))
+                .unwrap_or_default()
+        )),
+        Err(message) => console::warn(&format!("network: {message}")),
+    }
+    if !ip.dns.is_empty()
+        && let Err(error) = std::fs::write("/etc/resolv.conf", crate::net::resolv_conf(&ip.dns))
+    {
+        console::warn(&format!("cannot write /etc/resolv.conf: {error}"));
+    }
+}
+
 /// Whether `init` is systemd, following symlinks (`/sbin/init` usually points at it).
 fn is_systemd(init: &Path) -> bool {
     std::fs::canonicalize(init)
@@ -594,29 +645,7 @@ fn exec_init(path: &str, arguments: &[String]) -> String {
 fn stay_pid1(config: &InitConfig) -> ! {
     console::info("the agent stays PID 1");
     mount_container_filesystems();
-    if let Some(ip) = &config.ip {
-        if let Some(hostname) = &ip.hostname
-            && let Err(errno) = nix::unistd::sethostname(hostname)
-        {
-            console::warn(&format!("cannot set the hostname {hostname}: {errno}"));
-        }
-        match crate::net::configure(ip) {
-            Ok(interface) => console::info(&format!(
-                "network {interface} {}/{}{}",
-                ip.address,
-                ip.prefix_len,
-                ip.gateway
-                    .map(|gateway| format!(" via {gateway}"))
-                    .unwrap_or_default()
-            )),
-            Err(message) => console::warn(&format!("network: {message}")),
-        }
-        if !ip.dns.is_empty()
-            && let Err(error) = std::fs::write("/etc/resolv.conf", crate::net::resolv_conf(&ip.dns))
-        {
-            console::warn(&format!("cannot write /etc/resolv.conf: {error}"));
-        }
-    }
+    configure_network(config);
     // Ctrl-Alt-Del becomes SIGINT for PID 1 instead of an immediate reboot.
     let _ = nix::sys::reboot::set_cad_enabled(false);
     let shutdown: crate::reaper::ShutdownHandler = Box::new(|signal| {
@@ -629,7 +658,12 @@ fn stay_pid1(config: &InitConfig) -> ! {
     let pid1 = crate::Pid1 {
         on_shutdown: shutdown,
         // After the network (above), in the background: the package manager may need it.
-        on_start: Box::new(crate::firstboot::start_once),
+        // Never in a builder: the identity it makes must not land in an image.
+        on_start: if config.builder {
+            Box::new(|_: &crate::reaper::Reaper| {})
+        } else {
+            Box::new(crate::firstboot::start_once)
+        },
     };
     if let Err(message) = crate::serve_forever(options, Some(pid1)) {
         console::error(&message);
