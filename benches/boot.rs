@@ -282,8 +282,9 @@ fn main() -> ExitCode {
         transport,
         vsock_daemon: Some(vsock_daemon.clone()),
         extra_cmdline: Vec::new(),
-        vm_disks: None,
+        writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
+        network: false,
         dir: work.path().to_owned(),
         serial_log: work.path().join("console.log"),
     };

@@ -51,18 +51,20 @@ fn main() -> ExitCode {
 // The writer: tar entries → Ext4Builder calls
 
 /// Converts `tar` to `image` through banger's own `rootfs.build` path (decompression sniffing,
-/// path checks, whiteouts, guest assets): the child process's whole job.
+/// path checks, whiteouts, the guest assets' layer): the child process's whole job.
 fn convert(tar: &Path, image: &Path, sync: bool) -> BenchResult<Ext4Summary> {
-    let layers = [Layer {
-        name: tar.display().to_string(),
-        path: tar.to_owned(),
-    }];
+    let agent = image.with_extension("agent.tar");
+    banger::rootfs::layer_tar::write_agent_layer(&agent).map_err(|e| e.to_string())?;
+    let layers = [
+        Layer::tar(tar.display().to_string(), tar),
+        Layer::tar("agent", &agent),
+    ];
     let options = RootfsOptions {
         sizing: Sizing::Auto {
             headroom_percent: 20,
             min_bytes: 0,
         },
-        inject_assets: true,
+        strip_identity: true,
         seed: b"banger ext4 bench".to_vec(),
         cancel: None,
         sync,

@@ -363,7 +363,7 @@ fn variant_run(
     let disks_dir = work.join("variant-disks");
     if let Some(bytes) = disk_bytes {
         std::fs::create_dir_all(&disks_dir).unwrap();
-        spec.vm_disks = Some(
+        spec.writable = banger::vm::boot::WritableLayer::VmDisks(
             banger::vm::storage::VmDisks::create(&disks_dir, "bench-variant", bytes, bytes)
                 .expect("per-VM disks"),
         );
@@ -581,8 +581,9 @@ fn bench_run(sandbox: &Sandbox, work: &Path, short: &Path, breakdown: bool) -> b
         transport,
         vsock_daemon,
         extra_cmdline: Vec::new(),
-        vm_disks: None,
+        writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
+        network: false,
         dir: base_dir,
         serial_log: work.join("baseline-console.log"),
     };

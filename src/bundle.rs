@@ -741,6 +741,63 @@ fn hash_file(path: &Path) -> io::Result<(String, u64)> {
     Ok((hex(&hasher.finalize()), size))
 }
 
+/// The distribution of the image `rootfs` (`ID` of its `/etc/os-release`, else
+/// `/usr/lib/os-release`, read with banger's ext4 reader), or `unknown`.
+pub fn image_distro(rootfs: &Path) -> String {
+    let read = |path: &str| -> Option<String> {
+        let reader = crate::ext4::reader::Ext4Reader::open(rootfs).ok()?;
+        let mut current = std::path::PathBuf::from(path);
+        // os-release is usually a symlink (`../usr/lib/os-release`); follow a few.
+        for _ in 0..8 {
+            let inode = reader.lookup(&current).ok()??;
+            let info = reader.inode(inode).ok()?;
+            if info.kind == crate::ext4::reader::FileKind::Symlink {
+                let target = reader.symlink_target(inode).ok()?;
+                let target = std::path::PathBuf::from(String::from_utf8_lossy(&target).as_ref());
+                let joined = if target.is_absolute() {
+                    target
+                } else {
+                    current.parent()?.join(target)
+                };
+                // Lexically: `/etc/../usr/lib/os-release` is `/usr/lib/os-release`.
+                let mut normal = std::path::PathBuf::from("/");
+                for component in joined.components() {
+                    match component {
+                        std::path::Component::ParentDir => {
+                            normal.pop();
+                        }
+                        std::path::Component::Normal(name) => normal.push(name),
+                        _ => {}
+                    }
+                }
+                current = normal;
+                continue;
+            }
+            let mut text = String::new();
+            reader
+                .open_file(inode)
+                .ok()?
+                .take(1 << 16)
+                .read_to_string(&mut text)
+                .ok()?;
+            return Some(text);
+        }
+        None
+    };
+    ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|path| read(path).and_then(|text| os_release_id(&text)))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `ID` of an `os-release` text.
+fn os_release_id(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("ID="))
+        .map(|id| id.trim().trim_matches('"').to_owned())
+        .filter(|id| !id.is_empty())
+}
+
 /// The files of a kernel directory laid out as a kernel bundle wants it: `vmlinux`, and
 /// `initrd` and every regular file under `modules/` when present, as (bundle path, host path)
 /// pairs for [`write_bundle`]. Anything else in the directory, and any symlink or special file

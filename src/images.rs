@@ -70,6 +70,12 @@ pub enum ImageError {
     NoDefaultKernel,
     #[error("the plan of image {image} built no image")]
     NothingBuilt { image: String },
+    #[error("cannot read the stored output {path}: {source}")]
+    ReadOutput {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<OciError> for ImageError {
@@ -135,6 +141,86 @@ pub async fn pin_references(
         resolved.push((reference.clone(), image.manifest_digest.clone()));
     }
     Ok(resolved)
+}
+
+/// How `Bangerfile.lock` names a recipe step: `debian bookworm: pkg, pkg` (its params).
+pub fn recipe_label(params: &crate::key::Params) -> String {
+    let packages: Vec<&str> = match params.get("packages") {
+        Some(crate::key::ParamValue::List(list)) => list
+            .iter()
+            .filter_map(|value| match value {
+                crate::key::ParamValue::Str(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    format!(
+        "{} {}: {}",
+        params.get_str("distro").unwrap_or("?"),
+        params.get_str("suite").unwrap_or("?"),
+        packages.join(", ")
+    )
+}
+
+/// What every recipe step of `plan` installed, from this run's outputs or, for steps the run
+/// did not need (a stored image hit first), from the store. A recipe whose record is gone
+/// (evicted) is left out: there is nothing to compare.
+pub fn resolved_recipes(
+    plan: &Plan,
+    report: &RunReport,
+    store: &crate::store::Store,
+) -> Result<Vec<crate::lock::LockedRecipe>, ImageError> {
+    let keys = plan.definition_keys()?;
+    let mut resolved = Vec::new();
+    for node in plan.node_indices() {
+        let step = plan.node(node);
+        if step.kind != crate::steps::RECIPE_MMDEBSTRAP.name {
+            continue;
+        }
+        let outputs = match report.outputs.get(&step.id) {
+            Some(outputs) => outputs.outputs.clone(),
+            None => match store.lookup(crate::store::KeyKind::Definition, &keys[node.index()])? {
+                crate::store::Lookup::Hit(record) => record.outputs,
+                crate::store::Lookup::Miss(_) => continue,
+            },
+        };
+        let Some(list) = outputs.get(crate::steps::mmdebstrap::PACKAGES_OUTPUT) else {
+            continue;
+        };
+        let scratch = store.scratch()?;
+        let path = scratch
+            .path()
+            .join(crate::steps::mmdebstrap::PACKAGES_OUTPUT);
+        store.materialize(list, &path)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ImageError::ReadOutput {
+            path: path.clone(),
+            source,
+        })?;
+        let locked = crate::lock::LockedRecipe {
+            recipe: recipe_label(&step.params),
+            packages: text.lines().map(str::to_owned).collect(),
+        };
+        if !resolved.contains(&locked) {
+            resolved.push(locked);
+        }
+    }
+    Ok(resolved)
+}
+
+/// The OCI references of `images` that `lock` does not pin.
+pub fn unpinned_references(images: &[ImageSpec], lock: &Lock) -> Vec<String> {
+    let mut unpinned: Vec<String> = images
+        .iter()
+        .filter_map(|image| match &image.from {
+            ImageSource::Oci { reference } if lock.pinned(reference).is_none() => {
+                Some(reference.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    unpinned.dedup();
+    unpinned
 }
 
 /// One built image.

@@ -11,6 +11,12 @@ use serde::{Deserialize, Serialize};
 
 pub const FILE_NAME: &str = "Bangerfile.lock";
 
+/// `SOURCE_DATE_EPOCH` of a project whose lock names none, and what `banger build` writes
+/// into a new lock: one fixed value (2025-01-01 00:00 UTC), so recipe images built for any
+/// project, or outside one, are the same steps and are built once. Times are clamped to it,
+/// never raised: files older than it keep their own. A lock may set another.
+pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_735_689_600;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("cannot read lock file {path}: {source}")]
@@ -37,8 +43,27 @@ pub enum LockError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lock {
+    /// `SOURCE_DATE_EPOCH` of the project's builds: recipes run with it and later
+    /// modification times in provisioning layers are clamped to it, so two builds from one
+    /// lock give identical images. Written by the first `banger build`
+    /// ([`DEFAULT_SOURCE_DATE_EPOCH`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<u64>,
     #[serde(default)]
     pub oci: Vec<PinnedReference>,
+    /// The package versions each recipe installed when it was built.
+    #[serde(default, rename = "recipe", skip_serializing_if = "Vec::is_empty")]
+    pub recipes: Vec<LockedRecipe>,
+}
+
+/// What a distribution recipe resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedRecipe {
+    /// The recipe: distribution, suite and requested packages (`debian bookworm: make, git`).
+    pub recipe: String,
+    /// `name=version` of every installed package, sorted.
+    pub packages: Vec<String>,
 }
 
 /// One OCI reference pinned to its linux/amd64 manifest.
@@ -89,9 +114,10 @@ impl Lock {
             source,
         };
         let mut text = String::from(
-            "# Written by `banger build`: OCI references pinned to the digests they resolved to.\n\
+            "# Written by `banger build`: OCI references pinned to the digests they resolved to,\n\
+             # the SOURCE_DATE_EPOCH of builds, the package versions recipes installed.\n\
              # Commit it so every checkout builds the same image; `banger build --update` moves\n\
-             # the pins to what the tags point at now.\n\n",
+             # the pins to what the tags point at now, `--locked` refuses any change.\n\n",
         );
         text.push_str(
             &toml::to_string_pretty(self)
@@ -108,8 +134,29 @@ impl Lock {
         Ok(())
     }
 
+    /// The project's `SOURCE_DATE_EPOCH`.
+    pub fn source_date_epoch(&self) -> u64 {
+        self.source_date_epoch.unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
+    }
+
     pub fn pinned(&self, reference: &str) -> Option<&PinnedReference> {
         self.oci.iter().find(|pin| pin.reference == reference)
+    }
+
+    pub fn recipe(&self, recipe: &str) -> Option<&LockedRecipe> {
+        self.recipes.iter().find(|locked| locked.recipe == recipe)
+    }
+
+    /// Records what a recipe resolved to, replacing an earlier record of it.
+    pub fn insert_recipe(&mut self, locked: LockedRecipe) {
+        match self
+            .recipes
+            .iter_mut()
+            .find(|old| old.recipe == locked.recipe)
+        {
+            Some(old) => *old = locked,
+            None => self.recipes.push(locked),
+        }
     }
 
     /// Records a pin, replacing any earlier one for the same reference.

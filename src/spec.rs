@@ -96,6 +96,10 @@ pub enum ProvisionStep {
         command: String,
         /// Extra environment for the command, sorted by name.
         env: BTreeMap<String, String>,
+        /// How long the command may run before the step fails (not part of its key).
+        timeout: std::time::Duration,
+        /// What runs as the builder VM's PID 1.
+        init: BuilderInit,
     },
     /// Copy a project file or directory into the image.
     Copy {
@@ -107,6 +111,28 @@ pub enum ProvisionStep {
         mode: Option<u32>,
     },
 }
+
+/// Who is PID 1 in the builder VM of a `run` step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BuilderInit {
+    /// banger's agent, as `docker build` runs `RUN` without an init: boots fastest.
+    #[default]
+    Agent,
+    /// The image's systemd, for the rare command that needs running services.
+    Systemd,
+}
+
+impl BuilderInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuilderInit::Agent => "agent",
+            BuilderInit::Systemd => "systemd",
+        }
+    }
+}
+
+/// How long a `run` step may take unless its entry says otherwise.
+pub const DEFAULT_RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The VM's resources and network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +272,7 @@ impl fmt::Display for ByteSize {
             (Self::KIB, "K"),
         ];
         for (size, suffix) in units {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{}", self.0 / size, suffix);
             }
         }

@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::raw::{RawMode, RawSize};
+use super::raw::{RawDuration, RawMode, RawSize};
 use crate::spec::ByteSize;
 
 /// Guest directories that are virtual file systems: nothing copied there survives or makes sense.
@@ -159,6 +159,42 @@ pub(crate) fn size(raw: &RawSize) -> Result<ByteSize, String> {
         return Err("size is zero; sizes are greater than zero".into());
     }
     Ok(size)
+}
+
+/// A duration greater than zero: `"90s"`, `"30m"`, `"2h"`, `"1d"`, or a number of seconds.
+pub(crate) fn duration(raw: &RawDuration) -> Result<std::time::Duration, String> {
+    let seconds = match raw {
+        RawDuration::Seconds(seconds) => u64::try_from(*seconds).map_err(|_| {
+            format!("duration {seconds} is negative; durations are greater than zero")
+        })?,
+        RawDuration::Text(text) => {
+            let trimmed = text.trim();
+            let split = trimmed
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(trimmed.len());
+            let (digits, unit) = trimmed.split_at(split);
+            let multiplier = match unit.trim() {
+                "" | "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86_400,
+                _ => 0,
+            };
+            let value: Option<u64> = digits.parse().ok();
+            match value {
+                Some(value) if multiplier > 0 => value.saturating_mul(multiplier),
+                _ => {
+                    return Err(format!(
+                        "`{text}` is not a duration like \"90s\", \"30m\" or \"2h\""
+                    ));
+                }
+            }
+        }
+    };
+    if seconds == 0 {
+        return Err("duration is zero; durations are greater than zero".into());
+    }
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 /// A POSIX-style environment variable name.
@@ -528,6 +564,21 @@ mod tests {
             mode(&text("17777"), "\"17777\"").unwrap_err(),
             "mode \"17777\" is larger than 0o7777"
         );
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_are_seconds() {
+        let secs = std::time::Duration::from_secs;
+        let text = |text: &str| RawDuration::Text(text.to_owned());
+        assert_eq!(duration(&text("90s")), Ok(secs(90)));
+        assert_eq!(duration(&text("30m")), Ok(secs(1800)));
+        assert_eq!(duration(&text("2h")), Ok(secs(7200)));
+        assert_eq!(duration(&text("45")), Ok(secs(45)));
+        assert_eq!(duration(&RawDuration::Seconds(600)), Ok(secs(600)));
+        assert!(duration(&text("1.5h")).unwrap_err().contains("`1.5h`"));
+        assert!(duration(&text("soon")).is_err());
+        assert!(duration(&text("0s")).is_err());
+        assert!(duration(&RawDuration::Seconds(-3)).is_err());
     }
 
     #[test]

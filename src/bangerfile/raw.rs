@@ -38,6 +38,8 @@ pub(crate) struct RawImage {
 pub(crate) struct RawProvision {
     pub run: Option<Spanned<String>>,
     pub env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub init: Option<Spanned<String>>,
     pub copy: Option<Spanned<String>>,
     pub to: Option<Spanned<String>>,
     pub mode: Option<Spanned<RawMode>>,
@@ -115,6 +117,13 @@ pub(crate) struct RawKernelTable {
 pub(crate) enum RawSize {
     Text(String),
     Bytes(i64),
+}
+
+/// A duration: `"90s"`, `"30m"`, `"2h"` or an integer number of seconds.
+#[derive(Debug)]
+pub(crate) enum RawDuration {
+    Text(String),
+    Seconds(i64),
 }
 
 /// A file mode: `"0644"` or an integer (which must be written in octal, `0o644`).
@@ -199,6 +208,12 @@ string_or_integer!(
     Text,
     Bytes,
     "a size like \"4G\" or a number of bytes"
+);
+string_or_integer!(
+    RawDuration,
+    Text,
+    Seconds,
+    "a duration like \"30m\" or a number of seconds"
 );
 string_or_integer!(
     RawMode,

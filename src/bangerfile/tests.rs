@@ -161,6 +161,8 @@ guest = "/etc/resolv.conf"
                         ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
                         ("LANG".into(), "C.UTF-8".into()),
                     ]),
+                    timeout: crate::spec::DEFAULT_RUN_TIMEOUT,
+                    init: crate::spec::BuilderInit::Agent,
                 },
                 ProvisionStep::Copy {
                     src: PathBuf::from("scripts/setup.sh"),
@@ -310,7 +312,9 @@ provision = [
         [
             ProvisionStep::Run {
                 command: "true".into(),
-                env: BTreeMap::new()
+                env: BTreeMap::new(),
+                timeout: crate::spec::DEFAULT_RUN_TIMEOUT,
+                init: crate::spec::BuilderInit::Agent,
             },
             ProvisionStep::Copy {
                 src: "Makefile".into(),
@@ -786,6 +790,49 @@ kernel = { local = "debian-cloud-amd64" }
 }
 
 #[test]
+fn run_entries_take_a_timeout_and_an_init() {
+    insta::assert_snapshot!(errors(r#"
+[[image.provision]]
+run = "make"
+timeout = "soon"
+init = "openrc"
+
+[[image.provision]]
+copy = "Makefile"
+to = "/root/Makefile"
+timeout = "1h"
+init = "systemd"
+"#), @r#"
+        error: `soon` is not a duration like "90s", "30m" or "2h"
+         --> Bangerfile:4:11 (image.provision[0].timeout)
+          |
+        4 | timeout = "soon"
+          |           ^^^^^^
+
+        error: unknown init `openrc`
+         --> Bangerfile:5:8 (image.provision[0].init)
+          |
+        5 | init = "openrc"
+          |        ^^^^^^^^
+          = help: use `agent` (the default, fastest) or `systemd`
+
+        error: `timeout` only applies to `run` entries
+          --> Bangerfile:10:11 (image.provision[1].timeout)
+           |
+        10 | timeout = "1h"
+           |           ^^^^
+
+        error: `init` only applies to `run` entries
+          --> Bangerfile:11:8 (image.provision[1].init)
+           |
+        11 | init = "systemd"
+           |        ^^^^^^^^^
+
+        error: could not read Bangerfile: 4 errors
+        "#);
+}
+
+#[test]
 fn provision_entries_are_checked_as_a_whole() {
     insta::assert_snapshot!(errors(r#"
 [[image.provision]]
@@ -850,7 +897,7 @@ rnu = "make"
         16 | env = { A = "1" }
            |       ^^^^^^^^^^^
 
-        error: unknown key `rnu`, expected one of `run`, `env`, `copy`, `to`, `mode`
+        error: unknown key `rnu`, expected one of `run`, `env`, `timeout`, `init`, `copy`, `to`, `mode`
           --> Bangerfile:19:1 (image.provision[4].rnu)
            |
         19 | rnu = "make"

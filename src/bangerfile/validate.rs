@@ -21,8 +21,8 @@ use super::raw::{
 };
 use super::{DEFAULT_WORKSPACE_GUEST, ParseContext, PathStatus};
 use crate::spec::{
-    ByteSize, FileSyncSpec, ImageSource, ImageSpec, NetworkMode, ProvisionStep, RecipeSpec,
-    SANDBOX_IMAGE_NAME, Spec, UpCommand, VmShape, WorkspaceSpec,
+    BuilderInit, ByteSize, FileSyncSpec, ImageSource, ImageSpec, NetworkMode, ProvisionStep,
+    RecipeSpec, SANDBOX_IMAGE_NAME, Spec, UpCommand, VmShape, WorkspaceSpec,
 };
 
 /// Fewest vCPUs and most a VM may ask for.
@@ -645,6 +645,26 @@ impl Validator<'_, '_> {
         let (step, clean) = self.clean(|this| {
             let command = value.run.as_ref().and_then(|run| this.command(run, &path.key("run")));
             let env = this.env(value.env.as_ref(), &path.key("env"));
+            let timeout = value.timeout.as_ref().and_then(|timeout| {
+                this.check(
+                    check::duration(timeout.get_ref()),
+                    timeout.span(),
+                    &path.key("timeout"),
+                )
+            });
+            let init = value.init.as_ref().and_then(|init| match init.get_ref().as_str() {
+                "agent" => Some(BuilderInit::Agent),
+                "systemd" => Some(BuilderInit::Systemd),
+                other => {
+                    this.report.error_with_help(
+                        init.span(),
+                        &path.key("init"),
+                        format!("unknown init `{other}`"),
+                        Some("use `agent` (the default, fastest) or `systemd`"),
+                    );
+                    None
+                }
+            });
             let src = value
                 .copy
                 .as_ref()
@@ -687,15 +707,23 @@ impl Validator<'_, '_> {
                     Some(ProvisionStep::Run {
                         command: command?,
                         env,
+                        timeout: timeout.unwrap_or(crate::spec::DEFAULT_RUN_TIMEOUT),
+                        init: init.unwrap_or_default(),
                     })
                 }
                 (None, Some(_)) => {
-                    if let Some(env) = &value.env {
-                        this.report.error(
-                            env.span(),
-                            &path.key("env"),
-                            "`env` only applies to `run` entries",
-                        );
+                    for (key, span) in [
+                        ("env", value.env.as_ref().map(Spanned::span)),
+                        ("timeout", value.timeout.as_ref().map(Spanned::span)),
+                        ("init", value.init.as_ref().map(Spanned::span)),
+                    ] {
+                        if let Some(span) = span {
+                            this.report.error(
+                                span,
+                                &path.key(key),
+                                format!("`{key}` only applies to `run` entries"),
+                            );
+                        }
                     }
                     if value.to.is_none() && !entry.failed("to") {
                         this.report.error(

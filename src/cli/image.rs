@@ -13,7 +13,6 @@ use banger::engine::Engine;
 use banger::images::{self, ImageJob, ImagePullRequest, PullEnv};
 use banger::inspect::format_time_ms;
 use banger::key::Params;
-use banger::plan::lower::{EXT4_HEADROOM_PERCENT, EXT4_MIN_BYTES};
 use banger::plan::{Plan, StepNode};
 use banger::spec::ByteSize;
 use banger::state::ImageRecord;
@@ -269,27 +268,12 @@ fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Res
         .hint("path", path.to_string_lossy())
         .summary(format!("{} ({digest})", path.display())),
     )?;
-    let mut params = Params::new()
-        .with("block_size", 4096u64)
-        .with("assets", banger::assets::guest_assets_digest());
-    match size {
-        Some(size) => params.insert("size", size.bytes()),
-        None => {
-            params.insert("headroom_percent", EXT4_HEADROOM_PERCENT);
-            params.insert("min_size", EXT4_MIN_BYTES);
-        }
-    }
-    let build = plan.add_step(
-        StepNode::new(
-            "import/rootfs",
-            steps::ROOTFS_BUILD.name,
-            steps::ROOTFS_BUILD.version,
-            params,
-            steps::ROOTFS_BUILD.resource,
-        )
-        .summary("tar → ext4 with owners, modes, xattrs → guest agent"),
+    let build = banger::plan::lower::image_with_agent(
+        &mut plan,
+        "import/rootfs",
+        &[import],
+        size.map(ByteSize::bytes),
     )?;
-    plan.add_input(build, "layer[0]", import);
     plan.add_target(build);
     Ok(ImageJob {
         name: String::new(),
@@ -480,24 +464,50 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
 /// The image's distribution: its record, else `ID=` from its `/etc/os-release` (read with
 /// debugfs, which is optional: `unknown` without it).
 fn image_distro(record: &ImageRecord, rootfs: &Path) -> String {
-    if let Some(distro) = &record.distro {
-        return distro.clone();
+    match &record.distro {
+        Some(distro) => distro.clone(),
+        None => banger::bundle::image_distro(rootfs),
     }
-    let output = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg("cat /etc/os-release")
-        .arg(rootfs)
-        .stderr(std::process::Stdio::null())
-        .output();
-    output
-        .ok()
-        .and_then(|output| {
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .find_map(|line| line.strip_prefix("ID="))
-                .map(|id| id.trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Prints the catalog entry of the bundle at `out` (`written`: its sha256 and size).
+pub fn print_bundle_entry(
+    context: &Context,
+    name: &str,
+    distro: &str,
+    arch: &str,
+    kernel: &str,
+    out: &Path,
+    written: &(String, u64),
+) -> anyhow::Result<()> {
+    let (sha256, size) = written;
+    let absolute = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_owned());
+    let entry = json!({
+        "name": name,
+        "description": format!("{name} ({distro})"),
+        "distro": distro,
+        "arch": arch,
+        "kernel_ref": kernel,
+        "prefer": "bundle",
+        "bundle": {
+            "url": format!("file://{}", absolute.display()),
+            "sha256": sha256,
+            "size": size,
+        },
+    });
+    let printer = &context.printer;
+    if printer.json {
+        printer.record("bundle", entry)?;
+    } else {
+        printer.info(&format!(
+            "wrote {} ({}); its catalog entry (put it in a catalog's \"images\" list, with the \
+             URL where you publish the bundle):",
+            out.display(),
+            human_bytes(*size)
+        ));
+        printer.data(&format!("{entry:#}\n"))?;
+    }
+    Ok(())
 }
 
 /// Writes `record` as a bundle at `out` and prints the catalog entry that points at it.
@@ -534,31 +544,14 @@ pub fn export_bundle(
         &mut |_, _| {},
         &cancel,
     )?;
-    let absolute = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_owned());
-    let entry = json!({
-        "name": record.name,
-        "description": format!("{} ({distro})", record.name),
-        "distro": distro,
-        "arch": record.arch,
-        "kernel_ref": kernel,
-        "prefer": "bundle",
-        "bundle": {
-            "url": format!("file://{}", absolute.display()),
-            "sha256": written.sha256,
-            "size": written.size,
-        },
-    });
-    let printer = &context.printer;
-    if printer.json {
-        printer.record("bundle", entry)?;
-    } else {
-        printer.info(&format!(
-            "wrote {} ({}); its catalog entry (put it in a catalog's \"images\" list, with the \
-             URL where you publish the bundle):",
-            out.display(),
-            human_bytes(written.size)
-        ));
-        printer.data(&format!("{entry:#}\n"))?;
-    }
+    print_bundle_entry(
+        context,
+        &record.name,
+        &distro,
+        &record.arch,
+        &kernel,
+        out,
+        &(written.sha256, written.size),
+    )?;
     Ok(ExitStatus::Success)
 }

@@ -438,8 +438,9 @@ fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
         transport,
         vsock_daemon,
         extra_cmdline: args.append.clone(),
-        vm_disks: None,
+        writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
+        network: false,
         dir: sockets.path().to_owned(),
         serial_log: logs.join(format!("kernel-test-{}.console.log", kernel.name)),
     };

@@ -217,8 +217,9 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// An engine over a store with every executor this build has (the daemon's too).
 pub use banger::steps::engine;
 
-/// Runs `work` with Ctrl-C wired to its cancellation: the first Ctrl-C cancels running steps
-/// (their scratch is removed, nothing is recorded) and the command exits with 130.
+/// Runs `work` with Ctrl-C and SIGTERM wired to its cancellation: the first one cancels
+/// running steps (their scratch is removed, builder VMs are stopped, nothing is recorded)
+/// and the command exits with 130.
 pub fn run_cancellable<F, T, E>(
     runtime: &tokio::runtime::Runtime,
     keep_going: bool,
@@ -234,8 +235,19 @@ where
     let cancel = options.cancel.clone();
     runtime.block_on(async {
         let watcher = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match terminate.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                interrupted = tokio::signal::ctrl_c() => if interrupted.is_ok() {
+                    cancel.cancel();
+                },
+                _ = terminated => cancel.cancel(),
             }
         });
         let result = work(options).await;

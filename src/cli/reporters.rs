@@ -4,10 +4,11 @@
 //! with each other; they still lock because the trait takes `&self`.
 //!
 //! - [`ProgressReporter`] (stderr is a TTY): one bar per running step (bytes for downloads,
-//!   items otherwise, a spinner when the total is unknown); finished steps print a line above
-//!   the bars.
-//! - [`LineReporter`] (piped stderr): a line per finished, failed or skipped step; cached steps
-//!   and starts only with `-v`. Quiet mode prints failures only.
+//!   items otherwise, a spinner when the total is unknown; a `run` step's bar shows its
+//!   command's last output line); finished steps print a line above the bars.
+//! - [`LineReporter`] (piped stderr): a line per finished, failed or skipped step; cached steps,
+//!   starts and the output lines of `run` steps only with `-v`. Quiet mode prints failures
+//!   only.
 //! - [`JsonReporter`] (`--json`): every event as `{"type": …, "data": …}` on stdout, which
 //!   is the event's serde form (see [`Event`]).
 
@@ -54,6 +55,7 @@ pub fn event_line(event: &Event, verbosity: Verbosity) -> Option<String> {
         Event::StepStarted { step, summary, .. } if verbose => {
             Some(format!("{:>9} {step}  {summary}", "start"))
         }
+        Event::StepOutput { step, line, .. } if verbose => Some(format!("{step} | {line}")),
         Event::StepFinished {
             step,
             duration,
@@ -229,6 +231,15 @@ impl Reporter for ProgressReporter {
                         bar.set_message(human_bytes(*done));
                     }
                     bar.set_position(*done);
+                }
+            }
+            Event::StepOutput { step, line, .. } => {
+                // The command's last line under its step's bar; every line with `-v`.
+                if let Some(bar) = bars.get(step) {
+                    bar.set_message(line.clone());
+                }
+                if let Some(line) = event_line(event, self.verbosity) {
+                    let _ = self.multi.println(line);
                 }
             }
             Event::StepFinished { step, .. }

@@ -27,7 +27,9 @@ pub mod queue;
 pub mod report;
 mod resources;
 
-pub use report::{Event, HitKind, NullReporter, ProgressUnit, RecordingReporter, Reporter};
+pub use report::{
+    Event, HitKind, NullReporter, OutputStream, ProgressUnit, RecordingReporter, Reporter,
+};
 pub use resources::ResourceLimits;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -152,6 +154,10 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Fires to cancel the run (Ctrl-C).
     pub cancel: CancellationToken,
+    /// Ids of steps to execute even if they are stored (`banger build --rebuild STEP`).
+    /// What depends on them is looked up by content key only, so an identical result is
+    /// cut off.
+    pub rebuild: HashSet<String>,
 }
 
 /// The outputs of one finished step.
@@ -190,6 +196,8 @@ pub struct StepContext {
     pub params: Params,
     /// Unkeyed facts from the plan (see [`crate::plan::StepNode::hints`]).
     pub hints: BTreeMap<String, String>,
+    /// The step's definition key (names its kept log).
+    pub definition_key: Key,
     inputs: Vec<StepInput>,
     store: Store,
     scratch: OnceLock<Result<tempfile::TempDir, String>>,
@@ -265,6 +273,18 @@ impl StepContext {
             total,
             unit,
         });
+    }
+
+    /// Where this step keeps its log (the store's `logs-v1/`; the directory exists). The log
+    /// outlives the step, successful or not, so an error can point to it.
+    pub fn log_path(&self) -> Result<PathBuf, StepError> {
+        let path = self.store.step_log_path(&self.definition_key);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StepError::with_source(format!("cannot create {}", dir.display()), e)
+            })?;
+        }
+        Ok(path)
     }
 
     /// A progress reporter that can move into a blocking task (`spawn_blocking`), which cannot
@@ -349,6 +369,36 @@ impl ProgressHandle {
             unit,
         });
     }
+
+    /// A handle whose reports are collected, and the function that drains them as
+    /// `(stream, line)` output lines (unit tests of executors' reporting).
+    #[cfg(test)]
+    pub(crate) fn collecting() -> (ProgressHandle, impl FnMut() -> Vec<(OutputStream, String)>) {
+        let (events, mut receiver) = mpsc::unbounded_channel();
+        let handle = ProgressHandle {
+            node: NodeIndex::new(0),
+            events,
+        };
+        let drain = move || {
+            let mut lines = Vec::new();
+            while let Ok(message) = receiver.try_recv() {
+                if let Message::Output { stream, line, .. } = message {
+                    lines.push((stream, line));
+                }
+            }
+            lines
+        };
+        (handle, drain)
+    }
+
+    /// One line a step's command printed (without its line ending), shown live.
+    pub fn output_line(&self, stream: OutputStream, line: String) {
+        let _ = self.events.send(Message::Output {
+            node: self.node,
+            stream,
+            line,
+        });
+    }
 }
 
 /// A step failure as every waiter sees it.
@@ -389,6 +439,11 @@ enum Message {
         done: u64,
         total: Option<u64>,
         unit: ProgressUnit,
+    },
+    Output {
+        node: NodeIndex,
+        stream: OutputStream,
+        line: String,
     },
     CacheWarning {
         node: NodeIndex,
@@ -501,6 +556,25 @@ impl Engine {
         let store = &self.inner.store;
         let def_keys = plan.definition_keys()?;
         let volatile = volatile_steps(plan)?;
+        let forced: Vec<bool> = (0..plan.len())
+            .map(|index| {
+                options
+                    .rebuild
+                    .contains(&plan.node(NodeIndex::new(index)).id)
+            })
+            .collect();
+        // A step downstream of a forced one cannot trust its definition key either: its
+        // input is about to be made again.
+        let mut rekeyed = forced.clone();
+        for node in plan.topological_order()? {
+            if plan
+                .inputs(node)
+                .iter()
+                .any(|(_, input)| rekeyed[input.index()])
+            {
+                rekeyed[node.index()] = true;
+            }
+        }
 
         // Walk back from the targets; stop at definition-key hits.
         let mut done: HashMap<NodeIndex, StepOutputs> = HashMap::new();
@@ -517,6 +591,7 @@ impl Engine {
             let step = plan.node(node);
             if step.cache == CachePolicy::Cached
                 && !volatile[node.index()]
+                && !rekeyed[node.index()]
                 && let Lookup::Hit(record) =
                     store.lookup(KeyKind::Definition, &def_keys[node.index()])?
             {
@@ -614,6 +689,7 @@ impl Engine {
                         step: step.clone(),
                         definition_key: def_keys[node.index()],
                         volatile: volatile[node.index()],
+                        forced: forced[node.index()],
                         inputs,
                     };
                     started_nodes.insert(node);
@@ -677,6 +753,11 @@ impl Engine {
                     done: amount,
                     total,
                     unit,
+                }),
+                Message::Output { node, stream, line } => reporter.report(&Event::StepOutput {
+                    step: plan.node(node).id.clone(),
+                    stream,
+                    line,
                 }),
                 Message::CacheWarning { node, warning } => reporter.report(&Event::CacheWarning {
                     step: plan.node(node).id.clone(),
@@ -870,6 +951,8 @@ struct Job {
     step: StepNode,
     definition_key: Key,
     volatile: bool,
+    /// Executed even if stored (`--rebuild`).
+    forced: bool,
     inputs: Vec<ResolvedInput>,
 }
 
@@ -899,7 +982,10 @@ async fn run_job(
 ) -> Result<(StepOutputs, Option<HitKind>, Duration), Failure> {
     let content = job.content_key();
     let cached = job.step.cache == CachePolicy::Cached;
-    if cached && let Some(outputs) = content_hit(inner, job, content, sender) {
+    if cached
+        && !job.forced
+        && let Some(outputs) = content_hit(inner, job, content, sender)
+    {
         return Ok((outputs, Some(HitKind::Content), Duration::ZERO));
     }
     if !cached {
@@ -988,7 +1074,10 @@ async fn execute(
     let _permit = permit;
     let cached = job.step.cache == CachePolicy::Cached;
     // Another process may have finished this step while we waited for a permit.
-    if cached && let Some(outputs) = content_hit(inner, job, content, sender) {
+    if cached
+        && !job.forced
+        && let Some(outputs) = content_hit(inner, job, content, sender)
+    {
         return Ok(outputs);
     }
     let executor = Arc::clone(&inner.executors[&job.step.kind]);
@@ -1003,6 +1092,7 @@ async fn execute(
         kind: job.step.kind.clone(),
         params: job.step.params.clone(),
         hints: job.step.hints.clone(),
+        definition_key: job.definition_key,
         inputs: job
             .inputs
             .iter()

@@ -47,6 +47,14 @@ pub enum ProgressUnit {
     Items,
 }
 
+/// Which of a command's outputs a line came from. Serialized as `"stdout"` or `"stderr"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
 /// One thing that happened in a run.
 ///
 /// Serialized (serde) as `{"type": "<variant in snake_case>", "data": {<fields>}}`, the JSON
@@ -84,6 +92,13 @@ pub enum Event {
         done: u64,
         total: Option<u64>,
         unit: ProgressUnit,
+    },
+    /// A line a running step's command printed (a `run` provisioning step); the step's kept
+    /// log has all of them.
+    StepOutput {
+        step: String,
+        stream: OutputStream,
+        line: String,
     },
     StepFinished {
         step: String,

@@ -20,14 +20,19 @@ pub struct ResourceLimits {
 
 impl ResourceLimits {
     /// Defaults for this host: downloads 8 at a time, disk writers 2, CPU work one per core,
-    /// 2 VMs, privileged operations one at a time.
+    /// VMs as memory allows (three quarters of the host's, in
+    /// [`crate::steps::VM_MEMORY_PERMIT_MIB`] units: a VM step weighs its memory), privileged
+    /// operations one at a time.
     pub fn for_host() -> ResourceLimits {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+        let memory_mib = host_memory_mib().unwrap_or(4096);
+        let vm_permits = (memory_mib * 3 / 4 / u64::from(crate::steps::VM_MEMORY_PERMIT_MIB))
+            .clamp(1, u64::from(u32::MAX)) as u32;
         ResourceLimits::uniform(1)
             .with(ResourceClass::Network, 8)
             .with(ResourceClass::Disk, 2)
             .with(ResourceClass::Cpu, cpus)
-            .with(ResourceClass::Vm, 2)
+            .with(ResourceClass::Vm, vm_permits)
             .with(ResourceClass::Privileged, 1)
     }
 
@@ -49,6 +54,14 @@ impl ResourceLimits {
     pub fn limit(&self, class: ResourceClass) -> u32 {
         self.limits.get(&class).copied().unwrap_or(1)
     }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in MiB.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 #[derive(Debug)]

@@ -408,7 +408,11 @@ mod tests {
         assert_eq!(pin.reference, "alpine:3.20");
         assert_eq!(pin.manifest_digest, image.manifest_digest);
         assert_eq!(ResolvedImage::from_pinned(&pin).unwrap(), image);
-        let text = toml::to_string(&crate::lock::Lock { oci: vec![pin] }).unwrap();
+        let text = toml::to_string(&crate::lock::Lock {
+            oci: vec![pin],
+            ..Default::default()
+        })
+        .unwrap();
         let lock: crate::lock::Lock = toml::from_str(&text).unwrap();
         assert_eq!(
             ResolvedImage::from_pinned(lock.pinned("alpine:3.20").unwrap()).unwrap(),

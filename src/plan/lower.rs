@@ -1,15 +1,22 @@
 //! Lowering a [`Spec`] into a [`Plan`]. Pure: the same spec, lock and catalogs always give the
 //! same plan, and nothing here touches the file system or the network.
 //!
-//! Shape of the plan for one image (ids in brackets):
+//! An image is a stack of layers, as in OCI: its base's layers, then one layer per provision
+//! entry, then banger's guest agent; `rootfs` writes the stack as one ext4 image. Shape of the
+//! plan for one image (ids in brackets):
 //! ```text
-//! OCI, pinned:    layer[i]… (parallel fetches) → rootfs
-//! OCI, unpinned:  resolve → fetch-layers → rootfs      (graph only: build pins first)
-//! catalog bundle: fetch-bundle → unpack
-//! recipe:         mmdebstrap → rootfs
-//! rootfs = flatten with whiteouts → ext4 with owners, modes, xattrs → guest agent, one step
-//! local image:    (the other image's last step)
-//! then:           provision[0] → provision[1] → …          (each also reads the kernel)
+//! base layers:    OCI pinned: layer[i]… (parallel fetches)
+//!                 OCI unpinned: resolve → fetch-layers  (graph only: build pins first)
+//!                 recipe: mmdebstrap (a rootfs tar)
+//!                 catalog bundle: fetch-bundle → unpack (an ext4 image, read as a layer)
+//!                 another image: its layers (not its agent)
+//! provisioning:   copy:  provision[i]                       (a layer of the copied files)
+//!                 run:   provision[i]/input → provision[i]  (the stack so far as an ext4 for
+//!                        the builder VM, which also reads the kernel; the diff is the layer)
+//! the image:      agent (banger's guest assets, one step for the whole plan) → rootfs
+//!                 = base layers + provision layers + agent, flattened with whiteouts into
+//!                 an ext4 with owners, modes and xattrs, identity files stripped
+//!                 (a bundle with nothing on top is used as it is, without a rootfs step)
 //! kernel:         fetch-package → extract → initramfs → stage   | fetch-bundle → stage | local
 //! sandbox:        vm/boot → vm/file-sync → vm/workspace → vm/up
 //! ```
@@ -19,6 +26,9 @@ use std::path::Path;
 
 use petgraph::graph::NodeIndex;
 
+use super::kinds::{
+    AgentLayerParams, ProvisionCopyParams, ProvisionRunParams, RootfsBuildParams, RootfsSize,
+};
 use super::{Plan, PlanError, StepNode};
 use crate::catalog::{Catalogs, Prefer};
 use crate::key::{ParamValue, Params};
@@ -27,14 +37,28 @@ use crate::spec::{ImageSource, ImageSpec, ProvisionStep, RecipeSpec, Spec};
 use crate::steps::{self, KindInfo};
 
 /// Block size of every ext4 banger writes (4 KiB was 30 % faster than mke2fs's 1 KiB default
-/// for small images, see environment.md).
+/// for small images); a fixed image size is a whole number of blocks.
 pub const EXT4_BLOCK_SIZE: u64 = 4096;
-/// Auto-sized images get content × this percentage.
-pub const EXT4_HEADROOM_PERCENT: u64 = 150;
-/// Auto-sized images are never smaller than this. Small, because every byte of an image is
-/// hashed when it is stored (holes included) and VMs write to their own layer, not the image;
-/// see docs/decisions.md.
-pub const EXT4_MIN_BYTES: u64 = 256 * 1024 * 1024;
+/// Auto-sized images get the content's size plus this percentage. Small: nothing writes into
+/// a built image (provisioning makes layers, VMs write to their own disks), and every byte
+/// of it is hashed when it is stored; see docs/decisions.md.
+pub const EXT4_HEADROOM_PERCENT: u32 = 10;
+/// Auto-sized images are never smaller than this.
+pub const EXT4_MIN_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The size of an image: fixed, or the content plus headroom.
+pub fn image_size(size: Option<u64>) -> RootfsSize {
+    match size {
+        Some(bytes) => RootfsSize::Fixed(bytes),
+        None => RootfsSize::Auto {
+            headroom_percent: EXT4_HEADROOM_PERCENT,
+            min_bytes: EXT4_MIN_BYTES,
+        },
+    }
+}
+
+/// Step id of the guest agent layer, shared by every image of a plan.
+pub const AGENT_LAYER_ID: &str = "banger/agent";
 
 fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
     StepNode {
@@ -65,6 +89,8 @@ pub fn lower_images(
         lock,
         catalogs,
         image_outputs: HashMap::new(),
+        image_layers: HashMap::new(),
+        agent_layer: None,
         kernels: HashMap::new(),
         refresh: None,
     };
@@ -91,6 +117,8 @@ pub fn lower_kernel(
         lock: &Lock::default(),
         catalogs,
         image_outputs: HashMap::new(),
+        image_layers: HashMap::new(),
+        agent_layer: None,
         kernels: HashMap::new(),
         refresh,
     };
@@ -107,6 +135,8 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
         lock,
         catalogs,
         image_outputs: HashMap::new(),
+        image_layers: HashMap::new(),
+        agent_layer: None,
         kernels: HashMap::new(),
         refresh: None,
     };
@@ -194,8 +224,13 @@ struct Lowering<'a> {
     project_dir: &'a Path,
     lock: &'a Lock,
     catalogs: &'a Catalogs,
-    /// Last step of each image, by image name.
+    /// Last step of each image (its `rootfs.ext4`), by image name.
     image_outputs: HashMap<String, NodeIndex>,
+    /// Each image's layers (base and provisioning, not the agent), by image name: what an
+    /// image built `from` it continues.
+    image_layers: HashMap<String, Base>,
+    /// The guest agent layer, once added.
+    agent_layer: Option<NodeIndex>,
     /// Staged kernel step, by kernel name (shared by every image that boots it).
     kernels: HashMap<String, NodeIndex>,
     /// `kernel pull --force`: a value that re-keys the kernel's fetch.
@@ -206,96 +241,110 @@ impl Lowering<'_> {
     fn image(&mut self, image: &ImageSpec) -> Result<(), PlanError> {
         let prefix = format!("image:{}", image.name);
         let size = image.size.map(|size| size.bytes());
-        let mut rootfs = match &image.from {
-            ImageSource::Oci { reference } => self.oci_image(&prefix, reference, size)?,
-            ImageSource::Catalog { name } => self.catalog_image(&prefix, name, size)?,
-            ImageSource::Recipe(recipe) => self.recipe_image(&prefix, recipe, size)?,
-            ImageSource::Image { name } => self.image_outputs[name],
+        let base = match &image.from {
+            ImageSource::Oci { reference } => self.oci_image(&prefix, reference)?,
+            ImageSource::Catalog { name } => self.catalog_image(&prefix, name)?,
+            ImageSource::Recipe(recipe) => self.recipe_image(&prefix, recipe)?,
+            ImageSource::Image { name } => self.image_layers[name].clone(),
         };
+        let epoch = self.lock.source_date_epoch();
+        let mut layers = base.layers.clone();
         for (index, step) in image.provision.iter().enumerate() {
             let id = format!("{prefix}/provision[{index}]");
-            let next = match step {
-                ProvisionStep::Run { command, env } => {
+            let layer = match step {
+                ProvisionStep::Run {
+                    command,
+                    env,
+                    timeout,
+                    init,
+                } => {
                     let kernel = self.kernel(&image.kernel)?;
-                    let params = Params::new()
-                        .with("command", command.clone())
-                        .with("env", ParamValue::Map(env.clone()));
-                    let step = self.plan.add_step(
-                        node(&steps::PROVISION_RUN, id, params).summary(format!("run: {command}")),
-                    )?;
-                    self.plan.add_input(step, "rootfs", rootfs);
+                    let input = match (layers.as_slice(), base.finished) {
+                        // A finished image with nothing on top boots as it is.
+                        ([only], Some(finished)) if *only == finished => finished,
+                        _ => self.stage_rootfs(&format!("{id}/input"), &layers)?,
+                    };
+                    let params = ProvisionRunParams {
+                        command: command.clone(),
+                        env: env.clone(),
+                        init: *init,
+                        source_date_epoch: epoch,
+                    };
+                    let mut step = node(&steps::PROVISION_RUN, id, params.to_params())
+                        .hint("timeout_secs", timeout.as_secs().to_string())
+                        .summary(format!("run: {command}"));
+                    step.weight = steps::provision_run::builder_weight();
+                    let step = self.plan.add_step(step)?;
+                    self.plan.add_input(step, "rootfs", input);
                     self.plan.add_input(step, "kernel", kernel);
                     step
                 }
                 ProvisionStep::Copy { src, dest, mode } => {
-                    let mut params = Params::new()
-                        .with("src", ParamValue::Source(src.clone()))
-                        .with("dest", dest.clone());
-                    if let Some(mode) = mode {
-                        params.insert("mode", format!("{mode:04o}"));
-                    }
-                    let step = self.plan.add_step(
+                    let params = ProvisionCopyParams::unfingerprinted(src, dest, *mode, epoch);
+                    self.plan.add_step(
                         node(&steps::PROVISION_COPY, id, params)
                             .hint("project_dir", self.project_dir.to_string_lossy())
                             .summary(format!("copy {} -> {dest}", src.display())),
-                    )?;
-                    self.plan.add_input(step, "rootfs", rootfs);
-                    step
+                    )?
                 }
             };
-            rootfs = next;
+            layers.push(layer);
         }
+        let unchanged = layers == base.layers;
+        let rootfs = match (&image.from, base.finished) {
+            // Nothing added: the image is its parent's, or the bundle's, as it is.
+            (ImageSource::Image { name }, _) if unchanged && size.is_none() => {
+                self.image_outputs[name]
+            }
+            (_, Some(finished)) if unchanged && size.is_none() => finished,
+            _ => {
+                let agent = self.agent_layer()?;
+                let mut all = layers.clone();
+                all.push(agent);
+                rootfs_build(
+                    &mut self.plan,
+                    &format!("{prefix}/rootfs"),
+                    &all,
+                    image_size(size),
+                    "the image",
+                )?
+            }
+        };
+        self.image_layers.insert(
+            image.name.clone(),
+            Base {
+                layers,
+                finished: base.finished.filter(|_| unchanged),
+            },
+        );
         self.image_outputs.insert(image.name.clone(), rootfs);
         Ok(())
     }
 
-    /// The one step that turns layers (OCI blobs or a recipe's tar) into the image: flatten with
-    /// whiteouts, write the ext4 with owners/modes/xattrs, inject banger's guest assets. Merged
-    /// because the ext4 writer does all of it in one pass over the tars (no tree on the host);
-    /// the summary names the phases so `banger graph` still shows what happens.
-    fn rootfs_build(
-        &mut self,
-        prefix: &str,
-        layers: &[NodeIndex],
-        size: Option<u64>,
-    ) -> Result<NodeIndex, PlanError> {
-        let mut params = Params::new()
-            .with("block_size", EXT4_BLOCK_SIZE)
-            .with("assets", crate::assets::guest_assets_digest());
-        match size {
-            Some(bytes) => params.insert("size", bytes),
-            None => {
-                params.insert("headroom_percent", EXT4_HEADROOM_PERCENT);
-                params.insert("min_size", EXT4_MIN_BYTES);
-            }
-        }
-        let sizing = match size {
-            Some(bytes) => format!("ext4 {}", crate::spec::ByteSize(bytes)),
-            None => format!(
-                "ext4 content × {EXT4_HEADROOM_PERCENT}% (≥ {})",
-                crate::spec::ByteSize(EXT4_MIN_BYTES)
-            ),
-        };
-        let summary = format!(
-            "flatten {} layer(s) with whiteouts → {sizing} with owners, modes, xattrs → guest agent",
-            layers.len()
-        );
-        let build = self.plan.add_step(
-            node(&steps::ROOTFS_BUILD, format!("{prefix}/rootfs"), params).summary(summary),
-        )?;
-        for (index, layer) in layers.iter().enumerate() {
-            self.plan
-                .add_input(build, format!("layer[{index}]"), *layer);
-        }
-        Ok(build)
+    /// The image a builder VM boots for a `run` step: the layers so far, as small as they
+    /// fit (nothing writes into it), without the agent (the builder's agent is the
+    /// initramfs's own).
+    fn stage_rootfs(&mut self, id: &str, layers: &[NodeIndex]) -> Result<NodeIndex, PlanError> {
+        rootfs_build(
+            &mut self.plan,
+            id,
+            layers,
+            image_size(None),
+            "the builder's image",
+        )
     }
 
-    fn oci_image(
-        &mut self,
-        prefix: &str,
-        reference: &str,
-        size: Option<u64>,
-    ) -> Result<NodeIndex, PlanError> {
+    /// banger's guest assets as a layer: one step, shared by every image of the plan.
+    fn agent_layer(&mut self) -> Result<NodeIndex, PlanError> {
+        if let Some(agent) = self.agent_layer {
+            return Ok(agent);
+        }
+        let agent = add_agent_layer(&mut self.plan)?;
+        self.agent_layer = Some(agent);
+        Ok(agent)
+    }
+
+    fn oci_image(&mut self, prefix: &str, reference: &str) -> Result<Base, PlanError> {
         let Some(pin) = self.lock.pinned(reference) else {
             // Not pinned yet: `banger build` resolves and pins before it runs anything, so
             // this shape only ever appears in `banger graph`. A tag may move, so the
@@ -318,7 +367,7 @@ impl Lowering<'_> {
                 .summary("every layer, once the reference is resolved"),
             )?;
             self.plan.add_input(fetch, "manifest", resolve);
-            return self.rootfs_build(prefix, &[fetch], size);
+            return Ok(Base::layers(vec![fetch]));
         };
         let mut layers = Vec::with_capacity(pin.layers.len());
         for (index, layer) in pin.layers.iter().enumerate() {
@@ -341,15 +390,10 @@ impl Lowering<'_> {
             )?;
             layers.push(fetch);
         }
-        self.rootfs_build(prefix, &layers, size)
+        Ok(Base::layers(layers))
     }
 
-    fn catalog_image(
-        &mut self,
-        prefix: &str,
-        name: &str,
-        size: Option<u64>,
-    ) -> Result<NodeIndex, PlanError> {
+    fn catalog_image(&mut self, prefix: &str, name: &str) -> Result<Base, PlanError> {
         let entry = self
             .catalogs
             .image(name)
@@ -384,7 +428,10 @@ impl Lowering<'_> {
                 .summary("rootfs.ext4 + manifest.json"),
             )?;
             self.plan.add_input(unpack, "bundle", fetch);
-            return Ok(unpack);
+            return Ok(Base {
+                layers: vec![unpack],
+                finished: Some(unpack),
+            });
         }
         let recipe = entry
             .recipe
@@ -395,15 +442,10 @@ impl Lowering<'_> {
                 packages: recipe.packages.clone(),
             })
             .expect("catalog entries have a bundle or a recipe (checked by tests)");
-        self.recipe_image(prefix, &recipe, size)
+        self.recipe_image(prefix, &recipe)
     }
 
-    fn recipe_image(
-        &mut self,
-        prefix: &str,
-        recipe: &RecipeSpec,
-        size: Option<u64>,
-    ) -> Result<NodeIndex, PlanError> {
+    fn recipe_image(&mut self, prefix: &str, recipe: &RecipeSpec) -> Result<Base, PlanError> {
         let mut names: Vec<&str> = RECIPE_BASE_PACKAGES.to_vec();
         names.extend(recipe.packages.iter().map(String::as_str));
         names.sort_unstable();
@@ -416,7 +458,8 @@ impl Lowering<'_> {
                 Params::new()
                     .with("distro", recipe.distro.clone())
                     .with("suite", recipe.suite.clone())
-                    .with("packages", ParamValue::List(packages)),
+                    .with("packages", ParamValue::List(packages))
+                    .with("source_date_epoch", self.lock.source_date_epoch()),
             )
             .summary(format!(
                 "{} {} + {} package(s)",
@@ -425,7 +468,7 @@ impl Lowering<'_> {
                 recipe.packages.len()
             )),
         )?;
-        self.rootfs_build(prefix, &[bootstrap], size)
+        Ok(Base::layers(vec![bootstrap]))
     }
 
     fn kernel(&mut self, name: &str) -> Result<NodeIndex, PlanError> {
@@ -548,6 +591,99 @@ impl Lowering<'_> {
     }
 }
 
+/// Where an image starts: layers, and, for a catalog bundle, the finished image that can be
+/// used as it is when nothing is added on top.
+#[derive(Debug, Clone)]
+struct Base {
+    layers: Vec<NodeIndex>,
+    finished: Option<NodeIndex>,
+}
+
+impl Base {
+    fn layers(layers: Vec<NodeIndex>) -> Base {
+        Base {
+            layers,
+            finished: None,
+        }
+    }
+}
+
+/// Adds a `rootfs.build` step over `layers` (in order) with id `id`. `what` names the image
+/// in its summary.
+pub fn rootfs_build(
+    plan: &mut Plan,
+    id: &str,
+    layers: &[NodeIndex],
+    size: RootfsSize,
+    what: &str,
+) -> Result<NodeIndex, PlanError> {
+    let params = RootfsBuildParams { size };
+    let summary = format!(
+        "{what}: {} layer(s) flattened with whiteouts → {} with owners, modes, xattrs",
+        layers.len(),
+        size.describe()
+    );
+    let build = plan
+        .add_step(node(&steps::ROOTFS_BUILD, id.to_owned(), params.to_params()).summary(summary))?;
+    for (index, layer) in layers.iter().enumerate() {
+        plan.add_input(build, format!("layer[{index}]"), *layer);
+    }
+    Ok(build)
+}
+
+/// Adds the guest agent layer step ([`AGENT_LAYER_ID`]), keyed by the assets' digest.
+pub fn add_agent_layer(plan: &mut Plan) -> Result<NodeIndex, PlanError> {
+    let params = AgentLayerParams {
+        assets: crate::assets::guest_assets_digest(),
+    };
+    plan.add_step(
+        node(
+            &steps::AGENT_LAYER,
+            AGENT_LAYER_ID.to_owned(),
+            params.to_params(),
+        )
+        .summary("banger's guest agent, units and sshd settings"),
+    )
+}
+
+/// The image of `layers` with banger's guest agent on top: the agent layer, then
+/// `rootfs.build` with id `id`. For plans made outside a Bangerfile (`image import`).
+pub fn image_with_agent(
+    plan: &mut Plan,
+    id: &str,
+    layers: &[NodeIndex],
+    size: Option<u64>,
+) -> Result<NodeIndex, PlanError> {
+    let agent = add_agent_layer(plan)?;
+    let mut all = layers.to_vec();
+    all.push(agent);
+    rootfs_build(plan, id, &all, image_size(size), "the image")
+}
+
+/// Step id of the golden bundle of the image `image`.
+pub fn bundle_step_id(image: &str) -> String {
+    format!("image:{image}/bundle")
+}
+
+/// Adds a `bundle.write` step packing the image built by `rootfs` (`banger build --bundle`).
+pub fn add_bundle(
+    plan: &mut Plan,
+    image: &str,
+    rootfs: NodeIndex,
+    params: &super::kinds::BundleWriteParams,
+) -> Result<NodeIndex, PlanError> {
+    let bundle = plan.add_step(
+        node(
+            &steps::BUNDLE_WRITE,
+            bundle_step_id(image),
+            params.to_params(),
+        )
+        .summary(format!("{} → .tar.zst (zstd level 3)", params.name)),
+    )?;
+    plan.add_input(bundle, "rootfs", rootfs);
+    Ok(bundle)
+}
+
 /// Packages every recipe image gets, whatever the recipe lists: what banger's guest side
 /// needs (systemd to run the agent's units, sshd for `vm ssh`, `ip` for the network, CA
 /// certificates for anything that fetches).
@@ -594,6 +730,8 @@ mod tests {
                     .map(|command| ProvisionStep::Run {
                         command: (*command).into(),
                         env: BTreeMap::new(),
+                        timeout: crate::spec::DEFAULT_RUN_TIMEOUT,
+                        init: crate::spec::BuilderInit::Agent,
                     })
                     .collect(),
             }],
@@ -629,13 +767,98 @@ mod tests {
             .map(|(id, _)| id.as_str())
             .collect();
         changed.sort();
+        // provision[0] and the image it boots on keep their keys; the builder image of
+        // provision[2] holds provision[1]'s layer, so it changes too.
         assert_eq!(
             changed,
             [
                 "image:sandbox/provision[1]",
                 "image:sandbox/provision[2]",
+                "image:sandbox/provision[2]/input",
+                "image:sandbox/rootfs",
                 "vm/boot"
             ]
         );
+    }
+
+    fn changed_ids(before: &Plan, after: &Plan) -> Vec<String> {
+        let (old, new) = (
+            before.definition_keys().unwrap(),
+            after.definition_keys().unwrap(),
+        );
+        let mut changed: Vec<String> = before
+            .node_indices()
+            .filter(|node| old[node.index()] != new[node.index()])
+            .map(|node| before.node(node).id.clone())
+            .collect();
+        changed.sort();
+        changed
+    }
+
+    #[test]
+    fn new_guest_assets_rekey_the_agent_layer_and_the_image_only() {
+        let before = lower(&spec(&["a", "b"]), &Lock::default(), &Catalogs::embedded()).unwrap();
+        let mut after = before.clone();
+        let agent = after.find(AGENT_LAYER_ID).unwrap();
+        after.graph[agent].params = AgentLayerParams {
+            assets: "blake3:another-agent".into(),
+        }
+        .to_params();
+        assert_eq!(
+            changed_ids(&before, &after),
+            ["banger/agent", "image:sandbox/rootfs", "vm/boot"],
+            "no provision step or builder image may depend on the agent"
+        );
+    }
+
+    #[test]
+    fn a_copy_layer_does_not_depend_on_the_steps_before_it() {
+        let with = |command: &str| {
+            let mut spec = spec(&[command]);
+            spec.images[0].provision.push(ProvisionStep::Copy {
+                src: PathBuf::from("motd"),
+                dest: "/etc/motd".into(),
+                mode: None,
+            });
+            let mut plan = lower(&spec, &Lock::default(), &Catalogs::embedded()).unwrap();
+            plan.resolve_sources(&HashMap::from([(
+                PathBuf::from("motd"),
+                "blake3:00".to_owned(),
+            )]));
+            plan
+        };
+        let changed = changed_ids(&with("a"), &with("b"));
+        assert!(
+            !changed.iter().any(|id| id == "image:sandbox/provision[1]"),
+            "{changed:?}"
+        );
+        assert!(changed.iter().any(|id| id == "image:sandbox/provision[0]"));
+    }
+
+    #[test]
+    fn a_bundle_base_boots_its_builder_as_it_is_and_is_used_as_it_is_without_provisioning() {
+        let mut catalogs = Catalogs::embedded();
+        catalogs.images = Catalogs::parse_images(
+            r#"{"version": 1, "images": [{"name": "golden", "distro": "debian",
+                "arch": "x86_64", "kernel_ref": "debian-cloud-amd64", "prefer": "bundle",
+                "bundle": {"url": "file:///golden.tar.zst", "sha256": "00", "size": 1}}]}"#,
+            "test",
+        )
+        .unwrap();
+        let mut spec = spec(&["make"]);
+        spec.images[0].from = ImageSource::Catalog {
+            name: "golden".into(),
+        };
+        let plan = lower(&spec, &Lock::default(), &catalogs).unwrap();
+        let run = plan.find("image:sandbox/provision[0]").unwrap();
+        let (_, input) = plan
+            .inputs(run)
+            .into_iter()
+            .find(|(name, _)| *name == "rootfs")
+            .unwrap();
+        assert_eq!(plan.node(input).id, "image:sandbox/unpack");
+        spec.images[0].provision.clear();
+        let plan = lower(&spec, &Lock::default(), &catalogs).unwrap();
+        assert!(plan.find("image:sandbox/rootfs").is_err());
     }
 }

@@ -15,6 +15,7 @@
 //! Node ids are stable, human-readable paths (`image:sandbox/provision[1]`) used by
 //! `banger graph --why` and by the store's "last run of this step" records.
 
+pub mod kinds;
 pub mod lower;
 
 use std::collections::{BTreeMap, HashMap};

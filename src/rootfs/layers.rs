@@ -10,7 +10,8 @@
 //!    Ownership, modes (setuid/setgid/sticky), nanosecond mtimes (PAX), xattrs and ACLs
 //!    (`SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`) come from the headers.
 //! 3. Drop `/.dockerenv` and `/run/.containerenv` (systemd would think it runs in a
-//!    container), then write banger's guest assets root-owned.
+//!    container) and per-instance identity ([`super::identity`]). banger's guest assets are
+//!    not written here: they come as a layer of their own ([`super::layer_tar`]).
 //! 4. Finish: size = content × headroom with a floor, or fixed.
 //!
 //! Nothing is ever written on the host but the image file, whatever a layer says; on any error
@@ -23,7 +24,6 @@ use std::io::{BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::assets::{AssetKind, GUEST_ASSETS};
 use crate::ext4::{
     BuildOptions, EntryKind, EntryType, Ext4Builder, Ext4Error, Ext4Summary, Metadata, Sizing,
     is_supported_xattr_name,
@@ -84,20 +84,42 @@ pub enum RootfsError {
     Cancelled,
 }
 
-/// One layer to apply: a file holding a (possibly compressed) tar stream.
+/// One layer to apply.
 #[derive(Debug, Clone)]
 pub struct Layer {
     /// How errors name it: the blob digest, or the recipe's name.
     pub name: String,
     pub path: PathBuf,
+    pub format: LayerFormat,
+}
+
+impl Layer {
+    /// A layer held as a tar stream.
+    pub fn tar(name: impl Into<String>, path: impl Into<PathBuf>) -> Layer {
+        Layer {
+            name: name.into(),
+            path: path.into(),
+            format: LayerFormat::Tar,
+        }
+    }
+}
+
+/// What a layer's file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerFormat {
+    /// A tar stream, plain, gzip or zstd (judged by magic bytes).
+    Tar,
+    /// An ext4 image, applied as a layer holding its whole tree (only as the first layer:
+    /// an ext4 image has no whiteouts).
+    Ext4,
 }
 
 /// How to build the image.
 #[derive(Debug, Clone)]
 pub struct RootfsOptions {
     pub sizing: Sizing,
-    /// Write banger's guest assets (`crate::assets`).
-    pub inject_assets: bool,
+    /// Remove SSH host keys and the like, empty the machine id ([`super::identity`]).
+    pub strip_identity: bool,
     /// Seeds the file system UUID and hash seed, so the same inputs give the same bytes.
     pub seed: Vec<u8>,
     /// Checked between entries: a cancelled build stops and removes its image.
@@ -131,6 +153,9 @@ pub fn open_layer(
         path: layer.path.clone(),
         source,
     };
+    if layer.format == LayerFormat::Ext4 {
+        return ext4_layer_stream(layer, counter);
+    }
     let mut file = File::open(&layer.path).map_err(open_error)?;
     let mut head = [0u8; 4];
     let read = file.read(&mut head).map_err(open_error)?;
@@ -148,6 +173,65 @@ pub fn open_layer(
             source,
         }
     })
+}
+
+/// The tree of an ext4 image as a tar stream: a thread exports it with banger's ext4 reader
+/// into a pipe that the build reads, so no tar is ever written to disk. An export error
+/// surfaces as a read error of the layer (the pipe closes early).
+fn ext4_layer_stream(
+    layer: &Layer,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Box<dyn Read + Send>, RootfsError> {
+    let open_error = |source| RootfsError::LayerOpen {
+        layer: layer.name.clone(),
+        path: layer.path.clone(),
+        source,
+    };
+    let reader = crate::ext4::reader::Ext4Reader::open(&layer.path)
+        .map_err(|error| open_error(std::io::Error::other(error)))?;
+    let (pipe_reader, pipe_writer) = std::io::pipe().map_err(open_error)?;
+    let failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let failed = std::sync::Arc::clone(&failure);
+    std::thread::Builder::new()
+        .name("ext4-layer".into())
+        .spawn(move || {
+            let options = crate::ext4::export::ExportOptions::default();
+            if let Err(error) =
+                crate::ext4::export::export_tar(&reader, Path::new(""), pipe_writer, &options)
+                && let Ok(mut slot) = failed.lock()
+            {
+                *slot = Some(crate::engine::error_chain(&error));
+            }
+        })
+        .map_err(open_error)?;
+    Ok(Box::new(ExportedStream {
+        inner: pipe_reader,
+        failure,
+        count: counter,
+    }))
+}
+
+/// The read end of an ext4 export: counts bytes for progress and turns an early end into the
+/// export's own error.
+struct ExportedStream {
+    inner: std::io::PipeReader,
+    failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Read for ExportedStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        if read == 0
+            && let Ok(slot) = self.failure.lock()
+            && let Some(message) = slot.as_ref()
+        {
+            return Err(std::io::Error::other(message.clone()));
+        }
+        self.count
+            .fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(read)
+    }
 }
 
 /// Adapts the builder to path resolution.
@@ -211,8 +295,12 @@ pub fn build_rootfs(
                 source,
             })?;
     }
-    if options.inject_assets {
-        inject_assets(&mut builder)?;
+    if options.strip_identity {
+        super::identity::strip(&mut builder).map_err(|source| RootfsError::Entry {
+            layer: "(identity)".into(),
+            entry: "per-instance identity files".into(),
+            source,
+        })?;
     }
     builder.finish(options.sizing).map_err(RootfsError::Finish)
 }
@@ -484,10 +572,10 @@ fn metadata<R: Read>(
             }
         } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
             xattrs.insert(name.to_vec(), value.to_vec());
-        } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
-            if let (Some(name), Some(value)) = (percent_decode(name), base64_decode(value)) {
-                xattrs.insert(name, value);
-            }
+        } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.")
+            && let (Some(name), Some(value)) = (percent_decode(name), base64_decode(value))
+        {
+            xattrs.insert(name, value);
         }
     }
     meta.xattrs = xattrs
@@ -567,64 +655,6 @@ fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(&bytes[1..chunk.len()]);
     }
     Some(out)
-}
-
-/// Writes banger's guest assets root-owned, with a fixed mtime (images must not depend on when
-/// they were built).
-fn inject_assets(builder: &mut Ext4Builder) -> Result<(), RootfsError> {
-    for asset in GUEST_ASSETS {
-        let path = Path::new(asset.guest_path.trim_start_matches('/'));
-        let asset_error = |source| RootfsError::Asset {
-            path: asset.guest_path.to_owned(),
-            source,
-        };
-        // Follow symlinked parents inside the image (`/usr/local` may be a link).
-        let target =
-            resolve_parents(&BuilderTree(builder), path).map_err(|error| RootfsError::Asset {
-                path: asset.guest_path.to_owned(),
-                source: Ext4Error::InvalidPath {
-                    path: path.to_owned(),
-                    reason: match error {
-                        PathError::SymlinkLoop { .. } => "a symlink loop is in the way",
-                        _ => "a symlink in the image points outside it",
-                    },
-                },
-            })?;
-        if let Some(parent) = target.parent() {
-            ensure_dirs(builder, parent).map_err(asset_error)?;
-        }
-        match asset.kind {
-            AssetKind::File { mode, contents } => {
-                let mut data = contents;
-                builder
-                    .insert(
-                        &target,
-                        EntryKind::File {
-                            size: contents.len() as u64,
-                            data: &mut data,
-                        },
-                        &Metadata {
-                            mode,
-                            ..Metadata::default()
-                        },
-                    )
-                    .map_err(asset_error)?;
-            }
-            AssetKind::Symlink { target: link } => builder
-                .insert(
-                    &target,
-                    EntryKind::Symlink {
-                        target: link.as_bytes().to_vec(),
-                    },
-                    &Metadata {
-                        mode: 0o777,
-                        ..Metadata::default()
-                    },
-                )
-                .map_err(asset_error)?,
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `catalog.fetch-bundle` and `bundle.unpack`: an image (or kernel) from a catalog bundle.
+//! `catalog.fetch-bundle` and `bundle.unpack`: an image (or kernel) from a catalog bundle;
+//! `bundle.write`: an image as a golden bundle.
 //!
 //! `catalog.fetch-bundle` — params `url`, `sha256` (and `size`); output `bundle.tar.zst`,
 //! verified while it streams ([`crate::fetch`]); a mismatch stores nothing.
@@ -7,6 +8,10 @@
 //! against the manifest's sha256 ([`crate::bundle::unpack_bundle`]). Hint `url` (not keyed):
 //! where the bundle came from, named in errors, since the file being read is a scratch copy
 //! that is gone by the time the error is shown.
+//! `bundle.write` — input `rootfs`; params [`crate::plan::kinds::BundleWriteParams`]; output
+//! `bundle.tar.zst` ([`crate::bundle::write_bundle`], deterministic: the same image gives the
+//! same bytes, so a rebuild of an unchanged image reuses the stored bundle without
+//! compressing anything).
 
 use std::sync::Arc;
 
@@ -107,6 +112,45 @@ impl Executor for UnpackBundle {
             })
             .await
             .map_err(|error| StepError::new(format!("unpacking panicked: {error}")))?
+        })
+    }
+}
+
+/// The file name of a bundle step's output.
+pub const BUNDLE_OUTPUT: &str = "bundle.tar.zst";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteBundle;
+
+impl Executor for WriteBundle {
+    fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            let params = crate::plan::kinds::BundleWriteParams::from_params(&ctx.params)
+                .map_err(|error| StepError::with_source("bad bundle step", error))?;
+            let rootfs = ctx.input_file("rootfs", crate::images::ROOTFS_OUTPUT)?;
+            let out = ctx.output(BUNDLE_OUTPUT)?;
+            let progress = ctx.progress_handle();
+            let cancel = ctx.cancellation().clone();
+            tokio::task::spawn_blocking(move || {
+                let distro = crate::bundle::image_distro(&rootfs);
+                let manifest = crate::bundle::BundleManifest::image(
+                    &params.name,
+                    &distro,
+                    &params.arch,
+                    &params.kernel_ref,
+                );
+                crate::bundle::write_bundle(
+                    &manifest,
+                    &[(crate::images::ROOTFS_OUTPUT.to_owned(), rootfs)],
+                    &out,
+                    &mut |done, total| progress.report(done, Some(total), ProgressUnit::Bytes),
+                    &cancel,
+                )
+            })
+            .await
+            .map_err(|error| StepError::new(format!("writing the bundle panicked: {error}")))?
+            .map(|_| ())
+            .map_err(|error| StepError::with_source("cannot write the bundle", error))
         })
     }
 }

@@ -2,9 +2,10 @@
 //! image can be built on a host where no catalog URL is reachable.
 //!
 //! Params: `distro` (`debian`), `suite` (`bookworm`), `packages` (sorted; lowering adds
-//! [`crate::plan::lower::RECIPE_BASE_PACKAGES`]). Output:
-//! `rootfs.tar`. Runs `mmdebstrap --variant=minbase` with the packages included; it needs
-//! `mmdebstrap` on the host and uses the host's apt configuration to reach the archive.
+//! [`crate::plan::lower::RECIPE_BASE_PACKAGES`]), `source_date_epoch` (the lock's). Outputs:
+//! `rootfs.tar`, and [`PACKAGES_OUTPUT`], the versions it installed. Runs `mmdebstrap
+//! --variant=minbase` with the packages included; it needs `mmdebstrap` on the host and uses
+//! the host's apt configuration to reach the archive.
 
 use std::process::Stdio;
 
@@ -46,10 +47,19 @@ impl Executor for Mmdebstrap {
                 "--mode=auto".to_owned(),
                 "--quiet".to_owned(),
                 format!("--include={}", packages.join(",")),
+                // Host keys are per machine (first boot makes them), and the only bytes that
+                // differ between two runs with the same SOURCE_DATE_EPOCH and packages.
+                "--customize-hook=rm -f \"$1\"/etc/ssh/ssh_host_*_key \"$1\"/etc/ssh/ssh_host_*_key.pub"
+                    .to_owned(),
                 suite.to_owned(),
                 output.to_string_lossy().into_owned(),
             ];
             let mut command = tokio::process::Command::new(&argv[0]);
+            if let Some(epoch) = ctx.params.get_int("source_date_epoch") {
+                // mmdebstrap then clamps times and drops what differs run to run, so the
+                // same packages give the same tar.
+                command.env("SOURCE_DATE_EPOCH", epoch.to_string());
+            }
             command
                 .args(&argv[1..])
                 .stdin(Stdio::null())
@@ -87,7 +97,101 @@ impl Executor for Mmdebstrap {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 )));
             }
-            Ok(())
+            let packages_out = ctx.output(PACKAGES_OUTPUT)?;
+            tokio::task::spawn_blocking(move || {
+                let packages = installed_packages(&output)?;
+                std::fs::write(&packages_out, packages.join("\n") + "\n").map_err(|error| {
+                    StepError::with_source(
+                        format!("cannot write {}", packages_out.display()),
+                        error,
+                    )
+                })
+            })
+            .await
+            .map_err(|error| {
+                StepError::new(format!("reading the package list panicked: {error}"))
+            })?
         })
+    }
+}
+
+/// The output listing what a recipe installed: `name=version` per line, sorted (what
+/// `Bangerfile.lock` records, so `--locked` can refuse a rebuild that would install other
+/// versions).
+pub const PACKAGES_OUTPUT: &str = "packages.txt";
+
+/// `name=version` of every package dpkg's status in the root filesystem tar marks
+/// installed, sorted.
+pub fn installed_packages(rootfs_tar: &std::path::Path) -> Result<Vec<String>, StepError> {
+    let read_error =
+        |error| StepError::with_source(format!("cannot read {}", rootfs_tar.display()), error);
+    let file = std::fs::File::open(rootfs_tar).map_err(read_error)?;
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
+    for entry in archive.entries().map_err(read_error)? {
+        let mut entry = entry.map_err(read_error)?;
+        let path = entry.path_bytes().into_owned();
+        if path.strip_prefix(b"./").unwrap_or(&path) == b"var/lib/dpkg/status" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).map_err(read_error)?;
+            return Ok(parse_dpkg_status(&text));
+        }
+    }
+    Err(StepError::new(format!(
+        "{} has no var/lib/dpkg/status: the recipe did not install packages with dpkg",
+        rootfs_tar.display()
+    )))
+}
+
+/// Installed packages of a dpkg status file, as sorted `name=version` (`name:arch` for
+/// packages that are not of the native or `all` architecture).
+fn parse_dpkg_status(text: &str) -> Vec<String> {
+    let mut packages = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let (Some(name), Some(version), Some(status)) =
+            (field("Package"), field("Version"), field("Status"))
+        else {
+            continue;
+        };
+        if status != "install ok installed" {
+            continue;
+        }
+        let name = match field("Architecture") {
+            Some(arch) if arch != "amd64" && arch != "all" => format!("{name}:{arch}"),
+            _ => name.to_owned(),
+        };
+        packages.push(format!("{name}={version}"));
+    }
+    packages.sort();
+    packages.dedup();
+    packages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_installed_packages_are_listed_sorted() {
+        let status = "Package: zlib1g\nStatus: install ok installed\nArchitecture: amd64\n\
+                      Version: 1:1.2.13.dfsg-1\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                      Package: base-files\nStatus: install ok installed\nVersion: 12.4+deb12u5\n\
+                      Architecture: amd64\n\n\
+                      Package: libc6\nStatus: install ok installed\nArchitecture: i386\n\
+                      Version: 2.36-9\n";
+        assert_eq!(
+            parse_dpkg_status(status),
+            [
+                "base-files=12.4+deb12u5",
+                "libc6:i386=2.36-9",
+                "zlib1g=1:1.2.13.dfsg-1"
+            ]
+        );
     }
 }

@@ -1,12 +1,13 @@
 //! The catalogue of step kinds: name, version, cache policy and resource class of each.
 //!
-//! Plans name steps by kind; the engine finds an executor for each kind at run time. Executors
-//! for the image, kernel and VM kinds arrive with the issues that build them; until then those
-//! kinds appear in plans and `banger graph` but `banger build` is not offered.
+//! Plans name steps by kind; the engine finds an executor for each kind at run time. The
+//! sandbox's `vm.*` kinds (boot, file sync, workspace, up) have none in this build: they
+//! appear in `banger graph`, and a plan that needs them is refused before anything runs.
 //!
 //! Bump a kind's `version` whenever what it produces changes for the same params: every key of
 //! that kind, and of everything downstream, changes with it.
 
+pub mod agent_layer;
 pub mod bundle_steps;
 pub mod fetch_layer;
 pub mod import_file;
@@ -18,6 +19,7 @@ pub mod kernel_package;
 pub mod kernel_stage;
 pub mod mmdebstrap;
 pub mod provision_copy;
+pub mod provision_run;
 pub mod rootfs_build;
 
 use std::sync::Arc;
@@ -99,19 +101,33 @@ pub const BUNDLE_UNPACK: KindInfo = kind(
     Disk,
     "unpack rootfs.ext4 and manifest.json from a bundle",
 );
+pub const BUNDLE_WRITE: KindInfo = kind(
+    "bundle.write",
+    1,
+    Cached,
+    Cpu,
+    "pack an image and its manifest as a golden bundle (.tar.zst)",
+);
 pub const RECIPE_MMDEBSTRAP: KindInfo = kind(
     "recipe.mmdebstrap",
-    1,
+    2,
     Cached,
     Network,
     "build a root filesystem tar from distribution packages",
 );
 pub const ROOTFS_BUILD: KindInfo = kind(
     "rootfs.build",
-    1,
+    2,
     Cached,
     Disk,
-    "flatten layers with whiteouts into an ext4 image (owners, modes, xattrs kept) and inject banger's guest assets",
+    "flatten layers (tars, or an ext4 image first) with whiteouts into an ext4 image: owners, modes, xattrs kept, per-instance identity removed",
+);
+pub const AGENT_LAYER: KindInfo = kind(
+    "agent.layer",
+    1,
+    Cached,
+    Cpu,
+    "inject agents: banger's guest agent, units and sshd settings as a layer",
 );
 pub const KERNEL_FETCH_BUNDLE: KindInfo = kind(
     "kernel.fetch-bundle",
@@ -167,14 +183,14 @@ pub const PROVISION_RUN: KindInfo = kind(
     1,
     Cached,
     Vm,
-    "run a command in a builder VM; the resulting root filesystem is the output",
+    "run a command in a builder VM; what it changed is the output, as a layer",
 );
 pub const PROVISION_COPY: KindInfo = kind(
     "provision.copy",
-    1,
+    2,
     Cached,
     Disk,
-    "copy a project file into the image",
+    "a project file or directory as a layer",
 );
 pub const VM_BOOT: KindInfo = kind(
     "vm.boot",
@@ -213,8 +229,10 @@ pub const ALL_KINDS: &[KindInfo] = &[
     IMPORT_FILE,
     CATALOG_FETCH_BUNDLE,
     BUNDLE_UNPACK,
+    BUNDLE_WRITE,
     RECIPE_MMDEBSTRAP,
     ROOTFS_BUILD,
+    AGENT_LAYER,
     KERNEL_FETCH_BUNDLE,
     KERNEL_FETCH_PACKAGE,
     KERNEL_EXTRACT,
@@ -229,6 +247,12 @@ pub const ALL_KINDS: &[KindInfo] = &[
     VM_WORKSPACE,
     VM_UP_COMMAND,
 ];
+
+/// Memory per permit of the `vm` resource class: a VM step's weight is its memory in these
+/// units, and the class's limit is the host's memory in them (see
+/// [`crate::engine::ResourceLimits::for_host`]), so VMs run side by side only when memory
+/// allows.
+pub const VM_MEMORY_PERMIT_MIB: u32 = 64;
 
 /// What executors share: clients with their connection pools and credentials.
 #[derive(Debug, Clone)]
@@ -257,8 +281,7 @@ impl Services {
 }
 
 /// Registers an executor for every kind this build of banger can run. Kinds without one
-/// (booting, provisioning with `run`, kernels) are reported by the engine before anything
-/// runs.
+/// (the sandbox's `vm.*` steps) are reported by the engine before anything runs.
 pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuilder {
     builder
         .executor(
@@ -271,6 +294,8 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
         .executor(RECIPE_MMDEBSTRAP.name, mmdebstrap::Mmdebstrap)
         .executor(ROOTFS_BUILD.name, rootfs_build::RootfsBuild)
         .executor(PROVISION_COPY.name, provision_copy::ProvisionCopy)
+        .executor(PROVISION_RUN.name, provision_run::ProvisionRun::from_env())
+        .executor(AGENT_LAYER.name, agent_layer::AgentLayer)
         .executor(
             CATALOG_FETCH_BUNDLE.name,
             bundle_steps::FetchBundle {
@@ -278,6 +303,7 @@ pub fn with_executors(builder: EngineBuilder, services: &Services) -> EngineBuil
             },
         )
         .executor(BUNDLE_UNPACK.name, bundle_steps::UnpackBundle)
+        .executor(BUNDLE_WRITE.name, bundle_steps::WriteBundle)
         .executor(
             KERNEL_FETCH_BUNDLE.name,
             bundle_steps::FetchBundle {

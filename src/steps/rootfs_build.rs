@@ -1,55 +1,73 @@
-//! `rootfs.build`: layers (OCI blobs or a recipe's tar) → one ext4 image with banger's guest
-//! assets, in one pass over the tars (see [`crate::rootfs::layers`]).
+//! `rootfs.build`: layers → one ext4 image, in one pass over the layers (see
+//! [`crate::rootfs::layers`]): flatten with whiteouts, write the ext4 with owners, modes and
+//! xattrs, strip per-instance identity ([`crate::rootfs::identity`]).
 //!
-//! Inputs: `layer[0]`, `layer[1]`, … in order, each with one output file (its tar, compressed
-//! or not). Params: `size` (fixed) or `headroom_percent` + `min_size`; `assets` (the guest
-//! assets' digest, so new assets re-key the image). Output: `rootfs.ext4`.
+//! Inputs: `layer[0]`, `layer[1]`, … in order, each with one output file: a tar (compressed
+//! or not: OCI blobs, a recipe's rootfs, provisioning and agent layers), or, first, an ext4
+//! image (a catalog bundle's `rootfs.ext4`), read as the layer of its whole tree. Params:
+//! [`crate::plan::kinds::RootfsBuildParams`]. Output: `rootfs.ext4`.
 
 use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
-use crate::ext4::Sizing;
-use crate::rootfs::layers::{Layer, RootfsOptions, build_rootfs};
+use crate::plan::kinds::RootfsBuildParams;
+use crate::rootfs::layers::{Layer, LayerFormat, RootfsOptions, build_rootfs};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RootfsBuild;
 
-/// The ext4 sizing a `rootfs.build` step's params ask for.
-pub fn sizing(params: &crate::key::Params) -> Sizing {
-    match params.get_int("size") {
-        Some(bytes) => Sizing::Fixed(bytes),
-        None => Sizing::Auto {
-            headroom_percent: params
-                .get_int("headroom_percent")
-                .map_or(150, |percent| percent.min(u64::from(u32::MAX)) as u32),
-            min_bytes: params.get_int("min_size").unwrap_or(1 << 30),
-        },
+/// Outputs a layer may be named by, when its step has more than one: an image, a recipe's
+/// root filesystem, a layer banger wrote.
+const LAYER_OUTPUTS: [&str; 3] = [crate::images::ROOTFS_OUTPUT, "rootfs.tar", "layer.tar"];
+
+/// The output of an input that holds its layer: the only one, else the one with a layer name.
+fn layer_output(
+    outputs: &std::collections::BTreeMap<String, crate::store::OutputRef>,
+) -> Option<(&String, &crate::store::OutputRef)> {
+    if outputs.len() == 1 {
+        return outputs.iter().next();
     }
+    LAYER_OUTPUTS
+        .iter()
+        .find_map(|name| outputs.get_key_value(*name))
 }
 
 impl Executor for RootfsBuild {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
+            let params = RootfsBuildParams::from_params(&ctx.params)
+                .map_err(|error| StepError::with_source("bad image build step", error))?;
             let mut layers = Vec::new();
             let mut seed = Vec::new();
-            for input in ctx.inputs() {
-                let (file, reference) = match input.outputs.iter().next() {
-                    Some((file, reference)) if input.outputs.len() == 1 => (file, reference),
-                    _ => {
+            for (index, input) in ctx.inputs().iter().enumerate() {
+                let Some((file, reference)) = layer_output(&input.outputs) else {
+                    return Err(StepError::new(format!(
+                        "input `{}` of {} has no layer among its outputs ({})",
+                        input.name,
+                        ctx.step_id,
+                        input.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                };
+                let format = if file == crate::images::ROOTFS_OUTPUT {
+                    if index != 0 {
                         return Err(StepError::new(format!(
-                            "input `{}` of {} must have exactly one output (a tar)",
+                            "input `{}` of {} is an ext4 image; only the first layer may be one",
                             input.name, ctx.step_id
                         )));
                     }
+                    LayerFormat::Ext4
+                } else {
+                    LayerFormat::Tar
                 };
                 seed.extend_from_slice(reference.integrity.as_bytes());
                 layers.push(Layer {
                     name: format!("{} ({})", input.name, input.step_id),
                     path: ctx.input_file(&input.name, file)?,
+                    format,
                 });
             }
-            let image = ctx.output("rootfs.ext4")?;
+            let image = ctx.output(crate::images::ROOTFS_OUTPUT)?;
             let options = RootfsOptions {
-                sizing: sizing(&ctx.params),
-                inject_assets: true,
+                sizing: params.size.to_sizing(),
+                strip_identity: true,
                 seed,
                 cancel: Some(ctx.cancellation().clone()),
                 sync: true,

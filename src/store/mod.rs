@@ -9,6 +9,8 @@
 //!   publishing never crosses devices. Directories of dead processes are removed at start-up.
 //! - `last-use-v1.log`: one line per run listing the keys it used, for LRU order in GC.
 //! - `last-run-v1/`: per project, each step's definition on its last run, for `graph --why`.
+//! - `logs-v1/<definition key>.log`: the output of the last execution of a step that keeps a
+//!   log (a `run` provisioning command), successful or not: `banger build --log STEP` shows it.
 //!
 //! Lifecycle of an output:
 //! 1. A step writes files into its scratch directory.
@@ -101,6 +103,8 @@ pub enum StoreError {
 
 /// Directory of per-project last-run files (`<blake3(project)>.json`).
 const LAST_RUN_DIR: &str = "last-run-v1";
+/// Directory of step logs (`<definition key>.log`).
+const LOG_DIR: &str = "logs-v1";
 
 /// A step as it was defined on a project's last run: what `banger graph --why` compares the
 /// current plan against.
@@ -482,6 +486,13 @@ impl Store {
                 .map_err(|source| StoreError::WriteEntry { entry, source });
         }
         self.write_json(&entry, &keys)
+    }
+
+    /// Where the log of the step with `definition_key` is kept (it may not exist).
+    pub fn step_log_path(&self, definition_key: &Key) -> PathBuf {
+        self.dir
+            .join(LOG_DIR)
+            .join(format!("{}.log", definition_key.to_hex()))
     }
 
     /// A fresh scratch directory for one step, removed when the returned guard drops.

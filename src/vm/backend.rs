@@ -218,8 +218,9 @@ impl VmmBackend for QemuBackend {
             transport: self.transport,
             vsock_daemon: self.vsock_daemon.clone(),
             extra_cmdline: Vec::new(),
-            vm_disks: Some(spec.disks.clone()),
+            writable: super::boot::WritableLayer::VmDisks(spec.disks.clone()),
             forwards: vec![(spec.ssh_port, 22)],
+            network: true,
             dir: spec.run_dir.clone(),
             serial_log: spec.console_log.clone(),
         };

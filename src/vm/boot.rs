@@ -86,16 +86,30 @@ pub struct BootSpec {
     pub vsock_daemon: Option<PathBuf>,
     /// Appended to the kernel command line (`banger.init=agent`, `init=…`).
     pub extra_cmdline: Vec<String>,
-    /// The VM's own writable layer and work disk; without them the guest's changes live in
-    /// memory (a tmpfs overlay) and vanish at power-off.
-    pub vm_disks: Option<super::storage::VmDisks>,
-    /// `(host port on 127.0.0.1, guest port)` forwarded through QEMU's user-mode network;
-    /// empty means no network device at all.
+    /// Where the guest's changes to the image go.
+    pub writable: WritableLayer,
+    /// `(host port on 127.0.0.1, guest port)` forwarded through QEMU's user-mode network.
     pub forwards: Vec<(u16, u16)>,
+    /// A user-mode network device even without forwards (the guest reaches what the host
+    /// reaches). Forwards imply it.
+    pub network: bool,
     /// Sockets go here; the caller owns and removes it.
     pub dir: PathBuf,
     /// The serial console is written here (replaced if it exists).
     pub serial_log: PathBuf,
+}
+
+/// Where a boot's writes to its (read-only) image go: the upper layer of the overlay the
+/// agent's init mounts over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WritableLayer {
+    /// A tmpfs: the changes vanish at power-off.
+    Memory,
+    /// A VM's own writable layer, plus its work disk on `/root`.
+    VmDisks(super::storage::VmDisks),
+    /// One blank ext4 disk for the layer and nothing on `/root` (a builder VM, whose every
+    /// change, `/root` included, belongs to the image it builds).
+    Disk(PathBuf),
 }
 
 /// The guest's address on QEMU's user-mode network (always 10.0.2.0/24: the gateway is
@@ -179,8 +193,8 @@ impl BootedVm {
             read_only: true,
             snapshot: false,
         }];
-        match &spec.vm_disks {
-            Some(vm_disks) => {
+        match &spec.writable {
+            WritableLayer::VmDisks(vm_disks) => {
                 for path in [&vm_disks.overlay, &vm_disks.work] {
                     disks.push(Disk {
                         path: path.clone(),
@@ -194,9 +208,18 @@ impl BootedVm {
                         .map(|word| (*word).to_owned()),
                 );
             }
-            None => extra.push("banger.overlay=tmpfs".to_owned()),
+            WritableLayer::Disk(path) => {
+                disks.push(Disk {
+                    path: path.clone(),
+                    read_only: false,
+                    snapshot: false,
+                });
+                extra.push("banger.overlay=/dev/vdb".to_owned());
+            }
+            WritableLayer::Memory => extra.push("banger.overlay=tmpfs".to_owned()),
         }
-        if !spec.forwards.is_empty() {
+        let network = spec.network || !spec.forwards.is_empty();
+        if network {
             extra.push(USER_NET_IP.to_owned());
         }
         extra.extend(spec.extra_cmdline.iter().cloned());
@@ -209,7 +232,7 @@ impl BootedVm {
             initrd: spec.initrd.clone(),
             cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &extra),
             disks,
-            net: (!spec.forwards.is_empty()).then(|| super::qemu::UserNet {
+            net: network.then(|| super::qemu::UserNet {
                 forwards: spec.forwards.clone(),
             }),
             vhost_vsock: vsock

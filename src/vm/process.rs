@@ -11,6 +11,29 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
+/// Makes a child started from `command` die (SIGKILL) when the thread that spawns it exits,
+/// which for banger means when the process dies, however it dies: a throwaway VM (a builder,
+/// a smoke test) must never outlive the command that started it, even one killed with
+/// SIGKILL, which runs no cleanup. Spawn from async code: tokio's worker threads live as long
+/// as the runtime, while its blocking-pool threads exit when idle, which would fire the
+/// signal early.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = nix::unistd::getpid();
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2) and
+    // getppid(2), which are async-signal-safe; it reads one copied pid and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The parent may have died before the signal was armed: then nobody would stop us.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// One process, identified beyond its pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessHandle {

@@ -93,7 +93,8 @@ pub struct QemuSpec {
     pub qmp_socket: PathBuf,
     /// QEMU's own stderr is appended here, and the process is meant to outlive this one
     /// (a daemon's VM): it is not killed when its [`QemuProcess`] is dropped or detached.
-    /// `None`: stderr is captured for errors and QEMU dies with its handle.
+    /// `None`: stderr is captured for errors and QEMU dies with its handle, and with this
+    /// process however it ends (even SIGKILL).
     pub stderr_log: Option<PathBuf>,
 }
 
@@ -233,6 +234,9 @@ impl QemuProcess {
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0);
+        if spec.stderr_log.is_none() {
+            super::process::die_with_parent(&mut command);
+        }
         let mut child = command.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 QemuError::NotInstalled {

@@ -40,6 +40,23 @@ pub fn create_blank_ext4(
     label: &str,
     seed: &[u8],
 ) -> Result<(), StorageError> {
+    write_blank(path, bytes, label, seed, true)
+}
+
+/// A builder VM's writable layer ([`create_blank_ext4`] without a journal): once the guest
+/// has synced, everything it wrote is in its final place, so the host can read the disk
+/// without replaying a journal.
+pub fn create_layer_disk(path: &Path, bytes: u64, seed: &[u8]) -> Result<(), StorageError> {
+    write_blank(path, bytes, "banger-layer", seed, false)
+}
+
+fn write_blank(
+    path: &Path,
+    bytes: u64,
+    label: &str,
+    seed: &[u8],
+    journal: bool,
+) -> Result<(), StorageError> {
     if bytes < MIN_DISK_BYTES {
         return Err(StorageError::TooSmall {
             bytes,
@@ -49,6 +66,7 @@ pub fn create_blank_ext4(
     let mut options = BuildOptions::with_seed(seed);
     options.label = label.as_bytes().iter().copied().take(16).collect();
     options.timestamp = 0;
+    options.journal = journal;
     let create_error = |source| StorageError::Create {
         path: path.to_owned(),
         bytes,

@@ -93,25 +93,29 @@ impl VhostVsock {
                 source,
             })?;
         // Not `kill_on_drop`: `Drop` kills it unless it was detached.
-        let mut child = tokio::process::Command::new(binary)
+        let mut command = tokio::process::Command::new(binary);
+        command
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::NotFound {
-                    VsockError::NotInstalled {
-                        binary: binary.to_string_lossy().into_owned(),
-                    }
-                } else {
-                    VsockError::Spawn {
-                        argv: printable.clone(),
-                        source,
-                    }
+            .process_group(0);
+        if stderr_log.is_none() {
+            // Not meant to outlive this process: it goes with it, however it ends.
+            super::process::die_with_parent(&mut command);
+        }
+        let mut child = command.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VsockError::NotInstalled {
+                    binary: binary.to_string_lossy().into_owned(),
                 }
-            })?;
+            } else {
+                VsockError::Spawn {
+                    argv: printable.clone(),
+                    source,
+                }
+            }
+        })?;
         let seconds = 10;
         match super::wait_for_socket(
             &mut child,

@@ -9,7 +9,7 @@ use crate::support::{Counters, TestContext, build_with_fakes};
 /// would move them. Key stability itself is pinned by `key::tests`.
 fn with_agent_keys_redacted(assertions: impl FnOnce()) {
     insta::with_settings!({filters => vec![(
-        r"(rootfs\.build|provision\.run|provision\.copy|kernel\.initramfs|kernel\.stage|vm\.[a-z-]+)( +)[0-9a-f]{12}",
+        r"(rootfs\.build|provision\.run|agent\.layer|kernel\.initramfs|kernel\.stage|vm\.[a-z-]+)( +)[0-9a-f]{12}",
         "$1$2[agent-dep.]",
     )]}, {
         assertions();
@@ -37,7 +37,7 @@ fn graph_as_dot_and_json() {
     assert!(dot.stdout.starts_with("digraph banger {"));
     assert!(
         dot.stdout.contains(
-            "\"image:sandbox/provision[0]\" -> \"image:sandbox/provision[1]\" [label=\"rootfs\"];"
+            "\"image:sandbox/provision[1]\" -> \"image:sandbox/rootfs\" [label=\"layer[3]\"];"
         ),
         "{}",
         dot.stdout
@@ -47,7 +47,7 @@ fn graph_as_dot_and_json() {
     assert_eq!(json.code, Some(0), "{json}");
     let document: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     let steps = document["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 13);
+    assert_eq!(steps.len(), 17);
     assert_eq!(document["targets"], serde_json::json!(["vm/up"]));
     let copy = steps
         .iter()
@@ -65,7 +65,7 @@ fn graph_as_dot_and_json() {
     let lines = context.run(&["--json", "graph"]);
     let record: serde_json::Value = serde_json::from_str(lines.stdout.trim()).unwrap();
     assert_eq!(record["type"], "graph");
-    assert_eq!(record["data"]["steps"].as_array().unwrap().len(), 13);
+    assert_eq!(record["data"]["steps"].as_array().unwrap().len(), 17);
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn graph_shows_cached_steps_and_explains_what_changed() {
     let changed = context.run(&["graph"]);
     with_agent_keys_redacted(|| insta::assert_snapshot!("after_edit", changed.to_string()));
 
-    let why = context.run(&["graph", "--why", "sandbox/provision[1]"]);
+    let why = context.run(&["graph", "--why", "sandbox/rootfs"]);
     with_agent_keys_redacted(|| insta::assert_snapshot!("why_after_edit", why.to_string()));
 
     let why_json = context.run(&["--json", "graph", "--why", "sandbox/provision[0]"]);
@@ -114,7 +114,8 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
     context.with_example_project();
     let counters = Arc::new(Counters::default());
     let first = build_with_fakes(&context, &counters);
-    assert_eq!(first.ran.len(), 13);
+    // Every step of the plan but `base/rootfs`, which the sandbox does not boot.
+    assert_eq!(first.ran.len(), 16);
     let second = build_with_fakes(&context, &counters);
     // Only never-cached steps (boot, file sync, workspace, up) execute again.
     let mut ran = second.ran.clone();
@@ -124,7 +125,7 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
     let ls = context.run(&["cache", "ls"]);
     assert_eq!(ls.code, Some(0), "{ls}");
     assert!(ls.stdout.starts_with("STEP"), "{ls}");
-    assert_eq!(ls.stdout.lines().count(), 10, "{ls}");
+    assert_eq!(ls.stdout.lines().count(), 13, "{ls}");
 
     let ls_json = context.run(&["--json", "cache", "ls"]);
     for line in ls_json.stdout.lines() {
@@ -135,16 +136,16 @@ fn a_rebuild_with_everything_cached_runs_nothing_and_evicted_steps_are_explained
 
     let du = context.run(&["--json", "cache", "du"]);
     let usage: serde_json::Value = serde_json::from_str(du.stdout.trim()).unwrap();
-    assert_eq!(usage["data"]["records"], 9);
+    assert_eq!(usage["data"]["records"], 12);
 
     let dry = context.run(&["cache", "gc", "--max-size", "0", "--dry-run"]);
     assert_eq!(dry.code, Some(0), "{dry}");
-    assert!(dry.stdout.contains("would evict 9 step(s)"), "{dry}");
+    assert!(dry.stdout.contains("would evict 12 step(s)"), "{dry}");
     assert_eq!(context.run(&["--json", "cache", "du"]).stdout, du.stdout);
 
     let gc = context.run(&["cache", "gc", "--max-size", "0"]);
-    assert!(gc.stdout.contains("evicted 9 step(s)"), "{gc}");
-    let why = context.run(&["graph", "--why", "base/rootfs"]);
+    assert!(gc.stdout.contains("evicted 12 step(s)"), "{gc}");
+    let why = context.run(&["graph", "--why", "base/mmdebstrap"]);
     assert!(
         why.stdout
             .contains("unchanged since the last run, but `banger cache gc` evicted it"),
@@ -255,5 +256,62 @@ fn a_bad_config_file_names_itself() {
     assert_eq!(
         output.stderr.trim(),
         "error: config file [ROOT]/home/.config/banger/config.toml: `cache.max_size` = \"huge\": `huge` is not a size: expected a number with an optional unit, like `512M` or `4G`"
+    );
+}
+
+#[test]
+fn locked_and_frozen_builds_refuse_to_change_the_lock_and_name_it() {
+    let context = TestContext::new();
+    let project = context.project();
+    // Port 1 on loopback: a registry nothing answers on, which --frozen must never ask.
+    std::fs::write(
+        project.join("Bangerfile"),
+        "[image]\nfrom = { oci = \"127.0.0.1:1/team/base:v1\" }\n",
+    )
+    .unwrap();
+    let frozen = context.run(&["build", "--frozen"]);
+    assert_eq!(frozen.code, Some(1), "{frozen}");
+    assert!(
+        frozen.stderr.contains("Bangerfile.lock") && frozen.stderr.contains("team/base:v1"),
+        "{frozen}"
+    );
+    assert!(frozen.stderr.contains("--frozen"), "{frozen}");
+    assert!(!project.join("Bangerfile.lock").exists());
+
+    let update = context.run(&["build", "--locked", "--update"]);
+    assert_eq!(update.code, Some(1), "{update}");
+    assert!(update.stderr.contains("--update"), "{update}");
+
+    // A lock that pins nothing yet: --locked would have to write one.
+    std::fs::write(project.join("Bangerfile"), "[project]\nname = \"plain\"\n").unwrap();
+    let locked = context.run(&["build", "--locked"]);
+    assert_eq!(locked.code, Some(1), "{locked}");
+    assert!(
+        locked.stderr.contains("Bangerfile.lock needs updating")
+            && locked.stderr.contains("source_date_epoch"),
+        "{locked}"
+    );
+    assert!(!project.join("Bangerfile.lock").exists());
+}
+
+#[test]
+fn build_log_and_rebuild_name_unknown_steps_and_steps_without_a_log() {
+    let context = TestContext::new();
+    context.with_example_project();
+    let unknown = context.run(&["build", "--log", "sandbox/nosuch"]);
+    assert_eq!(unknown.code, Some(1), "{unknown}");
+    assert!(unknown.stderr.contains("sandbox/nosuch"), "{unknown}");
+    let never = context.run(&["build", "--log", "base/provision[0]"]);
+    assert_eq!(never.code, Some(1), "{never}");
+    assert!(
+        never.stderr.contains("image:base/provision[0]") && never.stderr.contains("has not run"),
+        "{never}"
+    );
+    let rebuild = context.run(&["build", "--rebuild", "nosuch"]);
+    assert_eq!(rebuild.code, Some(1), "{rebuild}");
+    assert!(rebuild.stderr.contains("--rebuild nosuch"), "{rebuild}");
+    assert!(
+        !context.store_dir().exists() && !context.project().join("Bangerfile.lock").exists(),
+        "a refused command wrote the store or the lock"
     );
 }

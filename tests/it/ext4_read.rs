@@ -968,14 +968,11 @@ fn ext4_read_export_is_deterministic_and_round_trips() {
         // tar → banger's writer → reader: the same tree again.
         let rebuilt = dir.path().join(format!("{name}-rebuilt.ext4"));
         build_rootfs(
-            &[Layer {
-                name: format!("{name} export"),
-                path: tar_path.clone(),
-            }],
+            &[Layer::tar(format!("{name} export"), tar_path.clone())],
             &rebuilt,
             &RootfsOptions {
                 sizing: auto_size(),
-                inject_assets: false,
+                strip_identity: false,
                 seed: b"round trip".to_vec(),
                 cancel: None,
                 sync: false,
@@ -1153,20 +1150,11 @@ fn check_overlay_diff(diff: &[u8], summary: banger::ext4::ExportSummary, dir: &P
     std::fs::write(&diff_path, diff).unwrap();
     let image = dir.join("applied.ext4");
     build_rootfs(
-        &[
-            Layer {
-                name: "base".into(),
-                path: base,
-            },
-            Layer {
-                name: "diff".into(),
-                path: diff_path,
-            },
-        ],
+        &[Layer::tar("base", base), Layer::tar("diff", diff_path)],
         &image,
         &RootfsOptions {
             sizing: auto_size(),
-            inject_assets: false,
+            strip_identity: false,
             seed: b"overlay".to_vec(),
             cancel: None,
             sync: false,

@@ -14,6 +14,7 @@ mod images;
 mod kernel;
 mod kernel_pull;
 mod oci;
+mod provision;
 mod registry;
 mod rootfs;
 mod slow;

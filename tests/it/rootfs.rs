@@ -111,10 +111,7 @@ fn zstd(bytes: &[u8]) -> Vec<u8> {
 fn write_layer(dir: &Path, name: &str, bytes: &[u8]) -> Layer {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    Layer {
-        name: format!("sha256:{name}"),
-        path,
-    }
+    Layer::tar(format!("sha256:{name}"), path)
 }
 
 fn options() -> RootfsOptions {
@@ -123,7 +120,7 @@ fn options() -> RootfsOptions {
             headroom_percent: 150,
             min_bytes: 64 << 20,
         },
-        inject_assets: true,
+        strip_identity: true,
         seed: b"rootfs-test".to_vec(),
         cancel: None,
         sync: true,
@@ -291,7 +288,11 @@ fn layers_flatten_into_a_faithful_ext4() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let layers = faithful_layers(dir.path());
+    let mut layers = faithful_layers(dir.path());
+    // banger's guest assets come last, as in every image `rootfs.build` writes.
+    let agent = dir.path().join("agent.tar");
+    banger::rootfs::layer_tar::write_agent_layer(&agent).unwrap();
+    layers.push(Layer::tar("agent", &agent));
     let image = dir.path().join("rootfs.ext4");
     let progress = std::cell::Cell::new(0u64);
     build_rootfs(&layers, &image, &options(), &|done, total| {

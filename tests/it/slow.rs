@@ -476,8 +476,9 @@ fn boot_spec(world: &DebianWorld, image: &serde_json::Value, dir: &Path) -> Boot
         transport: AgentTransport::Serial,
         vsock_daemon: None,
         extra_cmdline: Vec::new(),
-        vm_disks: None,
+        writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
+        network: false,
         serial_log: vm_dir.join("console.log"),
         dir: vm_dir,
     }
@@ -531,7 +532,7 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
     let disks = VmDisks::create(&vm_dir, "disk-test", 1 << 30, 256 << 20).unwrap();
     assert_fsck_clean(&disks.overlay);
     assert_fsck_clean(&disks.work);
-    spec.vm_disks = Some(disks);
+    spec.writable = banger::vm::boot::WritableLayer::VmDisks(disks);
     let console = || {
         std::fs::read_to_string(vm_dir.join("console.log"))
             .unwrap_or_else(|error| error.to_string())

@@ -1,0 +1,568 @@
+//! `run` provisioning end to end, through the real `banger` binary: builder VMs booting the
+//! real default image and kernel under QEMU (TCG where KVM does not work), their changes
+//! turned into layers, the images booted as VMs. Part of the slow group (`slow_provision_*`).
+//! On failure, the step's kept log and console are in the output.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::slow::{debian_world, have_qemu, records};
+use crate::support::{Output, TestContext, capable, find_program};
+
+fn can_build() -> bool {
+    have_qemu()
+        && capable(
+            "ssh-keygen (Debian package `openssh-client`)",
+            find_program("ssh-keygen").is_some(),
+        )
+}
+
+/// A project directory of its own in `context`, with `bangerfile` written into it.
+fn project(context: &TestContext, name: &str, bangerfile: &str) -> PathBuf {
+    let dir = context.root.path().join("projects").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Bangerfile"), bangerfile).unwrap();
+    dir
+}
+
+/// `banger ARGS --file DIR/Bangerfile`.
+fn in_project(context: &TestContext, dir: &Path, args: &[&str]) -> std::process::Command {
+    let file = dir.join("Bangerfile");
+    let mut all: Vec<&str> = args.to_vec();
+    all.push("--file");
+    all.push(file.to_str().unwrap());
+    let mut command = context.command(&all);
+    command.current_dir(dir);
+    command
+}
+
+fn output_of(context: &TestContext, output: std::process::Output) -> Output {
+    Output {
+        code: output.status.code(),
+        stdout: context.redact(&String::from_utf8_lossy(&output.stdout)),
+        stderr: context.redact(&String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+fn build(context: &TestContext, dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--json", "build"];
+    args.extend_from_slice(extra);
+    output_of(context, in_project(context, dir, &args).output().unwrap())
+}
+
+/// Ids of the steps a `--json` run executed (`step_finished`).
+fn ran(output: &Output) -> Vec<String> {
+    let mut ran: Vec<String> = records(&output.stdout)
+        .iter()
+        .filter(|event| event["type"] == "step_finished")
+        .map(|event| event["data"]["step"].as_str().unwrap().to_owned())
+        .collect();
+    ran.sort();
+    ran
+}
+
+/// Ids of the steps a `--json` run satisfied by early cutoff.
+fn cut_off(output: &Output) -> Vec<String> {
+    records(&output.stdout)
+        .iter()
+        .filter(|event| event["type"] == "step_cached" && event["data"]["hit"] == "cutoff")
+        .map(|event| event["data"]["step"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Pids of QEMU processes started by the `banger` process `pid` (their console log is in a
+/// scratch directory named after it).
+fn builder_qemus(pid: u32) -> Vec<u32> {
+    let marker = format!("/scratch/step-{pid}-");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(candidate) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if cmdline.contains("qemu-system") && cmdline.contains(&marker) && !zombie {
+            found.push(candidate);
+        }
+    }
+    found
+}
+
+/// Waits until `pid` has no builder QEMU left; fails after `limit`.
+fn assert_no_builder_left(pid: u32, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = builder_qemus(pid);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: builder QEMU {left:?} still runs {limit:?} later"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The kept log of a step, for failure messages.
+fn step_log(context: &TestContext, dir: &Path, step: &str) -> String {
+    let output = in_project(context, dir, &["build", "--log", step])
+        .output()
+        .unwrap();
+    format!(
+        "--- log of {step}:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn slow_provision_run_steps_build_an_image_that_boots_and_rebuild_only_what_changed() {
+    if !can_build() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = project(
+        context,
+        "make",
+        r#"[project]
+name = "provisioned"
+
+[[image.provision]]
+run = "apt-get update && apt-get install -y --no-install-recommends make"
+env = { DEBIAN_FRONTEND = "noninteractive" }
+
+[[image.provision]]
+run = "make --version > /etc/make-version"
+
+[[image.provision]]
+copy = "hello.txt"
+to = "/etc/hello.txt"
+"#,
+    );
+    std::fs::write(dir.join("hello.txt"), "hello\n").unwrap();
+
+    let first = build(context, &dir, &[]);
+    assert_eq!(
+        first.code,
+        Some(0),
+        "{first}\n{}",
+        step_log(context, &dir, "sandbox/provision[0]")
+    );
+    let first_ran = ran(&first);
+    for step in [
+        "image:sandbox/provision[0]",
+        "image:sandbox/provision[1]",
+        "image:sandbox/provision[2]",
+        "image:sandbox/rootfs",
+    ] {
+        assert!(first_ran.iter().any(|id| id == step), "{step}: {first}");
+    }
+    // The command's output streamed as events, and the whole of it is kept.
+    assert!(
+        records(&first.stdout).iter().any(|event| {
+            event["type"] == "step_output"
+                && event["data"]["step"] == "image:sandbox/provision[0]"
+                && event["data"]["line"]
+                    .as_str()
+                    .is_some_and(|line| line.contains("Setting up make"))
+        }),
+        "{first}"
+    );
+    assert!(step_log(context, &dir, "sandbox/provision[0]").contains("Setting up make"));
+
+    let run = context.run(&[
+        "vm",
+        "run",
+        "--image",
+        "provisioned/sandbox",
+        "--rm",
+        "--memory",
+        "1G",
+        "--",
+        "cat",
+        "/etc/make-version",
+        "/etc/hello.txt",
+    ]);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert!(run.stdout.contains("GNU Make"), "{run}");
+    assert!(run.stdout.contains("hello"), "{run}");
+
+    // Nothing changed: nothing runs.
+    let again = build(context, &dir, &[]);
+    assert_eq!(again.code, Some(0), "{again}");
+    assert_eq!(ran(&again), Vec::<String>::new(), "{again}");
+
+    // Editing the second `run` re-runs it and what follows only; the copy's layer does not
+    // depend on it.
+    let text = std::fs::read_to_string(dir.join("Bangerfile")).unwrap();
+    std::fs::write(
+        dir.join("Bangerfile"),
+        text.replace(
+            "make --version > /etc/make-version",
+            "make --version | head -n 1 > /etc/make-version",
+        ),
+    )
+    .unwrap();
+    let edited = build(context, &dir, &[]);
+    assert_eq!(edited.code, Some(0), "{edited}");
+    assert_eq!(
+        ran(&edited),
+        ["image:sandbox/provision[1]", "image:sandbox/rootfs"],
+        "{edited}"
+    );
+
+    // Identity: two VMs of the provisioned image make their own host keys and machine ids.
+    let identity = || {
+        let output = context.run(&[
+            "vm",
+            "run",
+            "--image",
+            "provisioned/sandbox",
+            "--rm",
+            "--memory",
+            "1G",
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 600); do [ -s /etc/ssh/ssh_host_ed25519_key.pub ] && \
+             [ -s /etc/machine-id ] && break; sleep 0.2; done; \
+             cat /etc/ssh/ssh_host_ed25519_key.pub /etc/machine-id",
+        ]);
+        assert_eq!(output.code, Some(0), "{output}");
+        let lines: Vec<String> = output
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with("ssh-ed25519") || line.len() == 32)
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 2, "a host key and a machine id: {output}");
+        lines
+    };
+    let (one, two) = (identity(), identity());
+    assert_ne!(one[0], two[0], "two VMs share an SSH host key");
+    assert_ne!(one[1], two[1], "two VMs share a machine id");
+}
+
+#[test]
+fn slow_provision_a_failing_command_fails_its_step_with_its_output_and_stores_nothing() {
+    if !can_build() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = project(
+        context,
+        "failing",
+        "[project]\nname = \"failing\"\n\n[[image.provision]]\n\
+         run = \"echo first words; echo to stderr >&2; exit 3\"\n",
+    );
+    let mut command = in_project(context, &dir, &["build"]);
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let failed = output_of(context, child.wait_with_output().unwrap());
+    assert_eq!(failed.code, Some(1), "{failed}");
+    for expected in [
+        "exit 3",
+        "first words",
+        "to stderr",
+        "the whole log: [ROOT]",
+    ] {
+        assert!(failed.stderr.contains(expected), "{expected}: {failed}");
+    }
+    assert_no_builder_left(pid, Duration::from_secs(10), "after a failed step");
+    // Nothing stored: the step would run again, and its image was not recorded.
+    let graph = output_of(
+        context,
+        in_project(context, &dir, &["graph"]).output().unwrap(),
+    );
+    let line = graph
+        .stdout
+        .lines()
+        .find(|line| line.contains("image:sandbox/provision[0] "))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains("will run"), "{graph}");
+    let images = context.run(&["--json", "image", "list"]);
+    assert!(!images.stdout.contains("failing/sandbox"), "{images}");
+    // The log is kept and names the failure's output.
+    assert!(step_log(context, &dir, "sandbox/provision[0]").contains("first words"));
+}
+
+#[test]
+fn slow_provision_interrupted_builds_leave_no_qemu_and_the_next_build_completes() {
+    if !can_build() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = project(
+        context,
+        "interrupted",
+        "[project]\nname = \"interrupted\"\n\n[[image.provision]]\n\
+         run = \"echo interrupted-build > /etc/interrupted\"\n",
+    );
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let mut command = in_project(context, &dir, &["build"]);
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let pid = child.id();
+        // Interrupted while the builder boots.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while builder_qemus(pid).is_empty() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{signal}: the build ended ({status}) before a builder started");
+            }
+            assert!(Instant::now() < deadline, "{signal}: no builder VM started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "{signal}: {status}");
+        assert_no_builder_left(pid, Duration::from_secs(10), signal.as_ref());
+        // Nothing of the step was stored.
+        let graph = output_of(
+            context,
+            in_project(context, &dir, &["graph"]).output().unwrap(),
+        );
+        assert!(
+            graph
+                .stdout
+                .lines()
+                .any(|line| line.contains("image:sandbox/provision[0] ")
+                    && line.contains("will run")),
+            "{signal}: {graph}"
+        );
+    }
+    let completed = build(context, &dir, &[]);
+    assert_eq!(completed.code, Some(0), "{completed}");
+    assert!(
+        ran(&completed)
+            .iter()
+            .any(|id| id == "image:sandbox/provision[0]"),
+        "{completed}"
+    );
+}
+
+/// The rootfs digest of a recorded image.
+fn image_digest(context: &TestContext, name: &str) -> String {
+    let list = context.run(&["--json", "image", "list"]);
+    records(&list.stdout)
+        .into_iter()
+        .find(|record| record["data"]["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not listed: {list}"))["data"]["rootfs"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn slow_provision_two_cold_builds_give_identical_images_and_a_rebuilt_step_is_cut_off() {
+    if !can_build()
+        || !capable("mmdebstrap", find_program("mmdebstrap").is_some())
+        || !capable("apt-get", find_program("apt-get").is_some())
+    {
+        return;
+    }
+    let bangerfile = "[project]\nname = \"repro\"\n\n\
+        [image]\nfrom = { recipe = \"debian\", suite = \"bookworm\" }\n\n\
+        [[image.provision]]\nrun = \"echo x > /etc/x\"\n";
+    let mut digests = Vec::new();
+    let mut lock = None;
+    for _ in 0..2 {
+        let context = TestContext::new();
+        let dir = project(&context, "repro", bangerfile);
+        if let Some(lock) = &lock {
+            std::fs::write(dir.join("Bangerfile.lock"), lock).unwrap();
+        }
+        let built = build(&context, &dir, &[]);
+        assert_eq!(built.code, Some(0), "{built}");
+        lock = Some(std::fs::read_to_string(dir.join("Bangerfile.lock")).unwrap());
+        digests.push(image_digest(&context, "repro/sandbox"));
+
+        // Re-running the deterministic step gives the same layer: the image is cut off.
+        let rebuilt = build(&context, &dir, &["--rebuild", "sandbox/provision[0]"]);
+        assert_eq!(rebuilt.code, Some(0), "{rebuilt}");
+        assert_eq!(ran(&rebuilt), ["image:sandbox/provision[0]"], "{rebuilt}");
+        assert_eq!(cut_off(&rebuilt), ["image:sandbox/rootfs"], "{rebuilt}");
+
+        // The lock records what the recipe installed; --locked refuses other versions.
+        let lock_file = dir.join("Bangerfile.lock");
+        let text = std::fs::read_to_string(&lock_file).unwrap();
+        assert!(
+            text.contains("[[recipe]]") && text.contains("\"bash="),
+            "{text}"
+        );
+        let other = regex_free_replace_first_version(&text, "bash=");
+        std::fs::write(&lock_file, &other).unwrap();
+        let refused = build(&context, &dir, &["--locked"]);
+        assert_eq!(refused.code, Some(1), "{refused}");
+        assert!(
+            refused.stderr.contains("Bangerfile.lock needs updating")
+                && refused.stderr.contains("bash"),
+            "{refused}"
+        );
+        assert_eq!(std::fs::read_to_string(&lock_file).unwrap(), other);
+        std::fs::write(&lock_file, &text).unwrap();
+    }
+    assert_eq!(digests[0], digests[1], "two cold builds differ");
+}
+
+/// `text` with the version after the first `prefix` replaced by `0.0-banger-test`.
+fn regex_free_replace_first_version(text: &str, prefix: &str) -> String {
+    let start = text.find(prefix).unwrap() + prefix.len();
+    let end = start + text[start..].find('"').unwrap();
+    format!("{}0.0-banger-test{}", &text[..start], &text[end..])
+}
+
+/// A fresh HOME whose store is a copy of the world's (its image and kernel steps are hits):
+/// for tests that change the HOME's configuration.
+fn home_like_the_world(world: &crate::slow::DebianWorld) -> TestContext {
+    let context = TestContext::new();
+    let store = context.store_dir();
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(world.context.store_dir())
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a of the world's store failed");
+    context
+}
+
+#[test]
+fn slow_provision_golden_bundles_are_a_stored_step_and_boot() {
+    if !can_build() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = home_like_the_world(world);
+    let dir = project(
+        &context,
+        "golden",
+        "[project]\nname = \"golden\"\n\n[[image.provision]]\nrun = \"echo golden > /etc/golden\"\n",
+    );
+    let out = context.root.path().join("golden.tar.zst");
+    let bundle_args = ["--bundle", out.to_str().unwrap()];
+    let first = build(&context, &dir, &bundle_args);
+    assert_eq!(first.code, Some(0), "{first}");
+    assert!(
+        ran(&first).iter().any(|id| id == "image:sandbox/bundle"),
+        "{first}"
+    );
+    let entry = records(&first.stdout)
+        .into_iter()
+        .find(|record| record["type"] == "bundle")
+        .expect("a catalog entry");
+    let sha256 = entry["data"]["bundle"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let records_before = context
+        .run(&["--json", "cache", "ls"])
+        .stdout
+        .lines()
+        .count();
+
+    // Nothing changed: the stored bundle is copied out, identical, nothing runs or is stored.
+    std::fs::remove_file(&out).unwrap();
+    let second = build(&context, &dir, &bundle_args);
+    assert_eq!(second.code, Some(0), "{second}");
+    assert_eq!(ran(&second), Vec::<String>::new(), "{second}");
+    let again = records(&second.stdout)
+        .into_iter()
+        .find(|record| record["type"] == "bundle")
+        .expect("a catalog entry");
+    assert_eq!(again["data"]["bundle"]["sha256"], sha256.as_str());
+    let written = std::process::Command::new("sha256sum")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&written.stdout).starts_with(&sha256));
+    assert_eq!(
+        context
+            .run(&["--json", "cache", "ls"])
+            .stdout
+            .lines()
+            .count(),
+        records_before,
+        "the second bundle build stored something"
+    );
+
+    // The bundle, listed in a catalog, is pulled and boots.
+    let mut catalog: serde_json::Value =
+        serde_json::from_str(include_str!("../../catalogs/images.json")).unwrap();
+    let mut listed = entry["data"].clone();
+    listed["name"] = "golden-bundle".into();
+    // The printed URL went through the test's redaction of temp paths.
+    listed["bundle"]["url"] = format!("file://{}", out.display()).into();
+    catalog["images"].as_array_mut().unwrap().push(listed);
+    let catalog_file = context.root.path().join("images.json");
+    std::fs::write(&catalog_file, catalog.to_string()).unwrap();
+    std::fs::create_dir_all(context.config_file().parent().unwrap()).unwrap();
+    std::fs::write(
+        context.config_file(),
+        format!("[catalogs]\nimages = \"{}\"\n", catalog_file.display()),
+    )
+    .unwrap();
+    let pulled = context.run(&["image", "pull", "golden-bundle"]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    let _daemon = StopDaemon(&context);
+    let run = context.run(&[
+        "vm",
+        "run",
+        "--image",
+        "golden-bundle",
+        "--rm",
+        "--memory",
+        "1G",
+        "--",
+        "cat",
+        "/etc/golden",
+    ]);
+    assert_eq!(run.code, Some(0), "{run}");
+    assert_eq!(
+        run.stdout.trim_end().lines().last(),
+        Some("golden"),
+        "{run}"
+    );
+}
+
+/// Stops a test HOME's VMs and daemon however the test ends.
+struct StopDaemon<'a>(&'a TestContext);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        crate::vm::stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
+    }
+}
