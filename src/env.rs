@@ -47,13 +47,25 @@ pub const BANGER_TEST_FIRECRACKER: &str = "BANGER_TEST_FIRECRACKER";
 /// skips a test it was meant to run.
 pub const BANGER_TEST_REQUIRE_ALL: &str = "BANGER_TEST_REQUIRE_ALL";
 
+/// The home directory (paths, Docker's config, cargo's `bin`).
+pub const HOME: &str = "HOME";
+/// XDG base directories ([`crate::paths`]).
+pub const XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
+pub const XDG_STATE_HOME: &str = "XDG_STATE_HOME";
+pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
+pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
+/// Where `cargo install` put `vhost-device-vsock` (default `~/.cargo`), searched after `PATH`.
+pub const CARGO_HOME: &str = "CARGO_HOME";
+/// Where programs banger runs are found (`banger doctor` reports what it finds there).
+pub const PATH: &str = "PATH";
+
 /// The standard variables banger honours, for the docs and for test sandboxes.
 pub const STANDARD: &[&str] = &[
-    "HOME",
-    "XDG_CACHE_HOME",
-    "XDG_STATE_HOME",
-    "XDG_CONFIG_HOME",
-    "XDG_RUNTIME_DIR",
+    HOME,
+    XDG_CACHE_HOME,
+    XDG_STATE_HOME,
+    XDG_CONFIG_HOME,
+    XDG_RUNTIME_DIR,
     NO_COLOR,
     DOCKER_CONFIG,
 ];
@@ -73,6 +85,10 @@ pub const ALL: &[&str] = &[
     BANGER_TEST_REQUIRE_ALL,
     BANGER_TEST_FIRECRACKER,
 ];
+
+/// Standard variables banger reads but a test sandbox keeps from its parent: they say where
+/// programs are, not where banger's files go.
+pub const INHERITED: &[&str] = &[PATH, CARGO_HOME];
 
 /// A variable as a path; unset or empty counts as unset.
 pub fn var_path(name: &str) -> Option<PathBuf> {
@@ -115,10 +131,81 @@ pub fn test_require_all() -> bool {
     std::env::var(BANGER_TEST_REQUIRE_ALL).is_ok_and(|value| value == "1")
 }
 
+/// `PATH`, as the OS gives it.
+pub fn search_path() -> Option<OsString> {
+    std::env::var_os(PATH)
+}
+
 /// `BANGER_REGISTRY_RETRIES`, when set to a positive number.
 pub fn registry_retries() -> Option<u32> {
     std::env::var(BANGER_REGISTRY_RETRIES)
         .ok()
         .and_then(|value| value.trim().parse().ok())
         .filter(|attempts: &u32| *attempts > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(dir: &std::path::Path, found: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, found);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                found.push((path.clone(), std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+
+    /// Only this module names variables: every other read goes through a constant here.
+    #[test]
+    fn no_module_reads_a_variable_by_a_name_of_its_own() {
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut offenders = Vec::new();
+        for (path, text) in files {
+            if path.ends_with("src/env.rs") {
+                continue;
+            }
+            for pattern in ["var_path(\"", "env::var(\"", "var_os(\"", "env::var_os(\""] {
+                if text.contains(pattern) {
+                    offenders.push(format!("{}: {pattern}", path.display()));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "read outside env.rs: {offenders:?}");
+    }
+
+    /// `docs/cli.md` lists every variable declared here, and declares no `BANGER_*` one that
+    /// is not.
+    #[test]
+    fn the_docs_list_exactly_the_declared_variables() {
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/cli.md"),
+        )
+        .unwrap();
+        let table = docs
+            .split("## Environment")
+            .nth(1)
+            .expect("docs/cli.md has an Environment section");
+        for name in ALL.iter().chain(STANDARD).chain(INHERITED) {
+            assert!(
+                table.contains(&format!("`{name}`")),
+                "docs/cli.md does not list {name}"
+            );
+        }
+        for word in table.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("BANGER_") {
+                assert!(
+                    ALL.contains(&word),
+                    "docs/cli.md lists {word}, which env.rs does not declare"
+                );
+            }
+        }
+    }
 }

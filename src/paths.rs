@@ -42,7 +42,7 @@ impl Paths {
 
     /// Resolves every path through `var` (a stand-in for the environment in tests).
     pub fn resolve(var: &dyn Fn(&str) -> Option<PathBuf>, uid: u32) -> Result<Paths, PathsError> {
-        let home = var("HOME");
+        let home = var(crate::env::HOME);
         let under_home = |relative: &str| home.as_ref().map(|home| home.join(relative));
         let xdg = |name: &str, fallback: &str| {
             var(name)
@@ -51,26 +51,26 @@ impl Paths {
         };
         let cache_dir = match var(env::BANGER_CACHE_DIR) {
             Some(dir) => dir,
-            None => xdg("XDG_CACHE_HOME", ".cache")
+            None => xdg(crate::env::XDG_CACHE_HOME, ".cache")
                 .ok_or(PathsError::NoHome)?
                 .join("banger"),
         };
         let state_dir = match var(env::BANGER_STATE_DIR) {
             Some(dir) => dir,
-            None => xdg("XDG_STATE_HOME", ".local/state")
+            None => xdg(crate::env::XDG_STATE_HOME, ".local/state")
                 .ok_or(PathsError::NoHome)?
                 .join("banger"),
         };
         let config_file = match var(env::BANGER_CONFIG) {
             Some(file) => file,
-            None => xdg("XDG_CONFIG_HOME", ".config")
+            None => xdg(crate::env::XDG_CONFIG_HOME, ".config")
                 .ok_or(PathsError::NoHome)?
                 .join("banger")
                 .join("config.toml"),
         };
         let runtime_dir = match var(env::BANGER_RUNTIME_DIR) {
             Some(dir) => dir,
-            None => match var("XDG_RUNTIME_DIR").filter(|path| path.is_absolute()) {
+            None => match var(crate::env::XDG_RUNTIME_DIR).filter(|path| path.is_absolute()) {
                 Some(dir) => dir.join("banger"),
                 None => PathBuf::from(format!("/tmp/banger-{uid}")),
             },

@@ -1,5 +1,6 @@
-//! The one place banger does privileged host operations: today, the tap devices that give a
-//! Firecracker VM its network.
+//! The one place banger does privileged host operations: the tap devices that give a
+//! Firecracker VM its network, and handing the files of a Firecracker jail to the jail's
+//! user ([`hand_over`]).
 //!
 //! Firecracker has no user-mode network: a guest's `eth0` is a tap on the host, and making a
 //! tap needs `CAP_NET_ADMIN`. banger makes one only when it runs as root, and says so plainly
@@ -51,6 +52,18 @@ pub enum PrivilegedError {
          alone"
     )]
     NotATap { name: String },
+}
+
+/// Makes `path` owned by `uid:gid`: a per-VM file (a writable drive, the log) handed to the
+/// unprivileged user a jailed Firecracker runs as. Needs root (`CAP_CHOWN`); the caller
+/// checks that it is.
+pub fn hand_over(path: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Whether banger runs with root's effective uid.

@@ -8,7 +8,7 @@
 //! | 2    | banger could not work: environment (store unreadable, no HOME) or internal error |
 //! | 130  | interrupted (Ctrl-C) |
 //!
-//! `vm run -- CMD` (a later command) exits with the guest command's own code.
+//! `vm run -- CMD` and `vm ssh NAME -- CMD` exit with the guest command's own code.
 
 use std::process::ExitCode;
 

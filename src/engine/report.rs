@@ -2,7 +2,7 @@
 //!
 //! Only the engine's scheduling loop calls the [`Reporter`]; running steps send their progress
 //! to the loop over a channel. The CLI renders events as progress bars or JSON Lines; the daemon
-//! (later) streams them to clients. The engine itself never prints.
+//! streams them to clients. The engine itself never prints.
 //!
 //! [`Event`] is `Serialize + Deserialize` in one stable representation (see its doc), the one
 //! `--json` prints, so an event can cross the daemon socket and be rendered on the other side

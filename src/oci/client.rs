@@ -88,7 +88,7 @@ impl RegistryOptions {
         RegistryOptions {
             docker_config: docker_config_path(
                 crate::env::var_path(crate::env::DOCKER_CONFIG),
-                crate::env::var_path("HOME"),
+                crate::env::var_path(crate::env::HOME),
             ),
             insecure_registries: crate::env::insecure_registries(),
             retry: RetryPolicy {

@@ -2,7 +2,7 @@
 //!
 //! `/dev/kvm` existing is not enough: on a host that is itself a guest of a PVM hypervisor
 //! (`kvm_pvm` loaded), ordinary guest kernels hang right after "Booting paravirtualized kernel
-//! on KVM" (see environment.md), so such a host must never be given `-accel kvm`. Detection is
+//! on KVM" (see docs/hosts.md), so such a host must never be given `-accel kvm`. Detection is
 //! a pure function of what [`HostFacts::probe`] reads, so it is unit-tested with fake facts.
 //! `BANGER_ACCEL=kvm|tcg` overrides it.
 
@@ -18,7 +18,7 @@ pub enum Accel {
 
 impl Accel {
     /// QEMU's `-accel` argument. TCG gets a 128 MiB translation cache: the default grows QEMU
-    /// to 430–950 MiB RSS with no measurable gain (environment.md).
+    /// to 430–950 MiB RSS with no measurable gain (docs/hosts.md).
     pub fn qemu_arg(&self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
@@ -107,7 +107,7 @@ pub fn choose(facts: &HostFacts) -> Result<Accel, AccelError> {
 
 /// The host TSC frequency in kHz, from the kernel log (`tsc: Detected 2300.000 MHz
 /// processor`), else `/proc/cpuinfo`'s `cpu MHz`. Under TCG with ACPI, a stock kernel hangs at
-/// TSC calibration unless the command line carries `tsc_early_khz=` (environment.md).
+/// TSC calibration unless the command line carries `tsc_early_khz=` (docs/hosts.md).
 pub fn host_tsc_khz() -> Option<u64> {
     let from_log = std::process::Command::new("dmesg")
         .output()

@@ -47,10 +47,10 @@
 //! - The API client ([`api`]) is hyper's HTTP/1.1 connection over the unix socket, one per
 //!   request: see its module note.
 //!
-//! Known weaknesses: a `FirecrackerProcess` is tied to the tokio child that started it, so a
-//! restarted daemon cannot adopt a running Firecracker yet (it can still reach its API
-//! socket with an [`ApiClient`]); no metrics, balloon, MMDS or rate limiters; jailer cgroups
-//! are not offered. On PVM hosts (environment.md) Firecracker cannot boot a stock guest
+//! Known weaknesses: a `FirecrackerProcess` is tied to the tokio child that started it; the
+//! daemon follows a running Firecracker by its pid and start time instead (`backend.rs`,
+//! `process.rs`) and reaches it through its API socket with an [`ApiClient`]; no metrics, balloon, MMDS or rate limiters; jailer cgroups
+//! are not offered. On PVM hosts (docs/hosts.md) Firecracker cannot boot a stock guest
 //! kernel: everything up to `InstanceStart` works, then the guest hangs.
 
 pub mod api;

@@ -1,7 +1,9 @@
 //! Virtual machines: accelerator choice, the QEMU microvm backend and its control protocol,
 //! the Firecracker backend (API client, process, jailer), vsock through
-//! `vhost-device-vsock`, and throwaway boots that reach the guest agent. (The backend trait,
-//! per-VM storage and the lifecycle arrive with the VM issue.)
+//! `vhost-device-vsock`, the `VmmBackend` trait over both (`backend.rs`), per-VM disks
+//! (`storage.rs`), processes that outlive the daemon (`process.rs`), and throwaway boots that
+//! reach the guest agent (`boot.rs`: `kernel test`, builder VMs). The lifecycle of named VMs
+//! (create, start, stop, delete) is the daemon's, on top of these.
 
 pub mod accel;
 pub mod backend;

@@ -8,7 +8,7 @@
 //! 3. [`QemuProcess::stop`] asks over QMP to quit, then SIGTERM, then SIGKILL after a grace
 //!    period; dropping a process that was not stopped kills its group.
 //!
-//! Choices that come from measurements on TCG hosts (environment.md): `microvm` with ACPI on
+//! Choices that come from measurements on TCG hosts (docs/hosts.md): `microvm` with ACPI on
 //! (devices appear as `LNRO0005`, banger's initramfs loads `virtio_mmio`), PIT and PIC kept
 //! on, `tsc_early_khz=` on the kernel command line, a 128 MiB translation cache, `quiet`
 //! serial. Memory comes from a shared memfd backend when a vhost-user vsock device is

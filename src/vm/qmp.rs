@@ -4,7 +4,7 @@
 //! 2. `qmp_capabilities` leaves negotiation mode.
 //! 3. Each command is one JSON line; the reply is the next object that is not an event:
 //!    QEMU interleaves asynchronous events (`{"event": …}`) with replies, so they are skipped
-//!    (environment.md).
+//!    (docs/hosts.md).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

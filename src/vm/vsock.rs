@@ -50,8 +50,8 @@ pub fn find_binary() -> Option<PathBuf> {
         return Some(path);
     }
     crate::doctor::find_program("vhost-device-vsock").or_else(|| {
-        let cargo_home = crate::env::var_path("CARGO_HOME")
-            .or_else(|| crate::env::var_path("HOME").map(|home| home.join(".cargo")))?;
+        let cargo_home = crate::env::var_path(crate::env::CARGO_HOME)
+            .or_else(|| crate::env::var_path(crate::env::HOME).map(|home| home.join(".cargo")))?;
         let candidate = cargo_home.join("bin/vhost-device-vsock");
         candidate.is_file().then_some(candidate)
     })

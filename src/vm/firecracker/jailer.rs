@@ -172,15 +172,12 @@ pub(super) fn stage(
             source,
         })?;
         if link.owned {
-            nix::unistd::chown(
-                &to,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            )
-            .map_err(|errno| FirecrackerError::Prepare {
-                what: "hand to the jail's user",
-                path: link.from.clone(),
-                source: errno.into(),
+            crate::privileged::hand_over(&to, uid, gid).map_err(|source| {
+                FirecrackerError::Prepare {
+                    what: "hand to the jail's user",
+                    path: link.from.clone(),
+                    source,
+                }
             })?;
         }
     }
