@@ -191,7 +191,7 @@ fn smoke(spec: &BootSpec) -> SmokeReport {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime
         .block_on(smoke_test(spec, Instant::now() + Duration::from_secs(180)))
-        .unwrap_or_else(|error| panic!("{}", banger::engine::error_chain(&error)))
+        .unwrap_or_else(|error| panic!("{}", banger::error::error_chain(&error)))
 }
 
 fn main() -> ExitCode {

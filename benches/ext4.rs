@@ -69,7 +69,7 @@ fn convert(tar: &Path, image: &Path, sync: bool) -> BenchResult<Ext4Summary> {
         cancel: None,
         sync,
     };
-    build_rootfs(&layers, image, &options, &|_, _| {}).map_err(|e| banger::engine::error_chain(&e))
+    build_rootfs(&layers, image, &options, &|_, _| {}).map_err(|e| banger::error::error_chain(&e))
 }
 
 /// Child mode: `--convert TAR IMAGE sync|no-sync`; prints elapsed time and peak RSS.

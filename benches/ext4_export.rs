@@ -66,7 +66,7 @@ fn drop_caches() -> bool {
 fn export_once(image: &Path, out: &Path) -> BenchResult<(Duration, ExportSummary)> {
     let start = Instant::now();
     let summary = export_tar_to_file(image, Path::new(""), out, &ExportOptions::default())
-        .map_err(|e| banger::engine::error_chain(&e))?;
+        .map_err(|e| banger::error::error_chain(&e))?;
     let elapsed = start.elapsed();
     std::fs::remove_file(out).map_err(|e| e.to_string())?;
     Ok((elapsed, summary))
@@ -166,7 +166,7 @@ fn bench() -> BenchResult<()> {
         read_cold.push(read_floor(&image)?);
         if tar_bytes == 0 {
             export_tar_to_file(&image, Path::new(""), &out, &ExportOptions::default())
-                .map_err(|e| banger::engine::error_chain(&e))?;
+                .map_err(|e| banger::error::error_chain(&e))?;
             tar_bytes = std::fs::metadata(&out).map_err(|e| e.to_string())?.len();
             std::fs::remove_file(&out).map_err(|e| e.to_string())?;
         }
@@ -192,7 +192,7 @@ fn bench() -> BenchResult<()> {
             std::io::sink(),
             &ExportOptions::default(),
         )
-        .map_err(|e| banger::engine::error_chain(&e))?;
+        .map_err(|e| banger::error::error_chain(&e))?;
         export_sink.push(start.elapsed());
     }
     drop(reader);

@@ -291,14 +291,14 @@ fn baseline_run(spec: &BootSpec, identity: Option<&banger::ssh::SshIdentity>) ->
         let started = Instant::now();
         let mut vm = BootedVm::start(spec)
             .await
-            .unwrap_or_else(|error| panic!("{}", banger::engine::error_chain(&error)));
+            .unwrap_or_else(|error| panic!("{}", banger::error::error_chain(&error)));
         let outcome = async {
             let (mut channel, _) = vm.wait_agent(started + Duration::from_secs(180)).await?;
             let ready = started.elapsed();
             if let Some(identity) = identity {
                 banger::ssh::authorize_in_guest(&mut channel, identity)
                     .await
-                    .unwrap_or_else(|error| panic!("{}", banger::engine::error_chain(&error)));
+                    .unwrap_or_else(|error| panic!("{}", banger::error::error_chain(&error)));
             }
             let (status, _, _) = banger::vm::boot::run_captured(
                 &mut channel,
@@ -315,8 +315,8 @@ fn baseline_run(spec: &BootSpec, identity: Option<&banger::ssh::SshIdentity>) ->
         .await;
         let stopped = vm.stop().await;
         let (ready, command) =
-            outcome.unwrap_or_else(|error| panic!("{}", banger::engine::error_chain(&error)));
-        stopped.unwrap_or_else(|error| panic!("{}", banger::engine::error_chain(&error)));
+            outcome.unwrap_or_else(|error| panic!("{}", banger::error::error_chain(&error)));
+        stopped.unwrap_or_else(|error| panic!("{}", banger::error::error_chain(&error)));
         BaselineRun {
             ready,
             command,

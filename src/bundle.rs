@@ -92,7 +92,7 @@ pub enum BundleError {
     #[error("cannot write bundle {}: {reason}", out.display())]
     InvalidInput { out: PathBuf, reason: String },
 
-    #[error("cannot read {} to pack it into bundle {}: {source}", path.display(), out.display())]
+    #[error("cannot read {} to pack it into bundle {}", path.display(), out.display())]
     ReadInput {
         out: PathBuf,
         path: PathBuf,
@@ -112,7 +112,7 @@ pub enum BundleError {
         detail: String,
     },
 
-    #[error("cannot write bundle {}: {source}", out.display())]
+    #[error("cannot write bundle {}", out.display())]
     WriteBundle {
         out: PathBuf,
         #[source]
@@ -120,7 +120,7 @@ pub enum BundleError {
     },
 
     #[error(
-        "cannot read bundle {}{}: {source}; the file is damaged or incomplete (fetch or build \
+        "cannot read bundle {}{}; the file is damaged or incomplete (fetch or build \
          it again)",
         bundle.display(),
         entry_suffix(entry)
@@ -171,7 +171,7 @@ pub enum BundleError {
     },
 
     #[error(
-        "cannot write entry `{entry}` of bundle {} to {}: {source}",
+        "cannot write entry `{entry}` of bundle {} to {}",
         bundle.display(),
         path.display()
     )]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Errors from reading a catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("catalog {origin} is not valid JSON for a banger catalog: {source}")]
+    #[error("catalog {origin} is not valid JSON for a banger catalog")]
     Parse {
         origin: String,
         #[source]

@@ -29,7 +29,7 @@ pub const DEFAULT_CACHE_MAX_SIZE: ByteSize = ByteSize(20 * ByteSize::GIB);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -48,14 +48,14 @@ pub enum ConfigError {
         value: String,
         message: String,
     },
-    #[error("cannot read catalog {path} (set in {config}): {source}")]
+    #[error("cannot read catalog {path} (set in {config})")]
     CatalogRead {
         path: PathBuf,
         config: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot fetch catalog {url} (set in {config}): {source}")]
+    #[error("cannot fetch catalog {url} (set in {config})")]
     CatalogFetch {
         url: String,
         config: PathBuf,
@@ -283,6 +283,12 @@ impl Config {
                 source: Box::new(error),
             }),
         }
+    }
+}
+
+impl crate::error::Classify for ConfigError {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::User
     }
 }
 

@@ -136,6 +136,18 @@ pub fn search_path() -> Option<OsString> {
     std::env::var_os(PATH)
 }
 
+/// Finds a program on `PATH` (or at an absolute path).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let path = std::path::Path::new(name);
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    let path = search_path()?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// `BANGER_REGISTRY_RETRIES`, when set to a positive number.
 pub fn registry_retries() -> Option<u32> {
     std::env::var(BANGER_REGISTRY_RETRIES)

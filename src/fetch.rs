@@ -39,7 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::bundle::hex;
-use crate::engine::error_chain;
+use crate::error::error_chain;
 use crate::oci::{Retrier, RetryPolicy, install_tls_provider};
 
 const USER_AGENT: &str = concat!("banger/", env!("CARGO_PKG_VERSION"));
@@ -89,7 +89,7 @@ pub enum FetchError {
         last: String,
     },
 
-    #[error("cannot read {url}: {source}")]
+    #[error("cannot read {url}")]
     ReadSource {
         url: String,
         #[source]
@@ -132,7 +132,7 @@ pub enum FetchError {
         actual: String,
     },
 
-    #[error("cannot write the download of {url} to {}: {source}", path.display())]
+    #[error("cannot write the download of {url} to {}", path.display())]
     WriteDestination {
         url: String,
         path: PathBuf,

@@ -19,19 +19,19 @@ pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_735_689_600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("cannot read lock file {path}: {source}")]
+    #[error("cannot read lock file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write lock file {path}: {source}")]
+    #[error("cannot write lock file {path}")]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("lock file {path} is not valid: {source}; delete it to resolve references again")]
+    #[error("lock file {path} is not valid; delete it to resolve references again")]
     Parse {
         path: PathBuf,
         #[source]
@@ -169,5 +169,13 @@ impl Lock {
             Some(old) => *old = pin,
             None => self.oci.push(pin),
         }
+    }
+}
+
+impl crate::error::Classify for LockError {
+    /// A lock is the project's file: unreadable, unwritable or malformed, it is the user's
+    /// to fix (or delete).
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::User
     }
 }

@@ -41,7 +41,7 @@ pub enum PrivilegedError {
         status: String,
         stderr: String,
     },
-    #[error("cannot run `{argv}` (banger manages tap devices with `ip`, from iproute2): {source}")]
+    #[error("cannot run `{argv}` (banger manages tap devices with `ip`, from iproute2)")]
     Spawn {
         argv: String,
         #[source]

@@ -17,7 +17,7 @@ use crate::key::KeyEncoder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot read project file {path}: {source}")]
+    #[error("cannot read project file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -114,6 +114,13 @@ fn encode_entry(encoder: &mut KeyEncoder, path: &Path, name: &str) -> Result<(),
         });
     }
     Ok(())
+}
+
+impl crate::error::Classify for SourceError {
+    /// A project file a step reads: missing or unreadable, the project's to fix.
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::User
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub enum SshError {
         status: String,
         stderr: String,
     },
-    #[error("cannot prepare {}: {source}", path.display())]
+    #[error("cannot prepare {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn the_key_pair_is_made_once_and_kept_private() {
-        if crate::doctor::find_program("ssh-keygen").is_none() {
+        if crate::env::find_program("ssh-keygen").is_none() {
             eprintln!("skipped: ssh-keygen is unavailable");
             return;
         }

@@ -18,13 +18,13 @@ use crate::key::Key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}")]
     CreateDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the state database {path}: {source}")]
+    #[error("cannot open the state database {path}")]
     Open {
         path: PathBuf,
         #[source]
@@ -39,7 +39,7 @@ pub enum StateError {
         found: i64,
         known: i64,
     },
-    #[error("state database query failed ({what}): {source}")]
+    #[error("state database query failed ({what})")]
     Query {
         what: &'static str,
         #[source]
@@ -588,6 +588,20 @@ fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         state: VmState::parse(&state),
         created_ms: row.get::<_, i64>(9)? as u64,
     })
+}
+
+impl crate::error::Classify for StateError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            StateError::NoSuchImage { .. }
+            | StateError::ImageExists { .. }
+            | StateError::NoSuchKernel { .. }
+            | StateError::KernelExists { .. }
+            | StateError::NoSuchVm { .. }
+            | StateError::VmExists { .. } => crate::error::ErrorClass::User,
+            _ => crate::error::ErrorClass::Environment,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,12 @@ mod document;
 mod raw;
 mod validate;
 
+impl crate::error::Classify for BangerfileError {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::User
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -60,7 +66,7 @@ pub const FILE_NAME: &str = "Bangerfile";
 #[derive(Debug, thiserror::Error)]
 pub enum BangerfileError {
     /// The file could not be read (missing, a directory, not UTF-8, no permission).
-    #[error("cannot read Bangerfile {}: {source}", .path.display())]
+    #[error("cannot read Bangerfile {}", .path.display())]
     Read {
         path: PathBuf,
         #[source]

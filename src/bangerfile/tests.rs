@@ -1272,7 +1272,7 @@ fn a_missing_bangerfile_names_its_path() {
     let error = load(path, &ParseContext::new(&catalogs)).unwrap_err();
     assert!(matches!(error, BangerfileError::Read { .. }));
     assert_eq!(
-        error.to_string(),
+        crate::error::error_chain(&error),
         "cannot read Bangerfile /nonexistent/banger-test/Bangerfile: No such file or directory (os error 2)"
     );
 }

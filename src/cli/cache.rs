@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use banger::inspect::format_time_ms;
+use banger::ops::graph::format_time_ms;
 use banger::spec::ByteSize;
 use banger::store::{GcOptions, Store};
 

@@ -6,7 +6,7 @@ use serde_json::json;
 use banger::daemon::client::{DaemonClient, Launcher, stop};
 use banger::daemon::protocol::{Request, Response};
 use banger::daemon::server;
-use banger::inspect::format_time_ms;
+use banger::ops::graph::format_time_ms;
 
 use super::Context;
 use super::exit::ExitStatus;

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use banger::doctor::{Health, run_checks};
+use banger::ops::doctor::{Health, run_checks};
 
 use super::Context;
 use super::exit::ExitStatus;

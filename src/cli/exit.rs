@@ -14,15 +14,20 @@ use std::process::ExitCode;
 
 use banger::bangerfile::BangerfileError;
 use banger::config::ConfigError;
-use banger::engine::{EngineError, error_chain};
-use banger::images::ImageError;
-use banger::kernels::KernelError;
+use banger::engine::EngineError;
+use banger::error::{Classify, ErrorClass, error_chain};
 use banger::lock::LockError;
 use banger::oci::OciError;
+use banger::ops::build::BuildError;
+use banger::ops::graph::InspectError;
+use banger::ops::images::ImageError;
+use banger::ops::kernels::KernelError;
+use banger::ops::project::ProjectError;
+use banger::ops::vms::VmError;
 use banger::plan::PlanError;
-use banger::project::ProjectError;
 use banger::sources::SourceError;
 use banger::state::StateError;
+use banger::store::StoreError;
 
 use super::printer::{BrokenPipe, Printer};
 
@@ -60,101 +65,91 @@ impl From<ExitStatus> for ExitCode {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+impl ExitStatus {
+    /// The exit status of an error of `class`.
+    pub fn of(class: ErrorClass) -> ExitStatus {
+        match class {
+            ErrorClass::User | ErrorClass::Failed => ExitStatus::UserError,
+            ErrorClass::Environment => ExitStatus::Failure,
+            ErrorClass::Interrupted => ExitStatus::Interrupted,
+        }
+    }
+}
+
+/// The class of an error the CLI got: the first banger error in its chain that knows its
+/// class ([`Classify`], the same the daemon answers with), else an environment error.
+fn class_of(error: &anyhow::Error) -> ErrorClass {
+    macro_rules! classified {
+        ($($kind:ty),* $(,)?) => {
+            for cause in error.chain() {
+                $(
+                    if let Some(known) = cause.downcast_ref::<$kind>() {
+                        return known.class();
+                    }
+                )*
+                if cause.downcast_ref::<UsageError>().is_some() {
+                    return ErrorClass::User;
+                }
+            }
+        };
+    }
+    classified!(
+        BuildError,
+        ImageError,
+        KernelError,
+        VmError,
+        ProjectError,
+        EngineError,
+        BangerfileError,
+        ConfigError,
+        LockError,
+        StateError,
+        OciError,
+        PlanError,
+        SourceError,
+        InspectError,
+        StoreError,
+    );
+    ErrorClass::Environment
+}
+
 /// Prints `error` once and picks the exit status for it.
 pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
     if error.downcast_ref::<BrokenPipe>().is_some() {
         return ExitStatus::Success;
     }
-    let engine = error
-        .downcast_ref::<EngineError>()
-        .or_else(|| match error.downcast_ref::<ImageError>() {
-            Some(ImageError::Engine(inner)) => Some(inner),
-            _ => None,
-        })
-        .or_else(|| match error.downcast_ref::<KernelError>() {
-            Some(KernelError::Engine(inner)) => Some(inner),
-            _ => None,
-        });
-    if let Some(engine) = engine {
-        match engine {
-            EngineError::Cancelled => return ExitStatus::Interrupted,
-            // Each failure was already shown as an event.
-            EngineError::StepsFailed { .. } => return ExitStatus::UserError,
-            _ => {}
-        }
+    if let Some(refused) = error.downcast_ref::<super::vm::Refused>() {
+        printer.error(&refused.message);
+        return refused.status();
     }
-    let bangerfile = error.downcast_ref::<BangerfileError>().or_else(|| {
-        match error.downcast_ref::<ProjectError>() {
-            Some(ProjectError::Bangerfile(inner)) => Some(inner),
-            _ => None,
-        }
+    let class = class_of(error);
+    let reported = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<EngineError>()
+            .is_some_and(EngineError::already_reported)
+            || cause
+                .downcast_ref::<ImageError>()
+                .is_some_and(ImageError::already_reported)
+    });
+    // Each failure was already shown as an event.
+    if reported {
+        return ExitStatus::of(class);
+    }
+    let bangerfile = error.chain().find_map(|cause| {
+        cause.downcast_ref::<BangerfileError>().or_else(|| {
+            match cause.downcast_ref::<ProjectError>() {
+                Some(ProjectError::Bangerfile(inner)) => Some(inner),
+                _ => None,
+            }
+        })
     });
     if let Some(BangerfileError::Invalid { .. }) = bangerfile {
         // A complete report with its own `error:` lines.
         eprintln!("{error}");
         return ExitStatus::UserError;
     }
-    let user_error = error.downcast_ref::<UsageError>().is_some()
-        || error.downcast_ref::<BangerfileError>().is_some()
-        || error.downcast_ref::<ConfigError>().is_some()
-        || error.downcast_ref::<LockError>().is_some()
-        || error.downcast_ref::<StateError>().is_some_and(|error| {
-            matches!(
-                error,
-                StateError::NoSuchImage { .. }
-                    | StateError::ImageExists { .. }
-                    | StateError::NoSuchKernel { .. }
-                    | StateError::KernelExists { .. }
-                    | StateError::NoSuchVm { .. }
-                    | StateError::VmExists { .. }
-            )
-        })
-        || matches!(
-            error.downcast_ref::<ImageError>(),
-            Some(
-                ImageError::UnknownImage { .. }
-                    | ImageError::UnknownKernel { .. }
-                    | ImageError::State(StateError::NoSuchImage { .. })
-            )
-        )
-        || matches!(
-            error.downcast_ref::<KernelError>(),
-            Some(KernelError::NotInCatalog { .. })
-        )
-        || error
-            .downcast_ref::<OciError>()
-            .is_some_and(OciError::is_user_error)
-        || matches!(error.downcast_ref::<ImageError>(), Some(ImageError::Oci(oci)) if oci.is_user_error())
-        || error.downcast_ref::<SourceError>().is_some()
-        || matches!(
-            error.downcast_ref::<ProjectError>(),
-            Some(
-                ProjectError::NotFound { .. }
-                    | ProjectError::Config(_)
-                    | ProjectError::Bangerfile(_)
-                    | ProjectError::Lock(_)
-                    | ProjectError::Source(_)
-                    | ProjectError::Plan(
-                        PlanError::UnknownStep { .. }
-                            | PlanError::AmbiguousStep { .. }
-                            | PlanError::Cycle { .. }
-                    )
-            )
-        )
-        || matches!(
-            error.downcast_ref::<PlanError>(),
-            Some(
-                PlanError::UnknownStep { .. }
-                    | PlanError::AmbiguousStep { .. }
-                    | PlanError::Cycle { .. }
-            )
-        );
     printer.error(&render(error));
-    if user_error {
-        ExitStatus::UserError
-    } else {
-        ExitStatus::Failure
-    }
+    ExitStatus::of(class)
 }
 
 /// `outer: inner: innermost`, without repeating text a wrapper already included.

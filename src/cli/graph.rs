@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
-use banger::inspect::{self, Inspection, Style};
-use banger::project;
+use banger::ops::graph::{self, Inspection, Style};
+use banger::ops::project;
 use banger::store::Store;
 
 use super::Context;
@@ -69,23 +69,23 @@ pub fn run(context: &mut Context, args: &GraphArgs) -> anyhow::Result<ExitStatus
         let node = plan.find(query)?;
         let explanation = inspection.explain(node);
         if printer.json {
-            printer.record("why", inspect::explanation_json(&explanation))?;
+            printer.record("why", graph::explanation_json(&explanation))?;
         } else if args.format == Format::Json {
-            printer.data(&format!("{:#}\n", inspect::explanation_json(&explanation)))?;
+            printer.data(&format!("{:#}\n", graph::explanation_json(&explanation)))?;
         } else {
-            printer.data(&inspect::render_explanation(&explanation, style))?;
+            printer.data(&graph::render_explanation(&explanation, style))?;
         }
         return Ok(ExitStatus::Success);
     }
 
     if printer.json {
-        printer.record("graph", inspect::render_json(&inspection)?)?;
+        printer.record("graph", graph::render_json(&inspection)?)?;
         return Ok(ExitStatus::Success);
     }
     match args.format {
-        Format::Text => printer.data(&inspect::render_text(&inspection, style))?,
-        Format::Dot => printer.data(&inspect::render_dot(&inspection))?,
-        Format::Json => printer.data(&format!("{:#}\n", inspect::render_json(&inspection)?))?,
+        Format::Text => printer.data(&graph::render_text(&inspection, style))?,
+        Format::Dot => printer.data(&graph::render_dot(&inspection))?,
+        Format::Json => printer.data(&format!("{:#}\n", graph::render_json(&inspection)?))?,
     }
     Ok(ExitStatus::Success)
 }

@@ -10,9 +10,9 @@ use serde_json::json;
 
 use banger::catalog::Catalogs;
 use banger::engine::Engine;
-use banger::images::{self, ImageJob, ImagePullRequest, PullEnv};
-use banger::inspect::format_time_ms;
 use banger::key::Params;
+use banger::ops::graph::format_time_ms;
+use banger::ops::images::{self, ImageJob, ImagePullRequest, PullEnv};
 use banger::plan::{Plan, StepNode};
 use banger::spec::ByteSize;
 use banger::state::ImageRecord;

@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use banger::inspect::format_time_ms;
-use banger::kernels::{self, PulledKernel};
 use banger::key::Params;
+use banger::ops::graph::format_time_ms;
+use banger::ops::kernels::{self, PulledKernel};
 use banger::plan::lower::INITRAMFS_MODULES;
 use banger::plan::{Plan, StepNode};
 use banger::state::KernelRecord;
@@ -467,7 +467,7 @@ fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
             printer.error(&format!(
                 "kernel {}: {}",
                 kernel.name,
-                banger::engine::error_chain(&error)
+                banger::error::error_chain(&error)
             ));
             return Ok(ExitStatus::UserError);
         }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use banger::daemon::client::DaemonClient;
 use banger::daemon::protocol::{CreateVm, ErrorKind, Progress, Request, Response, VmInfo};
-use banger::inspect::format_time_ms;
+use banger::ops::graph::format_time_ms;
 use banger::spec::ByteSize;
 
 use super::Context;
@@ -190,7 +190,7 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn status(&self) -> ExitStatus {
+    pub(super) fn status(&self) -> ExitStatus {
         match self.kind {
             ErrorKind::Environment => ExitStatus::Failure,
             _ => ExitStatus::UserError,

@@ -7,13 +7,12 @@
 //! - `client.rs`: connect, or start the daemon (`banger daemon run`, detached) and connect;
 //!   replace a daemon that speaks another protocol version.
 //!
-//! - `vms.rs`: the VM lifecycle (create, start, stop, kill, delete, list) and finding running
-//!   VMs again after a restart.
+//! The VM lifecycle itself (create, start, stop, kill, delete, list, finding running VMs
+//! again after a restart) is `ops::vms`: the daemon serves it.
 
 pub mod client;
 pub mod protocol;
 pub mod server;
-pub mod vms;
 
 use std::path::PathBuf;
 
@@ -21,13 +20,13 @@ use std::path::PathBuf;
 pub enum DaemonError {
     #[error("a banger daemon is already running{} on {}", pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default(), socket.display())]
     AlreadyRunning { pid: Option<u32>, socket: PathBuf },
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the daemon ({argv}): {source}")]
+    #[error("cannot start the daemon ({argv})")]
     Spawn {
         argv: String,
         #[source]
@@ -46,7 +45,7 @@ pub enum DaemonError {
     },
     #[error("the daemon speaks another protocol version: {message}")]
     Version { message: String },
-    #[error("lost the connection to the daemon: {source}")]
+    #[error("lost the connection to the daemon")]
     Lost {
         #[source]
         source: std::io::Error,
@@ -56,10 +55,10 @@ pub enum DaemonError {
         during: &'static str,
         response: String,
     },
-    #[error("cannot take over the VMs: {source}")]
+    #[error("cannot take over the VMs")]
     Vms {
         #[source]
-        source: vms::VmError,
+        source: crate::ops::vms::VmError,
     },
     #[error("the daemon on {} did not stop in time", socket.display())]
     StopTimeout { socket: PathBuf },

@@ -56,58 +56,7 @@ pub enum Request {
     },
 }
 
-/// What `vm create` / `vm run` ask for; `None` fields take the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CreateVm {
-    pub name: Option<String>,
-    pub image: Option<String>,
-    pub kernel: Option<String>,
-    /// `qemu` or `firecracker`; `None` picks the best one for this host.
-    pub backend: Option<String>,
-    pub vcpus: Option<u32>,
-    pub memory_mib: Option<u64>,
-    pub disk_bytes: Option<u64>,
-    pub start: bool,
-    /// How long to wait for the guest's agent (seconds).
-    pub timeout_secs: Option<u64>,
-    /// Delete the VM if the client is gone when it is ready (`vm run --rm` interrupted
-    /// while the VM was being made).
-    #[serde(default)]
-    pub remove_if_abandoned: bool,
-}
-
-/// One VM as the daemon reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmInfo {
-    pub name: String,
-    pub id: String,
-    pub image: String,
-    pub kernel: String,
-    pub backend: String,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub disk_bytes: u64,
-    /// `2 vcpu · 2048 MiB · 8G disk`.
-    pub spec: String,
-    /// `running` or `stopped`.
-    pub state: String,
-    pub created_ms: u64,
-    /// The VMM's pid, while running.
-    pub pid: Option<u32>,
-    /// Where its sshd is reached, while running.
-    pub ssh_host: Option<String>,
-    pub ssh_port: Option<u16>,
-    /// Where its agent is reached, while running.
-    pub agent: Option<crate::vm::backend::AgentAddress>,
-    /// This VM's own `known_hosts`.
-    pub known_hosts: String,
-    /// The guest's serial console.
-    pub console_log: String,
-    /// The VM's disks and logs.
-    pub dir: String,
-    /// Its sockets and scratch file, while running.
-    pub run_dir: String,
-}
+pub use crate::ops::vms::{CreateVm, VmInfo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -153,6 +102,19 @@ pub enum ErrorKind {
     Failed,
     /// The host cannot do it (a missing program, no permission): banger could not work.
     Environment,
+}
+
+impl ErrorKind {
+    /// The kind of an error of the given class.
+    pub fn of(class: crate::error::ErrorClass) -> ErrorKind {
+        match class {
+            crate::error::ErrorClass::User => ErrorKind::Invalid,
+            crate::error::ErrorClass::Failed | crate::error::ErrorClass::Interrupted => {
+                ErrorKind::Failed
+            }
+            crate::error::ErrorClass::Environment => ErrorKind::Environment,
+        }
+    }
 }
 
 /// A progress event of a long request, as [`Response::Event`] carries it.

@@ -20,8 +20,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::DaemonError;
+use super::protocol::Progress;
 use super::protocol::{DaemonStatus, ErrorKind, PROTOCOL_VERSION, Request, Response};
-use super::vms::{Events, Vms, timeout};
+use crate::ops::vms::{VmProgress, Vms, timeout};
 use crate::paths::Paths;
 
 /// What a running daemon holds; dropping it removes the socket, then releases the lock.
@@ -238,7 +239,7 @@ async fn serve_vm_request(
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
             Request::VmRestart { name, timeout_secs } => match vms.stop(&name, &events).await {
-                Ok(_) | Err(super::vms::VmError::NotRunning { .. }) => vms
+                Ok(_) | Err(crate::ops::vms::VmError::NotRunning { .. }) => vms
                     .start(&name, timeout(timeout_secs), &events)
                     .await
                     .map(|info| Response::Vm(Box::new(info))),
@@ -261,8 +262,8 @@ async fn serve_vm_request(
             }
         };
         result.unwrap_or_else(|error| Response::Error {
-            kind: error.kind(),
-            message: crate::engine::error_chain(&error),
+            kind: ErrorKind::of(crate::error::Classify::class(&error)),
+            message: crate::error::error_chain(&error),
         })
     });
     tokio::pin!(task);
@@ -299,4 +300,29 @@ async fn write_line(
     let mut line = serde_json::to_string(response).map_err(std::io::Error::other)?;
     line.push('\n');
     writer.write_all(line.as_bytes()).await
+}
+
+/// Where one request's progress goes: its client's response channel.
+#[derive(Debug, Clone)]
+struct Events(tokio::sync::mpsc::UnboundedSender<Response>);
+
+impl Events {
+    fn send(&self, progress: &Progress) {
+        if let Ok(value) = serde_json::to_value(progress) {
+            // A client that went away stops listening; the work goes on.
+            let _ = self.0.send(Response::Event(value));
+        }
+    }
+}
+
+impl crate::engine::Reporter for Events {
+    fn report(&self, event: &crate::engine::Event) {
+        self.send(&Progress::Engine(event.clone()));
+    }
+}
+
+impl VmProgress for Events {
+    fn note(&self, text: String) {
+        self.send(&Progress::Note(text));
+    }
 }

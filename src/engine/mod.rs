@@ -1175,3 +1175,15 @@ async fn execute(
         output_digest: digest,
     })
 }
+
+impl crate::error::Classify for EngineError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            EngineError::Plan(error) => error.class(),
+            EngineError::MissingExecutor { .. } | EngineError::Store(_) => ErrorClass::Environment,
+            EngineError::StepsFailed { .. } => ErrorClass::Failed,
+            EngineError::Cancelled => ErrorClass::Interrupted,
+        }
+    }
+}

@@ -118,7 +118,7 @@ pub struct ExportSummary {
 /// Errors of an export, each with the path in the exported tree it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("cannot open the image to export: {0}")]
+    #[error("cannot open the image to export")]
     OpenImage(#[source] Ext4ReadError),
     #[error("{image}: cannot export {root:?}: no such directory in the image")]
     RootNotFound { image: PathBuf, root: PathBuf },
@@ -126,7 +126,7 @@ pub enum ExportError {
     RootNotADirectory { image: PathBuf, root: PathBuf },
     #[error("invalid exclusion rule {rule:?}: {reason}")]
     InvalidExcludeRule { rule: PathBuf, reason: &'static str },
-    #[error("cannot read `{path}` from the image: {source}")]
+    #[error("cannot read `{path}` from the image")]
     ReadEntry {
         path: String,
         #[source]
@@ -143,19 +143,19 @@ pub enum ExportError {
         ino: InodeNo,
         first: String,
     },
-    #[error("cannot write the tar entry for `{path}`: {source}")]
+    #[error("cannot write the tar entry for `{path}`")]
     WriteTar {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("cannot create a temporary file beside {path}: {source}")]
+    #[error("cannot create a temporary file beside {path}")]
     CreateOutput {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot move the finished tar into place at {path}: {source}")]
+    #[error("cannot move the finished tar into place at {path}")]
     PersistOutput {
         path: PathBuf,
         #[source]

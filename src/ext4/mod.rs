@@ -283,26 +283,26 @@ pub struct Ext4Summary {
 /// entry is absent); after any error from `finish` the image has been removed.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error("cannot create image {path}: {source}")]
+    #[error("cannot create image {path}")]
     ImageCreate {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write image {path}: {source}")]
+    #[error("cannot write image {path}")]
     DataWrite {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read the {size} bytes of {entry}: {source}")]
+    #[error("cannot read the {size} bytes of {entry}")]
     DataRead {
         entry: PathBuf,
         size: u64,
         #[source]
         source: io::Error,
     },
-    #[error("cannot finish image {path}: {source}")]
+    #[error("cannot finish image {path}")]
     ImageFinish {
         path: PathBuf,
         #[source]

@@ -221,13 +221,13 @@ pub struct DirEntry {
 /// Errors of the reader. Each names the image and what was being read.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4ReadError {
-    #[error("cannot open ext4 image {image}: {source}")]
+    #[error("cannot open ext4 image {image}")]
     Open {
         image: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read {len} bytes at byte {offset} of {image}: {source}")]
+    #[error("cannot read {len} bytes at byte {offset} of {image}")]
     ReadImage {
         image: PathBuf,
         offset: u64,

@@ -106,7 +106,7 @@ impl std::fmt::Display for Compression {
 pub enum DecompressError {
     #[error("{0} compression is recognised but not supported (gzip, xz, zstd, lz4, lzma are)")]
     Unsupported(Compression),
-    #[error("cannot start the {compression} decoder: {source}")]
+    #[error("cannot start the {compression} decoder")]
     Start {
         compression: Compression,
         #[source]

@@ -33,13 +33,13 @@ pub enum CpioError {
         declared: u64,
         actual: String,
     },
-    #[error("cannot read the contents of cpio entry {name:?}: {source}")]
+    #[error("cannot read the contents of cpio entry {name:?}")]
     ReadContents {
         name: String,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write cpio entry {name:?}: {source}")]
+    #[error("cannot write cpio entry {name:?}")]
     Write {
         name: String,
         #[source]

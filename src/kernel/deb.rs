@@ -29,7 +29,7 @@ use super::compression::{self, Compression};
 /// Errors from reading or extracting a Debian package.
 #[derive(Debug, thiserror::Error)]
 pub enum DebError {
-    #[error("cannot read package {path}: {source}")]
+    #[error("cannot read package {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -43,14 +43,14 @@ pub enum DebError {
         offset: u64,
         reason: String,
     },
-    #[error("package {path}: member {member}: {source}")]
+    #[error("package {path}: member {member}")]
     MemberCompression {
         path: PathBuf,
         member: String,
         #[source]
         source: compression::DecompressError,
     },
-    #[error("package {path}: cannot read {member}: {source}")]
+    #[error("package {path}: cannot read {member}")]
     Member {
         path: PathBuf,
         member: String,
@@ -65,7 +65,7 @@ pub enum DebError {
         entry: String,
         reason: String,
     },
-    #[error("package {path}: cannot extract {entry:?} to {target}: {source}")]
+    #[error("package {path}: cannot extract {entry:?} to {target}")]
     Write {
         path: PathBuf,
         entry: String,

@@ -33,7 +33,7 @@ pub enum FetchError {
          (and modules) you already have"
     )]
     AptUnavailable { package: String },
-    #[error("cannot run {argv:?}: {source}")]
+    #[error("cannot run {argv:?}")]
     Spawn {
         argv: Vec<String>,
         #[source]
@@ -49,7 +49,7 @@ pub enum FetchError {
     },
     #[error("{argv:?} succeeded but left no .deb in {dir}")]
     NoPackage { argv: Vec<String>, dir: PathBuf },
-    #[error("cannot read the downloaded package: {source}")]
+    #[error("cannot read the downloaded package")]
     Inspect {
         #[source]
         source: DebError,
@@ -60,7 +60,7 @@ pub enum FetchError {
         hops: usize,
         chain: Vec<String>,
     },
-    #[error("cannot use directory {path} for the download: {source}")]
+    #[error("cannot use directory {path} for the download")]
     Directory {
         path: PathBuf,
         #[source]

@@ -35,7 +35,7 @@ pub const MODULES_LOAD_PATH: &str = "etc/banger/modules.load";
 /// Errors from building an initramfs.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
-    #[error("cannot read the init binary {path}: {source}")]
+    #[error("cannot read the init binary {path}")]
     ReadInit {
         path: PathBuf,
         #[source]
@@ -45,17 +45,17 @@ pub enum InitramfsError {
     BadRelease { release: String },
     #[error("module {name}: its path {path:?} cannot go in the initramfs")]
     BadModulePath { name: String, path: PathBuf },
-    #[error("initramfs: {source}")]
+    #[error("initramfs")]
     Module {
         #[source]
         source: ModulesError,
     },
-    #[error("initramfs: {source}")]
+    #[error("initramfs")]
     Cpio {
         #[source]
         source: CpioError,
     },
-    #[error("cannot write initramfs {path}: {source}")]
+    #[error("cannot write initramfs {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -42,7 +42,7 @@ pub use elf::ElfError;
 /// Errors from finding the kernel's files in an extracted package.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -30,19 +30,19 @@ use super::elf::{Elf, ElfError};
 /// Errors from reading a module tree or resolving modules in it.
 #[derive(Debug, thiserror::Error)]
 pub enum ModulesError {
-    #[error("cannot read the module tree {path}: {source}")]
+    #[error("cannot read the module tree {path}")]
     ReadTree {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read module {path}: {source}")]
+    #[error("cannot read module {path}")]
     ReadModule {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("module {path} is not a valid ELF module: {source}")]
+    #[error("module {path} is not a valid ELF module")]
     ModuleElf {
         path: PathBuf,
         #[source]

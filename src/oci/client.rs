@@ -24,7 +24,7 @@ use super::{
     ImageReference, Layer, OciError, Operation, ResolvedImage, RetryPolicy, check_layers,
     docker_config_path,
 };
-use crate::engine::error_chain;
+use crate::error::error_chain;
 use crate::lock::PinnedReference;
 
 const USER_AGENT: &str = concat!("banger/", env!("CARGO_PKG_VERSION"));

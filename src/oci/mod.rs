@@ -268,7 +268,7 @@ pub enum OciError {
     #[error("unknown layer media type `{media_type}`")]
     UnknownLayerMediaType { media_type: String },
 
-    #[error("cannot start decompressing a `{media_type}` layer: {source}")]
+    #[error("cannot start decompressing a `{media_type}` layer")]
     LayerDecoder {
         media_type: String,
         #[source]
@@ -306,7 +306,7 @@ pub enum OciError {
         expected: u64,
     },
 
-    #[error("cannot write blob {digest} of {reference} to {}: {source}", path.display())]
+    #[error("cannot write blob {digest} of {reference} to {}", path.display())]
     BlobWrite {
         reference: String,
         digest: String,
@@ -364,6 +364,16 @@ fn digest_suffix(digest: &Option<String>) -> String {
         .as_ref()
         .map(|digest| format!(" (blob {digest})"))
         .unwrap_or_default()
+}
+
+impl crate::error::Classify for OciError {
+    fn class(&self) -> crate::error::ErrorClass {
+        if self.is_user_error() {
+            crate::error::ErrorClass::User
+        } else {
+            crate::error::ErrorClass::Environment
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! 2. The caller fingerprints project files that steps read ([`crate::key::ParamValue::Source`])
 //!    and calls [`Plan::resolve_sources`].
 //! 3. [`Plan::definition_keys`] keys every node in topological order.
-//! 4. [`crate::engine`] drains it; [`crate::inspect`] renders it with cache status.
+//! 4. [`crate::engine`] drains it; `ops::graph` renders it with cache status.
 //!
 //! Node ids are stable, human-readable paths (`image:sandbox/provision[1]`) used by
 //! `banger graph --why` and by the store's "last run of this step" records.
@@ -341,6 +341,18 @@ impl Plan {
             keys[node.index()] = definition_key(&step.kind, step.version, &step.params, &inputs);
         }
         Ok(keys)
+    }
+}
+
+impl crate::error::Classify for PlanError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            PlanError::UnknownStep { .. }
+            | PlanError::AmbiguousStep { .. }
+            | PlanError::Cycle { .. } => crate::error::ErrorClass::User,
+            // A plan banger made wrong.
+            PlanError::DuplicateStep { .. } => crate::error::ErrorClass::Environment,
+        }
     }
 }
 

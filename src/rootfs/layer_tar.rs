@@ -16,7 +16,7 @@ use crate::assets::{AssetKind, GUEST_ASSETS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerTarError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -24,7 +24,7 @@ pub enum LayerTarError {
     },
     #[error("{path} is not a file, directory or symbolic link; only those can be copied")]
     UnsupportedType { path: PathBuf },
-    #[error("cannot write the layer {path}: {source}")]
+    #[error("cannot write the layer {path}")]
     Write {
         path: PathBuf,
         #[source]

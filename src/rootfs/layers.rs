@@ -38,20 +38,20 @@ use super::path::{
 /// Errors of the rootfs build, each naming the layer and, where there is one, the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("cannot open layer {layer} ({path}): {source}")]
+    #[error("cannot open layer {layer} ({path})")]
     LayerOpen {
         layer: String,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read layer {layer}: {source} (is the blob truncated or corrupt?)")]
+    #[error("cannot read layer {layer} (is the blob truncated or corrupt?)")]
     LayerRead {
         layer: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("layer {layer}: refusing entry: {source}")]
+    #[error("layer {layer}: refusing entry")]
     UnsafeEntry {
         layer: String,
         #[source]
@@ -63,22 +63,22 @@ pub enum RootfsError {
         entry: String,
         kind: String,
     },
-    #[error("layer {layer}: entry `{entry}`: {source}")]
+    #[error("layer {layer}: entry `{entry}`")]
     Entry {
         layer: String,
         entry: String,
         #[source]
         source: Ext4Error,
     },
-    #[error("cannot create the image: {0}")]
+    #[error("cannot create the image")]
     Create(#[source] Ext4Error),
-    #[error("cannot write banger's guest file {path} into the image: {source}")]
+    #[error("cannot write banger's guest file {path} into the image")]
     Asset {
         path: String,
         #[source]
         source: Ext4Error,
     },
-    #[error("cannot finish the image: {0}")]
+    #[error("cannot finish the image")]
     Finish(#[source] Ext4Error),
     #[error("the build was cancelled")]
     Cancelled,
@@ -200,7 +200,7 @@ fn ext4_layer_stream(
                 crate::ext4::export::export_tar(&reader, Path::new(""), pipe_writer, &options)
                 && let Ok(mut slot) = failed.lock()
             {
-                *slot = Some(crate::engine::error_chain(&error));
+                *slot = Some(crate::error::error_chain(&error));
             }
         })
         .map_err(open_error)?;

@@ -58,7 +58,7 @@ impl Executor for UnpackBundle {
         Box::pin(async move {
             let bundle = ctx.input_file("bundle", "bundle.tar.zst")?;
             let unpacked = ctx.work_dir()?.join("unpacked");
-            let rootfs = ctx.output(crate::images::ROOTFS_OUTPUT)?;
+            let rootfs = ctx.output(crate::steps::ROOTFS_OUTPUT)?;
             let out_dir = rootfs
                 .parent()
                 .map(std::path::Path::to_path_buf)
@@ -127,7 +127,7 @@ impl Executor for WriteBundle {
         Box::pin(async move {
             let params = crate::plan::kinds::BundleWriteParams::from_params(&ctx.params)
                 .map_err(|error| StepError::with_source("bad bundle step", error))?;
-            let rootfs = ctx.input_file("rootfs", crate::images::ROOTFS_OUTPUT)?;
+            let rootfs = ctx.input_file("rootfs", crate::steps::ROOTFS_OUTPUT)?;
             let out = ctx.output(BUNDLE_OUTPUT)?;
             let progress = ctx.progress_handle();
             let cancel = ctx.cancellation().clone();
@@ -141,7 +141,7 @@ impl Executor for WriteBundle {
                 );
                 crate::bundle::write_bundle(
                     &manifest,
-                    &[(crate::images::ROOTFS_OUTPUT.to_owned(), rootfs)],
+                    &[(crate::steps::ROOTFS_OUTPUT.to_owned(), rootfs)],
                     &out,
                     &mut |done, total| progress.report(done, Some(total), ProgressUnit::Bytes),
                     &cancel,

@@ -248,6 +248,9 @@ pub const ALL_KINDS: &[KindInfo] = &[
     VM_UP_COMMAND,
 ];
 
+/// The output every image step ends with: an ext4 image.
+pub const ROOTFS_OUTPUT: &str = "rootfs.ext4";
+
 /// Memory per permit of the `vm` resource class: a VM step's weight is its memory in these
 /// units, and the class's limit is the host's memory in them (see
 /// [`crate::engine::ResourceLimits::for_host`]), so VMs run side by side only when memory

@@ -85,7 +85,7 @@ async fn run_step(ctx: &StepContext) -> Result<(), StepError> {
         .get("timeout_secs")
         .and_then(|seconds| seconds.parse().ok())
         .map_or(crate::spec::DEFAULT_RUN_TIMEOUT, Duration::from_secs);
-    let rootfs = ctx.input_file("rootfs", crate::images::ROOTFS_OUTPUT)?;
+    let rootfs = ctx.input_file("rootfs", crate::steps::ROOTFS_OUTPUT)?;
     let kernel = ctx.input_file("kernel", "vmlinux")?;
     let initrd = match ctx.input("kernel")?.outputs.contains_key("initrd") {
         true => ctx.input_file("kernel", "initrd")?,

@@ -16,7 +16,7 @@ pub struct RootfsBuild;
 
 /// Outputs a layer may be named by, when its step has more than one: an image, a recipe's
 /// root filesystem, a layer banger wrote.
-const LAYER_OUTPUTS: [&str; 3] = [crate::images::ROOTFS_OUTPUT, "rootfs.tar", "layer.tar"];
+const LAYER_OUTPUTS: [&str; 3] = [crate::steps::ROOTFS_OUTPUT, "rootfs.tar", "layer.tar"];
 
 /// The output of an input that holds its layer: the only one, else the one with a layer name.
 fn layer_output(
@@ -46,7 +46,7 @@ impl Executor for RootfsBuild {
                         input.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
                     )));
                 };
-                let format = if file == crate::images::ROOTFS_OUTPUT {
+                let format = if file == crate::steps::ROOTFS_OUTPUT {
                     if index != 0 {
                         return Err(StepError::new(format!(
                             "input `{}` of {} is an ext4 image; only the first layer may be one",
@@ -64,7 +64,7 @@ impl Executor for RootfsBuild {
                     format,
                 });
             }
-            let image = ctx.output(crate::images::ROOTFS_OUTPUT)?;
+            let image = ctx.output(crate::steps::ROOTFS_OUTPUT)?;
             let options = RootfsOptions {
                 sizing: params.size.to_sizing(),
                 strip_identity: true,

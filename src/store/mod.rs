@@ -48,13 +48,13 @@ pub const NAMESPACE: &str = "steps-v1";
 /// Errors from the store. Each names the key, path or integrity involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the store at {path}: {source}")]
+    #[error("cannot create the store at {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read store entry {entry}: {source}")]
+    #[error("cannot read store entry {entry}")]
     ReadEntry {
         entry: String,
         #[source]
@@ -66,19 +66,19 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot write store entry {entry}: {source}")]
+    #[error("cannot write store entry {entry}")]
     WriteEntry {
         entry: String,
         #[source]
         source: cacache::Error,
     },
-    #[error("cannot store output {path}: {source}")]
+    #[error("cannot store output {path}")]
     Publish {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot link stored output {integrity} to {to}: {source}")]
+    #[error("cannot link stored output {integrity} to {to}")]
     Materialize {
         integrity: String,
         to: PathBuf,
@@ -87,13 +87,13 @@ pub enum StoreError {
     },
     #[error("stored output has an invalid integrity `{integrity}`")]
     BadIntegrity { integrity: String },
-    #[error("cannot create a scratch directory in {path}: {source}")]
+    #[error("cannot create a scratch directory in {path}")]
     Scratch {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot scan the store at {path}: {source}")]
+    #[error("cannot scan the store at {path}")]
     Scan {
         path: PathBuf,
         #[source]
@@ -595,6 +595,12 @@ fn process_alive(pid: i32) -> bool {
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) => true,
         Err(errno) => errno == nix::errno::Errno::EPERM,
+    }
+}
+
+impl crate::error::Classify for StoreError {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Environment
     }
 }
 

@@ -380,7 +380,7 @@ impl Backend {
     /// KVM works and it is installed and banger runs as root, QEMU otherwise). An explicit
     /// Firecracker that cannot boot here is refused with the reason.
     pub fn choose(kind: Option<BackendKind>, accel: &Accel) -> Result<Backend, BackendError> {
-        let firecracker = crate::doctor::find_program("firecracker");
+        let firecracker = crate::env::find_program("firecracker");
         match kind {
             Some(BackendKind::Qemu) => Ok(Backend::Qemu(QemuBackend::from_env(accel.clone()))),
             Some(BackendKind::Firecracker) => match (accel, firecracker) {
@@ -406,7 +406,7 @@ impl Backend {
         match kind {
             BackendKind::Qemu => Backend::Qemu(QemuBackend::from_env(accel.clone())),
             BackendKind::Firecracker => Backend::Firecracker(FirecrackerBackend {
-                binary: crate::doctor::find_program("firecracker")
+                binary: crate::env::find_program("firecracker")
                     .unwrap_or_else(|| PathBuf::from("firecracker")),
             }),
         }

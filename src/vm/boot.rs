@@ -22,7 +22,7 @@ pub enum BootError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(
-        "the guest's agent did not answer within {waited:.1?} over {endpoint}: {source}\n\
+        "the guest's agent did not answer within {waited:.1?} over {endpoint}\n\
          the console log is {log}; its last lines:\n{tail}",
         log = serial_log.display()
     )]

@@ -64,7 +64,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::engine::error_chain;
+use crate::error::error_chain;
 
 pub use api::{ApiClient, ApiRequest, ApiResponse, Method};
 pub use jailer::JailerSpec;
@@ -88,7 +88,7 @@ pub enum FirecrackerError {
          removes the directory it names)"
     )]
     InvalidJailId { id: String },
-    #[error("cannot {what} {}: {source}", path.display())]
+    #[error("cannot {what} {}", path.display())]
     Prepare {
         what: &'static str,
         path: PathBuf,
@@ -96,7 +96,7 @@ pub enum FirecrackerError {
         source: std::io::Error,
     },
     #[error(
-        "cannot hard-link {} into the jail as {}: {source}{}",
+        "cannot hard-link {} into the jail as {}{}",
         from.display(),
         to.display(),
         if source.raw_os_error() == Some(libc::EXDEV) {
@@ -111,7 +111,7 @@ pub enum FirecrackerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start {argv}: {source}")]
+    #[error("cannot start {argv}")]
     Spawn {
         argv: String,
         #[source]
@@ -163,7 +163,7 @@ pub enum FirecrackerError {
         fault_message: String,
     },
     #[error(
-        "cannot make {method} {path} an HTTP request for Firecracker's API: {source}\n  request \
+        "cannot make {method} {path} an HTTP request for Firecracker's API\n  request \
          body: {}",
         shown(body)
     )]
@@ -175,7 +175,7 @@ pub enum FirecrackerError {
         source: hyper::http::Error,
     },
     #[error(
-        "cannot connect to Firecracker's API at {} ({method} {path}): {source}\n  request body: {}",
+        "cannot connect to Firecracker's API at {} ({method} {path})\n  request body: {}",
         socket.display(),
         shown(body)
     )]
@@ -275,13 +275,13 @@ pub enum FirecrackerError {
         body: String,
         seconds: f64,
     },
-    #[error("cannot wait for {argv}: {source}")]
+    #[error("cannot wait for {argv}")]
     Wait {
         argv: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot remove {} after Firecracker stopped: {source}", path.display())]
+    #[error("cannot remove {} after Firecracker stopped", path.display())]
     Cleanup {
         path: PathBuf,
         #[source]

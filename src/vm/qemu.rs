@@ -28,7 +28,7 @@ pub enum QemuError {
          qemu-system-x86`)"
     )]
     NotInstalled { binary: String },
-    #[error("cannot start {argv}: {source}")]
+    #[error("cannot start {argv}")]
     Spawn {
         argv: String,
         #[source]
@@ -42,7 +42,7 @@ pub enum QemuError {
     },
     #[error("QEMU's control socket {path} did not appear within {seconds} s")]
     NoControlSocket { path: PathBuf, seconds: u64 },
-    #[error("cannot wait for QEMU: {0}")]
+    #[error("cannot wait for QEMU")]
     Wait(#[source] std::io::Error),
 }
 

@@ -16,7 +16,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("cannot connect to QEMU's control socket {path}: {source}")]
+    #[error("cannot connect to QEMU's control socket {path}")]
     Connect {
         path: PathBuf,
         #[source]
@@ -24,7 +24,7 @@ pub enum QmpError {
     },
     #[error("QEMU's control socket {path} closed")]
     Closed { path: PathBuf },
-    #[error("reading QEMU's control socket {path}: {source}")]
+    #[error("reading QEMU's control socket {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -18,7 +18,7 @@ use crate::ext4::{BuildOptions, Ext4Builder, Ext4Error, Sizing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("cannot create a {bytes}-byte disk at {}: {source}", path.display())]
+    #[error("cannot create a {bytes}-byte disk at {}", path.display())]
     Create {
         path: PathBuf,
         bytes: u64,

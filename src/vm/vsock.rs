@@ -21,7 +21,7 @@ pub enum VsockError {
          transport"
     , var = crate::env::BANGER_VHOST_DEVICE_VSOCK)]
     NotInstalled { binary: String },
-    #[error("cannot start {argv}: {source}")]
+    #[error("cannot start {argv}")]
     Spawn {
         argv: String,
         #[source]
@@ -39,7 +39,7 @@ pub enum VsockError {
         socket: PathBuf,
         seconds: u64,
     },
-    #[error("cannot wait for vhost-device-vsock: {0}")]
+    #[error("cannot wait for vhost-device-vsock")]
     Wait(#[source] std::io::Error),
 }
 
@@ -49,7 +49,7 @@ pub fn find_binary() -> Option<PathBuf> {
     if let Some(path) = crate::env::var_path(crate::env::BANGER_VHOST_DEVICE_VSOCK) {
         return Some(path);
     }
-    crate::doctor::find_program("vhost-device-vsock").or_else(|| {
+    crate::env::find_program("vhost-device-vsock").or_else(|| {
         let cargo_home = crate::env::var_path(crate::env::CARGO_HOME)
             .or_else(|| crate::env::var_path(crate::env::HOME).map(|home| home.join(".cargo")))?;
         let candidate = cargo_home.join("bin/vhost-device-vsock");

@@ -435,7 +435,8 @@ fn kernel_pull_refuses_a_truncated_bundle() {
         &[
             "kernel:truncated/unpack",
             &format!("cannot unpack the bundle from {}", truncated.url()),
-            "incomplete frame; the file is damaged or incomplete",
+            "the file is damaged or incomplete",
+            "incomplete frame",
         ],
         Some(half),
     );

@@ -479,7 +479,7 @@ fn hostile_layers_are_refused_naming_layer_and_entry() {
         let layer = write_layer(dir.path(), name, &gzip(&tar));
         let image = dir.path().join(format!("{name}.ext4"));
         let error = build_rootfs(&[layer], &image, &options(), &|_, _| {}).unwrap_err();
-        assert_eq!(banger::engine::error_chain(&error), message, "{name}");
+        assert_eq!(banger::error::error_chain(&error), message, "{name}");
         assert!(!image.exists(), "{name}: a partial image was left behind");
     }
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
@@ -493,9 +493,9 @@ fn a_truncated_layer_fails_clearly() {
     let truncated = write_layer(dir.path(), "truncated", &bytes[..bytes.len() / 2]);
     let image = dir.path().join("truncated.ext4");
     let error = build_rootfs(&[truncated], &image, &options(), &|_, _| {}).unwrap_err();
-    let text = banger::engine::error_chain(&error);
+    let text = banger::error::error_chain(&error);
     assert!(
-        text.starts_with("cannot read layer sha256:truncated:")
+        text.starts_with("cannot read layer sha256:truncated")
             || text.starts_with("layer sha256:truncated: entry"),
         "{text}"
     );

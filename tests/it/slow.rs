@@ -629,7 +629,7 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
         let (mut channel, ready) = vm.wait_agent(deadline).await.map_err(|e| e.to_string())?;
         authorize_in_guest(&mut channel, &identity)
             .await
-            .map_err(|e| banger::engine::error_chain(&e))?;
+            .map_err(|e| banger::error::error_chain(&e))?;
         Ok::<_, String>((channel, ready))
     });
     let (mut channel, ready) = match result {

@@ -311,13 +311,13 @@ pub fn build_with_fakes(
 ) -> banger::engine::RunReport {
     let config = banger::config::Config::defaults(&context.config_file());
     let (spec, plan) =
-        banger::project::load_plan(&context.project().join("Bangerfile"), &config).unwrap();
+        banger::ops::project::load_plan(&context.project().join("Bangerfile"), &config).unwrap();
     let engine = fake_engine(&context.store_dir(), counters);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime
         .block_on(engine.run(
             &plan,
-            &banger::project::project_id(&spec),
+            &banger::ops::project::project_id(&spec),
             &banger::engine::NullReporter,
             banger::engine::RunOptions::default(),
         ))

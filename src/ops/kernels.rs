@@ -4,15 +4,16 @@
 //! [`pull`] is the whole of `banger kernel pull` for the CLI and the daemon alike: the catalog
 //! entry's plan ([`lower_kernel`]), run by [`build_and_record`] (which `kernel import` uses with
 //! a plan of its own), then recorded and pinned. It runs against the same
-//! [`PullEnv`](crate::images::PullEnv) as an image pull, and its future is `Send` for the same
+//! [`PullEnv`](crate::ops::images::PullEnv) as an image pull, and its future is `Send` for the same
 //! reason: the state database is opened only after the last await.
 
 use petgraph::graph::NodeIndex;
 
 use crate::catalog::Prefer;
 use crate::engine::{EngineError, Reporter, RunOptions, RunReport};
-use crate::images::PullEnv;
+use crate::error::{Classify, ErrorClass};
 use crate::key::Key;
+use crate::ops::images::PullEnv;
 use crate::plan::lower::lower_kernel;
 use crate::plan::{Plan, PlanError};
 use crate::state::{KernelRecord, State, StateError, StoredFile};
@@ -171,4 +172,16 @@ pub fn remove(state: &State, store: &Store, name: &str) -> Result<KernelRecord, 
     state.remove_kernel(name)?;
     store.set_root(&root_name(name), &[])?;
     Ok(record)
+}
+
+impl Classify for KernelError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            KernelError::NotInCatalog { .. } => ErrorClass::User,
+            KernelError::Plan(error) => error.class(),
+            KernelError::Engine(error) => error.class(),
+            KernelError::State(error) => error.class(),
+            KernelError::NoVmlinux { .. } | KernelError::Store(_) => ErrorClass::Environment,
+        }
+    }
 }

@@ -19,12 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
-
-use super::protocol::{CreateVm, ErrorKind, Progress, Response, VmInfo};
 use crate::catalog::Catalogs;
 use crate::config::Config;
-use crate::engine::{Event, Reporter, RunOptions};
+use crate::engine::{Reporter, RunOptions};
 use crate::paths::Paths;
 use crate::state::{State, StateError, StoredFile, VmRecord, VmState};
 use crate::store::{OutputRef, Store};
@@ -32,6 +29,7 @@ use crate::vm::accel::{self, Accel};
 use crate::vm::backend::{Backend, BackendError, BackendKind, Launched, MachineSpec, VmmBackend};
 use crate::vm::shape::{HostResources, ShapeRequest, VmShape};
 use crate::vm::storage::VmDisks;
+use serde::{Deserialize, Serialize};
 
 /// The default wait for a guest's agent: generous, because TCG boots are slow.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -55,14 +53,14 @@ pub enum VmError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
-    Image(#[from] crate::images::ImageError),
+    Image(#[from] crate::ops::images::ImageError),
     #[error(transparent)]
-    Kernel(#[from] crate::kernels::KernelError),
+    Kernel(#[from] crate::ops::kernels::KernelError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -105,9 +103,9 @@ pub enum VmError {
     Ssh(#[from] crate::ssh::SshError),
 }
 
-impl VmError {
-    /// How the client should classify it.
-    pub fn kind(&self) -> ErrorKind {
+impl crate::error::Classify for VmError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
         match self {
             VmError::State(StateError::NoSuchVm { .. } | StateError::VmExists { .. })
             | VmError::BadName(_)
@@ -116,14 +114,18 @@ impl VmError {
             | VmError::NoInitramfs { .. }
             | VmError::AlreadyRunning { .. }
             | VmError::NotRunning { .. }
-            | VmError::Config(_) => ErrorKind::Invalid,
+            | VmError::Config(_) => ErrorClass::User,
             VmError::Backend(
                 BackendError::FirecrackerUnusable { .. } | BackendError::FirecrackerMissing,
-            ) => ErrorKind::Invalid,
+            ) => ErrorClass::User,
             VmError::Backend(BackendError::Privileged(_)) | VmError::NoAccelerator { .. } => {
-                ErrorKind::Environment
+                ErrorClass::Environment
             }
-            _ => ErrorKind::Failed,
+            VmError::Image(error) => match error.class() {
+                ErrorClass::User => ErrorClass::User,
+                other => other,
+            },
+            _ => ErrorClass::Failed,
         }
     }
 }
@@ -133,27 +135,64 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError
     move |source| VmError::Io { what, path, source }
 }
 
-/// Where one request's progress goes.
-#[derive(Debug, Clone)]
-pub struct Events(pub UnboundedSender<Response>);
-
-impl Events {
-    pub fn note(&self, text: impl Into<String>) {
-        self.send(&Progress::Note(text.into()));
-    }
-
-    fn send(&self, progress: &Progress) {
-        if let Ok(value) = serde_json::to_value(progress) {
-            // A client that went away stops listening; the work goes on.
-            let _ = self.0.send(Response::Event(value));
-        }
-    }
+/// Where a VM operation's progress goes: engine events of a build it needs, and notes
+/// (`spec: …`, `booting …`). The daemon forwards both to its client.
+pub trait VmProgress: Reporter {
+    fn note(&self, text: String);
 }
 
-impl Reporter for Events {
-    fn report(&self, event: &Event) {
-        self.send(&Progress::Engine(event.clone()));
-    }
+/// What `vm create` / `vm run` ask for; `None` fields take the defaults. Part of the daemon's
+/// wire format ([`crate::daemon::protocol`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub kernel: Option<String>,
+    /// `qemu` or `firecracker`; `None` picks the best one for this host.
+    pub backend: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_bytes: Option<u64>,
+    pub start: bool,
+    /// How long to wait for the guest's agent (seconds).
+    pub timeout_secs: Option<u64>,
+    /// Delete the VM if the client is gone when it is ready (`vm run --rm` interrupted
+    /// while the VM was being made).
+    #[serde(default)]
+    pub remove_if_abandoned: bool,
+}
+
+/// One VM as the daemon reports it. Part of the daemon's wire format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub id: String,
+    pub image: String,
+    pub kernel: String,
+    pub backend: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    /// `2 vcpu · 2048 MiB · 8G disk`.
+    pub spec: String,
+    /// `running` or `stopped`.
+    pub state: String,
+    pub created_ms: u64,
+    /// The VMM's pid, while running.
+    pub pid: Option<u32>,
+    /// Where its sshd is reached, while running.
+    pub ssh_host: Option<String>,
+    pub ssh_port: Option<u16>,
+    /// Where its agent is reached, while running.
+    pub agent: Option<crate::vm::backend::AgentAddress>,
+    /// This VM's own `known_hosts`.
+    pub known_hosts: String,
+    /// The guest's serial console.
+    pub console_log: String,
+    /// The VM's disks and logs.
+    pub dir: String,
+    /// Its sockets and scratch file, while running.
+    pub run_dir: String,
 }
 
 /// The daemon's VMs.
@@ -182,7 +221,8 @@ impl Vms {
         let store = Store::open(paths.store_dir())?;
         let services = crate::steps::Services::from_env(&paths.state_dir)?;
         let engine = crate::steps::engine(&store, &services);
-        let accel = accel::choose(&accel::HostFacts::probe()).map_err(|error| error.to_string());
+        let accel = accel::choose(&accel::HostFacts::probe())
+            .map_err(|error| crate::error::error_chain(&error));
         let vms = Vms {
             paths,
             store,
@@ -374,8 +414,8 @@ impl Vms {
         Ok(self.info(&record, launched.as_ref()))
     }
 
-    fn pull_env<'a>(&'a self, catalogs: &'a Catalogs) -> crate::images::PullEnv<'a> {
-        crate::images::PullEnv {
+    fn pull_env<'a>(&'a self, catalogs: &'a Catalogs) -> crate::ops::images::PullEnv<'a> {
+        crate::ops::images::PullEnv {
             engine: &self.engine,
             services: &self.services,
             catalogs,
@@ -389,7 +429,7 @@ impl Vms {
     async fn ensure_image(
         &self,
         name: &str,
-        events: &Events,
+        events: &dyn VmProgress,
     ) -> Result<crate::state::ImageRecord, VmError> {
         let lock = self.lock(&format!("image:{name}"));
         let _held = lock.lock().await;
@@ -399,13 +439,14 @@ impl Vms {
         events.note(format!("image `{name}` is not here yet: producing it"));
         let catalogs = self.catalogs(events)?;
         let env = self.pull_env(&catalogs);
-        let request = crate::images::ImagePullRequest {
+        let request = crate::ops::images::ImagePullRequest {
             query: name.to_owned(),
             name: Some(name.to_owned()),
             kernel: None,
             size: None,
         };
-        let pulled = crate::images::pull(&env, &request, events, RunOptions::default()).await?;
+        let pulled =
+            crate::ops::images::pull(&env, &request, events, RunOptions::default()).await?;
         if let Some(resolved) = &pulled.resolved {
             events.note(resolved.clone());
         }
@@ -416,7 +457,7 @@ impl Vms {
     async fn ensure_kernel(
         &self,
         name: &str,
-        events: &Events,
+        events: &dyn VmProgress,
     ) -> Result<crate::state::KernelRecord, VmError> {
         let lock = self.lock(&format!("kernel:{name}"));
         let _held = lock.lock().await;
@@ -431,7 +472,8 @@ impl Vms {
         }
         events.note(format!("kernel `{name}` is not here yet: producing it"));
         let env = self.pull_env(&catalogs);
-        let pulled = crate::kernels::pull(&env, name, false, events, RunOptions::default()).await?;
+        let pulled =
+            crate::ops::kernels::pull(&env, name, false, events, RunOptions::default()).await?;
         Ok(pulled.record)
     }
 
@@ -439,7 +481,7 @@ impl Vms {
         Ok(Config::load(&self.paths.config_file)?)
     }
 
-    fn catalogs(&self, events: &Events) -> Result<Catalogs, VmError> {
+    fn catalogs(&self, events: &dyn VmProgress) -> Result<Catalogs, VmError> {
         let config = self.config()?;
         Ok(
             config.catalogs_with(Some(&self.paths.cache_dir), &|warning| {
@@ -449,7 +491,11 @@ impl Vms {
     }
 
     /// Creates a VM (and, with `request.start`, boots it). On failure nothing of it is left.
-    pub async fn create(&self, request: &CreateVm, events: &Events) -> Result<VmInfo, VmError> {
+    pub async fn create(
+        &self,
+        request: &CreateVm,
+        events: &dyn VmProgress,
+    ) -> Result<VmInfo, VmError> {
         let taken: Vec<String> = self
             .state()?
             .vms()?
@@ -587,7 +633,7 @@ impl Vms {
         &self,
         name: &str,
         timeout: Duration,
-        events: &Events,
+        events: &dyn VmProgress,
     ) -> Result<VmInfo, VmError> {
         let lock = self.lock(name);
         let _held = lock.lock().await;
@@ -710,7 +756,7 @@ impl Vms {
 
     /// Powers the guest off through its agent, waits for the VMM to exit, forces it after a
     /// grace period.
-    pub async fn stop(&self, name: &str, events: &Events) -> Result<VmInfo, VmError> {
+    pub async fn stop(&self, name: &str, events: &dyn VmProgress) -> Result<VmInfo, VmError> {
         let lock = self.lock(name);
         let _held = lock.lock().await;
         let record = self.state()?.require_vm(name)?;

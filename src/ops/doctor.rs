@@ -3,7 +3,7 @@
 //! Each check probes one capability (a program, a device, a directory) and says whether banger
 //! can use it, and if not, the command that fixes it. Checks never change anything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::vm::accel::{self, Accel, HostFacts};
@@ -42,16 +42,7 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-/// Finds a program on `PATH` (or at an absolute path).
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        return Path::new(name).is_file().then(|| PathBuf::from(name));
-    }
-    let path = crate::env::search_path()?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
+pub use crate::env::find_program;
 
 /// The first line a program prints for `args`, if it runs.
 fn first_line(program: &Path, args: &[&str]) -> Option<String> {
@@ -117,7 +108,7 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
         Err(error) => Check {
             name: "accelerator",
             health: Health::Missing,
-            detail: error.to_string(),
+            detail: crate::error::error_chain(&error),
             needed_for: "VM boots",
             fix: Some(format!(
                 "unset {} or set it to kvm or tcg",

@@ -32,13 +32,12 @@ use crate::state::{ImageRecord, State, StateError};
 use crate::steps::Services;
 use crate::store::{OutputRef, Store, StoreError, now_ms};
 
-/// The output every image step ends with.
-pub const ROOTFS_OUTPUT: &str = "rootfs.ext4";
+pub use crate::steps::ROOTFS_OUTPUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "`{query}` is neither an image in the catalog ({}) nor a valid OCI reference: {source}",
+        "`{query}` is neither an image in the catalog ({}) nor a valid OCI reference",
         .catalog.join(", ")
     )]
     UnknownImage {
@@ -70,7 +69,7 @@ pub enum ImageError {
     NoDefaultKernel,
     #[error("the plan of image {image} built no image")]
     NothingBuilt { image: String },
-    #[error("cannot read the stored output {path}: {source}")]
+    #[error("cannot read the stored output {path}")]
     ReadOutput {
         path: std::path::PathBuf,
         #[source]
@@ -81,6 +80,25 @@ pub enum ImageError {
 impl From<OciError> for ImageError {
     fn from(error: OciError) -> ImageError {
         ImageError::Oci(Box::new(error))
+    }
+}
+
+impl crate::error::Classify for ImageError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            ImageError::UnknownImage { .. }
+            | ImageError::UnknownKernel { .. }
+            | ImageError::NoDefaultKernel => ErrorClass::User,
+            ImageError::Oci(error) => error.class(),
+            ImageError::Plan(error) => error.class(),
+            ImageError::Engine(error) => error.class(),
+            ImageError::State(error) => error.class(),
+            ImageError::Store(_)
+            | ImageError::NoRootfs { .. }
+            | ImageError::NothingBuilt { .. }
+            | ImageError::ReadOutput { .. } => ErrorClass::Environment,
+        }
     }
 }
 
@@ -574,7 +592,7 @@ mod tests {
             &reporter,
             RunOptions::default(),
         ));
-        send(&crate::kernels::pull(
+        send(&crate::ops::kernels::pull(
             env,
             "k",
             false,

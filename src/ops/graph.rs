@@ -822,6 +822,15 @@ pub fn format_time_ms(ms: u64) -> String {
     )
 }
 
+impl crate::error::Classify for InspectError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            InspectError::Plan(error) => crate::error::Classify::class(error),
+            InspectError::Store(_) => crate::error::ErrorClass::Environment,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

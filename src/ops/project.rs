@@ -13,6 +13,7 @@ use petgraph::graph::NodeIndex;
 use crate::bangerfile::{self, BangerfileError, Defaults, ParseContext};
 use crate::catalog::Catalogs;
 use crate::config::{Config, ConfigError};
+use crate::error::{Classify, ErrorClass};
 use crate::lock::{self, Lock, LockError};
 use crate::plan::{Plan, PlanError, lower};
 use crate::sources::{self, SourceError};
@@ -145,6 +146,19 @@ pub fn load_plan(file: &Path, config: &Config) -> Result<(Spec, Plan), ProjectEr
 /// keep separate histories.
 pub fn project_id(spec: &Spec) -> String {
     spec.source_file.to_string_lossy().into_owned()
+}
+
+impl Classify for ProjectError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ProjectError::Plan(error) => error.class(),
+            ProjectError::NotFound { .. }
+            | ProjectError::Config(_)
+            | ProjectError::Bangerfile(_)
+            | ProjectError::Lock(_)
+            | ProjectError::Source(_) => ErrorClass::User,
+        }
+    }
 }
 
 #[cfg(test)]
