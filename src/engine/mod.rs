@@ -1,28 +1,44 @@
 //! The engine: runs a plan's steps in dependency order, memoized in the store.
 //!
 //! Lifecycle of [`Engine::run`]:
-//! 1. Key the whole plan (definition keys), and mark *volatile* every step that is never cached
-//!    or reads, directly or not, from one that is: a definition key built on a mutable input
-//!    cannot be trusted, so volatile steps are looked up by content key only.
-//! 2. Walk back from the targets: a non-volatile step whose definition key is in the store is
-//!    done, and its inputs are not needed at all (a final image can hit without fetching its
-//!    layers). Every other step reached is needed.
-//! 3. Queue the needed steps ([`queue::ReadyQueue`]) and drain: one loop owns all scheduling
-//!    state and is the only caller of the [`Reporter`]; each ready step runs as a task that
-//!    (a) computes its content key from its inputs' output digests and reuses a stored result
-//!    if there is one (early cutoff), (b) joins an identical step already running in this
-//!    engine (in-flight dedupe), (c) waits for permits of its resource class, (d) runs its
-//!    executor in a scratch directory, (e) publishes outputs, then the record.
-//! 4. On the first failure nothing new starts (unless `keep_going`); running steps finish;
-//!    everything downstream is reported skipped; the error is reported once, as an event, and
-//!    [`EngineError::StepsFailed`] tells the caller it has already been shown.
+//! 1. Pre-pass: key the whole plan (definition keys), and mark *volatile* every step that is
+//!    never cached or reads, directly or not, from one that is: a definition key built on a
+//!    mutable input cannot be trusted, so volatile steps are looked up by content key only.
+//!    Steps named in [`RunOptions::rebuild`] are *forced*, and what is downstream of them is
+//!    looked up by content key only too.
+//! 2. Walk back from the targets: a step that can trust its definition key and finds it in
+//!    the store is done, and its inputs are not needed at all (a final image can hit without
+//!    fetching its layers). Every other step reached is needed; every needed kind must have an
+//!    executor before anything runs.
+//! 3. Drain (`drain::DrainState`): queue the needed steps ([`queue::ReadyQueue`]) and loop.
+//!    The loop owns all scheduling state and is the only caller of the [`Reporter`]; it
+//!    spawns a job task for each ready step, highest priority first, then waits for one
+//!    message from the jobs or for cancellation, and ends when no job is left. Each job
+//!    (`job.rs`) (a) computes its content key from its inputs' output digests and reuses a
+//!    stored result if there is one (early cutoff), (b) joins an identical step already
+//!    executing in this engine, for any run (in-flight dedupe), or else (c) waits for permits
+//!    of its resource class, in the order the loop spawned the jobs, (d) runs its executor in
+//!    a scratch directory holding those permits, (e) publishes outputs, then the record.
+//!    Permits are held only in (d) and (e): a content hit or a wait on another run's step
+//!    holds none, and a run whose permits are all taken by another run simply awaits them.
+//! 4. On the first failure nothing new starts (unless `keep_going`): jobs still waiting for
+//!    permits or another run's step give up, running steps finish; everything downstream is
+//!    reported skipped, and so is every step that never started; the error is reported once,
+//!    as an event, and [`EngineError::StepsFailed`] tells the caller it has already been
+//!    shown. A failed step's permits go back only once the loop has stopped the run, so no
+//!    step of that run can take them and start.
 //! 5. Cancellation (Ctrl-C) interrupts running steps; their scratch directories are removed and
-//!    nothing is recorded, so no partial output is ever visible.
+//!    nothing is recorded, so no partial output is ever visible. Waiting jobs give up.
 //!
 //! Known weaknesses: dedupe is per engine (per process); two processes may build the same
 //! step at once (both publish identical bytes, which is harmless). The daemon makes one engine
-//! serve every client.
+//! serve every client. A step's permits are taken first come, first served per class across
+//! runs (tokio's fair semaphore): a heavy step at the head of the line holds back lighter ones
+//! behind it until enough permits are free, which avoids starving it but may leave permits
+//! idle meanwhile. A job task that panics sends no result, and its run then never ends.
 
+mod drain;
+mod job;
 pub mod queue;
 pub mod report;
 mod resources;
@@ -36,20 +52,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use petgraph::graph::NodeIndex;
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::key::{Key, Params, content_key, output_digest};
-use crate::plan::{CachePolicy, Plan, PlanError, StepNode};
-use crate::store::{
-    KeyKind, LastRun, LastRunInput, Lookup, OutputRef, StepRecord, Store, StoreError, now_ms,
-};
-use queue::ReadyQueue;
+use crate::key::{Key, Params};
+use crate::plan::{CachePolicy, Plan, PlanError};
+use crate::store::{KeyKind, Lookup, OutputRef, StepRecord, Store, StoreError};
+use drain::DrainState;
 use resources::Resources;
 
 /// A boxed future, for object-safe async executors.
@@ -102,20 +115,7 @@ impl std::error::Error for StepError {
     }
 }
 
-/// Renders an error and its sources as `outer: inner: innermost`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
-}
+pub use crate::error::error_chain;
 
 /// Errors that end a run.
 #[derive(Debug, thiserror::Error)]
@@ -412,9 +412,10 @@ struct Failure {
 enum FailureKind {
     /// The executor (or publishing its outputs) failed.
     Failed,
-    /// The run was cancelled while the step ran or waited.
+    /// The run was cancelled while the step ran.
     Cancelled,
-    /// The run stopped after another failure before this step got its permits.
+    /// The run stopped (after a failure, or cancelled) while the step waited for its turn,
+    /// its permits or another job's result.
     NotStarted,
 }
 
@@ -449,9 +450,12 @@ enum Message {
         node: NodeIndex,
         warning: String,
     },
+    /// A job's last message. `permit` is set after a real failure: the loop drops it once it
+    /// has stopped the run.
     Finished {
         node: NodeIndex,
-        result: Result<(StepOutputs, Option<HitKind>, Duration), Failure>,
+        result: job::JobResult,
+        permit: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -459,7 +463,8 @@ struct Inner {
     store: Store,
     executors: HashMap<String, Arc<dyn Executor>>,
     resources: Resources,
-    in_flight: Mutex<HashMap<Key, Arc<OnceCell<SharedResult>>>>,
+    /// Executions of cached steps in progress, by content key (in-flight dedupe).
+    flights: job::Flights,
 }
 
 /// Runs plans. Cheap to clone; clones share the store, limits and in-flight work.
@@ -511,7 +516,7 @@ impl EngineBuilder {
                 store: self.store,
                 executors: self.executors,
                 resources: Resources::new(self.limits),
-                in_flight: Mutex::new(HashMap::new()),
+                flights: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -553,15 +558,33 @@ impl Engine {
         options: RunOptions,
     ) -> Result<RunReport, EngineError> {
         let started = Instant::now();
+        let prepass = self.prepass(plan, &options.rebuild)?;
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut drain = DrainState::new(&self.inner, plan, prepass, reporter, &options, sender)?;
+        loop {
+            drain.spawn_ready();
+            if drain.is_idle() {
+                break;
+            }
+            tokio::select! {
+                message = receiver.recv() => match message {
+                    Some(message) => drain.handle(message),
+                    None => break,
+                },
+                () = options.cancel.cancelled(), if !drain.is_cancelled() => drain.cancel(),
+            }
+        }
+        drain.finish(project, started).await
+    }
+
+    /// Lifecycle steps 1 and 2: keys and marks for every step, then the walk back from the
+    /// targets that stops at definition-key hits.
+    fn prepass(&self, plan: &Plan, rebuild: &HashSet<String>) -> Result<Prepass, EngineError> {
         let store = &self.inner.store;
         let def_keys = plan.definition_keys()?;
         let volatile = volatile_steps(plan)?;
         let forced: Vec<bool> = (0..plan.len())
-            .map(|index| {
-                options
-                    .rebuild
-                    .contains(&plan.node(NodeIndex::new(index)).id)
-            })
+            .map(|index| rebuild.contains(&plan.node(NodeIndex::new(index)).id))
             .collect();
         // A step downstream of a forced one cannot trust its definition key either: its
         // input is about to be made again.
@@ -578,10 +601,9 @@ impl Engine {
 
         // Walk back from the targets; stop at definition-key hits.
         let mut done: HashMap<NodeIndex, StepOutputs> = HashMap::new();
-        let mut report = RunReport::default();
         let mut needed: Vec<NodeIndex> = Vec::new();
         let mut visited: HashSet<NodeIndex> = HashSet::new();
-        let mut prepass_hits: Vec<NodeIndex> = Vec::new();
+        let mut hits: Vec<NodeIndex> = Vec::new();
         let mut stack = plan.targets();
         stack.reverse();
         while let Some(node) = stack.pop() {
@@ -596,7 +618,7 @@ impl Engine {
                     store.lookup(KeyKind::Definition, &def_keys[node.index()])?
             {
                 done.insert(node, outputs_of(&record));
-                prepass_hits.push(node);
+                hits.push(node);
                 continue;
             }
             needed.push(node);
@@ -606,7 +628,7 @@ impl Engine {
             stack.extend(inputs);
         }
         needed.sort();
-        prepass_hits.sort();
+        hits.sort();
         for &node in &needed {
             let step = plan.node(node);
             if !self.inner.executors.contains_key(&step.kind) {
@@ -616,320 +638,28 @@ impl Engine {
                 });
             }
         }
-
-        reporter.report(&Event::RunStarted {
-            steps: needed.len() + prepass_hits.len(),
-            cached: prepass_hits.len(),
-            to_run: needed.len(),
-        });
-        for &node in &prepass_hits {
-            let step = plan.node(node);
-            reporter.report(&Event::StepCached {
-                step: step.id.clone(),
-                kind: step.kind.clone(),
-                key: def_keys[node.index()],
-                hit: HitKind::Definition,
-            });
-            report.cached.push((step.id.clone(), HitKind::Definition));
-        }
-
-        let needed_set: HashSet<NodeIndex> = needed.iter().copied().collect();
-        let mut queue = ReadyQueue::new();
-        for &node in &needed {
-            queue.add(
-                node,
-                plan.inputs(node)
-                    .into_iter()
-                    .map(|(_, input)| input)
-                    .filter(|input| needed_set.contains(input)),
-            );
-        }
-        queue.freeze().map_err(|cycle| PlanError::Cycle {
-            cycle: cycle.0.iter().map(|&n| plan.node(n).id.clone()).collect(),
-        })?;
-
-        let (sender, mut receiver) = mpsc::unbounded_channel::<Message>();
-        let cancel = options.cancel.child_token();
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut running: usize = 0;
-        let mut started_nodes: HashSet<NodeIndex> = HashSet::new();
-        let mut failures: Vec<String> = Vec::new();
-        let mut skipped: usize = 0;
-        let mut stopping = false;
-        let mut cancelled = false;
-        let mut waiting: Vec<NodeIndex> = Vec::new();
-
-        loop {
-            if !stopping {
-                while let Some(node) = queue.dequeue() {
-                    waiting.push(node);
-                }
-                // Highest priority first (the queue's order); a step starts only when its
-                // permits are free, so a stop after a failure leaves the rest unstarted.
-                let mut still_waiting = Vec::new();
-                for node in waiting.drain(..) {
-                    let step = plan.node(node);
-                    let Some(permit) = self.inner.resources.try_acquire(step.resource, step.weight)
-                    else {
-                        still_waiting.push(node);
-                        continue;
-                    };
-                    let inputs = plan
-                        .inputs(node)
-                        .into_iter()
-                        .map(|(name, input)| ResolvedInput {
-                            name: name.to_owned(),
-                            step_id: plan.node(input).id.clone(),
-                            definition_key: def_keys[input.index()],
-                            outputs: done[&input].clone(),
-                        })
-                        .collect();
-                    let job = Job {
-                        node,
-                        step: step.clone(),
-                        definition_key: def_keys[node.index()],
-                        volatile: volatile[node.index()],
-                        forced: forced[node.index()],
-                        inputs,
-                    };
-                    started_nodes.insert(node);
-                    running += 1;
-                    let inner = Arc::clone(&self.inner);
-                    let sender = sender.clone();
-                    let cancel = cancel.clone();
-                    tasks.spawn(async move {
-                        let result = run_job(&inner, &job, permit, &sender, &cancel).await;
-                        let _ = sender.send(Message::Finished {
-                            node: job.node,
-                            result,
-                        });
-                    });
-                }
-                waiting = still_waiting;
-            }
-            // A stopped run starts nothing new: steps still waiting for permits are reported
-            // skipped below.
-            if running == 0 && (waiting.is_empty() || stopping) {
-                break;
-            }
-            if running == 0 {
-                // Permits are held by another run on this engine: look again shortly.
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(20)) => continue,
-                    () = options.cancel.cancelled() => {
-                        cancelled = true;
-                        stopping = true;
-                        continue;
-                    }
-                }
-            }
-            let message = tokio::select! {
-                message = receiver.recv() => message,
-                () = options.cancel.cancelled(), if !cancelled => {
-                    cancelled = true;
-                    stopping = true;
-                    cancel.cancel();
-                    continue;
-                }
-            };
-            let Some(message) = message else { break };
-            match message {
-                Message::Started { node, key } => {
-                    let step = plan.node(node);
-                    reporter.report(&Event::StepStarted {
-                        step: step.id.clone(),
-                        kind: step.kind.clone(),
-                        key,
-                        summary: step.summary.clone(),
-                    });
-                }
-                Message::Progress {
-                    node,
-                    done: amount,
-                    total,
-                    unit,
-                } => reporter.report(&Event::StepProgress {
-                    step: plan.node(node).id.clone(),
-                    done: amount,
-                    total,
-                    unit,
-                }),
-                Message::Output { node, stream, line } => reporter.report(&Event::StepOutput {
-                    step: plan.node(node).id.clone(),
-                    stream,
-                    line,
-                }),
-                Message::CacheWarning { node, warning } => reporter.report(&Event::CacheWarning {
-                    step: plan.node(node).id.clone(),
-                    warning,
-                }),
-                Message::Finished { node, result } => {
-                    running -= 1;
-                    let step = plan.node(node);
-                    match result {
-                        Ok((outputs, hit, duration)) => {
-                            match hit {
-                                Some(hit) => {
-                                    reporter.report(&Event::StepCached {
-                                        step: step.id.clone(),
-                                        kind: step.kind.clone(),
-                                        key: def_keys[node.index()],
-                                        hit,
-                                    });
-                                    report.cached.push((step.id.clone(), hit));
-                                }
-                                None => {
-                                    reporter.report(&Event::StepFinished {
-                                        step: step.id.clone(),
-                                        kind: step.kind.clone(),
-                                        duration,
-                                        output_bytes: outputs
-                                            .outputs
-                                            .values()
-                                            .map(|o| o.size)
-                                            .sum(),
-                                    });
-                                    report.ran.push(step.id.clone());
-                                }
-                            }
-                            done.insert(node, outputs);
-                            queue.finish(node);
-                        }
-                        Err(failure) if failure.kind == FailureKind::NotStarted => {
-                            skipped += 1;
-                            reporter.report(&Event::StepSkipped {
-                                step: step.id.clone(),
-                                because: failures.first().cloned().unwrap_or_default(),
-                            });
-                            for skipped_node in queue.skip_dependants(node) {
-                                skipped += 1;
-                                reporter.report(&Event::StepSkipped {
-                                    step: plan.node(skipped_node).id.clone(),
-                                    because: step.id.clone(),
-                                });
-                            }
-                        }
-                        Err(failure) if failure.kind == FailureKind::Cancelled => {
-                            cancelled = true;
-                            stopping = true;
-                            reporter.report(&Event::StepCancelled {
-                                step: step.id.clone(),
-                            });
-                            for skipped_node in queue.skip_dependants(node) {
-                                skipped += 1;
-                                reporter.report(&Event::StepSkipped {
-                                    step: plan.node(skipped_node).id.clone(),
-                                    because: step.id.clone(),
-                                });
-                            }
-                        }
-                        Err(failure) => {
-                            reporter.report(&Event::StepFailed {
-                                step: step.id.clone(),
-                                kind: step.kind.clone(),
-                                error: failure.message,
-                            });
-                            failures.push(step.id.clone());
-                            if !options.keep_going {
-                                stopping = true;
-                            }
-                            for skipped_node in queue.skip_dependants(node) {
-                                skipped += 1;
-                                reporter.report(&Event::StepSkipped {
-                                    step: plan.node(skipped_node).id.clone(),
-                                    because: step.id.clone(),
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        while tasks.join_next().await.is_some() {}
-        cancelled |= options.cancel.is_cancelled();
-
-        let reason = failures
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "cancellation".to_owned());
-        let mut never_started = queue.never_started(&started_nodes);
-        never_started.extend(waiting.iter().copied());
-        never_started.sort();
-        never_started.dedup();
-        for node in never_started {
-            skipped += 1;
-            reporter.report(&Event::StepSkipped {
-                step: plan.node(node).id.clone(),
-                because: reason.clone(),
-            });
-        }
-
-        // Bookkeeping for GC order and `graph --why`; failures here only cost a warning.
-        let used: Vec<Key> = done
-            .keys()
-            .filter(|node| plan.node(**node).cache == CachePolicy::Cached)
-            .map(|node| def_keys[node.index()])
-            .collect();
-        if let Err(error) = store.touch(&used) {
-            reporter.report(&Event::CacheWarning {
-                step: String::new(),
-                warning: error_chain(&error),
-            });
-        }
-        let last_runs: Vec<(String, LastRun)> = done
-            .keys()
-            .filter(|node| plan.node(**node).cache == CachePolicy::Cached)
-            .map(|&node| {
-                let step = plan.node(node);
-                let inputs = plan
-                    .inputs(node)
-                    .into_iter()
-                    .map(|(name, input)| LastRunInput {
-                        name: name.to_owned(),
-                        step_id: plan.node(input).id.clone(),
-                        definition_key: def_keys[input.index()],
-                    })
-                    .collect();
-                let run = LastRun {
-                    definition_key: def_keys[node.index()],
-                    kind: step.kind.clone(),
-                    version: step.version,
-                    params: step.params.clone(),
-                    inputs,
-                };
-                (step.id.clone(), run)
-            })
-            .collect();
-        if let Err(error) = store.update_last_runs(project, last_runs) {
-            reporter.report(&Event::CacheWarning {
-                step: String::new(),
-                warning: error_chain(&error),
-            });
-        }
-
-        report.duration = started.elapsed();
-        reporter.report(&Event::RunFinished {
-            ran: report.ran.len(),
-            cached: report.cached.len(),
-            failed: failures.len(),
-            skipped,
-            duration: report.duration,
-        });
-        if cancelled {
-            return Err(EngineError::Cancelled);
-        }
-        if let Some(first) = failures.first() {
-            return Err(EngineError::StepsFailed {
-                failed: failures.len(),
-                first: first.clone(),
-            });
-        }
-        report.outputs = done
-            .into_iter()
-            .map(|(node, outputs)| (plan.node(node).id.clone(), outputs))
-            .collect();
-        Ok(report)
+        Ok(Prepass {
+            def_keys,
+            volatile,
+            forced,
+            needed,
+            hits,
+            done,
+        })
     }
+}
+
+/// What the pre-pass found, for [`DrainState`].
+struct Prepass {
+    def_keys: Vec<Key>,
+    volatile: Vec<bool>,
+    /// Executed even if stored (`--rebuild`).
+    forced: Vec<bool>,
+    /// Steps to satisfy, in node order.
+    needed: Vec<NodeIndex>,
+    /// Steps whose definition key hit, in node order; their outputs are in `done`.
+    hits: Vec<NodeIndex>,
+    done: HashMap<NodeIndex, StepOutputs>,
 }
 
 fn outputs_of(record: &StepRecord) -> StepOutputs {
@@ -937,243 +667,6 @@ fn outputs_of(record: &StepRecord) -> StepOutputs {
         outputs: record.outputs.clone(),
         output_digest: record.output_digest,
     }
-}
-
-struct ResolvedInput {
-    name: String,
-    step_id: String,
-    definition_key: Key,
-    outputs: StepOutputs,
-}
-
-struct Job {
-    node: NodeIndex,
-    step: StepNode,
-    definition_key: Key,
-    volatile: bool,
-    /// Executed even if stored (`--rebuild`).
-    forced: bool,
-    inputs: Vec<ResolvedInput>,
-}
-
-impl Job {
-    fn content_key(&self) -> Key {
-        let inputs: Vec<(&str, Key)> = self
-            .inputs
-            .iter()
-            .map(|input| (input.name.as_str(), input.outputs.output_digest))
-            .collect();
-        content_key(
-            &self.step.kind,
-            self.step.version,
-            &self.step.params,
-            &inputs,
-        )
-    }
-}
-
-/// Satisfies one step: content-key hit, a shared in-flight result, or a fresh execution.
-async fn run_job(
-    inner: &Arc<Inner>,
-    job: &Job,
-    permit: OwnedSemaphorePermit,
-    sender: &mpsc::UnboundedSender<Message>,
-    cancel: &CancellationToken,
-) -> Result<(StepOutputs, Option<HitKind>, Duration), Failure> {
-    let content = job.content_key();
-    let cached = job.step.cache == CachePolicy::Cached;
-    if cached
-        && !job.forced
-        && let Some(outputs) = content_hit(inner, job, content, sender)
-    {
-        return Ok((outputs, Some(HitKind::Content), Duration::ZERO));
-    }
-    if !cached {
-        let started = Instant::now();
-        return execute(inner, job, content, permit, sender, cancel)
-            .await
-            .map(|outputs| (outputs, None, started.elapsed()));
-    }
-    let cell = {
-        let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(in_flight.entry(content).or_default())
-    };
-    let ran_here = AtomicBool::new(false);
-    let started = Instant::now();
-    // Only real failures are shared with other waiters; an interruption of this run leaves the
-    // cell empty so a waiter from another run executes the step itself.
-    let result = cell
-        .get_or_try_init(|| async {
-            ran_here.store(true, Ordering::SeqCst);
-            match execute(inner, job, content, permit, sender, cancel).await {
-                Err(failure) if failure.kind != FailureKind::Failed => Err(failure),
-                other => Ok(other),
-            }
-        })
-        .await
-        .cloned()
-        .and_then(|shared| shared);
-    {
-        let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if in_flight
-            .get(&content)
-            .is_some_and(|current| Arc::ptr_eq(current, &cell))
-        {
-            in_flight.remove(&content);
-        }
-    }
-    let outputs = result?;
-    if ran_here.load(Ordering::SeqCst) {
-        Ok((outputs, None, started.elapsed()))
-    } else {
-        Ok((outputs, Some(HitKind::Shared), Duration::ZERO))
-    }
-}
-
-fn content_hit(
-    inner: &Inner,
-    job: &Job,
-    content: Key,
-    sender: &mpsc::UnboundedSender<Message>,
-) -> Option<StepOutputs> {
-    match inner.store.lookup(KeyKind::Content, &content) {
-        Ok(Lookup::Hit(record)) => {
-            if !job.volatile
-                && let Err(error) = inner.store.alias(&record, &job.definition_key)
-            {
-                let _ = sender.send(Message::CacheWarning {
-                    node: job.node,
-                    warning: error_chain(&error),
-                });
-            }
-            Some(outputs_of(&record))
-        }
-        Ok(Lookup::Miss(_)) => None,
-        Err(error) => {
-            let _ = sender.send(Message::CacheWarning {
-                node: job.node,
-                warning: error_chain(&error),
-            });
-            None
-        }
-    }
-}
-
-async fn execute(
-    inner: &Arc<Inner>,
-    job: &Job,
-    content: Key,
-    permit: OwnedSemaphorePermit,
-    sender: &mpsc::UnboundedSender<Message>,
-    cancel: &CancellationToken,
-) -> SharedResult {
-    let cancelled = || Failure {
-        message: "cancelled".into(),
-        kind: FailureKind::Cancelled,
-    };
-    let _permit = permit;
-    let cached = job.step.cache == CachePolicy::Cached;
-    // Another process may have finished this step while we waited for a permit.
-    if cached
-        && !job.forced
-        && let Some(outputs) = content_hit(inner, job, content, sender)
-    {
-        return Ok(outputs);
-    }
-    let executor = Arc::clone(&inner.executors[&job.step.kind]);
-    let _ = sender.send(Message::Started {
-        node: job.node,
-        key: job.definition_key,
-    });
-    let started_ms = now_ms();
-    let started = Instant::now();
-    let ctx = StepContext {
-        step_id: job.step.id.clone(),
-        kind: job.step.kind.clone(),
-        params: job.step.params.clone(),
-        hints: job.step.hints.clone(),
-        definition_key: job.definition_key,
-        inputs: job
-            .inputs
-            .iter()
-            .map(|input| StepInput {
-                name: input.name.clone(),
-                step_id: input.step_id.clone(),
-                outputs: input.outputs.outputs.clone(),
-            })
-            .collect(),
-        store: inner.store.clone(),
-        scratch: OnceLock::new(),
-        cancel: cancel.clone(),
-        node: job.node,
-        events: sender.clone(),
-    };
-    let outcome = tokio::select! {
-        outcome = executor.execute(&ctx) => outcome,
-        () = cancel.cancelled() => return Err(cancelled()),
-    };
-    if let Err(error) = outcome {
-        return Err(Failure::failed(error_chain(&error)));
-    }
-    let files = ctx
-        .output_files()
-        .map_err(|error| Failure::failed(error_chain(&error)))?;
-    let mut outputs = BTreeMap::new();
-    for (name, path) in files {
-        let store = inner.store.clone();
-        let published = tokio::task::spawn_blocking(move || store.publish_file(&path))
-            .await
-            .map_err(|error| {
-                Failure::failed(format!("publishing output `{name}` panicked: {error}"))
-            })?
-            .map_err(|error| Failure::failed(error_chain(&error)))?;
-        outputs.insert(name, published);
-    }
-    let digest = output_digest(
-        outputs
-            .iter()
-            .map(|(name, output)| (name.as_str(), output.integrity.as_str(), output.size)),
-    );
-    if cached {
-        let record = StepRecord {
-            step_id: job.step.id.clone(),
-            kind: job.step.kind.clone(),
-            version: job.step.version,
-            params: job.step.params.clone(),
-            inputs: job
-                .inputs
-                .iter()
-                .map(|input| crate::store::RecordedInput {
-                    name: input.name.clone(),
-                    step_id: input.step_id.clone(),
-                    definition_key: input.definition_key,
-                    output_digest: input.outputs.output_digest,
-                })
-                .collect(),
-            outputs: outputs.clone(),
-            definition_key: job.definition_key,
-            content_key: content,
-            output_digest: digest,
-            created_ms: started_ms,
-            duration_ms: started.elapsed().as_millis() as u64,
-        };
-        // A failed cache write costs a future rebuild, not this run.
-        let commit = if job.volatile {
-            inner.store.commit_content_only(&record)
-        } else {
-            inner.store.commit(&record)
-        };
-        if let Err(error) = commit {
-            let _ = sender.send(Message::CacheWarning {
-                node: job.node,
-                warning: error_chain(&error),
-            });
-        }
-    }
-    Ok(StepOutputs {
-        outputs,
-        output_digest: digest,
-    })
 }
 
 impl crate::error::Classify for EngineError {

@@ -2,8 +2,9 @@
 //!
 //! One global `-j` would either starve downloads (network-bound, cheap on CPU) or overload the
 //! disk with parallel image writes. Each step names its class and a weight; it holds that many
-//! permits of its class while it runs. Permits are guards released on drop, so a cancelled or
-//! panicking step gives its permits back.
+//! permits of its class while it executes and publishes, and only then (see the engine's
+//! lifecycle). Permits are guards released on drop, so a cancelled or panicking step gives its
+//! permits back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,17 +85,10 @@ impl Resources {
         Resources { limits, semaphores }
     }
 
-    /// Takes `weight` permits of `class` if they are free now.
-    pub fn try_acquire(&self, class: ResourceClass, weight: u32) -> Option<OwnedSemaphorePermit> {
-        let weight = weight.clamp(1, self.limits.limit(class));
-        Arc::clone(&self.semaphores[&class])
-            .try_acquire_many_owned(weight)
-            .ok()
-    }
-
     /// Waits for `weight` permits of `class`; a weight above the limit takes the whole class
-    /// rather than waiting forever.
-    #[allow(dead_code)]
+    /// rather than waiting forever. Waiters are served first come, first served (tokio's
+    /// semaphore is fair): a heavy waiter at the head of the line is not overtaken by lighter
+    /// ones behind it, so it cannot starve.
     pub async fn acquire(&self, class: ResourceClass, weight: u32) -> OwnedSemaphorePermit {
         let weight = weight.clamp(1, self.limits.limit(class));
         Arc::clone(&self.semaphores[&class])

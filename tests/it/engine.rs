@@ -536,3 +536,315 @@ fn a_run_killed_mid_step_leaves_no_partial_output_and_reruns() {
         again.ran
     );
 }
+
+/// Permits are held only while a step executes: not while it finds a content hit, waits for
+/// another run's identical step, or waits for permits another run holds.
+mod permits {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use banger::engine::{
+        BoxFuture, Engine, Event, Executor, HitKind, NullReporter, RecordingReporter, Reporter,
+        ResourceLimits, RunOptions, RunReport, StepContext, StepError,
+    };
+    use banger::key::Params;
+    use banger::plan::{Plan, ResourceClass, StepNode};
+    use banger::store::Store;
+    use tokio::sync::{Notify, Semaphore};
+
+    use crate::support::{Counters, WriteExecutor};
+
+    /// One gate: `started` is signalled when its step starts executing; the step then waits
+    /// until the test opens the gate.
+    #[derive(Debug)]
+    struct Gate {
+        started: Notify,
+        open: Semaphore,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct Gates(Arc<Mutex<HashMap<String, Arc<Gate>>>>);
+
+    impl Gates {
+        fn get(&self, name: &str) -> Arc<Gate> {
+            let mut gates = self.0.lock().unwrap();
+            Arc::clone(gates.entry(name.to_owned()).or_insert_with(|| {
+                Arc::new(Gate {
+                    started: Notify::new(),
+                    open: Semaphore::new(0),
+                })
+            }))
+        }
+
+        /// Returns once the step of gate `name` is executing (or has).
+        async fn started(&self, name: &str) {
+            self.get(name).started.notified().await;
+        }
+
+        fn open(&self, name: &str) {
+            self.get(name).open.add_permits(1);
+        }
+    }
+
+    /// Test step kind `test.gate`: writes param `content` to output `out` once the test opens
+    /// the gate named by param `gate`.
+    #[derive(Debug)]
+    struct GateExecutor {
+        gates: Gates,
+        counters: Arc<Counters>,
+    }
+
+    impl Executor for GateExecutor {
+        fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
+            Box::pin(async move {
+                self.counters.enter(&ctx.step_id);
+                let gate = self.gates.get(ctx.params.get_str("gate").unwrap_or(""));
+                gate.started.notify_one();
+                let _open = gate.open.acquire().await;
+                self.counters.leave();
+                let content = ctx.params.get_str("content").unwrap_or("");
+                std::fs::write(ctx.output("out")?, content)
+                    .map_err(|e| StepError::with_source("write", e))
+            })
+        }
+    }
+
+    fn engine(
+        dir: &std::path::Path,
+        gates: &Gates,
+        counters: &Arc<Counters>,
+        limits: ResourceLimits,
+    ) -> Engine {
+        Engine::builder(Store::open(dir).unwrap())
+            .limits(limits)
+            .executor(
+                "test.gate",
+                GateExecutor {
+                    gates: gates.clone(),
+                    counters: Arc::clone(counters),
+                },
+            )
+            .executor(
+                "test.write",
+                WriteExecutor {
+                    counters: Arc::clone(counters),
+                },
+            )
+            .build()
+    }
+
+    fn gate_step(id: &str, gate: &str, class: ResourceClass) -> StepNode {
+        StepNode::new(
+            id,
+            "test.gate",
+            1,
+            Params::new().with("content", id).with("gate", gate),
+            class,
+        )
+    }
+
+    fn plan_of(steps: impl IntoIterator<Item = StepNode>) -> Plan {
+        let mut plan = Plan::new();
+        for step in steps {
+            plan.add_step(step).unwrap();
+        }
+        plan
+    }
+
+    /// Runs `plan` in a task of its own.
+    fn spawn_run(
+        engine: &Engine,
+        plan: Plan,
+        reporter: Arc<dyn Reporter>,
+        options: RunOptions,
+    ) -> tokio::task::JoinHandle<Result<RunReport, banger::engine::EngineError>> {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(&plan, "test", &*reporter, options).await })
+    }
+
+    /// Fails the test instead of hanging it when the engine gets stuck (not a timing check).
+    async fn unstuck<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), future)
+            .await
+            .expect("the engine is stuck")
+    }
+
+    #[test]
+    fn a_step_waiting_on_another_runs_identical_step_holds_no_permit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gates, counters) = (Gates::default(), Arc::new(Counters::default()));
+        // Two CPU permits: the first run's `shared` holds one while it executes.
+        let engine = engine(dir.path(), &gates, &counters, ResourceLimits::uniform(2));
+        let shared = gate_step("shared", "shared", ResourceClass::Cpu);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let first = spawn_run(
+                &engine,
+                plan_of([shared.clone()]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            unstuck(gates.started("shared")).await;
+            // `shared` comes first in the second run; it waits on the first run's execution.
+            // `other` gets the last permit only if that wait holds none.
+            let second = spawn_run(
+                &engine,
+                plan_of([shared, gate_step("other", "other", ResourceClass::Cpu)]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            unstuck(gates.started("other")).await;
+            assert!(!first.is_finished(), "`shared` is still executing");
+            assert_eq!(counters.runs_of("shared"), 1);
+
+            gates.open("other");
+            gates.open("shared");
+            let first = unstuck(first).await.unwrap().unwrap();
+            let second = unstuck(second).await.unwrap().unwrap();
+            assert_eq!(first.ran, ["shared"]);
+            assert_eq!(second.ran, ["other"]);
+            assert_eq!(second.cached, [("shared".to_owned(), HitKind::Shared)]);
+            assert_eq!(counters.runs_of("shared"), 1, "in-flight dedupe failed");
+        });
+    }
+
+    #[test]
+    fn a_content_hit_takes_no_permit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gates, counters) = (Gates::default(), Arc::new(Counters::default()));
+        let engine = engine(dir.path(), &gates, &counters, ResourceLimits::uniform(1));
+        // `a` (network) → `b` (disk). Rebuilding `a` gives the same bytes, so `b` is looked up
+        // by content key and hits.
+        let mut plan = Plan::new();
+        let a = plan
+            .add_step(StepNode::new(
+                "a",
+                "test.write",
+                1,
+                Params::new().with("content", "a"),
+                ResourceClass::Network,
+            ))
+            .unwrap();
+        let b = plan
+            .add_step(StepNode::new(
+                "b",
+                "test.write",
+                1,
+                Params::new().with("content", "b"),
+                ResourceClass::Disk,
+            ))
+            .unwrap();
+        plan.add_input(b, "in", a);
+        let rebuild_a = RunOptions {
+            rebuild: ["a".to_owned()].into(),
+            ..RunOptions::default()
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            unstuck(engine.run(&plan, "test", &NullReporter, RunOptions::default()))
+                .await
+                .unwrap();
+            // Another run holds the only disk permit until the end.
+            let holder = spawn_run(
+                &engine,
+                plan_of([gate_step("hold", "hold", ResourceClass::Disk)]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            unstuck(gates.started("hold")).await;
+
+            let report = unstuck(engine.run(&plan, "test", &NullReporter, rebuild_a))
+                .await
+                .unwrap();
+            assert_eq!(report.ran, ["a"]);
+            assert_eq!(report.cached, [("b".to_owned(), HitKind::Content)]);
+            assert_eq!(counters.runs_of("b"), 1);
+            assert!(!holder.is_finished(), "the disk permit was held throughout");
+
+            gates.open("hold");
+            unstuck(holder).await.unwrap().unwrap();
+        });
+    }
+
+    /// Records events and wakes a waiter on each one.
+    #[derive(Debug, Default)]
+    struct SignallingReporter {
+        recorded: RecordingReporter,
+        reported: Notify,
+    }
+
+    impl Reporter for SignallingReporter {
+        fn report(&self, event: &Event) {
+            self.recorded.report(event);
+            self.reported.notify_one();
+        }
+    }
+
+    impl SignallingReporter {
+        async fn until(&self, seen: impl Fn(&Event) -> bool) {
+            while !self.recorded.events().iter().any(&seen) {
+                self.reported.notified().await;
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_waiting_for_another_runs_permits_goes_on_when_they_are_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gates, counters) = (Gates::default(), Arc::new(Counters::default()));
+        let engine = engine(dir.path(), &gates, &counters, ResourceLimits::uniform(1));
+        // No timers on this runtime: anything that sleeps or polls on a timer panics.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let first = spawn_run(
+                &engine,
+                plan_of([gate_step("hold", "hold", ResourceClass::Cpu)]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            gates.started("hold").await;
+
+            // `queued` needs the CPU permit `hold` has. `witness` (network) takes its place in
+            // line after `queued`, so once it runs, `queued` is waiting for that permit.
+            let reporter = Arc::new(SignallingReporter::default());
+            let mut queued = crate::support::write_step("queued", "q");
+            queued.resource = ResourceClass::Cpu;
+            let second = spawn_run(
+                &engine,
+                plan_of([
+                    queued,
+                    gate_step("witness", "witness", ResourceClass::Network),
+                ]),
+                Arc::clone(&reporter) as Arc<dyn Reporter>,
+                RunOptions::default(),
+            );
+            gates.started("witness").await;
+            gates.open("witness");
+            // The second run has nothing executing now, only `queued` waiting.
+            reporter
+                .until(
+                    |event| matches!(event, Event::StepFinished { step, .. } if step == "witness"),
+                )
+                .await;
+            assert_eq!(counters.runs_of("queued"), 0);
+
+            gates.open("hold");
+            first.await.unwrap().unwrap();
+            let report = second.await.unwrap().unwrap();
+            assert_eq!(report.ran, ["witness", "queued"]);
+            let started: Vec<String> = reporter
+                .recorded
+                .events()
+                .into_iter()
+                .filter_map(|event| match event {
+                    Event::StepStarted { step, .. } => Some(step),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(started, ["witness", "queued"]);
+        });
+    }
+}
