@@ -175,6 +175,13 @@ impl NetworkMode {
             NetworkMode::None => "none",
         }
     }
+
+    /// The mode [`NetworkMode::as_str`] names.
+    pub fn from_name(name: &str) -> Option<NetworkMode> {
+        [NetworkMode::User, NetworkMode::Tap, NetworkMode::None]
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+    }
 }
 
 impl fmt::Display for NetworkMode {

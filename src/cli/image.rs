@@ -10,9 +10,9 @@ use serde_json::json;
 
 use banger::catalog::Catalogs;
 use banger::engine::Engine;
-use banger::key::Params;
 use banger::ops::graph::format_time_ms;
 use banger::ops::images::{self, ImageJob, ImagePullRequest, PullEnv};
+use banger::plan::kinds::{ImportFileParams, StepParams};
 use banger::plan::{Plan, StepNode};
 use banger::spec::ByteSize;
 use banger::state::ImageRecord;
@@ -260,9 +260,11 @@ fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Res
             "import/tar",
             steps::IMPORT_FILE.name,
             steps::IMPORT_FILE.version,
-            Params::new()
-                .with("digest", digest)
-                .with("name", "rootfs.tar"),
+            ImportFileParams {
+                digest: digest.to_owned(),
+                name: "rootfs.tar".to_owned(),
+            }
+            .to_params(),
             steps::IMPORT_FILE.resource,
         )
         .hint("path", path.to_string_lossy())
@@ -328,9 +330,11 @@ fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitSt
             "import/rootfs",
             steps::IMPORT_FILE.name,
             steps::IMPORT_FILE.version,
-            Params::new()
-                .with("digest", digest.clone())
-                .with("name", images::ROOTFS_OUTPUT),
+            ImportFileParams {
+                digest: digest.clone(),
+                name: images::ROOTFS_OUTPUT.to_owned(),
+            }
+            .to_params(),
             steps::IMPORT_FILE.resource,
         )
         .hint("path", absolute.to_string_lossy())

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use banger::key::Params;
 use banger::ops::graph::format_time_ms;
 use banger::ops::kernels::{self, PulledKernel};
-use banger::plan::lower::INITRAMFS_MODULES;
+use banger::plan::kinds::{KernelImportParams, NoParams, StepParams};
+use banger::plan::lower::initramfs_params;
 use banger::plan::{Plan, StepNode};
 use banger::state::KernelRecord;
 use banger::steps;
@@ -180,7 +180,7 @@ fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus
             format!("kernel:{}/import", args.name),
             steps::KERNEL_IMPORT.name,
             steps::KERNEL_IMPORT.version,
-            Params::new().with("fingerprint", fingerprint),
+            KernelImportParams { fingerprint }.to_params(),
             steps::KERNEL_IMPORT.resource,
         )
         .hint("dir", dir.to_string_lossy())
@@ -191,7 +191,7 @@ fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus
             format!("kernel:{}/stage", args.name),
             steps::KERNEL_STAGE.name,
             steps::KERNEL_STAGE.version,
-            Params::new(),
+            NoParams.to_params(),
             steps::KERNEL_STAGE.resource,
         )
         .summary("vmlinux + initrd + modules"),
@@ -204,17 +204,7 @@ fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus
                 format!("kernel:{}/initramfs", args.name),
                 steps::KERNEL_INITRAMFS.name,
                 steps::KERNEL_INITRAMFS.version,
-                Params::new()
-                    .with(
-                        "modules",
-                        banger::key::ParamValue::List(
-                            INITRAMFS_MODULES
-                                .iter()
-                                .map(|name| (*name).into())
-                                .collect(),
-                        ),
-                    )
-                    .with("agent", banger::assets::agent_digest()),
+                initramfs_params().to_params(),
                 steps::KERNEL_INITRAMFS.resource,
             )
             .summary("banger's agent as /init + virtio, vsock and overlay modules"),

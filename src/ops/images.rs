@@ -26,6 +26,7 @@ use crate::engine::{Engine, EngineError, Reporter, RunOptions, RunReport};
 use crate::key::Key;
 use crate::lock::Lock;
 use crate::oci::{ImageReference, OciError, RegistryClient};
+use crate::plan::kinds::{ParamError, RecipeParams, StepParams};
 use crate::plan::{Plan, PlanError, lower};
 use crate::spec::{ByteSize, ImageSource, ImageSpec};
 use crate::state::{ImageRecord, State, StateError};
@@ -69,6 +70,12 @@ pub enum ImageError {
     NoDefaultKernel,
     #[error("the plan of image {image} built no image")]
     NothingBuilt { image: String },
+    #[error("step {step} of the plan")]
+    UnreadableParams {
+        step: String,
+        #[source]
+        source: ParamError,
+    },
     #[error("cannot read the stored output {path}")]
     ReadOutput {
         path: std::path::PathBuf,
@@ -97,6 +104,7 @@ impl crate::error::Classify for ImageError {
             ImageError::Store(_)
             | ImageError::NoRootfs { .. }
             | ImageError::NothingBuilt { .. }
+            | ImageError::UnreadableParams { .. }
             | ImageError::ReadOutput { .. } => ErrorClass::Environment,
         }
     }
@@ -161,26 +169,6 @@ pub async fn pin_references(
     Ok(resolved)
 }
 
-/// How `Bangerfile.lock` names a recipe step: `debian bookworm: pkg, pkg` (its params).
-pub fn recipe_label(params: &crate::key::Params) -> String {
-    let packages: Vec<&str> = match params.get("packages") {
-        Some(crate::key::ParamValue::List(list)) => list
-            .iter()
-            .filter_map(|value| match value {
-                crate::key::ParamValue::Str(name) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    format!(
-        "{} {}: {}",
-        params.get_str("distro").unwrap_or("?"),
-        params.get_str("suite").unwrap_or("?"),
-        packages.join(", ")
-    )
-}
-
 /// What every recipe step of `plan` installed, from this run's outputs or, for steps the run
 /// did not need (a stored image hit first), from the store. A recipe whose record is gone
 /// (evicted) is left out: there is nothing to compare.
@@ -215,8 +203,14 @@ pub fn resolved_recipes(
             path: path.clone(),
             source,
         })?;
+        let recipe = RecipeParams::from_params(&step.params).map_err(|source| {
+            ImageError::UnreadableParams {
+                step: step.id.clone(),
+                source,
+            }
+        })?;
         let locked = crate::lock::LockedRecipe {
-            recipe: recipe_label(&step.params),
+            recipe: recipe.label(),
             packages: text.lines().map(str::to_owned).collect(),
         };
         if !resolved.contains(&locked) {

@@ -27,11 +27,14 @@ use std::path::Path;
 use petgraph::graph::NodeIndex;
 
 use super::kinds::{
-    AgentLayerParams, ProvisionCopyParams, ProvisionRunParams, RootfsBuildParams, RootfsSize,
+    AgentLayerParams, FetchBundleParams, KernelInitramfsParams, KernelLocalParams,
+    KernelPackageParams, NoParams, OciFetchLayerParams, OciFetchLayersParams, OciResolveParams,
+    ProvisionCopyParams, ProvisionRunParams, RecipeParams, RootfsBuildParams, RootfsSize,
+    StepParams, VmBootParams, VmFileSyncParams, VmUpCommandParams, VmWorkspaceParams,
 };
 use super::{Plan, PlanError, StepNode};
 use crate::catalog::{Catalogs, Prefer};
-use crate::key::{ParamValue, Params};
+use crate::key::Params;
 use crate::lock::Lock;
 use crate::spec::{ImageSource, ImageSpec, ProvisionStep, RecipeSpec, Spec};
 use crate::steps::{self, KindInfo};
@@ -60,7 +63,19 @@ pub fn image_size(size: Option<u64>) -> RootfsSize {
 /// Step id of the guest agent layer, shared by every image of a plan.
 pub const AGENT_LAYER_ID: &str = "banger/agent";
 
-fn node(info: &KindInfo, id: String, params: Params) -> StepNode {
+/// A step of kind `info` with its typed params: how lowering adds every step but a copy
+/// (planned unfingerprinted), so a kind is always written through its own struct.
+fn node<P: StepParams>(info: &KindInfo, id: String, params: &P) -> StepNode {
+    debug_assert!(
+        P::KINDS.contains(&info.name),
+        "{} step {id} given the params of {:?}",
+        info.name,
+        P::KINDS
+    );
+    node_with(info, id, params.to_params())
+}
+
+fn node_with(info: &KindInfo, id: String, params: Params) -> StepNode {
     StepNode {
         id,
         kind: info.name.to_owned(),
@@ -154,11 +169,7 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
         node(
             &steps::VM_BOOT,
             "vm/boot".into(),
-            Params::new()
-                .with("vcpu", vm.vcpu)
-                .with("memory", vm.memory.bytes())
-                .with("disk", vm.disk.bytes())
-                .with("network", vm.network.as_str()),
+            &VmBootParams { shape: vm },
         )
         .summary(format!("boot {} ({vm})", spec.name)),
     )?;
@@ -167,21 +178,12 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
     let mut last = boot;
 
     if !spec.file_sync.is_empty() {
-        let entries = spec
-            .file_sync
-            .iter()
-            .map(|entry| {
-                let mode = entry.mode.map_or_else(String::new, |m| format!(" {m:04o}"));
-                ParamValue::Str(format!("{} -> {}{mode}", entry.host, entry.guest))
-            })
-            .collect();
+        let params = VmFileSyncParams {
+            entries: spec.file_sync.clone(),
+        };
         let sync = lowering.plan.add_step(
-            node(
-                &steps::VM_FILE_SYNC,
-                "vm/file-sync".into(),
-                Params::new().with("entries", ParamValue::List(entries)),
-            )
-            .summary(format!("sync {} host file(s)", spec.file_sync.len())),
+            node(&steps::VM_FILE_SYNC, "vm/file-sync".into(), &params)
+                .summary(format!("sync {} host file(s)", spec.file_sync.len())),
         )?;
         lowering.plan.add_input(sync, "vm", last);
         last = sync;
@@ -192,9 +194,10 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
             node(
                 &steps::VM_WORKSPACE,
                 "vm/workspace".into(),
-                Params::new()
-                    .with("host", host.clone())
-                    .with("guest", workspace.guest.clone()),
+                &VmWorkspaceParams {
+                    host: host.clone(),
+                    guest: workspace.guest.clone(),
+                },
             )
             .summary(format!("workspace {host} -> {}", workspace.guest)),
         )?;
@@ -206,7 +209,9 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
             node(
                 &steps::VM_UP_COMMAND,
                 "vm/up".into(),
-                Params::new().with("run", up.run.clone()),
+                &VmUpCommandParams {
+                    run: up.run.clone(),
+                },
             )
             .summary(format!("run: {}", up.run)),
         )?;
@@ -270,7 +275,7 @@ impl Lowering<'_> {
                         init: *init,
                         source_date_epoch: epoch,
                     };
-                    let mut step = node(&steps::PROVISION_RUN, id, params.to_params())
+                    let mut step = node(&steps::PROVISION_RUN, id, &params)
                         .hint("timeout_secs", timeout.as_secs().to_string())
                         .summary(format!("run: {command}"));
                     step.weight = steps::provision_run::builder_weight();
@@ -282,7 +287,7 @@ impl Lowering<'_> {
                 ProvisionStep::Copy { src, dest, mode } => {
                     let params = ProvisionCopyParams::unfingerprinted(src, dest, *mode, epoch);
                     self.plan.add_step(
-                        node(&steps::PROVISION_COPY, id, params)
+                        node_with(&steps::PROVISION_COPY, id, params)
                             .hint("project_dir", self.project_dir.to_string_lossy())
                             .summary(format!("copy {} -> {dest}", src.display())),
                     )?
@@ -353,7 +358,9 @@ impl Lowering<'_> {
                 node(
                     &steps::OCI_RESOLVE,
                     format!("{prefix}/resolve"),
-                    Params::new().with("reference", reference),
+                    &OciResolveParams {
+                        reference: reference.to_owned(),
+                    },
                 )
                 .never_cached()
                 .summary(format!("{reference} (not pinned yet)")),
@@ -362,7 +369,9 @@ impl Lowering<'_> {
                 node(
                     &steps::OCI_FETCH_LAYERS,
                     format!("{prefix}/fetch-layers"),
-                    Params::new().with("reference", reference),
+                    &OciFetchLayersParams {
+                        reference: reference.to_owned(),
+                    },
                 )
                 .summary("every layer, once the reference is resolved"),
             )?;
@@ -376,10 +385,11 @@ impl Lowering<'_> {
                 node(
                     &steps::OCI_FETCH_LAYER,
                     format!("{prefix}/layer[{index}]"),
-                    Params::new()
-                        .with("digest", layer.digest.clone())
-                        .with("media_type", layer.media_type.clone())
-                        .with("size", layer.size),
+                    &OciFetchLayerParams {
+                        digest: layer.digest.clone(),
+                        media_type: layer.media_type.clone(),
+                        size: layer.size,
+                    },
                 )
                 .hint("reference", reference)
                 .summary(format!(
@@ -408,10 +418,12 @@ impl Lowering<'_> {
                 node(
                     &steps::CATALOG_FETCH_BUNDLE,
                     format!("{prefix}/fetch-bundle"),
-                    Params::new()
-                        .with("url", bundle.url.clone())
-                        .with("sha256", bundle.sha256.clone())
-                        .with("size", bundle.size),
+                    &FetchBundleParams {
+                        url: bundle.url.clone(),
+                        sha256: bundle.sha256.clone(),
+                        size: bundle.size,
+                        refresh: None,
+                    },
                 )
                 .summary(format!(
                     "{name} bundle ({})",
@@ -419,13 +431,9 @@ impl Lowering<'_> {
                 )),
             )?;
             let unpack = self.plan.add_step(
-                node(
-                    &steps::BUNDLE_UNPACK,
-                    format!("{prefix}/unpack"),
-                    Params::new(),
-                )
-                .hint("url", bundle.url.clone())
-                .summary("rootfs.ext4 + manifest.json"),
+                node(&steps::BUNDLE_UNPACK, format!("{prefix}/unpack"), &NoParams)
+                    .hint("url", bundle.url.clone())
+                    .summary("rootfs.ext4 + manifest.json"),
             )?;
             self.plan.add_input(unpack, "bundle", fetch);
             return Ok(Base {
@@ -450,16 +458,17 @@ impl Lowering<'_> {
         names.extend(recipe.packages.iter().map(String::as_str));
         names.sort_unstable();
         names.dedup();
-        let packages = names.into_iter().map(ParamValue::from).collect();
+        let params = RecipeParams {
+            distro: recipe.distro.clone(),
+            suite: recipe.suite.clone(),
+            packages: names.into_iter().map(str::to_owned).collect(),
+            source_date_epoch: self.lock.source_date_epoch(),
+        };
         let bootstrap = self.plan.add_step(
             node(
                 &steps::RECIPE_MMDEBSTRAP,
                 format!("{prefix}/mmdebstrap"),
-                Params::new()
-                    .with("distro", recipe.distro.clone())
-                    .with("suite", recipe.suite.clone())
-                    .with("packages", ParamValue::List(packages))
-                    .with("source_date_epoch", self.lock.source_date_epoch()),
+                &params,
             )
             .summary(format!(
                 "{} {} + {} package(s)",
@@ -481,30 +490,23 @@ impl Lowering<'_> {
                 node(
                     &steps::KERNEL_LOCAL,
                     format!("{prefix}/local"),
-                    Params::new().with("name", name),
+                    &KernelLocalParams {
+                        name: name.to_owned(),
+                    },
                 )
                 .summary(format!("{name} from `banger kernel import`")),
             )?;
             self.kernels.insert(name.to_owned(), local);
             return Ok(local);
         };
-        let refresh = |mut params: Params, refresh: Option<u64>| {
-            // `kernel pull --force`: a new key makes the fetch run again; if it brings the
-            // same bytes, early cutoff spares everything after it.
-            if let Some(at) = refresh {
-                params.insert("refresh", at);
-            }
-            params
-        };
+        // `kernel pull --force`: a new key makes the fetch run again; if it brings the same
+        // bytes, early cutoff spares everything after it.
+        let refresh = self.refresh;
         let use_bundle =
             entry.bundle.is_some() && (entry.recipe.is_none() || entry.prefer == Prefer::Bundle);
         let stage = self.plan.add_step(
-            node(
-                &steps::KERNEL_STAGE,
-                format!("{prefix}/stage"),
-                Params::new(),
-            )
-            .summary("vmlinux + initrd + modules"),
+            node(&steps::KERNEL_STAGE, format!("{prefix}/stage"), &NoParams)
+                .summary("vmlinux + initrd + modules"),
         )?;
         match (&entry.bundle, &entry.recipe) {
             (Some(bundle), _) if use_bundle => {
@@ -512,13 +514,12 @@ impl Lowering<'_> {
                     node(
                         &steps::KERNEL_FETCH_BUNDLE,
                         format!("{prefix}/fetch-bundle"),
-                        refresh(
-                            Params::new()
-                                .with("url", bundle.url.clone())
-                                .with("sha256", bundle.sha256.clone())
-                                .with("size", bundle.size),
-                            self.refresh,
-                        ),
+                        &FetchBundleParams {
+                            url: bundle.url.clone(),
+                            sha256: bundle.sha256.clone(),
+                            size: bundle.size,
+                            refresh,
+                        },
                     )
                     .summary(format!(
                         "{name} bundle ({})",
@@ -526,13 +527,9 @@ impl Lowering<'_> {
                     )),
                 )?;
                 let unpack = self.plan.add_step(
-                    node(
-                        &steps::BUNDLE_UNPACK,
-                        format!("{prefix}/unpack"),
-                        Params::new(),
-                    )
-                    .hint("url", bundle.url.clone())
-                    .summary("vmlinux, initrd, modules"),
+                    node(&steps::BUNDLE_UNPACK, format!("{prefix}/unpack"), &NoParams)
+                        .hint("url", bundle.url.clone())
+                        .summary("vmlinux, initrd, modules"),
                 )?;
                 self.plan.add_input(unpack, "bundle", fetch);
                 self.plan.add_input(stage, "kernel", unpack);
@@ -542,13 +539,12 @@ impl Lowering<'_> {
                     node(
                         &steps::KERNEL_FETCH_PACKAGE,
                         format!("{prefix}/fetch-package"),
-                        refresh(
-                            Params::new()
-                                .with("distro", recipe.distro.clone())
-                                .with("suite", recipe.suite.clone())
-                                .with("package", recipe.package.clone()),
-                            self.refresh,
-                        ),
+                        &KernelPackageParams {
+                            distro: recipe.distro.clone(),
+                            suite: recipe.suite.clone(),
+                            package: recipe.package.clone(),
+                            refresh,
+                        },
                     )
                     .summary(format!("{} from {}", recipe.package, recipe.suite)),
                 )?;
@@ -556,7 +552,7 @@ impl Lowering<'_> {
                     node(
                         &steps::KERNEL_EXTRACT,
                         format!("{prefix}/extract"),
-                        Params::new(),
+                        &NoParams,
                     )
                     .summary("ELF vmlinux with PVH + modules"),
                 )?;
@@ -565,17 +561,7 @@ impl Lowering<'_> {
                     node(
                         &steps::KERNEL_INITRAMFS,
                         format!("{prefix}/initramfs"),
-                        Params::new()
-                            .with(
-                                "modules",
-                                ParamValue::List(
-                                    INITRAMFS_MODULES
-                                        .iter()
-                                        .map(|name| ParamValue::from(*name))
-                                        .collect(),
-                                ),
-                            )
-                            .with("agent", crate::assets::agent_digest()),
+                        &initramfs_params(),
                     )
                     .summary("banger's agent as /init + virtio, vsock and overlay modules"),
                 )?;
@@ -623,8 +609,8 @@ pub fn rootfs_build(
         layers.len(),
         size.describe()
     );
-    let build = plan
-        .add_step(node(&steps::ROOTFS_BUILD, id.to_owned(), params.to_params()).summary(summary))?;
+    let build =
+        plan.add_step(node(&steps::ROOTFS_BUILD, id.to_owned(), &params).summary(summary))?;
     for (index, layer) in layers.iter().enumerate() {
         plan.add_input(build, format!("layer[{index}]"), *layer);
     }
@@ -637,12 +623,8 @@ pub fn add_agent_layer(plan: &mut Plan) -> Result<NodeIndex, PlanError> {
         assets: crate::assets::guest_assets_digest(),
     };
     plan.add_step(
-        node(
-            &steps::AGENT_LAYER,
-            AGENT_LAYER_ID.to_owned(),
-            params.to_params(),
-        )
-        .summary("banger's guest agent, units and sshd settings"),
+        node(&steps::AGENT_LAYER, AGENT_LAYER_ID.to_owned(), &params)
+            .summary("banger's guest agent, units and sshd settings"),
     )
 }
 
@@ -673,12 +655,8 @@ pub fn add_bundle(
     params: &super::kinds::BundleWriteParams,
 ) -> Result<NodeIndex, PlanError> {
     let bundle = plan.add_step(
-        node(
-            &steps::BUNDLE_WRITE,
-            bundle_step_id(image),
-            params.to_params(),
-        )
-        .summary(format!("{} → .tar.zst (zstd level 3)", params.name)),
+        node(&steps::BUNDLE_WRITE, bundle_step_id(image), params)
+            .summary(format!("{} → .tar.zst (zstd level 3)", params.name)),
     )?;
     plan.add_input(bundle, "rootfs", rootfs);
     Ok(bundle)
@@ -704,6 +682,18 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport",
 ];
+
+/// The params of every `kernel.initramfs` step: [`INITRAMFS_MODULES`] and this build's agent
+/// (a catalog kernel's recipe, and `banger kernel import` of modules without an initrd).
+pub fn initramfs_params() -> KernelInitramfsParams {
+    KernelInitramfsParams {
+        modules: INITRAMFS_MODULES
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
+        agent: crate::assets::agent_digest(),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -833,6 +823,164 @@ mod tests {
             "{changed:?}"
         );
         assert!(changed.iter().any(|id| id == "image:sandbox/provision[0]"));
+    }
+
+    /// Every kind lowering writes reads back through its params struct as exactly the
+    /// params it was written as: a spec with every image source, both provision entries,
+    /// every kernel path and every sandbox step.
+    #[test]
+    fn every_step_lowered_reads_back_as_the_params_it_was_written_as() {
+        let mut catalogs = Catalogs::embedded();
+        catalogs.images.extend(
+            Catalogs::parse_images(
+                r#"{"version": 1, "images": [{"name": "golden", "distro": "debian",
+                    "arch": "x86_64", "kernel_ref": "bundled", "prefer": "bundle",
+                    "bundle": {"url": "file:///golden.tar.zst", "sha256": "00", "size": 1}}]}"#,
+                "test",
+            )
+            .unwrap(),
+        );
+        catalogs.kernels.extend(
+            Catalogs::parse_kernels(
+                r#"{"version": 1, "kernels": [{"name": "bundled", "arch": "x86_64",
+                    "prefer": "bundle",
+                    "bundle": {"url": "file:///k.tar.zst", "sha256": "01", "size": 2}}]}"#,
+                "test",
+            )
+            .unwrap(),
+        );
+        let mut spec = spec(&["make"]);
+        spec.images[0].provision.push(ProvisionStep::Copy {
+            src: PathBuf::from("motd"),
+            dest: "/etc/motd".into(),
+            mode: Some(0o644),
+        });
+        // Every image boots a builder, so each image's kernel is planned.
+        let image = |name: &str, from: ImageSource, kernel: &str| ImageSpec {
+            name: name.into(),
+            from,
+            size: None,
+            kernel: kernel.into(),
+            provision: spec.images[0].provision[..1].to_vec(),
+        };
+        spec.images.extend([
+            image(
+                "unpinned",
+                ImageSource::Oci {
+                    reference: "docker.io/library/alpine:3.20".into(),
+                },
+                "mine",
+            ),
+            image(
+                "golden",
+                ImageSource::Catalog {
+                    name: "golden".into(),
+                },
+                "bundled",
+            ),
+            image(
+                "catalog-recipe",
+                ImageSource::Catalog {
+                    name: "debian-bookworm".into(),
+                },
+                "debian-cloud-amd64",
+            ),
+            image(
+                "recipe",
+                ImageSource::Recipe(RecipeSpec {
+                    distro: "debian".into(),
+                    suite: "trixie".into(),
+                    packages: vec!["make".into()],
+                }),
+                "debian-cloud-amd64",
+            ),
+            ImageSpec {
+                size: Some(ByteSize(4 * ByteSize::GIB)),
+                ..image(
+                    "child",
+                    ImageSource::Image {
+                        name: SANDBOX_IMAGE_NAME.into(),
+                    },
+                    "debian-cloud-amd64",
+                )
+            },
+        ]);
+        spec.file_sync = vec![crate::spec::FileSyncSpec {
+            host: "~/.gitconfig".into(),
+            guest: "/root/.gitconfig".into(),
+            mode: Some(0o600),
+        }];
+        spec.workspace = Some(crate::spec::WorkspaceSpec {
+            host: PathBuf::from("."),
+            guest: "/root/project".into(),
+        });
+        spec.up = Some(crate::spec::UpCommand { run: "make".into() });
+        let mut lock = Lock::default();
+        lock.insert(crate::lock::PinnedReference {
+            reference: "docker.io/library/debian:bookworm".into(),
+            manifest_digest: "sha256:0m".into(),
+            config_digest: None,
+            config_size: None,
+            layers: vec![crate::lock::PinnedLayer {
+                digest: "sha256:0l".into(),
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                size: 3,
+            }],
+        });
+        let mut plan = lower(&spec, &lock, &catalogs).unwrap();
+        plan.resolve_sources(&HashMap::from([(
+            PathBuf::from("motd"),
+            "blake3:00".to_owned(),
+        )]));
+        let mut kernel_plans = Vec::new();
+        for name in ["debian-cloud-amd64", "bundled"] {
+            kernel_plans.push(
+                lower_kernel(name, &catalogs, Some(1_700_000_000_000))
+                    .unwrap()
+                    .0,
+            );
+        }
+        let mut kinds = std::collections::BTreeSet::new();
+        for plan in std::iter::once(&plan).chain(&kernel_plans) {
+            for node in plan.node_indices() {
+                let step = plan.node(node);
+                let read = crate::plan::kinds::reencode(&step.kind, &step.params)
+                    .unwrap_or_else(|| panic!("{}: no params struct for {}", step.id, step.kind));
+                assert_eq!(read.as_ref(), Ok(&step.params), "{}", step.id);
+                kinds.insert(step.kind.as_str());
+            }
+        }
+        // Every kind but those only the CLI plans (`image import-tar`, `image register`,
+        // `kernel import`) and `bundle.write` (`build --bundle`).
+        let planned_elsewhere = ["import.file", "kernel.import", "bundle.write"];
+        for info in steps::ALL_KINDS {
+            assert_eq!(
+                kinds.contains(info.name),
+                !planned_elsewhere.contains(&info.name),
+                "{}",
+                info.name
+            );
+        }
+        let refresh = |id: &str| {
+            let plan = &kernel_plans;
+            plan.iter()
+                .find_map(|plan| {
+                    plan.find(id)
+                        .ok()
+                        .map(|node| plan.node(node).params.clone())
+                })
+                .and_then(|params| params.get_int("refresh"))
+        };
+        assert_eq!(
+            refresh("kernel:debian-cloud-amd64/fetch-package"),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            refresh("kernel:bundled/fetch-bundle"),
+            Some(1_700_000_000_000)
+        );
+        let fetch = plan.find("kernel:bundled/fetch-bundle").unwrap();
+        assert_eq!(plan.node(fetch).params.get("refresh"), None);
     }
 
     #[test]

@@ -17,8 +17,7 @@ pub struct AgentLayer;
 impl Executor for AgentLayer {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let params = AgentLayerParams::from_params(&ctx.params)
-                .map_err(|error| StepError::with_source("bad agent layer step", error))?;
+            let params: AgentLayerParams = super::params(ctx)?;
             let embedded = crate::assets::guest_assets_digest();
             if params.assets != embedded {
                 // The plan was made by another banger build; writing this build's assets

@@ -1,9 +1,11 @@
 //! `catalog.fetch-bundle` and `bundle.unpack`: an image (or kernel) from a catalog bundle;
 //! `bundle.write`: an image as a golden bundle.
 //!
-//! `catalog.fetch-bundle` — params `url`, `sha256` (and `size`); output `bundle.tar.zst`,
-//! verified while it streams ([`crate::fetch`]); a mismatch stores nothing.
-//! `bundle.unpack` — input `bundle`; outputs the bundle's files (`rootfs.ext4` for images;
+//! `catalog.fetch-bundle` and `kernel.fetch-bundle` — params
+//! [`crate::plan::kinds::FetchBundleParams`] (`url`, `sha256`, `size`, and for a kernel
+//! `refresh` on `--force`); output `bundle.tar.zst`, verified while it streams
+//! ([`crate::fetch`]); a mismatch stores nothing.
+//! `bundle.unpack` — input `bundle`, no params; outputs the bundle's files (`rootfs.ext4` for images;
 //! `vmlinux`, `initrd` and `modules.tar` for kernels) and `manifest.json`, each checked
 //! against the manifest's sha256 ([`crate::bundle::unpack_bundle`]). Hint `url` (not keyed):
 //! where the bundle came from, named in errors, since the file being read is a scratch copy
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use crate::bundle::{BundleKind, unpack_bundle};
 use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
 use crate::fetch::{Expected, Fetcher};
+use crate::plan::kinds::{BundleWriteParams, FetchBundleParams};
 
 #[derive(Debug, Clone)]
 pub struct FetchBundle {
@@ -27,18 +30,15 @@ pub struct FetchBundle {
 impl Executor for FetchBundle {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let url = ctx
-                .params
-                .get_str("url")
-                .ok_or_else(|| StepError::new(format!("step {} has no url", ctx.step_id)))?;
+            let params: FetchBundleParams = super::params(ctx)?;
             let expected = Expected {
-                sha256: ctx.params.get_str("sha256").unwrap_or_default().to_owned(),
-                size: ctx.params.get_int("size"),
+                sha256: params.sha256,
+                size: Some(params.size),
             };
             let destination = ctx.output("bundle.tar.zst")?;
             self.fetcher
                 .fetch_verified(
-                    url,
+                    &params.url,
                     &expected,
                     &destination,
                     |done, total| ctx.progress(done, total, ProgressUnit::Bytes),
@@ -125,8 +125,7 @@ pub struct WriteBundle;
 impl Executor for WriteBundle {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let params = crate::plan::kinds::BundleWriteParams::from_params(&ctx.params)
-                .map_err(|error| StepError::with_source("bad bundle step", error))?;
+            let params: BundleWriteParams = super::params(ctx)?;
             let rootfs = ctx.input_file("rootfs", crate::steps::ROOTFS_OUTPUT)?;
             let out = ctx.output(BUNDLE_OUTPUT)?;
             let progress = ctx.progress_handle();

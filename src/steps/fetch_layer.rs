@@ -1,12 +1,13 @@
 //! `oci.fetch-layer`: one layer blob, downloaded and verified against its digest.
 //!
-//! Params: `digest`, `media_type`, `size` (the key: the same blob from any repository is the
-//! same step). Hint: `reference`, the repository to download it from. Output: `layer`.
+//! Params: [`crate::plan::kinds::OciFetchLayerParams`] (`digest`, `media_type`, `size`: the
+//! key, so the same blob from any repository is the same step). Hint: `reference`, the repository to download it from. Output: `layer`.
 
 use std::sync::Arc;
 
 use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
 use crate::oci::{ImageReference, Layer, RegistryClient};
+use crate::plan::kinds::OciFetchLayerParams;
 
 #[derive(Debug, Clone)]
 pub struct FetchLayer {
@@ -16,15 +17,11 @@ pub struct FetchLayer {
 impl Executor for FetchLayer {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let param = |name: &str| {
-                ctx.params.get_str(name).map(str::to_owned).ok_or_else(|| {
-                    StepError::new(format!("step {} lacks param `{name}`", ctx.step_id))
-                })
-            };
+            let params: OciFetchLayerParams = super::params(ctx)?;
             let layer = Layer {
-                digest: param("digest")?,
-                media_type: param("media_type")?,
-                size: ctx.params.get_int("size").unwrap_or(0),
+                digest: params.digest,
+                media_type: params.media_type,
+                size: params.size,
             };
             let reference = ctx.hints.get("reference").ok_or_else(|| {
                 StepError::new(format!(

@@ -1,14 +1,15 @@
 //! `import.file`: a file from the host (a rootfs tar for `banger image import-tar`, an ext4
 //! image for `banger image register`), brought into the store.
 //!
-//! Params: `digest` (blake3 of the content, so the key follows the bytes, not the path) and
-//! `name` (the output's name). Hint: `path`, where to read it. The file is re-hashed while it
+//! Params: [`crate::plan::kinds::ImportFileParams`]: `digest` (blake3 of the content, so the
+//! key follows the bytes, not the path) and `name` (the output's name). Hint: `path`, where to read it. The file is re-hashed while it
 //! is copied: if it changed since it was planned, the step fails rather than store bytes its
 //! key does not describe.
 
 use std::io::{Read, Write};
 
 use crate::engine::{BoxFuture, Executor, ProgressUnit, StepContext, StepError};
+use crate::plan::kinds::ImportFileParams;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ImportFile;
@@ -21,9 +22,9 @@ impl Executor for ImportFile {
                 .get("path")
                 .cloned()
                 .ok_or_else(|| StepError::new(format!("step {} has no path", ctx.step_id)))?;
-            let expected = ctx.params.get_str("digest").unwrap_or_default().to_owned();
-            let name = ctx.params.get_str("name").unwrap_or("file");
-            let destination = ctx.output(name)?;
+            let params: ImportFileParams = super::params(ctx)?;
+            let expected = params.digest;
+            let destination = ctx.output(&params.name)?;
             let progress = ctx.progress_handle();
             tokio::task::spawn_blocking(move || {
                 copy_verified(&source, &destination, &expected, &progress)

@@ -1,7 +1,7 @@
 //! `kernel.extract`: a kernel package → an ELF vmlinux with the PVH note, its modules, its
 //! release.
 //!
-//! Input: `package` (`kernel.deb`). Outputs: `vmlinux` (the bzImage payload decompressed and
+//! Input: `package` (`kernel.deb`); no params. Outputs: `vmlinux` (the bzImage payload decompressed and
 //! checked for the PVH entry note: Firecracker on x86_64 boots only that, and QEMU microvm too),
 //! `modules.tar` (`lib/modules/<release>`, deterministic), `release.txt`.
 

@@ -2,7 +2,8 @@
 //! DIR`): `vmlinux` (an ELF with the PVH note, or a bzImage, converted), optional `initrd`,
 //! optional `modules/` (a `lib/modules/<release>` tree).
 //!
-//! Params: `fingerprint` (of the whole directory: content, names, modes). Hint: `dir`.
+//! Params: [`crate::plan::kinds::KernelImportParams`] (`fingerprint` of the whole directory:
+//! content, names, modes). Hint: `dir`.
 //! Outputs: `vmlinux`, and `initrd`, `modules.tar`, `release.txt` when there are any. The
 //! directory is fingerprinted again when the step runs; a change since planning fails it.
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
 use crate::kernel::{modules_tar, vmlinux};
+use crate::plan::kinds::KernelImportParams;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ImportKernel;
@@ -21,11 +23,7 @@ impl Executor for ImportKernel {
                 ctx.hints.get("dir").map(PathBuf::from).ok_or_else(|| {
                     StepError::new(format!("step {} has no directory", ctx.step_id))
                 })?;
-            let expected = ctx
-                .params
-                .get_str("fingerprint")
-                .unwrap_or_default()
-                .to_owned();
+            let expected = super::params::<KernelImportParams>(ctx)?.fingerprint;
             let vmlinux_out = ctx.output("vmlinux")?;
             let out_dir = vmlinux_out
                 .parent()

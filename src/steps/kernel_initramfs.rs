@@ -1,8 +1,9 @@
 //! `kernel.initramfs`: banger's small initramfs for a kernel: the static guest agent as `/init`
 //! and the closure of the modules it must load (virtio, vsock, overlay) in load order.
 //!
-//! Input: `kernel` (`modules.tar`, `release.txt`). Params: `modules` (what to load; their
-//! dependencies are resolved here), `agent` (the agent's digest, so a new agent re-keys it).
+//! Input: `kernel` (`modules.tar`, `release.txt`). Params:
+//! [`crate::plan::kinds::KernelInitramfsParams`]: `modules` (what to load; their dependencies
+//! are resolved here), `agent` (the agent's digest, so a new agent re-keys it).
 //! Output: `initrd` (gzip cpio newc).
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
@@ -10,7 +11,7 @@ use crate::kernel::initramfs::{
     InitBinary, InitramfsCompression, InitramfsContents, build_initramfs,
 };
 use crate::kernel::modules::ModuleTree;
-use crate::key::ParamValue;
+use crate::plan::kinds::KernelInitramfsParams;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuildInitramfs;
@@ -20,16 +21,7 @@ impl Executor for BuildInitramfs {
         Box::pin(async move {
             let modules_tar = ctx.input_file("kernel", "modules.tar")?;
             let release_file = ctx.input_file("kernel", "release.txt")?;
-            let wanted: Vec<String> = match ctx.params.get("modules") {
-                Some(ParamValue::List(values)) => values
-                    .iter()
-                    .filter_map(|value| match value {
-                        ParamValue::Str(name) => Some(name.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let wanted = super::params::<KernelInitramfsParams>(ctx)?.modules;
             let tree = ctx.work_dir()?.join("modules");
             let output = ctx.output("initrd")?;
             tokio::task::spawn_blocking(move || -> Result<(), StepError> {

@@ -1,12 +1,13 @@
 //! `kernel.local`: a kernel recorded by `banger kernel import`, handed to the steps that boot
 //! it. Never cached: it reads the state database, which changes outside any plan.
 //!
-//! Params: `name`. Outputs: the recorded files (`vmlinux`, and `initrd`, `modules.tar` when
+//! Params: [`crate::plan::kinds::KernelLocalParams`] (`name`). Outputs: the recorded files (`vmlinux`, and `initrd`, `modules.tar` when
 //! present), hard-linked from the store.
 
 use std::path::PathBuf;
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
+use crate::plan::kinds::KernelLocalParams;
 use crate::state::State;
 use crate::store::OutputRef;
 
@@ -18,10 +19,7 @@ pub struct LocalKernel {
 impl Executor for LocalKernel {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let name = ctx
-                .params
-                .get_str("name")
-                .ok_or_else(|| StepError::new("kernel.local without a name"))?;
+            let name = &super::params::<KernelLocalParams>(ctx)?.name;
             let state = State::open(&self.state_dir)
                 .map_err(|error| StepError::with_source("cannot open the state database", error))?;
             let kernel = state

@@ -1,14 +1,15 @@
 //! `kernel.fetch-package`: the distribution's packaged kernel, with its ordinary package client
 //! (`apt-get download`, following a metapackage to the versioned kernel package).
 //!
-//! Params: `distro` (`debian`), `suite`, `package`, and `refresh` when `kernel pull --force`
-//! asks to fetch again. Outputs: `kernel.deb`, and `package.json` (what was fetched: the
+//! Params: [`crate::plan::kinds::KernelPackageParams`]: `distro` (`debian`), `suite`,
+//! `package`, and `refresh` when `kernel pull --force` asks to fetch again. Outputs: `kernel.deb`, and `package.json` (what was fetched: the
 //! package name, version and the chain from the metapackage).
 
 use serde_json::json;
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
 use crate::kernel::fetch::fetch_kernel_package;
+use crate::plan::kinds::KernelPackageParams;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FetchKernelPackage;
@@ -16,17 +17,15 @@ pub struct FetchKernelPackage;
 impl Executor for FetchKernelPackage {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let distro = ctx.params.get_str("distro").unwrap_or("debian");
+            let params: KernelPackageParams = super::params(ctx)?;
+            let distro = &params.distro;
             if distro != "debian" {
                 return Err(StepError::new(format!(
                     "kernel recipes for `{distro}` are not supported; only `debian` ones are \
                      (use `banger kernel import NAME --from DIR` for another kernel)"
                 )));
             }
-            let package = ctx
-                .params
-                .get_str("package")
-                .ok_or_else(|| StepError::new("kernel recipe without a package"))?;
+            let package = &params.package;
             let download_dir = ctx.work_dir()?.join("download");
             let fetched = tokio::select! {
                 fetched = fetch_kernel_package(package, &download_dir) => fetched

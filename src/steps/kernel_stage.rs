@@ -3,7 +3,7 @@
 //! `release.txt`.
 //!
 //! Inputs: `kernel` (a recipe's extract step, a bundle's unpack step, or an import) and
-//! optionally `initramfs`. Outputs are hard links of the inputs: staging copies no bytes.
+//! optionally `initramfs`; no params. Outputs are hard links of the inputs: staging copies no bytes.
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
 

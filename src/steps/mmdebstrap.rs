@@ -1,7 +1,8 @@
 //! `recipe.mmdebstrap`: a Debian root filesystem tar from distribution packages, so the default
 //! image can be built on a host where no catalog URL is reachable.
 //!
-//! Params: `distro` (`debian`), `suite` (`bookworm`), `packages` (sorted; lowering adds
+//! Params: [`crate::plan::kinds::RecipeParams`]: `distro` (`debian`), `suite` (`bookworm`),
+//! `packages` (sorted; lowering adds
 //! [`crate::plan::lower::RECIPE_BASE_PACKAGES`]), `source_date_epoch` (the lock's). Outputs:
 //! `rootfs.tar`, and [`PACKAGES_OUTPUT`], the versions it installed. Runs `mmdebstrap
 //! --variant=minbase` with the packages included; it needs `mmdebstrap` on the host and uses
@@ -12,7 +13,7 @@ use std::process::Stdio;
 use tokio::io::AsyncReadExt;
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
-use crate::key::ParamValue;
+use crate::plan::kinds::RecipeParams;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mmdebstrap;
@@ -20,24 +21,14 @@ pub struct Mmdebstrap;
 impl Executor for Mmdebstrap {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let distro = ctx.params.get_str("distro").unwrap_or("debian");
+            let params: RecipeParams = super::params(ctx)?;
+            let distro = &params.distro;
             if distro != "debian" {
                 return Err(StepError::new(format!(
                     "recipe distro `{distro}` is not supported; only `debian` recipes exist"
                 )));
             }
-            let suite = ctx
-                .params
-                .get_str("suite")
-                .ok_or_else(|| StepError::new("recipe has no suite"))?;
-            let mut packages: Vec<String> = Vec::new();
-            if let Some(ParamValue::List(listed)) = ctx.params.get("packages") {
-                for package in listed {
-                    if let ParamValue::Str(name) = package {
-                        packages.push(name.clone());
-                    }
-                }
-            }
+            let mut packages = params.packages.clone();
             packages.sort();
             packages.dedup();
             let output = ctx.output("rootfs.tar")?;
@@ -51,15 +42,13 @@ impl Executor for Mmdebstrap {
                 // differ between two runs with the same SOURCE_DATE_EPOCH and packages.
                 "--customize-hook=rm -f \"$1\"/etc/ssh/ssh_host_*_key \"$1\"/etc/ssh/ssh_host_*_key.pub"
                     .to_owned(),
-                suite.to_owned(),
+                params.suite.clone(),
                 output.to_string_lossy().into_owned(),
             ];
             let mut command = tokio::process::Command::new(&argv[0]);
-            if let Some(epoch) = ctx.params.get_int("source_date_epoch") {
-                // mmdebstrap then clamps times and drops what differs run to run, so the
-                // same packages give the same tar.
-                command.env("SOURCE_DATE_EPOCH", epoch.to_string());
-            }
+            // mmdebstrap then clamps times and drops what differs run to run, so the same
+            // packages give the same tar.
+            command.env("SOURCE_DATE_EPOCH", params.source_date_epoch.to_string());
             command
                 .args(&argv[1..])
                 .stdin(Stdio::null())

@@ -24,8 +24,9 @@ pub mod rootfs_build;
 
 use std::sync::Arc;
 
-use crate::engine::{Engine, EngineBuilder, ResourceLimits};
+use crate::engine::{Engine, EngineBuilder, ResourceLimits, StepContext, StepError};
 use crate::oci::RegistryClient;
+use crate::plan::kinds::StepParams;
 use crate::plan::{CachePolicy, ResourceClass};
 use crate::store::Store;
 
@@ -337,6 +338,20 @@ pub fn engine(store: &Store, services: &Services) -> Engine {
         services,
     )
     .build()
+}
+
+/// The running step's params as its kind's struct ([`crate::plan::kinds`]): a missing or
+/// mistyped one fails the step with an error naming the step and the parameter.
+pub fn params<T: StepParams>(ctx: &StepContext) -> Result<T, StepError> {
+    T::from_params(&ctx.params).map_err(|error| {
+        StepError::with_source(
+            format!(
+                "step {} has parameters this banger cannot read",
+                ctx.step_id
+            ),
+            error,
+        )
+    })
 }
 
 pub fn kind_info(name: &str) -> Option<&'static KindInfo> {

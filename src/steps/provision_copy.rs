@@ -22,8 +22,7 @@ pub struct ProvisionCopy;
 impl Executor for ProvisionCopy {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let params = ProvisionCopyParams::from_params(&ctx.params)
-                .map_err(|error| StepError::with_source("bad copy step", error))?;
+            let params: ProvisionCopyParams = super::params(ctx)?;
             let project_dir = ctx
                 .hints
                 .get("project_dir")

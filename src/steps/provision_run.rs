@@ -78,8 +78,7 @@ impl Executor for ProvisionRun {
 }
 
 async fn run_step(ctx: &StepContext) -> Result<(), StepError> {
-    let params = ProvisionRunParams::from_params(&ctx.params)
-        .map_err(|error| StepError::with_source("bad run step", error))?;
+    let params: ProvisionRunParams = super::params(ctx)?;
     let timeout = ctx
         .hints
         .get("timeout_secs")

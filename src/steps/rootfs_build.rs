@@ -33,8 +33,7 @@ fn layer_output(
 impl Executor for RootfsBuild {
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            let params = RootfsBuildParams::from_params(&ctx.params)
-                .map_err(|error| StepError::with_source("bad image build step", error))?;
+            let params: RootfsBuildParams = super::params(ctx)?;
             let mut layers = Vec::new();
             let mut seed = Vec::new();
             for (index, input) in ctx.inputs().iter().enumerate() {
