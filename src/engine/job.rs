@@ -236,8 +236,34 @@ async fn run_job(
                 }
             }
             Flight::Lead(lead) => {
+                // Across processes: wait while another one executes this step; it is then
+                // stored, and `execute` finds it.
+                let Some(step_lock) = lock_step(inner, content, &mut turn, &control.stop).await
+                else {
+                    return (Err(not_started()), None);
+                };
+                let step_lock = match step_lock {
+                    Ok(lock) => Some(lock),
+                    Err(error) => {
+                        // Without the lock the step may be built twice; never wrong.
+                        let _ = control.sender.send(Message::CacheWarning {
+                            node: job.node,
+                            warning: error_chain(&error),
+                        });
+                        None
+                    }
+                };
+                // Another process may have built it while we waited for the lock.
+                if !job.forced
+                    && let Some(outputs) = content_hit(inner, job, content, &control.sender)
+                {
+                    drop(step_lock);
+                    lead.land(Ok(outputs.clone()));
+                    return (Ok((outputs, Some(HitKind::Content), Duration::ZERO)), None);
+                }
                 let (result, duration, permit) =
                     execute_with_permits(inner, job, content, &mut turn, control).await;
+                drop(step_lock);
                 // Only real outcomes are shared: an interruption of this run lands nothing, so
                 // a waiter from another run executes the step itself.
                 if !matches!(&result, Err(failure) if failure.kind != FailureKind::Failed) {
@@ -247,6 +273,42 @@ async fn run_job(
                 return (result.map(|outputs| (outputs, None, duration)), permit);
             }
         }
+    }
+}
+
+/// The store's lock of the step with content key `content`. Usually free: taken at once,
+/// keeping the job's turn. Held by another process: the job gives its turn to the next one
+/// (it is not ready to run), and waits on a blocking thread. `None` when the run stops first
+/// (the thread then releases the lock it gets).
+async fn lock_step(
+    inner: &Inner,
+    content: Key,
+    turn: &mut Turn,
+    stop: &CancellationToken,
+) -> Option<Result<crate::store::StepLock, crate::store::StoreError>> {
+    match inner.store.try_lock_step(&content) {
+        Ok(Some(lock)) => return Some(Ok(lock)),
+        Ok(None) => {}
+        Err(error) => return Some(Err(error)),
+    }
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => return None,
+        () = turn.wait() => {}
+    }
+    turn.pass();
+    let store = inner.store.clone();
+    let locking = tokio::task::spawn_blocking(move || store.lock_step(&content));
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => None,
+        locked = locking => Some(locked.unwrap_or_else(|error| {
+            Err(crate::store::StoreError::LockStep {
+                key: content.to_hex(),
+                path: std::path::PathBuf::new(),
+                source: std::io::Error::other(error.to_string()),
+            })
+        })),
     }
 }
 

@@ -16,7 +16,9 @@
 //!    message from the jobs or for cancellation, and ends when no job is left. Each job
 //!    (`job.rs`) (a) computes its content key from its inputs' output digests and reuses a
 //!    stored result if there is one (early cutoff), (b) joins an identical step already
-//!    executing in this engine, for any run (in-flight dedupe), or else (c) waits for permits
+//!    executing in this engine, for any run (in-flight dedupe), or else takes the store's
+//!    lock of the step ([`crate::store::Store::lock_step`]: another process building it makes
+//!    this one wait, then find it stored) and (c) waits for permits
 //!    of its resource class, in the order the loop spawned the jobs, (d) runs its executor in
 //!    a scratch directory holding those permits, (e) publishes outputs, then the record.
 //!    Permits are held only in (d) and (e): a content hit or a wait on another run's step
@@ -30,9 +32,8 @@
 //! 5. Cancellation (Ctrl-C) interrupts running steps; their scratch directories are removed and
 //!    nothing is recorded, so no partial output is ever visible. Waiting jobs give up.
 //!
-//! Known weaknesses: dedupe is per engine (per process); two processes may build the same
-//! step at once (both publish identical bytes, which is harmless). The daemon makes one engine
-//! serve every client. A step's permits are taken first come, first served per class across
+//! Known weaknesses: a process waiting on another's step lock gives up its place in line
+//! (its turn) and takes its permits when it gets the lock, after later jobs. A step's permits are taken first come, first served per class across
 //! runs (tokio's fair semaphore): a heavy step at the head of the line holds back lighter ones
 //! behind it until enough permits are free, which avoids starving it but may leave permits
 //! idle meanwhile. A job task that panics sends no result, and its run then never ends.

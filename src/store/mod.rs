@@ -9,6 +9,9 @@
 //!   publishing never crosses devices. Directories of dead processes are removed at start-up.
 //! - `last-use-v1.log`: one line per run listing the keys it used, for LRU order in GC.
 //! - `last-run-v1/`: per project, each step's definition on its last run, for `graph --why`.
+//! - `locks-v1/<content key>.lock`: empty files `flock`ed while a process executes that step
+//!   ([`Store::lock_step`]); kept (a few bytes of inode each), never deleted, since deleting a
+//!   lock file another process waits on would let a third take a lock on a new one.
 //! - `logs-v1/<definition key>.log`: the output of the last execution of a step that keeps a
 //!   log (a `run` provisioning command), successful or not: `banger build --log STEP` shows it.
 //!
@@ -48,6 +51,13 @@ pub const NAMESPACE: &str = "steps-v1";
 /// Errors from the store. Each names the key, path or integrity involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("cannot lock step {key} in the store ({path})")]
+    LockStep {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the store at {path}")]
     Open {
         path: PathBuf,
@@ -105,6 +115,15 @@ pub enum StoreError {
 const LAST_RUN_DIR: &str = "last-run-v1";
 /// Directory of step logs (`<definition key>.log`).
 const LOG_DIR: &str = "logs-v1";
+/// Directory of per-step lock files (`<content key>.lock`).
+const LOCK_DIR: &str = "locks-v1";
+
+/// A step's lock across processes ([`Store::lock_step`]); released on drop, or when the
+/// process dies.
+#[derive(Debug)]
+pub struct StepLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
 
 /// A step as it was defined on a project's last run: what `banger graph --why` compares the
 /// current plan against.
@@ -493,6 +512,46 @@ impl Store {
         self.dir
             .join(LOG_DIR)
             .join(format!("{}.log", definition_key.to_hex()))
+    }
+
+    /// Waits until no other process executes the step with content key `key`, and holds
+    /// it: two processes that need one step build it once (the second finds it stored once
+    /// it gets the lock). An advisory `flock` on `locks-v1/<key>.lock`, so a process that
+    /// dies releases it. Blocks: call it off the async threads.
+    pub fn lock_step(&self, key: &Key) -> Result<StepLock, StoreError> {
+        self.step_lock(key, nix::fcntl::FlockArg::LockExclusive)
+            .map(|lock| lock.expect("a blocking lock is taken or fails"))
+    }
+
+    /// [`Store::lock_step`] if no other process holds it now; `None` if one does.
+    pub fn try_lock_step(&self, key: &Key) -> Result<Option<StepLock>, StoreError> {
+        self.step_lock(key, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    }
+
+    fn step_lock(
+        &self,
+        key: &Key,
+        how: nix::fcntl::FlockArg,
+    ) -> Result<Option<StepLock>, StoreError> {
+        let dir = self.dir.join(LOCK_DIR);
+        let path = dir.join(format!("{}.lock", key.to_hex()));
+        let error = |source| StoreError::LockStep {
+            key: key.to_hex(),
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(error)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(error)?;
+        match nix::fcntl::Flock::lock(file, how) {
+            Ok(lock) => Ok(Some(StepLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(error(errno.into())),
+        }
     }
 
     /// A fresh scratch directory for one step, removed when the returned guard drops.

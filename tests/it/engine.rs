@@ -847,4 +847,46 @@ mod permits {
             assert_eq!(started, ["witness", "queued"]);
         });
     }
+
+    /// Two engines on one store behave like two processes: no shared flights, only the
+    /// store's step lock. The second waits on it, then finds the step stored.
+    #[test]
+    fn two_engines_on_one_store_build_a_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gates, counters) = (Gates::default(), Arc::new(Counters::default()));
+        let one = engine(dir.path(), &gates, &counters, ResourceLimits::uniform(2));
+        let two = engine(dir.path(), &gates, &counters, ResourceLimits::uniform(2));
+        let shared = gate_step("shared", "shared", ResourceClass::Cpu);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let first = spawn_run(
+                &one,
+                plan_of([shared.clone()]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            unstuck(gates.started("shared")).await;
+            // The second engine's `shared` waits for the store's lock, holding no permit:
+            // its `other` still runs.
+            let second = spawn_run(
+                &two,
+                plan_of([shared, gate_step("other", "other", ResourceClass::Cpu)]),
+                Arc::new(NullReporter),
+                RunOptions::default(),
+            );
+            unstuck(gates.started("other")).await;
+            gates.open("other");
+            gates.open("shared");
+            let first = unstuck(first).await.unwrap().unwrap();
+            let second = unstuck(second).await.unwrap().unwrap();
+            assert_eq!(first.ran, ["shared"]);
+            assert_eq!(second.ran, ["other"]);
+            assert_eq!(second.cached, [("shared".to_owned(), HitKind::Content)]);
+            assert_eq!(
+                counters.runs_of("shared"),
+                1,
+                "two engines built one step twice"
+            );
+        });
+    }
 }
