@@ -13,6 +13,8 @@
 //!    built once (not timed), then `banger build` with everything stored, median of 5.
 //!    Baseline: `banger graph` of the same project in the same run (loading, planning and
 //!    keying without the engine). Target: ≤ 200 ms.
+//! 3. **An unchanged `banger build --bundle OUT`** of that project (the bundle step stored):
+//!    median of 5. Baseline: `cp` of the bundle file. Target: ≤ 200 ms.
 //!
 //! Everything happens in a HOME kept under `target/bench-provision-home` (its store is
 //! seeded on the first run from `target/bench-boot-home` or `target/bench-vm-home` when one
@@ -258,7 +260,41 @@ fn main() -> ExitCode {
         ms(graph),
         ratio(rebuild, graph)
     );
-    if step_ok && rebuild <= REBUILD_TARGET {
+    // 3. The golden bundle of the same project, rebuilt with nothing changed: the stored
+    // bundle is copied out. Baseline: `cp` of the bundle file, the floor of writing it.
+    let out = dir.join("golden.tar.zst");
+    let out_arg = out.to_string_lossy().into_owned();
+    sandbox.banger(&["build", "--bundle", &out_arg], &dir);
+    let first_sum = std::fs::read(&out).map(|bytes| bytes.len()).unwrap_or(0);
+    let mut bundles = Vec::new();
+    let mut copies = Vec::new();
+    for _ in 0..REBUILD_RUNS {
+        let (wall, output) = sandbox.timed(&["--json", "build", "--bundle", &out_arg], &dir);
+        assert!(
+            !String::from_utf8_lossy(&output.stdout).contains("\"step_finished\""),
+            "an unchanged bundle rebuild ran a step"
+        );
+        bundles.push(wall);
+        let copy = dir.join("copy.tar.zst");
+        let started = Instant::now();
+        let status = Command::new("cp").arg(&out).arg(&copy).status().unwrap();
+        assert!(status.success());
+        copies.push(started.elapsed());
+        let _ = std::fs::remove_file(&copy);
+    }
+    let (bundle, copy) = (median(bundles), median(copies));
+    let bundle_ok = bundle <= REBUILD_TARGET;
+    println!(
+        "unchanged `build --bundle` ({:.1} MiB bundle): {} median of {REBUILD_RUNS} (target ≤ {}: \
+         {}); baseline `cp` of the bundle {} ; build / cp = {:.2}×",
+        first_sum as f64 / f64::from(1 << 20),
+        ms(bundle),
+        ms(REBUILD_TARGET),
+        verdict(bundle_ok),
+        ms(copy),
+        ratio(bundle, copy)
+    );
+    if step_ok && rebuild <= REBUILD_TARGET && bundle_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

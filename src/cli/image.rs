@@ -1,6 +1,5 @@
 //! `banger image pull|list|show|rm|import-tar|register`.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -12,8 +11,6 @@ use banger::catalog::Catalogs;
 use banger::engine::Engine;
 use banger::ops::graph::format_time_ms;
 use banger::ops::images::{self, ImageJob, ImagePullRequest, PullEnv};
-use banger::plan::kinds::{ImportFileParams, StepParams};
-use banger::plan::{Plan, StepNode};
 use banger::spec::ByteSize;
 use banger::state::ImageRecord;
 use banger::steps;
@@ -252,41 +249,6 @@ fn spool(source: &str, dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     Ok((path, format!("blake3:{}", hasher.finalize().to_hex())))
 }
 
-/// The plan of `import.file` (keyed by the file's digest) → `rootfs.build`.
-fn import_plan(path: &Path, digest: &str, size: Option<ByteSize>) -> anyhow::Result<ImageJob> {
-    let mut plan = Plan::new();
-    let import = plan.add_step(
-        StepNode::new(
-            "import/tar",
-            steps::IMPORT_FILE.name,
-            steps::IMPORT_FILE.version,
-            ImportFileParams {
-                digest: digest.to_owned(),
-                name: "rootfs.tar".to_owned(),
-            }
-            .to_params(),
-            steps::IMPORT_FILE.resource,
-        )
-        .hint("path", path.to_string_lossy())
-        .summary(format!("{} ({digest})", path.display())),
-    )?;
-    let build = banger::plan::lower::image_with_agent(
-        &mut plan,
-        "import/rootfs",
-        &[import],
-        size.map(ByteSize::bytes),
-    )?;
-    plan.add_target(build);
-    Ok(ImageJob {
-        name: String::new(),
-        source: format!("tar:{digest}"),
-        distro: None,
-        kernel: String::new(),
-        plan,
-        finals: BTreeMap::from([("import".to_owned(), build)]),
-    })
-}
-
 fn import_tar(context: &mut Context, args: &ImportTarArgs) -> anyhow::Result<ExitStatus> {
     let build = BuildEnv::open(context)?;
     let kernel = images::default_kernel(&build.catalogs, args.kernel.as_deref(), &build.state_dir)?;
@@ -294,61 +256,14 @@ fn import_tar(context: &mut Context, args: &ImportTarArgs) -> anyhow::Result<Exi
     // file systems, and a crash leaves scratch that the next open removes.
     let spool_dir = build.store.scratch()?;
     let (path, digest) = spool(&args.file, spool_dir.path())?;
-    let mut job = import_plan(&path, &digest, args.size)?;
-    job.name = args.name.clone();
-    job.kernel = kernel;
+    let job = images::import_tar_job(&path, &digest, args.size, &args.name, kernel)?;
     build_and_record(context, &build, &job)
 }
 
 fn register(context: &mut Context, args: &RegisterArgs) -> anyhow::Result<ExitStatus> {
     let build = BuildEnv::open(context)?;
     let kernel = images::default_kernel(&build.catalogs, args.kernel.as_deref(), &build.state_dir)?;
-    let metadata = std::fs::metadata(&args.rootfs)
-        .with_context(|| format!("cannot read {}", args.rootfs.display()))?;
-    if !metadata.is_file() {
-        return Err(UsageError(format!("{} is not a file", args.rootfs.display())).into());
-    }
-    let mut superblock = [0u8; 2];
-    {
-        use std::io::{Seek, SeekFrom};
-        let mut file = std::fs::File::open(&args.rootfs)?;
-        file.seek(SeekFrom::Start(1024 + 56))?;
-        file.read_exact(&mut superblock).ok();
-    }
-    if superblock != [0x53, 0xef] {
-        return Err(UsageError(format!(
-            "{} is not an ext4 image (no ext2/3/4 superblock magic)",
-            args.rootfs.display()
-        ))
-        .into());
-    }
-    let digest = banger::sources::content_digest(&args.rootfs)?;
-    let absolute = std::fs::canonicalize(&args.rootfs)?;
-    let mut plan = Plan::new();
-    let import = plan.add_step(
-        StepNode::new(
-            "import/rootfs",
-            steps::IMPORT_FILE.name,
-            steps::IMPORT_FILE.version,
-            ImportFileParams {
-                digest: digest.clone(),
-                name: images::ROOTFS_OUTPUT.to_owned(),
-            }
-            .to_params(),
-            steps::IMPORT_FILE.resource,
-        )
-        .hint("path", absolute.to_string_lossy())
-        .summary(format!("{}", absolute.display())),
-    )?;
-    plan.add_target(import);
-    let job = ImageJob {
-        name: args.name.clone(),
-        source: format!("file:{}", absolute.display()),
-        distro: args.distro.clone(),
-        kernel,
-        plan,
-        finals: BTreeMap::from([("import".to_owned(), import)]),
-    };
+    let job = images::register_job(&args.rootfs, &args.name, kernel, args.distro.clone())?;
     build_and_record(context, &build, &job)
 }
 

@@ -2,17 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
 use banger::ops::graph::format_time_ms;
 use banger::ops::kernels::{self, PulledKernel};
-use banger::plan::kinds::{KernelImportParams, NoParams, StepParams};
-use banger::plan::lower::initramfs_params;
-use banger::plan::{Plan, StepNode};
 use banger::state::KernelRecord;
-use banger::steps;
 
 use super::Context;
 use super::exit::{ExitStatus, UsageError};
@@ -156,64 +151,7 @@ fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
 
 fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus> {
     let build = BuildEnv::open(context)?;
-    let dir = std::fs::canonicalize(&args.from)
-        .with_context(|| format!("cannot read {}", args.from.display()))?;
-    if !dir.join("vmlinux").is_file() {
-        return Err(UsageError(format!(
-            "{} has no `vmlinux`; a kernel directory holds vmlinux (an ELF with the PVH note, or \
-             a bzImage), and optionally initrd and modules/",
-            dir.display()
-        ))
-        .into());
-    }
-    if build.catalogs.kernel(&args.name).is_some() {
-        return Err(UsageError(format!(
-            "`{}` is a catalog kernel's name; pick another name for your own kernel",
-            args.name
-        ))
-        .into());
-    }
-    let fingerprint = banger::sources::fingerprint_path(&dir)?;
-    let mut plan = Plan::new();
-    let import = plan.add_step(
-        StepNode::new(
-            format!("kernel:{}/import", args.name),
-            steps::KERNEL_IMPORT.name,
-            steps::KERNEL_IMPORT.version,
-            KernelImportParams { fingerprint }.to_params(),
-            steps::KERNEL_IMPORT.resource,
-        )
-        .hint("dir", dir.to_string_lossy())
-        .summary(format!("{}", dir.display())),
-    )?;
-    let stage = plan.add_step(
-        StepNode::new(
-            format!("kernel:{}/stage", args.name),
-            steps::KERNEL_STAGE.name,
-            steps::KERNEL_STAGE.version,
-            NoParams.to_params(),
-            steps::KERNEL_STAGE.resource,
-        )
-        .summary("vmlinux + initrd + modules"),
-    )?;
-    plan.add_input(stage, "kernel", import);
-    // Modules but no initrd: banger builds its own initramfs around them.
-    if dir.join("modules").is_dir() && !dir.join("initrd").exists() {
-        let initramfs = plan.add_step(
-            StepNode::new(
-                format!("kernel:{}/initramfs", args.name),
-                steps::KERNEL_INITRAMFS.name,
-                steps::KERNEL_INITRAMFS.version,
-                initramfs_params().to_params(),
-                steps::KERNEL_INITRAMFS.resource,
-            )
-            .summary("banger's agent as /init + virtio, vsock and overlay modules"),
-        )?;
-        plan.add_input(initramfs, "kernel", import);
-        plan.add_input(stage, "initramfs", initramfs);
-    }
-    plan.add_target(stage);
-    let source = format!("import:{}", dir.display());
+    let (plan, stage, source) = kernels::import_plan(&args.name, &args.from, &build.catalogs)?;
     let env = build.env();
     let reporter = super::reporters::for_printer(&context.printer);
     let pulled = super::run_cancellable(&build.runtime, false, |options| {
@@ -351,122 +289,39 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
 }
 
 fn test(context: &mut Context, args: &TestArgs) -> anyhow::Result<ExitStatus> {
-    use banger::vm::accel::{self, HostFacts};
-    use banger::vm::boot::{AgentTransport, BootError, BootSpec, smoke_test};
-    use banger::vm::vsock;
-
+    use banger::vm::boot::AgentTransport;
     let state = context.state()?;
-    let kernel = state.require_kernel(&args.name)?;
-    let image = state.image(&args.image)?.ok_or_else(|| {
-        UsageError(format!(
-            "image `{}` is not in the store; fetch it with `banger image pull {}`, or name \
-             another with --image",
-            args.image, args.image
-        ))
-    })?;
-    let Some(initrd) = &kernel.initrd else {
-        return Err(UsageError(format!(
-            "kernel `{}` has no initramfs, and banger's initramfs is what loads the virtio \
-             modules and starts the agent; rebuild it with `banger kernel pull` or import it \
-             with an initrd",
-            kernel.name
-        ))
-        .into());
-    };
-    let accel = accel::choose(&HostFacts::probe())?;
-    let vsock_daemon = vsock::find_binary();
-    let transport = match (args.transport, &vsock_daemon) {
-        (TransportChoice::Serial, _) | (TransportChoice::Auto, None) => AgentTransport::Serial,
-        (TransportChoice::Vsock | TransportChoice::Auto, _) => AgentTransport::Vsock,
-    };
-
     let store = context.store()?;
-    // Hard links into the store's own scratch: no bytes are copied, whatever the image size.
-    let files = store.scratch()?;
-    let link = |file: &banger::state::StoredFile, name: &str| -> anyhow::Result<PathBuf> {
-        let path = files.path().join(name);
-        store.materialize(
-            &banger::store::OutputRef {
-                integrity: file.integrity.clone(),
-                size: file.size,
-            },
-            &path,
-        )?;
-        Ok(path)
-    };
-    let vmlinux = link(&kernel.vmlinux, "vmlinux")?;
-    let initrd = link(initrd, "initrd")?;
-    let rootfs = link(
-        &banger::state::StoredFile {
-            integrity: image.rootfs_integrity.clone(),
-            size: image.rootfs_size,
-        },
-        "rootfs.ext4",
-    )?;
     let paths = context.paths()?.clone();
-    std::fs::create_dir_all(&paths.runtime_dir)
-        .with_context(|| format!("cannot create {}", paths.runtime_dir.display()))?;
-    let sockets = tempfile::Builder::new()
-        .prefix("kernel-test-")
-        .tempdir_in(&paths.runtime_dir)
-        .with_context(|| {
-            format!(
-                "cannot create a directory in {}",
-                paths.runtime_dir.display()
-            )
-        })?;
-    let logs = paths.state_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let spec = BootSpec {
-        qemu_binary: banger::vm::qemu::binary(),
-        accel: accel.clone(),
-        vcpus: 1,
+    let request = kernels::KernelTest {
+        kernel: args.name.clone(),
+        image: args.image.clone(),
+        transport: match args.transport {
+            TransportChoice::Auto => None,
+            TransportChoice::Vsock => Some(AgentTransport::Vsock),
+            TransportChoice::Serial => Some(AgentTransport::Serial),
+        },
         memory_mib: args.memory,
-        kernel: vmlinux,
-        initrd: Some(initrd),
-        rootfs,
-        transport,
-        vsock_daemon,
-        extra_cmdline: args.append.clone(),
-        writable: banger::vm::boot::WritableLayer::Memory,
-        forwards: Vec::new(),
-        network: false,
-        dir: sockets.path().to_owned(),
-        serial_log: logs.join(format!("kernel-test-{}.console.log", kernel.name)),
+        timeout: std::time::Duration::from_secs(args.timeout),
+        append: args.append.clone(),
     };
-    let printer = &context.printer;
-    printer.info(&format!(
-        "booting {} ({}) on {} under QEMU microvm, {accel}, agent over {transport}",
-        kernel.name,
-        kernel.release.as_deref().unwrap_or("release unknown"),
-        image.name
-    ));
     let runtime = super::runtime()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
-    let report = match runtime.block_on(smoke_test(&spec, deadline)) {
+    let printer = &context.printer;
+    let notes = |text: String| printer.info(&text);
+    let outcome = runtime.block_on(kernels::test(&paths, &state, &store, &request, &notes))?;
+    let (kernel, image, accel) = (&outcome.kernel, &outcome.image, &outcome.accel);
+    let report = match &outcome.result {
         Ok(report) => report,
         Err(error) => {
-            let environment = matches!(
-                error,
-                BootError::Qemu(banger::vm::qemu::QemuError::NotInstalled { .. })
-                    | BootError::Vsock(vsock::VsockError::NotInstalled { .. })
-            );
-            if environment {
-                return Err(error.into());
-            }
             printer.error(&format!(
                 "kernel {}: {}",
                 kernel.name,
-                banger::error::error_chain(&error)
+                banger::error::error_chain(error)
             ));
             return Ok(ExitStatus::UserError);
         }
     };
-    let release_ok = kernel
-        .release
-        .as_deref()
-        .is_none_or(|release| release == report.uname_release);
-    let exit_ok = report.exit_seven == banger::guest::ExitStatus::Code(7);
+    let (release_ok, exit_ok) = (outcome.release_ok, outcome.exit_ok);
     if printer.json {
         printer.record(
             "kernel_test",

@@ -76,6 +76,18 @@ pub enum ImageError {
         #[source]
         source: ParamError,
     },
+    #[error("{} is not a file", path.display())]
+    NotAFile { path: std::path::PathBuf },
+    #[error("{} is not an ext4 image (no ext2/3/4 superblock magic)", path.display())]
+    NotExt4 { path: std::path::PathBuf },
+    #[error("cannot read {}", path.display())]
+    ReadFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Source(#[from] crate::sources::SourceError),
     #[error("cannot read the stored output {path}")]
     ReadOutput {
         path: std::path::PathBuf,
@@ -96,7 +108,11 @@ impl crate::error::Classify for ImageError {
         match self {
             ImageError::UnknownImage { .. }
             | ImageError::UnknownKernel { .. }
-            | ImageError::NoDefaultKernel => ErrorClass::User,
+            | ImageError::NoDefaultKernel
+            | ImageError::NotAFile { .. }
+            | ImageError::NotExt4 { .. }
+            | ImageError::ReadFile { .. } => ErrorClass::User,
+            ImageError::Source(error) => error.class(),
             ImageError::Oci(error) => error.class(),
             ImageError::Plan(error) => error.class(),
             ImageError::Engine(error) => error.class(),
@@ -115,6 +131,104 @@ impl ImageError {
     pub fn already_reported(&self) -> bool {
         matches!(self, ImageError::Engine(error) if error.already_reported())
     }
+}
+
+/// The job of `banger image import-tar`: `import.file` of the spooled tar at `path` (keyed by
+/// its `digest`) → the image with banger's agent.
+pub fn import_tar_job(
+    path: &Path,
+    digest: &str,
+    size: Option<ByteSize>,
+    name: &str,
+    kernel: String,
+) -> Result<ImageJob, ImageError> {
+    let mut plan = Plan::new();
+    let import = plan.add_step(
+        crate::plan::StepNode::new(
+            "import/tar",
+            crate::steps::IMPORT_FILE.name,
+            crate::steps::IMPORT_FILE.version,
+            crate::plan::kinds::ImportFileParams {
+                digest: digest.to_owned(),
+                name: "rootfs.tar".to_owned(),
+            }
+            .to_params(),
+            crate::steps::IMPORT_FILE.resource,
+        )
+        .hint("path", path.to_string_lossy())
+        .summary(format!("{} ({digest})", path.display())),
+    )?;
+    let build = lower::image_with_agent(
+        &mut plan,
+        "import/rootfs",
+        &[import],
+        size.map(ByteSize::bytes),
+    )?;
+    plan.add_target(build);
+    Ok(ImageJob {
+        name: name.to_owned(),
+        source: format!("tar:{digest}"),
+        distro: None,
+        kernel,
+        plan,
+        finals: BTreeMap::from([("import".to_owned(), build)]),
+    })
+}
+
+/// The job of `banger image register`: the ext4 image at `rootfs` brought into the store as
+/// it is (checked to be a file with the ext2/3/4 magic), keyed by its content.
+pub fn register_job(
+    rootfs: &Path,
+    name: &str,
+    kernel: String,
+    distro: Option<String>,
+) -> Result<ImageJob, ImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let read_error = |source| ImageError::ReadFile {
+        path: rootfs.to_owned(),
+        source,
+    };
+    let metadata = std::fs::metadata(rootfs).map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(ImageError::NotAFile {
+            path: rootfs.to_owned(),
+        });
+    }
+    let mut magic = [0u8; 2];
+    let mut file = std::fs::File::open(rootfs).map_err(read_error)?;
+    file.seek(SeekFrom::Start(1024 + 56)).map_err(read_error)?;
+    if file.read_exact(&mut magic).is_err() || magic != [0x53, 0xef] {
+        return Err(ImageError::NotExt4 {
+            path: rootfs.to_owned(),
+        });
+    }
+    let digest = crate::sources::content_digest(rootfs)?;
+    let absolute = std::fs::canonicalize(rootfs).map_err(read_error)?;
+    let mut plan = Plan::new();
+    let import = plan.add_step(
+        crate::plan::StepNode::new(
+            "import/rootfs",
+            crate::steps::IMPORT_FILE.name,
+            crate::steps::IMPORT_FILE.version,
+            crate::plan::kinds::ImportFileParams {
+                digest,
+                name: ROOTFS_OUTPUT.to_owned(),
+            }
+            .to_params(),
+            crate::steps::IMPORT_FILE.resource,
+        )
+        .hint("path", absolute.to_string_lossy())
+        .summary(format!("{}", absolute.display())),
+    )?;
+    plan.add_target(import);
+    Ok(ImageJob {
+        name: name.to_owned(),
+        source: format!("file:{}", absolute.display()),
+        distro,
+        kernel,
+        plan,
+        finals: BTreeMap::from([("import".to_owned(), import)]),
+    })
 }
 
 /// What `banger image pull NAME` means.
