@@ -306,6 +306,26 @@ fn slow_provision_a_failing_command_fails_its_step_with_its_output_and_stores_no
     assert!(!images.stdout.contains("failing/sandbox"), "{images}");
     // The log is kept and names the failure's output.
     assert!(step_log(context, &dir, "sandbox/provision[0]").contains("first words"));
+
+    // A command that outlives its entry's timeout fails the same way.
+    std::fs::write(
+        dir.join("Bangerfile"),
+        "[project]\nname = \"failing\"\n\n[[image.provision]]\n\
+         run = \"echo waiting; sleep 600\"\ntimeout = \"5s\"\n",
+    )
+    .unwrap();
+    let mut command = in_project(context, &dir, &["build"]);
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    let timed_out = output_of(context, child.wait_with_output().unwrap());
+    assert_eq!(timed_out.code, Some(1), "{timed_out}");
+    for expected in ["did not finish within 5s", "waiting", "the whole log: [ROOT]"] {
+        assert!(timed_out.stderr.contains(expected), "{expected}: {timed_out}");
+    }
+    assert_no_builder_left(pid, Duration::from_secs(10), "after a timed-out step");
 }
 
 #[test]
