@@ -322,8 +322,15 @@ fn slow_provision_a_failing_command_fails_its_step_with_its_output_and_stores_no
     let pid = child.id();
     let timed_out = output_of(context, child.wait_with_output().unwrap());
     assert_eq!(timed_out.code, Some(1), "{timed_out}");
-    for expected in ["did not finish within 5s", "waiting", "the whole log: [ROOT]"] {
-        assert!(timed_out.stderr.contains(expected), "{expected}: {timed_out}");
+    for expected in [
+        "did not finish within 5s",
+        "waiting",
+        "the whole log: [ROOT]",
+    ] {
+        assert!(
+            timed_out.stderr.contains(expected),
+            "{expected}: {timed_out}"
+        );
     }
     assert_no_builder_left(pid, Duration::from_secs(10), "after a timed-out step");
 }
@@ -575,6 +582,42 @@ fn slow_provision_golden_bundles_are_a_stored_step_and_boot() {
         run.stdout.trim_end().lines().last(),
         Some("golden"),
         "{run}"
+    );
+
+    // An image built on the bundle: its builder boots the bundle's ext4 as it is, and the
+    // image is the bundle's tree (read as a layer) under the new layers.
+    let on_top = project(
+        &context,
+        "on-golden",
+        "[project]\nname = \"on-golden\"\n\n[image]\nfrom = \"golden-bundle\"\n\n\
+         [[image.provision]]\nrun = \"echo on-top > /etc/on-top\"\n",
+    );
+    let built = build(&context, &on_top, &[]);
+    assert_eq!(built.code, Some(0), "{built}");
+    let ran = ran(&built);
+    assert!(
+        ran.iter().any(|id| id == "image:sandbox/provision[0]")
+            && ran.iter().any(|id| id == "image:sandbox/rootfs")
+            && !ran.iter().any(|id| id.ends_with("/input")),
+        "{built}"
+    );
+    let both = context.run(&[
+        "vm",
+        "run",
+        "--image",
+        "on-golden/sandbox",
+        "--rm",
+        "--memory",
+        "1G",
+        "--",
+        "cat",
+        "/etc/golden",
+        "/etc/on-top",
+    ]);
+    assert_eq!(both.code, Some(0), "{both}");
+    assert!(
+        both.stdout.contains("golden\non-top"),
+        "the bundle's files and the new layer: {both}"
     );
 }
 
