@@ -110,6 +110,8 @@ pub struct VmRecord {
     pub disk_bytes: u64,
     pub state: VmState,
     pub created_ms: u64,
+    /// Integrity of the image's `rootfs.ext4` the VM boots (`None`: recorded before this was).
+    pub rootfs_integrity: Option<String>,
 }
 
 /// Where an image came from, for `image list` and `image show`.
@@ -191,6 +193,9 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     );",
+    // The image's rootfs a VM boots, so `banger up` can tell an unchanged sandbox from one
+    // whose image was rebuilt. NULL for VMs made before it was recorded.
+    "ALTER TABLE vms ADD COLUMN rootfs_integrity TEXT;",
 ];
 
 /// The state database.
@@ -483,7 +488,8 @@ impl State {
     pub fn create_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
         let result = self.connection.execute(
             "INSERT INTO vms (name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
-             state, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             state, created_ms, rootfs_integrity) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 vm.name,
                 vm.id,
@@ -495,6 +501,7 @@ impl State {
                 vm.disk_bytes as i64,
                 vm.state.as_str(),
                 vm.created_ms as i64,
+                vm.rootfs_integrity,
             ],
         );
         match result {
@@ -517,7 +524,7 @@ impl State {
         self.connection
             .query_row(
                 "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
-                 created_ms FROM vms WHERE name = ?1",
+                 created_ms, rootfs_integrity FROM vms WHERE name = ?1",
                 params![name],
                 row_to_vm,
             )
@@ -538,13 +545,42 @@ impl State {
             .connection
             .prepare(
                 "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
-                 created_ms FROM vms ORDER BY name",
+                 created_ms, rootfs_integrity FROM vms ORDER BY name",
             )
             .map_err(query("list VMs"))?;
         let rows = statement
             .query_map([], row_to_vm)
             .map_err(query("list VMs"))?;
         rows.collect::<Result<_, _>>().map_err(query("list VMs"))
+    }
+
+    /// Points an existing VM at another image, kernel and shape (`banger up` recreating it).
+    pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
+        let changed = self
+            .connection
+            .execute(
+                "UPDATE vms SET image = ?2, kernel = ?3, backend = ?4, vcpus = ?5, \
+                 memory_mib = ?6, disk_bytes = ?7, state = ?8, rootfs_integrity = ?9 \
+                 WHERE name = ?1",
+                params![
+                    vm.name,
+                    vm.image,
+                    vm.kernel,
+                    vm.backend,
+                    vm.vcpus,
+                    vm.memory_mib as i64,
+                    vm.disk_bytes as i64,
+                    vm.state.as_str(),
+                    vm.rootfs_integrity,
+                ],
+            )
+            .map_err(query("update VM"))?;
+        if changed == 0 {
+            return Err(StateError::NoSuchVm {
+                name: vm.name.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Records whether `name` should be running.
@@ -587,6 +623,7 @@ fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         disk_bytes: row.get::<_, i64>(7)? as u64,
         state: VmState::parse(&state),
         created_ms: row.get::<_, i64>(9)? as u64,
+        rootfs_integrity: row.get(10)?,
     })
 }
 
@@ -620,6 +657,7 @@ mod tests {
             disk_bytes: 8 << 30,
             state: VmState::Stopped,
             created_ms: 1_700_000_000_000,
+            rootfs_integrity: Some("sha256-AAAA".into()),
         }
     }
 

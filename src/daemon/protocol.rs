@@ -9,8 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
+/// 3: `VmUp`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -49,6 +50,9 @@ pub enum Request {
     VmDelete {
         name: String,
     },
+    /// `banger up`'s VM: made, reused, started or recreated around its work disk, and
+    /// running. Answered by [`Response::VmUp`].
+    VmUp(UpVm),
     /// Every VM. Answered by [`Response::Vms`].
     VmList,
     VmShow {
@@ -56,7 +60,7 @@ pub enum Request {
     },
 }
 
-pub use crate::ops::vms::{CreateVm, VmInfo};
+pub use crate::ops::vms::{CreateVm, UpReport, UpVm, VmInfo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -69,6 +73,7 @@ pub enum Response {
     Status(DaemonStatus),
     Stopping,
     Vm(Box<VmInfo>),
+    VmUp(Box<UpReport>),
     Vms(Vec<VmInfo>),
     Deleted {
         name: String,

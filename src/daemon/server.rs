@@ -252,6 +252,10 @@ async fn serve_vm_request(
             Request::VmDelete { name } => {
                 vms.delete(&name).await.map(|()| Response::Deleted { name })
             }
+            Request::VmUp(up) => vms
+                .up(&up, &events)
+                .await
+                .map(|report| Response::VmUp(Box::new(report))),
             Request::VmList => vms.list().await.map(Response::Vms),
             Request::VmShow { name } => vms
                 .show(&name)

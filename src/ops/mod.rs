@@ -7,6 +7,8 @@
 //! - `images`, `kernels`: named images and kernels: pull, import, register, remove.
 //! - `vms`: the VM lifecycle (create, start, stop, kill, delete, list, reconcile), run by
 //!   the daemon.
+//! - `workspace`: a project directory as the tar stream `banger up` imports (git-aware,
+//!   incremental).
 //! - `doctor`: what the host can do.
 //!
 //! Layering: `cli` (the binary) and `daemon` call `ops`; `ops` calls everything below it
@@ -22,6 +24,7 @@ pub mod images;
 pub mod kernels;
 pub mod project;
 pub mod vms;
+pub mod workspace;
 
 #[cfg(test)]
 mod tests {

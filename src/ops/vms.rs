@@ -162,6 +162,52 @@ pub struct CreateVm {
     pub remove_if_abandoned: bool,
 }
 
+/// What `banger up` asks of the daemon: this VM, booting this image, running. Part of the
+/// daemon's wire format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpVm {
+    /// Name, image, kernel and shape; `start` is implied.
+    pub create: CreateVm,
+    /// Recreate the VM even if its image is unchanged, and drop its work disk.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+/// What `up` did to the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpAction {
+    /// There was none: made and booted.
+    Created,
+    /// Running with the same image and shape: left alone.
+    Reused,
+    /// Stopped with the same image and shape: booted.
+    Started,
+    /// Its image or shape changed: made again around the work disk it had, and booted.
+    Recreated,
+    /// `--fresh`: made again from nothing, work disk included, and booted.
+    Replaced,
+}
+
+impl UpAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpAction::Created => "created",
+            UpAction::Reused => "reused",
+            UpAction::Started => "started",
+            UpAction::Recreated => "recreated",
+            UpAction::Replaced => "replaced",
+        }
+    }
+}
+
+/// The daemon's answer to `up`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpReport {
+    pub vm: VmInfo,
+    pub action: UpAction,
+}
+
 /// One VM as the daemon reports it. Part of the daemon's wire format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
@@ -568,6 +614,7 @@ impl Vms {
             disk_bytes: shape.disk_bytes,
             state: VmState::Stopped,
             created_ms: crate::store::now_ms(),
+            rootfs_integrity: Some(image.rootfs_integrity.clone()),
         };
         events.note(format!("spec: {shape}"));
         let made = self.make_vm_files(&record, &image_file(&image), &kernel.vmlinux, &initrd);
@@ -800,6 +847,168 @@ impl Vms {
         self.live_remove(name);
         self.finish_run(&record, &launched).await?;
         Ok(self.info(&record, None))
+    }
+
+    /// `banger up`'s VM, as `docker compose up` treats a service: made if missing; left
+    /// running, or started, when its image (the rootfs it boots) and shape are unchanged;
+    /// otherwise stopped and made again around its `/root` work disk (compose keeps volumes),
+    /// or from nothing with `fresh`; then booted. The image and kernel must be recorded.
+    pub async fn up(&self, request: &UpVm, events: &dyn VmProgress) -> Result<UpReport, VmError> {
+        let create = CreateVm {
+            start: true,
+            ..request.create.clone()
+        };
+        let Some(name) = create.name.clone() else {
+            return Err(crate::vm::shape::BadName {
+                name: String::new(),
+            }
+            .into());
+        };
+        crate::vm::shape::validate_name(&name)?;
+        let Some(record) = self.state()?.vm(&name)? else {
+            let vm = self.create(&create, events).await?;
+            return Ok(UpReport {
+                vm,
+                action: UpAction::Created,
+            });
+        };
+        let image_name = create
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+        let image = self.ensure_image(&image_name, events).await?;
+        let kernel_name = create
+            .kernel
+            .clone()
+            .or_else(|| image.kernel_ref.clone())
+            .unwrap_or_else(|| record.kernel.clone());
+        let shape = VmShape::resolve(
+            &ShapeRequest {
+                vcpus: create.vcpus,
+                memory_mib: create.memory_mib,
+                disk_bytes: create.disk_bytes,
+            },
+            &self.config()?.vm_defaults,
+            &self.host,
+        );
+        let unchanged = !request.fresh
+            && record.image == image.name
+            && record.rootfs_integrity.as_deref() == Some(image.rootfs_integrity.as_str())
+            && record.kernel == kernel_name
+            && (record.vcpus, record.memory_mib, record.disk_bytes)
+                == (shape.vcpus, shape.memory_mib, shape.disk_bytes);
+        let timeout = timeout(create.timeout_secs);
+        if unchanged {
+            if let Some(launched) = self.running(&record).await? {
+                return Ok(UpReport {
+                    vm: self.info(&record, Some(&launched)),
+                    action: UpAction::Reused,
+                });
+            }
+            let vm = self.start(&name, timeout, events).await?;
+            return Ok(UpReport {
+                vm,
+                action: UpAction::Started,
+            });
+        }
+        let kernel = self.ensure_kernel(&kernel_name, events).await?;
+        let Some(initrd) = kernel.initrd.clone() else {
+            return Err(VmError::NoInitramfs {
+                kernel: kernel.name,
+            });
+        };
+        {
+            let lock = self.lock(&name);
+            let _held = lock.lock().await;
+            let record = self.state()?.require_vm(&name)?;
+            if let Some(launched) = self.running(&record).await? {
+                events.note(format!("stopping `{name}` to recreate it"));
+                self.power_off(&launched).await;
+                self.live_remove(&name);
+                self.finish_run(&record, &launched).await?;
+            }
+            let updated = VmRecord {
+                image: image.name.clone(),
+                kernel: kernel.name.clone(),
+                vcpus: shape.vcpus,
+                memory_mib: shape.memory_mib,
+                disk_bytes: shape.disk_bytes,
+                state: VmState::Stopped,
+                rootfs_integrity: Some(image.rootfs_integrity.clone()),
+                ..record.clone()
+            };
+            self.remake_vm_files(
+                &updated,
+                &image_file(&image),
+                &kernel.vmlinux,
+                &initrd,
+                request.fresh,
+            )?;
+            self.state()?.update_vm(&updated)?;
+            events.note(if request.fresh {
+                format!("recreated `{name}` from nothing (--fresh: its work disk too)")
+            } else {
+                format!(
+                    "recreated `{name}` for its new image ({}); its /root work disk is kept",
+                    image.name
+                )
+            });
+        }
+        let vm = self.start(&name, timeout, events).await?;
+        Ok(UpReport {
+            vm,
+            action: if request.fresh {
+                UpAction::Replaced
+            } else {
+                UpAction::Recreated
+            },
+        })
+    }
+
+    /// A stopped VM's files made again for `record`'s image: new boot links, a blank writable
+    /// layer (the old one's changes were to the old image), and the work disk kept unless
+    /// `fresh`.
+    fn remake_vm_files(
+        &self,
+        record: &VmRecord,
+        rootfs: &StoredFile,
+        vmlinux: &StoredFile,
+        initrd: &StoredFile,
+        fresh: bool,
+    ) -> Result<(), VmError> {
+        let dir = self.vm_dir(&record.name);
+        let disks = VmDisks::in_dir(&dir);
+        crate::vm::storage::create_blank_ext4(
+            &disks.overlay,
+            record.disk_bytes,
+            "banger-rw",
+            format!("{}/overlay", record.id).as_bytes(),
+        )?;
+        if fresh || !disks.work.exists() {
+            crate::vm::storage::create_blank_ext4(
+                &disks.work,
+                record.disk_bytes,
+                "banger-work",
+                format!("{}/work", record.id).as_bytes(),
+            )?;
+        }
+        let boot = self.boot_dir(&record.id);
+        let _ = std::fs::remove_dir_all(&boot);
+        std::fs::create_dir_all(&boot).map_err(io("cannot create", &boot))?;
+        for (file, name) in [
+            (rootfs, "rootfs.ext4"),
+            (vmlinux, "vmlinux"),
+            (initrd, "initrd"),
+        ] {
+            self.store.materialize(
+                &OutputRef {
+                    integrity: file.integrity.clone(),
+                    size: file.size,
+                },
+                &boot.join(name),
+            )?;
+        }
+        Ok(())
     }
 
     /// Kills the VM if it runs and removes it: record, disks, logs, links, sockets.
