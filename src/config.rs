@@ -78,6 +78,17 @@ struct RawConfig {
     catalogs: RawCatalogs,
     #[serde(default)]
     vm_defaults: RawVmDefaults,
+    #[serde(default)]
+    file_sync: Vec<RawFileSync>,
+}
+
+/// `[[file_sync]]`: a host file every `banger up` copies into the project's VM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSync {
+    host: String,
+    guest: String,
+    mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +129,9 @@ pub struct Config {
     pub image_catalog: Option<PathBuf>,
     pub kernel_catalog: Option<PathBuf>,
     pub vm_defaults: VmDefaults,
+    /// Host files copied into every project's VM on `banger up` (credentials, dotfiles),
+    /// after the Bangerfile's own `[[file_sync]]`.
+    pub file_sync: Vec<crate::spec::FileSyncSpec>,
 }
 
 impl Config {
@@ -129,6 +143,7 @@ impl Config {
             image_catalog: None,
             kernel_catalog: None,
             vm_defaults: VmDefaults::default(),
+            file_sync: Vec::new(),
         }
     }
 
@@ -171,6 +186,39 @@ impl Config {
                 _ => file,
             }
         };
+        let mut file_sync = Vec::new();
+        for (index, entry) in raw.file_sync.iter().enumerate() {
+            let bad = |key: &str, value: &str, message: &str| ConfigError::Value {
+                path: path.to_owned(),
+                key: format!("file_sync[{index}].{key}"),
+                value: value.to_owned(),
+                message: message.to_owned(),
+            };
+            if !entry.guest.starts_with('/') {
+                return Err(bad("guest", &entry.guest, "a guest path is absolute"));
+            }
+            if !(entry.host.starts_with('/') || entry.host.starts_with("~/")) {
+                return Err(bad(
+                    "host",
+                    &entry.host,
+                    "a host path is absolute or starts with ~/",
+                ));
+            }
+            let mode = match &entry.mode {
+                Some(text) => Some(
+                    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                        .ok()
+                        .filter(|mode| *mode <= 0o7777)
+                        .ok_or_else(|| bad("mode", text, "an octal mode like \"0600\""))?,
+                ),
+                None => None,
+            };
+            file_sync.push(crate::spec::FileSyncSpec {
+                host: entry.host.clone(),
+                guest: entry.guest.clone(),
+                mode,
+            });
+        }
         if raw.vm_defaults.vcpu == Some(0) {
             return Err(ConfigError::Value {
                 path: path.to_owned(),
@@ -190,6 +238,7 @@ impl Config {
                 memory: size("vm_defaults.memory", &raw.vm_defaults.memory)?,
                 disk: size("vm_defaults.disk", &raw.vm_defaults.disk)?,
             },
+            file_sync,
         })
     }
 

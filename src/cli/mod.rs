@@ -20,6 +20,7 @@ mod image;
 mod kernel;
 mod printer;
 mod reporters;
+mod up;
 mod vm;
 
 use std::path::PathBuf;
@@ -97,6 +98,22 @@ image list`). Cached steps do not run; with everything cached nothing runs at al
 stderr; the built images are listed on stdout."
     )]
     Build(build::BuildArgs),
+    /// Build, boot or reuse the project's sandbox VM, and run its [up] command.
+    #[command(
+        long_about = "Bring the project's sandbox up, as `docker compose up` does a \
+service: build the Bangerfile's images (what is not cached), then create the project's VM \
+(named by [project].name) or reuse it when its image is unchanged (starting it if stopped), \
+or recreate it when the image changed, keeping its /root work disk (--fresh drops it too). \
+Then copy the [[file_sync]] host files in, import the workspace (only what changed since the \
+last import; in git: tracked and untracked-not-ignored files as they are, and .git), and run \
+[up].run in it; banger exits with its exit code. `banger up --rm --locked` is the CI entry \
+point: the VM is deleted afterwards, and a lock that would change is an error."
+    )]
+    Up(up::UpArgs),
+    /// Stop the project's VM (--rm: delete it).
+    Down(up::DownArgs),
+    /// Open a shell in the project's VM (or run `-- CMD`).
+    Ssh(up::SshArgs),
     /// Pull, import, list and remove images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -108,11 +125,11 @@ stderr; the built images are listed on stdout."
     /// Inspect and trim the step store (~/.cache/banger/store).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
-    /// The background process that owns VMs, the store and builds (started on demand).
+    /// The background process that owns VMs (started on demand).
     #[command(
         subcommand,
-        long_about = "The daemon is one background process per user that owns the VMs, the \
-store and running builds, so concurrent banger commands share work. Commands that need it \
+        long_about = "The daemon is one background process per user that owns the VMs (and \
+builds what a VM it makes needs), so VMs outlive the commands that start them. Commands that need it \
 start it by themselves (`banger daemon run`, detached; its log is \
 ~/.local/state/banger/logs/daemon.log). It listens on $XDG_RUNTIME_DIR/banger/banger.sock, \
 readable by your user only."
@@ -279,6 +296,9 @@ pub fn run() -> ExitStatus {
         Command::Graph(args) => graph::run(&mut context, &args),
         Command::Cache(command) => cache::run(&mut context, &command),
         Command::Build(args) => build::run(&mut context, &args),
+        Command::Up(args) => up::up(&mut context, &args),
+        Command::Down(args) => up::down(&mut context, &args),
+        Command::Ssh(args) => up::ssh(&mut context, &args),
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
         Command::Kernel(command) => kernel::run(&mut context, &command),

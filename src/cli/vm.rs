@@ -176,7 +176,7 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
 }
 
 /// A connection to the daemon (started if need be) and how to show its progress.
-struct Session {
+pub(super) struct Session {
     client: DaemonClient,
     reporter: Box<dyn banger::engine::Reporter>,
 }
@@ -199,7 +199,10 @@ impl Refused {
 }
 
 impl Session {
-    fn connect(context: &mut Context, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+    pub(super) fn connect(
+        context: &mut Context,
+        runtime: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Self> {
         let socket = context.paths()?.socket();
         let launcher = super::daemon::launcher(context)?;
         let client = runtime.block_on(DaemonClient::connect_or_start(&socket, &launcher))?;
@@ -210,7 +213,7 @@ impl Session {
     }
 
     /// Sends `request`, rendering its progress; a refusal comes back as [`Refused`].
-    fn call(
+    pub(super) fn call(
         &mut self,
         context: &Context,
         runtime: &tokio::runtime::Runtime,
@@ -234,7 +237,7 @@ impl Session {
         })
     }
 
-    fn vm(
+    pub(super) fn vm(
         &mut self,
         context: &Context,
         runtime: &tokio::runtime::Runtime,
@@ -263,7 +266,7 @@ fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> Creat
     }
 }
 
-fn refused(context: &Context, refused: &Refused) -> ExitStatus {
+pub(super) fn refused(context: &Context, refused: &Refused) -> ExitStatus {
     context.printer.error(&refused.message);
     refused.status()
 }
@@ -490,7 +493,7 @@ fn ssh_argv(
     )))
 }
 
-fn ssh(
+pub(super) fn ssh(
     context: &mut Context,
     runtime: &tokio::runtime::Runtime,
     session: &mut Session,

@@ -5,6 +5,8 @@
 //! - `graph`: `banger graph`: statuses, `--why` explanations, text/DOT/JSON rendering.
 //! - `build`: `banger build`: pin, plan, run, check the lock, record the images, bundle.
 //! - `images`, `kernels`: named images and kernels: pull, import, register, remove.
+//! - `up`: `banger up`: the images, then the project's VM, host files, workspace and the up
+//!   command, through the sandbox's step executors.
 //! - `vms`: the VM lifecycle (create, start, stop, kill, delete, list, reconcile), run by
 //!   the daemon.
 //! - `workspace`: a project directory as the tar stream `banger up` imports (git-aware,
@@ -23,6 +25,7 @@ pub mod graph;
 pub mod images;
 pub mod kernels;
 pub mod project;
+pub mod up;
 pub mod vms;
 pub mod workspace;
 
