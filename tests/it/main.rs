@@ -19,4 +19,5 @@ mod registry;
 mod rootfs;
 mod slow;
 mod support;
+mod up;
 mod vm;

@@ -1,0 +1,321 @@
+//! `banger up` end to end, through the real binary and its daemon, on real Debian images
+//! under QEMU (TCG where KVM does not work). Part of the slow group (`slow_up_*`); the VM's
+//! console is in the failure messages.
+
+use std::path::{Path, PathBuf};
+
+use crate::slow::{debian_world, have_qemu, records};
+use crate::support::{Output, TestContext, capable, find_program};
+
+fn can_up() -> bool {
+    have_qemu()
+        && capable(
+            "ssh and ssh-keygen (Debian package `openssh-client`)",
+            find_program("ssh").is_some() && find_program("ssh-keygen").is_some(),
+        )
+}
+
+/// Copies `tests/fixtures/NAME` into a directory of its own in `context`.
+fn fixture(context: &TestContext, name: &str) -> PathBuf {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let to = context.root.path().join("projects").join(name);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&from)
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    to
+}
+
+/// `banger ARGS` in `dir`.
+fn banger(context: &TestContext, dir: &Path, args: &[&str]) -> Output {
+    let output = context.command(args).current_dir(dir).output().unwrap();
+    Output {
+        code: output.status.code(),
+        stdout: context.redact(&String::from_utf8_lossy(&output.stdout)),
+        stderr: context.redact(&String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+/// The console of the project's VM, for failure messages.
+fn console(context: &TestContext, name: &str) -> String {
+    let log = context
+        .home()
+        .join(".local/state/banger/vms")
+        .join(name)
+        .join("console.log");
+    match std::fs::read_to_string(&log) {
+        Ok(text) => format!("--- console of {name}\n{text}"),
+        Err(error) => format!("--- no console of {name} ({error})"),
+    }
+}
+
+/// The `up` record of a `--json up`.
+fn up_record(output: &Output) -> serde_json::Value {
+    records(
+        &output
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .into_iter()
+    .find(|record| record["type"] == "up")
+    .unwrap_or_else(|| panic!("no up record:\n{output}"))["data"]
+        .clone()
+}
+
+/// Image steps a `--json` run executed.
+fn image_steps_run(output: &Output) -> Vec<String> {
+    output
+        .stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["type"] == "step_finished")
+        .filter_map(|event| event["data"]["step"].as_str().map(str::to_owned))
+        .filter(|step| step.starts_with("image:"))
+        .collect()
+}
+
+fn vm_id(context: &TestContext, dir: &Path, name: &str) -> String {
+    let shown = banger(context, dir, &["--json", "vm", "show", name]);
+    assert_eq!(shown.code, Some(0), "{shown}");
+    records(&shown.stdout)[0]["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Deletes the project's VM however the test ends.
+struct Down<'a> {
+    context: &'a TestContext,
+    dir: PathBuf,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = banger(self.context, &self.dir, &["down", "--rm"]);
+    }
+}
+
+#[test]
+fn slow_up_builds_boots_runs_reuses_and_recreates_the_c_project() {
+    if !can_up() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = fixture(context, "c-project");
+    let _down = Down {
+        context,
+        dir: dir.clone(),
+    };
+
+    // CI mode: build, boot, import, `make test`, delete.
+    let first = banger(context, &dir, &["up", "--rm"]);
+    assert_eq!(
+        first.code,
+        Some(0),
+        "{first}\n{}",
+        console(context, "c-project")
+    );
+    assert!(first.stdout.contains("all tests passed"), "{first}");
+    let listed = banger(context, &dir, &["--json", "vm", "list"]);
+    assert!(
+        !listed.stdout.contains("\"c-project\""),
+        "--rm left the VM: {listed}"
+    );
+
+    // A broken test: banger exits with make's code.
+    let main = dir.join("src/main.c");
+    let good = std::fs::read_to_string(&main).unwrap();
+    std::fs::write(
+        &main,
+        good.replace("if (got != atoi(argv[3]))", "if (got == atoi(argv[3]))"),
+    )
+    .unwrap();
+    let broken = banger(context, &dir, &["up", "--rm"]);
+    assert_eq!(broken.code, Some(2), "make's exit code: {broken}");
+    std::fs::write(&main, &good).unwrap();
+
+    // Kept: a second up reuses the same VM and runs no image step.
+    let kept = banger(context, &dir, &["--json", "up"]);
+    assert_eq!(
+        kept.code,
+        Some(0),
+        "{kept}\n{}",
+        console(context, "c-project")
+    );
+    let id = vm_id(context, &dir, "c-project");
+    let again = banger(context, &dir, &["--json", "up"]);
+    assert_eq!(again.code, Some(0), "{again}");
+    assert_eq!(up_record(&again)["action"], "reused", "{again}");
+    assert_eq!(image_steps_run(&again), Vec::<String>::new(), "{again}");
+    assert_eq!(vm_id(context, &dir, "c-project"), id);
+
+    // A file under /root survives a recreation for a new image.
+    let wrote = banger(
+        context,
+        &dir,
+        &["ssh", "--", "sh", "-c", "echo kept > /root/kept"],
+    );
+    assert_eq!(wrote.code, Some(0), "{wrote}");
+    let bangerfile = std::fs::read_to_string(dir.join("Bangerfile")).unwrap();
+    std::fs::write(
+        dir.join("Bangerfile"),
+        bangerfile.replace(
+            "[vm]",
+            "[[image.provision]]\nrun = \"echo v2 > /etc/v2\"\n\n[vm]",
+        ),
+    )
+    .unwrap();
+    let recreated = banger(context, &dir, &["--json", "up", "--no-run"]);
+    assert_eq!(recreated.code, Some(0), "{recreated}");
+    assert_eq!(up_record(&recreated)["action"], "recreated", "{recreated}");
+    let check = banger(
+        context,
+        &dir,
+        &["ssh", "--", "cat", "/root/kept", "/etc/v2"],
+    );
+    assert_eq!(check.code, Some(0), "{check}");
+    assert!(
+        check.stdout.contains("kept") && check.stdout.contains("v2"),
+        "{check}"
+    );
+
+    // Editing a workspace file runs no image step and the guest sees it.
+    std::fs::write(dir.join("NOTES"), "fresh notes\n").unwrap();
+    let edited = banger(context, &dir, &["--json", "up"]);
+    assert_eq!(edited.code, Some(0), "{edited}");
+    assert_eq!(image_steps_run(&edited), Vec::<String>::new(), "{edited}");
+    let notes = banger(context, &dir, &["ssh", "--", "cat", "/root/project/NOTES"]);
+    assert!(notes.stdout.contains("fresh notes"), "{notes}");
+
+    // A stale lock under --locked: exit 1 naming it.
+    let lock = dir.join("Bangerfile.lock");
+    let text = std::fs::read_to_string(&lock).unwrap();
+    std::fs::write(
+        &lock,
+        text.lines()
+            .filter(|line| !line.starts_with("source_date_epoch"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let stale = banger(context, &dir, &["up", "--locked"]);
+    assert_eq!(stale.code, Some(1), "{stale}");
+    assert!(stale.stderr.contains("Bangerfile.lock"), "{stale}");
+}
+
+/// `git` in `dir`, which must succeed.
+fn git(dir: &Path, args: &[&str]) {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=banger",
+            "-c",
+            "user.email=banger@example.invalid",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "git {args:?}: {output:?}");
+}
+
+#[test]
+fn slow_up_imports_a_git_workspace_as_it_is_without_touching_the_index() {
+    if !can_up() || !capable("git", find_program("git").is_some()) {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = context.root.path().join("projects/git-workspace");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _down = Down {
+        context,
+        dir: dir.clone(),
+    };
+    std::fs::write(
+        dir.join("Bangerfile"),
+        "[project]\nname = \"git-workspace\"\n\n[vm]\nvcpu = 1\nmemory = \"1G\"\n\n\
+         [workspace]\n\n[up]\nrun = \"cat committed.txt staged.txt untracked.txt && \
+         test ! -e ignored.txt && test -d .git && echo ignored-absent\"\n",
+    )
+    .unwrap();
+    git(&dir, &["init", "-q"]);
+    std::fs::write(dir.join(".gitignore"), "ignored.txt\n").unwrap();
+    std::fs::write(dir.join("committed.txt"), "committed v1\n").unwrap();
+    git(&dir, &["add", ".gitignore", "committed.txt", "Bangerfile"]);
+    git(&dir, &["commit", "-q", "-m", "first"]);
+    // A modified tracked file, a staged new file, an untracked file, an ignored file.
+    std::fs::write(dir.join("committed.txt"), "committed v2, not committed\n").unwrap();
+    std::fs::write(dir.join("staged.txt"), "staged\n").unwrap();
+    git(&dir, &["add", "staged.txt"]);
+    std::fs::write(dir.join("untracked.txt"), "untracked\n").unwrap();
+    std::fs::write(dir.join("ignored.txt"), "ignored\n").unwrap();
+    let index = dir.join(".git/index");
+    let (bytes, mtime) = (
+        std::fs::read(&index).unwrap(),
+        std::fs::metadata(&index).unwrap().modified().unwrap(),
+    );
+
+    let up = banger(context, &dir, &["up"]);
+    assert_eq!(
+        up.code,
+        Some(0),
+        "{up}\n{}",
+        console(context, "git-workspace")
+    );
+    for expected in [
+        "committed v2, not committed",
+        "staged",
+        "untracked",
+        "ignored-absent",
+    ] {
+        assert!(up.stdout.contains(expected), "{expected}: {up}");
+    }
+    assert_eq!(std::fs::read(&index).unwrap(), bytes, "the index changed");
+    assert_eq!(
+        std::fs::metadata(&index).unwrap().modified().unwrap(),
+        mtime,
+        "the index was rewritten"
+    );
+
+    // A second import of a 1,000-file tree after one edit sends that file only.
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    for index in 0..1000 {
+        std::fs::write(
+            tree.join(format!("file-{index:04}.txt")),
+            format!("{index}\n"),
+        )
+        .unwrap();
+    }
+    let full = banger(context, &dir, &["--json", "up", "--no-run"]);
+    assert_eq!(full.code, Some(0), "{full}");
+    let full_bytes = up_record(&full)["workspace_bytes"].as_u64().unwrap();
+    std::fs::write(tree.join("file-0500.txt"), "edited five hundred\n").unwrap();
+    let one = banger(context, &dir, &["--json", "up", "--no-run"]);
+    assert_eq!(one.code, Some(0), "{one}");
+    let one_bytes = up_record(&one)["workspace_bytes"].as_u64().unwrap();
+    assert_eq!(one_bytes, "edited five hundred\n".len() as u64, "{one}");
+    assert!(full_bytes > 1000 * 2, "{full}");
+    let seen = banger(
+        context,
+        &dir,
+        &["ssh", "--", "cat", "/root/project/tree/file-0500.txt"],
+    );
+    assert!(seen.stdout.contains("edited five hundred"), "{seen}");
+}
