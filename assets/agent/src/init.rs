@@ -23,7 +23,7 @@
 //!    something else (busybox, OpenRC) or missing (a container image), or with
 //!    `banger.init=agent`, the agent stays PID 1 (`banger.init=image` execs any init): it mounts
 //!    `/dev/pts`, `/dev/shm` and cgroup2, sets the hostname and brings the network up from
-//!    `ip=`, writes `/etc/resolv.conf` from its DNS fields, reaps orphans, serves the
+//!    `ip=` (only `lo` without it), writes `/etc/resolv.conf` from its DNS fields, reaps orphans, serves the
 //!    protocol, and powers off on SIGTERM, SIGINT (Ctrl-Alt-Del) or SIGPWR.
 //! 8. As PID 1, once serving, the agent starts first boot (`firstboot.rs`) in the background
 //!    unless `/var/lib/banger/first-boot.done` exists or the root is read-only: machine id,
@@ -592,8 +592,15 @@ fn prepare_builder_beside_init(config: &InitConfig) {
 }
 
 /// Hostname, addresses and `resolv.conf` from `ip=`, as the agent does when it is PID 1.
+/// Without `ip=` (a VM with no network device) only `lo` comes up, at once: nothing waits
+/// for an interface that will never appear.
 fn configure_network(config: &InitConfig) {
-    let Some(ip) = &config.ip else { return };
+    let Some(ip) = &config.ip else {
+        if let Err(message) = crate::net::loopback_up() {
+            console::warn(&format!("network: {message}"));
+        }
+        return;
+    };
     if let Some(hostname) = &ip.hostname
         && let Err(errno) = nix::unistd::sethostname(hostname)
     {

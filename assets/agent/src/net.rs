@@ -228,11 +228,20 @@ fn first_ethernet() -> Option<String> {
     names.into_iter().next()
 }
 
+/// Brings `lo` up: what a guest with no network (no `ip=`) still needs for local services.
+pub fn loopback_up() -> Result<(), String> {
+    loopback_up_with(&mut Netlink::open()?)
+}
+
+fn loopback_up_with(netlink: &mut Netlink) -> Result<(), String> {
+    let loopback = nix::net::if_::if_nametoindex("lo").map_err(|errno| format!("lo: {errno}"))?;
+    netlink.request("bring lo up", RTM_NEWLINK, 0, &link_up_body(loopback), &[])
+}
+
 /// Configures the interface from `ip`; returns its name.
 pub fn configure(ip: &IpConfig) -> Result<String, String> {
     let mut netlink = Netlink::open()?;
-    let loopback = nix::net::if_::if_nametoindex("lo").map_err(|errno| format!("lo: {errno}"))?;
-    netlink.request("bring lo up", RTM_NEWLINK, 0, &link_up_body(loopback), &[])?;
+    loopback_up_with(&mut netlink)?;
     let name = choose_interface(ip.device.as_deref())?;
     let class = Path::new("/sys/class/net").join(&name);
     if crate::init::wait_for_path_with(|| class.exists(), Some(INTERFACE_TIMEOUT), |_| {}).is_err()
