@@ -156,8 +156,10 @@ impl fmt::Display for VmShape {
     }
 }
 
-/// How the guest reaches the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// How the guest reaches the network. Serialized as its name (`"none"`), as the daemon's
+/// protocol carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     /// Rootless user-mode networking with forwarded ports.
     User,

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::key::Key;
+use crate::spec::NetworkMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -112,6 +113,8 @@ pub struct VmRecord {
     pub created_ms: u64,
     /// Integrity of the image's `rootfs.ext4` the VM boots (`None`: recorded before this was).
     pub rootfs_integrity: Option<String>,
+    /// `user` or `none` (VMs recorded before this was have `user`, what they were made with).
+    pub network: NetworkMode,
 }
 
 /// Where an image came from, for `image list` and `image show`.
@@ -196,6 +199,8 @@ const MIGRATIONS: &[&str] = &[
     // The image's rootfs a VM boots, so `banger up` can tell an unchanged sandbox from one
     // whose image was rebuilt. NULL for VMs made before it was recorded.
     "ALTER TABLE vms ADD COLUMN rootfs_integrity TEXT;",
+    // Every VM made before this had user-mode networking.
+    "ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';",
 ];
 
 /// The state database.
@@ -488,8 +493,8 @@ impl State {
     pub fn create_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
         let result = self.connection.execute(
             "INSERT INTO vms (name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
-             state, created_ms, rootfs_integrity) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             state, created_ms, rootfs_integrity, network) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 vm.name,
                 vm.id,
@@ -502,6 +507,7 @@ impl State {
                 vm.state.as_str(),
                 vm.created_ms as i64,
                 vm.rootfs_integrity,
+                vm.network.as_str(),
             ],
         );
         match result {
@@ -523,8 +529,7 @@ impl State {
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, StateError> {
         self.connection
             .query_row(
-                "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
-                 created_ms, rootfs_integrity FROM vms WHERE name = ?1",
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"),
                 params![name],
                 row_to_vm,
             )
@@ -543,10 +548,7 @@ impl State {
     pub fn vms(&self) -> Result<Vec<VmRecord>, StateError> {
         let mut statement = self
             .connection
-            .prepare(
-                "SELECT name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, state, \
-                 created_ms, rootfs_integrity FROM vms ORDER BY name",
-            )
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))
             .map_err(query("list VMs"))?;
         let rows = statement
             .query_map([], row_to_vm)
@@ -554,14 +556,15 @@ impl State {
         rows.collect::<Result<_, _>>().map_err(query("list VMs"))
     }
 
-    /// Points an existing VM at another image, kernel and shape (`banger up` recreating it).
+    /// Points an existing VM at another image, kernel, shape and network (`banger up`
+    /// recreating it).
     pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
         let changed = self
             .connection
             .execute(
                 "UPDATE vms SET image = ?2, kernel = ?3, backend = ?4, vcpus = ?5, \
-                 memory_mib = ?6, disk_bytes = ?7, state = ?8, rootfs_integrity = ?9 \
-                 WHERE name = ?1",
+                 memory_mib = ?6, disk_bytes = ?7, state = ?8, rootfs_integrity = ?9, \
+                 network = ?10 WHERE name = ?1",
                 params![
                     vm.name,
                     vm.image,
@@ -572,6 +575,7 @@ impl State {
                     vm.disk_bytes as i64,
                     vm.state.as_str(),
                     vm.rootfs_integrity,
+                    vm.network.as_str(),
                 ],
             )
             .map_err(query("update VM"))?;
@@ -610,8 +614,20 @@ impl State {
     }
 }
 
+const VM_COLUMNS: &str = "name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
+    state, created_ms, rootfs_integrity, network";
+
 fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
     let state: String = row.get(8)?;
+    let network: String = row.get(11)?;
+    // A name this banger does not know is refused rather than booted with another network.
+    let network = NetworkMode::from_name(&network).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            11,
+            rusqlite::types::Type::Text,
+            format!("`{network}` is not a network mode").into(),
+        )
+    })?;
     Ok(VmRecord {
         name: row.get(0)?,
         id: row.get(1)?,
@@ -624,6 +640,7 @@ fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         state: VmState::parse(&state),
         created_ms: row.get::<_, i64>(9)? as u64,
         rootfs_integrity: row.get(10)?,
+        network,
     })
 }
 
@@ -658,6 +675,7 @@ mod tests {
             state: VmState::Stopped,
             created_ms: 1_700_000_000_000,
             rootfs_integrity: Some("sha256-AAAA".into()),
+            network: NetworkMode::User,
         }
     }
 
@@ -700,6 +718,81 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("no VM named `web`")
+        );
+    }
+
+    #[test]
+    fn a_vm_keeps_its_network_mode_through_create_and_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let sealed = VmRecord {
+            network: NetworkMode::None,
+            ..vm("sealed", "01")
+        };
+        state.create_vm(&sealed).unwrap();
+        assert_eq!(
+            state.require_vm("sealed").unwrap().network,
+            NetworkMode::None
+        );
+        state
+            .update_vm(&VmRecord {
+                network: NetworkMode::User,
+                ..sealed
+            })
+            .unwrap();
+        assert_eq!(
+            state.require_vm("sealed").unwrap().network,
+            NetworkMode::User
+        );
+    }
+
+    #[test]
+    fn vms_recorded_before_the_network_column_read_back_with_user_networking() {
+        let dir = tempfile::tempdir().unwrap();
+        // A database as the banger before the network column left it (schema version 4).
+        let connection = Connection::open(dir.path().join("state.db")).unwrap();
+        for migration in &MIGRATIONS[..4] {
+            connection.execute_batch(migration).unwrap();
+        }
+        connection.pragma_update(None, "user_version", 4).unwrap();
+        connection
+            .execute(
+                "INSERT INTO vms (name, id, image, kernel, backend, vcpus, memory_mib, \
+                 disk_bytes, state, created_ms, rootfs_integrity) \
+                 VALUES ('old', '01', 'debian-bookworm', 'debian-cloud-amd64', 'qemu', 2, 2048, \
+                 8589934592, 'running', 1700000000000, 'sha256-AAAA')",
+                [],
+            )
+            .unwrap();
+        drop(connection);
+        let state = State::open(dir.path()).unwrap();
+        assert_eq!(
+            state.require_vm("old").unwrap(),
+            VmRecord {
+                state: VmState::Running,
+                ..vm("old", "01")
+            }
+        );
+        let version: i64 = state
+            .connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_network_mode_this_banger_does_not_know_is_an_error_not_a_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        state.create_vm(&vm("odd", "01")).unwrap();
+        state
+            .connection
+            .execute("UPDATE vms SET network = 'bridge' WHERE name = 'odd'", [])
+            .unwrap();
+        let error = state.vm("odd").unwrap_err();
+        assert!(
+            crate::error::error_chain(&error).contains("`bridge` is not a network mode"),
+            "{error:?}"
         );
     }
 

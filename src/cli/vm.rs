@@ -12,7 +12,7 @@ use serde_json::json;
 use banger::daemon::client::DaemonClient;
 use banger::daemon::protocol::{CreateVm, ErrorKind, Progress, Request, Response, VmInfo};
 use banger::ops::graph::format_time_ms;
-use banger::spec::ByteSize;
+use banger::spec::{ByteSize, NetworkMode};
 
 use super::Context;
 use super::exit::ExitStatus;
@@ -110,6 +110,18 @@ pub struct CreateArgs {
     /// The VM's writable disk size, e.g. `8G` (sparse: it costs what is written).
     #[arg(long, value_parser = ByteSize::parse)]
     disk: Option<ByteSize>,
+    /// The guest's network: `user` (rootless, the guest's SSH forwarded from a loopback
+    /// port; a tap under Firecracker) or `none` (no network device at all: commands still run
+    /// through the agent, SSH cannot reach it) [default: user].
+    #[arg(long, value_name = "MODE", value_parser = parse_network)]
+    network: Option<NetworkMode>,
+}
+
+/// `--network`: any mode banger names, so that `tap` gets the daemon's word on it (planned)
+/// rather than clap's "invalid value".
+fn parse_network(text: &str) -> Result<NetworkMode, String> {
+    NetworkMode::from_name(text)
+        .ok_or_else(|| format!("`{text}` is not a network mode: use `user` or `none`"))
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +272,7 @@ fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> Creat
         vcpus: args.vcpu,
         memory_mib: args.memory.map(|size| size.bytes() >> 20),
         disk_bytes: args.disk.map(|size| size.bytes()),
+        network: args.network,
         start,
         timeout_secs: timeout,
         remove_if_abandoned: false,
@@ -404,7 +417,7 @@ fn show(
     }
     printer.data(&format!(
         "name:     {}\nstate:    {}{}\nimage:    {}\nkernel:   {}\nbackend:  {}\nspec:     {}\n\
-         ssh:      {}\nconsole:  {}\ndisks:    {}\ncreated:  {}\n",
+         network:  {}\nssh:      {}\nconsole:  {}\ndisks:    {}\ncreated:  {}\n",
         vm.name,
         vm.state,
         vm.pid
@@ -414,6 +427,7 @@ fn show(
         vm.kernel,
         vm.backend,
         vm.spec,
+        vm.network,
         ssh_address(&vm).unwrap_or_else(|| "-".to_owned()),
         vm.console_log,
         vm.dir,
@@ -505,6 +519,10 @@ pub(super) fn ssh(
         Ok(vm) => vm,
         Err(error) => return Ok(refused(context, &error)),
     };
+    if vm.network == NetworkMode::None {
+        context.printer.error(&no_network(name));
+        return Ok(ExitStatus::UserError);
+    }
     let Some(argv) = ssh_argv(context, &vm, command)? else {
         context.printer.error(&format!(
             "VM `{name}` is not running; start it with `banger vm start {name}`"
@@ -514,6 +532,14 @@ pub(super) fn ssh(
     wait_for_sshd(context, runtime, &vm);
     let error = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     Err(error).with_context(|| format!("cannot run {}", argv.join(" ")))
+}
+
+/// Why SSH cannot reach VM `name`: it has no network device (connecting would only hang).
+fn no_network(name: &str) -> String {
+    format!(
+        "VM `{name}` has no network (network mode `none`), so SSH cannot reach it; a VM made \
+         with `--network user` (or `[vm] network = \"user\"` in a Bangerfile) can be reached"
+    )
 }
 
 fn prune(
@@ -565,6 +591,14 @@ fn vm_run(
     session: &mut Session,
     args: &RunArgs,
 ) -> anyhow::Result<ExitStatus> {
+    if args.command.is_empty() && args.create.network == Some(NetworkMode::None) {
+        // The shell of a bare `vm run` is SSH: refused before a VM is made for nothing.
+        context.printer.error(
+            "`vm run --network none` needs a command (`-- CMD`, run through the agent): its \
+             shell would be SSH, which a VM without a network cannot have",
+        );
+        return Ok(ExitStatus::UserError);
+    }
     let mut create = create_request(&args.create, true, Some(args.timeout));
     // Ctrl-C while the VM is being made ends this process; the daemon then deletes it.
     create.remove_if_abandoned = args.rm;

@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
-/// 3: `VmUp`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]

@@ -36,7 +36,7 @@ use crate::ops::workspace::{self, Manifest};
 use crate::plan::kinds::{
     StepParams, VmBootParams, VmFileSyncParams, VmUpCommandParams, VmWorkspaceParams,
 };
-use crate::spec::{FileSyncSpec, NetworkMode};
+use crate::spec::FileSyncSpec;
 
 /// How long `up` waits for the guest's agent unless told otherwise.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -322,16 +322,13 @@ impl Executor for VmBoot {
         Box::pin(async move {
             let started = Instant::now();
             let params: VmBootParams = crate::steps::params(ctx)?;
-            match params.shape.network {
-                NetworkMode::User => {}
-                NetworkMode::None | NetworkMode::Tap => {
-                    return Err(StepError::new(format!(
-                        "[vm] network = \"{}\" is planned, not built yet: use \"user\" (the \
-                         default, rootless with port forwards) for now",
-                        params.shape.network.as_str()
-                    )));
-                }
-            }
+            // Refused here too, not only by the VM host: before the daemon is asked anything.
+            crate::vm::backend::check_network(params.shape.network).map_err(|error| {
+                StepError::with_source(
+                    format!("[vm] network = \"{}\"", params.shape.network),
+                    error,
+                )
+            })?;
             let request = UpVm {
                 create: CreateVm {
                     name: Some(self.name.clone()),
@@ -341,6 +338,7 @@ impl Executor for VmBoot {
                     vcpus: Some(params.shape.vcpu),
                     memory_mib: Some(params.shape.memory.bytes() >> 20),
                     disk_bytes: Some(params.shape.disk.bytes()),
+                    network: Some(params.shape.network),
                     start: true,
                     timeout_secs: Some(self.timeout.as_secs()),
                     remove_if_abandoned: false,

@@ -2,8 +2,8 @@
 //! finding running VMs again after a restart.
 //!
 //! Where a VM's things live:
-//! - its record (name, image, kernel, backend, shape, whether it should run): the state
-//!   database;
+//! - its record (name, image, kernel, backend, shape, network, whether it should run): the
+//!   state database;
 //! - its disks, console log, VMM log and `known_hosts`: `STATE/vms/NAME/`;
 //! - hard links to its image, kernel and initramfs: `CACHE/vm-boot/ID/` (beside the store,
 //!   so linking never copies, and the bytes stay while the VM exists even if the image is
@@ -23,6 +23,7 @@ use crate::catalog::Catalogs;
 use crate::config::Config;
 use crate::engine::{Reporter, RunOptions};
 use crate::paths::Paths;
+use crate::spec::NetworkMode;
 use crate::state::{State, StateError, StoredFile, VmRecord, VmState};
 use crate::store::{OutputRef, Store};
 use crate::vm::accel::{self, Accel};
@@ -116,7 +117,9 @@ impl crate::error::Classify for VmError {
             | VmError::NotRunning { .. }
             | VmError::Config(_) => ErrorClass::User,
             VmError::Backend(
-                BackendError::FirecrackerUnusable { .. } | BackendError::FirecrackerMissing,
+                BackendError::FirecrackerUnusable { .. }
+                | BackendError::FirecrackerMissing
+                | BackendError::NetworkPlanned { .. },
             ) => ErrorClass::User,
             VmError::Backend(BackendError::Privileged(_)) | VmError::NoAccelerator { .. } => {
                 ErrorClass::Environment
@@ -153,6 +156,9 @@ pub struct CreateVm {
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub disk_bytes: Option<u64>,
+    /// `user` or `none` (`tap` is refused); `None` is `user`.
+    #[serde(default)]
+    pub network: Option<NetworkMode>,
     pub start: bool,
     /// How long to wait for the guest's agent (seconds).
     pub timeout_secs: Option<u64>,
@@ -179,11 +185,12 @@ pub struct UpVm {
 pub enum UpAction {
     /// There was none: made and booted.
     Created,
-    /// Running with the same image and shape: left alone.
+    /// Running with the same image, shape and network: left alone.
     Reused,
-    /// Stopped with the same image and shape: booted.
+    /// Stopped with the same image, shape and network: booted.
     Started,
-    /// Its image or shape changed: made again around the work disk it had, and booted.
+    /// Its image, shape or network changed: made again around the work disk it had, and
+    /// booted.
     Recreated,
     /// `--fresh`: made again from nothing, work disk included, and booted.
     Replaced,
@@ -221,12 +228,14 @@ pub struct VmInfo {
     pub disk_bytes: u64,
     /// `2 vcpu · 2048 MiB · 8G disk`.
     pub spec: String,
+    /// `user`, or `none`: no network device, so no SSH (the agent still answers).
+    pub network: NetworkMode,
     /// `running` or `stopped`.
     pub state: String,
     pub created_ms: u64,
     /// The VMM's pid, while running.
     pub pid: Option<u32>,
-    /// Where its sshd is reached, while running.
+    /// Where its sshd is reached, while running with a network.
     pub ssh_host: Option<String>,
     pub ssh_port: Option<u16>,
     /// Where its agent is reached, while running.
@@ -427,6 +436,7 @@ impl Vms {
                 disk_bytes: record.disk_bytes,
             }
             .to_string(),
+            network: record.network,
             state: if launched.is_some() {
                 "running"
             } else {
@@ -435,8 +445,8 @@ impl Vms {
             .to_owned(),
             created_ms: record.created_ms,
             pid: launched.map(|launched| launched.vmm.pid),
-            ssh_host: launched.map(|launched| launched.ssh_host.clone()),
-            ssh_port: launched.map(|launched| launched.ssh_port),
+            ssh_host: launched.and_then(|launched| launched.ssh_host.clone()),
+            ssh_port: launched.and_then(|launched| launched.ssh_port),
             agent: launched.map(|launched| launched.agent.clone()),
             known_hosts: dir.join("known_hosts").display().to_string(),
             console_log: dir.join("console.log").display().to_string(),
@@ -558,6 +568,8 @@ impl Vms {
         if taken.contains(&name) {
             return Err(StateError::VmExists { name }.into());
         }
+        let network = request.network.unwrap_or(NetworkMode::User);
+        crate::vm::backend::check_network(network)?;
         let backend_kind = match &request.backend {
             None => None,
             Some(text) => {
@@ -615,8 +627,9 @@ impl Vms {
             state: VmState::Stopped,
             created_ms: crate::store::now_ms(),
             rootfs_integrity: Some(image.rootfs_integrity.clone()),
+            network,
         };
-        events.note(format!("spec: {shape}"));
+        events.note(format!("spec: {shape} · network {network}"));
         let made = self.make_vm_files(&record, &image_file(&image), &kernel.vmlinux, &initrd);
         let made = made.and_then(|()| Ok(self.state()?.create_vm(&record)?));
         if let Err(error) = made {
@@ -708,6 +721,7 @@ impl Vms {
             run_dir: run_dir.clone(),
             console_log: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
+            network: record.network,
             ssh_port: free_loopback_port().map_err(io("cannot pick a port for", &run_dir))?,
         };
         let accel_note = match &backend {
@@ -850,7 +864,8 @@ impl Vms {
     }
 
     /// `banger up`'s VM, as `docker compose up` treats a service: made if missing; left
-    /// running, or started, when its image (the rootfs it boots) and shape are unchanged;
+    /// running, or started, when its image (the rootfs it boots), shape and network are
+    /// unchanged;
     /// otherwise stopped and made again around its `/root` work disk (compose keeps volumes),
     /// or from nothing with `fresh`; then booted. The image and kernel must be recorded.
     pub async fn up(&self, request: &UpVm, events: &dyn VmProgress) -> Result<UpReport, VmError> {
@@ -865,6 +880,8 @@ impl Vms {
             .into());
         };
         crate::vm::shape::validate_name(&name)?;
+        let network = create.network.unwrap_or(NetworkMode::User);
+        crate::vm::backend::check_network(network)?;
         let Some(record) = self.state()?.vm(&name)? else {
             let vm = self.create(&create, events).await?;
             return Ok(UpReport {
@@ -891,12 +908,8 @@ impl Vms {
             &self.config()?.vm_defaults,
             &self.host,
         );
-        let unchanged = !request.fresh
-            && record.image == image.name
-            && record.rootfs_integrity.as_deref() == Some(image.rootfs_integrity.as_str())
-            && record.kernel == kernel_name
-            && (record.vcpus, record.memory_mib, record.disk_bytes)
-                == (shape.vcpus, shape.memory_mib, shape.disk_bytes);
+        let changes = changes(&record, &image, &kernel_name, &shape, network);
+        let unchanged = !request.fresh && changes.is_empty();
         let timeout = timeout(create.timeout_secs);
         if unchanged {
             if let Some(launched) = self.running(&record).await? {
@@ -935,6 +948,7 @@ impl Vms {
                 disk_bytes: shape.disk_bytes,
                 state: VmState::Stopped,
                 rootfs_integrity: Some(image.rootfs_integrity.clone()),
+                network,
                 ..record.clone()
             };
             self.remake_vm_files(
@@ -949,8 +963,8 @@ impl Vms {
                 format!("recreated `{name}` from nothing (--fresh: its work disk too)")
             } else {
                 format!(
-                    "recreated `{name}` for its new image ({}); its /root work disk is kept",
-                    image.name
+                    "recreated `{name}` ({}); its /root work disk is kept",
+                    changes.join(", ")
                 )
             });
         }
@@ -1027,6 +1041,39 @@ impl Vms {
     }
 }
 
+/// What differs between a recorded VM and what `up` asks for, one phrase per difference
+/// (empty: the VM can be reused as it is). The image counts by its rootfs's bytes, so a
+/// rebuilt image under the same name is a change.
+fn changes(
+    record: &VmRecord,
+    image: &crate::state::ImageRecord,
+    kernel: &str,
+    shape: &VmShape,
+    network: NetworkMode,
+) -> Vec<String> {
+    let mut changes = Vec::new();
+    if record.image != image.name
+        || record.rootfs_integrity.as_deref() != Some(image.rootfs_integrity.as_str())
+    {
+        changes.push(format!("new image {}", image.name));
+    }
+    if record.kernel != kernel {
+        changes.push(format!("kernel {} -> {kernel}", record.kernel));
+    }
+    let recorded = VmShape {
+        vcpus: record.vcpus,
+        memory_mib: record.memory_mib,
+        disk_bytes: record.disk_bytes,
+    };
+    if recorded != *shape {
+        changes.push(format!("{recorded} -> {shape}"));
+    }
+    if record.network != network {
+        changes.push(format!("network {} -> {network}", record.network));
+    }
+    changes
+}
+
 /// The requested agent wait, or the default.
 pub fn timeout(seconds: Option<u64>) -> Duration {
     seconds.map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs)
@@ -1051,4 +1098,72 @@ fn new_id() -> String {
 fn free_loopback_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> VmRecord {
+        VmRecord {
+            name: "project".into(),
+            id: "k3j9x2p0qa7m".into(),
+            image: "project/sandbox".into(),
+            kernel: "debian-cloud-amd64".into(),
+            backend: "qemu".into(),
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_bytes: 8 << 30,
+            state: VmState::Running,
+            created_ms: 1,
+            rootfs_integrity: Some("sha256-AAAA".into()),
+            network: NetworkMode::User,
+        }
+    }
+
+    fn image() -> crate::state::ImageRecord {
+        crate::state::ImageRecord {
+            name: "project/sandbox".into(),
+            source: "bangerfile:/p/Bangerfile#sandbox".into(),
+            distro: Some("debian".into()),
+            arch: "x86_64".into(),
+            kernel_ref: Some("debian-cloud-amd64".into()),
+            rootfs_integrity: "sha256-AAAA".into(),
+            rootfs_size: 1 << 30,
+            step_key: crate::key::Key::from_bytes([7; 32]),
+            created_ms: 1,
+        }
+    }
+
+    const SHAPE: VmShape = VmShape {
+        vcpus: 2,
+        memory_mib: 2048,
+        disk_bytes: 8 << 30,
+    };
+
+    #[test]
+    fn up_reuses_a_vm_only_when_image_kernel_shape_and_network_are_the_same() {
+        let kernel = "debian-cloud-amd64";
+        assert!(changes(&record(), &image(), kernel, &SHAPE, NetworkMode::User).is_empty());
+        assert_eq!(
+            changes(&record(), &image(), kernel, &SHAPE, NetworkMode::None),
+            ["network user -> none"]
+        );
+        let rebuilt = crate::state::ImageRecord {
+            rootfs_integrity: "sha256-BBBB".into(),
+            ..image()
+        };
+        assert_eq!(
+            changes(&record(), &rebuilt, kernel, &SHAPE, NetworkMode::User),
+            ["new image project/sandbox"]
+        );
+        let bigger = VmShape { vcpus: 4, ..SHAPE };
+        assert_eq!(
+            changes(&record(), &image(), "other", &bigger, NetworkMode::User),
+            [
+                "kernel debian-cloud-amd64 -> other",
+                "2 vcpu · 2048 MiB · 8G disk -> 4 vcpu · 2048 MiB · 8G disk"
+            ]
+        );
+    }
 }

@@ -10,6 +10,10 @@
 //! QEMU, Firecracker's own hybrid vsock), the network (QEMU user-mode networking with SSH
 //! forwarded to a loopback port; a tap made by [`crate::privileged`] for Firecracker), and
 //! how the VMM is told to quit (QMP `quit`; `SendCtrlAltDel`).
+//!
+//! A machine with [`NetworkMode::None`] gets no network device at all from either backend
+//! (and no tap): the agent's vsock or serial channel is its only way in, and its [`Launched`]
+//! has no SSH address.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -27,6 +31,7 @@ use super::process::ProcessHandle;
 use super::storage::VmDisks;
 use crate::guest::GuestEndpoint;
 use crate::privileged::{self, PrivilegedError, TapDevice};
+use crate::spec::NetworkMode;
 
 /// Which VMM runs a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +84,20 @@ pub enum BackendError {
     FirecrackerMissing,
     #[error("the VMM of this VM left no process to follow (pid unknown right after start)")]
     NoPid,
+    #[error(
+        "network mode `{mode}` (a tap on a host bridge with NAT) is planned, not built yet: use \
+         `user` (the default: rootless, with port forwards) or `none` (no network device)"
+    )]
+    NetworkPlanned { mode: NetworkMode },
+}
+
+/// Refuses the network modes no backend can give a VM yet (`tap`); called before anything is
+/// made, so a refused VM leaves nothing behind.
+pub fn check_network(mode: NetworkMode) -> Result<(), BackendError> {
+    match mode {
+        NetworkMode::User | NetworkMode::None => Ok(()),
+        NetworkMode::Tap => Err(BackendError::NetworkPlanned { mode }),
+    }
 }
 
 impl From<BootError> for BackendError {
@@ -106,7 +125,10 @@ pub struct MachineSpec {
     pub console_log: PathBuf,
     /// The VMM's (and its helpers') own messages.
     pub vmm_log: PathBuf,
-    /// The loopback port forwarded to the guest's port 22 (user-mode networking).
+    /// `User`: QEMU's user-mode network, or Firecracker's tap (it has no user-mode network);
+    /// `None`: no network device. `Tap` is refused ([`check_network`]).
+    pub network: NetworkMode,
+    /// The loopback port forwarded to the guest's port 22 (QEMU's user-mode network).
     pub ssh_port: u16,
 }
 
@@ -151,9 +173,12 @@ pub struct Launched {
     /// QMP, or Firecracker's API socket.
     pub control_socket: PathBuf,
     pub agent: AgentAddress,
-    /// Where the guest's sshd is reached from the host.
-    pub ssh_host: String,
-    pub ssh_port: u16,
+    /// Where the guest's sshd is reached from the host; `None` without a network. (Scratch
+    /// files written before VMs could have none hold plain values, which read as `Some`.)
+    #[serde(default)]
+    pub ssh_host: Option<String>,
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
     /// The host tap (Firecracker), deleted with the VM's run.
     pub tap: Option<String>,
 }
@@ -199,15 +224,11 @@ impl QemuBackend {
             vsock_daemon,
         }
     }
-}
 
-impl VmmBackend for QemuBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Qemu
-    }
-
-    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
-        let boot = BootSpec {
+    /// The boot of `spec` (pure): no network device unless `spec.network` is `user`.
+    pub fn boot_spec(&self, spec: &MachineSpec) -> BootSpec {
+        let network = spec.network == NetworkMode::User;
+        BootSpec {
             qemu_binary: self.binary.clone(),
             accel: self.accel.clone(),
             vcpus: spec.vcpus,
@@ -219,11 +240,27 @@ impl VmmBackend for QemuBackend {
             vsock_daemon: self.vsock_daemon.clone(),
             extra_cmdline: Vec::new(),
             writable: super::boot::WritableLayer::VmDisks(spec.disks.clone()),
-            forwards: vec![(spec.ssh_port, 22)],
-            network: true,
+            forwards: if network {
+                vec![(spec.ssh_port, 22)]
+            } else {
+                Vec::new()
+            },
+            network,
             dir: spec.run_dir.clone(),
             serial_log: spec.console_log.clone(),
-        };
+        }
+    }
+}
+
+impl VmmBackend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        check_network(spec.network)?;
+        let network = spec.network == NetworkMode::User;
+        let boot = self.boot_spec(spec);
         let vm = BootedVm::start_logged(&boot, Some(&spec.vmm_log)).await?;
         let control_socket = vm.qemu().qmp_socket().to_owned();
         let (qemu, vsock, endpoint) = vm.detach();
@@ -242,8 +279,8 @@ impl VmmBackend for QemuBackend {
             helpers: vsock.into_iter().collect(),
             control_socket,
             agent: AgentAddress::of(endpoint),
-            ssh_host: "127.0.0.1".to_owned(),
-            ssh_port: spec.ssh_port,
+            ssh_host: network.then(|| "127.0.0.1".to_owned()),
+            ssh_port: network.then_some(spec.ssh_port),
             tap: None,
         })
     }
@@ -274,18 +311,20 @@ fn guest_mac(vm_id: &str) -> super::firecracker::MacAddr {
 }
 
 impl FirecrackerBackend {
-    /// The Firecracker spec of `spec` with the tap `tap` (pure).
+    /// The Firecracker spec of `spec`, its `eth0` on the tap `tap` with `addresses`, or with
+    /// no network interface (and no `ip=` for the guest) when `tap` is `None` (pure).
     pub fn firecracker_spec(
         &self,
         spec: &MachineSpec,
-        tap: &str,
-        addresses: &privileged::TapAddresses,
+        tap: Option<(&str, &privileged::TapAddresses)>,
     ) -> FirecrackerSpec {
         let mut extra: Vec<String> = VmDisks::cmdline()
             .iter()
             .map(|word| (*word).to_owned())
             .collect();
-        extra.push(addresses.guest_cmdline("eth0"));
+        if let Some((_, addresses)) = tap {
+            extra.push(addresses.guest_cmdline("eth0"));
+        }
         FirecrackerSpec {
             binary: self.binary.clone(),
             id: spec.id.clone(),
@@ -301,11 +340,14 @@ impl FirecrackerBackend {
                 Drive::writable("overlay", &spec.disks.overlay),
                 Drive::writable("work", &spec.disks.work),
             ],
-            network_interfaces: vec![NetworkInterface {
-                id: "eth0".to_owned(),
-                tap: tap.to_owned(),
-                guest_mac: Some(guest_mac(&spec.id)),
-            }],
+            network_interfaces: tap
+                .map(|(tap, _)| NetworkInterface {
+                    id: "eth0".to_owned(),
+                    tap: tap.to_owned(),
+                    guest_mac: Some(guest_mac(&spec.id)),
+                })
+                .into_iter()
+                .collect(),
             vsock: Some(Vsock::new(spec.run_dir.join("vsock.sock"))),
             serial_log: Some(spec.console_log.clone()),
             logger: Some(Logger {
@@ -322,14 +364,26 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        check_network(spec.network)?;
         let addresses = privileged::tap_addresses(&spec.id);
-        let tap_name = privileged::tap_name(&spec.id);
-        let tap = TapDevice::create(&tap_name, &addresses, nix::unistd::getuid().as_raw())?;
-        let fc_spec = self.firecracker_spec(spec, tap.name(), &addresses);
+        let tap = match spec.network {
+            NetworkMode::User => Some(TapDevice::create(
+                &privileged::tap_name(&spec.id),
+                &addresses,
+                nix::unistd::getuid().as_raw(),
+            )?),
+            NetworkMode::None | NetworkMode::Tap => None,
+        };
+        let delete_tap = || {
+            if let Some(tap) = &tap {
+                let _ = TapDevice::delete_by_name(tap.name());
+            }
+        };
+        let fc_spec = self.firecracker_spec(spec, tap.as_ref().map(|tap| (tap.name(), &addresses)));
         let process = match FirecrackerProcess::launch(&fc_spec).await {
             Ok(process) => process,
             Err(error) => {
-                let _ = tap.delete();
+                delete_tap();
                 return Err(error.into());
             }
         };
@@ -339,7 +393,7 @@ impl VmmBackend for FirecrackerBackend {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| spec.run_dir.join("vsock.sock"));
         let Some(vmm) = process.detach() else {
-            let _ = tap.delete();
+            delete_tap();
             return Err(BackendError::NoPid);
         };
         Ok(Launched {
@@ -351,9 +405,9 @@ impl VmmBackend for FirecrackerBackend {
                 uds_path,
                 port: crate::assets::AGENT_VSOCK_PORT,
             },
-            ssh_host: addresses.guest.to_string(),
-            ssh_port: 22,
-            tap: Some(tap.name().to_owned()),
+            ssh_host: tap.as_ref().map(|_| addresses.guest.to_string()),
+            ssh_port: tap.as_ref().map(|_| 22),
+            tap: tap.as_ref().map(|tap| tap.name().to_owned()),
         })
     }
 
@@ -462,8 +516,113 @@ mod tests {
             run_dir: "/run/banger/vms/box".into(),
             console_log: "/state/vms/box/console.log".into(),
             vmm_log: "/state/vms/box/vmm.log".into(),
+            network: NetworkMode::User,
             ssh_port: 40022,
         }
+    }
+
+    fn qemu() -> QemuBackend {
+        QemuBackend {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg {
+                reason: "test".into(),
+            },
+            transport: AgentTransport::Serial,
+            vsock_daemon: None,
+        }
+    }
+
+    /// The QEMU argv of `machine`, as a launch would run it (virtio-serial agent).
+    fn qemu_argv(machine: &MachineSpec) -> Vec<String> {
+        qemu()
+            .boot_spec(machine)
+            .qemu_spec(
+                Some(2_000_000),
+                None,
+                Some(machine.run_dir.join("agent-serial.sock")),
+                Some(&machine.vmm_log),
+            )
+            .argv()
+    }
+
+    #[test]
+    fn a_qemu_machine_with_user_networking_forwards_ssh_and_tells_the_guest_its_address() {
+        let argv = qemu_argv(&machine());
+        assert!(
+            argv.windows(2)
+                .any(|pair| pair == ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"]),
+            "{argv:?}"
+        );
+        assert!(
+            argv.iter()
+                .any(|arg| arg == "virtio-net-device,netdev=net0")
+        );
+        let append = argv[argv.iter().position(|arg| arg == "-append").unwrap() + 1].clone();
+        assert!(append.contains(crate::vm::boot::USER_NET_IP), "{append}");
+    }
+
+    #[test]
+    fn a_qemu_machine_without_network_has_no_network_device_and_no_address() {
+        let machine = MachineSpec {
+            network: NetworkMode::None,
+            ..machine()
+        };
+        insta::assert_snapshot!(qemu_argv(&machine).join("\n"), @r#"
+        qemu-system-x86_64
+        -nodefaults
+        -no-user-config
+        -nographic
+        -no-reboot
+        -machine
+        microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on
+        -accel
+        tcg,tb-size=128
+        -cpu
+        max
+        -smp
+        2
+        -m
+        512M
+        -kernel
+        /store/vmlinux
+        -initrd
+        /store/initrd
+        -append
+        console=ttyS0 root=/dev/vda rw rootwait panic=-1 quiet tsc_early_khz=2000000 banger.overlay=/dev/vdb banger.work=/dev/vdc
+        -chardev
+        file,id=serial0,path=/state/vms/box/console.log
+        -serial
+        chardev:serial0
+        -qmp
+        unix:/run/banger/vms/box/qmp.sock,server=on,wait=off
+        -drive
+        id=disk0,file=/store/rootfs.ext4,format=raw,if=none,readonly=on,cache=unsafe
+        -device
+        virtio-blk-device,drive=disk0
+        -drive
+        id=disk1,file=/state/vms/box/overlay.ext4,format=raw,if=none
+        -device
+        virtio-blk-device,drive=disk1
+        -drive
+        id=disk2,file=/state/vms/box/work.ext4,format=raw,if=none
+        -device
+        virtio-blk-device,drive=disk2
+        -device
+        virtio-serial-device
+        -chardev
+        socket,id=agent0,path=/run/banger/vms/box/agent-serial.sock,server=on,wait=off
+        -device
+        virtserialport,chardev=agent0,name=banger.0
+        "#);
+    }
+
+    #[test]
+    fn tap_networking_is_refused_as_planned_before_anything_starts() {
+        let error = check_network(NetworkMode::Tap).unwrap_err();
+        assert!(error.to_string().contains("`tap`"), "{error}");
+        assert!(error.to_string().contains("planned"), "{error}");
+        check_network(NetworkMode::User).unwrap();
+        check_network(NetworkMode::None).unwrap();
     }
 
     #[test]
@@ -472,7 +631,7 @@ mod tests {
             binary: "/usr/bin/firecracker".into(),
         };
         let addresses = privileged::tap_addresses("k3j9x2p0qa7m");
-        let spec = backend.firecracker_spec(&machine(), "bgr-k3j9x2p0qa", &addresses);
+        let spec = backend.firecracker_spec(&machine(), Some(("bgr-k3j9x2p0qa", &addresses)));
         assert_eq!(spec.drives[0], Drive::root("/store/rootfs.ext4"));
         assert!(spec.drives[1..].iter().all(|drive| !drive.is_read_only));
         assert!(spec.boot_args.contains("banger.overlay=/dev/vdb"));
@@ -495,6 +654,37 @@ mod tests {
     }
 
     #[test]
+    fn a_firecracker_machine_without_network_has_no_interface_and_no_address() {
+        let backend = FirecrackerBackend {
+            binary: "/usr/bin/firecracker".into(),
+        };
+        let machine = MachineSpec {
+            network: NetworkMode::None,
+            ..machine()
+        };
+        let spec = backend.firecracker_spec(&machine, None);
+        assert!(spec.network_interfaces.is_empty());
+        assert!(!spec.boot_args.contains("ip="), "{}", spec.boot_args);
+        let requests = spec
+            .configuration_requests()
+            .expect("every path fits the API");
+        assert!(
+            requests
+                .iter()
+                .all(|request| !request.path.starts_with("/network-interfaces")),
+            "{:?}",
+            requests
+                .iter()
+                .map(ApiRequest::describe)
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            requests.iter().any(|request| request.path == "/vsock"),
+            "the agent is still reachable"
+        );
+    }
+
+    #[test]
     fn launched_vms_round_trip_through_the_scratch_file_format() {
         let launched = Launched {
             backend: BackendKind::Qemu,
@@ -511,12 +701,29 @@ mod tests {
                 uds_path: "/run/x/vsock.sock".into(),
                 port: 1024,
             },
-            ssh_host: "127.0.0.1".into(),
-            ssh_port: 40022,
+            ssh_host: Some("127.0.0.1".into()),
+            ssh_port: Some(40022),
             tap: None,
         };
         let text = serde_json::to_string(&launched).unwrap();
         assert_eq!(serde_json::from_str::<Launched>(&text).unwrap(), launched);
+        let sealed = Launched {
+            ssh_host: None,
+            ssh_port: None,
+            ..launched.clone()
+        };
+        let text = serde_json::to_string(&sealed).unwrap();
+        assert_eq!(serde_json::from_str::<Launched>(&text).unwrap(), sealed);
+    }
+
+    #[test]
+    fn scratch_files_from_before_vms_could_lack_a_network_still_read() {
+        let text = r#"{"backend":"qemu","vmm":{"pid":42,"start_ticks":7},"helpers":[],
+            "control_socket":"/run/x/qmp.sock","agent":{"kind":"serial","path":"/run/x/s"},
+            "ssh_host":"127.0.0.1","ssh_port":40022,"tap":null}"#;
+        let launched: Launched = serde_json::from_str(text).unwrap();
+        assert_eq!(launched.ssh_host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(launched.ssh_port, Some(40022));
     }
 
     #[test]

@@ -99,6 +99,75 @@ pub struct BootSpec {
     pub serial_log: PathBuf,
 }
 
+impl BootSpec {
+    /// QEMU's description of this boot (pure): `vhost_vsock` is the vsock daemon's socket
+    /// ([`AgentTransport::Vsock`]), `agent_serial` the virtio-serial one
+    /// ([`AgentTransport::Serial`]). Without `network` or forwards the guest gets no network
+    /// device and no `ip=`.
+    pub fn qemu_spec(
+        &self,
+        tsc_khz: Option<u64>,
+        vhost_vsock: Option<PathBuf>,
+        agent_serial: Option<PathBuf>,
+        stderr_log: Option<&Path>,
+    ) -> QemuSpec {
+        let mut extra = Vec::new();
+        let mut disks = vec![Disk {
+            path: self.rootfs.clone(),
+            read_only: true,
+            snapshot: false,
+        }];
+        match &self.writable {
+            WritableLayer::VmDisks(vm_disks) => {
+                for path in [&vm_disks.overlay, &vm_disks.work] {
+                    disks.push(Disk {
+                        path: path.clone(),
+                        read_only: false,
+                        snapshot: false,
+                    });
+                }
+                extra.extend(
+                    super::storage::VmDisks::cmdline()
+                        .iter()
+                        .map(|word| (*word).to_owned()),
+                );
+            }
+            WritableLayer::Disk(path) => {
+                disks.push(Disk {
+                    path: path.clone(),
+                    read_only: false,
+                    snapshot: false,
+                });
+                extra.push("banger.overlay=/dev/vdb".to_owned());
+            }
+            WritableLayer::Memory => extra.push("banger.overlay=tmpfs".to_owned()),
+        }
+        let network = self.network || !self.forwards.is_empty();
+        if network {
+            extra.push(USER_NET_IP.to_owned());
+        }
+        extra.extend(self.extra_cmdline.iter().cloned());
+        QemuSpec {
+            binary: self.qemu_binary.clone(),
+            accel: self.accel.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: kernel_cmdline(&self.accel, tsc_khz, &extra),
+            disks,
+            net: network.then(|| super::qemu::UserNet {
+                forwards: self.forwards.clone(),
+            }),
+            vhost_vsock,
+            agent_serial,
+            serial_log: self.serial_log.clone(),
+            qmp_socket: self.dir.join("qmp.sock"),
+            stderr_log: stderr_log.map(Path::to_path_buf),
+        }
+    }
+}
+
 /// Where a boot's writes to its (read-only) image go: the upper layer of the overlay the
 /// agent's init mounts over it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,62 +256,14 @@ impl BootedVm {
                 (None, endpoint, Some(socket))
             }
         };
-        let mut extra = Vec::new();
-        let mut disks = vec![Disk {
-            path: spec.rootfs.clone(),
-            read_only: true,
-            snapshot: false,
-        }];
-        match &spec.writable {
-            WritableLayer::VmDisks(vm_disks) => {
-                for path in [&vm_disks.overlay, &vm_disks.work] {
-                    disks.push(Disk {
-                        path: path.clone(),
-                        read_only: false,
-                        snapshot: false,
-                    });
-                }
-                extra.extend(
-                    super::storage::VmDisks::cmdline()
-                        .iter()
-                        .map(|word| (*word).to_owned()),
-                );
-            }
-            WritableLayer::Disk(path) => {
-                disks.push(Disk {
-                    path: path.clone(),
-                    read_only: false,
-                    snapshot: false,
-                });
-                extra.push("banger.overlay=/dev/vdb".to_owned());
-            }
-            WritableLayer::Memory => extra.push("banger.overlay=tmpfs".to_owned()),
-        }
-        let network = spec.network || !spec.forwards.is_empty();
-        if network {
-            extra.push(USER_NET_IP.to_owned());
-        }
-        extra.extend(spec.extra_cmdline.iter().cloned());
-        let qemu_spec = QemuSpec {
-            binary: spec.qemu_binary.clone(),
-            accel: spec.accel.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            kernel: spec.kernel.clone(),
-            initrd: spec.initrd.clone(),
-            cmdline: kernel_cmdline(&spec.accel, accel::host_tsc_khz(), &extra),
-            disks,
-            net: network.then(|| super::qemu::UserNet {
-                forwards: spec.forwards.clone(),
-            }),
-            vhost_vsock: vsock
+        let qemu_spec = spec.qemu_spec(
+            accel::host_tsc_khz(),
+            vsock
                 .as_ref()
                 .map(|daemon| daemon.vhost_socket().to_owned()),
             agent_serial,
-            serial_log: serial_log.clone(),
-            qmp_socket: spec.dir.join("qmp.sock"),
-            stderr_log: stderr_log.map(Path::to_path_buf),
-        };
+            stderr_log,
+        );
         let qemu = QemuProcess::spawn(&qemu_spec).await?;
         Ok(BootedVm {
             qemu,

@@ -436,6 +436,18 @@ mod tests {
     }
 
     #[test]
+    fn without_user_networking_there_is_no_network_device() {
+        let mut spec = spec();
+        spec.net = None;
+        let argv = spec.argv();
+        assert!(!argv.iter().any(|arg| arg == "-netdev"), "{argv:?}");
+        assert!(
+            !argv.iter().any(|arg| arg.contains("virtio-net")),
+            "{argv:?}"
+        );
+    }
+
+    #[test]
     fn kvm_uses_the_host_cpu_and_no_shared_memory_without_vsock() {
         let mut spec = spec();
         spec.accel = Accel::Kvm;

@@ -1147,6 +1147,7 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
         run_dir: run_dir.clone(),
         console_log: dir.join("console.log"),
         vmm_log: dir.join("vmm.log"),
+        network: banger::spec::NetworkMode::User,
         ssh_port: 0,
     };
     let backend = FirecrackerBackend { binary };
@@ -1155,7 +1156,7 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
     assert!(launched.vmm.is_alive());
     let addresses = privileged::tap_addresses(&id);
     assert_eq!(launched.tap.as_deref(), Some(tap.as_str()));
-    assert_eq!(launched.ssh_host, addresses.guest.to_string());
+    assert_eq!(launched.ssh_host, Some(addresses.guest.to_string()));
     assert_eq!(
         launched.agent,
         AgentAddress::Vsock {
@@ -1198,4 +1199,44 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
         !Path::new("/sys/class/net").join(&tap).exists(),
         "release deletes the tap"
     );
+
+    // Without a network: no tap on the host, no interface in the VM, no SSH address; the
+    // agent's vsock is still there.
+    let sealed = MachineSpec {
+        network: banger::spec::NetworkMode::None,
+        ..spec
+    };
+    let launched = backend.launch(&sealed).await.unwrap();
+    assert!(launched.vmm.is_alive());
+    assert_eq!(launched.tap, None);
+    assert_eq!(
+        (launched.ssh_host.as_deref(), launched.ssh_port),
+        (None, None)
+    );
+    assert!(
+        !Path::new("/sys/class/net").join(&tap).exists(),
+        "no tap for a VM without a network"
+    );
+    let api = banger::vm::firecracker::ApiClient::new(&launched.control_socket);
+    let config = api.get_json("/vm/config").await.unwrap();
+    assert!(
+        config["network-interfaces"]
+            .as_array()
+            .is_none_or(|interfaces| interfaces.is_empty()),
+        "{config:#}"
+    );
+    assert!(
+        !config["boot-source"]["boot_args"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ip="),
+        "{config:#}"
+    );
+    assert_eq!(
+        config["vsock"]["uds_path"],
+        run_dir.join("vsock.sock").to_str().unwrap()
+    );
+    backend.halt(&launched, Duration::from_secs(5)).await;
+    assert!(!launched.vmm.is_alive());
+    release(&launched).await;
 }
