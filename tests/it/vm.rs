@@ -399,6 +399,18 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
             &["vm", "ssh", "nosuch", "--", "true"][..],
             "no VM named `nosuch`",
         ),
+        (
+            &["vm", "create", "--name", "tapped", "--network", "tap"][..],
+            "network mode `tap` (a tap on a host bridge with NAT) is planned",
+        ),
+        (
+            &["vm", "run", "--network", "tap", "--", "true"][..],
+            "network mode `tap` (a tap on a host bridge with NAT) is planned",
+        ),
+        (
+            &["vm", "run", "--network", "none"][..],
+            "`vm run --network none` needs a command",
+        ),
     ] {
         let output = context.run(args);
         assert_eq!(output.code, Some(1), "banger {}\n{output}", args.join(" "));
@@ -414,6 +426,103 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
     // Refusals come before any build: the store holds no step.
     let steps = context.run(&["--json", "cache", "ls"]);
     assert!(steps.stdout.trim().is_empty(), "{steps}");
+}
+
+#[test]
+fn slow_vm_network_none_boots_with_only_lo_and_ssh_is_refused_clearly() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "sealed";
+    let _cleanup = Cleanup { context, name };
+    let created = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--memory",
+            "1G",
+            "--vcpu",
+            "1",
+            "--network",
+            "none",
+        ],
+    );
+    assert!(created.stderr.contains("· network none"), "{created}");
+    let shown = show(context, name);
+    assert_eq!(shown["network"], "none", "{shown}");
+    vm_ok(context, name, &["vm", "start", name]);
+    let shown = show(context, name);
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert!(
+        shown["ssh_host"].is_null() && shown["ssh_port"].is_null(),
+        "{shown}"
+    );
+    let text = vm_ok(context, name, &["vm", "show", name]);
+    assert!(text.stdout.contains("network:  none"), "{text}");
+    // No network device reaches QEMU, and the kernel sees none: only loopback.
+    let argv = std::fs::read_to_string(format!("/proc/{}/cmdline", shown["pid"].as_u64().unwrap()))
+        .unwrap()
+        .replace('\0', " ");
+    assert!(
+        !argv.contains("-netdev") && !argv.contains("virtio-net"),
+        "{argv}"
+    );
+    assert!(!argv.contains(" ip="), "no address for the guest: {argv}");
+
+    // The agent needs no network: through it, the guest lists its interfaces.
+    let agent = shown["agent"]
+        .to_string()
+        .replace("[ROOT]", &context.root.path().to_string_lossy());
+    let agent: banger::vm::backend::AgentAddress = serde_json::from_str(&agent).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, stdout) = runtime.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (mut channel, _) = agent.endpoint().wait_ready(deadline).await.unwrap();
+        let mut stdout = Vec::new();
+        let status = channel
+            .exec(
+                &banger::guest::ExecRequest::argv(["ls", "/sys/class/net"]),
+                tokio::io::empty(),
+                &mut stdout,
+                tokio::io::sink(),
+            )
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&stdout).into_owned())
+    });
+    assert_eq!(status, banger::guest::ExitStatus::Code(0));
+    let interfaces: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(interfaces, ["lo"], "{stdout}\n{}", console(context, name));
+
+    for args in [
+        &["vm", "ssh", name, "--", "true"][..],
+        &["vm", "ssh", name][..],
+    ] {
+        let started = std::time::Instant::now();
+        let output = context.run(args);
+        assert_eq!(output.code, Some(1), "banger {}\n{output}", args.join(" "));
+        assert!(
+            output.stderr.contains(
+                "VM `sealed` has no network (network mode `none`), so SSH cannot reach it"
+            ),
+            "{output}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "refused at once, not after a wait for sshd: {:?}",
+            started.elapsed()
+        );
+    }
+    vm_ok(context, name, &["vm", "delete", name]);
+    assert_nothing_left(context, name, &shown);
 }
 
 #[test]
