@@ -319,3 +319,81 @@ fn slow_up_imports_a_git_workspace_as_it_is_without_touching_the_index() {
     );
     assert!(seen.stdout.contains("edited five hundred"), "{seen}");
 }
+
+#[test]
+fn slow_up_applies_network_none_and_a_network_change_recreates_the_vm() {
+    if !can_up() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let dir = context.root.path().join("projects/sealed-up");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _down = Down {
+        context,
+        dir: dir.clone(),
+    };
+    let bangerfile = |network: &str| {
+        format!(
+            "[project]\nname = \"sealed-up\"\n\n[vm]\nvcpu = 1\nmemory = \"1G\"\n\
+             network = \"{network}\"\n\n[workspace]\n\n[up]\nrun = \"ls /sys/class/net\"\n"
+        )
+    };
+    std::fs::write(dir.join("Bangerfile"), bangerfile("none")).unwrap();
+    let up = banger(context, &dir, &["up"]);
+    assert_eq!(up.code, Some(0), "{up}\n{}", console(context, "sealed-up"));
+    // The workspace import and the up command went through the agent; the guest has only lo.
+    assert_eq!(
+        up.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["lo"],
+        "{up}"
+    );
+    let shown = banger(context, &dir, &["--json", "vm", "show", "sealed-up"]);
+    assert_eq!(
+        records(&shown.stdout)[0]["data"]["network"],
+        "none",
+        "{shown}"
+    );
+    let ssh = banger(context, &dir, &["ssh", "--", "true"]);
+    assert_eq!(ssh.code, Some(1), "{ssh}");
+    assert!(
+        ssh.stderr
+            .contains("VM `sealed-up` has no network (network mode `none`)"),
+        "{ssh}"
+    );
+
+    // The network is part of what `up` compares: changing it recreates the VM, and then
+    // the VM is reused as it is.
+    std::fs::write(dir.join("Bangerfile"), bangerfile("user")).unwrap();
+    let recreated = banger(context, &dir, &["--json", "up"]);
+    assert_eq!(
+        recreated.code,
+        Some(0),
+        "{recreated}\n{}",
+        console(context, "sealed-up")
+    );
+    assert_eq!(up_record(&recreated)["action"], "recreated", "{recreated}");
+    assert!(
+        recreated.stdout.contains("network none -> user"),
+        "{recreated}"
+    );
+    // With --json the command's output is on stderr.
+    assert!(recreated.stderr.contains("eth0"), "{recreated}");
+    let again = banger(context, &dir, &["--json", "up", "--no-run"]);
+    assert_eq!(again.code, Some(0), "{again}");
+    assert_eq!(up_record(&again)["action"], "reused", "{again}");
+    let ssh = banger(context, &dir, &["ssh", "--", "echo", "reachable"]);
+    assert_eq!(ssh.code, Some(0), "{ssh}");
+    assert!(ssh.stdout.contains("reachable"), "{ssh}");
+
+    // `tap` is still refused, before the VM is touched.
+    std::fs::write(dir.join("Bangerfile"), bangerfile("tap")).unwrap();
+    let tap = banger(context, &dir, &["up", "--no-run"]);
+    assert_eq!(tap.code, Some(1), "{tap}");
+    assert!(
+        tap.stderr.contains("network mode `tap`") && tap.stderr.contains("planned"),
+        "{tap}"
+    );
+}
