@@ -138,12 +138,18 @@ pub fn search_path() -> Option<OsString> {
 
 /// Finds a program on `PATH` (or at an absolute path).
 pub fn find_program(name: &str) -> Option<PathBuf> {
+    find_program_in(name, search_path().as_deref())
+}
+
+/// Finds a program on the given search path (or at an absolute path): [`find_program`] with
+/// the path passed in, so a caller (`banger doctor`'s tests) can look somewhere of its own
+/// without changing the process's `PATH` under other threads.
+pub fn find_program_in(name: &str, search_path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
     if name.contains('/') {
         let path = std::path::Path::new(name);
         return path.is_file().then(|| path.to_path_buf());
     }
-    let path = search_path()?;
-    std::env::split_paths(&path)
+    std::env::split_paths(search_path?)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
 }

@@ -1,8 +1,11 @@
-//! `banger doctor`: a report of what this host can do.
+//! `banger doctor`: a report of what this host can do. Exits 1 when a required check is
+//! missing, so a CI job (or `banger doctor && banger up`) stops before a build that would fail.
 
 use serde_json::json;
 
-use banger::ops::doctor::{Health, run_checks};
+use banger::ops::doctor::{
+    Health, INSTALL_SCRIPT, missing_required, run_checks, script_would_help,
+};
 
 use super::Context;
 use super::exit::ExitStatus;
@@ -11,6 +14,12 @@ pub fn run(context: &mut Context) -> anyhow::Result<ExitStatus> {
     let store_dir = context.paths()?.store_dir();
     let checks = run_checks(&store_dir);
     let printer = &context.printer;
+    let required: Vec<&str> = missing_required(&checks).map(|check| check.name).collect();
+    let status = if required.is_empty() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::UserError
+    };
     if printer.json {
         for check in &checks {
             printer.record(
@@ -18,13 +27,14 @@ pub fn run(context: &mut Context) -> anyhow::Result<ExitStatus> {
                 json!({
                     "name": check.name,
                     "health": check.health.as_str(),
+                    "required": check.required,
                     "detail": check.detail,
                     "needed_for": check.needed_for,
                     "fix": check.fix,
                 }),
             )?;
         }
-        return Ok(ExitStatus::Success);
+        return Ok(status);
     }
     let rows: Vec<[String; 3]> = checks
         .iter()
@@ -44,8 +54,13 @@ pub fn run(context: &mut Context) -> anyhow::Result<ExitStatus> {
     if !problems.is_empty() {
         out.push('\n');
         for check in problems {
+            let required = if check.required && check.health == Health::Missing {
+                ", required"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "{} ({}): needed for {}",
+                "{} ({}{required}): needed for {}",
                 check.name,
                 check.health.as_str(),
                 check.needed_for
@@ -56,6 +71,18 @@ pub fn run(context: &mut Context) -> anyhow::Result<ExitStatus> {
             out.push('\n');
         }
     }
+    if script_would_help(&checks) {
+        out.push_str(&format!(
+            "\nOn Debian 12 and Ubuntu 24.04, `{INSTALL_SCRIPT}` (in banger's source tree) \
+             installs every missing program above that has a package.\n"
+        ));
+    }
     printer.data(&out)?;
-    Ok(ExitStatus::Success)
+    if !required.is_empty() {
+        printer.error(&format!(
+            "missing what `banger up` needs: {}",
+            required.join(", ")
+        ));
+    }
+    Ok(status)
 }

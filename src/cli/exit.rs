@@ -3,8 +3,8 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0    | success (also when stdout was closed early, e.g. `banger cache ls \| head`) |
-//! | 1    | bad input (arguments, Bangerfile, config, unknown step), a step failed, or a boot |
-//! |      | check failed (`kernel test`) |
+//! | 1    | bad input (arguments, Bangerfile, config, unknown step), a step failed, a boot |
+//! |      | check failed (`kernel test`), or a required host check is missing (`doctor`) |
 //! | 2    | banger could not work: environment (store unreadable, no HOME) or internal error |
 //! | 130  | interrupted (Ctrl-C) |
 //!

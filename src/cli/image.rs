@@ -381,7 +381,7 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
 }
 
 /// The image's distribution: its record, else `ID=` from its `/etc/os-release` (read with
-/// debugfs, which is optional: `unknown` without it).
+/// banger's ext4 reader: `unknown` when the image has none).
 fn image_distro(record: &ImageRecord, rootfs: &Path) -> String {
     match &record.distro {
         Some(distro) => distro.clone(),

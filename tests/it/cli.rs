@@ -316,3 +316,95 @@ fn build_log_and_rebuild_name_unknown_steps_and_steps_without_a_log() {
         "a refused command wrote the store or the lock"
     );
 }
+
+#[test]
+fn doctor_lists_every_missing_program_with_its_install_command_and_exits_1() {
+    let context = TestContext::new();
+    let empty_path = context.root.path().join("empty-path");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    let doctor = |args: &[&str]| {
+        let output = context
+            .command(args)
+            .env("PATH", &empty_path)
+            // Else vhost-device-vsock is found in the developer's cargo home.
+            .env_remove("CARGO_HOME")
+            .output()
+            .unwrap();
+        crate::support::Output {
+            code: output.status.code(),
+            stdout: context.redact(&String::from_utf8_lossy(&output.stdout)),
+            stderr: context.redact(&String::from_utf8_lossy(&output.stderr)),
+        }
+    };
+    let sudo = if banger::privileged::is_root() {
+        ""
+    } else {
+        "sudo "
+    };
+    let text = doctor(&["doctor"]);
+    assert_eq!(text.code, Some(1), "{text}");
+    for line in [
+        format!(
+            "qemu (missing, required): needed for booting VMs (the QEMU microvm backend); fix: \
+             {sudo}apt-get install qemu-system-x86"
+        ),
+        "vhost-device-vsock (missing): needed for the host↔guest agent channel under QEMU \
+         (hybrid vsock; without it, virtio-serial); fix: cargo install --locked \
+         vhost-device-vsock"
+            .to_owned(),
+        format!(
+            "mmdebstrap (missing, required): needed for building the default Debian image from \
+             packages; fix: {sudo}apt-get install mmdebstrap"
+        ),
+        format!(
+            "ssh-keygen (missing, required): needed for the SSH key banger installs in every VM \
+             it starts; fix: {sudo}apt-get install openssh-client"
+        ),
+    ] {
+        assert!(
+            text.stdout.lines().any(|got| got == line),
+            "no `{line}` in:\n{text}"
+        );
+    }
+    assert!(
+        text.stdout.contains("`scripts/install-host-tools`"),
+        "{text}"
+    );
+    assert!(
+        text.stderr
+            .contains("error: missing what `banger up` needs: qemu, mmdebstrap"),
+        "{text}"
+    );
+
+    let json = doctor(&["--json", "doctor"]);
+    assert_eq!(json.code, Some(1), "{json}");
+    let qemu: serde_json::Value = json
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|record| record["data"]["name"] == "qemu")
+        .unwrap_or_else(|| panic!("no qemu check in:\n{json}"));
+    assert_eq!(qemu["type"], "check");
+    assert_eq!(qemu["data"]["health"], "missing");
+    assert_eq!(qemu["data"]["required"], true);
+    assert_eq!(
+        qemu["data"]["fix"],
+        format!("{sudo}apt-get install qemu-system-x86")
+    );
+}
+
+/// Where `scripts/install-host-tools` ran (CI runs it), `banger doctor` finds everything
+/// `banger up` needs.
+#[test]
+fn doctor_passes_where_the_host_tools_are_installed() {
+    let context = TestContext::new();
+    let output = context.run(&["doctor"]);
+    if !crate::support::capable(
+        "every required `banger doctor` check (scripts/install-host-tools installs them)",
+        output.code == Some(0),
+    ) {
+        eprintln!("{output}");
+        return;
+    }
+    assert!(!output.stdout.contains("required)"), "{output}");
+}
