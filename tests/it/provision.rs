@@ -493,7 +493,7 @@ fn slow_provision_golden_bundles_are_a_stored_step_and_boot() {
     let Some(world) = debian_world() else {
         return;
     };
-    let context = home_like_the_world(world);
+    let context = home_like_the_world(&world);
     let dir = project(
         &context,
         "golden",

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use banger::vm::boot::{AgentTransport, BootSpec};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
 use crate::support::{
@@ -34,8 +34,61 @@ extern "C" fn remove_world() {
     }
 }
 
+/// Tests that kill or restart the shared world's daemon hold this for writing; every other
+/// user of the world holds it for reading, so no test loses its daemon mid-request.
+static WORLD_DAEMON: RwLock<()> = RwLock::new(());
+
+/// The shared world, borrowed for one test: while it lives, nobody kills the world's daemon.
+pub(crate) struct WorldGuard {
+    world: &'static DebianWorld,
+    _shared: RwLockReadGuard<'static, ()>,
+}
+
+impl std::ops::Deref for WorldGuard {
+    type Target = DebianWorld;
+    fn deref(&self) -> &DebianWorld {
+        self.world
+    }
+}
+
+/// The shared world for a test that kills its daemon: waits until no other test uses it.
+pub(crate) struct ExclusiveWorld {
+    world: &'static DebianWorld,
+    _alone: RwLockWriteGuard<'static, ()>,
+}
+
+impl std::ops::Deref for ExclusiveWorld {
+    type Target = DebianWorld;
+    fn deref(&self) -> &DebianWorld {
+        self.world
+    }
+}
+
 /// The shared world, or `None` (skip) when the host cannot build it.
-pub(crate) fn debian_world() -> Option<&'static DebianWorld> {
+pub(crate) fn debian_world() -> Option<WorldGuard> {
+    let world = build_debian_world()?;
+    let shared = WORLD_DAEMON
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    Some(WorldGuard {
+        world,
+        _shared: shared,
+    })
+}
+
+/// [`debian_world`] for a test that kills the daemon (see [`WORLD_DAEMON`]).
+pub(crate) fn debian_world_alone() -> Option<ExclusiveWorld> {
+    let world = build_debian_world()?;
+    let alone = WORLD_DAEMON
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    Some(ExclusiveWorld {
+        world,
+        _alone: alone,
+    })
+}
+
+fn build_debian_world() -> Option<&'static DebianWorld> {
     if !capable(
         "mmdebstrap (Debian package `mmdebstrap`)",
         find_program("mmdebstrap").is_some(),
@@ -526,7 +579,7 @@ fn slow_a_vms_own_disks_keep_its_changes_across_boots() {
         .find(|record| record["type"] == "image")
         .unwrap()["data"]
         .clone();
-    let mut spec = boot_spec(world, &image, dir.path());
+    let mut spec = boot_spec(&world, &image, dir.path());
     spec.memory_mib = 512;
     let vm_dir = spec.dir.clone();
     let disks = VmDisks::create(&vm_dir, "disk-test", 1 << 30, 256 << 20).unwrap();
@@ -618,7 +671,7 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
         .local_addr()
         .unwrap()
         .port();
-    let mut spec = boot_spec(world, &image, dir.path());
+    let mut spec = boot_spec(&world, &image, dir.path());
     spec.forwards = vec![(port, 22)];
     let vm_dir = spec.dir.clone();
     let console = || std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();

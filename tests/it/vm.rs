@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::slow::{debian_world, have_qemu, records};
+use crate::slow::{debian_world, debian_world_alone, have_qemu, records};
 use crate::support::{Output, TestContext, capable, find_program};
 
 /// Stops every VM of the HOME and then its daemon (for the shared world at exit).
@@ -341,7 +341,7 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
     if !can_boot() {
         return;
     }
-    let Some(world) = debian_world() else {
+    let Some(world) = debian_world_alone() else {
         return;
     };
     let context = &world.context;
