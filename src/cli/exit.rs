@@ -23,7 +23,7 @@ use banger::ops::graph::InspectError;
 use banger::ops::images::ImageError;
 use banger::ops::kernels::KernelError;
 use banger::ops::project::ProjectError;
-use banger::ops::up::UpError;
+use banger::ops::up::{ExportError, UpError};
 use banger::ops::vms::VmError;
 use banger::plan::PlanError;
 use banger::sources::SourceError;
@@ -96,6 +96,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
     }
     classified!(
         UpError,
+        ExportError,
         BuildError,
         ImageError,
         KernelError,

@@ -114,6 +114,9 @@ point: the VM is deleted afterwards, and a lock that would change is an error."
     Down(up::DownArgs),
     /// Open a shell in the project's VM (or run `-- CMD`).
     Ssh(up::SshArgs),
+    /// The project VM's workspace: export what changed in it as a patch.
+    #[command(subcommand)]
+    Workspace(up::WorkspaceCommand),
     /// Pull, import, list and remove images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -299,6 +302,7 @@ pub fn run() -> ExitStatus {
         Command::Up(args) => up::up(&mut context, &args),
         Command::Down(args) => up::down(&mut context, &args),
         Command::Ssh(args) => up::ssh(&mut context, &args),
+        Command::Workspace(command) => up::workspace(&mut context, &command),
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
         Command::Kernel(command) => kernel::run(&mut context, &command),

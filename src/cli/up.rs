@@ -19,7 +19,7 @@ use banger::ops::up::{self, HostError, UpIo, UpRequest, VmHost};
 use banger::ops::vms::{UpReport, UpVm};
 
 use super::Context;
-use super::exit::ExitStatus;
+use super::exit::{ExitStatus, UsageError};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -64,6 +64,29 @@ pub struct SshArgs {
     /// A command to run instead of a shell.
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkspaceCommand {
+    /// Write a patch of what changed in the guest's workspace since the import.
+    #[command(
+        long_about = "Write a binary-safe patch (`git apply` form) of what changed in \
+the project VM's workspace since the last `banger up` imported it: edits, new and removed \
+files, and what commits made in the guest changed. Apply it on the host with `git apply FILE` \
+in the workspace. Needs the workspace to be a git repository's top directory and git in the \
+guest; neither the host's nor the guest's index is touched."
+    )]
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The Bangerfile [default: ./Bangerfile, else the nearest one in a parent directory].
+    #[arg(short, long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Write the patch to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 fn load(context: &mut Context, file: Option<&PathBuf>) -> anyhow::Result<Project> {
@@ -268,4 +291,70 @@ pub fn ssh(context: &mut Context, args: &SshArgs) -> anyhow::Result<ExitStatus> 
         &project.spec.name,
         &args.command,
     )
+}
+
+pub fn workspace(context: &mut Context, command: &WorkspaceCommand) -> anyhow::Result<ExitStatus> {
+    match command {
+        WorkspaceCommand::Export(args) => export(context, args),
+    }
+}
+
+fn export(context: &mut Context, args: &ExportArgs) -> anyhow::Result<ExitStatus> {
+    let project = load(context, args.file.as_ref())?;
+    let Some(workspace) = project.spec.workspace.clone() else {
+        return Err(UsageError(format!(
+            "{} has no [workspace]: there is nothing to export",
+            project.spec.source_file.display()
+        ))
+        .into());
+    };
+    let name = project.spec.name.clone();
+    let runtime = super::runtime()?;
+    let mut session = super::vm::Session::connect(context, &runtime)?;
+    let vm = match super::vm::show_vm(context, &runtime, &mut session, &name)? {
+        Ok(vm) => vm,
+        Err(refused) => return Ok(super::vm::refused(context, &refused)),
+    };
+    if vm.state != "running" {
+        return Err(UsageError(format!(
+            "VM `{name}` is {}: `banger up --no-run` starts it",
+            vm.state
+        ))
+        .into());
+    }
+    match &args.output {
+        None => {
+            let mut stdout = tokio::io::stdout();
+            runtime.block_on(up::export_workspace(&vm, &workspace.guest, &mut stdout))?;
+        }
+        Some(path) => {
+            let parent = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            // The patch appears whole or not at all.
+            let temp = tempfile::NamedTempFile::new_in(&parent)
+                .with_context(|| format!("cannot write in {}", parent.display()))?;
+            let file = tokio::fs::File::from_std(temp.reopen()?);
+            let mut writer = tokio::io::BufWriter::new(file);
+            runtime.block_on(up::export_workspace(&vm, &workspace.guest, &mut writer))?;
+            let size = temp.as_file().metadata()?.len();
+            temp.persist(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            if size == 0 {
+                context.printer.info(&format!(
+                    "no changes in {} since the import; wrote an empty {}",
+                    workspace.guest,
+                    path.display()
+                ));
+            } else {
+                context.printer.info(&format!(
+                    "wrote {} ({size} bytes); apply it in the workspace with `git apply {}`",
+                    path.display(),
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
 }

@@ -388,7 +388,7 @@ fn ssh_address(vm: &VmInfo) -> Option<String> {
     Some(format!("{}:{}", vm.ssh_host.as_ref()?, vm.ssh_port?))
 }
 
-fn show_vm(
+pub(super) fn show_vm(
     context: &Context,
     runtime: &tokio::runtime::Runtime,
     session: &mut Session,

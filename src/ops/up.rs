@@ -18,6 +18,9 @@
 //!      [`UpIo`], and keeps its exit status (a failing command is the outcome, not a failed
 //!      step).
 //! 3. With `--rm`, the VM is deleted whatever happened.
+//!
+//! [`export_workspace`] is `banger workspace export`: the guest's work since the last import,
+//! as a patch against the import's git baseline ([`super::workspace::git_baseline`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -483,12 +486,65 @@ struct Workspace {
     shared: Arc<Mutex<Shared>>,
 }
 
-/// Where the guest keeps the manifest of the last import into `guest`.
-fn manifest_path(guest: &str) -> String {
+/// Where the guest keeps what banger knows of the imports into `guest`.
+fn record_stem(guest: &str) -> String {
     format!(
-        "/var/lib/banger/workspaces/{}.json",
+        "/var/lib/banger/workspaces/{}",
         &blake3::hash(guest.as_bytes()).to_hex()[..16]
     )
+}
+
+/// The manifest of the last import into `guest`.
+fn manifest_path(guest: &str) -> String {
+    format!("{}.json", record_stem(guest))
+}
+
+/// The git objects of the last import's baseline that the imported repository lacks: an
+/// alternate object directory for `banger workspace export`, outside the guest's `.git`.
+fn baseline_objects_path(guest: &str) -> String {
+    format!("{}.objects", record_stem(guest))
+}
+
+/// Replaces the guest's baseline objects for `guest` with `baseline`'s.
+async fn send_baseline_objects(
+    ctx: &StepContext,
+    channel: &mut GuestChannel,
+    baseline: &workspace::GitBaseline,
+    guest: &str,
+) -> Result<(), StepError> {
+    let spool = ctx.work_dir()?.join("baseline-objects.tar");
+    tokio::task::spawn_blocking({
+        let (spool, objects) = (spool.clone(), baseline.objects.clone());
+        move || -> std::io::Result<()> {
+            let mut builder =
+                tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(&spool)?));
+            builder.append_dir_all(".", &objects)?;
+            builder.into_inner()?.into_inner()?.sync_all()
+        }
+    })
+    .await
+    .map_err(|error| StepError::new(format!("packing the git baseline panicked: {error}")))?
+    .map_err(|error| StepError::with_source("cannot pack the workspace's git baseline", error))?;
+    let directory = baseline_objects_path(guest);
+    run_checked(
+        channel,
+        ExecRequest::argv([
+            "sh",
+            "-c",
+            "rm -rf \"$1\" && mkdir -p \"$1\"",
+            "sh",
+            &directory,
+        ]),
+        &[],
+    )
+    .await?;
+    let tar = tokio::fs::File::open(&spool)
+        .await
+        .map_err(|error| StepError::with_source("cannot read the packed git baseline", error))?;
+    let mut extract =
+        ExecRequest::argv(["tar", "-x", "-f", "-", "-C", directory.as_str()]).with_stdin();
+    extract.cwd = Some("/".to_owned());
+    run_checked_stream(channel, extract, tar).await
 }
 
 impl Executor for Workspace {
@@ -500,13 +556,28 @@ impl Executor for Workspace {
             })?;
             let report = boot_report(ctx)?;
             let host = self.project_dir.join(&params.host);
-            let manifest = tokio::task::spawn_blocking({
+            let (mut manifest, baseline) = tokio::task::spawn_blocking({
                 let host = host.clone();
-                move || workspace::collect(&host)
+                move || {
+                    let manifest = workspace::collect(&host)?;
+                    // Export needs it; the import does not: a failure is a warning.
+                    let baseline = workspace::git_baseline(&host);
+                    Ok::<_, workspace::WorkspaceError>((manifest, baseline))
+                }
             })
             .await
             .map_err(|error| StepError::new(format!("listing the workspace panicked: {error}")))?
             .map_err(|error| StepError::with_source("cannot list the workspace", error))?;
+            let baseline = baseline.unwrap_or_else(|error| {
+                ctx.progress_handle().output_line(
+                    OutputStream::Stderr,
+                    format!(
+                        "warning: `banger workspace export` will not work for this import: {}",
+                        crate::error::error_chain(&error)
+                    ),
+                );
+                None
+            });
             let mut channel = agent(&report.vm).await?;
             let record = manifest_path(&params.guest);
             let mut previous_bytes = Vec::new();
@@ -571,6 +642,12 @@ impl Executor for Workspace {
                 let mut remove = ExecRequest::argv(argv);
                 remove.cwd = Some(guest.clone());
                 run_checked(&mut channel, remove, &[]).await?;
+            }
+            if let Some(baseline) = &baseline {
+                if previous.git_baseline.as_deref() != Some(baseline.tree.as_str()) {
+                    send_baseline_objects(ctx, &mut channel, baseline, &params.guest).await?;
+                }
+                manifest.git_baseline = Some(baseline.tree.clone());
             }
             let json = serde_json::to_vec(&manifest)
                 .map_err(|error| StepError::with_source("cannot record the import", error))?;
@@ -701,6 +778,156 @@ impl Executor for UpCommand {
             Ok(())
         })
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("VM `{vm}` reports no agent address")]
+    NoAgent { vm: String },
+    #[error("cannot reach the agent of VM `{vm}`")]
+    Agent {
+        vm: String,
+        #[source]
+        source: crate::guest::GuestError,
+    },
+    #[error("nothing was imported into {guest} in VM `{vm}` yet: run `banger up` first")]
+    NeverImported { vm: String, guest: String },
+    #[error(
+        "the import into {guest} has no git baseline: workspace export needs the workspace to \
+         be a git repository's top directory (and the import to be made by this banger)"
+    )]
+    NoBaseline { guest: String },
+    #[error(
+        "git is not installed in VM `{vm}`: workspace export runs git in the guest (add it to \
+         the image, e.g. a provision step `apt-get install -y git`)"
+    )]
+    NoGit { vm: String },
+    #[error("computing the patch in VM `{vm}` failed ({status}): {stderr}")]
+    Guest {
+        vm: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot write the patch")]
+    Write(#[source] std::io::Error),
+}
+
+impl Classify for ExportError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ExportError::NeverImported { .. }
+            | ExportError::NoBaseline { .. }
+            | ExportError::NoGit { .. } => ErrorClass::User,
+            _ => ErrorClass::Environment,
+        }
+    }
+}
+
+/// The exit code the export script gives when the guest has no git.
+const EXPORT_NO_GIT: i32 = 64;
+
+/// Computes the patch in the guest: the work tree (tracked files and untracked ones that are
+/// not ignored, as `collect` imports them) is written as a tree through a throwaway index and
+/// a throwaway object directory, with the repository's objects and the import's baseline
+/// objects as alternates, then diffed against the baseline tree. Nothing of the guest's
+/// repository is written. Configuration that would change the patch's form (prefixes,
+/// colour, external diff drivers, renames) is overridden so `git apply` takes it.
+const EXPORT_SCRIPT: &str = r#"set -eu
+ws=$1 base=$2 alt=$3
+command -v git >/dev/null 2>&1 || exit 64
+cd "$ws"
+g() { git -c safe.directory='*' -c core.quotepath=false "$@"; }
+objects=$(g rev-parse --git-path objects)
+index=$(g rev-parse --git-path index)
+case $objects in /*) ;; *) objects=$ws/$objects ;; esac
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+mkdir "$scratch/objects"
+if [ -f "$index" ]; then cp "$index" "$scratch/index"; fi
+export GIT_OPTIONAL_LOCKS=0 GIT_INDEX_FILE="$scratch/index" GIT_OBJECT_DIRECTORY="$scratch/objects"
+export GIT_ALTERNATE_OBJECT_DIRECTORIES="$objects:$alt"
+g add --all -- . >&2
+tree=$(g write-tree)
+g -c diff.noprefix=false -c diff.mnemonicPrefix=false -c diff.relative=false \
+  diff --binary --full-index --no-color --no-ext-diff --no-textconv --no-renames \
+  "$base" "$tree" --
+"#;
+
+/// `banger workspace export`: writes to `out` a binary patch (`git apply` form, paths from
+/// the repository's top) of what changed in the guest's workspace `guest` since the last
+/// import: edits, new and removed files, and what commits made in the guest changed.
+pub async fn export_workspace(
+    vm: &VmInfo,
+    guest: &str,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<(), ExportError> {
+    let endpoint: GuestEndpoint = vm
+        .agent
+        .as_ref()
+        .ok_or_else(|| ExportError::NoAgent {
+            vm: vm.name.clone(),
+        })?
+        .endpoint();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut channel, _) =
+        endpoint
+            .wait_ready(deadline)
+            .await
+            .map_err(|source| ExportError::Agent {
+                vm: vm.name.clone(),
+                source,
+            })?;
+    let mut record = Vec::new();
+    if channel
+        .get_file(&manifest_path(guest), &mut record)
+        .await
+        .is_err()
+    {
+        return Err(ExportError::NeverImported {
+            vm: vm.name.clone(),
+            guest: guest.to_owned(),
+        });
+    }
+    let manifest: Manifest = serde_json::from_slice(&record).unwrap_or_default();
+    let base = manifest
+        .git_baseline
+        .ok_or_else(|| ExportError::NoBaseline {
+            guest: guest.to_owned(),
+        })?;
+    let objects = baseline_objects_path(guest);
+    let mut request = ExecRequest::argv(["sh", "-c", EXPORT_SCRIPT, "sh", guest, &base, &objects])
+        .with_env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .with_env("HOME", "/root");
+    request.cwd = Some("/".to_owned());
+    let mut stderr = Vec::new();
+    let status = channel
+        .exec(&request, tokio::io::empty(), &mut *out, &mut stderr)
+        .await
+        .map_err(|source| ExportError::Agent {
+            vm: vm.name.clone(),
+            source,
+        })?;
+    match status {
+        crate::guest::ExitStatus::Code(0) => {}
+        crate::guest::ExitStatus::Code(EXPORT_NO_GIT) => {
+            return Err(ExportError::NoGit {
+                vm: vm.name.clone(),
+            });
+        }
+        other => {
+            return Err(ExportError::Guest {
+                vm: vm.name.clone(),
+                status: other.to_string(),
+                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+            });
+        }
+    }
+    tokio::io::AsyncWriteExt::flush(out)
+        .await
+        .map_err(ExportError::Write)
 }
 
 #[cfg(test)]

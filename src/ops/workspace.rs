@@ -82,6 +82,10 @@ pub struct Entry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub entries: BTreeMap<PathBuf, Entry>,
+    /// The git tree of the import ([`git_baseline`]), when the workspace is a repository's
+    /// top: what `banger workspace export` diffs the guest's work tree against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_baseline: Option<String>,
 }
 
 /// What an import sends after an earlier one.
@@ -208,29 +212,17 @@ fn git_files(dir: &Path, top: &Path) -> Result<Vec<PathBuf>, WorkspaceError> {
             source,
         })?;
     }
-    let argv = [
-        "ls-files",
-        "-z",
-        "--cached",
-        "--others",
-        "--exclude-standard",
-    ];
-    let output = git(dir, Some(&index))
-        .args(argv)
-        .output()
-        .map_err(|source| WorkspaceError::GitSpawn {
-            argv: format!("git {}", argv.join(" ")),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(WorkspaceError::Git {
-            argv: format!("git -C {} {}", dir.display(), argv.join(" ")),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    let mut files: Vec<PathBuf> = output
-        .stdout
+    let stdout = git_output(
+        git(dir, Some(&index)).args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ]),
+        dir,
+    )?;
+    let mut files: Vec<PathBuf> = stdout
         .split(|&byte| byte == 0)
         .filter(|name| !name.is_empty())
         .map(|name| {
@@ -240,6 +232,99 @@ fn git_files(dir: &Path, top: &Path) -> Result<Vec<PathBuf>, WorkspaceError> {
     files.sort();
     files.dedup();
     Ok(files)
+}
+
+/// The import's content as a git tree, for `banger workspace export` to diff against.
+#[derive(Debug)]
+pub struct GitBaseline {
+    /// The tree's id.
+    pub tree: String,
+    /// A loose-object directory with what the tree needs that the repository lacks (the
+    /// blobs of changed and untracked files, the trees above them).
+    pub objects: PathBuf,
+    /// Owns `objects`.
+    _scratch: tempfile::TempDir,
+}
+
+/// When `root` is a repository's top: the work tree as [`collect`] imports it (tracked files
+/// as they are on disk, untracked ones that are not ignored) written as a git tree. Through
+/// a throwaway copy of the index and a throwaway object directory that has the repository's
+/// as an alternate, so nothing of the repository is written, and only files whose index
+/// entry is stale are hashed.
+pub fn git_baseline(root: &Path) -> Result<Option<GitBaseline>, WorkspaceError> {
+    let Some(top) = git_top(root)? else {
+        return Ok(None);
+    };
+    let canonical = std::fs::canonicalize(root).map_err(|source| WorkspaceError::Read {
+        path: root.to_owned(),
+        source,
+    })?;
+    if canonical != top {
+        return Ok(None);
+    }
+    let git_path = |name: &str| -> Result<PathBuf, WorkspaceError> {
+        let output = git_output(
+            git(root, None).args(["rev-parse", "--git-path", name]),
+            root,
+        )?;
+        let path = PathBuf::from(String::from_utf8_lossy(&output).trim());
+        Ok(if path.is_absolute() {
+            path
+        } else {
+            root.join(path)
+        })
+    };
+    let (real_index, real_objects) = (git_path("index")?, git_path("objects")?);
+    let scratch = tempfile::tempdir().map_err(WorkspaceError::Write)?;
+    let index = scratch.path().join("index");
+    let objects = scratch.path().join("objects");
+    std::fs::create_dir(&objects).map_err(WorkspaceError::Write)?;
+    if real_index.exists() {
+        std::fs::copy(&real_index, &index).map_err(|source| WorkspaceError::Read {
+            path: real_index.clone(),
+            source,
+        })?;
+    }
+    let scratch_git = |args: &[&str]| {
+        let mut command = git(root, Some(&index));
+        command
+            .env("GIT_OBJECT_DIRECTORY", &objects)
+            .env("GIT_ALTERNATE_OBJECT_DIRECTORIES", &real_objects)
+            .args(args);
+        git_output(&mut command, root)
+    };
+    scratch_git(&["add", "--all", "--", "."])?;
+    let tree = String::from_utf8_lossy(&scratch_git(&["write-tree"])?)
+        .trim()
+        .to_owned();
+    Ok(Some(GitBaseline {
+        tree,
+        objects,
+        _scratch: scratch,
+    }))
+}
+
+/// Runs a git `command` (in `dir`), its stdout if it exits 0.
+fn git_output(command: &mut Command, dir: &Path) -> Result<Vec<u8>, WorkspaceError> {
+    let argv = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = command
+        .output()
+        .map_err(|source| WorkspaceError::GitSpawn {
+            argv: argv.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(WorkspaceError::Git {
+            argv: format!("{argv} (in {})", dir.display()),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(output.stdout)
 }
 
 /// Adds `relative` (if it still exists: a tracked file may be deleted in the work tree) and
@@ -515,6 +600,7 @@ mod tests {
             mtime_nanos: 0,
         };
         let before = Manifest {
+            git_baseline: None,
             entries: BTreeMap::from([
                 (PathBuf::from("a"), file(1, 1)),
                 (PathBuf::from("d"), dir.clone()),
@@ -524,6 +610,7 @@ mod tests {
             ]),
         };
         let after = Manifest {
+            git_baseline: None,
             entries: BTreeMap::from([
                 (PathBuf::from("a"), file(1, 1)),
                 (PathBuf::from("d"), dir),
@@ -561,5 +648,115 @@ mod tests {
                 target: PathBuf::from("/etc")
             }
         );
+    }
+
+    /// Runs git in `dir` with `env`, panicking with its stderr unless it succeeds.
+    fn run_git(dir: &Path, env: &[(&str, &Path)], args: &[&str]) -> String {
+        let mut command = Command::new("git");
+        command
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "git {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Every file under `dir` with its content: what "nothing was written" compares. (Git
+    /// refreshes the mtime of objects it finds already stored, as every `git add` does.)
+    fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        let mut pending = vec![dir.to_owned()];
+        while let Some(next) = pending.pop() {
+            for entry in std::fs::read_dir(&next).unwrap() {
+                let entry = entry.unwrap();
+                let metadata = entry.metadata().unwrap();
+                if metadata.is_dir() {
+                    pending.push(entry.path());
+                } else {
+                    files.insert(entry.path(), std::fs::read(entry.path()).unwrap());
+                }
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn the_git_baseline_is_the_imported_tree_and_writes_nothing_in_the_repository() {
+        if crate::env::find_program("git").is_none() {
+            eprintln!("skipped: no git on this host");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir_all(root.join("src")).unwrap();
+        run_git(&root, &[], &["init", "-q"]);
+        std::fs::write(root.join(".gitignore"), "*.o\n").unwrap();
+        std::fs::write(root.join("src/a.txt"), "a v1\n").unwrap();
+        std::fs::write(root.join("gone.bin"), [0u8, 1, 2, 255]).unwrap();
+        run_git(&root, &[], &["add", "-A"]);
+        run_git(&root, &[], &["commit", "-q", "-m", "first"]);
+        // Modified, staged, untracked, ignored and deleted files.
+        std::fs::write(root.join("src/a.txt"), "a v2, not committed\n").unwrap();
+        std::fs::write(root.join("staged.txt"), "staged\n").unwrap();
+        run_git(&root, &[], &["add", "staged.txt"]);
+        std::fs::write(root.join("src/untracked.txt"), "untracked\n").unwrap();
+        std::fs::write(root.join("src/main.o"), "object\n").unwrap();
+        std::fs::remove_file(root.join("gone.bin")).unwrap();
+        let before = snapshot(&root.join(".git"));
+        let index_mtime = || {
+            std::fs::metadata(root.join(".git/index"))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+        let index_before = index_mtime();
+
+        let baseline = git_baseline(&root).unwrap().expect("a repository's top");
+
+        assert!(snapshot(&root.join(".git")) == before, ".git was written");
+        assert_eq!(index_mtime(), index_before, "the index was rewritten");
+        // The same tree as staging everything in a copy of the repository.
+        let copy = dir.path().join("copy");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&root)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        run_git(&copy, &[], &["add", "--all"]);
+        assert_eq!(baseline.tree, run_git(&copy, &[], &["write-tree"]));
+        // The repository plus the baseline's objects hold the whole tree.
+        let alternates = [(
+            "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+            baseline.objects.as_path(),
+        )];
+        let listed = run_git(
+            &root,
+            &alternates,
+            &["ls-tree", "-r", "--name-only", &baseline.tree],
+        );
+        assert_eq!(
+            listed.lines().collect::<Vec<_>>(),
+            [".gitignore", "src/a.txt", "src/untracked.txt", "staged.txt"]
+        );
+        let blob = run_git(
+            &root,
+            &alternates,
+            &["rev-parse", &format!("{}:src/a.txt", baseline.tree)],
+        );
+        assert_eq!(
+            run_git(&root, &alternates, &["cat-file", "blob", &blob]),
+            "a v2, not committed"
+        );
+        // Only a repository's top has a baseline; elsewhere there is none.
+        assert!(git_baseline(&root.join("src")).unwrap().is_none());
+        let plain = tempfile::tempdir().unwrap();
+        assert!(git_baseline(plain.path()).unwrap().is_none());
     }
 }

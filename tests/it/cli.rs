@@ -233,8 +233,19 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
     assert_eq!(
         commands,
         [
-            "vm", "graph", "build", "up", "down", "ssh", "image", "kernel", "doctor", "cache",
-            "daemon", "help"
+            "vm",
+            "graph",
+            "build",
+            "up",
+            "down",
+            "ssh",
+            "workspace",
+            "image",
+            "kernel",
+            "doctor",
+            "cache",
+            "daemon",
+            "help"
         ]
     );
     for args in [&["graph", "--help"][..], &["cache", "gc", "--help"]] {

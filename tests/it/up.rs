@@ -249,9 +249,12 @@ fn slow_up_imports_a_git_workspace_as_it_is_without_touching_the_index() {
     };
     std::fs::write(
         dir.join("Bangerfile"),
-        "[project]\nname = \"git-workspace\"\n\n[vm]\nvcpu = 1\nmemory = \"1G\"\n\n\
-         [workspace]\n\n[up]\nrun = \"cat committed.txt staged.txt untracked.txt && \
-         test ! -e ignored.txt && test -d .git && echo ignored-absent\"\n",
+        format!(
+            "[project]\nname = \"git-workspace\"\n\n{C_PROJECT_PACKAGES}\n\
+             [vm]\nvcpu = 1\nmemory = \"1G\"\n\n\
+             [workspace]\n\n[up]\nrun = \"cat committed.txt staged.txt untracked.txt && \
+             test ! -e ignored.txt && test -d .git && echo ignored-absent\"\n"
+        ),
     )
     .unwrap();
     git(&dir, &["init", "-q"]);
@@ -318,6 +321,107 @@ fn slow_up_imports_a_git_workspace_as_it_is_without_touching_the_index() {
         &["ssh", "--", "cat", "/root/project/tree/file-0500.txt"],
     );
     assert!(seen.stdout.contains("edited five hundred"), "{seen}");
+
+    // The guest's git sees the work tree as the host's does.
+    let host_status = git_stdout(&dir, &["status", "--porcelain", "--untracked-files=all"]);
+    let guest_status = banger(
+        context,
+        &dir,
+        &[
+            "ssh",
+            "--",
+            "sh",
+            "-c",
+            "cd /root/project && git status --porcelain --untracked-files=all",
+        ],
+    );
+    assert_eq!(guest_status.code, Some(0), "{guest_status}");
+    assert_eq!(guest_status.stdout, host_status, "{guest_status}");
+
+    // Work in the guest (edits, a new text and binary file, a removal, a commit, an edit
+    // after it) comes back as a patch that `git apply` turns the host's tree into the guest's.
+    let work = "cd /root/project && echo 'guest edit' >> committed.txt && \
+                printf 'new\\n' > guest-new.txt && head -c 3000 /dev/urandom > guest.bin && \
+                rm untracked.txt && git add -A && \
+                git -c user.name=g -c user.email=g@g commit -q -m 'in the guest' && \
+                echo 'after the commit' >> staged.txt && echo ignored-in-guest > ignored.txt";
+    let worked = banger(context, &dir, &["ssh", "--", "sh", "-c", work]);
+    assert_eq!(worked.code, Some(0), "{worked}");
+    let patch = context.root.path().join("workspace.patch");
+    let exported = banger(
+        context,
+        &dir,
+        &["workspace", "export", "--output", patch.to_str().unwrap()],
+    );
+    assert_eq!(exported.code, Some(0), "{exported}");
+    let text = std::fs::read(&patch).unwrap();
+    assert!(
+        String::from_utf8_lossy(&text).contains("GIT binary patch"),
+        "{exported}"
+    );
+    git(&dir, &["apply", patch.to_str().unwrap()]);
+    let guest_files = banger(
+        context,
+        &dir,
+        &[
+            "ssh",
+            "--",
+            "sh",
+            "-c",
+            &format!("cd /root/project && {FILE_SUMS}"),
+        ],
+    );
+    assert_eq!(guest_files.code, Some(0), "{guest_files}");
+    let host_files = std::process::Command::new("sh")
+        .args(["-c", FILE_SUMS])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&host_files.stdout),
+        guest_files.stdout,
+        "the patched host tree differs from the guest's"
+    );
+    assert!(guest_files.stdout.contains("guest.bin"), "{guest_files}");
+    assert!(
+        !guest_files.stdout.contains("untracked.txt"),
+        "{guest_files}"
+    );
+    assert_eq!(std::fs::read(&index).unwrap(), bytes, "the index changed");
+    assert_eq!(
+        std::fs::metadata(&index).unwrap().modified().unwrap(),
+        mtime,
+        "the index was rewritten"
+    );
+
+    // Once the host has the guest's work, a new import leaves nothing to export.
+    let again = banger(context, &dir, &["up", "--no-run"]);
+    assert_eq!(again.code, Some(0), "{again}");
+    let empty = banger(context, &dir, &["workspace", "export"]);
+    assert_eq!(empty.code, Some(0), "{empty}");
+    assert_eq!(empty.stdout, "", "{empty}");
+}
+
+/// The provision step of the c-project fixture (same text, so the same cached step), whose
+/// packages include git for `banger workspace export`.
+const C_PROJECT_PACKAGES: &str = "[[image.provision]]\n\
+    run = \"apt-get update && apt-get install -y --no-install-recommends make gcc libc6-dev git\"\n\
+    env = { DEBIAN_FRONTEND = \"noninteractive\" }\n";
+
+/// Every workspace file but `.git` and the ignored file, with its checksum, sorted.
+const FILE_SUMS: &str = "find . -path ./.git -prune -o -type f ! -name ignored.txt -print | \
+                         LC_ALL=C sort | xargs sha256sum";
+
+/// `git ARGS` in `dir`, its stdout.
+fn git_stdout(dir: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "git {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
