@@ -231,7 +231,7 @@ pub fn remote_command(argv: &[String]) -> Vec<String> {
 }
 
 /// `word` as one POSIX shell word.
-fn shell_quote(word: &str) -> String {
+pub(crate) fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty()
         && word
             .bytes()

@@ -433,9 +433,17 @@ async fn execute(
         node: job.node,
         events: sender.clone(),
     };
+    let mut execution = std::pin::pin!(executor.execute(&ctx));
     let outcome = tokio::select! {
-        outcome = executor.execute(&ctx) => outcome,
-        () = cancel.cancelled() => return Err(cancelled()),
+        outcome = &mut execution => outcome,
+        () = cancel.cancelled() => {
+            let grace = executor.cancel_grace();
+            if !grace.is_zero() {
+                // The executor sees the token too and is stopping its children.
+                let _ = tokio::time::timeout(grace, execution).await;
+            }
+            return Err(cancelled());
+        }
     };
     if let Err(error) = outcome {
         return Err(Failure::failed(error_chain(&error)));

@@ -74,6 +74,14 @@ pub trait Executor: Send + Sync + 'static {
     /// Does the step's work, writing outputs to [`StepContext::output`]. Must stop promptly
     /// when [`StepContext::cancellation`] fires (dropping the future also stops it).
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>>;
+
+    /// How long the engine keeps polling a cancelled `execute` before dropping it: for
+    /// executors whose children clean up outside the process when asked to stop (mmdebstrap
+    /// unmounts and removes its temporary directory on SIGTERM; dropped, its child would be
+    /// killed outright). Zero, the default, drops the future as soon as the run is cancelled.
+    fn cancel_grace(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Why a step failed, as its executor tells it.

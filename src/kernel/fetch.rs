@@ -1,54 +1,43 @@
-//! Getting a distribution's kernel package with the host's own package client, so the default
-//! kernel needs no hosted URL.
+//! Choosing the kernel package among the packages a download brought, so the default kernel
+//! needs no hosted URL.
 //!
-//! 1. `apt-get download NAME` runs in a fresh temp directory inside the destination
-//!    directory (apt-get download writes to its working directory and needs no root, only
-//!    current package lists).
-//! 2. The downloaded `.deb`'s control `Depends` is read. A metapackage such as
-//!    `linux-image-cloud-amd64` ships no kernel and depends on exactly the versioned package
-//!    that does (`linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`): while the package depends
-//!    on another `linux-image-*`, that one is downloaded next, pinned to the version the
-//!    dependency names, so the kernel matches the metapackage that was asked for.
-//! 3. The final `.deb` is renamed into the destination directory.
+//! The `kernel.fetch-package` step has mmdebstrap download the requested package, with its
+//! dependencies, from the recipe's suite (Debian's archive whatever the host runs: an Ubuntu
+//! host's own package lists have no Debian kernel). What lands in the download directory is a
+//! pile of `.deb` files; this module picks the one holding the kernel:
 //!
-//! Children run in their own process group and are killed when the future is dropped, so an
-//! executor cancels a fetch by dropping it. A host without apt-get gets an error naming the
-//! other ways to a kernel.
+//! 1. Every `.deb`'s control `Package` and `Version` are read.
+//! 2. Starting at the requested package, while the package depends on another
+//!    `linux-image-*` (a metapackage such as `linux-image-cloud-amd64` ships no kernel and
+//!    depends on exactly the versioned package that does: `linux-image-6.1.0-56-cloud-amd64
+//!    (= 6.1.192-2)`), that one is followed, and a pinned version must match.
+//! 3. The last package of the chain is renamed into the destination directory.
+//!
+//! Library code: no processes, no engine.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use super::deb::{DebError, DebPackage};
 
 /// How many metapackage hops are followed before giving up (Debian needs one).
 const MAX_HOPS: usize = 4;
 
-/// Errors from fetching a kernel package.
+/// Errors from picking the kernel package.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(
-        "`apt-get` is not available on this host, so the kernel package {package} cannot be \
-         downloaded from the distribution; get a kernel another way: `banger kernel pull NAME` \
-         downloads a catalog bundle, `banger kernel import NAME --from DIR` imports a vmlinux \
-         (and modules) you already have"
+        "the download has no package {package}{}, {wanted_by} (downloaded: {})",
+        version.as_ref().map(|version| format!(" at version {version}")).unwrap_or_default(),
+        if downloaded.is_empty() { "nothing".to_owned() } else { downloaded.join(", ") }
     )]
-    AptUnavailable { package: String },
-    #[error("cannot run {argv:?}")]
-    Spawn {
-        argv: Vec<String>,
-        #[source]
-        source: std::io::Error,
+    Missing {
+        package: String,
+        version: Option<String>,
+        /// `which the recipe names` or `which PACKAGE depends on`.
+        wanted_by: String,
+        downloaded: Vec<String>,
     },
-    #[error("{argv:?} failed ({status}):\n{stderr}{hint}")]
-    Command {
-        argv: Vec<String>,
-        status: String,
-        stderr: String,
-        /// Advice for a recognised failure, starting with a newline, or empty.
-        hint: String,
-    },
-    #[error("{argv:?} succeeded but left no .deb in {dir}")]
-    NoPackage { argv: Vec<String>, dir: PathBuf },
     #[error("cannot read the downloaded package")]
     Inspect {
         #[source]
@@ -60,7 +49,7 @@ pub enum FetchError {
         hops: usize,
         chain: Vec<String>,
     },
-    #[error("cannot use directory {path} for the download")]
+    #[error("cannot use directory {path}")]
     Directory {
         path: PathBuf,
         #[source]
@@ -68,7 +57,7 @@ pub enum FetchError {
     },
 }
 
-/// A downloaded kernel package.
+/// The kernel package picked from a download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedPackage {
     /// The name asked for (`linux-image-cloud-amd64`).
@@ -79,69 +68,95 @@ pub struct FetchedPackage {
     pub version: String,
     /// The `.deb` in the destination directory.
     pub path: PathBuf,
-    /// Every package downloaded on the way, `name=version`, the kernel's last.
+    /// Every package on the way, `name=version`, the kernel's last.
     pub chain: Vec<String>,
 }
 
-/// Downloads `package` (resolving kernel metapackages to the versioned package they pin)
-/// into `destination_dir`.
-pub async fn fetch_kernel_package(
-    package: &str,
+/// A downloaded package: its control version and file.
+struct Downloaded {
+    version: String,
+    path: PathBuf,
+    next: Option<(String, Option<String>)>,
+}
+
+/// Picks the package holding `requested`'s kernel among the `.deb` files in `downloads` and
+/// moves it into `destination_dir`.
+pub fn pick_kernel_package(
+    requested: &str,
+    downloads: &Path,
     destination_dir: &Path,
 ) -> Result<FetchedPackage, FetchError> {
-    let directory_error = |source| FetchError::Directory {
-        path: destination_dir.to_owned(),
-        source,
+    let directory_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| FetchError::Directory { path, source }
     };
-    std::fs::create_dir_all(destination_dir).map_err(directory_error)?;
-    let mut wanted = package.to_owned();
-    let mut chain = Vec::new();
-    for _ in 0..=MAX_HOPS {
-        // A fresh directory per download, so the one .deb in it is the one just fetched.
-        let work = tempfile::Builder::new()
-            .prefix(".apt-download-")
-            .tempdir_in(destination_dir)
-            .map_err(directory_error)?;
-        let argv = vec![
-            "apt-get".to_owned(),
-            "download".to_owned(),
-            "--quiet".to_owned(),
-            wanted.clone(),
-        ];
-        run(&argv, work.path(), package).await?;
-        let deb_path = single_deb(work.path())
-            .map_err(directory_error)?
-            .ok_or_else(|| FetchError::NoPackage {
-                argv: argv.clone(),
-                dir: work.path().to_owned(),
-            })?;
-        let deb = DebPackage::open(&deb_path).map_err(|source| FetchError::Inspect { source })?;
+    let mut by_name = BTreeMap::new();
+    for entry in std::fs::read_dir(downloads).map_err(directory_error(downloads))? {
+        let path = entry.map_err(directory_error(downloads))?.path();
+        if path.extension().is_none_or(|extension| extension != "deb") {
+            continue;
+        }
+        let deb = DebPackage::open(&path).map_err(|source| FetchError::Inspect { source })?;
         let control = deb
             .control()
             .map_err(|source| FetchError::Inspect { source })?;
-        let name = control.get("Package").unwrap_or(&wanted).to_owned();
-        let version = control.get("Version").unwrap_or("").to_owned();
-        chain.push(format!("{name}={version}"));
+        let Some(name) = control.get("Package") else {
+            continue;
+        };
         let next = control
             .relations("Depends")
             .into_iter()
             .flatten()
-            .find(|relation| relation.name.starts_with("linux-image-"));
-        match next {
-            Some(relation) => {
-                wanted = match relation.version {
-                    Some((op, version)) if op == "=" => format!("{}={version}", relation.name),
-                    _ => relation.name,
-                };
+            .find(|relation| relation.name.starts_with("linux-image-"))
+            .map(|relation| {
+                let pinned = relation
+                    .version
+                    .and_then(|(op, version)| (op == "=").then_some(version));
+                (relation.name, pinned)
+            });
+        by_name.insert(
+            name.to_owned(),
+            Downloaded {
+                version: control.get("Version").unwrap_or("").to_owned(),
+                path,
+                next,
+            },
+        );
+    }
+    let mut wanted = (requested.to_owned(), None::<String>);
+    let mut wanted_by = "which the recipe names".to_owned();
+    let mut chain = Vec::new();
+    for _ in 0..=MAX_HOPS {
+        let (name, pinned) = &wanted;
+        let downloaded = by_name
+            .get(name)
+            .filter(|downloaded| pinned.as_ref().is_none_or(|pin| *pin == downloaded.version))
+            .ok_or_else(|| FetchError::Missing {
+                package: name.clone(),
+                version: pinned.clone(),
+                wanted_by: wanted_by.clone(),
+                downloaded: by_name
+                    .iter()
+                    .map(|(name, downloaded)| format!("{name}={}", downloaded.version))
+                    .collect(),
+            })?;
+        chain.push(format!("{name}={}", downloaded.version));
+        match &downloaded.next {
+            Some(next) => {
+                wanted_by = format!("which {name} depends on");
+                wanted = next.clone();
             }
             None => {
-                let file_name = deb_path.file_name().expect("a file in the work dir");
+                std::fs::create_dir_all(destination_dir)
+                    .map_err(directory_error(destination_dir))?;
+                let file_name = downloaded.path.file_name().expect("a listed file");
                 let path = destination_dir.join(file_name);
-                std::fs::rename(&deb_path, &path).map_err(directory_error)?;
+                std::fs::rename(&downloaded.path, &path)
+                    .map_err(directory_error(destination_dir))?;
                 return Ok(FetchedPackage {
-                    requested: package.to_owned(),
-                    name,
-                    version,
+                    requested: requested.to_owned(),
+                    name: name.clone(),
+                    version: downloaded.version.clone(),
                     path,
                     chain,
                 });
@@ -149,113 +164,103 @@ pub async fn fetch_kernel_package(
         }
     }
     Err(FetchError::TooManyHops {
-        requested: package.to_owned(),
+        requested: requested.to_owned(),
         hops: MAX_HOPS,
         chain,
-    })
-}
-
-/// The only `.deb` in `dir`, if any.
-fn single_deb(dir: &Path) -> std::io::Result<Option<PathBuf>> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|extension| extension == "deb") {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
-}
-
-/// Runs `argv` in `dir`, capturing stderr for the error.
-async fn run(argv: &[String], dir: &Path, package: &str) -> Result<(), FetchError> {
-    let mut command = tokio::process::Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    let output = command.output().await.map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            FetchError::AptUnavailable {
-                package: package.to_owned(),
-            }
-        } else {
-            FetchError::Spawn {
-                argv: argv.to_vec(),
-                source,
-            }
-        }
-    })?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr)
-        .trim_end()
-        .to_owned();
-    let hint = if stderr.contains("Unable to locate package")
-        || stderr.contains("Can't select candidate")
-        || stderr.contains("has no installation candidate")
-    {
-        format!(
-            "\nThe package lists may be missing or stale: run `apt-get update` (as root) and \
-             retry, and check that {package} exists for this host's distribution."
-        )
-    } else {
-        String::new()
-    };
-    Err(FetchError::Command {
-        argv: argv.to_vec(),
-        status: output.status.to_string(),
-        stderr,
-        hint,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::deb::build::{Entry, deb};
+
+    fn write_deb(dir: &Path, file: &str, control: &str) {
+        std::fs::write(
+            dir.join(file),
+            deb(control, &[Entry::Dir("./"), Entry::File("./x", b"x")]),
+        )
+        .unwrap();
+    }
 
     #[test]
-    fn the_no_apt_error_names_the_alternatives() {
-        let message = FetchError::AptUnavailable {
-            package: "linux-image-cloud-amd64".into(),
-        }
+    fn the_metapackage_is_followed_to_the_pinned_kernel_among_its_dependencies() {
+        let downloads = tempfile::tempdir().unwrap();
+        let destination = tempfile::tempdir().unwrap();
+        write_deb(
+            downloads.path(),
+            "meta.deb",
+            "Package: linux-image-cloud-amd64\nVersion: 6.1.192-3\n\
+             Depends: linux-image-6.1.0-57-cloud-amd64 (= 6.1.192-3)\n",
+        );
+        write_deb(
+            downloads.path(),
+            "kernel.deb",
+            "Package: linux-image-6.1.0-57-cloud-amd64\nVersion: 6.1.192-3\n\
+             Depends: kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2)\n",
+        );
+        write_deb(
+            downloads.path(),
+            "kmod.deb",
+            "Package: kmod\nVersion: 30+20221128-1\n",
+        );
+        std::fs::write(downloads.path().join("notes.txt"), "not a package").unwrap();
+        let picked = pick_kernel_package(
+            "linux-image-cloud-amd64",
+            downloads.path(),
+            destination.path(),
+        )
+        .unwrap();
+        assert_eq!(picked.name, "linux-image-6.1.0-57-cloud-amd64");
+        assert_eq!(picked.version, "6.1.192-3");
+        assert_eq!(
+            picked.chain,
+            [
+                "linux-image-cloud-amd64=6.1.192-3",
+                "linux-image-6.1.0-57-cloud-amd64=6.1.192-3"
+            ]
+        );
+        assert_eq!(picked.path, destination.path().join("kernel.deb"));
+        assert!(picked.path.is_file());
+        assert!(!downloads.path().join("kernel.deb").exists());
+    }
+
+    #[test]
+    fn a_missing_or_mismatched_kernel_package_is_named() {
+        let downloads = tempfile::tempdir().unwrap();
+        let destination = tempfile::tempdir().unwrap();
+        write_deb(
+            downloads.path(),
+            "meta.deb",
+            "Package: linux-image-cloud-amd64\nVersion: 2\n\
+             Depends: linux-image-6.1.0-57-cloud-amd64 (= 2)\n",
+        );
+        write_deb(
+            downloads.path(),
+            "kernel.deb",
+            "Package: linux-image-6.1.0-57-cloud-amd64\nVersion: 1\n",
+        );
+        let message = pick_kernel_package(
+            "linux-image-cloud-amd64",
+            downloads.path(),
+            destination.path(),
+        )
+        .unwrap_err()
         .to_string();
         for expected in [
-            "linux-image-cloud-amd64",
-            "banger kernel pull NAME",
-            "banger kernel import NAME --from DIR",
+            "no package linux-image-6.1.0-57-cloud-amd64 at version 2",
+            "which linux-image-cloud-amd64 depends on",
+            "linux-image-6.1.0-57-cloud-amd64=1",
         ] {
             assert!(message.contains(expected), "{message}");
         }
-    }
-
-    #[tokio::test]
-    async fn a_failed_command_carries_argv_and_stderr() {
-        let dir = tempfile::tempdir().unwrap();
-        let argv: Vec<String> = [
-            "sh",
-            "-c",
-            "echo 'E: Unable to locate package nope' >&2; exit 100",
-        ]
-        .map(String::from)
-        .to_vec();
-        let error = run(&argv, dir.path(), "nope").await.unwrap_err();
-        let message = error.to_string();
-        assert!(message.contains("\"sh\", \"-c\""), "{message}");
-        assert!(message.contains("exit status: 100"), "{message}");
+        let message =
+            pick_kernel_package("linux-image-rt-amd64", downloads.path(), destination.path())
+                .unwrap_err()
+                .to_string();
         assert!(
-            message.contains("E: Unable to locate package nope"),
+            message.contains("no package linux-image-rt-amd64, which the recipe names"),
             "{message}"
         );
-        assert!(message.contains("apt-get update"), "{message}");
-        let argv = vec!["/nonexistent/apt-get".to_owned()];
-        assert!(matches!(
-            run(&argv, dir.path(), "p").await,
-            Err(FetchError::AptUnavailable { .. })
-        ));
     }
 }

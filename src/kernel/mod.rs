@@ -4,8 +4,9 @@
 //! The default kernel recipe (`catalogs/kernels.json`: Debian bookworm's
 //! `linux-image-cloud-amd64`) becomes what banger boots in four moves:
 //!
-//! 1. [`fetch::fetch_kernel_package`] downloads the package with `apt-get download`,
-//!    following the metapackage to the versioned package it pins.
+//! 1. The `kernel.fetch-package` step has mmdebstrap download the package and its
+//!    dependencies from the recipe's suite; [`fetch::pick_kernel_package`] follows the
+//!    metapackage to the versioned package it pins.
 //! 2. [`deb::DebPackage::extract`] unpacks the kernel's files ([`is_kernel_file`] selects
 //!    `boot/vmlinuz-*`, `boot/config-*` and the module tree) path-traversal-safely, and
 //!    [`KernelFiles::locate`] finds the image, the release and `lib/modules/<release>`.

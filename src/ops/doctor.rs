@@ -125,7 +125,7 @@ pub const TOOLS: &[Tool] = &[
         name: "mmdebstrap",
         program: "mmdebstrap",
         version_args: &["--version"],
-        needed_for: "building the default Debian image from packages",
+        needed_for: "building the default Debian image and fetching its kernel from packages",
         install: Install::Apt("mmdebstrap"),
         required: true,
     },
@@ -135,16 +135,6 @@ pub const TOOLS: &[Tool] = &[
         version_args: &[],
         needed_for: "mmdebstrap as a user other than root (its unshare mode)",
         install: Install::Apt("uidmap"),
-        required: true,
-    },
-    Tool {
-        name: "apt-get",
-        program: "apt-get",
-        version_args: &["--version"],
-        needed_for: "building the default kernel from the distribution's package",
-        install: Install::Advice(
-            "use `banger kernel pull` from a catalog bundle, or `banger kernel import`",
-        ),
         required: true,
     },
     Tool {
@@ -376,8 +366,39 @@ pub fn run_checks(store_dir: &Path) -> Vec<Check> {
                 }
             }),
     );
+    checks.push(debian_keyring_check(Path::new(DEBIAN_KEYRING), root));
     checks.push(store);
     checks
+}
+
+/// Where Debian's archive keyring lives on Debian and Ubuntu (package `debian-archive-keyring`).
+pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// mmdebstrap checks Debian's archive against Debian's keyring; a Debian host has it, an
+/// Ubuntu host does not until the package is installed, and then the default image and kernel
+/// cannot be fetched.
+fn debian_keyring_check(keyring: &Path, root: bool) -> Check {
+    let needed_for =
+        "the default Debian image and kernel (mmdebstrap checks Debian's archive with it)";
+    if keyring.is_file() {
+        Check {
+            name: "debian keyring",
+            health: Health::Ok,
+            detail: keyring.display().to_string(),
+            needed_for,
+            fix: None,
+            required: true,
+        }
+    } else {
+        Check {
+            name: "debian keyring",
+            health: Health::Missing,
+            detail: format!("{} not found", keyring.display()),
+            needed_for,
+            fix: Some(Install::Apt("debian-archive-keyring").command(root)),
+            required: true,
+        }
+    }
 }
 
 /// The Firecracker check says whether the backend can boot guests, not only whether the
@@ -480,13 +501,6 @@ mod tests {
                 ),
                 ("newuidmap", missing, Some("sudo apt-get install uidmap")),
                 (
-                    "apt-get",
-                    missing,
-                    Some(
-                        "use `banger kernel pull` from a catalog bundle, or `banger kernel import`"
-                    )
-                ),
-                (
                     "ssh-keygen",
                     missing,
                     Some("sudo apt-get install openssh-client")
@@ -504,7 +518,7 @@ mod tests {
             missing_required(&user)
                 .map(|check| check.name)
                 .collect::<Vec<_>>(),
-            ["qemu", "mmdebstrap", "newuidmap", "apt-get", "ssh-keygen"]
+            ["qemu", "mmdebstrap", "newuidmap", "ssh-keygen"]
         );
         assert!(script_would_help(&user));
 
@@ -557,8 +571,25 @@ mod tests {
             missing_required(&checks)
                 .map(|check| check.name)
                 .collect::<Vec<_>>(),
-            ["newuidmap", "apt-get"]
+            ["newuidmap"]
         );
+    }
+
+    #[test]
+    fn a_missing_debian_keyring_says_which_package_brings_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("debian-archive-keyring.gpg");
+        let missing = debian_keyring_check(&keyring, false);
+        assert_eq!(missing.health, Health::Missing);
+        assert!(missing.required);
+        assert_eq!(
+            missing.fix.as_deref(),
+            Some("sudo apt-get install debian-archive-keyring")
+        );
+        std::fs::write(&keyring, b"keys").unwrap();
+        let found = debian_keyring_check(&keyring, true);
+        assert_eq!(found.health, Health::Ok);
+        assert_eq!(found.fix, None);
     }
 
     #[test]

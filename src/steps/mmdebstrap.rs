@@ -9,8 +9,10 @@
 //! the host's apt configuration to reach the archive.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{BoxFuture, Executor, StepContext, StepError};
 use crate::plan::kinds::RecipeParams;
@@ -19,6 +21,10 @@ use crate::plan::kinds::RecipeParams;
 pub struct Mmdebstrap;
 
 impl Executor for Mmdebstrap {
+    fn cancel_grace(&self) -> Duration {
+        MMDEBSTRAP_CANCEL_GRACE
+    }
+
     fn execute<'a>(&'a self, ctx: &'a StepContext) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
             let params: RecipeParams = super::params(ctx)?;
@@ -28,6 +34,7 @@ impl Executor for Mmdebstrap {
                     "recipe distro `{distro}` is not supported; only `debian` recipes exist"
                 )));
             }
+            check_recipe_words(&params.suite, &params.packages)?;
             let mut packages = params.packages.clone();
             packages.sort();
             packages.dedup();
@@ -42,50 +49,18 @@ impl Executor for Mmdebstrap {
                 // differ between two runs with the same SOURCE_DATE_EPOCH and packages.
                 "--customize-hook=rm -f \"$1\"/etc/ssh/ssh_host_*_key \"$1\"/etc/ssh/ssh_host_*_key.pub"
                     .to_owned(),
+                // Nothing after this is an option, whatever a catalog's recipe says.
+                "--".to_owned(),
                 params.suite.clone(),
                 output.to_string_lossy().into_owned(),
             ];
-            let mut command = tokio::process::Command::new(&argv[0]);
-            // mmdebstrap then clamps times and drops what differs run to run, so the same
-            // packages give the same tar.
-            command.env("SOURCE_DATE_EPOCH", params.source_date_epoch.to_string());
-            command
-                .args(&argv[1..])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .process_group(0);
-            let mut child = command.spawn().map_err(|error| {
-                if error.kind() == std::io::ErrorKind::NotFound {
-                    StepError::new(
-                        "mmdebstrap is not installed; install it (`apt-get install mmdebstrap`) to \
-                         build Debian images from packages, or pull a catalog bundle instead",
-                    )
-                } else {
-                    StepError::with_source(format!("cannot run {argv:?}"), error)
-                }
-            })?;
-            let mut stderr = child.stderr.take().expect("piped");
-            let mut errors = Vec::new();
-            let status = tokio::select! {
-                status = async {
-                    let _ = stderr.read_to_end(&mut errors).await;
-                    child.wait().await
-                } => status.map_err(|error| StepError::with_source(format!("waiting for {argv:?}"), error))?,
-                () = ctx.cancellation().cancelled() => {
-                    let _ = child.start_kill();
-                    return Err(StepError::new("cancelled"));
-                }
-            };
-            if !status.success() {
-                let text = String::from_utf8_lossy(&errors);
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                return Err(StepError::new(format!(
-                    "{argv:?} failed ({status}):\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )));
-            }
+            run_mmdebstrap(
+                &argv,
+                Some(params.source_date_epoch),
+                "to build Debian images from packages, or pull a catalog bundle instead",
+                ctx.cancellation(),
+            )
+            .await?;
             let packages_out = ctx.output(PACKAGES_OUTPUT)?;
             tokio::task::spawn_blocking(move || {
                 let packages = installed_packages(&output)?;
@@ -101,6 +76,98 @@ impl Executor for Mmdebstrap {
                 StepError::new(format!("reading the package list panicked: {error}"))
             })?
         })
+    }
+}
+
+/// How long mmdebstrap gets, after SIGTERM, to unmount and remove its temporary directory.
+const MMDEBSTRAP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the engine waits for a cancelled mmdebstrap step: its grace after SIGTERM, and time to
+/// reap it after SIGKILL.
+pub(super) const MMDEBSTRAP_CANCEL_GRACE: Duration = Duration::from_secs(12);
+
+/// Refuses a suite or package name that is not one (a catalog's recipe reaches mmdebstrap's
+/// command line, where an option-looking word would run hooks on the host).
+pub(super) fn check_recipe_words(suite: &str, packages: &[String]) -> Result<(), StepError> {
+    crate::bangerfile::check::suite(suite).map_err(StepError::new)?;
+    for package in packages {
+        crate::bangerfile::check::package_name(package).map_err(StepError::new)?;
+    }
+    Ok(())
+}
+
+/// Runs mmdebstrap's `argv` with stdin closed, keeping stderr for the error (its last 20
+/// lines). Cancelled, it gets SIGTERM first, so that it unmounts and removes its temporary
+/// directory, and SIGKILL after [`MMDEBSTRAP_GRACE`]. `purpose` completes the not-installed
+/// error ("install it … {purpose}").
+pub(super) async fn run_mmdebstrap(
+    argv: &[String],
+    source_date_epoch: Option<u64>,
+    purpose: &str,
+    cancellation: &CancellationToken,
+) -> Result<(), StepError> {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    if let Some(epoch) = source_date_epoch {
+        // mmdebstrap then clamps times and drops what differs run to run, so the same
+        // packages give the same tar.
+        command.env("SOURCE_DATE_EPOCH", epoch.to_string());
+    }
+    command
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let mut child = command.spawn().map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            StepError::new(format!(
+                "mmdebstrap is not installed; install it (`apt-get install mmdebstrap`) {purpose}"
+            ))
+        } else {
+            StepError::with_source(format!("cannot run {argv:?}"), error)
+        }
+    })?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let mut errors = Vec::new();
+    let status = tokio::select! {
+        status = async {
+            let _ = stderr.read_to_end(&mut errors).await;
+            child.wait().await
+        } => status.map_err(|error| StepError::with_source(format!("waiting for {argv:?}"), error))?,
+        () = cancellation.cancelled() => {
+            stop_gracefully(&mut child).await;
+            return Err(StepError::new("cancelled"));
+        }
+    };
+    if !status.success() {
+        let text = String::from_utf8_lossy(&errors);
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        return Err(StepError::new(format!(
+            "{argv:?} failed ({status}):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )));
+    }
+    Ok(())
+}
+
+/// SIGTERM to the child's process group, then SIGKILL if it is still there after
+/// [`MMDEBSTRAP_GRACE`].
+async fn stop_gracefully(child: &mut tokio::process::Child) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let Some(pid) = child.id() else {
+        return;
+    };
+    // The child leads its own group (`process_group(0)`), so the group id is its pid.
+    let group = Pid::from_raw(pid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    if tokio::time::timeout(MMDEBSTRAP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = child.wait().await;
     }
 }
 

@@ -139,7 +139,7 @@ pub const KERNEL_FETCH_BUNDLE: KindInfo = kind(
 );
 pub const KERNEL_FETCH_PACKAGE: KindInfo = kind(
     "kernel.fetch-package",
-    1,
+    2,
     Cached,
     Network,
     "download the distribution's kernel package",

@@ -364,8 +364,8 @@ fn doctor_lists_every_missing_program_with_its_install_command_and_exits_1() {
          vhost-device-vsock"
             .to_owned(),
         format!(
-            "mmdebstrap (missing, required): needed for building the default Debian image from \
-             packages; fix: {sudo}apt-get install mmdebstrap"
+            "mmdebstrap (missing, required): needed for building the default Debian image and \
+             fetching its kernel from packages; fix: {sudo}apt-get install mmdebstrap"
         ),
         format!(
             "ssh-keygen (missing, required): needed for the SSH key banger installs in every VM \

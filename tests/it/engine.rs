@@ -350,6 +350,73 @@ fn cancelling_interrupts_running_steps_and_leaves_nothing_behind() {
     assert!(leftovers.is_empty(), "scratch left behind: {leftovers:?}");
 }
 
+/// Waits for cancellation, then takes `cleanup_ms` to "clean up" (writes `marker`), as an
+/// executor whose child removes its temporary files on SIGTERM does.
+struct CleansUpOnCancel {
+    marker: std::path::PathBuf,
+    grace: Duration,
+}
+
+impl banger::engine::Executor for CleansUpOnCancel {
+    fn cancel_grace(&self) -> Duration {
+        self.grace
+    }
+
+    fn execute<'a>(
+        &'a self,
+        ctx: &'a banger::engine::StepContext,
+    ) -> banger::engine::BoxFuture<'a, Result<(), banger::engine::StepError>> {
+        Box::pin(async move {
+            ctx.cancellation().cancelled().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::write(&self.marker, b"cleaned").unwrap();
+            Err(banger::engine::StepError::new("cancelled"))
+        })
+    }
+}
+
+#[test]
+fn a_cancelled_step_gets_its_executors_grace_to_clean_up_and_no_more() {
+    for (grace, cleaned) in [(Duration::from_secs(5), true), (Duration::ZERO, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("cleaned");
+        let engine = Engine::builder(Store::open(dir.path().join("store")).unwrap())
+            .executor(
+                "test.cleanup",
+                CleansUpOnCancel {
+                    marker: marker.clone(),
+                    grace,
+                },
+            )
+            .build();
+        let mut plan = Plan::new();
+        plan.add_step(StepNode::new(
+            "child",
+            "test.cleanup",
+            1,
+            Params::new(),
+            ResourceClass::Cpu,
+        ))
+        .unwrap();
+        let options = RunOptions::default();
+        let cancel = options.cancel.clone();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let error = runtime.block_on(async {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                cancel.cancel();
+            });
+            engine
+                .run(&plan, "test", &NullReporter, options)
+                .await
+                .unwrap_err()
+        });
+        assert!(matches!(error, EngineError::Cancelled), "{error}");
+        // Checked as the run returns: the cleanup finished inside the run, or never started.
+        assert_eq!(marker.exists(), cleaned, "grace {grace:?}");
+    }
+}
+
 #[test]
 fn a_missing_executor_is_reported_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use banger::kernel::initramfs::{
 };
 use banger::kernel::modules::{ModuleClosure, ModuleTree};
 use banger::kernel::vmlinux::{ImageFormat, Vmlinux};
-use banger::kernel::{KernelFiles, fetch, is_kernel_file, vmlinux};
+use banger::kernel::{KernelFiles, is_kernel_file, vmlinux};
 use banger::plan::lower::INITRAMFS_MODULES;
 
 use crate::support::{capable, find_program, run, run_ok};
@@ -255,7 +255,7 @@ fn package_cache() -> PathBuf {
         .join("test-cache/kernel")
 }
 
-/// The real kernel package: from the cache, or downloaded with apt-get into it.
+/// The real kernel package: from the cache, or downloaded with mmdebstrap into it.
 fn debian_cloud_kernel() -> (String, PathBuf) {
     let cache = package_cache();
     if let Ok(entries) = std::fs::read_dir(&cache) {
@@ -270,10 +270,14 @@ fn debian_cloud_kernel() -> (String, PathBuf) {
         }
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let work = tempfile::tempdir().unwrap();
     let fetched = runtime
-        .block_on(fetch::fetch_kernel_package(
+        .block_on(banger::steps::kernel_package::download_kernel_package(
+            "bookworm",
             "linux-image-cloud-amd64",
+            work.path(),
             &cache,
+            &tokio_util::sync::CancellationToken::new(),
         ))
         .unwrap();
     eprintln!("fetched {:?}", fetched.chain);
@@ -319,7 +323,7 @@ fn assert_dependencies_first(closure: &ModuleClosure) {
 
 #[test]
 fn slow_debian_cloud_kernel_becomes_a_pvh_vmlinux_modules_and_an_initramfs() {
-    if !have("apt-get", "apt") || !have("cpio", "cpio") || !have("file", "file") {
+    if !have("mmdebstrap", "mmdebstrap") || !have("cpio", "cpio") || !have("file", "file") {
         return;
     }
     if !have("readelf", "binutils") || !have("xz", "xz-utils") || !have("zstd", "zstd") {
