@@ -17,6 +17,7 @@
 //! mmdebstrap, e2fsprogs, busybox-static and vhost-device-vsock.
 //! Run: `cargo bench --bench boot` (or `scripts/bench-boot`).
 
+#[allow(dead_code)] // the helpers are shared by several benches; this one uses a few
 mod common;
 
 use std::path::{Path, PathBuf};

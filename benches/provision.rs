@@ -27,10 +27,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use common::{median, ms, secs};
+use common::{Sandbox, median, ms, secs, seed_store};
 
 const STEP_RUNS: usize = 3;
 const REBUILD_RUNS: usize = 5;
@@ -42,93 +42,6 @@ fn verdict(ok: bool) -> &'static str {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
-}
-
-/// The bench HOME with a daemon of its own, stopped on drop.
-#[derive(Debug)]
-struct Sandbox {
-    home: PathBuf,
-    /// Short, under `/tmp`: the daemon's and the VMs' sockets.
-    runtime: PathBuf,
-}
-
-impl Sandbox {
-    fn command(&self, args: &[&str], dir: &Path) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
-        command.args(args).current_dir(dir);
-        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
-            command.env_remove(name);
-        }
-        command
-            .env("HOME", &self.home)
-            .env(banger::env::BANGER_RUNTIME_DIR, &self.runtime)
-            .env(banger::env::BANGER_NO_PROGRESS, "1")
-            .stdin(Stdio::null());
-        command
-    }
-
-    /// `banger ARGS` in `dir`; panics with its output if it fails.
-    fn banger(&self, args: &[&str], dir: &Path) -> Output {
-        let output = self.command(args, dir).output().expect("run banger");
-        assert!(
-            output.status.success(),
-            "banger {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-
-    /// `banger ARGS` in `dir`, timed from spawn to exit.
-    fn timed(&self, args: &[&str], dir: &Path) -> (Duration, Output) {
-        let started = Instant::now();
-        let output = self.banger(args, dir);
-        (started.elapsed(), output)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = self
-            .command(&["daemon", "stop"], &self.home)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.runtime);
-    }
-}
-
-/// On the first run, copies a store the boot or VM bench made (its image and kernel steps
-/// are then hits).
-fn seed_store(home: &Path) {
-    let store = home.join(".cache/banger/store");
-    if store.exists() {
-        return;
-    }
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
-    let Some(donor) = ["bench-boot-home", "bench-vm-home"]
-        .iter()
-        .map(|home| target.join(home).join(".cache/banger/store"))
-        .find(|store| store.is_dir())
-    else {
-        return;
-    };
-    eprintln!(
-        "seeding {} with a copy of {}",
-        store.display(),
-        donor.display()
-    );
-    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(&donor)
-        .arg(&store)
-        .status()
-        .expect("run cp");
-    if !status.success() {
-        let _ = std::fs::remove_dir_all(&store);
-        eprintln!("could not copy the store ({status}): building from scratch");
-    }
 }
 
 /// The wall time the engine reported for `step` in a `--json` run's output.
@@ -156,7 +69,7 @@ fn main() -> ExitCode {
     }
     let home = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-provision-home");
     std::fs::create_dir_all(&home).unwrap();
-    seed_store(&home);
+    seed_store(&home, &["bench-boot-home", "bench-vm-home"]);
     let runtime = std::env::temp_dir().join(format!("banger-bench-prov-{}", std::process::id()));
     std::fs::create_dir_all(&runtime).unwrap();
     let sandbox = Sandbox {

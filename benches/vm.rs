@@ -32,6 +32,7 @@
 //! `scripts/bench-boot` needs to build the image and kernel when no store can be seeded.
 //! Run: `cargo bench --bench vm` (or `scripts/bench-vm`).
 
+#[allow(dead_code)] // the helpers are shared by several benches; this one uses a few
 mod common;
 
 use std::cell::RefCell;

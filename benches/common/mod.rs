@@ -1,7 +1,8 @@
 //! Helpers the benchmarks share (each bench is its own crate: `mod common;`).
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -38,4 +39,91 @@ pub fn materialize(home: &Path, integrity: &str, size: u64, to: &Path) {
             to,
         )
         .expect("materialize");
+}
+
+/// The bench HOME with a daemon of its own, stopped on drop.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub home: PathBuf,
+    /// Short, under `/tmp`: the daemon's and the VMs' sockets.
+    pub runtime: PathBuf,
+}
+
+impl Sandbox {
+    pub fn command(&self, args: &[&str], dir: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_banger"));
+        command.args(args).current_dir(dir);
+        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            command.env_remove(name);
+        }
+        command
+            .env("HOME", &self.home)
+            .env(banger::env::BANGER_RUNTIME_DIR, &self.runtime)
+            .env(banger::env::BANGER_NO_PROGRESS, "1")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `banger ARGS` in `dir`; panics with its output if it fails.
+    pub fn banger(&self, args: &[&str], dir: &Path) -> Output {
+        let output = self.command(args, dir).output().expect("run banger");
+        assert!(
+            output.status.success(),
+            "banger {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// `banger ARGS` in `dir`, timed from spawn to exit.
+    pub fn timed(&self, args: &[&str], dir: &Path) -> (Duration, Output) {
+        let started = Instant::now();
+        let output = self.banger(args, dir);
+        (started.elapsed(), output)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&["daemon", "stop"], &self.home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+/// On the first run, copies the store of the first of `donors` (other benches' HOMEs under
+/// `target/`) that has one: its image and kernel steps are then hits.
+pub fn seed_store(home: &Path, donors: &[&str]) {
+    let store = home.join(".cache/banger/store");
+    if store.exists() {
+        return;
+    }
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    let Some(donor) = donors
+        .iter()
+        .map(|home| target.join(home).join(".cache/banger/store"))
+        .find(|store| store.is_dir())
+    else {
+        return;
+    };
+    eprintln!(
+        "seeding {} with a copy of {}",
+        store.display(),
+        donor.display()
+    );
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&donor)
+        .arg(&store)
+        .status()
+        .expect("run cp");
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&store);
+        eprintln!("could not copy the store ({status}): building from scratch");
+    }
 }
