@@ -89,7 +89,7 @@ pub const GUEST_ASSETS: &[GuestAsset] = &[
         include_bytes!("../assets/modules-load.d/banger-vsock.conf"),
     ),
     file(
-        "/etc/ssh/sshd_config.d/banger.conf",
+        "/etc/ssh/sshd_config.d/00-banger.conf",
         0o644,
         include_bytes!("../assets/sshd/banger.conf"),
     ),

@@ -21,6 +21,12 @@ pub enum CatalogError {
     },
     #[error("catalog {origin} has version {found}; this banger reads version 1")]
     Version { origin: String, found: u32 },
+    #[error("catalog {origin}: entry `{name}`: {reason}")]
+    Entry {
+        origin: String,
+        name: String,
+        reason: String,
+    },
 }
 
 const EMBEDDED_IMAGES: &str = include_str!("../catalogs/images.json");
@@ -137,6 +143,22 @@ impl Catalogs {
     pub fn parse_images(text: &str, origin: &str) -> Result<Vec<ImageEntry>, CatalogError> {
         let file: ImageCatalogFile = parse_json(text, origin)?;
         check_version(file.version, origin)?;
+        for entry in &file.images {
+            let recipe = entry.recipe.as_ref().map(|recipe| {
+                check_suite(&recipe.suite)?;
+                recipe
+                    .packages
+                    .iter()
+                    .try_for_each(|package| check_package_name(package))
+            });
+            check_entry(
+                origin,
+                &entry.name,
+                entry.bundle.is_some(),
+                entry.prefer,
+                recipe,
+            )?;
+        }
         Ok(file.images)
     }
 
@@ -144,6 +166,19 @@ impl Catalogs {
     pub fn parse_kernels(text: &str, origin: &str) -> Result<Vec<KernelEntry>, CatalogError> {
         let file: KernelCatalogFile = parse_json(text, origin)?;
         check_version(file.version, origin)?;
+        for entry in &file.kernels {
+            let recipe = entry.recipe.as_ref().map(|recipe| {
+                check_suite(&recipe.suite)?;
+                check_package_name(&recipe.package)
+            });
+            check_entry(
+                origin,
+                &entry.name,
+                entry.bundle.is_some(),
+                entry.prefer,
+                recipe,
+            )?;
+        }
         Ok(file.kernels)
     }
 
@@ -163,6 +198,44 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Resul
     })
 }
 
+/// An entry's name and sources: something to build it from, the one `prefer` names among
+/// them, and recipe words that are Debian names (they reach mmdebstrap's command line).
+fn check_entry(
+    origin: &str,
+    name: &str,
+    has_bundle: bool,
+    prefer: Prefer,
+    recipe: Option<Result<(), String>>,
+) -> Result<(), CatalogError> {
+    let reason = if name.is_empty()
+        || !name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte))
+    {
+        Some("the name must be letters, digits, `-`, `_` and `.`".to_owned())
+    } else if !has_bundle && recipe.is_none() {
+        Some("it has neither a `bundle` nor a `recipe`, so it cannot be built".to_owned())
+    } else if let Some(Err(reason)) = &recipe {
+        Some(format!("recipe: {reason}"))
+    } else {
+        match prefer {
+            Prefer::Bundle if !has_bundle => Some("it prefers `bundle` but has none".to_owned()),
+            Prefer::Recipe if recipe.is_none() => {
+                Some("it prefers `recipe` but has none".to_owned())
+            }
+            _ => None,
+        }
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(CatalogError::Entry {
+            origin: origin.to_owned(),
+            name: name.to_owned(),
+            reason,
+        }),
+    }
+}
+
 fn check_version(found: u32, origin: &str) -> Result<(), CatalogError> {
     if found == 1 {
         Ok(())
@@ -171,6 +244,55 @@ fn check_version(found: u32, origin: &str) -> Result<(), CatalogError> {
             origin: origin.to_owned(),
             found,
         })
+    }
+}
+
+/// A Debian package name (policy §5.6.7), optionally pinned: `make`, `libc6:amd64`,
+/// `git=1:2.39.2-1.1`.
+pub fn check_package_name(spec: &str) -> Result<(), String> {
+    let (name_arch, version) = match spec.split_once('=') {
+        Some((name, version)) => (name, Some(version)),
+        None => (spec, None),
+    };
+    let name = name_arch
+        .split_once(':')
+        .map_or(name_arch, |(name, _)| name);
+    let arch_ok = name_arch.split_once(':').is_none_or(|(_, arch)| {
+        !arch.is_empty() && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    let mut chars = name.chars();
+    let name_ok = name.len() >= 2
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
+    let version_ok = version.is_none_or(|version| {
+        !version.is_empty()
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~' | '-' | ':'))
+    });
+    if name_ok && arch_ok && version_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{spec}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; optionally `:arch` and `=version`)"
+        ))
+    }
+}
+
+/// A distribution release name such as `bookworm` or `stable`.
+pub fn check_suite(suite: &str) -> Result<(), String> {
+    let mut chars = suite.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{suite}` is not a release name like `bookworm` (lowercase letters, digits, `-`, `.`)"
+        ))
     }
 }
 
@@ -191,6 +313,53 @@ mod tests {
             );
             assert!(image.bundle.is_some() || image.recipe.is_some());
         }
+    }
+
+    #[test]
+    fn entries_that_cannot_be_built_or_smuggle_options_are_refused() {
+        let image = |fields: &str| {
+            format!(
+                r#"{{"version": 1, "images": [{{"name": "x", "distro": "debian", "arch": "x86_64",
+                    "kernel_ref": "k", {fields}}}]}}"#
+            )
+        };
+        let recipe = |suite: &str, package: &str| {
+            format!(
+                r#""prefer": "recipe", "recipe": {{"distro": "debian", "suite": "{suite}",
+                    "packages": ["{package}"]}}"#
+            )
+        };
+        for (fields, expected) in [
+            (
+                r#""prefer": "bundle""#.to_owned(),
+                "neither a `bundle` nor a `recipe`",
+            ),
+            (
+                recipe("--setup-hook=touch /pwned", "make"),
+                "not a release name",
+            ),
+            (
+                recipe("bookworm", "--customize-hook=id"),
+                "not a Debian package name",
+            ),
+            (
+                r#""prefer": "bundle", "recipe": {"distro": "debian", "suite": "bookworm",
+                    "packages": []}"#
+                    .to_owned(),
+                "prefers `bundle` but has none",
+            ),
+        ] {
+            let error = Catalogs::parse_images(&image(&fields), "/c.json").unwrap_err();
+            let text = error.to_string();
+            assert!(text.starts_with("catalog /c.json: entry `x`: "), "{text}");
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        let kernels = r#"{"version": 1, "kernels": [{"name": "k", "arch": "x86_64",
+            "prefer": "recipe", "recipe": {"distro": "debian", "suite": "-x",
+            "package": "linux-image-amd64"}}]}"#;
+        let error = Catalogs::parse_kernels(kernels, "/k.json").unwrap_err();
+        assert!(error.to_string().contains("not a release name"), "{error}");
+        assert!(Catalogs::parse_images(&image(&recipe("bookworm", "make")), "/c.json").is_ok());
     }
 
     #[test]

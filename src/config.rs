@@ -64,6 +64,28 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(
+        "catalog {url} (set in {config}) is plain HTTP, so anyone on the way could rewrite what \
+         banger builds and runs; use https://, or pin the catalog's content by appending \
+         #sha256=<its sha256> to the URL"
+    )]
+    InsecureCatalog { url: String, config: PathBuf },
+    #[error(
+        "catalog URL {url} (set in {config}) ends in `#{fragment}`; the only fragment banger \
+         knows is #sha256=<64 lowercase hex digits>, the catalog's pinned digest"
+    )]
+    BadCatalogPin {
+        url: String,
+        config: PathBuf,
+        fragment: String,
+    },
+    #[error("catalog {url} (set in {config}) has sha256 {actual}, not the pinned {expected}")]
+    CatalogDigest {
+        url: String,
+        config: PathBuf,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// A catalog bigger than this is refused (they are a few KiB).
@@ -286,23 +308,40 @@ impl Config {
                 }
             });
         }
-        let url = text.into_owned();
+        let (url, pin) = self.catalog_pin(&text)?;
         let cached = cache_dir.map(|dir| {
             dir.join("catalogs").join(format!(
                 "{}.json",
-                &blake3::hash(url.as_bytes()).to_hex()[..32]
+                &blake3::hash(text.as_bytes()).to_hex()[..32]
             ))
         });
-        let fetched =
-            crate::fetch::Fetcher::new(crate::fetch::FetchOptions::default()).and_then(|fetcher| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|error| crate::fetch::FetchError::ClientSetup {
-                        message: error.to_string(),
-                    })?
-                    .block_on(fetcher.fetch_text(&url, CATALOG_MAX_BYTES))
-            });
+        // On a thread of its own with its own runtime: callers may be sync (the CLI) or
+        // inside a runtime (the daemon), where blocking on another runtime would panic.
+        let fetched = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let fetcher =
+                        crate::fetch::Fetcher::new(crate::fetch::FetchOptions::default())?;
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|error| crate::fetch::FetchError::ClientSetup {
+                            message: error.to_string(),
+                        })?
+                        .block_on(fetcher.fetch_text(&url, CATALOG_MAX_BYTES))
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(crate::fetch::FetchError::ClientSetup {
+                        message: "the catalog fetch panicked".to_owned(),
+                    })
+                })
+        });
+        // A copy that does not match the pin is no copy at all.
+        let fetched = match fetched {
+            Ok(text) => Ok(self.check_catalog_pin(&url, pin.as_deref(), text)?),
+            Err(error) => Err(error),
+        };
         match (fetched, &cached) {
             (Ok(text), Some(cached)) => {
                 // A failed cache write only costs the offline fallback.
@@ -320,11 +359,13 @@ impl Config {
                 warn(&format!(
                     "cannot fetch catalog {url} ({error}); using the copy fetched earlier"
                 ));
-                std::fs::read_to_string(cached).map_err(|source| ConfigError::CatalogRead {
-                    path: cached.clone(),
-                    config: self.path.clone(),
-                    source,
-                })
+                let text =
+                    std::fs::read_to_string(cached).map_err(|source| ConfigError::CatalogRead {
+                        path: cached.clone(),
+                        config: self.path.clone(),
+                        source,
+                    })?;
+                self.check_catalog_pin(&url, pin.as_deref(), text)
             }
             (Err(error), _) => Err(ConfigError::CatalogFetch {
                 url,
@@ -333,6 +374,74 @@ impl Config {
             }),
         }
     }
+
+    /// Splits a catalog URL from its `#sha256=HEX` pin, and refuses plain HTTP without one
+    /// (except on loopback, where nobody else is on the way).
+    fn catalog_pin(&self, text: &str) -> Result<(String, Option<String>), ConfigError> {
+        let (url, fragment) = match text.split_once('#') {
+            Some((url, fragment)) => (url.to_owned(), Some(fragment)),
+            None => (text.to_owned(), None),
+        };
+        let pin = match fragment {
+            None => None,
+            Some(fragment) => {
+                let digest = fragment.strip_prefix("sha256=").filter(|digest| {
+                    digest.len() == 64
+                        && digest
+                            .bytes()
+                            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+                });
+                match digest {
+                    Some(digest) => Some(digest.to_owned()),
+                    None => {
+                        return Err(ConfigError::BadCatalogPin {
+                            url,
+                            config: self.path.clone(),
+                            fragment: fragment.to_owned(),
+                        });
+                    }
+                }
+            }
+        };
+        if url.starts_with("http://") && pin.is_none() && !loopback_url(&url) {
+            return Err(ConfigError::InsecureCatalog {
+                url,
+                config: self.path.clone(),
+            });
+        }
+        Ok((url, pin))
+    }
+
+    fn check_catalog_pin(
+        &self,
+        url: &str,
+        pin: Option<&str>,
+        text: String,
+    ) -> Result<String, ConfigError> {
+        let Some(expected) = pin else {
+            return Ok(text);
+        };
+        let actual: String = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        if actual == expected {
+            Ok(text)
+        } else {
+            Err(ConfigError::CatalogDigest {
+                url: url.to_owned(),
+                config: self.path.clone(),
+                expected: expected.to_owned(),
+                actual,
+            })
+        }
+    }
+}
+
+/// Whether an `http://` URL's host is on the loopback interface.
+fn loopback_url(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|url| url.host_str().is_some_and(crate::oci::is_loopback_registry))
 }
 
 impl crate::error::Classify for ConfigError {
@@ -405,6 +514,81 @@ mod tests {
                 .starts_with("cannot fetch catalog file://"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn plain_http_catalogs_need_loopback_or_a_pin_and_a_pin_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("images.json");
+        let text = r#"{"version": 1, "images": []}"#;
+        std::fs::write(&catalog, text).unwrap();
+        let digest: String = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let config_with = |url: &str| {
+            Config::parse(
+                &format!("[catalogs]\nimages = \"{url}\"\n"),
+                &dir.path().join("config.toml"),
+            )
+            .unwrap()
+        };
+        // Refused before anything is fetched (the host does not resolve).
+        let error = config_with("http://catalogs.invalid/images.json")
+            .catalogs()
+            .unwrap_err();
+        assert!(
+            matches!(error, ConfigError::InsecureCatalog { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("#sha256="), "{error}");
+        // Loopback needs no pin: the refusal is gone, the fetch fails on a closed port.
+        for url in [
+            "http://127.0.0.1:9/images.json",
+            "http://[::1]:9/images.json",
+            "http://localhost:9/c.json",
+        ] {
+            let error = config_with(url).catalogs().unwrap_err();
+            assert!(
+                matches!(error, ConfigError::CatalogFetch { .. }),
+                "{url}: {error}"
+            );
+        }
+        // A malformed pin is named.
+        let error = config_with("https://example.invalid/c.json#sha256=XYZ")
+            .catalogs()
+            .unwrap_err();
+        assert!(
+            matches!(error, ConfigError::BadCatalogPin { .. }),
+            "{error}"
+        );
+        // A pin is checked against what was read (file:// here, the same path as http).
+        let url = format!("file://{}", catalog.display());
+        let pinned = config_with(&format!("{url}#sha256={digest}"));
+        assert!(pinned.catalogs().is_ok());
+        let wrong = "0".repeat(64);
+        let error = config_with(&format!("{url}#sha256={wrong}"))
+            .catalogs()
+            .unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::CatalogDigest { actual, .. } if *actual == digest),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_url_catalog_can_be_read_from_inside_a_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("images.json");
+        std::fs::write(&catalog, r#"{"version": 1, "images": []}"#).unwrap();
+        let config = Config::parse(
+            &format!("[catalogs]\nimages = \"file://{}\"\n", catalog.display()),
+            &dir.path().join("config.toml"),
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let catalogs = runtime.block_on(async { config.catalogs() }).unwrap();
+        assert!(catalogs.images.is_empty());
     }
 
     #[test]

@@ -16,6 +16,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+/// The longest timeout banger accepts anywhere (a week): a deadline is `now + timeout`, and a
+/// value near `u64::MAX` seconds would overflow it.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
+
 /// Everything `banger up` needs to know about a project's sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {

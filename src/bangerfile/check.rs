@@ -194,6 +194,11 @@ pub(crate) fn duration(raw: &RawDuration) -> Result<std::time::Duration, String>
     if seconds == 0 {
         return Err("duration is zero; durations are greater than zero".into());
     }
+    if seconds > crate::spec::MAX_TIMEOUT_SECS {
+        return Err(format!(
+            "duration of {seconds} s is longer than the longest banger waits, 7 days"
+        ));
+    }
     Ok(std::time::Duration::from_secs(seconds))
 }
 
@@ -285,54 +290,7 @@ pub(crate) fn project_name_from_dir(dir_name: &str) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-/// A Debian package name (policy §5.6.7), optionally pinned: `make`, `libc6:amd64`,
-/// `git=1:2.39.2-1.1`.
-pub(crate) fn package_name(spec: &str) -> Result<(), String> {
-    let (name_arch, version) = match spec.split_once('=') {
-        Some((name, version)) => (name, Some(version)),
-        None => (spec, None),
-    };
-    let name = name_arch
-        .split_once(':')
-        .map_or(name_arch, |(name, _)| name);
-    let arch_ok = name_arch.split_once(':').is_none_or(|(_, arch)| {
-        !arch.is_empty() && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    });
-    let mut chars = name.chars();
-    let name_ok = name.len() >= 2
-        && chars
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chars
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
-    let version_ok = version.is_none_or(|version| {
-        !version.is_empty()
-            && version
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '~' | '-' | ':'))
-    });
-    if name_ok && arch_ok && version_ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{spec}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`; optionally `:arch` and `=version`)"
-        ))
-    }
-}
-
-/// A distribution release name such as `bookworm` or `stable`.
-pub(crate) fn suite(suite: &str) -> Result<(), String> {
-    let mut chars = suite.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{suite}` is not a release name like `bookworm` (lowercase letters, digits, `-`, `.`)"
-        ))
-    }
-}
+pub(crate) use crate::catalog::{check_package_name as package_name, check_suite as suite};
 
 /// An OCI image reference, `[registry[:port]/]path[:tag][@algorithm:hex]`, following the
 /// grammar of the distribution project's `reference` package.
@@ -575,6 +533,14 @@ mod tests {
         assert_eq!(duration(&text("2h")), Ok(secs(7200)));
         assert_eq!(duration(&text("45")), Ok(secs(45)));
         assert_eq!(duration(&RawDuration::Seconds(600)), Ok(secs(600)));
+        assert_eq!(duration(&text("7d")), Ok(secs(7 * 86_400)));
+        for long in ["8d", "18446744073709551615", "99999999999999999d"] {
+            let error = duration(&text(long)).unwrap_err();
+            assert!(
+                error.contains("longer than the longest banger waits"),
+                "{long}: {error}"
+            );
+        }
         assert!(duration(&text("1.5h")).unwrap_err().contains("`1.5h`"));
         assert!(duration(&text("soon")).is_err());
         assert!(duration(&text("0s")).is_err());

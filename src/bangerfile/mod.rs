@@ -33,7 +33,7 @@
 //! - Key paths of syntax errors are best effort: they come from the partially recovered
 //!   document.
 
-pub(crate) mod check;
+mod check;
 mod diagnostic;
 mod document;
 mod raw;

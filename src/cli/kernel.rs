@@ -64,8 +64,8 @@ pub struct TestArgs {
     /// fallback; auto picks vsock when vhost-device-vsock is installed.
     #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
     transport: TransportChoice,
-    /// Give up on the agent after this many seconds.
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    /// Give up on the agent after this many seconds (at most a week).
+    #[arg(long, default_value_t = 120, value_name = "SECONDS", value_parser = super::vm::timeout_secs())]
     timeout: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]

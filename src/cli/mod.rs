@@ -134,8 +134,9 @@ point: the VM is deleted afterwards, and a lock that would change is an error."
         long_about = "The daemon is one background process per user that owns the VMs (and \
 builds what a VM it makes needs), so VMs outlive the commands that start them. Commands that need it \
 start it by themselves (`banger daemon run`, detached; its log is \
-~/.local/state/banger/logs/daemon.log). It listens on $XDG_RUNTIME_DIR/banger/banger.sock, \
-readable by your user only."
+~/.local/state/banger/logs/daemon.log). It listens on $XDG_RUNTIME_DIR/banger/banger.sock \
+(/run/banger for root, /tmp/banger-UID for others without XDG_RUNTIME_DIR), in a directory \
+only your user may use: banger refuses one that another user owns or can write."
     )]
     Daemon(daemon::DaemonCommand),
 }

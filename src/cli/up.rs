@@ -41,8 +41,8 @@ pub struct UpArgs {
     /// Bring the sandbox up but do not run [up].run.
     #[arg(long)]
     no_run: bool,
-    /// Seconds to wait for the guest's agent [default: 300].
-    #[arg(long, value_name = "SECONDS")]
+    /// Seconds to wait for the guest's agent [default: 300; at most a week].
+    #[arg(long, value_name = "SECONDS", value_parser = super::vm::timeout_secs())]
     timeout: Option<u64>,
 }
 

@@ -131,8 +131,8 @@ pub struct RunArgs {
     /// Delete the VM afterwards (kept if it never came up, for `vm logs`).
     #[arg(long)]
     rm: bool,
-    /// Seconds to wait for the guest to come up.
-    #[arg(long, default_value_t = 180)]
+    /// Seconds to wait for the guest to come up (at most a week).
+    #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
     timeout: u64,
     /// The command to run in the guest (after `--`).
     #[arg(last = true)]
@@ -142,9 +142,14 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StartArgs {
     name: String,
-    /// Seconds to wait for the guest to come up.
-    #[arg(long, default_value_t = 180)]
+    /// Seconds to wait for the guest to come up (at most a week).
+    #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
     timeout: u64,
+}
+
+/// Seconds from 1 to [`banger::spec::MAX_TIMEOUT_SECS`].
+pub(super) fn timeout_secs() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=banger::spec::MAX_TIMEOUT_SECS)
 }
 
 pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitStatus> {

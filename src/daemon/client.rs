@@ -51,6 +51,19 @@ impl DaemonClient {
                 });
             }
         };
+        // The socket's directory could be another user's (a planted /tmp/banger-<uid>): check
+        // who serves it before sending anything.
+        let peer = stream.peer_cred().map_err(|source| DaemonError::Io {
+            path: socket.to_owned(),
+            source,
+        })?;
+        if !super::trusted_peer(peer.uid()) {
+            return Err(DaemonError::ForeignDaemon {
+                socket: socket.to_owned(),
+                peer: peer.uid(),
+                uid: nix::unistd::geteuid().as_raw(),
+            });
+        }
         let (reader, writer) = stream.into_split();
         let mut client = DaemonClient {
             lines: BufReader::new(reader).lines(),

@@ -62,4 +62,23 @@ pub enum DaemonError {
     },
     #[error("the daemon on {} did not stop in time", socket.display())]
     StopTimeout { socket: PathBuf },
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::paths::RuntimeDirError),
+    #[error(
+        "the process serving {} runs as uid {peer}, not as uid {uid}: banger refuses to talk \
+         to another user's daemon (remove the socket's directory, or set {})",
+        socket.display(),
+        crate::env::BANGER_RUNTIME_DIR
+    )]
+    ForeignDaemon {
+        socket: PathBuf,
+        peer: u32,
+        uid: u32,
+    },
+}
+
+/// Whether a peer of the daemon socket (the daemon, seen from a client; a client, seen from
+/// the daemon) may be trusted: the same user, or root.
+pub(crate) fn trusted_peer(peer_uid: u32) -> bool {
+    peer_uid == nix::unistd::geteuid().as_raw() || peer_uid == 0
 }

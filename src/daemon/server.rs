@@ -10,7 +10,7 @@
 //!
 //! It serves until `Stop`, SIGTERM or SIGINT, then removes the socket and the lock file.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,14 +62,16 @@ pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
         let path = path.to_owned();
         move |source| DaemonError::Io { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    crate::paths::ensure_runtime_dir(dir)?;
     let lock_path = lock_path(socket);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        // Never through a link, even in a directory that is ours.
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
     let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -127,6 +129,11 @@ pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // The socket is 0600 in a 0700 directory; this is the second lock on the door.
+                match stream.peer_cred() {
+                    Ok(peer) if super::trusted_peer(peer.uid()) => {}
+                    _ => continue,
+                }
                 state.connections.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(serve_connection(stream, Arc::clone(&state)));
             }

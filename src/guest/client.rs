@@ -649,7 +649,7 @@ fn remote(request: &'static str, reply: ErrorReply) -> GuestError {
     GuestError::Remote {
         request,
         kind: reply.kind,
-        message: reply.message,
+        message: crate::error::printable(&reply.message),
     }
 }
 

@@ -21,6 +21,8 @@ use crate::store::{Store, StoreError, now_ms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::paths::RuntimeDirError),
     #[error(
         "`{name}` is not in the kernel catalog (it has: {}); a kernel of your own is added with \
          `banger kernel import NAME --from DIR`",
@@ -175,7 +177,7 @@ pub async fn test(
         let path = path.to_owned();
         move |source| KernelError::Prepare { path, source }
     };
-    std::fs::create_dir_all(&paths.runtime_dir).map_err(prepare(&paths.runtime_dir))?;
+    crate::paths::ensure_runtime_dir(&paths.runtime_dir)?;
     let sockets = tempfile::Builder::new()
         .prefix("kernel-test-")
         .tempdir_in(&paths.runtime_dir)
@@ -436,9 +438,10 @@ impl Classify for KernelError {
             | KernelError::ReadDir { .. } => ErrorClass::User,
             KernelError::Source(error) => error.class(),
             KernelError::NoImage { .. } | KernelError::NoInitramfs { .. } => ErrorClass::User,
-            KernelError::Accel(_) | KernelError::Prepare { .. } | KernelError::Boot(_) => {
-                ErrorClass::Environment
-            }
+            KernelError::Accel(_)
+            | KernelError::Prepare { .. }
+            | KernelError::Boot(_)
+            | KernelError::RuntimeDir(_) => ErrorClass::Environment,
             KernelError::Plan(error) => error.class(),
             KernelError::Engine(error) => error.class(),
             KernelError::State(error) => error.class(),

@@ -15,6 +15,7 @@
 //! per name, so two `vm run`s needing the same default image build it once.
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +44,8 @@ pub const DEFAULT_IMAGE: &str = "debian-bookworm";
 pub enum VmError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::paths::RuntimeDirError),
     #[error(transparent)]
     BadName(#[from] crate::vm::shape::BadName),
     #[error(transparent)]
@@ -273,6 +276,8 @@ impl std::fmt::Debug for Vms {
 impl Vms {
     /// Opens the store and state and finds the VMs that still run (see [`Vms::reconcile`]).
     pub async fn open(paths: Paths) -> Result<Vms, VmError> {
+        // Reconciling reads pid records from it and signals what they name.
+        crate::paths::ensure_runtime_dir(&paths.runtime_dir)?;
         let store = Store::open(paths.store_dir())?;
         let services = crate::steps::Services::from_env(&paths.state_dir)?;
         let engine = crate::steps::engine(&store, &services);
@@ -374,7 +379,16 @@ impl Vms {
         let path = self.scratch_file(id);
         let temporary = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(launched).expect("handles serialize");
-        std::fs::write(&temporary, text).map_err(io("cannot write", &temporary))?;
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io("cannot write", &temporary))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .map_err(io("cannot write", &temporary))?;
         std::fs::rename(&temporary, &path).map_err(io("cannot write", &path))
     }
 
@@ -614,6 +628,15 @@ impl Vms {
         );
         let lock = self.lock(&name);
         let _held = lock.lock().await;
+        // Checked again under the lock: another create of the same name may have passed the
+        // first check while this one was resolving its image, and files of a VM that exists
+        // must never be made (or removed on failure) here.
+        if self.state()?.vm(&name)?.is_some() {
+            return Err(StateError::VmExists { name }.into());
+        }
+        // No VM has this name, so whatever its directory holds was left by a create that
+        // crashed.
+        let _ = std::fs::remove_dir_all(self.vm_dir(&name));
         let id = new_id();
         let record = VmRecord {
             name: name.clone(),
@@ -1076,7 +1099,10 @@ fn changes(
 
 /// The requested agent wait, or the default.
 pub fn timeout(seconds: Option<u64>) -> Duration {
-    seconds.map_or(DEFAULT_BOOT_TIMEOUT, Duration::from_secs)
+    // Clamped: a request from any client must not overflow a deadline.
+    seconds.map_or(DEFAULT_BOOT_TIMEOUT, |seconds| {
+        Duration::from_secs(seconds.min(crate::spec::MAX_TIMEOUT_SECS))
+    })
 }
 
 fn image_file(image: &crate::state::ImageRecord) -> StoredFile {

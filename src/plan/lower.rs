@@ -449,7 +449,9 @@ impl Lowering<'_> {
                 suite: recipe.suite.clone(),
                 packages: recipe.packages.clone(),
             })
-            .expect("catalog entries have a bundle or a recipe (checked by tests)");
+            .expect(
+                "catalog entries have a bundle or a recipe (checked by Catalogs::parse_images)",
+            );
         self.recipe_image(prefix, &recipe)
     }
 
@@ -569,7 +571,9 @@ impl Lowering<'_> {
                 self.plan.add_input(stage, "kernel", extract);
                 self.plan.add_input(stage, "initramfs", initramfs);
             }
-            (None, None) => unreachable!("catalog kernels have a bundle or a recipe (tested)"),
+            (None, None) => unreachable!(
+                "catalog kernels have a bundle or a recipe (checked by Catalogs::parse_kernels)"
+            ),
             (Some(_), None) => unreachable!("a bundle-only entry uses the bundle"),
         }
         self.kernels.insert(name.to_owned(), stage);

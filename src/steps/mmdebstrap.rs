@@ -89,9 +89,9 @@ pub(super) const MMDEBSTRAP_CANCEL_GRACE: Duration = Duration::from_secs(12);
 /// Refuses a suite or package name that is not one (a catalog's recipe reaches mmdebstrap's
 /// command line, where an option-looking word would run hooks on the host).
 pub(super) fn check_recipe_words(suite: &str, packages: &[String]) -> Result<(), StepError> {
-    crate::bangerfile::check::suite(suite).map_err(StepError::new)?;
+    crate::catalog::check_suite(suite).map_err(StepError::new)?;
     for package in packages {
-        crate::bangerfile::check::package_name(package).map_err(StepError::new)?;
+        crate::catalog::check_package_name(package).map_err(StepError::new)?;
     }
     Ok(())
 }

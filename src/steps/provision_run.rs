@@ -421,7 +421,8 @@ impl LogState {
     }
 
     fn line(&mut self, stream: OutputStream, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes).into_owned();
+        // The log file keeps the bytes; what reaches the terminal is defused.
+        let text = crate::error::printable(&String::from_utf8_lossy(bytes));
         if self.tail.len() == ERROR_TAIL_LINES {
             self.tail.pop_front();
         }

@@ -493,7 +493,12 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
             let start = all.len().saturating_sub(lines);
             all[start..]
                 .iter()
-                .map(|line| format!("  | {}", line.trim_end_matches('\r')))
+                .map(|line| {
+                    format!(
+                        "  | {}",
+                        crate::error::printable(line.trim_end_matches('\r'))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("\n")
         }

@@ -27,6 +27,14 @@ pub enum StorageError {
     },
     #[error("a VM disk must be at least {min} bytes, not {bytes}")]
     TooSmall { bytes: u64, min: u64 },
+    #[error("cannot create the disk {}: it exists, and a VM's disks are never overwritten", path.display())]
+    Exists { path: PathBuf },
+    #[error("cannot create the disk {}", path.display())]
+    Reserve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The smallest disk banger creates: room for the journal and some files.
@@ -96,7 +104,8 @@ impl VmDisks {
     }
 
     /// Creates both disks, blank: the writable layer as large as the VM's disk size, the
-    /// work disk `work_bytes`. On failure neither is left behind.
+    /// work disk `work_bytes`. A disk that exists already is an error, and is left alone; on
+    /// any failure, neither disk this call made is left behind.
     pub fn create(
         dir: &Path,
         vm_id: &str,
@@ -104,6 +113,31 @@ impl VmDisks {
         work_bytes: u64,
     ) -> Result<VmDisks, StorageError> {
         let disks = VmDisks::in_dir(dir);
+        // Claimed with O_EXCL first, so that nothing here ever truncates another VM's disk.
+        let claim = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map(drop)
+                .map_err(|source| {
+                    if source.kind() == std::io::ErrorKind::AlreadyExists {
+                        StorageError::Exists {
+                            path: path.to_owned(),
+                        }
+                    } else {
+                        StorageError::Reserve {
+                            path: path.to_owned(),
+                            source,
+                        }
+                    }
+                })
+        };
+        claim(&disks.overlay)?;
+        if let Err(error) = claim(&disks.work) {
+            let _ = std::fs::remove_file(&disks.overlay);
+            return Err(error);
+        }
         let made = create_blank_ext4(
             &disks.overlay,
             disk_bytes,
@@ -162,5 +196,30 @@ mod tests {
         let error = VmDisks::create(dir.path(), "vm", 1 << 20, 256 << 20).unwrap_err();
         assert!(matches!(error, StorageError::TooSmall { .. }), "{error}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn existing_disks_are_never_overwritten_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = VmDisks::in_dir(dir.path());
+        std::fs::write(&disks.work, b"another VM's work").unwrap();
+        let error = VmDisks::create(dir.path(), "vm", 64 << 20, 64 << 20).unwrap_err();
+        assert!(matches!(error, StorageError::Exists { .. }), "{error}");
+        assert_eq!(std::fs::read(&disks.work).unwrap(), b"another VM's work");
+        assert!(
+            !disks.overlay.exists(),
+            "the claimed overlay was left behind"
+        );
+        std::fs::remove_file(&disks.work).unwrap();
+        std::fs::write(&disks.overlay, b"another VM's overlay").unwrap();
+        assert!(matches!(
+            VmDisks::create(dir.path(), "vm", 64 << 20, 64 << 20),
+            Err(StorageError::Exists { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&disks.overlay).unwrap(),
+            b"another VM's overlay"
+        );
+        assert!(!disks.work.exists());
     }
 }

@@ -188,3 +188,194 @@ fn a_daemon_that_cannot_start_says_why_and_leaves_nothing_running() {
     );
     assert!(!sandbox.run_dir().join("banger.sock").exists());
 }
+
+/// `banger daemon run` in the sandbox, killed if it is still running after 30 s (a daemon that
+/// accepted the directory would serve forever).
+fn daemon_run_refused(sandbox: &Sandbox) -> crate::support::Output {
+    let mut child = sandbox
+        .context
+        .command(&["daemon", "run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon accepted the runtime directory and served it");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    crate::support::Output {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn as_root() -> bool {
+    crate::support::capable(
+        "root, to plant a directory owned by another user",
+        nix::unistd::geteuid().is_root(),
+    )
+}
+
+#[test]
+fn a_runtime_directory_planted_by_another_user_is_refused_and_nothing_is_written_through_it() {
+    if !as_root() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let run_dir = sandbox.run_dir();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    // The attacker's lock "file": a link to a file of the victim's, which a daemon opening it
+    // would truncate to write its pid.
+    let victim = sandbox.context.root.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, run_dir.join("daemon.lock")).unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(65534), Some(65534)).unwrap();
+    let output = daemon_run_refused(&sandbox);
+    assert_eq!(output.code, Some(2), "an environment error: {output}");
+    assert!(
+        output.stderr.contains("belongs to uid 65534, not to uid 0"),
+        "{output}"
+    );
+    assert!(output.stderr.contains("BANGER_RUNTIME_DIR"), "{output}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(!run_dir.join("banger.sock").exists());
+}
+
+#[test]
+fn a_runtime_directory_others_can_write_is_refused() {
+    let sandbox = Sandbox::new();
+    let run_dir = sandbox.run_dir();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = daemon_run_refused(&sandbox);
+    assert_eq!(output.code, Some(2), "an environment error: {output}");
+    assert!(
+        output
+            .stderr
+            .contains("is writable by other users (mode 777)"),
+        "{output}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&run_dir).unwrap().collect();
+    assert!(entries.is_empty(), "written in it: {entries:?}");
+}
+
+#[test]
+fn a_daemon_socket_served_by_another_user_is_never_spoken_to() {
+    if !as_root() {
+        return;
+    }
+    let python = std::path::Path::new("/usr/bin/python3");
+    if !crate::support::capable(
+        "/usr/bin/python3, to serve a socket as nobody",
+        python.exists(),
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    // Traversable by nobody down to the socket's directory, which nobody owns.
+    std::fs::set_permissions(
+        sandbox.context.root.path(),
+        std::fs::Permissions::from_mode(0o711),
+    )
+    .unwrap();
+    let run_dir = sandbox.run_dir();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::set_permissions(
+        run_dir.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o711),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(65534), Some(65534)).unwrap();
+    let socket = run_dir.join("banger.sock");
+    // Serves one connection and prints what the client sent (nothing, if it checked first).
+    let server = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX)\n\
+                  s.bind(sys.argv[1])\n\
+                  s.listen(1)\n\
+                  print('ready', flush=True)\n\
+                  c, _ = s.accept()\n\
+                  c.settimeout(10)\n\
+                  data = b''\n\
+                  while True:\n\
+                  \x20   chunk = c.recv(4096)\n\
+                  \x20   if not chunk: break\n\
+                  \x20   data += chunk\n\
+                  print(repr(data), flush=True)\n";
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(python)
+        .args(["-c", server])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let output = sandbox
+        .context
+        .command(&["daemon", "status"])
+        .env("BANGER_RUNTIME_DIR", &run_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an environment error: {stderr}"
+    );
+    assert!(
+        stderr.contains("runs as uid 65534, not as uid 0"),
+        "{stderr}"
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(
+        line, "b''\n",
+        "the client sent something to a foreign daemon"
+    );
+    child.wait().unwrap();
+}
+
+#[test]
+fn the_daemon_reads_a_url_catalog_without_panicking() {
+    use crate::registry::{FakeRegistry, Reply};
+    let sandbox = Sandbox::new();
+    let catalog = br#"{"version": 1, "images": [{"name": "served-image", "distro": "debian",
+        "arch": "x86_64", "kernel_ref": "debian-cloud-amd64", "prefer": "bundle",
+        "bundle": {"url": "http://127.0.0.1:9/none.tar.zst", "sha256": "00", "size": 1}}]}"#
+        .to_vec();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(FakeRegistry::start(move |path, _| match path {
+        "/images.json" => Reply::ok("application/json", catalog.clone()),
+        _ => Reply::status(404),
+    }));
+    let config = sandbox.context.config_file();
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[catalogs]\nimages = \"http://{}/images.json\"\n",
+            server.address
+        ),
+    )
+    .unwrap();
+    // Not in the catalog and not an OCI reference: the error lists the served catalog, so the
+    // daemon fetched and read it.
+    let output = sandbox
+        .context
+        .run(&["vm", "create", "--image", "Not/An!Image", "--name", "x"]);
+    assert_eq!(output.code, Some(1), "{output}");
+    assert!(output.stderr.contains("(served-image)"), "{output}");
+    assert_eq!(server.count("/images.json"), 1);
+    // And it is still there to answer.
+    assert_eq!(sandbox.status()["pid"], sandbox.daemon_pid().unwrap());
+}

@@ -1133,7 +1133,10 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
     let id = format!("t{:09}", std::process::id());
     let tap = privileged::tap_name(&id);
     let _guard = Tap::guard(&tap);
-    let disks = VmDisks::create(dir, &id, 64 << 20, 64 << 20).unwrap();
+    // A directory of their own: the fixture's dir has drive files of the same names.
+    let disk_dir = dir.join("disks");
+    std::fs::create_dir_all(&disk_dir).unwrap();
+    let disks = VmDisks::create(&disk_dir, &id, 64 << 20, 64 << 20).unwrap();
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
     let spec = MachineSpec {

@@ -149,7 +149,7 @@ fn slow_debian_recipe_builds_and_its_tar_pulls_back_from_a_registry() {
         "/usr/sbin/sshd",
         "/usr/bin/ip",
         "/lib/systemd/systemd",
-        "/etc/ssh/sshd_config.d/banger.conf",
+        "/etc/ssh/sshd_config.d/00-banger.conf",
         "/etc/systemd/system/sysinit.target.wants/banger-agent.service",
     ] {
         assert!(

@@ -381,6 +381,71 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
 }
 
 #[test]
+fn slow_vm_concurrent_creates_of_one_name_make_one_vm_and_touch_no_disk_twice() {
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "race";
+    let _cleanup = Cleanup { context, name };
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            context
+                .command(&["vm", "create", "--name", name, "--disk", "1G"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    let won: Vec<_> = outputs
+        .iter()
+        .filter(|output| output.status.success())
+        .collect();
+    let describe = || {
+        outputs
+            .iter()
+            .map(|output| {
+                format!(
+                    "exit {:?}: {}",
+                    output.status.code(),
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(won.len(), 1, "{}", describe());
+    for output in outputs.iter().filter(|output| !output.status.success()) {
+        assert_eq!(output.status.code(), Some(1), "{}", describe());
+        assert!(
+            String::from_utf8_lossy(&output.stderr)
+                .contains(&format!("a VM named `{name}` already exists")),
+            "{}",
+            describe()
+        );
+    }
+    // The winner's disks are whole: written once, by it.
+    let shown = show(context, name);
+    assert_eq!(shown["state"], "stopped");
+    for disk in ["overlay.ext4", "work.ext4"] {
+        let path = vm_dir(context, name).join(disk);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30, "{disk}");
+        crate::support::assert_fsck_clean(&path);
+    }
+    let list = context.run(&["--json", "vm", "list"]);
+    assert_eq!(
+        list.stdout.matches(&format!("\"{name}\"")).count(),
+        1,
+        "{list}"
+    );
+}
+
+#[test]
 fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
     let context = TestContext::new();
     let _daemon = StopDaemon(&context);
@@ -410,6 +475,21 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
         (
             &["vm", "run", "--network", "none"][..],
             "`vm run --network none` needs a command",
+        ),
+        (
+            &[
+                "vm",
+                "run",
+                "--timeout",
+                "18446744073709551615",
+                "--",
+                "true",
+            ][..],
+            "18446744073709551615 is not in 1..=604800",
+        ),
+        (
+            &["vm", "start", "nosuch", "--timeout", "0"][..],
+            "0 is not in 1..=604800",
         ),
     ] {
         let output = context.run(args);
