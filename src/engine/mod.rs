@@ -567,6 +567,21 @@ impl Engine {
         options: RunOptions,
     ) -> Result<RunReport, EngineError> {
         let started = Instant::now();
+        // Held until the run returns: `cache gc` must not sweep what it publishes.
+        let _lease = match self.inner.store.try_lease()? {
+            Some(lease) => lease,
+            None => {
+                let store = self.inner.store.clone();
+                tokio::task::spawn_blocking(move || store.lease())
+                    .await
+                    .map_err(|error| {
+                        EngineError::Store(StoreError::Lease {
+                            path: self.inner.store.dir().to_owned(),
+                            source: std::io::Error::other(error.to_string()),
+                        })
+                    })??
+            }
+        };
         let prepass = self.prepass(plan, &options.rebuild)?;
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut drain = DrainState::new(&self.inner, plan, prepass, reporter, &options, sender)?;

@@ -166,7 +166,19 @@ impl Store {
         })
     }
 
+    /// Fails with [`StoreError::Busy`] while a run holds the store (a dry run only reads,
+    /// and does not wait).
     pub fn gc(&self, options: GcOptions) -> Result<GcReport, StoreError> {
+        let _exclusive = if options.dry_run {
+            None
+        } else {
+            Some(
+                self.try_lease_exclusive()?
+                    .ok_or_else(|| StoreError::Busy {
+                        path: self.dir.clone(),
+                    })?,
+            )
+        };
         let inventory = Inventory::scan(self)?;
         let mut references = inventory.output_references();
         let mut live: u64 = references.values().map(|(_, size)| size).sum();

@@ -37,7 +37,7 @@ pub use gc::{GcOptions, GcReport, Usage};
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,17 @@ pub const NAMESPACE: &str = "steps-v1";
 /// Errors from the store. Each names the key, path or integrity involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("cannot take the store's use lock {path}")]
+    Lease {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the store {path} is in use by a running build (in this or another banger process); \
+         run `banger cache gc` again once it has finished"
+    )]
+    Busy { path: PathBuf },
     #[error("cannot lock step {key} in the store ({path})")]
     LockStep {
         key: String,
@@ -233,6 +244,15 @@ impl KeyKind {
             KeyKind::Content => "content",
         }
     }
+}
+
+/// The file whose flock is the store's use lease (see [`Store::try_lease`]).
+const LEASE_FILE: &str = "use.lock";
+
+/// A lease on the store; released on drop (or when the process dies).
+#[derive(Debug)]
+pub struct StoreLease {
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// A handle on the store directory. Cheap to clone.
@@ -549,6 +569,44 @@ impl Store {
             .map_err(error)?;
         match nix::fcntl::Flock::lock(file, how) {
             Ok(lock) => Ok(Some(StepLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(error(errno.into())),
+        }
+    }
+
+    /// A shared lease on the store, held by every engine run for its whole length, so that
+    /// `gc` (which takes it exclusively) never sweeps an output a run has published but not
+    /// yet recorded, nor one it is about to read. `None` while a GC holds it. Never blocks.
+    pub fn try_lease(&self) -> Result<Option<StoreLease>, StoreError> {
+        self.lease_with(nix::fcntl::FlockArg::LockSharedNonblock)
+    }
+
+    /// [`Store::try_lease`], waiting for a running GC. Blocks: call it off the async threads.
+    pub fn lease(&self) -> Result<StoreLease, StoreError> {
+        self.lease_with(nix::fcntl::FlockArg::LockShared)
+            .map(|lease| lease.expect("a blocking lock is taken or fails"))
+    }
+
+    /// The exclusive lease GC holds; `None` while any run holds a shared one.
+    fn try_lease_exclusive(&self) -> Result<Option<StoreLease>, StoreError> {
+        self.lease_with(nix::fcntl::FlockArg::LockExclusiveNonblock)
+    }
+
+    fn lease_with(&self, how: nix::fcntl::FlockArg) -> Result<Option<StoreLease>, StoreError> {
+        let path = self.dir.join(LEASE_FILE);
+        let error = |source| StoreError::Lease {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(error)?;
+        match nix::fcntl::Flock::lock(file, how) {
+            Ok(lock) => Ok(Some(StoreLease { _lock: lock })),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
             Err((_, errno)) => Err(error(errno.into())),
         }

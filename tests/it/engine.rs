@@ -418,6 +418,50 @@ fn a_cancelled_step_gets_its_executors_grace_to_clean_up_and_no_more() {
 }
 
 #[test]
+fn cache_gc_refuses_while_a_build_runs_and_collects_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let counters = Arc::new(Counters::default());
+    let engine = engine(dir.path(), &counters, ResourceLimits::uniform(4));
+    let mut plan = Plan::new();
+    let mut slow = write_step("slow", "kept");
+    slow.params.insert("sleep_ms", 1_500u64);
+    plan.add_step(slow).unwrap();
+    let gc = |store: &Store| {
+        store.gc(banger::store::GcOptions {
+            max_size: 0,
+            dry_run: false,
+        })
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let report = runtime.block_on(async {
+        let run = engine.run(&plan, "test", &NullReporter, RunOptions::default());
+        let during = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let store = engine.store().clone();
+            tokio::task::spawn_blocking(move || gc(&store))
+                .await
+                .unwrap()
+        };
+        let (report, during) = tokio::join!(run, during);
+        let error = during.unwrap_err();
+        assert!(
+            matches!(error, banger::store::StoreError::Busy { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("run `banger cache gc` again"),
+            "{error}"
+        );
+        report.unwrap()
+    });
+    assert_eq!(report.ran, ["slow"]);
+    assert_eq!(read_output(engine.store(), &report, "slow"), b"kept");
+    // No run now: GC goes ahead (a cap of 0 evicts the step).
+    let collected = gc(engine.store()).unwrap();
+    assert_eq!(collected.evicted, ["slow"]);
+}
+
+#[test]
 fn a_missing_executor_is_reported_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     let counters = Arc::new(Counters::default());
