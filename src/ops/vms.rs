@@ -830,12 +830,25 @@ impl Vms {
             }
         };
         let identity = crate::ssh::SshIdentity::ensure(&self.paths.state_dir)?;
-        crate::ssh::authorize_in_guest(&mut channel, &identity)
-            .await
-            .map_err(|source| VmError::Authorize {
+        // Under the VM's lock: a guest that said hello and went silent must not hold it.
+        let authorize_deadline = deadline.max(Instant::now() + AUTHORIZE_TIMEOUT);
+        match tokio::time::timeout_at(
+            authorize_deadline.into(),
+            crate::ssh::authorize_in_guest(&mut channel, &identity),
+        )
+        .await
+        {
+            Ok(authorized) => authorized.map_err(|source| VmError::Authorize {
                 name: record.name.clone(),
                 source,
-            })
+            }),
+            Err(_) => Err(did_not_come_up(format!(
+                "its agent answered, then did not finish installing banger's SSH key within {} s",
+                authorize_deadline
+                    .saturating_duration_since(started)
+                    .as_secs()
+            ))),
+        }
     }
 
     /// Powers the guest off through its agent, waits for the VMM to exit, forces it after a
@@ -1096,6 +1109,10 @@ fn changes(
     }
     changes
 }
+
+/// The least time the SSH key install gets once the agent answered, whatever is left of the
+/// boot timeout.
+const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The requested agent wait, or the default.
 pub fn timeout(seconds: Option<u64>) -> Duration {
