@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod guest;
 pub mod kernel;
 pub mod key;
+pub mod limits;
 pub mod lock;
 pub mod oci;
 pub mod ops;

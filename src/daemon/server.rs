@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::DaemonError;
@@ -157,10 +157,33 @@ struct State {
 
 async fn serve_connection(stream: UnixStream, state: Arc<State>) {
     let (reader, mut writer) = stream.into_split();
-    let mut lines = BufReader::new(reader).lines();
+    let mut reader = BufReader::new(reader);
     let mut greeted = false;
-    while let Ok(Some(line)) = lines.next_line().await {
-        let response = match serde_json::from_str::<Request>(&line) {
+    let mut line = Vec::new();
+    loop {
+        match crate::limits::read_line_capped(
+            &mut reader,
+            crate::limits::DAEMON_REQUEST_LINE,
+            &mut line,
+        )
+        .await
+        {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(error) => {
+                // Said once, then the connection is closed: the rest of the line is unread.
+                let _ = write_line(
+                    &mut writer,
+                    &Response::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("not a request: {error}"),
+                    },
+                )
+                .await;
+                break;
+            }
+        }
+        let response = match serde_json::from_slice::<Request>(&line) {
             Err(error) => Response::Error {
                 kind: ErrorKind::BadRequest,
                 message: format!("not a request: {error}"),

@@ -488,9 +488,20 @@ pub async fn run_captured(
     Ok((status, stdout, stderr))
 }
 
+/// The last `max` bytes of `path` (a guest writes its console log without limit).
+fn read_end(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    file.seek(SeekFrom::Start(size.saturating_sub(max)))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The last `lines` lines of a console log, or a note saying it is empty or unreadable.
 pub fn console_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
+    match read_end(path, crate::limits::CONSOLE_TAIL_BYTES) {
         Ok(bytes) if bytes.is_empty() => "  (the console log is empty)".to_owned(),
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);

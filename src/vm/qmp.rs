@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -140,17 +140,19 @@ impl Qmp {
     }
 
     async fn next_object(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
+        let mut bytes = Vec::new();
         loop {
-            line.clear();
-            let read = self
-                .reader
-                .read_line(&mut line)
-                .await
-                .map_err(|source| QmpError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+            let read = crate::limits::read_line_capped(
+                &mut self.reader,
+                crate::limits::QMP_LINE,
+                &mut bytes,
+            )
+            .await
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            let line = String::from_utf8_lossy(&bytes);
             if read == 0 {
                 return Err(QmpError::Closed {
                     path: self.path.clone(),
@@ -170,6 +172,7 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
     /// A scripted QMP peer: greets, then answers each command, sending an event first.

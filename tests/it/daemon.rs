@@ -379,3 +379,32 @@ fn the_daemon_reads_a_url_catalog_without_panicking() {
     // And it is still there to answer.
     assert_eq!(sandbox.status()["pid"], sandbox.daemon_pid().unwrap());
 }
+
+#[test]
+fn an_endless_request_line_is_refused_with_the_limit_and_the_daemon_stays_up() {
+    use std::io::{BufRead, Write};
+    let sandbox = Sandbox::new();
+    let pid = sandbox.status()["pid"].clone();
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(sandbox.run_dir().join("banger.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // 2 MiB and no newline: past the cap, the daemon answers without reading the rest.
+    let chunk = vec![b'a'; 64 << 10];
+    for _ in 0..32 {
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .unwrap();
+    assert!(answer.contains("1048576-byte limit"), "{answer}");
+    assert!(
+        answer.contains("bad_request") || answer.contains("BadRequest"),
+        "{answer}"
+    );
+    assert_eq!(sandbox.status()["pid"], pid, "the daemon went away");
+}
