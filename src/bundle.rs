@@ -872,12 +872,13 @@ fn collect_tree(
 // ---------------------------------------------------------------------------------------
 // Reading
 
-type BundleEntries<'a> =
-    tar::Entries<'a, zstd::stream::read::Decoder<'static, io::BufReader<File>>>;
+/// A bundle's tar stream: zstd-decoded, with extension entries capped.
+type BundleStream =
+    crate::limits::TarExtensionCap<zstd::stream::read::Decoder<'static, io::BufReader<File>>>;
 
-fn open_archive(
-    bundle: &Path,
-) -> Result<tar::Archive<zstd::stream::read::Decoder<'static, io::BufReader<File>>>, BundleError> {
+type BundleEntries<'a> = tar::Entries<'a, BundleStream>;
+
+fn open_archive(bundle: &Path) -> Result<tar::Archive<BundleStream>, BundleError> {
     let read_error = |source| BundleError::ReadBundle {
         bundle: bundle.to_owned(),
         entry: None,
@@ -890,7 +891,10 @@ fn open_archive(
     decoder
         .window_log_max(ZSTD_WINDOW_LOG_MAX)
         .map_err(read_error)?;
-    Ok(tar::Archive::new(decoder))
+    Ok(tar::Archive::new(crate::limits::TarExtensionCap::new(
+        decoder,
+        crate::limits::TAR_EXTENSION_BYTES,
+    )))
 }
 
 /// Reads and validates only the manifest of `bundle` (its first entry); cheap whatever the

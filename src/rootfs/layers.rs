@@ -317,7 +317,10 @@ fn apply_layer(
         source,
     };
     let stream = open_layer(layer, counter.clone())?;
-    let mut archive = tar::Archive::new(stream);
+    let mut archive = tar::Archive::new(crate::limits::TarExtensionCap::new(
+        stream,
+        crate::limits::TAR_EXTENSION_BYTES,
+    ));
     // Entries this layer wrote: an opaque marker only clears what lower layers put there.
     let mut added: HashSet<PathBuf> = HashSet::new();
     let mut last_report = 0u64;

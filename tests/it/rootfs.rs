@@ -502,3 +502,31 @@ fn a_truncated_layer_fails_clearly() {
     assert!(!image.exists());
     let _: PathBuf = layers[0].path.clone();
 }
+
+#[test]
+fn an_oversized_long_name_is_refused_before_it_is_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(1);
+    header.set_mode(0o644);
+    // A 2 MiB path: tar writes it as a GNU long-name entry of that size.
+    let name = format!("{}/x", "d".repeat(2 << 20));
+    builder.append_data(&mut header, &name, &b"x"[..]).unwrap();
+    let tar = builder.into_inner().unwrap();
+    let layer = write_layer(dir.path(), "longname", &gzip(&tar));
+    let image = dir.path().join("longname.ext4");
+    let error = build_rootfs(&[layer], &image, &options(), &|_, _| {}).unwrap_err();
+    let text = banger::error::error_chain(&error);
+    assert!(
+        text.starts_with("cannot read layer sha256:longname"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "a tar extension entry (type `L`) of 2097155 bytes, more than the 1048576-byte limit"
+        ),
+        "{text}"
+    );
+    assert!(!image.exists());
+}
