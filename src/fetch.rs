@@ -372,11 +372,16 @@ impl Fetcher {
                 {
                     return Err(too_large(length));
                 }
-                let bytes = response.bytes().await.map_err(request_error)?;
-                if bytes.len() as u64 > max_bytes {
-                    return Err(too_large(bytes.len() as u64));
+                // Read in chunks: without a Content-Length, only counting stops an endless body.
+                let mut response = response;
+                let mut bytes = Vec::new();
+                while let Some(chunk) = response.chunk().await.map_err(request_error)? {
+                    if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                        return Err(too_large((bytes.len() + chunk.len()) as u64));
+                    }
+                    bytes.extend_from_slice(&chunk);
                 }
-                bytes.to_vec()
+                bytes
             }
         };
         String::from_utf8(bytes).map_err(|_| FetchError::Request {

@@ -516,3 +516,28 @@ async fn downloads_from_pythons_http_server() {
     assert!(matches!(error, FetchError::NotFound { .. }), "{error}");
     destination.assert_empty(&error);
 }
+
+#[tokio::test]
+async fn a_text_document_without_a_length_is_cut_off_at_its_cap() {
+    let server = FakeRegistry::start(|path, _| match path {
+        "/endless.json" => Reply::Unannounced {
+            body: vec![b' '; 3 << 20],
+        },
+        "/small.json" => Reply::Unannounced {
+            body: b"{}".to_vec(),
+        },
+        _ => Reply::status(404),
+    })
+    .await;
+    let fetcher = fetcher();
+    let small = format!("http://{}/small.json", server.address);
+    assert_eq!(fetcher.fetch_text(&small, 1 << 20).await.unwrap(), "{}");
+    let endless = format!("http://{}/endless.json", server.address);
+    let error = fetcher.fetch_text(&endless, 1 << 20).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("more than the 1048576 a catalog may have"),
+        "{error}"
+    );
+}
