@@ -63,6 +63,15 @@ pub enum VmlinuxError {
         expected: u32,
         actual: u64,
     },
+    #[error(
+        "the payload of {path} would decompress to more than {limit} bytes (its size trailer \
+         says {expected}); no kernel is that large"
+    )]
+    PayloadTooLarge {
+        path: PathBuf,
+        expected: u32,
+        limit: u64,
+    },
     #[error("the kernel in {path} is not a usable ELF vmlinux")]
     Elf {
         path: PathBuf,
@@ -287,8 +296,18 @@ impl<'a> BzImage<'a> {
                 source,
             }
         })?;
+        // The trailer is the image's word: checked before it sizes an allocation, and the
+        // decoder is cut off past the cap whatever the trailer says.
+        if u64::from(expected) > MAX_VMLINUX_BYTES {
+            return Err(VmlinuxError::PayloadTooLarge {
+                path: origin.to_owned(),
+                expected,
+                limit: MAX_VMLINUX_BYTES,
+            });
+        }
         let mut elf = Vec::with_capacity(expected as usize);
-        decoder
+        (&mut decoder)
+            .take(u64::from(expected) + 1)
             .read_to_end(&mut elf)
             .map_err(|source| VmlinuxError::Decompress {
                 path: origin.to_owned(),
@@ -305,6 +324,9 @@ impl<'a> BzImage<'a> {
         Ok((compression, elf))
     }
 }
+
+/// The largest vmlinux banger decompresses (Debian's cloud kernel is 53 MB).
+pub const MAX_VMLINUX_BYTES: u64 = 512 << 20;
 
 /// The PVH entry point of the x86_64 ELF `elf`, or why it has none.
 pub fn pvh_entry(elf: &[u8], origin: &Path) -> Result<u64, VmlinuxError> {
@@ -518,6 +540,27 @@ mod tests {
         let error = Vmlinux::from_image(image, Path::new("vmlinuz")).unwrap_err();
         assert!(
             matches!(error, VmlinuxError::PayloadSize { actual, .. } if actual == elf.len() as u64),
+            "{error}"
+        );
+        // A trailer that claims less: decoding stops one byte past it.
+        let image = bzimage(&compression::lz4_legacy_compress(&elf), Some(100));
+        let error = Vmlinux::from_image(image, Path::new("vmlinuz")).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                VmlinuxError::PayloadSize {
+                    expected: 100,
+                    actual: 101,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        // A trailer past the cap sizes nothing.
+        let image = bzimage(&compression::lz4_legacy_compress(&elf), Some(3 << 30));
+        let error = Vmlinux::from_image(image, Path::new("vmlinuz")).unwrap_err();
+        assert!(
+            matches!(error, VmlinuxError::PayloadTooLarge { expected, .. } if expected == 3 << 30),
             "{error}"
         );
     }
