@@ -466,26 +466,47 @@ fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
 }
 
 fn migrate(connection: &Connection, path: &Path) -> Result<(), StateError> {
-    let version: i64 = connection
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(query("read schema version"))?;
     let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StateError::TooNew {
-            path: path.to_owned(),
-            found: version,
-            known,
-        });
-    }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let target = index as i64 + 1;
+    let read_version = || -> Result<i64, StateError> {
         connection
-            .execute_batch(&format!(
-                "BEGIN; {migration} PRAGMA user_version = {target}; COMMIT;"
-            ))
-            .map_err(query("migrate schema"))?;
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(query("read schema version"))
+    };
+    let version = read_version()?;
+    if version == known {
+        return Ok(());
     }
-    Ok(())
+    // Processes opening a fresh database together: the write lock is taken before the
+    // version is read again, so exactly one of them migrates and the others see its result.
+    connection
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(query("lock the database to migrate its schema"))?;
+    let migrated = (|| {
+        let version = read_version()?;
+        if version > known {
+            return Err(StateError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let target = index as i64 + 1;
+            connection
+                .execute_batch(&format!("{migration} PRAGMA user_version = {target};"))
+                .map_err(query("migrate schema"))?;
+        }
+        Ok(())
+    })();
+    let end = if migrated.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = connection
+        .execute_batch(end)
+        .map_err(query("finish the schema migration"));
+    migrated.and(ended)
 }
 
 impl State {

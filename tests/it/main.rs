@@ -16,6 +16,7 @@ mod kernel_pull;
 mod oci;
 mod provision;
 mod registry;
+mod reliability;
 mod rootfs;
 mod slow;
 mod support;
