@@ -91,3 +91,132 @@ fn reliability_eight_concurrent_builds_run_each_step_once_and_agree() {
     );
     assert_eq!(images.len(), 1, "the builds disagree: {images:?}");
 }
+
+/// Unmounts a tmpfs the test mounted, however the test ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        crate::support::run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path),
+        );
+        Tmpfs(path.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        crate::support::run_ok(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A store on a file system too small for the pull: a clear "no space" error naming the store,
+/// nothing recorded, and the same store works once there is room.
+#[test]
+fn reliability_a_full_disk_fails_the_pull_clearly_and_the_store_recovers() {
+    if !capable(
+        "root, to mount a small tmpfs for the store",
+        nix::unistd::geteuid().is_root(),
+    ) {
+        return;
+    }
+    let Some(registry) = RealRegistry::start(None) else {
+        return;
+    };
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    // One 40 MiB file that does not compress: the layer alone outgrows a 24 MiB store.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<u8> = (0..40 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    builder
+        .append_data(&mut header, "srv/blob", &data[..])
+        .unwrap();
+    let tar = builder.into_inner().unwrap();
+    let blob = crate::registry::gzip(&tar);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let pusher = Pusher::new(&registry.address, None).await;
+        push_layers(
+            &pusher,
+            "test/big",
+            Some("v1"),
+            "amd64",
+            false,
+            vec![(
+                banger::oci::media_types::OCI_LAYER_GZIP.to_owned(),
+                blob,
+                tar,
+            )],
+        )
+        .await;
+    });
+    let reference = format!("{}/test/big:v1", registry.address);
+    let context = TestContext::new();
+    let cache = context.root.path().join("small-cache");
+    let tmpfs = Tmpfs::mount(&cache, "24m");
+    let run = |args: &[&str]| {
+        let output = context
+            .command(args)
+            .env("BANGER_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        crate::support::Output {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    };
+    let full = run(&["image", "pull", &reference, "--name", "big"]);
+    assert_ne!(full.code, Some(0), "{full}");
+    assert!(full.stderr.contains("No space left on device"), "{full}");
+    assert!(
+        full.stderr.contains(&cache.display().to_string()),
+        "the error names the store: {full}"
+    );
+    // Steps that finished before the disk filled (banger's agent layer) may be kept; the
+    // layer download and the image build, which failed, are not.
+    let listed = run(&["--json", "cache", "ls"]);
+    assert_eq!(listed.code, Some(0), "{listed}");
+    for line in listed.stdout.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        let kind = entry["data"]["kind"].as_str().unwrap();
+        assert!(
+            kind != "oci.fetch-layer" && kind != "rootfs.build",
+            "a failed step was recorded: {listed}"
+        );
+    }
+    let scratch: Vec<_> = std::fs::read_dir(cache.join("store/scratch"))
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    assert!(scratch.is_empty(), "partial files left: {scratch:?}");
+    let images = run(&["--json", "image", "list"]);
+    assert!(!images.stdout.contains("\"big\""), "{images}");
+
+    tmpfs.resize("512m");
+    let pulled = run(&["image", "pull", &reference, "--name", "big"]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    let listed = run(&["--json", "cache", "ls"]);
+    assert!(!listed.stdout.trim().is_empty(), "{listed}");
+}
