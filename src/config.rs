@@ -592,6 +592,20 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("../docs/config.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/config.md has a toml example");
+        let config = Config::parse(example, Path::new("/etc/banger/config.toml")).unwrap();
+        assert_eq!(config.file_sync.len(), 2);
+        assert_eq!(config.file_sync[1].mode, Some(0o600));
+        assert_eq!(config.vm_defaults.vcpu, Some(2));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_file() {
         let path = Path::new("/c.toml");
         let error = Config::parse("[cache]\nmax_sise = \"5G\"\n", path).unwrap_err();
