@@ -400,6 +400,15 @@ impl ProgressHandle {
         (handle, drain)
     }
 
+    /// Something about the step that does not fail it, shown whatever the verbosity (as a
+    /// `warning STEP: ...` line), unlike a command's output.
+    pub fn warning(&self, warning: String) {
+        let _ = self.events.send(Message::CacheWarning {
+            node: self.node,
+            warning,
+        });
+    }
+
     /// One line a step's command printed (without its line ending), shown live.
     pub fn output_line(&self, stream: OutputStream, line: String) {
         let _ = self.events.send(Message::Output {

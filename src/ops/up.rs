@@ -419,10 +419,7 @@ async fn sync_entry(
     let metadata = match std::fs::metadata(&host) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            progress.output_line(
-                OutputStream::Stderr,
-                format!("warning: {} does not exist; not synced", host.display()),
-            );
+            progress.warning(format!("{} does not exist; not synced", host.display()));
             return Ok(());
         }
         Err(error) => {

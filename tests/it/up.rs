@@ -414,6 +414,108 @@ fn slow_up_imports_a_git_workspace_as_it_is_without_touching_the_index() {
 
 /// The provision step of the c-project fixture (same text, so the same cached step), whose
 /// packages include git for `banger workspace export`.
+#[test]
+fn slow_up_syncs_host_files_forwards_stdin_and_fresh_drops_the_work_disk() {
+    if !can_up() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let root = context.root.path().join("sync-host");
+    let dir = context.root.path().join("projects/sync");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(root.join("conf/sub")).unwrap();
+    let _down = Down {
+        context,
+        dir: dir.clone(),
+    };
+    // Host files: one with a mode of its own, a directory tree, and the config's credential.
+    std::fs::write(root.join("secret.txt"), "s3cret\n").unwrap();
+    std::fs::write(root.join("conf/a"), "conf a\n").unwrap();
+    std::fs::write(root.join("conf/sub/b"), "conf b\n").unwrap();
+    std::fs::write(root.join("gitconfig"), "[user]\n\tname = synced\n").unwrap();
+    let config = root.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[file_sync]]\nhost = \"{}\"\nguest = \"/root/.gitconfig\"\n",
+            root.join("gitconfig").display()
+        ),
+    )
+    .unwrap();
+    let missing = root.join("not-there");
+    std::fs::write(
+        dir.join("Bangerfile"),
+        format!(
+            "[project]\nname = \"sync\"\n\n{C_PROJECT_PACKAGES}\n\
+             [vm]\nvcpu = 1\nmemory = \"1G\"\n\n\
+             [[file_sync]]\nhost = \"{secret}\"\nguest = \"/root/.secret\"\nmode = \"0600\"\n\n\
+             [[file_sync]]\nhost = \"{conf}\"\nguest = \"/etc/conf-sync\"\n\n\
+             [[file_sync]]\nhost = \"{missing}\"\nguest = \"/root/missing\"\n\n\
+             [up]\nrun = \"cat > /root/stdin.txt && stat -c %a /root/.secret && \
+             cat /root/.secret /etc/conf-sync/a /etc/conf-sync/sub/b /root/.gitconfig\"\n",
+            secret = root.join("secret.txt").display(),
+            conf = root.join("conf").display(),
+            missing = missing.display(),
+        ),
+    )
+    .unwrap();
+    let up = |args: &[&str], stdin: &[u8]| {
+        use std::io::Write;
+        let mut child = context
+            .command(args)
+            .current_dir(&dir)
+            .env("BANGER_CONFIG", &config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let output = child.wait_with_output().unwrap();
+        Output {
+            code: output.status.code(),
+            stdout: context.redact(&String::from_utf8_lossy(&output.stdout)),
+            stderr: context.redact(&String::from_utf8_lossy(&output.stderr)),
+        }
+    };
+    let first = up(&["up"], b"piped input\n");
+    assert_eq!(first.code, Some(0), "{first}\n{}", console(context, "sync"));
+    assert_eq!(
+        first.stdout, "600\ns3cret\nconf a\nconf b\n[user]\n\tname = synced\n",
+        "{first}"
+    );
+    assert!(
+        first.stderr.contains(&format!(
+            "warning vm/file-sync: {} does not exist; not synced",
+            context.redact(&missing.display().to_string())
+        )),
+        "{first}"
+    );
+    let stdin = banger(context, &dir, &["ssh", "--", "cat", "/root/stdin.txt"]);
+    assert_eq!(stdin.stdout, "piped input\n", "{stdin}");
+
+    // A changed host file is synced again at the next boot; --fresh also drops the work disk.
+    std::fs::write(root.join("secret.txt"), "rotated\n").unwrap();
+    let fresh = up(&["--json", "up", "--fresh", "--no-run"], b"");
+    assert_eq!(fresh.code, Some(0), "{fresh}\n{}", console(context, "sync"));
+    assert_eq!(up_record(&fresh)["action"], "replaced", "{fresh}");
+    let after = banger(
+        context,
+        &dir,
+        &[
+            "ssh",
+            "--",
+            "sh",
+            "-c",
+            "cat /root/.secret; test -e /root/stdin.txt || echo gone",
+        ],
+    );
+    assert_eq!(after.stdout, "rotated\ngone\n", "{after}");
+}
+
 const C_PROJECT_PACKAGES: &str = "[[image.provision]]\n\
     run = \"apt-get update && apt-get install -y --no-install-recommends make gcc libc6-dev git\"\n\
     env = { DEBIAN_FRONTEND = \"noninteractive\" }\n";
