@@ -608,8 +608,9 @@ impl StepParams for BundleWriteParams {
     }
 }
 
-/// `kernel.fetch-package`: a distribution's packaged kernel, fetched with the host's package
-/// client (which decides the archive: `suite` is keyed, so another suite is another step).
+/// `kernel.fetch-package`: a distribution's packaged kernel, downloaded from the archive of
+/// `suite` by mmdebstrap whatever the host runs (`suite` is keyed, so another suite is another
+/// step).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelPackageParams {
     /// `debian` (the only one the executor runs).
