@@ -22,7 +22,7 @@ pub enum BootError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(
-        "the guest's agent did not answer within {waited:.1?} over {endpoint}\n\
+        "the guest's agent did not answer within {waited:.1?} over {endpoint} ({reason})\n\
          the console log is {log}; its last lines:\n{tail}",
         log = serial_log.display()
     )]
@@ -30,9 +30,10 @@ pub enum BootError {
         endpoint: String,
         waited: Duration,
         serial_log: PathBuf,
+        /// Why the last attempt failed; in the message, not a source, so that the console's
+        /// lines end the error instead of having it appended to their last one.
+        reason: String,
         tail: String,
-        #[source]
-        source: GuestError,
     },
     #[error(
         "QEMU exited ({status}) before the guest's agent answered (a kernel panic or \
@@ -329,7 +330,7 @@ impl BootedVm {
                         waited: self.started.elapsed(),
                         serial_log: self.serial_log.clone(),
                         tail: console_tail(&self.serial_log, 30),
-                        source,
+                        reason: crate::error::error_chain(&source),
                     });
                 }
                 _ = poll.tick() => {
@@ -539,6 +540,20 @@ mod tests {
         );
         assert!(!kernel_cmdline(&Accel::Kvm, Some(2_300_000), &[]).contains("tsc_early_khz"));
         assert!(!kernel_cmdline(&tcg, None, &[]).contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn an_agent_timeout_ends_with_the_console_lines() {
+        let error = BootError::AgentTimeout {
+            endpoint: "vsock port 1".into(),
+            waited: Duration::from_secs(300),
+            serial_log: "/x/console.log".into(),
+            reason: "timed out".into(),
+            tail: "  | [    0.59] last line".into(),
+        };
+        let text = crate::error::error_chain(&error);
+        assert!(text.ends_with("  | [    0.59] last line"), "{text}");
+        assert!(text.contains("over vsock port 1 (timed out)"), "{text}");
     }
 
     #[test]
