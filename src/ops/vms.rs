@@ -869,13 +869,19 @@ impl Vms {
         Ok(self.info(&record, None))
     }
 
+    /// A guest that does not answer (no `Ready` within 5 s, or no answer to the power-off
+    /// request) is halted at once instead of being given [`POWEROFF_GRACE`]: a hung or hostile
+    /// guest must not hold the VM's lock for long.
     async fn power_off(&self, launched: &Launched) {
         let endpoint = launched.agent.endpoint();
         let deadline = Instant::now() + Duration::from_secs(5);
-        if let Ok((mut channel, ready)) = endpoint.wait_ready(deadline).await {
-            crate::vm::boot::request_poweroff(&mut channel, ready.pid1).await;
-        }
-        if !launched.vmm.wait_gone(POWEROFF_GRACE).await {
+        let answered = match endpoint.wait_ready(deadline).await {
+            Ok((mut channel, ready)) => {
+                crate::vm::boot::request_poweroff(&mut channel, ready.pid1).await
+            }
+            Err(_) => false,
+        };
+        if !answered || !launched.vmm.wait_gone(POWEROFF_GRACE).await {
             let accel = self.accel().unwrap_or(Accel::Kvm);
             Backend::for_recorded(launched.backend, &accel)
                 .halt(launched, Duration::from_secs(3))

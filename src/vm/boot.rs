@@ -356,7 +356,9 @@ impl BootedVm {
         agent_is_pid1: bool,
         grace: Duration,
     ) -> Result<bool, BootError> {
-        request_poweroff(channel, agent_is_pid1).await;
+        let answered = request_poweroff(channel, agent_is_pid1).await;
+        // A guest that did not answer will not power off by itself.
+        let grace = if answered { grace } else { Duration::ZERO };
         let deadline = tokio::time::Instant::now() + grace;
         let mut graceful = false;
         while tokio::time::Instant::now() < deadline {
@@ -460,8 +462,9 @@ async fn smoke_commands(vm: &mut BootedVm, deadline: Instant) -> Result<SmokeRep
 /// Asks the guest to power itself off cleanly through its agent: `systemctl poweroff` under
 /// systemd, SIGTERM to the agent when it is PID 1 (it stops everything, syncs and powers
 /// off). Does not wait for the power-off; the guest may go before answering, so errors are
-/// expected and ignored.
-pub async fn request_poweroff(channel: &mut GuestChannel, agent_is_pid1: bool) {
+/// expected and ignored. False when the guest did not answer at all in
+/// [`POWEROFF_REQUEST_TIMEOUT`]: a hung guest, not worth waiting for.
+pub async fn request_poweroff(channel: &mut GuestChannel, agent_is_pid1: bool) -> bool {
     use crate::guest::ExecRequest;
     let request = if agent_is_pid1 {
         ExecRequest::argv(["kill", "-TERM", "1"])
@@ -469,12 +472,17 @@ pub async fn request_poweroff(channel: &mut GuestChannel, agent_is_pid1: bool) {
         ExecRequest::argv(["systemctl", "poweroff", "--no-block"])
     };
     // Output is dropped, not kept: a guest may print without end.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
+    tokio::time::timeout(
+        POWEROFF_REQUEST_TIMEOUT,
         channel.exec(&request, &[][..], tokio::io::sink(), tokio::io::sink()),
     )
-    .await;
+    .await
+    .is_ok()
 }
+
+/// How long a guest has to answer a power-off request. The agent answers at once when the
+/// guest is well (the power-off itself is asynchronous).
+pub const POWEROFF_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `request` with no stdin; returns its status, stdout and stderr.
 pub async fn run_captured(

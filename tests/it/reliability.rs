@@ -1,5 +1,6 @@
 //! The reliability group: trials that would have found the hardening review's defects, with
-//! real processes racing each other. (Crash and disk-full trials are planned.)
+//! real processes racing each other, killed at random points, short of disk space, or facing
+//! a guest that stops answering.
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
 use crate::rootfs::faithful_layer_blobs;
@@ -324,5 +325,179 @@ fn reliability_a_pull_killed_anywhere_leaves_a_store_the_next_pull_completes() {
             scratch.is_empty(),
             "round {round}: scratch left: {scratch:?}"
         );
+    }
+}
+
+/// A guest whose agent answers `Hello` and then never again must not wedge VM management:
+/// `vm stop` halts it soon after the power-off request goes unanswered (not after the grace a
+/// well guest gets to power off), and `vm kill` and `vm rm` do not talk to it at all. The VMs
+/// are `sleep` processes with fake agents, adopted by the daemon from their scratch records.
+#[test]
+fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
+    use banger::spec::NetworkMode;
+    use banger::state::{State, VmRecord, VmState};
+    use banger::vm::backend::{AgentAddress, BackendKind, Launched};
+    use banger::vm::process::ProcessHandle;
+    use std::os::unix::fs::DirBuilderExt;
+    use std::time::{Duration, Instant};
+
+    let context = TestContext::new();
+    let _daemon = StopDaemon(&context);
+    let runtime_dir = context.root.path().join("run/banger");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&runtime_dir)
+        .unwrap();
+    let state_dir = context.home().join(".local/state/banger");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let state = State::open(&state_dir).unwrap();
+    let mut guests = Vec::new();
+    for (index, name) in ["stopped", "killed", "removed"].into_iter().enumerate() {
+        let id = format!("silent{index:06}");
+        let run_dir = runtime_dir.join("vms").join(&id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .unwrap();
+        let agent_socket = run_dir.join("agent.sock");
+        let execs = SilentAgent::serve(&agent_socket);
+        let vmm = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let launched = Launched {
+            backend: BackendKind::Qemu,
+            vmm: ProcessHandle::of(vmm.id()).unwrap(),
+            helpers: Vec::new(),
+            control_socket: run_dir.join("qmp.sock"),
+            agent: AgentAddress::Serial { path: agent_socket },
+            ssh_host: None,
+            ssh_port: None,
+            tap: None,
+        };
+        std::fs::write(
+            run_dir.join("launched.json"),
+            serde_json::to_string(&launched).unwrap(),
+        )
+        .unwrap();
+        state
+            .create_vm(&VmRecord {
+                name: name.to_owned(),
+                id,
+                image: "debian-bookworm".into(),
+                kernel: "debian-bookworm".into(),
+                backend: "qemu".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+                state: VmState::Running,
+                created_ms: 0,
+                rootfs_integrity: None,
+                network: NetworkMode::User,
+            })
+            .unwrap();
+        guests.push((name, vmm, execs));
+    }
+    drop(state);
+
+    let listed = context.run(&["vm", "list"]);
+    assert_eq!(listed.code, Some(0), "{listed}");
+    assert_eq!(
+        listed.stdout.matches("running").count(),
+        3,
+        "the daemon adopts the three: {listed}"
+    );
+    for ((name, mut vmm, execs), (command, limit)) in guests.into_iter().zip([
+        ("stop", Duration::from_secs(25)),
+        ("kill", Duration::from_secs(10)),
+        ("rm", Duration::from_secs(10)),
+    ]) {
+        let started = Instant::now();
+        let output = context.run(&["vm", command, name]);
+        let took = started.elapsed();
+        assert_eq!(output.code, Some(0), "vm {command} {name}: {output}");
+        assert!(
+            took < limit,
+            "vm {command} on a silent guest took {took:.1?} (limit {limit:?}): {output}"
+        );
+        assert!(
+            vmm.try_wait().unwrap().is_some(),
+            "vm {command} left the VMM running"
+        );
+        if command == "stop" {
+            assert!(
+                execs.load(std::sync::atomic::Ordering::SeqCst) > 0,
+                "stop never asked the guest to power off: the test did not test silence"
+            );
+        }
+    }
+    let listed = context.run(&["vm", "list"]);
+    assert!(
+        listed.stdout.contains("stopped") && !listed.stdout.contains("removed"),
+        "{listed}"
+    );
+}
+
+/// Stops a test HOME's VMs and daemon however the test ends.
+struct StopDaemon<'a>(&'a TestContext);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        crate::vm::stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
+    }
+}
+
+/// An agent that answers `Hello` with `Ready` and reads everything after it without a word;
+/// counts the requests it swallowed.
+struct SilentAgent;
+
+impl SilentAgent {
+    fn serve(path: &std::path::Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        use banger::guest::protocol::{self, FrameHeader, FrameType, HEADER_LEN};
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&swallowed);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let counter = std::sync::Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    loop {
+                        let mut header = [0u8; HEADER_LEN];
+                        if stream.read_exact(&mut header).is_err() {
+                            return;
+                        }
+                        let header = FrameHeader::decode(&header).unwrap();
+                        let mut payload = vec![0u8; header.len as usize];
+                        if stream.read_exact(&mut payload).is_err() {
+                            return;
+                        }
+                        if header.kind == FrameType::Hello as u8 {
+                            let ready = banger::guest::Ready {
+                                agent_version: "0.0.0-silent".into(),
+                                protocol: banger::guest::PROTOCOL_VERSION,
+                                kernel_release: "6.1.0-silent".into(),
+                                boot_ms: 1,
+                                pid1: false,
+                            };
+                            let frame = protocol::encode_json_frame(
+                                FrameType::Ready,
+                                header.channel,
+                                &ready,
+                            );
+                            if stream.write_all(&frame).is_err() {
+                                return;
+                            }
+                        } else {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        swallowed
     }
 }
