@@ -35,12 +35,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid:\n{source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// toml's message spans lines (the offending line, a caret under it), so it follows the
+    /// path on lines of its own instead of being chained.
+    #[error("config file {path} is not valid:\n{message}")]
+    Parse { path: PathBuf, message: String },
     #[error("config file {path}: `{key}` = {value:?}: {message}")]
     Value {
         path: PathBuf,
@@ -184,9 +182,9 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source: Box::new(source),
+            message: error.to_string(),
         })?;
         let size = |key: &str, value: &Option<String>| -> Result<Option<ByteSize>, ConfigError> {
             value

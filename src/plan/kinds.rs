@@ -45,11 +45,6 @@
 //!
 //! Hints (download locations, the project directory, a builder's timeout) are not params:
 //! they are in no key and stay on [`crate::plan::StepNode::hints`].
-//!
-//! Known weakness: `vm.file-sync` keys each entry as the text `host -> guest[ mode]`, which
-//! is not injective (a guest path ending in a space and four octal digits reads as a mode, a
-//! path holding ` -> ` is ambiguous and refused when read back). The kind has no executor
-//! yet; when it gets one, give entries a structured encoding and bump its version.
 
 use std::collections::BTreeMap;
 
@@ -751,42 +746,55 @@ impl StepParams for VmBootParams {
     }
 }
 
-/// `vm.file-sync`: `[[file_sync]]` host files copied into the guest, each entry keyed as the
-/// text `host -> guest` with ` 0644` appended when it has a mode (see the module note for
-/// why reading that text back is not always exact).
+/// `vm.file-sync`: `[[file_sync]]` host files copied into the guest, each entry a map of
+/// `host`, `guest` and (when set) `mode` as four octal digits, so any path reads back exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmFileSyncParams {
     pub entries: Vec<FileSyncSpec>,
 }
 
 impl VmFileSyncParams {
-    fn entry_text(entry: &FileSyncSpec) -> String {
-        let mode = entry.mode.map_or_else(String::new, |m| format!(" {m:04o}"));
-        format!("{} -> {}{mode}", entry.host, entry.guest)
+    fn entry_value(entry: &FileSyncSpec) -> ParamValue {
+        let mut map = BTreeMap::new();
+        map.insert("host".to_owned(), entry.host.clone());
+        map.insert("guest".to_owned(), entry.guest.clone());
+        if let Some(mode) = entry.mode {
+            map.insert("mode".to_owned(), format!("{mode:04o}"));
+        }
+        ParamValue::Map(map)
     }
 
-    fn parse_entry(text: &str) -> Result<FileSyncSpec, ParamError> {
+    fn read_entry(value: &ParamValue) -> Result<FileSyncSpec, ParamError> {
         let bad = |problem| ParamError {
             name: "entries",
             problem,
         };
-        let (rest, mode) = match text.rsplit_once(' ') {
-            Some((rest, digits))
-                if digits.len() == 4 && digits.bytes().all(|b| matches!(b, b'0'..=b'7')) =>
-            {
-                (rest, u32::from_str_radix(digits, 8).ok())
-            }
-            _ => (text, None),
+        let ParamValue::Map(map) = value else {
+            return Err(bad("an entry is not a map"));
         };
-        let (host, guest) = rest
-            .split_once(" -> ")
-            .ok_or_else(|| bad("an entry is not `host -> guest`"))?;
-        if guest.contains(" -> ") {
-            return Err(bad("an entry holds ` -> ` more than once"));
+        let field = |name: &str| {
+            map.get(name)
+                .cloned()
+                .ok_or_else(|| bad("an entry lacks `host` or `guest`"))
+        };
+        let mode = match map.get("mode") {
+            None => None,
+            Some(digits) => Some(
+                u32::from_str_radix(digits, 8)
+                    .map_err(|_| bad("an entry's `mode` is not octal"))?,
+            ),
+        };
+        if map
+            .keys()
+            .any(|key| !matches!(key.as_str(), "host" | "guest" | "mode"))
+        {
+            return Err(bad(
+                "an entry holds a field other than host, guest and mode",
+            ));
         }
         Ok(FileSyncSpec {
-            host: host.to_owned(),
-            guest: guest.to_owned(),
+            host: field("host")?,
+            guest: field("guest")?,
             mode,
         })
     }
@@ -796,18 +804,17 @@ impl StepParams for VmFileSyncParams {
     const KINDS: &'static [&'static str] = &[steps::VM_FILE_SYNC.name];
 
     fn to_params(&self) -> Params {
-        let entries = self
-            .entries
-            .iter()
-            .map(|entry| ParamValue::Str(Self::entry_text(entry)))
-            .collect();
+        let entries = self.entries.iter().map(Self::entry_value).collect();
         Params::new().with("entries", ParamValue::List(entries))
     }
 
     fn from_params(params: &Params) -> Result<VmFileSyncParams, ParamError> {
-        let entries = strings(params, "entries")?
+        let Some(ParamValue::List(values)) = params.get("entries") else {
+            return Err(missing("entries"));
+        };
+        let entries = values
             .iter()
-            .map(|text| Self::parse_entry(text))
+            .map(Self::read_entry)
             .collect::<Result<_, _>>()?;
         Ok(VmFileSyncParams { entries })
     }
@@ -1207,10 +1214,15 @@ mod tests {
                 Params::new().with(
                     "entries",
                     ParamValue::List(vec![
-                        ParamValue::Str("~/.gitconfig -> /root/.gitconfig".into()),
-                        ParamValue::Str(
-                            "/home/me/.aws/credentials -> /root/.aws/credentials 0600".into(),
-                        ),
+                        ParamValue::Map(BTreeMap::from([
+                            ("host".into(), "~/.gitconfig".into()),
+                            ("guest".into(), "/root/.gitconfig".into()),
+                        ])),
+                        ParamValue::Map(BTreeMap::from([
+                            ("host".into(), "/home/me/.aws/credentials".into()),
+                            ("guest".into(), "/root/.aws/credentials".into()),
+                            ("mode".into(), "0600".into()),
+                        ])),
                     ]),
                 ),
             ),
@@ -1342,22 +1354,29 @@ mod tests {
     }
 
     #[test]
-    fn file_sync_entries_that_would_read_back_wrong_are_refused() {
-        let params = VmFileSyncParams {
-            entries: vec![FileSyncSpec {
-                host: "/a -> b".into(),
-                guest: "/c".into(),
-                mode: None,
-            }],
-        }
-        .to_params();
+    fn file_sync_entries_read_back_exactly_whatever_their_paths_hold() {
+        let typed = VmFileSyncParams {
+            entries: vec![
+                FileSyncSpec {
+                    host: "/a -> b".into(),
+                    guest: "/c 0644".into(),
+                    mode: None,
+                },
+                FileSyncSpec {
+                    host: "~/.gitconfig".into(),
+                    guest: "/root/.gitconfig".into(),
+                    mode: Some(0o600),
+                },
+            ],
+        };
         assert_eq!(
-            VmFileSyncParams::from_params(&params),
-            Err(ParamError {
-                name: "entries",
-                problem: "an entry holds ` -> ` more than once",
-            })
+            VmFileSyncParams::from_params(&typed.to_params()),
+            Ok(typed.clone())
         );
+        let mut other = typed.clone();
+        other.entries[0].guest = "/c".into();
+        other.entries[0].mode = Some(0o644);
+        assert_ne!(other.to_params(), typed.to_params());
     }
 
     #[test]

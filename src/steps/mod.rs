@@ -1,8 +1,9 @@
 //! The catalogue of step kinds: name, version, cache policy and resource class of each.
 //!
 //! Plans name steps by kind; the engine finds an executor for each kind at run time. The
-//! sandbox's `vm.*` kinds (boot, file sync, workspace, up) have none in this build: they
-//! appear in `banger graph`, and a plan that needs them is refused before anything runs.
+//! executors of the image and kernel kinds are here ([`with_executors`]); those of the
+//! sandbox's `vm.*` kinds (boot, file sync, workspace, up command) need the daemon's VMs and
+//! live in `ops::up`, which registers them on the engine it runs `banger up` with.
 //!
 //! Bump a kind's `version` whenever what it produces changes for the same params: every key of
 //! that kind, and of everything downstream, changes with it.
@@ -202,7 +203,7 @@ pub const VM_BOOT: KindInfo = kind(
 );
 pub const VM_FILE_SYNC: KindInfo = kind(
     "vm.file-sync",
-    1,
+    2,
     Never,
     Disk,
     "copy [[file_sync]] host files into the guest",

@@ -81,7 +81,7 @@ pub enum StoreError {
         #[source]
         source: cacache::Error,
     },
-    #[error("store entry {entry} is corrupt ({source}); `banger cache gc` removes it")]
+    #[error("store entry {entry} is corrupt (`banger cache gc` removes it)")]
     CorruptEntry {
         entry: String,
         #[source]

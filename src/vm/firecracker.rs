@@ -249,8 +249,8 @@ pub enum FirecrackerError {
         limit: usize,
     },
     #[error(
-        "cannot parse the answer to {method} {path} from Firecracker's API at {} as JSON \
-         ({source}): {answer}",
+        "cannot parse the answer to {method} {path} from Firecracker's API at {} as JSON: \
+         {answer}",
         socket.display()
     )]
     ApiParseAnswer {

@@ -419,3 +419,20 @@ fn doctor_passes_where_the_host_tools_are_installed() {
     }
     assert!(!output.stdout.contains("required)"), "{output}");
 }
+
+/// The same mistake exits the same way whatever it names: an unknown image or kernel to
+/// remove or show is the user's (exit 1), and the error names it.
+#[test]
+fn unknown_images_and_kernels_exit_1_naming_them() {
+    let context = TestContext::new();
+    for args in [
+        ["image", "rm", "nosuch-image"],
+        ["kernel", "rm", "nosuch-kernel"],
+        ["image", "show", "nosuch-image"],
+        ["kernel", "show", "nosuch-kernel"],
+    ] {
+        let output = context.run(&args);
+        assert_eq!(output.code, Some(1), "{args:?}: {output}");
+        assert!(output.stderr.contains(args[2]), "{args:?}: {output}");
+    }
+}
