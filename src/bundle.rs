@@ -190,6 +190,24 @@ pub enum BundleError {
     Cancelled { bundle: PathBuf },
 }
 
+impl crate::error::Classify for BundleError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            // What was given is wrong: the output path, or a bundle that is not one or was
+            // altered.
+            BundleError::InvalidInput { .. }
+            | BundleError::NotABundle { .. }
+            | BundleError::InvalidManifest { .. }
+            | BundleError::EntryRefused { .. }
+            | BundleError::EntryMismatch { .. }
+            | BundleError::EntryMissing { .. } => ErrorClass::User,
+            BundleError::Cancelled { .. } => ErrorClass::Interrupted,
+            _ => ErrorClass::Environment,
+        }
+    }
+}
+
 fn entry_suffix(entry: &Option<String>) -> String {
     entry
         .as_ref()

@@ -66,6 +66,12 @@ impl From<ExitStatus> for ExitCode {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// The user pressed Ctrl-C while the CLI waited for something it does not control (the
+/// daemon): exit 130 with what happens to the work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
 impl ExitStatus {
     /// The exit status of an error of `class`.
     pub fn of(class: ErrorClass) -> ExitStatus {
@@ -90,6 +96,9 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
                 )*
                 if cause.downcast_ref::<UsageError>().is_some() {
                     return ErrorClass::User;
+                }
+                if cause.downcast_ref::<Interrupted>().is_some() {
+                    return ErrorClass::Interrupted;
                 }
             }
         };

@@ -380,15 +380,6 @@ fn remove(context: &mut Context, names: &[String]) -> anyhow::Result<ExitStatus>
     Ok(ExitStatus::Success)
 }
 
-/// The image's distribution: its record, else `ID=` from its `/etc/os-release` (read with
-/// banger's ext4 reader: `unknown` when the image has none).
-fn image_distro(record: &ImageRecord, rootfs: &Path) -> String {
-    match &record.distro {
-        Some(distro) => distro.clone(),
-        None => banger::bundle::image_distro(rootfs),
-    }
-}
-
 /// Prints the catalog entry of the bundle at `out` (`written`: its sha256 and size).
 pub fn print_bundle_entry(
     context: &Context,
@@ -437,40 +428,15 @@ pub fn export_bundle(
     distro: Option<&str>,
 ) -> anyhow::Result<ExitStatus> {
     let store = context.store()?;
-    let staging = store.scratch()?;
-    let rootfs = staging.path().join("rootfs.ext4");
-    store.materialize(
-        &banger::store::OutputRef {
-            integrity: record.rootfs_integrity.clone(),
-            size: record.rootfs_size,
-        },
-        &rootfs,
-    )?;
-    let distro = distro
-        .map(str::to_owned)
-        .unwrap_or_else(|| image_distro(record, &rootfs));
-    let kernel = record
-        .kernel_ref
-        .clone()
-        .context("the image has no kernel; register it again with --kernel")?;
-    let manifest =
-        banger::bundle::BundleManifest::image(&record.name, &distro, &record.arch, &kernel);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let written = banger::bundle::write_bundle(
-        &manifest,
-        &[("rootfs.ext4".to_owned(), rootfs.clone())],
-        out,
-        &mut |_, _| {},
-        &cancel,
-    )?;
+    let exported = banger::ops::images::export_bundle(&store, record, out, distro)?;
     print_bundle_entry(
         context,
         &record.name,
-        &distro,
+        &exported.distro,
         &record.arch,
-        &kernel,
+        &exported.kernel,
         out,
-        &(written.sha256, written.size),
+        &(exported.sha256, exported.size),
     )?;
     Ok(ExitStatus::Success)
 }

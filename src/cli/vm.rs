@@ -238,16 +238,33 @@ impl Session {
     ) -> anyhow::Result<Result<Response, Refused>> {
         let printer = context.printer.clone();
         let reporter = &self.reporter;
-        let response = runtime.block_on(self.client.request_with_events(request, |event| {
-            match serde_json::from_value::<Progress>(event) {
-                Ok(Progress::Engine(event)) => reporter.report(&event),
-                Ok(Progress::Note(text)) if printer.json => {
-                    let _ = printer.record("vm_progress", json!({ "message": text }));
+        let exchange =
+            self.client.request_with_events(request, |event| {
+                match serde_json::from_value::<Progress>(event) {
+                    Ok(Progress::Engine(event)) => reporter.report(&event),
+                    Ok(Progress::Note(text)) if printer.json => {
+                        let _ = printer.record("vm_progress", json!({ "message": text }));
+                    }
+                    Ok(Progress::Note(text)) => printer.info(&text),
+                    Err(_) => {}
                 }
-                Ok(Progress::Note(text)) => printer.info(&text),
-                Err(_) => {}
+            });
+        // Ctrl-C is caught, not left to its default action: the exit is 130 whatever the
+        // shell did with SIGINT (a script's background job inherits it ignored).
+        let response = runtime.block_on(async {
+            tokio::select! {
+                response = exchange => response.map(Some),
+                _ = tokio::signal::ctrl_c() => Ok(None),
             }
-        }))?;
+        })?;
+        let Some(response) = response else {
+            return Err(super::exit::Interrupted(
+                "interrupted; the daemon finishes the request on its own (a `vm run --rm` VM is \
+                 deleted once it is up)"
+                    .to_owned(),
+            )
+            .into());
+        };
         Ok(match response {
             Response::Error { kind, message } => Err(Refused { kind, message }),
             other => Ok(other),

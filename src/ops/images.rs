@@ -94,6 +94,10 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image {image} has no kernel; register it again with --kernel")]
+    NoKernel { image: String },
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
 }
 
 impl From<OciError> for ImageError {
@@ -111,7 +115,9 @@ impl crate::error::Classify for ImageError {
             | ImageError::NoDefaultKernel
             | ImageError::NotAFile { .. }
             | ImageError::NotExt4 { .. }
+            | ImageError::NoKernel { .. }
             | ImageError::ReadFile { .. } => ErrorClass::User,
+            ImageError::Bundle(error) => error.class(),
             ImageError::Source(error) => error.class(),
             ImageError::Oci(error) => error.class(),
             ImageError::Plan(error) => error.class(),
@@ -708,4 +714,59 @@ mod tests {
             RunOptions::default(),
         ));
     }
+}
+
+/// What [`export_bundle`] wrote: the bundle's digest and size, and the distro and kernel its
+/// manifest names (for a catalog entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedBundle {
+    pub distro: String,
+    pub kernel: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Writes the recorded image `record` as a golden bundle at `out` (a `.tar.zst` of its
+/// `rootfs.ext4` and a manifest); `distro` overrides what the record or the image's
+/// `/etc/os-release` says.
+pub fn export_bundle(
+    store: &Store,
+    record: &crate::state::ImageRecord,
+    out: &std::path::Path,
+    distro: Option<&str>,
+) -> Result<ExportedBundle, ImageError> {
+    let kernel = record
+        .kernel_ref
+        .clone()
+        .ok_or_else(|| ImageError::NoKernel {
+            image: record.name.clone(),
+        })?;
+    let staging = store.scratch()?;
+    let rootfs = staging.path().join("rootfs.ext4");
+    store.materialize(
+        &crate::store::OutputRef {
+            integrity: record.rootfs_integrity.clone(),
+            size: record.rootfs_size,
+        },
+        &rootfs,
+    )?;
+    let distro = match (distro, record.distro.as_deref()) {
+        (Some(distro), _) | (None, Some(distro)) => distro.to_owned(),
+        (None, None) => crate::bundle::image_distro(&rootfs),
+    };
+    let manifest =
+        crate::bundle::BundleManifest::image(&record.name, &distro, &record.arch, &kernel);
+    let written = crate::bundle::write_bundle(
+        &manifest,
+        &[("rootfs.ext4".to_owned(), rootfs)],
+        out,
+        &mut |_, _| {},
+        &tokio_util::sync::CancellationToken::new(),
+    )?;
+    Ok(ExportedBundle {
+        distro,
+        kernel,
+        sha256: written.sha256,
+        size: written.size,
+    })
 }

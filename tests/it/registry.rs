@@ -308,11 +308,12 @@ pub fn three_layers(label: &str, docker: bool) -> Vec<(String, Vec<u8>, Vec<u8>)
             media_types::OCI_LAYER_ZSTD,
         )
     };
-    // Incompressible and big enough for several reads and progress reports.
+    // Incompressible, and bigger than hyper's largest read buffer (about 400 KiB), so that
+    // every fetch takes several reads and reports progress between them.
     let filler = |n: u64| {
         let mut rng = fastrand::Rng::with_seed(n + label.len() as u64 * 1000);
         let mut bytes = format!("{label} layer {n}\n").into_bytes();
-        bytes.extend(std::iter::repeat_with(|| rng.u8(..)).take(256 * 1024));
+        bytes.extend(std::iter::repeat_with(|| rng.u8(..)).take(1024 * 1024));
         bytes
     };
     let first = tar_with("etc/gzip-layer", &filler(1));

@@ -620,7 +620,7 @@ fn slow_vm_run_rm_interrupted_while_the_vm_boots_leaves_no_vm() {
         "vm", "run", "--rm", "--name", name, "--memory", "1G", "--vcpu", "1", "--", "true",
     ]);
     command.stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
+    let child = command.spawn().unwrap();
     // Interrupted once the VM exists and boots (a TCG boot takes several seconds).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !vm_dir(context, name).join("console.log").exists() {
@@ -635,8 +635,13 @@ fn slow_vm_run_rm_interrupted_while_the_vm_boots_leaves_no_vm() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "Ctrl-C during the boot: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // The daemon finishes the boot, finds nobody to answer, and deletes the VM.
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
