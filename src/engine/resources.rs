@@ -26,9 +26,7 @@ impl ResourceLimits {
     /// operations one at a time.
     pub fn for_host() -> ResourceLimits {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
-        let memory_mib = host_memory_mib().unwrap_or(4096);
-        let vm_permits = (memory_mib * 3 / 4 / u64::from(crate::steps::VM_MEMORY_PERMIT_MIB))
-            .clamp(1, u64::from(u32::MAX)) as u32;
+        let vm_permits = vm_permits(host_memory_mib().unwrap_or(4096));
         ResourceLimits::uniform(1)
             .with(ResourceClass::Network, 8)
             .with(ResourceClass::Disk, 2)
@@ -55,6 +53,13 @@ impl ResourceLimits {
     pub fn limit(&self, class: ResourceClass) -> u32 {
         self.limits.get(&class).copied().unwrap_or(1)
     }
+}
+
+/// The `vm` class's permits on a host with `memory_mib`: three quarters of it, in
+/// [`crate::steps::VM_MEMORY_PERMIT_MIB`] units.
+fn vm_permits(memory_mib: u64) -> u32 {
+    (memory_mib * 3 / 4 / u64::from(crate::steps::VM_MEMORY_PERMIT_MIB))
+        .clamp(1, u64::from(u32::MAX)) as u32
 }
 
 /// `MemTotal` of `/proc/meminfo`, in MiB.
@@ -95,5 +100,44 @@ impl Resources {
             .acquire_many_owned(weight)
             .await
             .expect("resource semaphores are never closed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steps::provision_run::builder_weight;
+    use std::time::Duration;
+
+    /// How many builder VMs (2 GiB each) hold their permits at once on a host with
+    /// `memory_mib`.
+    async fn concurrent_builders(memory_mib: u64) -> usize {
+        let resources = Resources::new(
+            ResourceLimits::uniform(1).with(ResourceClass::Vm, vm_permits(memory_mib)),
+        );
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            match tokio::time::timeout(
+                Duration::from_millis(50),
+                resources.acquire(ResourceClass::Vm, builder_weight()),
+            )
+            .await
+            {
+                Ok(permit) => held.push(permit),
+                Err(_) => break,
+            }
+        }
+        held.len()
+    }
+
+    #[tokio::test]
+    async fn builders_run_side_by_side_only_as_memory_allows() {
+        // Three quarters of 4 GiB holds one 2 GiB builder; of 6 GiB, two; of 24 GiB, all four
+        // asked for.
+        assert_eq!(concurrent_builders(4096).await, 1);
+        assert_eq!(concurrent_builders(6 * 1024).await, 2);
+        assert_eq!(concurrent_builders(24 * 1024).await, 4);
+        // A host smaller than one builder still runs one at a time, never none.
+        assert_eq!(concurrent_builders(1024).await, 1);
     }
 }
