@@ -268,13 +268,10 @@ async fn serve_vm_request(
                 .stop(&name, &events)
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
-            Request::VmRestart { name, timeout_secs } => match vms.stop(&name, &events).await {
-                Ok(_) | Err(crate::ops::vms::VmError::NotRunning { .. }) => vms
-                    .start(&name, timeout(timeout_secs), &events)
-                    .await
-                    .map(|info| Response::Vm(Box::new(info))),
-                Err(error) => Err(error),
-            },
+            Request::VmRestart { name, timeout_secs } => vms
+                .restart(&name, timeout(timeout_secs), &events)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
             Request::VmKill { name } => vms
                 .kill(&name)
                 .await

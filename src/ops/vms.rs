@@ -889,6 +889,19 @@ impl Vms {
         }
     }
 
+    /// Stops the VM if it runs (cleanly, as [`Vms::stop`]), then starts it.
+    pub async fn restart(
+        &self,
+        name: &str,
+        timeout: Duration,
+        events: &dyn VmProgress,
+    ) -> Result<VmInfo, VmError> {
+        match self.stop(name, events).await {
+            Ok(_) | Err(VmError::NotRunning { .. }) => self.start(name, timeout, events).await,
+            Err(error) => Err(error),
+        }
+    }
+
     /// Stops the VMM at once.
     pub async fn kill(&self, name: &str) -> Result<VmInfo, VmError> {
         let lock = self.lock(name);
