@@ -16,14 +16,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 /// A running agent; killed on drop.
-struct Agent {
+pub(crate) struct Agent {
     child: Child,
     dir: tempfile::TempDir,
 }
 
 impl Agent {
     /// `banger-agent --listen-unix <dir>/agent.sock`.
-    fn start() -> Agent {
+    pub(crate) fn start() -> Agent {
         Agent::start_with(|socket| vec!["--listen-unix".into(), socket.display().to_string()])
     }
 
@@ -85,7 +85,7 @@ impl Agent {
         Agent { child, dir }
     }
 
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.dir.path().join("agent.sock")
     }
 

@@ -9,6 +9,7 @@ mod ext4_read;
 mod fetch;
 mod firecracker;
 mod firstboot;
+mod fuzz;
 mod guest;
 mod images;
 mod kernel;

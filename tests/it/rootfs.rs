@@ -15,12 +15,12 @@ use crate::support::{assert_fsck_clean, capable, debugfs, field, have_e2fsprogs,
 
 /// Builds one tar layer entry by entry. Names are written raw, so hostile names (`..`,
 /// absolute) can be produced, which `tar::Builder`'s own path setters refuse.
-struct LayerTar {
+pub(crate) struct LayerTar {
     builder: tar::Builder<Vec<u8>>,
 }
 
 #[derive(Clone, Copy)]
-enum Kind<'a> {
+pub(crate) enum Kind<'a> {
     Dir,
     File(&'a [u8]),
     Symlink(&'a str),
@@ -29,16 +29,16 @@ enum Kind<'a> {
     Fifo,
 }
 
-struct Spec<'a> {
+pub(crate) struct Spec<'a> {
     name: &'a str,
     kind: Kind<'a>,
     mode: u32,
-    uid: u64,
-    gid: u64,
+    pub(crate) uid: u64,
+    pub(crate) gid: u64,
     pax: Vec<(&'a str, &'a [u8])>,
 }
 
-fn entry<'a>(name: &'a str, kind: Kind<'a>, mode: u32) -> Spec<'a> {
+pub(crate) fn entry<'a>(name: &'a str, kind: Kind<'a>, mode: u32) -> Spec<'a> {
     Spec {
         name,
         kind,
@@ -50,13 +50,13 @@ fn entry<'a>(name: &'a str, kind: Kind<'a>, mode: u32) -> Spec<'a> {
 }
 
 impl LayerTar {
-    fn new() -> LayerTar {
+    pub(crate) fn new() -> LayerTar {
         LayerTar {
             builder: tar::Builder::new(Vec::new()),
         }
     }
 
-    fn add(&mut self, spec: Spec<'_>) -> &mut Self {
+    pub(crate) fn add(&mut self, spec: Spec<'_>) -> &mut Self {
         if !spec.pax.is_empty() {
             self.builder
                 .append_pax_extensions(spec.pax.iter().map(|(key, value)| (*key, *value)))
@@ -93,7 +93,7 @@ impl LayerTar {
         self
     }
 
-    fn finish(self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
         self.builder.into_inner().unwrap()
     }
 }
@@ -114,7 +114,7 @@ fn write_layer(dir: &Path, name: &str, bytes: &[u8]) -> Layer {
     Layer::tar(format!("sha256:{name}"), path)
 }
 
-fn options() -> RootfsOptions {
+pub(crate) fn options() -> RootfsOptions {
     RootfsOptions {
         sizing: Sizing::Auto {
             headroom_percent: 150,
