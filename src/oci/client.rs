@@ -40,6 +40,10 @@ const MANIFEST_MEDIA_TYPES: &[&str] = &[
 /// A config larger than this is not an image config; refuse it rather than hold it in memory.
 const MAX_CONFIG_SIZE: u64 = 16 * 1024 * 1024;
 
+/// A manifest or index larger than this is refused while it streams (the largest real ones,
+/// multi-platform indexes, are tens of KiB).
+pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
 /// Writes of blobs to disk are batched into buffers of this size.
 const WRITE_BUFFER_SIZE: usize = 1024 * 1024;
 
@@ -114,6 +118,8 @@ impl RegistryOptions {
 pub struct RegistryClient {
     options: RegistryOptions,
     clients: Mutex<HashMap<String, oci_client::Client>>,
+    /// Per registry: manifests are fetched without oci-client (see `fetch_manifest_once`).
+    http_clients: Mutex<HashMap<String, reqwest::Client>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -143,6 +149,7 @@ impl RegistryClient {
         RegistryClient {
             options,
             clients: Mutex::new(HashMap::new()),
+            http_clients: Mutex::new(HashMap::new()),
         }
     }
 
@@ -401,8 +408,8 @@ impl RegistryClient {
         Ok(client)
     }
 
-    /// The manifest's bytes and digest. oci-client checks the bytes against the reference's
-    /// digest, or against the registry's `Docker-Content-Digest` when fetched by tag.
+    /// The manifest's bytes and digest, checked against the reference's digest and the
+    /// registry's `Docker-Content-Digest`, read with a cap of [`MAX_MANIFEST_SIZE`].
     async fn fetch_manifest(
         &self,
         session: &Session,
@@ -414,23 +421,134 @@ impl RegistryClient {
             digest: None,
             credentials: &session.credentials,
         };
-        let client_reference = reference.to_client_reference();
         let mut retrier = Retrier::new(&self.options.retry);
         loop {
-            let failure = match session
-                .client
-                .pull_manifest_raw(
-                    &client_reference,
-                    &session.credentials.auth,
-                    MANIFEST_MEDIA_TYPES,
-                )
-                .await
-            {
-                Ok((body, digest)) => return Ok((body.to_vec(), digest)),
-                Err(error) => classify(error, &context),
+            let failure = match self.fetch_manifest_once(session, &context).await {
+                Ok(fetched) => return Ok(fetched),
+                Err(failure) => failure,
             };
             after_failure(&mut retrier, failure, &context).await?;
         }
+    }
+
+    /// One GET of a manifest. oci-client reads manifests whole into memory with no limit, so
+    /// banger asks for them itself, with oci-client's token for the repository (or the
+    /// credentials for a registry that takes basic auth), and stops reading at the cap.
+    async fn fetch_manifest_once(
+        &self,
+        session: &Session,
+        context: &Context<'_>,
+    ) -> Result<(Vec<u8>, String), Failure> {
+        use oci_client::secrets::RegistryAuth;
+        let reference = context.reference;
+        let client_reference = reference.to_client_reference();
+        let registry = client_reference.resolve_registry().to_owned();
+        let token = session
+            .client
+            .auth(
+                &client_reference,
+                &session.credentials.auth,
+                oci_client::RegistryOperation::Pull,
+            )
+            .await
+            .map_err(|error| classify(error, context))?;
+        let scheme = if self.options.plain_http(&registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{}{}",
+            client_reference.repository(),
+            client_reference
+                .digest()
+                .or(client_reference.tag())
+                .unwrap_or("latest"),
+            client_reference
+                .namespace()
+                .map(|namespace| format!("?ns={namespace}"))
+                .unwrap_or_default(),
+        );
+        let mut request = self
+            .http_client(&registry)
+            .map_err(Failure::Fatal)?
+            .get(&url)
+            .header(reqwest::header::ACCEPT, MANIFEST_MEDIA_TYPES.join(", "));
+        request = match (&token, &session.credentials.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let transport =
+            |error: reqwest::Error| classify(OciDistributionError::RequestError(error), context);
+        let mut response = request.send().await.map_err(transport)?;
+        let too_large = || {
+            Failure::Fatal(OciError::ManifestTooLarge {
+                reference: reference.to_string(),
+                limit: MAX_MANIFEST_SIZE,
+            })
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > MAX_MANIFEST_SIZE)
+        {
+            return Err(too_large());
+        }
+        let status = response.status();
+        let header_digest = response
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| !value.is_empty())
+            .map(str::to_owned);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST_SIZE {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status != reqwest::StatusCode::OK {
+            return Err(classify(status_error(status, &body, &url), context));
+        }
+        let actual = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        for expected in [client_reference.digest(), header_digest.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            // Only sha256 is in use; another algorithm's digest cannot be checked here.
+            if expected.starts_with("sha256:") && expected != actual {
+                return Err(Failure::Fatal(OciError::ManifestDigestMismatch {
+                    reference: reference.to_string(),
+                    expected: expected.to_owned(),
+                    actual,
+                }));
+            }
+        }
+        Ok((body, actual))
+    }
+
+    /// The HTTP client for manifests from `registry`, made once (connections are reused).
+    fn http_client(&self, registry: &str) -> Result<reqwest::Client, OciError> {
+        let mut clients = self
+            .http_clients
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = clients.get(registry) {
+            return Ok(client.clone());
+        }
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.options.connect_timeout)
+            .read_timeout(self.options.read_timeout)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|error| OciError::ClientSetup {
+                registry: registry.to_owned(),
+                message: error_chain(&error),
+            })?;
+        clients.insert(registry.to_owned(), client.clone());
+        Ok(client)
     }
 
     /// Streams a blob into `sink`, retrying transient failures from the start.
@@ -693,6 +811,29 @@ fn classify(error: OciDistributionError, context: &Context<'_>) -> Failure {
         }
         OciDistributionError::IoError(error) => Failure::Transient(error_chain(&error)),
         other_error => Failure::Fatal(other(error_chain(&other_error))),
+    }
+}
+
+/// The error oci-client gives for a manifest answered with `status` and `body`, so that one
+/// [`classify`] judges both paths.
+fn status_error(status: reqwest::StatusCode, body: &[u8], url: &str) -> OciDistributionError {
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return OciDistributionError::UnauthorizedError {
+            url: url.to_owned(),
+        };
+    }
+    if status.is_client_error()
+        && let Ok(envelope) = serde_json::from_slice::<oci_client::errors::OciEnvelope>(body)
+    {
+        return OciDistributionError::RegistryError {
+            envelope,
+            url: url.to_owned(),
+        };
+    }
+    OciDistributionError::ServerError {
+        code: status.as_u16(),
+        url: url.to_owned(),
+        message: String::from_utf8_lossy(body).into_owned(),
     }
 }
 

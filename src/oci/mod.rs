@@ -48,7 +48,7 @@ mod retry;
 use std::path::PathBuf;
 
 pub use auth::{CredentialSource, docker_config_path};
-pub use client::{RegistryClient, RegistryOptions, install_tls_provider};
+pub use client::{MAX_MANIFEST_SIZE, RegistryClient, RegistryOptions, install_tls_provider};
 pub use layer::{
     Compression, decompressed, layer_compression, layer_reader, media_types, sniff_compression,
 };
@@ -304,6 +304,22 @@ pub enum OciError {
         reference: String,
         digest: String,
         expected: u64,
+    },
+
+    #[error(
+        "the registry's manifest for {reference} is larger than banger's limit of {limit} bytes \
+         (real manifests are a few KiB); nothing was kept"
+    )]
+    ManifestTooLarge { reference: String, limit: u64 },
+
+    #[error(
+        "the registry's manifest for {reference} does not match {expected} (its bytes are \
+         {actual}); nothing was kept"
+    )]
+    ManifestDigestMismatch {
+        reference: String,
+        expected: String,
+        actual: String,
     },
 
     #[error("cannot write blob {digest} of {reference} to {}", path.display())]

@@ -694,3 +694,51 @@ async fn bearer_tokens_come_from_the_challenge_realm_with_docker_config_credenti
     assert!(matches!(error, OciError::Unauthorized { .. }), "{message}");
     assert!(message.contains("anonymous"), "{message}");
 }
+
+/// A manifest is read with a cap, announced or not, and its bytes must match the digest the
+/// registry gives for them.
+#[tokio::test]
+async fn oversized_and_mislabelled_manifests_are_refused() {
+    let oversized = vec![b' '; (banger::oci::MAX_MANIFEST_SIZE + 1) as usize];
+    let server = FakeRegistry::start(move |path, _| match path {
+        "/v2/announced/manifests/v1" => Reply::ok(media_types::OCI_MANIFEST, oversized.clone()),
+        "/v2/unannounced/manifests/v1" => Reply::Unannounced {
+            body: oversized.clone(),
+        },
+        "/v2/mislabelled/manifests/v1" => Reply::Full {
+            status: 200,
+            headers: vec![
+                ("Content-Type".into(), media_types::OCI_MANIFEST.into()),
+                ("Docker-Content-Digest".into(), sha256(b"other bytes")),
+            ],
+            body: b"{}".to_vec(),
+        },
+        _ => Reply::status(200),
+    })
+    .await;
+    let client = client();
+    for repository in ["announced", "unannounced"] {
+        let text = format!("{}/{repository}:v1", server.address);
+        let error = client.resolve(&reference(&text)).await.unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(error, OciError::ManifestTooLarge { .. }),
+            "{message}"
+        );
+        assert!(message.contains(&text), "{message}");
+        assert!(message.contains("4194304 bytes"), "{message}");
+        assert_eq!(
+            server.count(&format!("/v2/{repository}/manifests/v1")),
+            1,
+            "never retried"
+        );
+    }
+    let text = format!("{}/mislabelled:v1", server.address);
+    let error = client.resolve(&reference(&text)).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, OciError::ManifestDigestMismatch { .. }),
+        "{message}"
+    );
+    assert!(message.contains(&sha256(b"other bytes")), "{message}");
+}
