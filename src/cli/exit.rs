@@ -121,6 +121,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
         SourceError,
         InspectError,
         StoreError,
+        banger::ops::ssh_config::SshConfigError,
     );
     ErrorClass::Environment
 }

@@ -20,6 +20,7 @@ mod image;
 mod kernel;
 mod printer;
 mod reporters;
+mod ssh_config;
 mod up;
 mod vm;
 
@@ -123,6 +124,9 @@ point: the VM is deleted afterwards, and a lock that would change is an error."
     /// Pull, import, list and remove kernels; boot-test one (`kernel test`).
     #[command(subcommand)]
     Kernel(kernel::KernelCommand),
+    /// Make `ssh NAME.vm` reach banger's VMs through your own ssh (install or uninstall).
+    #[command(subcommand)]
+    SshConfig(ssh_config::SshConfigCommand),
     /// Report what this host can do: accelerator (KVM or TCG, and why), QEMU, vsock, tools.
     Doctor,
     /// Inspect and trim the step store (~/.cache/banger/store).
@@ -306,6 +310,7 @@ pub fn run() -> ExitStatus {
         Command::Workspace(command) => up::workspace(&mut context, &command),
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
+        Command::SshConfig(command) => ssh_config::run(&mut context, &command),
         Command::Kernel(command) => kernel::run(&mut context, &command),
         Command::Daemon(command) => daemon::run(&mut context, &command),
         Command::Vm(command) => vm::run(&mut context, &command),

@@ -78,6 +78,17 @@ and its arguments, each passed as one word (`banger vm ssh box -- sh -c 'exit 7'
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Connect stdin and stdout to a VM's SSH server: the ProxyCommand of `ssh NAME.vm`.
+    #[command(
+        long_about = "Connect stdin and stdout to the SSH server of VM NAME, given as NAME.vm: the ProxyCommand that `banger ssh-config install` sets for `Host *.vm`, so that the system's ssh, scp and rsync reach banger's VMs by name. Waits up to a minute for the guest's sshd after a boot. Only port 22 is reached."
+    )]
+    Proxy {
+        /// The SSH host name, NAME.vm.
+        host: String,
+        /// The port ssh asked for (22).
+        #[arg(default_value_t = 22)]
+        port: u16,
+    },
     /// Delete every stopped VM (asks first unless -f).
     Prune {
         /// Do not ask.
@@ -189,6 +200,7 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
         VmCommand::Logs { name, follow } => logs(context, &runtime, &mut session, name, *follow),
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
+        VmCommand::Proxy { host, port } => proxy(context, &runtime, &mut session, host, *port),
     }
 }
 
@@ -562,6 +574,85 @@ fn no_network(name: &str) -> String {
         "VM `{name}` has no network (network mode `none`), so SSH cannot reach it; a VM made \
          with `--network user` (or `[vm] network = \"user\"` in a Bangerfile) can be reached"
     )
+}
+
+/// `ssh NAME.vm`'s ProxyCommand: the bytes of the VM's SSH server on stdin and stdout.
+fn proxy(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<ExitStatus> {
+    let name = banger::ops::ssh_config::vm_name_of_host(host)?;
+    if port != 22 {
+        context.printer.error(&format!(
+            "`banger vm proxy` reaches the SSH server of a VM (port 22), not port {port}"
+        ));
+        return Ok(ExitStatus::UserError);
+    }
+    let vm = match show_vm(context, runtime, session, &name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    if vm.network == NetworkMode::None {
+        context.printer.error(&no_network(&name));
+        return Ok(ExitStatus::UserError);
+    }
+    let (Some(address), Some(ssh_port)) = (&vm.ssh_host, vm.ssh_port) else {
+        context.printer.error(&format!(
+            "VM `{name}` is not running; start it with `banger vm start {name}`"
+        ));
+        return Ok(ExitStatus::UserError);
+    };
+    wait_for_sshd(context, runtime, &vm);
+    let stream = std::net::TcpStream::connect((address.as_str(), ssh_port)).with_context(|| {
+        format!("cannot reach the SSH server of VM `{name}` at {address}:{ssh_port}")
+    })?;
+    splice_stdio(stream)?;
+    Ok(ExitStatus::Success)
+}
+
+/// Copies stdin to `stream` and `stream` to stdout until the server closes. Plain threads
+/// and blocking I/O: a read of stdin cannot be cancelled, so the stdin side is left behind
+/// when the server is done, and ends with the process.
+fn splice_stdio(stream: std::net::TcpStream) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut upstream = stream.try_clone()?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => {
+                    if upstream.write_all(&buffer[..read]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = upstream.shutdown(std::net::Shutdown::Write);
+    });
+    let mut downstream = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = match downstream.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error).context("reading from the VM's SSH server"),
+        };
+        // Flushed at once: stdout is line-buffered, and the SSH protocol is not lines.
+        if stdout
+            .write_all(&buffer[..read])
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
 }
 
 fn prune(

@@ -25,6 +25,7 @@ pub mod graph;
 pub mod images;
 pub mod kernels;
 pub mod project;
+pub mod ssh_config;
 pub mod up;
 pub mod vms;
 pub mod workspace;

@@ -685,6 +685,8 @@ impl Vms {
     ) -> Result<(), VmError> {
         let dir = self.vm_dir(&record.name);
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        // A new VM makes new host keys at its first boot.
+        self.forget_host_keys(&record.name);
         VmDisks::create(&dir, &record.id, record.disk_bytes, record.disk_bytes)?;
         let boot = self.boot_dir(&record.id);
         std::fs::create_dir_all(&boot).map_err(io("cannot create", &boot))?;
@@ -705,9 +707,20 @@ impl Vms {
     }
 
     fn remove_vm_files(&self, record: &VmRecord) {
+        self.forget_host_keys(&record.name);
         let _ = std::fs::remove_dir_all(self.vm_dir(&record.name));
         let _ = std::fs::remove_dir_all(self.boot_dir(&record.id));
         let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
+    }
+
+    /// Forgets the SSH host keys pinned for VM `name` (its own `known_hosts`, and the one
+    /// `ssh NAME.vm` uses): a VM made again has new ones.
+    fn forget_host_keys(&self, name: &str) {
+        let _ = std::fs::remove_file(self.vm_dir(name).join("known_hosts"));
+        let _ = std::fs::remove_file(crate::ops::ssh_config::known_hosts_file(
+            &self.paths.state_dir,
+            name,
+        ));
     }
 
     /// Boots a stopped VM and waits for its agent until `timeout`; installs banger's SSH key.
@@ -1047,6 +1060,8 @@ impl Vms {
     ) -> Result<(), VmError> {
         let dir = self.vm_dir(&record.name);
         let disks = VmDisks::in_dir(&dir);
+        // The new writable layer makes new host keys at its first boot.
+        self.forget_host_keys(&record.name);
         crate::vm::storage::create_blank_ext4(
             &disks.overlay,
             record.disk_bytes,

@@ -242,6 +242,7 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
             "workspace",
             "image",
             "kernel",
+            "ssh-config",
             "doctor",
             "cache",
             "daemon",

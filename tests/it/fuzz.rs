@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 
 use crate::rootfs::{Kind, LayerTar, entry};
-use crate::support::{TestContext, assert_fsck_clean, capable, have_e2fsprogs};
+use crate::support::{StopDaemon, TestContext, assert_fsck_clean, capable, have_e2fsprogs};
 
 /// The configuration of every property here: `cases` by default, failures kept in
 /// `tests/fuzz-corpus/NAME.txt`.
@@ -604,13 +604,4 @@ fn fuzz_the_daemon_survives_any_request_line() {
     let log = std::fs::read_to_string(context.home().join(".local/state/banger/logs/daemon.log"))
         .unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
-}
-
-/// Stops a test HOME's daemon however the test ends.
-struct StopDaemon<'a>(&'a TestContext);
-
-impl Drop for StopDaemon<'_> {
-    fn drop(&mut self) {
-        crate::vm::stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
-    }
 }

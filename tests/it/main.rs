@@ -20,6 +20,7 @@ mod registry;
 mod reliability;
 mod rootfs;
 mod slow;
+mod ssh_config;
 mod support;
 mod up;
 mod vm;

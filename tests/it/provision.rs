@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::slow::{debian_world, have_qemu, records};
-use crate::support::{Output, TestContext, capable, find_program};
+use crate::support::{Output, StopDaemon, TestContext, capable, find_program};
 
 fn can_build() -> bool {
     have_qemu()
@@ -690,13 +690,4 @@ fn slow_provision_builders_run_the_agent_as_pid1_unless_init_is_systemd() {
     let default = pid1("sandbox/provision[0]");
     assert_ne!(default, "systemd", "the default builder booted systemd");
     assert_eq!(pid1("sandbox/provision[1]"), "systemd");
-}
-
-/// Stops a test HOME's VMs and daemon however the test ends.
-struct StopDaemon<'a>(&'a TestContext);
-
-impl Drop for StopDaemon<'_> {
-    fn drop(&mut self) {
-        crate::vm::stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
-    }
 }

@@ -124,7 +124,9 @@ impl RealRegistry {
             if self.child.try_wait().unwrap().is_some() {
                 return Err(true);
             }
-            if http_status(&self.address, "/v2/").is_some() {
+            // This registry, not another test's server that took the port first (then this
+            // one exits with "address already in use" a moment later).
+            if is_docker_registry(&self.address) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -186,6 +188,26 @@ pub fn http_status(address: &str, path: &str) -> Option<u16> {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Whether a docker-registry answers at `address`: its `/v2/` answers carry
+/// `Docker-Distribution-Api-Version`, which the tests' fake servers never send.
+fn is_docker_registry(address: &str) -> bool {
+    let Ok(socket) = address.parse() else {
+        return false;
+    };
+    let Ok(mut stream) = TcpStream::connect_timeout(&socket, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if write!(stream, "GET /v2/ HTTP/1.0\r\nHost: {address}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.take(64 * 1024).read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .to_ascii_lowercase()
+        .contains("docker-distribution-api-version")
 }
 
 /// Pushes blobs and manifests with oci-client's push API.

@@ -4,7 +4,7 @@
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
 use crate::rootfs::faithful_layer_blobs;
-use crate::support::{TestContext, capable, have_e2fsprogs};
+use crate::support::{FakeVm, StopDaemon, TestContext, capable, have_e2fsprogs};
 
 /// Eight `banger build` processes of one Bangerfile, started together, build each step once in
 /// all (the store's per-step locks) and all report the same image.
@@ -334,73 +334,17 @@ fn reliability_a_pull_killed_anywhere_leaves_a_store_the_next_pull_completes() {
 /// are `sleep` processes with fake agents, adopted by the daemon from their scratch records.
 #[test]
 fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
-    use banger::spec::NetworkMode;
-    use banger::state::{State, VmRecord, VmState};
-    use banger::vm::backend::{AgentAddress, BackendKind, Launched};
-    use banger::vm::process::ProcessHandle;
-    use std::os::unix::fs::DirBuilderExt;
     use std::time::{Duration, Instant};
 
     let context = TestContext::new();
     let _daemon = StopDaemon(&context);
-    let runtime_dir = context.root.path().join("run/banger");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&runtime_dir)
-        .unwrap();
-    let state_dir = context.home().join(".local/state/banger");
-    std::fs::create_dir_all(&state_dir).unwrap();
-    let state = State::open(&state_dir).unwrap();
     let mut guests = Vec::new();
     for (index, name) in ["stopped", "killed", "removed"].into_iter().enumerate() {
-        let id = format!("silent{index:06}");
-        let run_dir = runtime_dir.join("vms").join(&id);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&run_dir)
-            .unwrap();
-        let agent_socket = run_dir.join("agent.sock");
-        let execs = SilentAgent::serve(&agent_socket);
-        let vmm = std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .unwrap();
-        let launched = Launched {
-            backend: BackendKind::Qemu,
-            vmm: ProcessHandle::of(vmm.id()).unwrap(),
-            helpers: Vec::new(),
-            control_socket: run_dir.join("qmp.sock"),
-            agent: AgentAddress::Serial { path: agent_socket },
-            ssh_host: None,
-            ssh_port: None,
-            tap: None,
-        };
-        std::fs::write(
-            run_dir.join("launched.json"),
-            serde_json::to_string(&launched).unwrap(),
-        )
-        .unwrap();
-        state
-            .create_vm(&VmRecord {
-                name: name.to_owned(),
-                id,
-                image: "debian-bookworm".into(),
-                kernel: "debian-bookworm".into(),
-                backend: "qemu".into(),
-                vcpus: 1,
-                memory_mib: 256,
-                disk_bytes: 1 << 30,
-                state: VmState::Running,
-                created_ms: 0,
-                rootfs_integrity: None,
-                network: NetworkMode::User,
-            })
-            .unwrap();
-        guests.push((name, vmm, execs));
+        // A network, so the VMs are `running` in `vm list` as any other (nothing serves SSH).
+        let vm = FakeVm::adopt(&context, name, index, Some("127.0.0.1:9".parse().unwrap()));
+        let execs = SilentAgent::serve(&vm.agent_socket());
+        guests.push((name, vm, execs));
     }
-    drop(state);
 
     let listed = context.run(&["vm", "list"]);
     assert_eq!(listed.code, Some(0), "{listed}");
@@ -409,7 +353,7 @@ fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
         3,
         "the daemon adopts the three: {listed}"
     );
-    for ((name, mut vmm, execs), (command, limit)) in guests.into_iter().zip([
+    for ((name, mut vm, execs), (command, limit)) in guests.into_iter().zip([
         ("stop", Duration::from_secs(25)),
         ("kill", Duration::from_secs(10)),
         ("rm", Duration::from_secs(10)),
@@ -423,7 +367,7 @@ fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
             "vm {command} on a silent guest took {took:.1?} (limit {limit:?}): {output}"
         );
         assert!(
-            vmm.try_wait().unwrap().is_some(),
+            vm.vmm.try_wait().unwrap().is_some(),
             "vm {command} left the VMM running"
         );
         if command == "stop" {
@@ -438,15 +382,6 @@ fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
         listed.stdout.contains("stopped") && !listed.stdout.contains("removed"),
         "{listed}"
     );
-}
-
-/// Stops a test HOME's VMs and daemon however the test ends.
-struct StopDaemon<'a>(&'a TestContext);
-
-impl Drop for StopDaemon<'_> {
-    fn drop(&mut self) {
-        crate::vm::stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
-    }
 }
 
 /// An agent that answers `Hello` with `Ready` and reads everything after it without a word;

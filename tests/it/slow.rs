@@ -29,7 +29,7 @@ extern "C" fn remove_world() {
     if let Ok(root) = WORLD_ROOT.lock()
         && let Some(root) = root.as_ref()
     {
-        crate::vm::stop_daemon_and_vms(&root.join("home"), &root.join("run"));
+        crate::support::stop_daemon_and_vms(&root.join("home"), &root.join("run"));
         let _ = std::fs::remove_dir_all(root);
     }
 }

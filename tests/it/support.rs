@@ -462,3 +462,137 @@ pub fn pseudo_random(length: usize, seed: u32) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A VM the daemon adopts at start-up without any VMM behind it: a `sleep` process stands in
+/// for QEMU, recorded as running with a scratch file as a real launch leaves. The agent and
+/// SSH addresses are whatever the test serves. Create every fake VM before the daemon
+/// starts: it reads scratch files only then.
+pub struct FakeVm {
+    pub name: String,
+    pub vmm: std::process::Child,
+    pub run_dir: std::path::PathBuf,
+}
+
+impl FakeVm {
+    /// Records VM `name` in `context`'s state as running, `index` making its id unique.
+    /// `ssh` is where its SSH server is reached, `None` for no network.
+    pub fn adopt(
+        context: &TestContext,
+        name: &str,
+        index: usize,
+        ssh: Option<std::net::SocketAddr>,
+    ) -> FakeVm {
+        use banger::spec::NetworkMode;
+        use banger::state::{State, VmRecord, VmState};
+        use banger::vm::backend::{AgentAddress, BackendKind, Launched};
+        use banger::vm::process::ProcessHandle;
+        use std::os::unix::fs::DirBuilderExt;
+
+        let id = format!("fakevm{index:06}");
+        let run_dir = context.root.path().join("run/banger/vms").join(&id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .unwrap();
+        let vmm = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let launched = Launched {
+            backend: BackendKind::Qemu,
+            vmm: ProcessHandle::of(vmm.id()).unwrap(),
+            helpers: Vec::new(),
+            control_socket: run_dir.join("qmp.sock"),
+            agent: AgentAddress::Serial {
+                path: run_dir.join("agent.sock"),
+            },
+            ssh_host: ssh.map(|address| address.ip().to_string()),
+            ssh_port: ssh.map(|address| address.port()),
+            tap: None,
+        };
+        std::fs::write(
+            run_dir.join("launched.json"),
+            serde_json::to_string(&launched).unwrap(),
+        )
+        .unwrap();
+        let state_dir = context.home().join(".local/state/banger");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        State::open(&state_dir)
+            .unwrap()
+            .create_vm(&VmRecord {
+                name: name.to_owned(),
+                id,
+                image: "debian-bookworm".into(),
+                kernel: "debian-bookworm".into(),
+                backend: "qemu".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+                state: VmState::Running,
+                created_ms: 0,
+                rootfs_integrity: None,
+                network: if ssh.is_some() {
+                    NetworkMode::User
+                } else {
+                    NetworkMode::None
+                },
+            })
+            .unwrap();
+        FakeVm {
+            name: name.to_owned(),
+            vmm,
+            run_dir,
+        }
+    }
+
+    /// Where its agent is expected to listen.
+    pub fn agent_socket(&self) -> std::path::PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        let _ = self.vmm.kill();
+        let _ = self.vmm.wait();
+    }
+}
+
+/// Stops a test HOME's VMs and daemon however the test ends.
+pub struct StopDaemon<'a>(pub &'a TestContext);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
+    }
+}
+
+/// Stops every VM of the HOME and then its daemon (for the shared world at exit).
+pub fn stop_daemon_and_vms(home: &std::path::Path, runtime_dir: &std::path::Path) {
+    let banger = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_banger"));
+        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            command.env_remove(name);
+        }
+        command
+            .args(args)
+            .env("HOME", home)
+            .env("XDG_RUNTIME_DIR", runtime_dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    if !runtime_dir.join("banger/banger.sock").exists() {
+        return;
+    }
+    if let Ok(list) = banger(&["--json", "vm", "list"]) {
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            if let Ok(record) = serde_json::from_str::<serde_json::Value>(line)
+                && let Some(name) = record["data"]["name"].as_str()
+            {
+                let _ = banger(&["vm", "rm", name]);
+            }
+        }
+    }
+    let _ = banger(&["daemon", "stop"]);
+}

@@ -3,40 +3,11 @@
 //! slow group (`slow_vm_*`): each boot takes seconds to a minute. On failure, the VM's serial
 //! console is dumped.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::slow::{debian_world, debian_world_alone, have_qemu, records};
-use crate::support::{Output, TestContext, capable, find_program};
-
-/// Stops every VM of the HOME and then its daemon (for the shared world at exit).
-pub(crate) fn stop_daemon_and_vms(home: &Path, runtime_dir: &Path) {
-    let banger = |args: &[&str]| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_banger"));
-        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
-            command.env_remove(name);
-        }
-        command
-            .args(args)
-            .env("HOME", home)
-            .env("XDG_RUNTIME_DIR", runtime_dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-    };
-    if !runtime_dir.join("banger/banger.sock").exists() {
-        return;
-    }
-    if let Ok(list) = banger(&["--json", "vm", "list"]) {
-        for line in String::from_utf8_lossy(&list.stdout).lines() {
-            if let Ok(record) = serde_json::from_str::<serde_json::Value>(line)
-                && let Some(name) = record["data"]["name"].as_str()
-            {
-                let _ = banger(&["vm", "rm", name]);
-            }
-        }
-    }
-    let _ = banger(&["daemon", "stop"]);
-}
+use crate::support::{Output, StopDaemon, TestContext, capable, find_program};
 
 fn can_boot() -> bool {
     have_qemu()
@@ -216,15 +187,6 @@ fn slow_vm_run_rm_on_a_fresh_home_builds_image_and_kernel_once_for_two_runs() {
     assert!(list.stdout.trim().is_empty(), "{list}");
     for name in ["fresh-one", "fresh-two"] {
         assert!(!vm_dir(&context, name).exists());
-    }
-}
-
-/// Stops a test HOME's VMs and daemon however the test ends.
-struct StopDaemon<'a>(&'a TestContext);
-
-impl Drop for StopDaemon<'_> {
-    fn drop(&mut self) {
-        stop_daemon_and_vms(&self.0.home(), &self.0.root.path().join("run"));
     }
 }
 
@@ -660,4 +622,73 @@ fn slow_vm_run_rm_interrupted_while_the_vm_boots_leaves_no_vm() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(!vm_dir(context, name).exists());
+}
+
+/// `ssh NAME.vm` with the system's ssh, through `banger ssh-config install` in the sandbox
+/// HOME (ssh is pointed at that HOME's config with `-F`: it reads the passwd entry's home, not
+/// `$HOME`); uninstalling leaves the file as it was, and deleting the VM forgets its key.
+#[test]
+fn slow_vm_ssh_name_vm_reaches_the_vm_through_ssh_config() {
+    if !can_boot() || !capable("ssh", find_program("ssh").is_some()) {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    let name = "named";
+    let _cleanup = Cleanup { context, name };
+    let user_config = context.home().join(".ssh/config");
+    std::fs::create_dir_all(user_config.parent().unwrap()).unwrap();
+    let original = b"# the user's own\nHost *\n    ServerAliveInterval 60\n";
+    std::fs::write(&user_config, original).unwrap();
+    vm_ok(context, name, &["ssh-config", "install"]);
+    vm_ok(
+        context,
+        name,
+        &["vm", "create", "--name", name, "--memory", "1G"],
+    );
+    vm_ok(context, name, &["vm", "start", name]);
+    let ssh = |args: &[&str]| {
+        let mut command = std::process::Command::new("ssh");
+        for variable in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            command.env_remove(variable);
+        }
+        let output = command
+            .arg("-F")
+            .arg(&user_config)
+            .args(["-o", "BatchMode=yes"])
+            .args(args)
+            .env("HOME", context.home())
+            .env("XDG_RUNTIME_DIR", context.root.path().join("run"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let release = ssh(&["named.vm", "--", "uname", "-r"]);
+    assert_eq!(
+        release.0,
+        Some(0),
+        "{release:?}\n{}",
+        console(context, name)
+    );
+    assert!(release.1.trim().ends_with("-cloud-amd64"), "{release:?}");
+    // The key pinned on first contact is checked on the next.
+    let known_hosts = context
+        .home()
+        .join(".local/state/banger/ssh/known_hosts.vm/named.vm");
+    let pinned = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(pinned.starts_with("named.vm "), "{pinned}");
+    let again = ssh(&["named.vm", "--", "echo", "again"]);
+    assert_eq!((again.0, again.1.trim()), (Some(0), "again"), "{again:?}");
+
+    vm_ok(context, name, &["ssh-config", "uninstall"]);
+    assert_eq!(std::fs::read(&user_config).unwrap(), original);
+    vm_ok(context, name, &["vm", "delete", name]);
+    assert!(!known_hosts.exists(), "the deleted VM's key is forgotten");
 }
