@@ -53,16 +53,25 @@ Examples:
         names: Vec<String>,
     },
     /// List VMs with their state, spec and SSH address.
-    #[command(visible_alias = "ls")]
+    #[command(visible_aliases = ["ls", "ps"])]
     List,
     /// Show one VM.
+    #[command(visible_alias = "inspect")]
     Show { name: String },
     /// Print a VM's serial console log (the guest's boot messages).
+    #[command(
+        long_about = "Print a VM's serial console log (the guest's boot messages). On \
+a terminal, control characters from the guest are shown escaped (`\\u{1b}`) rather than obeyed; \
+piped or redirected, the log's bytes are written as they are."
+    )]
     Logs {
         name: String,
         /// Keep printing what the guest writes, until Ctrl-C.
         #[arg(short, long)]
         follow: bool,
+        /// Start with the last N lines only (of the log's last 4 MiB).
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
     },
     /// Open an SSH session in a running VM, or run CMD there.
     #[command(
@@ -197,7 +206,9 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
         VmCommand::Delete { names } => delete(context, &runtime, &mut session, names),
         VmCommand::List => list(context, &runtime, &mut session),
         VmCommand::Show { name } => show(context, &runtime, &mut session, name),
-        VmCommand::Logs { name, follow } => logs(context, &runtime, &mut session, name, *follow),
+        VmCommand::Logs { name, follow, tail } => {
+            logs(context, &runtime, &mut session, name, *follow, *tail)
+        }
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
         VmCommand::Proxy { host, port } => proxy(context, &runtime, &mut session, host, *port),
@@ -476,8 +487,11 @@ fn logs(
     session: &mut Session,
     name: &str,
     follow: bool,
+    tail: Option<usize>,
 ) -> anyhow::Result<ExitStatus> {
     use std::io::{Read, Seek, Write};
+    /// How far back `--tail` looks for its lines.
+    const TAIL_WINDOW: u64 = 4 << 20;
     let vm = match show_vm(context, runtime, session, name)? {
         Ok(vm) => vm,
         Err(error) => return Ok(refused(context, &error)),
@@ -494,14 +508,38 @@ fn logs(
             return Err(error).with_context(|| format!("cannot read {}", vm.console_log));
         }
     };
+    let read_error = || format!("cannot read {}", vm.console_log);
     let mut stdout = std::io::stdout().lock();
+    let terminal = stdout.is_terminal();
     let mut buffer = Vec::new();
+    if let Some(lines) = tail {
+        let size = file.metadata().with_context(read_error)?.len();
+        file.seek(std::io::SeekFrom::Start(size.saturating_sub(TAIL_WINDOW)))
+            .with_context(read_error)?;
+        file.read_to_end(&mut buffer).with_context(read_error)?;
+        let body = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
+        let start = body
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, byte)| **byte == b'\n')
+            .nth(lines.saturating_sub(1))
+            .map_or(0, |(at, _)| at + 1);
+        let start = if lines == 0 { buffer.len() } else { start };
+        buffer.drain(..start);
+    } else {
+        file.read_to_end(&mut buffer).with_context(read_error)?;
+    }
     loop {
-        buffer.clear();
-        file.read_to_end(&mut buffer)
-            .with_context(|| format!("cannot read {}", vm.console_log))?;
+        let shown = if terminal {
+            // A guest's escape sequences must not drive the host's terminal.
+            let text = String::from_utf8_lossy(&buffer).replace("\r\n", "\n");
+            banger::error::printable(&text).into_bytes()
+        } else {
+            std::mem::take(&mut buffer)
+        };
         if stdout
-            .write_all(&buffer)
+            .write_all(&shown)
             .and_then(|()| stdout.flush())
             .is_err()
         {
@@ -516,6 +554,8 @@ fn logs(
         if std::fs::metadata(&vm.console_log).map_or(0, |meta| meta.len()) < position {
             file.seek(std::io::SeekFrom::Start(0))?;
         }
+        buffer.clear();
+        file.read_to_end(&mut buffer).with_context(read_error)?;
     }
 }
 

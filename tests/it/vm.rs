@@ -692,3 +692,59 @@ fn slow_vm_ssh_name_vm_reaches_the_vm_through_ssh_config() {
     vm_ok(context, name, &["vm", "delete", name]);
     assert!(!known_hosts.exists(), "the deleted VM's key is forgotten");
 }
+
+/// `vm logs --tail N` prints the last N lines; on a terminal (a pty from `script`) a guest's
+/// escape sequences are shown escaped, piped they pass as they are. `vm ps` and `vm inspect`
+/// are `vm ls` and `vm show`.
+#[test]
+fn vm_logs_tails_and_never_lets_the_guest_drive_the_terminal() {
+    let context = TestContext::new();
+    let _daemon = StopDaemon(&context);
+    let _vm = crate::support::FakeVm::adopt(&context, "chatty", 0, None);
+    let log = "booting\r\n\u{1b}]0;owned\u{7}title\r\nline two\r\nline three\r\n";
+    std::fs::create_dir_all(vm_dir(&context, "chatty")).unwrap();
+    std::fs::write(vm_dir(&context, "chatty").join("console.log"), log).unwrap();
+
+    let piped = vm_ok(&context, "chatty", &["vm", "logs", "chatty"]);
+    assert_eq!(piped.stdout, log, "piped: the bytes as they are");
+    let tail = vm_ok(&context, "chatty", &["vm", "logs", "chatty", "--tail", "2"]);
+    assert_eq!(tail.stdout, "line two\r\nline three\r\n");
+    let none = vm_ok(&context, "chatty", &["vm", "logs", "chatty", "-n", "0"]);
+    assert_eq!(none.stdout, "");
+
+    if !capable(
+        "script (util-linux), for a pty",
+        find_program("script").is_some(),
+    ) {
+        return;
+    }
+    let banger = env!("CARGO_BIN_EXE_banger");
+    let mut script = std::process::Command::new("script");
+    for variable in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+        script.env_remove(variable);
+    }
+    let output = script
+        .args(["-qec", &format!("{banger} vm logs chatty"), "/dev/null"])
+        .env("HOME", context.home())
+        .env("XDG_RUNTIME_DIR", context.root.path().join("run"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{shown}");
+    assert!(shown.contains("\\u{1b}]0;owned\\u{7}title"), "{shown:?}");
+    assert!(
+        !shown.contains('\u{1b}'),
+        "an escape reached the terminal: {shown:?}"
+    );
+
+    for (alias, expected) in [("ps", "chatty"), ("inspect", "chatty")] {
+        let args: Vec<&str> = if alias == "ps" {
+            vec!["vm", "ps"]
+        } else {
+            vec!["vm", "inspect", "chatty"]
+        };
+        let output = vm_ok(&context, "chatty", &args);
+        assert!(output.stdout.contains(expected), "vm {alias}: {output}");
+    }
+}
