@@ -12,7 +12,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 
 use crate::rootfs::{Kind, LayerTar, entry};
-use crate::support::{StopDaemon, TestContext, assert_fsck_clean, capable, have_e2fsprogs};
+use crate::support::{
+    StopDaemon, TestContext, assert_fsck_clean, capable, fake_ready_frame, have_e2fsprogs,
+    read_agent_request,
+};
 
 /// The configuration of every property here: `cases` by default, failures kept in
 /// `tests/fuzz-corpus/NAME.txt`.
@@ -441,7 +444,6 @@ proptest! {
     /// an error) within its deadline and nothing panics.
     #[test]
     fn fuzz_the_host_survives_any_agent_answer(reply in wire_bytes()) {
-        use banger::guest::protocol::{self, FrameHeader, FrameType, HEADER_LEN};
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -449,28 +451,10 @@ proptest! {
             let Ok((mut stream, _)) = listener.accept() else { return };
             // Hello, answered properly; then the exec request, answered with `reply`.
             for answer in [None, Some(reply)] {
-                let mut header = [0u8; HEADER_LEN];
-                if stream.read_exact(&mut header).is_err() {
+                let Some(header) = read_agent_request(&mut stream) else {
                     return;
-                }
-                let header = FrameHeader::decode(&header).unwrap();
-                let mut payload = vec![0u8; header.len as usize];
-                if stream.read_exact(&mut payload).is_err() {
-                    return;
-                }
-                let bytes = answer.unwrap_or_else(|| {
-                    protocol::encode_json_frame(
-                        FrameType::Ready,
-                        header.channel,
-                        &banger::guest::Ready {
-                            agent_version: "fuzz".into(),
-                            protocol: banger::guest::PROTOCOL_VERSION,
-                            kernel_release: "fuzz".into(),
-                            boot_ms: 0,
-                            pid1: false,
-                        },
-                    )
-                });
+                };
+                let bytes = answer.unwrap_or_else(|| fake_ready_frame(header.channel, "fuzz"));
                 let _ = stream.write_all(&bytes);
             }
             // Closed: the client must not wait for more.

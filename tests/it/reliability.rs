@@ -4,7 +4,9 @@
 
 use crate::registry::{Pusher, RealRegistry, push_layers};
 use crate::rootfs::faithful_layer_blobs;
-use crate::support::{FakeVm, StopDaemon, TestContext, capable, have_e2fsprogs};
+use crate::support::{
+    FakeVm, StopDaemon, TestContext, capable, fake_ready_frame, have_e2fsprogs, read_agent_request,
+};
 
 /// Eight `banger build` processes of one Bangerfile, started together, build each step once in
 /// all (the store's per-step locks) and all report the same image.
@@ -390,8 +392,8 @@ struct SilentAgent;
 
 impl SilentAgent {
     fn serve(path: &std::path::Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
-        use banger::guest::protocol::{self, FrameHeader, FrameType, HEADER_LEN};
-        use std::io::{Read, Write};
+        use banger::guest::protocol::FrameType;
+        use std::io::Write;
         let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
         let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = std::sync::Arc::clone(&swallowed);
@@ -401,28 +403,11 @@ impl SilentAgent {
                 let counter = std::sync::Arc::clone(&counter);
                 std::thread::spawn(move || {
                     loop {
-                        let mut header = [0u8; HEADER_LEN];
-                        if stream.read_exact(&mut header).is_err() {
+                        let Some(header) = read_agent_request(&mut stream) else {
                             return;
-                        }
-                        let header = FrameHeader::decode(&header).unwrap();
-                        let mut payload = vec![0u8; header.len as usize];
-                        if stream.read_exact(&mut payload).is_err() {
-                            return;
-                        }
+                        };
                         if header.kind == FrameType::Hello as u8 {
-                            let ready = banger::guest::Ready {
-                                agent_version: "0.0.0-silent".into(),
-                                protocol: banger::guest::PROTOCOL_VERSION,
-                                kernel_release: "6.1.0-silent".into(),
-                                boot_ms: 1,
-                                pid1: false,
-                            };
-                            let frame = protocol::encode_json_frame(
-                                FrameType::Ready,
-                                header.channel,
-                                &ready,
-                            );
+                            let frame = fake_ready_frame(header.channel, "silent");
                             if stream.write_all(&frame).is_err() {
                                 return;
                             }

@@ -596,3 +596,33 @@ pub fn stop_daemon_and_vms(home: &std::path::Path, runtime_dir: &std::path::Path
     }
     let _ = banger(&["daemon", "stop"]);
 }
+
+/// For fake agents: reads one frame from a client (its payload is read and dropped); `None`
+/// when the stream ends or breaks first.
+pub fn read_agent_request(
+    stream: &mut impl std::io::Read,
+) -> Option<banger::guest::protocol::FrameHeader> {
+    use banger::guest::protocol::{FrameHeader, HEADER_LEN};
+    let mut header = [0u8; HEADER_LEN];
+    stream.read_exact(&mut header).ok()?;
+    let header = FrameHeader::decode(&header).unwrap();
+    let mut payload = vec![0u8; header.len as usize];
+    stream.read_exact(&mut payload).ok()?;
+    Some(header)
+}
+
+/// For fake agents: the `Ready` frame answering a `Hello` on `channel`.
+pub fn fake_ready_frame(channel: u32, label: &str) -> Vec<u8> {
+    use banger::guest::protocol::{self, FrameType};
+    protocol::encode_json_frame(
+        FrameType::Ready,
+        channel,
+        &banger::guest::Ready {
+            agent_version: format!("0.0.0-{label}"),
+            protocol: banger::guest::PROTOCOL_VERSION,
+            kernel_release: format!("6.1.0-{label}"),
+            boot_ms: 1,
+            pid1: false,
+        },
+    )
+}
