@@ -134,6 +134,9 @@ impl std::fmt::Debug for RegistryClient {
 struct Session {
     client: oci_client::Client,
     credentials: Credentials,
+    /// The repository's pull token for manifest requests (`None`: basic or no auth), asked
+    /// for once per session: an index and the manifest it points to share it.
+    manifest_token: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// What a failure is about, for errors.
@@ -369,6 +372,7 @@ impl RegistryClient {
         Ok(Session {
             client,
             credentials,
+            manifest_token: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -444,12 +448,14 @@ impl RegistryClient {
         let client_reference = reference.to_client_reference();
         let registry = client_reference.resolve_registry().to_owned();
         let token = session
-            .client
-            .auth(
-                &client_reference,
-                &session.credentials.auth,
-                oci_client::RegistryOperation::Pull,
-            )
+            .manifest_token
+            .get_or_try_init(|| {
+                session.client.auth(
+                    &client_reference,
+                    &session.credentials.auth,
+                    oci_client::RegistryOperation::Pull,
+                )
+            })
             .await
             .map_err(|error| classify(error, context))?;
         let scheme = if self.options.plain_http(&registry) {
