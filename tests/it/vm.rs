@@ -648,7 +648,8 @@ fn slow_vm_ssh_name_vm_reaches_the_vm_through_ssh_config() {
         name,
         &["vm", "create", "--name", name, "--memory", "1G"],
     );
-    vm_ok(context, name, &["vm", "start", name]);
+    // Generous: under TCG beside the other slow tests a boot has taken over 180 s.
+    vm_ok(context, name, &["vm", "start", name, "--timeout", "600"]);
     let ssh = |args: &[&str]| {
         let mut command = std::process::Command::new("ssh");
         for variable in banger::env::ALL.iter().chain(banger::env::STANDARD) {
