@@ -374,7 +374,7 @@ fn variant_run(
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
             .port();
-        spec.forwards = vec![(port, 22)];
+        spec.forwards = vec![banger::spec::PortForward::loopback_tcp(port, 22)];
     }
     let run = baseline_run(
         &spec,

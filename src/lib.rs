@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod key;
 pub mod limits;
 pub mod lock;
+pub mod net;
 pub mod oci;
 pub mod ops;
 pub mod paths;

@@ -35,6 +35,8 @@ pub struct Spec {
     pub sandbox_image: String,
     /// The VM shape `banger up` boots with.
     pub vm: VmShape,
+    /// Host ports forwarded to the sandbox's guest ports (`[vm] ports`).
+    pub ports: Vec<PortForward>,
     /// Host directory imported into the guest, if any.
     pub workspace: Option<WorkspaceSpec>,
     /// The command `banger up` runs once the sandbox is ready, if any.
@@ -196,6 +198,139 @@ impl fmt::Display for NetworkMode {
     }
 }
 
+/// A published port: connections to `host_ip:host_port` on the host reach `guest_port` in
+/// the guest. Written `[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]`, as `docker run -p` does, except
+/// that the host address defaults to loopback (`127.0.0.1`): a sandbox's service is not put
+/// on the host's network unless `0.0.0.0:` says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortForward {
+    pub host_ip: std::net::Ipv4Addr,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// The transport a published port forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+}
+
+impl PortProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        }
+    }
+}
+
+impl PortForward {
+    /// TCP from `host_port` on the host's loopback to `guest_port`.
+    pub fn loopback_tcp(host_port: u16, guest_port: u16) -> PortForward {
+        PortForward {
+            host_ip: std::net::Ipv4Addr::LOCALHOST,
+            host_port,
+            guest_port,
+            protocol: PortProtocol::Tcp,
+        }
+    }
+
+    /// Reads `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`; the error says what is wrong with
+    /// `text` in words a `-p` user can act on.
+    pub fn parse(text: &str) -> Result<PortForward, String> {
+        let usage = "expected [HOST_IP:]HOST_PORT:GUEST_PORT[/udp], e.g. `8080:80` or \
+                     `0.0.0.0:5353:53/udp`";
+        let (addresses, protocol) = match text.rsplit_once('/') {
+            Some((addresses, "tcp")) => (addresses, PortProtocol::Tcp),
+            Some((addresses, "udp")) => (addresses, PortProtocol::Udp),
+            Some((_, other)) => {
+                return Err(format!(
+                    "`{text}`: unknown protocol `{other}` (use `tcp` or `udp`)"
+                ));
+            }
+            None => (text, PortProtocol::Tcp),
+        };
+        let fields: Vec<&str> = addresses.split(':').collect();
+        let (host_ip, host_port, guest_port) = match fields.as_slice() {
+            [host, guest] => (std::net::Ipv4Addr::LOCALHOST, *host, *guest),
+            [ip, host, guest] => {
+                let ip = ip
+                    .parse()
+                    .map_err(|_| format!("`{text}`: `{ip}` is not an IPv4 address ({usage})"))?;
+                (ip, *host, *guest)
+            }
+            _ => return Err(format!("`{text}`: {usage}")),
+        };
+        let port = |field: &str, which: &str| -> Result<u16, String> {
+            match field.parse::<u16>() {
+                Ok(0) | Err(_) => Err(format!(
+                    "`{text}`: the {which} port `{field}` is not a port number (1 to 65535)"
+                )),
+                Ok(port) => Ok(port),
+            }
+        };
+        Ok(PortForward {
+            host_ip,
+            host_port: port(host_port, "host")?,
+            guest_port: port(guest_port, "guest")?,
+            protocol,
+        })
+    }
+
+    /// The same forward's twin on another transport can share its host port; two forwards
+    /// of one transport cannot.
+    pub fn clashes_with(&self, other: &PortForward) -> bool {
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (self.host_ip == other.host_ip
+                || self.host_ip.is_unspecified()
+                || other.host_ip.is_unspecified())
+    }
+}
+
+/// Checks that no two of `ports` would bind the same host port.
+pub fn check_port_clashes(ports: &[PortForward]) -> Result<(), String> {
+    for (index, port) in ports.iter().enumerate() {
+        if let Some(other) = ports[..index].iter().find(|other| other.clashes_with(port)) {
+            return Err(format!(
+                "`{other}` and `{port}` publish the same host port {}/{}",
+                port.host_port,
+                port.protocol.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for PortForward {
+    /// The canonical form, which [`PortForward::parse`] reads back: `127.0.0.1:8080:80/tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}/{}",
+            self.host_ip,
+            self.host_port,
+            self.guest_port,
+            self.protocol.as_str()
+        )
+    }
+}
+
+impl serde::Serialize for PortForward {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PortForward {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        PortForward::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A host directory imported into the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkspaceSpec {
@@ -296,6 +431,46 @@ impl fmt::Display for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports_parse_like_docker_with_loopback_as_the_default_host_address() {
+        let port = PortForward::parse("8080:80").unwrap();
+        assert_eq!(port.to_string(), "127.0.0.1:8080:80/tcp");
+        assert_eq!(PortForward::parse(&port.to_string()), Ok(port));
+        let udp = PortForward::parse("0.0.0.0:5353:53/udp").unwrap();
+        assert_eq!(
+            (udp.host_ip, udp.host_port, udp.guest_port, udp.protocol),
+            (std::net::Ipv4Addr::UNSPECIFIED, 5353, 53, PortProtocol::Udp)
+        );
+        for (bad, says) in [
+            ("80", "expected [HOST_IP:]HOST_PORT:GUEST_PORT"),
+            ("0:80", "host port `0`"),
+            ("8080:70000", "guest port `70000`"),
+            ("x.y:1:2", "`x.y` is not an IPv4 address"),
+            ("1:2/sctp", "unknown protocol `sctp`"),
+            ("1:2:3:4", "expected"),
+        ] {
+            let error = PortForward::parse(bad).unwrap_err();
+            assert!(
+                error.contains(says) && error.contains(bad),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_forwards_of_one_transport_on_one_host_port_clash() {
+        let ports = |texts: &[&str]| -> Vec<PortForward> {
+            texts
+                .iter()
+                .map(|text| PortForward::parse(text).unwrap())
+                .collect()
+        };
+        assert!(check_port_clashes(&ports(&["8080:80", "8080:80/udp", "8081:80"])).is_ok());
+        assert!(check_port_clashes(&ports(&["127.0.0.2:8080:80", "8080:81"])).is_ok());
+        let error = check_port_clashes(&ports(&["8080:80", "0.0.0.0:8080:81"])).unwrap_err();
+        assert!(error.contains("same host port 8080/tcp"), "{error}");
+    }
 
     #[test]
     fn byte_sizes_parse_binary_units() {

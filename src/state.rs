@@ -115,6 +115,8 @@ pub struct VmRecord {
     pub rootfs_integrity: Option<String>,
     /// `user` or `none` (VMs recorded before this was have `user`, what they were made with).
     pub network: NetworkMode,
+    /// Published ports, in the order given.
+    pub ports: Vec<crate::spec::PortForward>,
 }
 
 /// Where an image came from, for `image list` and `image show`.
@@ -201,6 +203,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN rootfs_integrity TEXT;",
     // Every VM made before this had user-mode networking.
     "ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';",
+    // Published ports, space-separated in canonical form (`127.0.0.1:8080:80/tcp`).
+    "ALTER TABLE vms ADD COLUMN ports TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The state database.
@@ -514,8 +518,8 @@ impl State {
     pub fn create_vm(&self, vm: &VmRecord) -> Result<(), StateError> {
         let result = self.connection.execute(
             "INSERT INTO vms (name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
-             state, created_ms, rootfs_integrity, network) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             state, created_ms, rootfs_integrity, network, ports) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 vm.name,
                 vm.id,
@@ -529,6 +533,7 @@ impl State {
                 vm.created_ms as i64,
                 vm.rootfs_integrity,
                 vm.network.as_str(),
+                ports_text(&vm.ports),
             ],
         );
         match result {
@@ -585,7 +590,7 @@ impl State {
             .execute(
                 "UPDATE vms SET image = ?2, kernel = ?3, backend = ?4, vcpus = ?5, \
                  memory_mib = ?6, disk_bytes = ?7, state = ?8, rootfs_integrity = ?9, \
-                 network = ?10 WHERE name = ?1",
+                 network = ?10, ports = ?11 WHERE name = ?1",
                 params![
                     vm.name,
                     vm.image,
@@ -597,6 +602,7 @@ impl State {
                     vm.state.as_str(),
                     vm.rootfs_integrity,
                     vm.network.as_str(),
+                    ports_text(&vm.ports),
                 ],
             )
             .map_err(query("update VM"))?;
@@ -636,7 +642,15 @@ impl State {
 }
 
 const VM_COLUMNS: &str = "name, id, image, kernel, backend, vcpus, memory_mib, disk_bytes, \
-    state, created_ms, rootfs_integrity, network";
+    state, created_ms, rootfs_integrity, network, ports";
+
+fn ports_text(ports: &[crate::spec::PortForward]) -> String {
+    ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
     let state: String = row.get(8)?;
@@ -649,6 +663,18 @@ fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
             format!("`{network}` is not a network mode").into(),
         )
     })?;
+    let ports: String = row.get(12)?;
+    let ports = ports
+        .split_whitespace()
+        .map(crate::spec::PortForward::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|problem| {
+            rusqlite::Error::FromSqlConversionFailure(
+                12,
+                rusqlite::types::Type::Text,
+                problem.into(),
+            )
+        })?;
     Ok(VmRecord {
         name: row.get(0)?,
         id: row.get(1)?,
@@ -662,6 +688,7 @@ fn row_to_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         created_ms: row.get::<_, i64>(9)? as u64,
         rootfs_integrity: row.get(10)?,
         network,
+        ports,
     })
 }
 
@@ -697,6 +724,7 @@ mod tests {
             created_ms: 1_700_000_000_000,
             rootfs_integrity: Some("sha256-AAAA".into()),
             network: NetworkMode::User,
+            ports: Vec::new(),
         }
     }
 
@@ -740,6 +768,31 @@ mod tests {
                 .to_string()
                 .contains("no VM named `web`")
         );
+    }
+
+    #[test]
+    fn a_vm_keeps_its_published_ports_in_order_through_create_and_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let ports = |texts: &[&str]| -> Vec<crate::spec::PortForward> {
+            texts
+                .iter()
+                .map(|text| crate::spec::PortForward::parse(text).unwrap())
+                .collect()
+        };
+        let web = VmRecord {
+            ports: ports(&["9090:90", "0.0.0.0:5353:53/udp"]),
+            ..vm("web", "01")
+        };
+        state.create_vm(&web).unwrap();
+        assert_eq!(state.require_vm("web").unwrap().ports, web.ports);
+        state
+            .update_vm(&VmRecord {
+                ports: ports(&["8080:80"]),
+                ..web
+            })
+            .unwrap();
+        assert_eq!(state.require_vm("web").unwrap().ports, ports(&["8080:80"]));
     }
 
     #[test]

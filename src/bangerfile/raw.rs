@@ -53,6 +53,7 @@ pub(crate) struct RawVm {
     pub memory: Option<Spanned<RawSize>>,
     pub disk: Option<Spanned<RawSize>>,
     pub network: Option<Spanned<String>>,
+    pub ports: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[workspace]`

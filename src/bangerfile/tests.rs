@@ -97,6 +97,7 @@ fn an_empty_bangerfile_is_the_default_sandbox() {
             images: vec![image("sandbox", debian_bookworm())],
             sandbox_image: "sandbox".into(),
             vm: DEFAULT_VM,
+            ports: Vec::new(),
             workspace: None,
             up: None,
             file_sync: Vec::new(),
@@ -130,6 +131,7 @@ vcpu = 4
 memory = "4G"
 disk = 17179869184
 network = "tap"
+ports = ["8080:80", "0.0.0.0:5353:53/udp"]
 
 [workspace]
 host = "src/"
@@ -179,6 +181,10 @@ guest = "/etc/resolv.conf"
             disk: ByteSize(16 * ByteSize::GIB),
             network: NetworkMode::Tap,
         },
+        ports: vec![
+            crate::spec::PortForward::parse("127.0.0.1:8080:80/tcp").unwrap(),
+            crate::spec::PortForward::parse("0.0.0.0:5353:53/udp").unwrap(),
+        ],
         workspace: Some(WorkspaceSpec {
             host: PathBuf::from("src"),
             guest: "/root/src".into(),
@@ -414,7 +420,7 @@ fn the_image_size_alignment_matches_the_block_size_lowering_writes() {
 #[test]
 fn an_unknown_key_names_the_expected_ones() {
     insta::assert_snapshot!(errors("[vm]\nvcpus = 4\n"), @r"
-        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`
+        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`, `ports`
          --> Bangerfile:2:1 (vm.vcpus)
           |
         2 | vcpus = 4
@@ -442,7 +448,7 @@ run = ["make"]
 guest = "root/project"
 "#;
     insta::assert_snapshot!(errors(text), @r#"
-        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`
+        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`, `ports`
          --> Bangerfile:3:1 (vm.vcpus)
           |
         3 | vcpus = 4
@@ -478,6 +484,34 @@ guest = "root/project"
 }
 
 #[test]
+fn bad_published_ports_are_reported_at_their_entry() {
+    insta::assert_snapshot!(errors(r#"
+[vm]
+ports = ["8080:80", "80", "0.0.0.0:8080:81", "1:2/sctp"]
+"#), @r#"
+    error: `80`: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/udp], e.g. `8080:80` or `0.0.0.0:5353:53/udp`
+     --> Bangerfile:3:21 (vm.ports[1])
+      |
+    3 | ports = ["8080:80", "80", "0.0.0.0:8080:81", "1:2/sctp"]
+      |                     ^^^^
+
+    error: `0.0.0.0:8080:81/tcp` publishes host port 8080/tcp again (`127.0.0.1:8080:80/tcp` has it)
+     --> Bangerfile:3:27 (vm.ports[2])
+      |
+    3 | ports = ["8080:80", "80", "0.0.0.0:8080:81", "1:2/sctp"]
+      |                           ^^^^^^^^^^^^^^^^^
+
+    error: `1:2/sctp`: unknown protocol `sctp` (use `tcp` or `udp`)
+     --> Bangerfile:3:46 (vm.ports[3])
+      |
+    3 | ports = ["8080:80", "80", "0.0.0.0:8080:81", "1:2/sctp"]
+      |                                              ^^^^^^^^^^
+
+    error: could not read Bangerfile: 3 errors
+    "#);
+}
+
+#[test]
 fn several_errors_in_one_table_are_all_reported() {
     insta::assert_snapshot!(errors(r#"
 [vm]
@@ -489,7 +523,7 @@ network = "usr"
 [image]
 from = { oci = 1, tag = "x" }
 "#), @r#"
-        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`
+        error: unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`, `ports`
          --> Bangerfile:3:1 (vm.vcpus)
           |
         3 | vcpus = 4
@@ -1251,8 +1285,9 @@ fn diagnostics_can_be_inspected_without_rendering() {
             key_path: "vm.vcpus".into(),
             line: 3,
             column: 1,
-            message: "unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`"
-                .into(),
+            message:
+                "unknown key `vcpus`, expected one of `vcpu`, `memory`, `disk`, `network`, `ports`"
+                    .into(),
             help: Some("did you mean `vcpu`?".into()),
             snippet: Snippet {
                 line_text: "vcpus = 4".into(),

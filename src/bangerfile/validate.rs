@@ -21,8 +21,8 @@ use super::raw::{
 };
 use super::{DEFAULT_WORKSPACE_GUEST, ParseContext, PathStatus};
 use crate::spec::{
-    BuilderInit, ByteSize, FileSyncSpec, ImageSource, ImageSpec, NetworkMode, ProvisionStep,
-    RecipeSpec, SANDBOX_IMAGE_NAME, Spec, UpCommand, VmShape, WorkspaceSpec,
+    BuilderInit, ByteSize, FileSyncSpec, ImageSource, ImageSpec, NetworkMode, PortForward,
+    ProvisionStep, RecipeSpec, SANDBOX_IMAGE_NAME, Spec, UpCommand, VmShape, WorkspaceSpec,
 };
 
 /// Fewest vCPUs and most a VM may ask for.
@@ -65,6 +65,10 @@ pub(crate) fn validate(
         Some(vm) => validator.vm(vm),
         None => Some(ctx.defaults.vm),
     };
+    let ports = match &raw.vm {
+        Some(vm) => validator.ports(vm),
+        None => Some(Vec::new()),
+    };
     let workspace = raw.workspace.as_ref().map(|w| validator.workspace(w));
     let up = raw.up.as_ref().map(|up| validator.up(up));
     let file_sync = validator.file_sync(&raw.file_sync);
@@ -79,6 +83,7 @@ pub(crate) fn validate(
         images: images?,
         sandbox_image: SANDBOX_IMAGE_NAME.to_owned(),
         vm: vm?,
+        ports: ports?,
         workspace: match workspace {
             Some(workspace) => Some(workspace?),
             None => None,
@@ -1058,6 +1063,43 @@ impl Validator<'_, '_> {
             disk: disk?,
             network: network?,
         })
+    }
+
+    /// `[vm] ports`: each entry a published port, no two on one host port.
+    fn ports(&mut self, vm: &Read<RawVm>) -> Option<Vec<PortForward>> {
+        let Some(list) = &vm.value.ports else {
+            return Some(Vec::new());
+        };
+        let path = vm.path.key("ports");
+        let mut ports = Vec::new();
+        let mut clean = true;
+        for (index, entry) in list.get_ref().iter().enumerate() {
+            match PortForward::parse(entry.get_ref()) {
+                Ok(port) => {
+                    if let Some(other) = ports
+                        .iter()
+                        .find(|other: &&PortForward| other.clashes_with(&port))
+                    {
+                        self.report.error(
+                            entry.span(),
+                            &path.index(index),
+                            format!(
+                                "`{port}` publishes host port {}/{} again (`{other}` has it)",
+                                port.host_port,
+                                port.protocol.as_str()
+                            ),
+                        );
+                        clean = false;
+                    }
+                    ports.push(port);
+                }
+                Err(problem) => {
+                    self.report.error(entry.span(), &path.index(index), problem);
+                    clean = false;
+                }
+            }
+        }
+        clean.then_some(ports)
     }
 
     fn vm_size(

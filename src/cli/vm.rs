@@ -12,7 +12,7 @@ use serde_json::json;
 use banger::daemon::client::DaemonClient;
 use banger::daemon::protocol::{CreateVm, ErrorKind, Progress, Request, Response, VmInfo};
 use banger::ops::graph::format_time_ms;
-use banger::spec::{ByteSize, NetworkMode};
+use banger::spec::{ByteSize, NetworkMode, PortForward};
 
 use super::Context;
 use super::exit::ExitStatus;
@@ -135,6 +135,10 @@ pub struct CreateArgs {
     /// through the agent, SSH cannot reach it) [default: user].
     #[arg(long, value_name = "MODE", value_parser = parse_network)]
     network: Option<NetworkMode>,
+    /// Publish a guest port on the host: `[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]` (repeatable).
+    /// The host address defaults to 127.0.0.1; `0.0.0.0:8080:80` opens it to the network.
+    #[arg(short = 'p', long, value_name = "PORTS", value_parser = PortForward::parse)]
+    publish: Vec<PortForward>,
 }
 
 /// `--network`: any mode banger names, so that `tap` gets the daemon's word on it (planned)
@@ -318,6 +322,7 @@ fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> Creat
         memory_mib: args.memory.map(|size| size.bytes() >> 20),
         disk_bytes: args.disk.map(|size| size.bytes()),
         network: args.network,
+        ports: args.publish.clone(),
         start,
         timeout_secs: timeout,
         remove_if_abandoned: false,
@@ -409,7 +414,7 @@ fn list(
         printer.info("no VMs; `banger vm run` makes one");
         return Ok(ExitStatus::Success);
     }
-    let rows: Vec<[String; 6]> = vms
+    let rows: Vec<[String; 7]> = vms
         .iter()
         .map(|vm| {
             [
@@ -418,15 +423,36 @@ fn list(
                 vm.image.clone(),
                 vm.spec.clone(),
                 ssh_address(vm).unwrap_or_else(|| "-".to_owned()),
+                published(&vm.ports),
                 format_time_ms(vm.created_ms),
             ]
         })
         .collect();
     printer.data(&super::table(
-        &["NAME", "STATE", "IMAGE", "SPEC", "SSH", "CREATED"],
+        &["NAME", "STATE", "IMAGE", "SPEC", "SSH", "PORTS", "CREATED"],
         &rows,
     ))?;
     Ok(ExitStatus::Success)
+}
+
+/// Published ports as `docker ps` shows them: `127.0.0.1:8080->80/tcp`, comma-separated.
+fn published(ports: &[PortForward]) -> String {
+    if ports.is_empty() {
+        return "-".to_owned();
+    }
+    ports
+        .iter()
+        .map(|port| {
+            format!(
+                "{}:{}->{}/{}",
+                port.host_ip,
+                port.host_port,
+                port.guest_port,
+                port.protocol.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn ssh_address(vm: &VmInfo) -> Option<String> {
@@ -462,7 +488,7 @@ fn show(
     }
     printer.data(&format!(
         "name:     {}\nstate:    {}{}\nimage:    {}\nkernel:   {}\nbackend:  {}\nspec:     {}\n\
-         network:  {}\nssh:      {}\nconsole:  {}\ndisks:    {}\ncreated:  {}\n",
+         network:  {}\nports:    {}\nssh:      {}\nconsole:  {}\ndisks:    {}\ncreated:  {}\n",
         vm.name,
         vm.state,
         vm.pid
@@ -473,6 +499,7 @@ fn show(
         vm.backend,
         vm.spec,
         vm.network,
+        published(&vm.ports),
         ssh_address(&vm).unwrap_or_else(|| "-".to_owned()),
         vm.console_log,
         vm.dir,

@@ -342,6 +342,7 @@ impl Executor for VmBoot {
                     memory_mib: Some(params.shape.memory.bytes() >> 20),
                     disk_bytes: Some(params.shape.disk.bytes()),
                     network: Some(params.shape.network),
+                    ports: params.ports.clone(),
                     start: true,
                     timeout_secs: Some(self.timeout.as_secs()),
                     remove_if_abandoned: false,

@@ -24,7 +24,7 @@ use crate::catalog::Catalogs;
 use crate::config::Config;
 use crate::engine::{Reporter, RunOptions};
 use crate::paths::Paths;
-use crate::spec::NetworkMode;
+use crate::spec::{NetworkMode, PortForward};
 use crate::state::{State, StateError, StoredFile, VmRecord, VmState};
 use crate::store::{OutputRef, Store};
 use crate::vm::accel::{self, Accel};
@@ -105,6 +105,15 @@ pub enum VmError {
     },
     #[error(transparent)]
     Ssh(#[from] crate::ssh::SshError),
+    #[error(transparent)]
+    Port(#[from] crate::net::ports::PortError),
+    #[error(
+        "published ports need a network, and `--network none` gives the VM none; use \
+         `--network user` or drop the ports"
+    )]
+    PortsWithoutNetwork,
+    #[error("{0}")]
+    PortClash(String),
 }
 
 impl crate::error::Classify for VmError {
@@ -118,11 +127,15 @@ impl crate::error::Classify for VmError {
             | VmError::NoInitramfs { .. }
             | VmError::AlreadyRunning { .. }
             | VmError::NotRunning { .. }
+            | VmError::Port(_)
+            | VmError::PortsWithoutNetwork
+            | VmError::PortClash(_)
             | VmError::Config(_) => ErrorClass::User,
             VmError::Backend(
                 BackendError::FirecrackerUnusable { .. }
                 | BackendError::FirecrackerMissing
-                | BackendError::NetworkPlanned { .. },
+                | BackendError::NetworkPlanned { .. }
+                | BackendError::PortsNeedQemu,
             ) => ErrorClass::User,
             VmError::Backend(BackendError::Privileged(_)) | VmError::NoAccelerator { .. } => {
                 ErrorClass::Environment
@@ -162,6 +175,9 @@ pub struct CreateVm {
     /// `user` or `none` (`tap` is refused); `None` is `user`.
     #[serde(default)]
     pub network: Option<NetworkMode>,
+    /// Host ports forwarded to guest ports.
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
     pub start: bool,
     /// How long to wait for the guest's agent (seconds).
     pub timeout_secs: Option<u64>,
@@ -233,6 +249,9 @@ pub struct VmInfo {
     pub spec: String,
     /// `user`, or `none`: no network device, so no SSH (the agent still answers).
     pub network: NetworkMode,
+    /// Published ports (host → guest).
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
     /// `running` or `stopped`.
     pub state: String,
     pub created_ms: u64,
@@ -451,6 +470,7 @@ impl Vms {
             }
             .to_string(),
             network: record.network,
+            ports: record.ports.clone(),
             state: if launched.is_some() {
                 "running"
             } else {
@@ -584,6 +604,7 @@ impl Vms {
         }
         let network = request.network.unwrap_or(NetworkMode::User);
         crate::vm::backend::check_network(network)?;
+        check_ports(network, &request.ports)?;
         let backend_kind = match &request.backend {
             None => None,
             Some(text) => {
@@ -651,8 +672,12 @@ impl Vms {
             created_ms: crate::store::now_ms(),
             rootfs_integrity: Some(image.rootfs_integrity.clone()),
             network,
+            ports: request.ports.clone(),
         };
-        events.note(format!("spec: {shape} · network {network}"));
+        events.note(format!(
+            "spec: {shape} · network {network}{}",
+            ports_note(&record.ports)
+        ));
         let made = self.make_vm_files(&record, &image_file(&image), &kernel.vmlinux, &initrd);
         let made = made.and_then(|()| Ok(self.state()?.create_vm(&record)?));
         if let Err(error) = made {
@@ -739,6 +764,8 @@ impl Vms {
                 name: name.to_owned(),
             });
         }
+        // Before anything starts: a taken port must not cost a boot.
+        crate::net::ports::check_free(&record.ports)?;
         let kind = BackendKind::parse(&record.backend).unwrap_or(BackendKind::Qemu);
         let backend = Backend::choose(Some(kind), &self.accel()?)?;
         let run_dir = self.run_dir(&record.id);
@@ -759,6 +786,7 @@ impl Vms {
             vmm_log: dir.join("vmm.log"),
             network: record.network,
             ssh_port: free_loopback_port().map_err(io("cannot pick a port for", &run_dir))?,
+            ports: record.ports.clone(),
         };
         let accel_note = match &backend {
             Backend::Qemu(qemu) => format!("QEMU microvm, {}", qemu.accel),
@@ -950,6 +978,7 @@ impl Vms {
         crate::vm::shape::validate_name(&name)?;
         let network = create.network.unwrap_or(NetworkMode::User);
         crate::vm::backend::check_network(network)?;
+        check_ports(network, &create.ports)?;
         let Some(record) = self.state()?.vm(&name)? else {
             let vm = self.create(&create, events).await?;
             return Ok(UpReport {
@@ -976,7 +1005,14 @@ impl Vms {
             &self.config()?.vm_defaults,
             &self.host,
         );
-        let changes = changes(&record, &image, &kernel_name, &shape, network);
+        let changes = changes(
+            &record,
+            &image,
+            &kernel_name,
+            &shape,
+            network,
+            &create.ports,
+        );
         let unchanged = !request.fresh && changes.is_empty();
         let timeout = timeout(create.timeout_secs);
         if unchanged {
@@ -1017,6 +1053,7 @@ impl Vms {
                 state: VmState::Stopped,
                 rootfs_integrity: Some(image.rootfs_integrity.clone()),
                 network,
+                ports: create.ports.clone(),
                 ..record.clone()
             };
             self.remake_vm_files(
@@ -1120,6 +1157,7 @@ fn changes(
     kernel: &str,
     shape: &VmShape,
     network: NetworkMode,
+    ports: &[PortForward],
 ) -> Vec<String> {
     let mut changes = Vec::new();
     if record.image != image.name
@@ -1141,7 +1179,42 @@ fn changes(
     if record.network != network {
         changes.push(format!("network {} -> {network}", record.network));
     }
+    if record.ports != ports {
+        changes.push(format!(
+            "ports [{}] -> [{}]",
+            ports_list(&record.ports),
+            ports_list(ports)
+        ));
+    }
     changes
+}
+
+/// Published ports a VM of `network` can have: some network, no host port twice.
+fn check_ports(network: NetworkMode, ports: &[PortForward]) -> Result<(), VmError> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    if network == NetworkMode::None {
+        return Err(VmError::PortsWithoutNetwork);
+    }
+    crate::spec::check_port_clashes(ports).map_err(VmError::PortClash)
+}
+
+fn ports_list(ports: &[PortForward]) -> String {
+    ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// ` · ports 127.0.0.1:8080:80/tcp` for the `spec:` note, or nothing.
+fn ports_note(ports: &[PortForward]) -> String {
+    if ports.is_empty() {
+        String::new()
+    } else {
+        format!(" · ports {}", ports_list(ports))
+    }
 }
 
 /// The least time the SSH key install gets once the agent answered, whatever is left of the
@@ -1195,6 +1268,7 @@ mod tests {
             created_ms: 1,
             rootfs_integrity: Some("sha256-AAAA".into()),
             network: NetworkMode::User,
+            ports: Vec::new(),
         }
     }
 
@@ -1221,9 +1295,9 @@ mod tests {
     #[test]
     fn up_reuses_a_vm_only_when_image_kernel_shape_and_network_are_the_same() {
         let kernel = "debian-cloud-amd64";
-        assert!(changes(&record(), &image(), kernel, &SHAPE, NetworkMode::User).is_empty());
+        assert!(changes(&record(), &image(), kernel, &SHAPE, NetworkMode::User, &[]).is_empty());
         assert_eq!(
-            changes(&record(), &image(), kernel, &SHAPE, NetworkMode::None),
+            changes(&record(), &image(), kernel, &SHAPE, NetworkMode::None, &[]),
             ["network user -> none"]
         );
         let rebuilt = crate::state::ImageRecord {
@@ -1231,16 +1305,55 @@ mod tests {
             ..image()
         };
         assert_eq!(
-            changes(&record(), &rebuilt, kernel, &SHAPE, NetworkMode::User),
+            changes(&record(), &rebuilt, kernel, &SHAPE, NetworkMode::User, &[]),
             ["new image project/sandbox"]
         );
         let bigger = VmShape { vcpus: 4, ..SHAPE };
         assert_eq!(
-            changes(&record(), &image(), "other", &bigger, NetworkMode::User),
+            changes(
+                &record(),
+                &image(),
+                "other",
+                &bigger,
+                NetworkMode::User,
+                &[]
+            ),
             [
                 "kernel debian-cloud-amd64 -> other",
                 "2 vcpu · 2048 MiB · 8G disk -> 4 vcpu · 2048 MiB · 8G disk"
             ]
         );
+        let published = [PortForward::parse("8080:80").unwrap()];
+        assert_eq!(
+            changes(
+                &record(),
+                &image(),
+                kernel,
+                &SHAPE,
+                NetworkMode::User,
+                &published
+            ),
+            ["ports [] -> [127.0.0.1:8080:80/tcp]"]
+        );
+    }
+
+    #[test]
+    fn ports_need_a_network_and_distinct_host_ports() {
+        let ports = |texts: &[&str]| -> Vec<PortForward> {
+            texts
+                .iter()
+                .map(|text| PortForward::parse(text).unwrap())
+                .collect()
+        };
+        assert!(check_ports(NetworkMode::User, &ports(&["8080:80", "8081:80"])).is_ok());
+        assert!(check_ports(NetworkMode::None, &[]).is_ok());
+        assert!(matches!(
+            check_ports(NetworkMode::None, &ports(&["8080:80"])),
+            Err(VmError::PortsWithoutNetwork)
+        ));
+        assert!(matches!(
+            check_ports(NetworkMode::User, &ports(&["8080:80", "8080:81"])),
+            Err(VmError::PortClash(_))
+        ));
     }
 }

@@ -49,7 +49,7 @@
 use std::collections::BTreeMap;
 
 use crate::key::{ParamValue, Params};
-use crate::spec::{BuilderInit, ByteSize, FileSyncSpec, NetworkMode, VmShape};
+use crate::spec::{BuilderInit, ByteSize, FileSyncSpec, NetworkMode, PortForward, VmShape};
 use crate::steps;
 
 /// A parameter was missing or of the wrong type: a plan and its executor disagree, which is
@@ -706,10 +706,12 @@ impl StepParams for KernelImportParams {
     }
 }
 
-/// `vm.boot`: the sandbox VM's shape (`vcpu`, `memory` and `disk` in bytes, `network`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `vm.boot`: the sandbox VM's shape (`vcpu`, `memory` and `disk` in bytes, `network`) and
+/// its published ports (`ports`, each in canonical form; written only when there are some).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmBootParams {
     pub shape: VmShape,
+    pub ports: Vec<PortForward>,
 }
 
 impl StepParams for VmBootParams {
@@ -717,11 +719,23 @@ impl StepParams for VmBootParams {
 
     fn to_params(&self) -> Params {
         let shape = self.shape;
-        Params::new()
+        let params = Params::new()
             .with("vcpu", shape.vcpu)
             .with("memory", shape.memory.bytes())
             .with("disk", shape.disk.bytes())
-            .with("network", shape.network.as_str())
+            .with("network", shape.network.as_str());
+        if self.ports.is_empty() {
+            return params;
+        }
+        params.with(
+            "ports",
+            ParamValue::List(
+                self.ports
+                    .iter()
+                    .map(|port| ParamValue::Str(port.to_string()))
+                    .collect(),
+            ),
+        )
     }
 
     fn from_params(params: &Params) -> Result<VmBootParams, ParamError> {
@@ -741,6 +755,26 @@ impl StepParams for VmBootParams {
                     name: "network",
                     problem: "not `user`, `tap` or `none`",
                 })?,
+            },
+            ports: match params.get("ports") {
+                None => Vec::new(),
+                Some(ParamValue::List(items)) => items
+                    .iter()
+                    .map(|item| match item {
+                        ParamValue::Str(text) => PortForward::parse(text).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(ParamError {
+                        name: "ports",
+                        problem: "not a list of published ports",
+                    })?,
+                Some(_) => {
+                    return Err(ParamError {
+                        name: "ports",
+                        problem: "not a list",
+                    });
+                }
             },
         })
     }
@@ -1189,12 +1223,39 @@ mod tests {
                         disk: ByteSize(8 * ByteSize::GIB),
                         network: NetworkMode::Tap,
                     },
+                    ports: Vec::new(),
                 },
                 Params::new()
                     .with("vcpu", 2u32)
                     .with("memory", 2048 * ByteSize::MIB)
                     .with("disk", 8 * ByteSize::GIB)
                     .with("network", "tap"),
+            ),
+            pinned(
+                VmBootParams {
+                    shape: VmShape {
+                        vcpu: 1,
+                        memory: ByteSize(512 * ByteSize::MIB),
+                        disk: ByteSize(ByteSize::GIB),
+                        network: NetworkMode::User,
+                    },
+                    ports: vec![
+                        PortForward::parse("8080:80").unwrap(),
+                        PortForward::parse("0.0.0.0:53:53/udp").unwrap(),
+                    ],
+                },
+                Params::new()
+                    .with("vcpu", 1u32)
+                    .with("memory", 512 * ByteSize::MIB)
+                    .with("disk", ByteSize::GIB)
+                    .with("network", "user")
+                    .with(
+                        "ports",
+                        ParamValue::List(vec![
+                            ParamValue::Str("127.0.0.1:8080:80/tcp".into()),
+                            ParamValue::Str("0.0.0.0:53:53/udp".into()),
+                        ]),
+                    ),
             ),
             pinned(
                 VmFileSyncParams {
@@ -1272,7 +1333,7 @@ mod tests {
     #[test]
     fn a_missing_required_parameter_is_named() {
         // Absent when the planner has nothing to say: never an error.
-        const OPTIONAL: &[&str] = &["refresh", "mode", "env"];
+        const OPTIONAL: &[&str] = &["refresh", "mode", "env", "ports"];
         for case in cases() {
             for (name, _) in case.written.iter() {
                 let without = case

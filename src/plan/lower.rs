@@ -169,7 +169,10 @@ pub fn lower(spec: &Spec, lock: &Lock, catalogs: &Catalogs) -> Result<Plan, Plan
         node(
             &steps::VM_BOOT,
             "vm/boot".into(),
-            &VmBootParams { shape: vm },
+            &VmBootParams {
+                shape: vm,
+                ports: spec.ports.clone(),
+            },
         )
         .summary(format!("boot {} ({vm})", spec.name)),
     )?;
@@ -736,6 +739,7 @@ mod tests {
                 disk: ByteSize(8 * ByteSize::GIB),
                 network: NetworkMode::User,
             },
+            ports: Vec::new(),
             workspace: None,
             up: None,
             file_sync: vec![],

@@ -89,6 +89,12 @@ pub enum BackendError {
          `user` (the default: rootless, with port forwards) or `none` (no network device)"
     )]
     NetworkPlanned { mode: NetworkMode },
+    #[error(
+        "published ports (`-p`, `[vm] ports`) are QEMU user-mode forwards so far; under \
+         Firecracker they need banger's NAT on its bridge, which is not built yet: use \
+         `--backend qemu`"
+    )]
+    PortsNeedQemu,
 }
 
 /// Refuses the network modes no backend can give a VM yet (`tap`); called before anything is
@@ -130,6 +136,8 @@ pub struct MachineSpec {
     pub network: NetworkMode,
     /// The loopback port forwarded to the guest's port 22 (QEMU's user-mode network).
     pub ssh_port: u16,
+    /// Published ports (`-p`): QEMU host forwards in user mode.
+    pub ports: Vec<crate::spec::PortForward>,
 }
 
 /// Where the agent listens, in a form the scratch file can hold.
@@ -241,7 +249,9 @@ impl QemuBackend {
             extra_cmdline: Vec::new(),
             writable: super::boot::WritableLayer::VmDisks(spec.disks.clone()),
             forwards: if network {
-                vec![(spec.ssh_port, 22)]
+                std::iter::once(crate::spec::PortForward::loopback_tcp(spec.ssh_port, 22))
+                    .chain(spec.ports.iter().copied())
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -365,6 +375,9 @@ impl VmmBackend for FirecrackerBackend {
 
     async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
         check_network(spec.network)?;
+        if !spec.ports.is_empty() {
+            return Err(BackendError::PortsNeedQemu);
+        }
         let addresses = privileged::tap_addresses(&spec.id);
         let tap = match spec.network {
             NetworkMode::User => Some(TapDevice::create(
@@ -518,7 +531,29 @@ mod tests {
             vmm_log: "/state/vms/box/vmm.log".into(),
             network: NetworkMode::User,
             ssh_port: 40022,
+            ports: Vec::new(),
         }
+    }
+
+    #[test]
+    fn published_ports_become_qemu_host_forwards_after_ssh() {
+        let spec = MachineSpec {
+            ports: vec![
+                crate::spec::PortForward::parse("18080:8080").unwrap(),
+                crate::spec::PortForward::parse("0.0.0.0:5353:53/udp").unwrap(),
+            ],
+            ..machine()
+        };
+        let argv = qemu_argv(&spec);
+        assert!(
+            argv.windows(2).any(|pair| pair
+                == [
+                    "-netdev",
+                    "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:18080-:8080,\
+                     hostfwd=udp:0.0.0.0:5353-:53"
+                ]),
+            "{argv:?}"
+        );
     }
 
     fn qemu() -> QemuBackend {

@@ -89,8 +89,8 @@ pub struct BootSpec {
     pub extra_cmdline: Vec<String>,
     /// Where the guest's changes to the image go.
     pub writable: WritableLayer,
-    /// `(host port on 127.0.0.1, guest port)` forwarded through QEMU's user-mode network.
-    pub forwards: Vec<(u16, u16)>,
+    /// Host ports forwarded to the guest through QEMU's user-mode network.
+    pub forwards: Vec<crate::spec::PortForward>,
     /// A user-mode network device even without forwards (the guest reaches what the host
     /// reaches). Forwards imply it.
     pub network: bool,

@@ -55,11 +55,10 @@ pub struct Disk {
     pub snapshot: bool,
 }
 
-/// User-mode networking with TCP ports forwarded from loopback to the guest.
+/// User-mode networking with host ports forwarded to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserNet {
-    /// `(host port on 127.0.0.1, guest port)`.
-    pub forwards: Vec<(u16, u16)>,
+    pub forwards: Vec<crate::spec::PortForward>,
 }
 
 /// The QEMU binary banger runs: `$BANGER_QEMU`, else `qemu-system-x86_64` on `PATH`.
@@ -160,8 +159,14 @@ impl QemuSpec {
         }
         if let Some(net) = &self.net {
             let mut netdev = String::from("user,id=net0");
-            for (host, guest) in &net.forwards {
-                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+            for forward in &net.forwards {
+                netdev.push_str(&format!(
+                    ",hostfwd={}:{}:{}-:{}",
+                    forward.protocol.as_str(),
+                    forward.host_ip,
+                    forward.host_port,
+                    forward.guest_port
+                ));
             }
             push(&[
                 "-netdev",
@@ -368,7 +373,7 @@ mod tests {
                 },
             ],
             net: Some(UserNet {
-                forwards: vec![(40022, 22)],
+                forwards: vec![crate::spec::PortForward::loopback_tcp(40022, 22)],
             }),
             vhost_vsock: Some("/vm/vhost.sock".into()),
             agent_serial: Some("/vm/agent.sock".into()),

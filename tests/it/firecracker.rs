@@ -1152,6 +1152,7 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
         vmm_log: dir.join("vmm.log"),
         network: banger::spec::NetworkMode::User,
         ssh_port: 0,
+        ports: Vec::new(),
     };
     let backend = FirecrackerBackend { binary };
     let launched = backend.launch(&spec).await.unwrap();

@@ -672,7 +672,7 @@ fn slow_ssh_reaches_a_debian_vm_with_bangers_key_through_a_forwarded_port() {
         .unwrap()
         .port();
     let mut spec = boot_spec(&world, &image, dir.path());
-    spec.forwards = vec![(port, 22)];
+    spec.forwards = vec![banger::spec::PortForward::loopback_tcp(port, 22)];
     let vm_dir = spec.dir.clone();
     let console = || std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().unwrap();

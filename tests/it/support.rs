@@ -537,6 +537,7 @@ impl FakeVm {
                 } else {
                     NetworkMode::None
                 },
+                ports: Vec::new(),
             })
             .unwrap();
         FakeVm {

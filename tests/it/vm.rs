@@ -50,6 +50,47 @@ fn show(context: &TestContext, name: &str) -> serde_json::Value {
     records(&output.stdout)[0]["data"].clone()
 }
 
+/// A guest server on port 8080 (perl: Debian's base has it, python3 it has not) answers on
+/// the host's `host_port`.
+fn assert_published_port_reaches_the_guest(context: &TestContext, name: &str, host_port: u16) {
+    use std::io::{Read, Write};
+    let server = "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalPort => 8080, \
+                  Listen => 5, ReuseAddr => 1) or die $!; while ($c = $s->accept) { <$c>; \
+                  print $c \"HTTP/1.0 200 OK\\r\\n\\r\\nhello from the guest\\n\"; close $c }'";
+    let mut guest = context
+        .command(&["vm", "ssh", name, "--", server])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let attempt =
+            std::net::TcpStream::connect(("127.0.0.1", host_port)).and_then(|mut stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer)?;
+                Ok(answer)
+            });
+        match attempt {
+            // QEMU accepts at once and closes when nothing listens in the guest yet.
+            Ok(answer) if answer.contains("200 OK") => break answer,
+            _ if std::time::Instant::now() > deadline => {
+                let _ = guest.kill();
+                panic!(
+                    "nothing answered on 127.0.0.1:{host_port}\n{}",
+                    console(context, name)
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let _ = guest.kill();
+    let _ = guest.wait();
+    assert!(answer.ends_with("hello from the guest\n"), "{answer:?}");
+}
+
 /// Deletes the VM whatever happens to the test.
 struct Cleanup<'a> {
     context: &'a TestContext,
@@ -251,11 +292,18 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
     let context = &world.context;
     let name = "lifecycle";
     let _cleanup = Cleanup { context, name };
+    let host_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let publish = format!("{host_port}:8080");
     let created = vm_ok(
         context,
         name,
         &[
-            "vm", "create", "--name", name, "--memory", "1G", "--vcpu", "1", "--disk", "2G",
+            "vm", "create", "--name", name, "--memory", "1G", "--vcpu", "1", "--disk", "2G", "-p",
+            &publish,
         ],
     );
     assert!(
@@ -263,7 +311,26 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
         "{created}"
     );
     assert_eq!(show(context, name)["state"], "stopped");
+    assert_eq!(
+        show(context, name)["ports"],
+        serde_json::json!([format!("127.0.0.1:{host_port}:8080/tcp")])
+    );
+
+    // A host port another program holds stops the start before anything boots.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", host_port)).unwrap();
+    let refused = context.run(&["vm", "start", name]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("host port 127.0.0.1:{host_port}/tcp")),
+        "{refused}"
+    );
+    assert_eq!(show(context, name)["state"], "stopped");
+    drop(holder);
+
     vm_ok(context, name, &["vm", "start", name]);
+    assert_published_port_reaches_the_guest(context, name, host_port);
     vm_ok(
         context,
         name,
@@ -692,6 +759,71 @@ fn slow_vm_ssh_name_vm_reaches_the_vm_through_ssh_config() {
     assert_eq!(std::fs::read(&user_config).unwrap(), original);
     vm_ok(context, name, &["vm", "delete", name]);
     assert!(!known_hosts.exists(), "the deleted VM's key is forgotten");
+}
+
+/// A stopped VM whose published host port another program holds is refused by `vm start`
+/// before anything boots, naming the port; `vm list` and `vm show` show the ports.
+#[test]
+fn vm_start_refuses_a_taken_host_port_before_booting() {
+    use banger::state::{State, VmRecord, VmState};
+    let context = TestContext::new();
+    let _daemon = StopDaemon(&context);
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let state_dir = context.home().join(".local/state/banger");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let id = "portvm000001";
+    State::open(&state_dir)
+        .unwrap()
+        .create_vm(&VmRecord {
+            name: "web".into(),
+            id: id.into(),
+            image: "debian-bookworm".into(),
+            kernel: "debian-cloud-amd64".into(),
+            backend: "qemu".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_bytes: 1 << 30,
+            state: VmState::Stopped,
+            created_ms: 0,
+            rootfs_integrity: None,
+            network: banger::spec::NetworkMode::User,
+            ports: vec![
+                banger::spec::PortForward::parse(&format!("{port}:80")).unwrap(),
+                banger::spec::PortForward::parse("0.0.0.0:5353:53/udp").unwrap(),
+            ],
+        })
+        .unwrap();
+
+    let refused = context.run(&["vm", "start", "web"]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(
+        refused.stderr.contains(&format!(
+            "host port 127.0.0.1:{port}/tcp (published as `127.0.0.1:{port}:80/tcp`) is already \
+             in use"
+        )),
+        "{refused}"
+    );
+    assert!(
+        !context.root.path().join("run/banger/vms").join(id).exists(),
+        "nothing of a launch was made"
+    );
+    let list = vm_ok(&context, "web", &["vm", "list"]);
+    assert!(
+        list.stdout.contains("PORTS")
+            && list
+                .stdout
+                .contains(&format!("127.0.0.1:{port}->80/tcp, 0.0.0.0:5353->53/udp")),
+        "{list}"
+    );
+    let shown = vm_ok(&context, "web", &["vm", "show", "web"]);
+    assert!(
+        shown
+            .stdout
+            .contains(&format!("ports:    127.0.0.1:{port}->80/tcp")),
+        "{shown}"
+    );
+    drop(holder);
 }
 
 /// `vm logs --tail N` prints the last N lines; on a terminal (a pty from `script`) a guest's
