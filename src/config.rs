@@ -15,6 +15,9 @@
 //! vcpu = 2
 //! memory = "2G"
 //! disk = "8G"
+//!
+//! [network]
+//! subnet = "10.213.0.0/24"  # the bridge of `--network tap` VMs (root only)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -100,6 +103,14 @@ struct RawConfig {
     vm_defaults: RawVmDefaults,
     #[serde(default)]
     file_sync: Vec<RawFileSync>,
+    #[serde(default)]
+    network: RawNetwork,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    subnet: Option<String>,
 }
 
 /// `[[file_sync]]`: a host file every `banger up` copies into the project's VM.
@@ -149,6 +160,8 @@ pub struct Config {
     pub image_catalog: Option<PathBuf>,
     pub kernel_catalog: Option<PathBuf>,
     pub vm_defaults: VmDefaults,
+    /// The bridge subnet of `--network tap` VMs.
+    pub subnet: crate::net::subnet::Subnet,
     /// Host files copied into every project's VM on `banger up` (credentials, dotfiles),
     /// after the Bangerfile's own `[[file_sync]]`.
     pub file_sync: Vec<crate::spec::FileSyncSpec>,
@@ -163,6 +176,7 @@ impl Config {
             image_catalog: None,
             kernel_catalog: None,
             vm_defaults: VmDefaults::default(),
+            subnet: crate::net::subnet::DEFAULT_SUBNET,
             file_sync: Vec::new(),
         }
     }
@@ -247,6 +261,17 @@ impl Config {
                 message: "a VM needs at least one vcpu".into(),
             });
         }
+        let subnet = match &raw.network.subnet {
+            None => crate::net::subnet::DEFAULT_SUBNET,
+            Some(text) => {
+                crate::net::subnet::Subnet::parse(text).map_err(|message| ConfigError::Value {
+                    path: path.to_owned(),
+                    key: "network.subnet".into(),
+                    value: text.clone(),
+                    message,
+                })?
+            }
+        };
         Ok(Config {
             path: path.to_owned(),
             cache_max_size: size("cache.max_size", &raw.cache.max_size)?
@@ -258,6 +283,7 @@ impl Config {
                 memory: size("vm_defaults.memory", &raw.vm_defaults.memory)?,
                 disk: size("vm_defaults.disk", &raw.vm_defaults.disk)?,
             },
+            subnet,
             file_sync,
         })
     }
@@ -475,6 +501,20 @@ mod tests {
         assert_eq!(config.vm_defaults.vcpu, Some(4));
         assert_eq!(config.vm_defaults.memory, Some(ByteSize(4 * ByteSize::GIB)));
         assert_eq!(config.vm_defaults.disk, None);
+        assert_eq!(config.subnet, crate::net::subnet::DEFAULT_SUBNET);
+    }
+
+    #[test]
+    fn the_bridge_subnet_is_configurable_and_a_bad_one_names_the_key() {
+        let path = Path::new("/etc/banger/config.toml");
+        let config = Config::parse("[network]\nsubnet = \"192.168.77.0/24\"\n", path).unwrap();
+        assert_eq!(config.subnet.to_string(), "192.168.77.0/24");
+        let error = Config::parse("[network]\nsubnet = \"192.168.77.1/24\"\n", path).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("`network.subnet`") && text.contains("192.168.77.0/24"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub const BANGER_TEST_FIRECRACKER: &str = "BANGER_TEST_FIRECRACKER";
 /// Tests only: `1` turns "skipped: capability missing" into a failure, so CI never silently
 /// skips a test it was meant to run.
 pub const BANGER_TEST_REQUIRE_ALL: &str = "BANGER_TEST_REQUIRE_ALL";
+/// Tests only: set when a test re-ran itself inside a network namespace it made (the bridge
+/// network tests), naming that namespace.
+pub const BANGER_TEST_NETNS: &str = "BANGER_TEST_NETNS";
 
 /// The home directory (paths, Docker's config, cargo's `bin`).
 pub const HOME: &str = "HOME";
@@ -83,6 +86,7 @@ pub const ALL: &[&str] = &[
     BANGER_INSECURE_REGISTRIES,
     BANGER_REGISTRY_RETRIES,
     BANGER_TEST_REQUIRE_ALL,
+    BANGER_TEST_NETNS,
     BANGER_TEST_FIRECRACKER,
 ];
 

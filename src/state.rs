@@ -205,6 +205,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'user';",
     // Published ports, space-separated in canonical form (`127.0.0.1:8080:80/tcp`).
     "ALTER TABLE vms ADD COLUMN ports TEXT NOT NULL DEFAULT '';",
+    // The bridge's address pool: one row per `tap` VM, kept while the VM exists (stopped
+    // included), so a VM keeps its address and its `NAME.vm` answer across boots.
+    "CREATE TABLE addresses (
+        vm_id TEXT PRIMARY KEY NOT NULL,
+        address TEXT NOT NULL UNIQUE
+    );",
 ];
 
 /// The state database.
@@ -631,6 +637,112 @@ impl State {
         Ok(())
     }
 
+    /// The address of VM `vm_id`, allocating the lowest free one of `candidates` if it has
+    /// none. In one immediate transaction, so two daemons (or two creates) never hand out one
+    /// address twice. `None` when every candidate is taken.
+    pub fn allocate_address(
+        &mut self,
+        vm_id: &str,
+        candidates: impl Iterator<Item = std::net::Ipv4Addr>,
+    ) -> Result<Option<std::net::Ipv4Addr>, StateError> {
+        let transaction = self
+            .connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(query("allocate an address"))?;
+        let existing: Option<String> = transaction
+            .query_row(
+                "SELECT address FROM addresses WHERE vm_id = ?1",
+                params![vm_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(query("allocate an address"))?;
+        if let Some(address) = existing.and_then(|text| text.parse().ok()) {
+            return Ok(Some(address));
+        }
+        let taken: std::collections::HashSet<String> = {
+            let mut statement = transaction
+                .prepare("SELECT address FROM addresses")
+                .map_err(query("allocate an address"))?;
+            let rows = statement
+                .query_map([], |row| row.get::<_, String>(0))
+                .map_err(query("allocate an address"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(query("allocate an address"))?
+        };
+        let Some(free) = candidates
+            .into_iter()
+            .find(|candidate| !taken.contains(&candidate.to_string()))
+        else {
+            return Ok(None);
+        };
+        transaction
+            .execute(
+                "INSERT INTO addresses (vm_id, address) VALUES (?1, ?2)",
+                params![vm_id, free.to_string()],
+            )
+            .map_err(query("allocate an address"))?;
+        transaction.commit().map_err(query("allocate an address"))?;
+        Ok(Some(free))
+    }
+
+    /// The address VM `vm_id` holds, if any.
+    pub fn address(&self, vm_id: &str) -> Result<Option<std::net::Ipv4Addr>, StateError> {
+        let text: Option<String> = self
+            .connection
+            .query_row(
+                "SELECT address FROM addresses WHERE vm_id = ?1",
+                params![vm_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(query("read an address"))?;
+        Ok(text.and_then(|text| text.parse().ok()))
+    }
+
+    /// Gives VM `vm_id`'s address back to the pool.
+    pub fn free_address(&self, vm_id: &str) -> Result<(), StateError> {
+        self.connection
+            .execute("DELETE FROM addresses WHERE vm_id = ?1", params![vm_id])
+            .map_err(query("free an address"))?;
+        Ok(())
+    }
+
+    /// Frees the addresses of VMs that no longer exist (a create that died between taking
+    /// an address and recording its VM); returns how many.
+    pub fn reconcile_addresses(&self) -> Result<usize, StateError> {
+        self.connection
+            .execute(
+                "DELETE FROM addresses WHERE vm_id NOT IN (SELECT id FROM vms)",
+                [],
+            )
+            .map_err(query("reconcile addresses"))
+    }
+
+    /// Every allocated address with its VM's name (for DNS and `doctor`).
+    pub fn addresses(&self) -> Result<Vec<(String, std::net::Ipv4Addr)>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT vms.name, addresses.address FROM addresses \
+                 JOIN vms ON vms.id = addresses.vm_id ORDER BY vms.name",
+            )
+            .map_err(query("list addresses"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(query("list addresses"))?;
+        let mut addresses = Vec::new();
+        for row in rows {
+            let (name, address) = row.map_err(query("list addresses"))?;
+            if let Ok(address) = address.parse() {
+                addresses.push((name, address));
+            }
+        }
+        Ok(addresses)
+    }
+
     /// Removes a VM row; false when there was none.
     pub fn remove_vm(&self, name: &str) -> Result<bool, StateError> {
         let removed = self
@@ -793,6 +905,45 @@ mod tests {
             })
             .unwrap();
         assert_eq!(state.require_vm("web").unwrap().ports, ports(&["8080:80"]));
+    }
+
+    #[test]
+    fn the_address_pool_hands_out_distinct_lowest_free_addresses_that_outlive_a_reopen() {
+        use std::net::Ipv4Addr;
+        let dir = tempfile::tempdir().unwrap();
+        let pool = || (2..6u8).map(|last| Ipv4Addr::new(10, 213, 0, last));
+        let mut state = State::open(dir.path()).unwrap();
+        state.create_vm(&vm("a", "id-a")).unwrap();
+        state.create_vm(&vm("b", "id-b")).unwrap();
+        let a = state.allocate_address("id-a", pool()).unwrap();
+        assert_eq!(a, Some(Ipv4Addr::new(10, 213, 0, 2)));
+        // Asking again is the same address, not a second one.
+        assert_eq!(state.allocate_address("id-a", pool()).unwrap(), a);
+        // A daemon killed here and started again reads the same pool.
+        let mut state = State::open(dir.path()).unwrap();
+        let b = state.allocate_address("id-b", pool()).unwrap();
+        assert_eq!(b, Some(Ipv4Addr::new(10, 213, 0, 3)));
+        assert_eq!(
+            state.addresses().unwrap(),
+            [
+                ("a".to_owned(), Ipv4Addr::new(10, 213, 0, 2)),
+                ("b".to_owned(), Ipv4Addr::new(10, 213, 0, 3))
+            ]
+        );
+        // Freed, the lowest address is handed out again.
+        state.free_address("id-a").unwrap();
+        assert_eq!(state.address("id-a").unwrap(), None);
+        assert_eq!(
+            state.allocate_address("id-c", pool()).unwrap(),
+            Some(Ipv4Addr::new(10, 213, 0, 2))
+        );
+        // id-c has no VM record: reconciling frees it.
+        assert_eq!(state.reconcile_addresses().unwrap(), 1);
+        assert_eq!(state.address("id-b").unwrap(), b);
+        for id in ["x1", "x2", "x3"] {
+            state.allocate_address(id, pool()).unwrap();
+        }
+        assert_eq!(state.allocate_address("full", pool()).unwrap(), None);
     }
 
     #[test]

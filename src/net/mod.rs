@@ -1,4 +1,7 @@
 //! The host side of VM networking that needs no privileges: published ports checked before
-//! a boot ([`ports`]).
+//! a boot ([`ports`]); the bridge's subnet ([`subnet`]) and the nftables ruleset of its NAT and
+//! published ports ([`nft`]), which [`crate::privileged`] applies.
 
+pub mod nft;
 pub mod ports;
+pub mod subnet;

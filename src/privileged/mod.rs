@@ -23,6 +23,8 @@
 //! Known weaknesses: addresses come from a hash, so two VMs can share a /30 (one pair in
 //! 16384); nothing on the host routes or NATs the guest beyond its /30.
 
+pub mod bridge;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -52,6 +54,33 @@ pub enum PrivilegedError {
          alone"
     )]
     NotATap { name: String },
+    #[error(
+        "`--network tap` puts the VM on banger's bridge (`{bridge}`), which only root can make; \
+         run banger as root, or use `--network user` (rootless, with `-p` for ports and \
+         `banger ssh-config install` for `ssh NAME.vm`)"
+    )]
+    TapNeedsRoot { bridge: String },
+    #[error(
+        "the bridge subnet {subnet} clashes with the host's route `{route}`; set another in \
+         config.toml (`[network] subnet = \"10.214.0.0/24\"`)"
+    )]
+    SubnetClash { subnet: String, route: String },
+    #[error(
+        "bridge {bridge} exists with {found}, not {expected} as configured; remove it with \
+         `banger network down` (no tap VM may run) to make it again"
+    )]
+    BridgeMismatch {
+        bridge: String,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot {what} {}", path.display())]
+    Sysctl {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Makes `path` owned by `uid:gid`: a per-VM file (a writable drive, the log) handed to the
@@ -243,17 +272,36 @@ fn create_checked(
 
 /// Runs `argv`; a failure carries the command line and its stderr.
 fn run(argv: &[&str]) -> Result<(), PrivilegedError> {
+    run_output(argv, None).map(drop)
+}
+
+/// Runs `argv` with `stdin` (or none) and returns its stdout; a failure carries the command
+/// line and its stderr.
+fn run_output(argv: &[&str], stdin: Option<&str>) -> Result<String, PrivilegedError> {
+    use std::io::Write;
     let joined = argv.join(" ");
-    let output = Command::new(argv[0])
+    let spawn_error = |source| PrivilegedError::Spawn {
+        argv: joined.clone(),
+        source,
+    };
+    let mut child = Command::new(argv[0])
         .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| PrivilegedError::Spawn {
-            argv: joined.clone(),
-            source,
-        })?;
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A program that exits without reading says why on stderr, reported below.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     Err(PrivilegedError::Command {
         argv: joined,
