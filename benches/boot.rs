@@ -286,6 +286,7 @@ fn main() -> ExitCode {
         writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
         network: false,
+        tap: None,
         dir: work.path().to_owned(),
         serial_log: work.path().join("console.log"),
     };

@@ -585,6 +585,7 @@ fn bench_run(sandbox: &Sandbox, work: &Path, short: &Path, breakdown: bool) -> b
         writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
         network: false,
+        tap: None,
         dir: base_dir,
         serial_log: work.join("baseline-console.log"),
     };

@@ -18,6 +18,7 @@ mod exit;
 mod graph;
 mod image;
 mod kernel;
+mod network;
 mod printer;
 mod reporters;
 mod ssh_config;
@@ -127,6 +128,9 @@ point: the VM is deleted afterwards, and a lock that would change is an error."
     /// Make `ssh NAME.vm` reach banger's VMs through your own ssh (install or uninstall).
     #[command(subcommand)]
     SshConfig(ssh_config::SshConfigCommand),
+    /// banger's bridge for `--network tap` VMs: show it, or remove it (`down`).
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
     /// Report what this host can do: accelerator (KVM or TCG, and why), QEMU, vsock, tools.
     Doctor,
     /// Inspect and trim the step store (~/.cache/banger/store).
@@ -311,6 +315,7 @@ pub fn run() -> ExitStatus {
         Command::Image(command) => image::run(&mut context, &command),
         Command::Doctor => doctor::run(&mut context),
         Command::SshConfig(command) => ssh_config::run(&mut context, &command),
+        Command::Network(command) => network::run(&mut context, &command),
         Command::Kernel(command) => kernel::run(&mut context, &command),
         Command::Daemon(command) => daemon::run(&mut context, &command),
         Command::Vm(command) => vm::run(&mut context, &command),

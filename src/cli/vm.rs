@@ -131,8 +131,10 @@ pub struct CreateArgs {
     #[arg(long, value_parser = ByteSize::parse)]
     disk: Option<ByteSize>,
     /// The guest's network: `user` (rootless, the guest's SSH forwarded from a loopback
-    /// port; a tap under Firecracker) or `none` (no network device at all: commands still run
-    /// through the agent, SSH cannot reach it) [default: user].
+    /// port; a tap under Firecracker), `tap` (root: a tap on banger's bridge `banger0` with
+    /// NAT, an address of its own and `NAME.vm` in the bridge's DNS) or `none` (no network
+    /// device at all: commands still run through the agent, SSH cannot reach it)
+    /// [default: user].
     #[arg(long, value_name = "MODE", value_parser = parse_network)]
     network: Option<NetworkMode>,
     /// Publish a guest port on the host: `[HOST_IP:]HOST_PORT:GUEST_PORT[/udp]` (repeatable).
@@ -141,11 +143,10 @@ pub struct CreateArgs {
     publish: Vec<PortForward>,
 }
 
-/// `--network`: any mode banger names, so that `tap` gets the daemon's word on it (planned)
-/// rather than clap's "invalid value".
+/// `--network`: `tap`'s root check is the daemon's (it is the one that makes the bridge).
 fn parse_network(text: &str) -> Result<NetworkMode, String> {
     NetworkMode::from_name(text)
-        .ok_or_else(|| format!("`{text}` is not a network mode: use `user` or `none`"))
+        .ok_or_else(|| format!("`{text}` is not a network mode: use `user`, `tap` or `none`"))
 }
 
 #[derive(Debug, Args)]
@@ -498,7 +499,14 @@ fn show(
         vm.kernel,
         vm.backend,
         vm.spec,
-        vm.network,
+        match &vm.address {
+            Some(address) => format!(
+                "{} ({address} on {})",
+                vm.network,
+                banger::privileged::bridge::BRIDGE
+            ),
+            None => vm.network.to_string(),
+        },
         published(&vm.ports),
         ssh_address(&vm).unwrap_or_else(|| "-".to_owned()),
         vm.console_log,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
 /// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -58,6 +58,9 @@ pub enum Request {
     VmShow {
         name: String,
     },
+    /// Remove banger's bridge network (bridge, taps, NAT, DNS); refused while a tap VM runs.
+    /// Answered by [`Response::NetworkDown`].
+    NetworkDown,
 }
 
 pub use crate::ops::vms::{CreateVm, UpReport, UpVm, VmInfo};
@@ -77,6 +80,13 @@ pub enum Response {
     Vms(Vec<VmInfo>),
     Deleted {
         name: String,
+    },
+    /// What `NetworkDown` found and removed.
+    NetworkDown {
+        /// The bridge's address, if there was a bridge.
+        bridge: Option<String>,
+        taps: Vec<String>,
+        nft_table: bool,
     },
     /// A progress event of the request being served (engine events, boot progress).
     Event(serde_json::Value),

@@ -143,6 +143,7 @@ pub async fn run(paths: &Paths) -> Result<(), DaemonError> {
         }
     }
     drop(listener);
+    state.vms.shutdown();
     drop(running);
     Ok(())
 }
@@ -288,6 +289,14 @@ async fn serve_vm_request(
                 .show(&name)
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
+            Request::NetworkDown => vms
+                .network_down()
+                .await
+                .map(|removed| Response::NetworkDown {
+                    bridge: removed.bridge,
+                    taps: removed.taps,
+                    nft_table: removed.nft_table,
+                }),
             Request::Hello { .. } | Request::Status | Request::Stop => {
                 unreachable!("answered by serve_connection")
             }

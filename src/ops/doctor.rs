@@ -166,8 +166,16 @@ pub const TOOLS: &[Tool] = &[
         name: "ip",
         program: "ip",
         version_args: &["-V"],
-        needed_for: "the tap networks of Firecracker VMs (as root)",
+        needed_for: "the tap networks of Firecracker VMs and `--network tap` (as root)",
         install: Install::Apt("iproute2"),
+        required: false,
+    },
+    Tool {
+        name: "nft",
+        program: "nft",
+        version_args: &["--version"],
+        needed_for: "`--network tap`: NAT and published ports on banger's bridge (as root)",
+        install: Install::Apt("nftables"),
         required: false,
     },
 ];
@@ -508,6 +516,7 @@ mod tests {
                 ("ssh", missing, Some("sudo apt-get install openssh-client")),
                 ("git", missing, Some("sudo apt-get install git")),
                 ("ip", missing, Some("sudo apt-get install iproute2")),
+                ("nft", missing, Some("sudo apt-get install nftables")),
             ]
         );
         assert_eq!(

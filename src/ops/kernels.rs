@@ -198,6 +198,7 @@ pub async fn test(
         writable: crate::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
         network: false,
+        tap: None,
         dir: sockets.path().to_owned(),
         serial_log: logs.join(format!("kernel-test-{}.console.log", kernel.name)),
     };

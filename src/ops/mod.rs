@@ -24,6 +24,7 @@ pub mod doctor;
 pub mod graph;
 pub mod images;
 pub mod kernels;
+pub mod network;
 pub mod project;
 pub mod ssh_config;
 pub mod up;

@@ -114,6 +114,15 @@ pub enum VmError {
     PortsWithoutNetwork,
     #[error("{0}")]
     PortClash(String),
+    #[error(transparent)]
+    Network(#[from] crate::ops::network::NetworkError),
+    #[error(
+        "every address of the bridge subnet {subnet} is taken by a tap VM; delete one, or set \
+         a wider `[network] subnet` in config.toml"
+    )]
+    AddressPoolFull { subnet: String },
+    #[error("tap VMs still run on the bridge ({names}); stop them first (`banger vm stop NAME`)")]
+    TapVmsRunning { names: String },
 }
 
 impl crate::error::Classify for VmError {
@@ -130,11 +139,14 @@ impl crate::error::Classify for VmError {
             | VmError::Port(_)
             | VmError::PortsWithoutNetwork
             | VmError::PortClash(_)
+            | VmError::AddressPoolFull { .. }
+            | VmError::TapVmsRunning { .. }
             | VmError::Config(_) => ErrorClass::User,
+            VmError::Network(error) => error.class(),
             VmError::Backend(
                 BackendError::FirecrackerUnusable { .. }
                 | BackendError::FirecrackerMissing
-                | BackendError::NetworkPlanned { .. }
+                | BackendError::TapNeedsRoot
                 | BackendError::PortsNeedQemu,
             ) => ErrorClass::User,
             VmError::Backend(BackendError::Privileged(_)) | VmError::NoAccelerator { .. } => {
@@ -252,6 +264,9 @@ pub struct VmInfo {
     /// Published ports (host → guest).
     #[serde(default)]
     pub ports: Vec<PortForward>,
+    /// A `tap` VM's address on banger's bridge (kept while the VM exists, stopped included).
+    #[serde(default)]
+    pub address: Option<String>,
     /// `running` or `stopped`.
     pub state: String,
     pub created_ms: u64,
@@ -284,6 +299,10 @@ pub struct Vms {
     live: Mutex<HashMap<String, Launched>>,
     /// One lock per VM name, `image:NAME` and `kernel:NAME`.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The bridge of `tap` VMs.
+    network: Arc<crate::ops::network::BridgeNetwork>,
+    /// Held while the bridge network is made, changed or removed.
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Vms {
@@ -302,6 +321,7 @@ impl Vms {
         let engine = crate::steps::engine(&store, &services);
         let accel = accel::choose(&accel::HostFacts::probe())
             .map_err(|error| crate::error::error_chain(&error));
+        let paths_runtime_dir = paths.runtime_dir.clone();
         let vms = Vms {
             paths,
             store,
@@ -311,9 +331,84 @@ impl Vms {
             host: HostResources::probe(),
             live: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            network: Arc::new(crate::ops::network::BridgeNetwork::new(
+                paths_runtime_dir.clone(),
+            )),
+            network_lock: tokio::sync::Mutex::new(()),
         };
         vms.reconcile().await?;
+        vms.reconcile_network().await?;
         Ok(vms)
+    }
+
+    /// At start-up, after [`Vms::reconcile`]: addresses of VMs that are gone are freed, taps
+    /// no running VM holds are the idle pool, the DNS server runs again if the bridge does.
+    async fn reconcile_network(&self) -> Result<(), VmError> {
+        let state = self.state()?;
+        state.reconcile_addresses()?;
+        self.network.set_names(state.addresses()?);
+        let in_use: Vec<String> = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.values()
+                .filter_map(|launched| launched.tap.clone())
+                .collect()
+        };
+        let subnet = self.config()?.subnet;
+        // A failure (the DNS port taken) must not keep the daemon from starting: the next
+        // tap VM start runs the same steps and reports it, with its cause, to its client.
+        let _ = self.network.reconcile(&in_use, subnet).await;
+        Ok(())
+    }
+
+    /// At daemon stop: the DNS server stops (VMs and the bridge stay).
+    pub fn shutdown(&self) {
+        self.network.shutdown();
+    }
+
+    /// The published ports of running tap VMs (but `except`), each with its guest's address.
+    fn published_on_bridge(
+        &self,
+        except: Option<&str>,
+    ) -> Result<Vec<(PortForward, std::net::Ipv4Addr)>, VmError> {
+        let running: Vec<String> = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.keys().cloned().collect()
+        };
+        let state = self.state()?;
+        let mut published = Vec::new();
+        for record in state.vms()? {
+            if record.network != NetworkMode::Tap
+                || record.ports.is_empty()
+                || Some(record.name.as_str()) == except
+                || !running.contains(&record.name)
+            {
+                continue;
+            }
+            if let Some(address) = state.address(&record.id)? {
+                published.extend(record.ports.iter().map(|port| (*port, address)));
+            }
+        }
+        Ok(published)
+    }
+
+    /// `banger network down`: the bridge, its taps, NAT and DNS removed; refused while a tap
+    /// VM runs.
+    pub async fn network_down(&self) -> Result<crate::privileged::bridge::NetworkStatus, VmError> {
+        let _held = self.network_lock.lock().await;
+        let mut running = Vec::new();
+        for record in self.state()?.vms()? {
+            if record.network == NetworkMode::Tap && self.running(&record).await?.is_some() {
+                running.push(record.name);
+            }
+        }
+        if !running.is_empty() {
+            return Err(VmError::TapVmsRunning {
+                names: running.join(", "),
+            });
+        }
+        let before = self.network.status();
+        self.network.down()?;
+        Ok(before)
     }
 
     fn state(&self) -> Result<State, VmError> {
@@ -444,11 +539,24 @@ impl Vms {
         }
     }
 
-    /// After the VMM is gone: helpers and tap go, the run directory goes, the VM is stopped.
+    /// After the VMM is gone: helpers and tap go, the run directory goes, the VM is stopped
+    /// (and its published ports leave the bridge's ruleset).
     async fn finish_run(&self, record: &VmRecord, launched: &Launched) -> Result<(), VmError> {
         crate::vm::backend::release(launched).await;
         let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
         self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
+        if record.network == NetworkMode::Tap && !record.ports.is_empty() {
+            self.refresh_ruleset(&record.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the bridge's ruleset for the running tap VMs but `stopped`.
+    async fn refresh_ruleset(&self, stopped: &str) -> Result<(), VmError> {
+        let subnet = self.config()?.subnet;
+        let _held = self.network_lock.lock().await;
+        let published = self.published_on_bridge(Some(stopped))?;
+        self.network.apply(subnet, &published)?;
         Ok(())
     }
 
@@ -471,6 +579,10 @@ impl Vms {
             .to_string(),
             network: record.network,
             ports: record.ports.clone(),
+            address: (record.network == NetworkMode::Tap)
+                .then(|| self.state().ok()?.address(&record.id).ok()?)
+                .flatten()
+                .map(|address| address.to_string()),
             state: if launched.is_some() {
                 "running"
             } else {
@@ -679,8 +791,14 @@ impl Vms {
             ports_note(&record.ports)
         ));
         let made = self.make_vm_files(&record, &image_file(&image), &kernel.vmlinux, &initrd);
-        let made = made.and_then(|()| Ok(self.state()?.create_vm(&record)?));
+        let made = made
+            .and_then(|()| Ok(self.state()?.create_vm(&record)?))
+            .and_then(|()| self.bridge_address(&record).map(drop));
         if let Err(error) = made {
+            let _ = self.state().map(|state| {
+                let _ = state.remove_vm(&record.name);
+                let _ = state.free_address(&record.id);
+            });
             self.remove_vm_files(&record);
             return Err(error);
         }
@@ -697,6 +815,46 @@ impl Vms {
                 .await;
         }
         Ok(self.info(&record, None))
+    }
+
+    /// A tap VM's address on the bridge (allocated the first time: kept until the VM is
+    /// deleted); `None` for other VMs. The DNS server learns it at once.
+    fn bridge_address(&self, record: &VmRecord) -> Result<Option<std::net::Ipv4Addr>, VmError> {
+        if record.network != NetworkMode::Tap {
+            return Ok(None);
+        }
+        let subnet = self.config()?.subnet;
+        let mut state = self.state()?;
+        let address = state
+            .allocate_address(&record.id, subnet.guest_addresses())?
+            .ok_or_else(|| VmError::AddressPoolFull {
+                subnet: subnet.to_string(),
+            })?;
+        self.network.set_names(state.addresses()?);
+        Ok(Some(address))
+    }
+
+    /// Before a tap VM boots: the bridge network with this VM's published ports too, and a
+    /// tap for it.
+    async fn attach_to_bridge(
+        &self,
+        record: &VmRecord,
+        address: std::net::Ipv4Addr,
+    ) -> Result<crate::vm::boot::TapAttachment, VmError> {
+        let subnet = self.config()?.subnet;
+        let _held = self.network_lock.lock().await;
+        let mut published = self.published_on_bridge(Some(&record.name))?;
+        published.extend(record.ports.iter().map(|port| (*port, address)));
+        self.network.up(subnet, &published).await?;
+        let tap = self.network.take_tap()?;
+        Ok(crate::vm::boot::TapAttachment {
+            tap,
+            mac: crate::vm::boot::TapAttachment::mac_for(&record.id),
+            address,
+            gateway: subnet.gateway(),
+            netmask: subnet.netmask(),
+            dns: subnet.gateway(),
+        })
     }
 
     /// The VM's disks (blank and sparse: the same work for any size) and links to its boot
@@ -773,6 +931,16 @@ impl Vms {
         std::fs::create_dir_all(&run_dir).map_err(io("cannot create", &run_dir))?;
         let dir = self.vm_dir(&record.name);
         let boot = self.boot_dir(&record.id);
+        let tap = match self.bridge_address(&record)? {
+            Some(address) => match self.attach_to_bridge(&record, address).await {
+                Ok(tap) => Some(tap),
+                Err(error) => {
+                    let _ = std::fs::remove_dir_all(&run_dir);
+                    return Err(error);
+                }
+            },
+            None => None,
+        };
         let spec = MachineSpec {
             id: record.id.clone(),
             vcpus: record.vcpus,
@@ -787,6 +955,7 @@ impl Vms {
             network: record.network,
             ssh_port: free_loopback_port().map_err(io("cannot pick a port for", &run_dir))?,
             ports: record.ports.clone(),
+            tap: tap.clone(),
         };
         let accel_note = match &backend {
             Backend::Qemu(qemu) => format!("QEMU microvm, {}", qemu.accel),
@@ -798,9 +967,18 @@ impl Vms {
             Ok(launched) => launched,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
+                if let Some(tap) = &tap {
+                    let _ = crate::privileged::TapDevice::delete_by_name(&tap.tap);
+                    let _ = self.refresh_ruleset(&record.name).await;
+                }
                 return Err(error.into());
             }
         };
+        if tap.is_some() {
+            // The next start takes a ready tap instead of making one.
+            let network = Arc::clone(&self.network);
+            tokio::task::spawn_blocking(move || network.replenish());
+        }
         // From here the VM exists outside this process: record it before anything else can
         // fail, so a daemon killed now finds it again.
         let recorded = self
@@ -1141,9 +1319,26 @@ impl Vms {
             launched.vmm.kill().await;
             self.live_remove(name);
             crate::vm::backend::release(&launched).await;
+            if record.network == NetworkMode::Tap && !record.ports.is_empty() {
+                self.refresh_ruleset(name).await?;
+            }
         }
-        self.state()?.remove_vm(name)?;
+        let state = self.state()?;
+        state.remove_vm(name)?;
+        state.free_address(&record.id)?;
+        self.network.set_names(state.addresses()?);
         self.remove_vm_files(&record);
+        // The last tap VM takes the bridge network with it.
+        let tap_vms_left = state
+            .vms()?
+            .iter()
+            .any(|other| other.network == NetworkMode::Tap);
+        if record.network == NetworkMode::Tap && !tap_vms_left {
+            let _held = self.network_lock.lock().await;
+            if crate::privileged::is_root() {
+                self.network.down()?;
+            }
+        }
         Ok(())
     }
 }

@@ -272,6 +272,32 @@ pub fn teardown(marker_dir: &Path) -> Result<(), PrivilegedError> {
     Ok(())
 }
 
+/// When systemd-resolved runs, sends the host's `*.vm` lookups to `server` (the daemon's DNS
+/// on the bridge) through the bridge link: `Ok(false)` when it does not run.
+pub fn route_dns(server: Ipv4Addr) -> Result<bool, PrivilegedError> {
+    if !resolved_runs() {
+        return Ok(false);
+    }
+    let server = server.to_string();
+    run(&["resolvectl", "dns", BRIDGE, &server])?;
+    run(&["resolvectl", "domain", BRIDGE, "~vm"])?;
+    Ok(true)
+}
+
+/// Undoes [`route_dns`] (the bridge's per-link DNS settings go back to none).
+pub fn unroute_dns() {
+    if resolved_runs() && super::sys_class_net(BRIDGE).exists() {
+        let _ = run(&["resolvectl", "revert", BRIDGE]);
+    }
+}
+
+/// Whether systemd-resolved answers here (its varlink socket exists and resolvectl is
+/// installed).
+fn resolved_runs() -> bool {
+    Path::new("/run/systemd/resolve/io.systemd.Resolve").exists()
+        && crate::env::find_program("resolvectl").is_some()
+}
+
 fn nft_table_exists() -> bool {
     run(&["nft", "list", "table", "inet", TABLE]).is_ok()
 }

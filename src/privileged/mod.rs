@@ -83,6 +83,19 @@ pub enum PrivilegedError {
     },
 }
 
+impl crate::error::Classify for PrivilegedError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            // The user's to change: run as root, another subnet, `network down`.
+            PrivilegedError::TapNeedsRoot { .. }
+            | PrivilegedError::SubnetClash { .. }
+            | PrivilegedError::BridgeMismatch { .. } => ErrorClass::User,
+            _ => ErrorClass::Environment,
+        }
+    }
+}
+
 /// Makes `path` owned by `uid:gid`: a per-VM file (a writable drive, the log) handed to the
 /// unprivileged user a jailed Firecracker runs as. Needs root (`CAP_CHOWN`); the caller
 /// checks that it is.

@@ -131,6 +131,7 @@ async fn run_step(ctx: &StepContext) -> Result<(), StepError> {
         writable: WritableLayer::Disk(layer_disk.clone()),
         forwards: Vec::new(),
         network: true,
+        tap: None,
         dir: sockets.path().to_owned(),
         serial_log: work.join("console.log"),
     };

@@ -85,10 +85,13 @@ pub enum BackendError {
     #[error("the VMM of this VM left no process to follow (pid unknown right after start)")]
     NoPid,
     #[error(
-        "network mode `{mode}` (a tap on a host bridge with NAT) is planned, not built yet: use \
-         `user` (the default: rootless, with port forwards) or `none` (no network device)"
+        "`--network tap` puts the VM on banger's bridge, which only root can make; run banger \
+         as root, or use `--network user` (rootless, with `-p` for ports and `banger \
+         ssh-config install` for `ssh NAME.vm`)"
     )]
-    NetworkPlanned { mode: NetworkMode },
+    TapNeedsRoot,
+    #[error("a `tap` VM was launched without a tap on the bridge (a bug in banger)")]
+    TapMissing,
     #[error(
         "published ports (`-p`, `[vm] ports`) are QEMU user-mode forwards so far; under \
          Firecracker they need banger's NAT on its bridge, which is not built yet: use \
@@ -97,12 +100,13 @@ pub enum BackendError {
     PortsNeedQemu,
 }
 
-/// Refuses the network modes no backend can give a VM yet (`tap`); called before anything is
-/// made, so a refused VM leaves nothing behind.
+/// Refuses a network mode this process cannot give a VM (`tap` without root); called before
+/// anything is made, so a refused VM leaves nothing behind.
 pub fn check_network(mode: NetworkMode) -> Result<(), BackendError> {
     match mode {
         NetworkMode::User | NetworkMode::None => Ok(()),
-        NetworkMode::Tap => Err(BackendError::NetworkPlanned { mode }),
+        NetworkMode::Tap if privileged::is_root() => Ok(()),
+        NetworkMode::Tap => Err(BackendError::TapNeedsRoot),
     }
 }
 
@@ -136,8 +140,11 @@ pub struct MachineSpec {
     pub network: NetworkMode,
     /// The loopback port forwarded to the guest's port 22 (QEMU's user-mode network).
     pub ssh_port: u16,
-    /// Published ports (`-p`): QEMU host forwards in user mode.
+    /// Published ports (`-p`): QEMU host forwards in user mode (DNAT on the bridge, made by
+    /// the caller, in tap mode).
     pub ports: Vec<crate::spec::PortForward>,
+    /// `Tap`: the VM's tap on banger's bridge and its addresses (made by the caller).
+    pub tap: Option<super::boot::TapAttachment>,
 }
 
 /// Where the agent listens, in a form the scratch file can hold.
@@ -233,7 +240,8 @@ impl QemuBackend {
         }
     }
 
-    /// The boot of `spec` (pure): no network device unless `spec.network` is `user`.
+    /// The boot of `spec` (pure): user-mode networking for `user`, the bridge tap for `tap`,
+    /// no network device for `none`.
     pub fn boot_spec(&self, spec: &MachineSpec) -> BootSpec {
         let network = spec.network == NetworkMode::User;
         BootSpec {
@@ -256,6 +264,10 @@ impl QemuBackend {
                 Vec::new()
             },
             network,
+            tap: match spec.network {
+                NetworkMode::Tap => spec.tap.clone(),
+                NetworkMode::User | NetworkMode::None => None,
+            },
             dir: spec.run_dir.clone(),
             serial_log: spec.console_log.clone(),
         }
@@ -270,6 +282,11 @@ impl VmmBackend for QemuBackend {
     async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
         check_network(spec.network)?;
         let network = spec.network == NetworkMode::User;
+        let tap = match (spec.network, &spec.tap) {
+            (NetworkMode::Tap, None) => return Err(BackendError::TapMissing),
+            (NetworkMode::Tap, Some(tap)) => Some(tap),
+            _ => None,
+        };
         let boot = self.boot_spec(spec);
         let vm = BootedVm::start_logged(&boot, Some(&spec.vmm_log)).await?;
         let control_socket = vm.qemu().qmp_socket().to_owned();
@@ -289,9 +306,16 @@ impl VmmBackend for QemuBackend {
             helpers: vsock.into_iter().collect(),
             control_socket,
             agent: AgentAddress::of(endpoint),
-            ssh_host: network.then(|| "127.0.0.1".to_owned()),
-            ssh_port: network.then_some(spec.ssh_port),
-            tap: None,
+            ssh_host: match tap {
+                Some(tap) => Some(tap.address.to_string()),
+                None => network.then(|| "127.0.0.1".to_owned()),
+            },
+            ssh_port: if tap.is_some() {
+                Some(22)
+            } else {
+                network.then_some(spec.ssh_port)
+            },
+            tap: tap.map(|tap| tap.tap.clone()),
         })
     }
 
@@ -321,19 +345,20 @@ fn guest_mac(vm_id: &str) -> super::firecracker::MacAddr {
 }
 
 impl FirecrackerBackend {
-    /// The Firecracker spec of `spec`, its `eth0` on the tap `tap` with `addresses`, or with
-    /// no network interface (and no `ip=` for the guest) when `tap` is `None` (pure).
+    /// The Firecracker spec of `spec`, its `eth0` on the tap `tap` whose guest side the
+    /// kernel's `ip=` word configures, or with no network interface (and no `ip=`) when `tap`
+    /// is `None` (pure).
     pub fn firecracker_spec(
         &self,
         spec: &MachineSpec,
-        tap: Option<(&str, &privileged::TapAddresses)>,
+        tap: Option<(&str, &str)>,
     ) -> FirecrackerSpec {
         let mut extra: Vec<String> = VmDisks::cmdline()
             .iter()
             .map(|word| (*word).to_owned())
             .collect();
-        if let Some((_, addresses)) = tap {
-            extra.push(addresses.guest_cmdline("eth0"));
+        if let Some((_, ip_word)) = tap {
+            extra.push(ip_word.to_owned());
         }
         FirecrackerSpec {
             binary: self.binary.clone(),
@@ -375,11 +400,13 @@ impl VmmBackend for FirecrackerBackend {
 
     async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
         check_network(spec.network)?;
-        if !spec.ports.is_empty() {
+        if !spec.ports.is_empty() && spec.network != NetworkMode::Tap {
             return Err(BackendError::PortsNeedQemu);
         }
+        // `user`: a point-to-point /30 tap of its own (Firecracker has no user-mode network);
+        // `tap`: the caller's tap on banger's bridge.
         let addresses = privileged::tap_addresses(&spec.id);
-        let tap = match spec.network {
+        let own_tap = match spec.network {
             NetworkMode::User => Some(TapDevice::create(
                 &privileged::tap_name(&spec.id),
                 &addresses,
@@ -387,12 +414,31 @@ impl VmmBackend for FirecrackerBackend {
             )?),
             NetworkMode::None | NetworkMode::Tap => None,
         };
+        let attached: Option<(String, String, String)> = match (spec.network, &spec.tap, &own_tap) {
+            (NetworkMode::Tap, None, _) => return Err(BackendError::TapMissing),
+            (NetworkMode::Tap, Some(tap), _) => Some((
+                tap.tap.clone(),
+                tap.guest_cmdline(),
+                tap.address.to_string(),
+            )),
+            (_, _, Some(own)) => Some((
+                own.name().to_owned(),
+                addresses.guest_cmdline("eth0"),
+                addresses.guest.to_string(),
+            )),
+            _ => None,
+        };
         let delete_tap = || {
-            if let Some(tap) = &tap {
+            if let Some(tap) = &own_tap {
                 let _ = TapDevice::delete_by_name(tap.name());
             }
         };
-        let fc_spec = self.firecracker_spec(spec, tap.as_ref().map(|tap| (tap.name(), &addresses)));
+        let fc_spec = self.firecracker_spec(
+            spec,
+            attached
+                .as_ref()
+                .map(|(tap, ip_word, _)| (tap.as_str(), ip_word.as_str())),
+        );
         let process = match FirecrackerProcess::launch(&fc_spec).await {
             Ok(process) => process,
             Err(error) => {
@@ -418,9 +464,9 @@ impl VmmBackend for FirecrackerBackend {
                 uds_path,
                 port: crate::assets::AGENT_VSOCK_PORT,
             },
-            ssh_host: tap.as_ref().map(|_| addresses.guest.to_string()),
-            ssh_port: tap.as_ref().map(|_| 22),
-            tap: tap.as_ref().map(|tap| tap.name().to_owned()),
+            ssh_host: attached.as_ref().map(|(_, _, guest)| guest.clone()),
+            ssh_port: attached.as_ref().map(|_| 22),
+            tap: attached.map(|(tap, _, _)| tap),
         })
     }
 
@@ -532,6 +578,7 @@ mod tests {
             network: NetworkMode::User,
             ssh_port: 40022,
             ports: Vec::new(),
+            tap: None,
         }
     }
 
@@ -652,10 +699,15 @@ mod tests {
     }
 
     #[test]
-    fn tap_networking_is_refused_as_planned_before_anything_starts() {
-        let error = check_network(NetworkMode::Tap).unwrap_err();
-        assert!(error.to_string().contains("`tap`"), "{error}");
-        assert!(error.to_string().contains("planned"), "{error}");
+    fn tap_networking_needs_root_and_says_the_way_out() {
+        match check_network(NetworkMode::Tap) {
+            Ok(()) => assert!(privileged::is_root()),
+            Err(error) => {
+                assert!(!privileged::is_root());
+                assert!(error.to_string().contains("only root"), "{error}");
+                assert!(error.to_string().contains("--network user"), "{error}");
+            }
+        }
         check_network(NetworkMode::User).unwrap();
         check_network(NetworkMode::None).unwrap();
     }
@@ -666,7 +718,8 @@ mod tests {
             binary: "/usr/bin/firecracker".into(),
         };
         let addresses = privileged::tap_addresses("k3j9x2p0qa7m");
-        let spec = backend.firecracker_spec(&machine(), Some(("bgr-k3j9x2p0qa", &addresses)));
+        let ip_word = addresses.guest_cmdline("eth0");
+        let spec = backend.firecracker_spec(&machine(), Some(("bgr-k3j9x2p0qa", &ip_word)));
         assert_eq!(spec.drives[0], Drive::root("/store/rootfs.ext4"));
         assert!(spec.drives[1..].iter().all(|drive| !drive.is_read_only));
         assert!(spec.boot_args.contains("banger.overlay=/dev/vdb"));

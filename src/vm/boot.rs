@@ -94,6 +94,9 @@ pub struct BootSpec {
     /// A user-mode network device even without forwards (the guest reaches what the host
     /// reaches). Forwards imply it.
     pub network: bool,
+    /// A tap on banger's bridge instead of the user-mode network (then `network` and
+    /// `forwards` are ignored).
+    pub tap: Option<TapAttachment>,
     /// Sockets go here; the caller owns and removes it.
     pub dir: PathBuf,
     /// The serial console is written here (replaced if it exists).
@@ -143,9 +146,12 @@ impl BootSpec {
             }
             WritableLayer::Memory => extra.push("banger.overlay=tmpfs".to_owned()),
         }
-        let network = self.network || !self.forwards.is_empty();
+        let network = self.tap.is_none() && (self.network || !self.forwards.is_empty());
         if network {
             extra.push(USER_NET_IP.to_owned());
+        }
+        if let Some(tap) = &self.tap {
+            extra.push(tap.guest_cmdline());
         }
         extra.extend(self.extra_cmdline.iter().cloned());
         QemuSpec {
@@ -157,9 +163,17 @@ impl BootSpec {
             initrd: self.initrd.clone(),
             cmdline: kernel_cmdline(&self.accel, tsc_khz, &extra),
             disks,
-            net: network.then(|| super::qemu::UserNet {
-                forwards: self.forwards.clone(),
-            }),
+            net: match &self.tap {
+                Some(tap) => Some(super::qemu::QemuNet::Tap {
+                    ifname: tap.tap.clone(),
+                    mac: tap.mac.clone(),
+                }),
+                None => network.then(|| {
+                    super::qemu::QemuNet::User(super::qemu::UserNet {
+                        forwards: self.forwards.clone(),
+                    })
+                }),
+            },
             vhost_vsock,
             agent_serial,
             serial_log: self.serial_log.clone(),
@@ -180,6 +194,41 @@ pub enum WritableLayer {
     /// One blank ext4 disk for the layer and nothing on `/root` (a builder VM, whose every
     /// change, `/root` included, belongs to the image it builds).
     Disk(PathBuf),
+}
+
+/// A VM's place on banger's bridge: its tap, its MAC, and the addresses the guest configures
+/// itself with from the kernel's `ip=` (the agent does it before init runs). Only the tap's
+/// name outlives the launch (in [`crate::vm::backend::Launched`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapAttachment {
+    pub tap: String,
+    /// `52:54:00:…`, from the VM's id: stable across boots, distinct between VMs.
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
+    pub netmask: std::net::Ipv4Addr,
+    /// The guest's resolver: the daemon's DNS server on the bridge.
+    pub dns: std::net::Ipv4Addr,
+}
+
+impl TapAttachment {
+    /// The kernel's `ip=` word for `eth0`.
+    pub fn guest_cmdline(&self) -> String {
+        format!(
+            "ip={}::{}:{}::eth0:off:{}",
+            self.address, self.gateway, self.netmask, self.dns
+        )
+    }
+
+    /// A MAC in QEMU's locally used range, from `vm_id`.
+    pub fn mac_for(vm_id: &str) -> String {
+        let hash = blake3::hash(vm_id.as_bytes());
+        let bytes = hash.as_bytes();
+        format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            bytes[0], bytes[1], bytes[2]
+        )
+    }
 }
 
 /// The guest's address on QEMU's user-mode network (always 10.0.2.0/24: the gateway is

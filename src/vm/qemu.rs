@@ -55,6 +55,17 @@ pub struct Disk {
     pub snapshot: bool,
 }
 
+/// The guest's network device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuNet {
+    User(UserNet),
+    /// An existing tap (banger's bridge), opened by QEMU; no scripts.
+    Tap {
+        ifname: String,
+        mac: String,
+    },
+}
+
 /// User-mode networking with host ports forwarded to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserNet {
@@ -80,7 +91,7 @@ pub struct QemuSpec {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub disks: Vec<Disk>,
-    pub net: Option<UserNet>,
+    pub net: Option<QemuNet>,
     /// A vhost-user vsock daemon's socket (`vhost-device-vsock`).
     pub vhost_vsock: Option<PathBuf>,
     /// The host end of the guest's virtio-serial port `banger.0` (the agent's fallback
@@ -157,23 +168,31 @@ impl QemuSpec {
             let device = format!("virtio-blk-device,drive=disk{index}");
             push(&["-drive", &drive, "-device", &device]);
         }
-        if let Some(net) = &self.net {
-            let mut netdev = String::from("user,id=net0");
-            for forward in &net.forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd={}:{}:{}-:{}",
-                    forward.protocol.as_str(),
-                    forward.host_ip,
-                    forward.host_port,
-                    forward.guest_port
-                ));
+        match &self.net {
+            Some(QemuNet::User(net)) => {
+                let mut netdev = String::from("user,id=net0");
+                for forward in &net.forwards {
+                    netdev.push_str(&format!(
+                        ",hostfwd={}:{}:{}-:{}",
+                        forward.protocol.as_str(),
+                        forward.host_ip,
+                        forward.host_port,
+                        forward.guest_port
+                    ));
+                }
+                push(&[
+                    "-netdev",
+                    &netdev,
+                    "-device",
+                    "virtio-net-device,netdev=net0",
+                ]);
             }
-            push(&[
-                "-netdev",
-                &netdev,
-                "-device",
-                "virtio-net-device,netdev=net0",
-            ]);
+            Some(QemuNet::Tap { ifname, mac }) => {
+                let netdev = format!("tap,id=net0,ifname={ifname},script=no,downscript=no");
+                let device = format!("virtio-net-device,netdev=net0,mac={mac}");
+                push(&["-netdev", &netdev, "-device", &device]);
+            }
+            None => {}
         }
         if let Some(socket) = &self.vhost_vsock {
             let chardev = format!(
@@ -372,9 +391,9 @@ mod tests {
                     snapshot: false,
                 },
             ],
-            net: Some(UserNet {
+            net: Some(QemuNet::User(UserNet {
                 forwards: vec![crate::spec::PortForward::loopback_tcp(40022, 22)],
-            }),
+            })),
             vhost_vsock: Some("/vm/vhost.sock".into()),
             agent_serial: Some("/vm/agent.sock".into()),
             serial_log: "/vm/serial.log".into(),

@@ -243,6 +243,7 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
             "image",
             "kernel",
             "ssh-config",
+            "network",
             "doctor",
             "cache",
             "daemon",

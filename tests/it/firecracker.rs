@@ -1153,6 +1153,7 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
         network: banger::spec::NetworkMode::User,
         ssh_port: 0,
         ports: Vec::new(),
+        tap: None,
     };
     let backend = FirecrackerBackend { binary };
     let launched = backend.launch(&spec).await.unwrap();

@@ -539,7 +539,7 @@ fn fuzz_the_agent_survives_any_client_bytes() {
 const HARMLESS_REQUESTS: &[&str] = &[
     r#"{"type":"status"}"#,
     r#"{"type":"vm_list"}"#,
-    r#"{"type":"hello","data":{"protocol":4,"client_version":"0.1.0"}}"#,
+    r#"{"type":"hello","data":{"protocol":5,"client_version":"0.1.0"}}"#,
 ];
 
 #[test]

@@ -14,6 +14,7 @@ mod guest;
 mod images;
 mod kernel;
 mod kernel_pull;
+mod network;
 mod oci;
 mod provision;
 mod registry;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::slow::{debian_world, have_qemu, records};
+use crate::slow::{debian_world, have_qemu, home_like_the_world, records};
 use crate::support::{Output, StopDaemon, TestContext, capable, find_program};
 
 fn can_build() -> bool {
@@ -478,22 +478,6 @@ fn regex_free_replace_first_version(text: &str, prefix: &str) -> String {
     let start = text.find(prefix).unwrap() + prefix.len();
     let end = start + text[start..].find('"').unwrap();
     format!("{}0.0-banger-test{}", &text[..start], &text[end..])
-}
-
-/// A fresh HOME whose store is a copy of the world's (its image and kernel steps are hits):
-/// for tests that change the HOME's configuration.
-fn home_like_the_world(world: &crate::slow::DebianWorld) -> TestContext {
-    let context = TestContext::new();
-    let store = context.store_dir();
-    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(world.context.store_dir())
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cp -a of the world's store failed");
-    context
 }
 
 #[test]

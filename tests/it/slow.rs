@@ -122,6 +122,22 @@ fn build_debian_world() -> Option<&'static DebianWorld> {
     }))
 }
 
+/// A fresh HOME whose store is a copy of the world's (its image and kernel steps are hits):
+/// for tests that change the HOME's configuration.
+pub(crate) fn home_like_the_world(world: &DebianWorld) -> TestContext {
+    let context = TestContext::new();
+    let store = context.store_dir();
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(world.context.store_dir())
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a of the world's store failed");
+    context
+}
+
 pub(crate) fn records(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
@@ -532,6 +548,7 @@ fn boot_spec(world: &DebianWorld, image: &serde_json::Value, dir: &Path) -> Boot
         writable: banger::vm::boot::WritableLayer::Memory,
         forwards: Vec::new(),
         network: false,
+        tap: None,
         serial_log: vm_dir.join("console.log"),
         dir: vm_dir,
     }

@@ -603,13 +603,6 @@ fn slow_up_applies_network_none_and_a_network_change_recreates_the_vm() {
     let ssh = banger(context, &dir, &["ssh", "--", "echo", "reachable"]);
     assert_eq!(ssh.code, Some(0), "{ssh}");
     assert!(ssh.stdout.contains("reachable"), "{ssh}");
-
-    // `tap` is still refused, before the VM is touched.
-    std::fs::write(dir.join("Bangerfile"), bangerfile("tap")).unwrap();
-    let tap = banger(context, &dir, &["up", "--no-run"]);
-    assert_eq!(tap.code, Some(1), "{tap}");
-    assert!(
-        tap.stderr.contains("network mode `tap`") && tap.stderr.contains("planned"),
-        "{tap}"
-    );
+    // (`network = "tap"` makes a bridge: tests/it/network.rs does that, in namespaces of its
+    // own, never here in the host's.)
 }

@@ -494,14 +494,6 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
             "no VM named `nosuch`",
         ),
         (
-            &["vm", "create", "--name", "tapped", "--network", "tap"][..],
-            "network mode `tap` (a tap on a host bridge with NAT) is planned",
-        ),
-        (
-            &["vm", "run", "--network", "tap", "--", "true"][..],
-            "network mode `tap` (a tap on a host bridge with NAT) is planned",
-        ),
-        (
             &["vm", "run", "--network", "none"][..],
             "`vm run --network none` needs a command",
         ),

@@ -375,5 +375,11 @@ fn network_up(arguments: &[String]) -> Result<(), String> {
         "network {interface} {}/{}",
         ip.address, ip.prefix_len
     ));
+    if !ip.dns.is_empty() {
+        // The image's resolv.conf is whatever its build left (often the build host's,
+        // unreachable from here); the resolver banger names is the one this network has.
+        net::replace_resolv_conf(std::path::Path::new("/etc/resolv.conf"), &ip.dns)
+            .map_err(|error| format!("cannot write /etc/resolv.conf: {error}"))?;
+    }
     Ok(())
 }

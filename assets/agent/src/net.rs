@@ -286,6 +286,16 @@ pub fn configure(ip: &IpConfig) -> Result<String, String> {
     Ok(name)
 }
 
+/// Replaces `path` with a regular file naming `dns`, written beside it and renamed into
+/// place: a symlink there (to a resolver daemon's stub file, which nothing fills without
+/// DHCP) is replaced, not written through.
+pub fn replace_resolv_conf(path: &Path, dns: &[Ipv4Addr]) -> std::io::Result<()> {
+    let temporary = path.with_extension("banger-new");
+    let _ = std::fs::remove_file(&temporary);
+    std::fs::write(&temporary, resolv_conf(dns))?;
+    std::fs::rename(&temporary, path)
+}
+
 /// `nameserver` lines for `/etc/resolv.conf`.
 pub fn resolv_conf(dns: &[Ipv4Addr]) -> String {
     dns.iter()
@@ -347,6 +357,28 @@ mod tests {
             broadcast(Ipv4Addr::new(10, 0, 2, 15), 0),
             Ipv4Addr::BROADCAST
         );
+    }
+
+    #[test]
+    fn a_resolv_conf_symlink_is_replaced_not_written_through() {
+        let dir = std::env::temp_dir().join(format!("banger-agent-resolv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let stub = dir.join("stub-resolv.conf");
+        std::fs::write(&stub, "nameserver 127.0.0.53\n").unwrap();
+        let path = dir.join("resolv.conf");
+        std::os::unix::fs::symlink(&stub, &path).unwrap();
+        replace_resolv_conf(&path, &[Ipv4Addr::new(10, 213, 0, 1)]).unwrap();
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "nameserver 10.213.0.1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&stub).unwrap(),
+            "nameserver 127.0.0.53\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
