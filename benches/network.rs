@@ -163,7 +163,10 @@ fn main() -> ExitCode {
     }
     let home = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-network-home");
     std::fs::create_dir_all(&home).unwrap();
-    seed_store(&home, &["bench-vm-home", "bench-boot-home"]);
+    seed_store(
+        &home,
+        &["bench-vm-home", "bench-boot-home", "bench-up-home"],
+    );
     let netns = format!("bgbench{}", std::process::id());
     let status = Command::new("ip")
         .args(["netns", "add", &netns])

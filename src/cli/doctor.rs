@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use banger::ops::doctor::{
-    Health, INSTALL_SCRIPT, missing_required, run_checks, script_would_help,
+    Health, INSTALL_SCRIPT, missing_required, network_check, run_checks, script_would_help,
 };
 
 use super::Context;
@@ -12,7 +12,10 @@ use super::exit::ExitStatus;
 
 pub fn run(context: &mut Context) -> anyhow::Result<ExitStatus> {
     let store_dir = context.paths()?.store_dir();
-    let checks = run_checks(&store_dir);
+    let runtime_dir = context.paths()?.runtime_dir.clone();
+    let subnet = context.config()?.subnet;
+    let mut checks = run_checks(&store_dir);
+    checks.push(network_check(&runtime_dir, subnet));
     let printer = &context.printer;
     let required: Vec<&str> = missing_required(&checks).map(|check| check.name).collect();
     let status = if required.is_empty() {

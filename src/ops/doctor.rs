@@ -267,6 +267,70 @@ pub fn tool_checks(
         .collect()
 }
 
+/// The bridge network of `--network tap` VMs: what exists of it, or whether it could be made
+/// with `subnet` (a host route overlapping it would be refused).
+pub fn network_check(runtime_dir: &Path, subnet: crate::net::subnet::Subnet) -> Check {
+    use crate::privileged::bridge;
+    let status = crate::ops::network::status(runtime_dir);
+    let needed_for = "`--network tap` VMs (bridge, NAT, `.vm` DNS; root only)";
+    if let Some(address) = &status.bridge {
+        return Check {
+            name: "bridge network",
+            health: Health::Ok,
+            detail: format!(
+                "{} {address}, {} tap(s), {}, IPv4 forwarding {}",
+                bridge::BRIDGE,
+                status.taps.len(),
+                if status.nft_table {
+                    "table inet banger"
+                } else {
+                    "no nft table (or not readable without root)"
+                },
+                match (status.forwarding, status.forwarding_by_banger) {
+                    (true, true) => "on (by banger)",
+                    (true, false) => "on",
+                    (false, _) => "off",
+                }
+            ),
+            needed_for,
+            fix: None,
+            required: false,
+        };
+    }
+    match bridge::subnet_clash(subnet) {
+        Ok(None) => Check {
+            name: "bridge network",
+            health: Health::Ok,
+            detail: format!(
+                "none yet; the first tap VM makes {} on {subnet}",
+                bridge::BRIDGE
+            ),
+            needed_for,
+            fix: None,
+            required: false,
+        },
+        Ok(Some(route)) => Check {
+            name: "bridge network",
+            health: Health::Degraded,
+            detail: format!("subnet {subnet} clashes with the host route `{route}`"),
+            needed_for,
+            fix: Some("set another `[network] subnet` in config.toml".into()),
+            required: false,
+        },
+        Err(error) => Check {
+            name: "bridge network",
+            health: Health::Degraded,
+            detail: format!(
+                "cannot read the host's routes: {}",
+                crate::error::error_chain(&error)
+            ),
+            needed_for,
+            fix: Some("install iproute2".into()),
+            required: false,
+        },
+    }
+}
+
 /// Every check, in report order.
 pub fn run_checks(store_dir: &Path) -> Vec<Check> {
     let facts = HostFacts::probe();

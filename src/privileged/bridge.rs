@@ -122,10 +122,16 @@ fn bridge_address() -> Result<Option<String>, PrivilegedError> {
     Ok(Some(address.unwrap_or_else(|| "no address".to_owned())))
 }
 
+/// The host route (other than the bridge's own) that overlaps `subnet`, if any. Reading
+/// routes needs no privilege.
+pub fn subnet_clash(subnet: Subnet) -> Result<Option<String>, PrivilegedError> {
+    let json = run_output(&["ip", "-j", "-4", "route", "show", "table", "all"], None)?;
+    Ok(clashing_route(&json, subnet))
+}
+
 /// Refuses `subnet` when a route of the host (other than the bridge's own) overlaps it.
 fn check_no_clash(subnet: Subnet) -> Result<(), PrivilegedError> {
-    let json = run_output(&["ip", "-j", "-4", "route", "show", "table", "all"], None)?;
-    if let Some(route) = clashing_route(&json, subnet) {
+    if let Some(route) = subnet_clash(subnet)? {
         return Err(PrivilegedError::SubnetClash {
             subnet: subnet.to_string(),
             route,
