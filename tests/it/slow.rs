@@ -127,14 +127,26 @@ fn build_debian_world() -> Option<&'static DebianWorld> {
 pub(crate) fn home_like_the_world(world: &DebianWorld) -> TestContext {
     let context = TestContext::new();
     let store = context.store_dir();
-    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(world.context.store_dir())
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cp -a of the world's store failed");
+    std::fs::create_dir_all(&store).unwrap();
+    // Other tests run steps in the world's store meanwhile: their scratch directories and
+    // cacache's temporary files come and go under `cp`, so only the settled parts are copied.
+    for entry in std::fs::read_dir(world.context.store_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if matches!(entry.file_name().to_str(), Some("scratch" | "tmp")) {
+            continue;
+        }
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(entry.path())
+            .arg(&store)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cp -a of {} failed",
+            entry.path().display()
+        );
+    }
     context
 }
 
