@@ -136,7 +136,8 @@ pub struct MachineSpec {
     /// The VMM's (and its helpers') own messages.
     pub vmm_log: PathBuf,
     /// `User`: QEMU's user-mode network, or Firecracker's tap (it has no user-mode network);
-    /// `None`: no network device. `Tap` is refused ([`check_network`]).
+    /// `None`: no network device; `Tap`: the caller's tap on banger's bridge ([`Self::tap`]),
+    /// root only ([`check_network`]).
     pub network: NetworkMode,
     /// The loopback port forwarded to the guest's port 22 (QEMU's user-mode network).
     pub ssh_port: u16,

@@ -1245,3 +1245,167 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
     assert!(!launched.vmm.is_alive());
     release(&launched).await;
 }
+
+/// Kills a VMM the test launched if the test fails before stopping it.
+struct KillOnDrop(banger::vm::process::ProcessHandle);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.is_alive() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Runs the rest of the calling test in a network namespace of its own: `true` inside (the
+/// re-executed test binary), `false` here after that run passed and the namespace is gone.
+fn inside_own_netns(test: &str) -> bool {
+    if std::env::var_os(banger::env::BANGER_TEST_NETNS).is_some() {
+        return true;
+    }
+    let namespace = format!("bgfc{}", std::process::id());
+    run_ok(Command::new("ip").args(["netns", "add", &namespace]));
+    let output = Command::new("ip")
+        .args(["netns", "exec", &namespace])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(banger::env::BANGER_TEST_NETNS, &namespace)
+        .output()
+        .unwrap();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &namespace])
+        .status();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    false
+}
+
+/// `--network tap` under Firecracker: the VM's `eth0` is the daemon's tap on banger's bridge
+/// (Firecracker holds it open: its carrier is up), the guest's address, gateway and DNS are
+/// on the kernel command line, and SSH is reached at the guest's own address. Inside a
+/// namespace of the test's own, which takes the bridge with it.
+#[tokio::test]
+async fn the_firecracker_backend_puts_a_tap_vm_on_the_bridge() {
+    use banger::vm::backend::{FirecrackerBackend, MachineSpec, VmmBackend, release};
+    use banger::vm::boot::TapAttachment;
+    use banger::vm::storage::VmDisks;
+    use std::net::Ipv4Addr;
+
+    let test = "firecracker::the_firecracker_backend_puts_a_tap_vm_on_the_bridge";
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs()
+        || !have_root_and_ip()
+        || !capable(
+            "nft (nftables), for the bridge",
+            find_program("nft").is_some(),
+        )
+        || !capable("/dev/kvm (for InstanceStart)", have_kvm())
+        || !inside_own_netns(test)
+    {
+        return;
+    }
+    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+    let fixture = Fixture::new(binary.clone(), "bridged", RESET_ON_KEY);
+    let dir = fixture.dir.path();
+    let markers = dir.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let subnet = banger::net::subnet::DEFAULT_SUBNET;
+    privileged::bridge::ensure(subnet, &[], &markers).unwrap();
+    let tap_name = "bgtap0";
+    privileged::bridge::create_tap(tap_name, 0).unwrap();
+
+    let id = format!("b{:09}", std::process::id());
+    let disk_dir = dir.join("disks");
+    std::fs::create_dir_all(&disk_dir).unwrap();
+    let run_dir = dir.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let tap = TapAttachment {
+        tap: tap_name.to_owned(),
+        mac: TapAttachment::mac_for(&id),
+        address: Ipv4Addr::new(10, 213, 0, 2),
+        gateway: subnet.gateway(),
+        netmask: Ipv4Addr::new(255, 255, 255, 0),
+        dns: subnet.gateway(),
+    };
+    let spec = MachineSpec {
+        id: id.clone(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: dir.join("vmlinux"),
+        initrd: Some(dir.join("initrd")),
+        rootfs: dir.join("root.ext4"),
+        disks: VmDisks::create(&disk_dir, &id, 64 << 20, 64 << 20).unwrap(),
+        run_dir: run_dir.clone(),
+        console_log: dir.join("console.log"),
+        vmm_log: dir.join("vmm.log"),
+        network: banger::spec::NetworkMode::Tap,
+        ssh_port: 0,
+        ports: Vec::new(),
+        tap: Some(tap.clone()),
+    };
+    let backend = FirecrackerBackend { binary };
+
+    // Without the daemon's tap, a tap VM is a bug, refused before Firecracker starts.
+    let untapped = MachineSpec {
+        tap: None,
+        ..spec.clone()
+    };
+    let refused = backend.launch(&untapped).await.unwrap_err();
+    assert!(
+        matches!(refused, banger::vm::backend::BackendError::TapMissing),
+        "{refused:?}"
+    );
+
+    let launched = backend.launch(&spec).await.unwrap();
+    let _kill = KillOnDrop(launched.vmm);
+    assert!(launched.vmm.is_alive());
+    assert_eq!(launched.tap.as_deref(), Some(tap_name));
+    assert_eq!(launched.ssh_host.as_deref(), Some("10.213.0.2"));
+    assert_eq!(launched.ssh_port, Some(22));
+    let api = banger::vm::firecracker::ApiClient::new(&launched.control_socket);
+    let config = api.get_json("/vm/config").await.unwrap();
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"], tap_name,
+        "{config:#}"
+    );
+    let boot_args = config["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains("ip=10.213.0.2::10.213.0.1:255.255.255.0::eth0:off:10.213.0.1"),
+        "{boot_args}"
+    );
+    // The tap is the bridge's, and Firecracker has it open.
+    let master = std::fs::read_link(format!("/sys/class/net/{tap_name}/master")).unwrap();
+    assert!(master.ends_with(privileged::bridge::BRIDGE), "{master:?}");
+    let carrier = std::fs::read_to_string(format!("/sys/class/net/{tap_name}/carrier")).unwrap();
+    assert_eq!(carrier.trim(), "1", "nothing holds {tap_name} open");
+    // No per-VM point-to-point tap was made beside it.
+    assert!(
+        !Path::new("/sys/class/net")
+            .join(privileged::tap_name(&id))
+            .exists()
+    );
+
+    backend.halt(&launched, Duration::from_secs(5)).await;
+    assert!(!launched.vmm.is_alive());
+    let carrier = std::fs::read_to_string(format!("/sys/class/net/{tap_name}/carrier")).unwrap();
+    assert_eq!(
+        carrier.trim(),
+        "0",
+        "{tap_name} is still held after the halt"
+    );
+    release(&launched).await;
+    assert!(!Path::new("/sys/class/net").join(tap_name).exists());
+    privileged::bridge::teardown(&markers).unwrap();
+    assert!(
+        !Path::new("/sys/class/net")
+            .join(privileged::bridge::BRIDGE)
+            .exists()
+    );
+}
