@@ -98,6 +98,14 @@ and its arguments, each passed as one word (`banger vm ssh box -- sh -c 'exit 7'
         #[arg(default_value_t = 22)]
         port: u16,
     },
+    /// List the sockets listening in a running VM, with their processes.
+    #[command(
+        long_about = "List the sockets listening in a running VM: TCP sockets in LISTEN and \
+bound, unconnected UDP sockets, each with its address, port, the processes holding it \
+(pid/name) and the host address it is published on (`-p`), if any. Read by banger's guest \
+agent from the guest's /proc, so it works in images without `ss` or `netstat`."
+    )]
+    Ports { name: String },
     /// Delete every stopped VM (asks first unless -f).
     Prune {
         /// Do not ask.
@@ -215,6 +223,7 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
             logs(context, &runtime, &mut session, name, *follow, *tail)
         }
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
+        VmCommand::Ports { name } => ports(context, &runtime, &mut session, name),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
         VmCommand::Proxy { host, port } => proxy(context, &runtime, &mut session, host, *port),
     }
@@ -641,6 +650,108 @@ pub(super) fn ssh(
     wait_for_sshd(context, runtime, &vm);
     let error = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     Err(error).with_context(|| format!("cannot run {}", argv.join(" ")))
+}
+
+/// `vm ports NAME`: the guest's listeners, from its agent.
+fn ports(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+) -> anyhow::Result<ExitStatus> {
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let Some(agent) = vm.agent.as_ref().filter(|_| vm.state == "running") else {
+        context.printer.error(&format!(
+            "VM `{name}` is not running; start it with `banger vm start {name}`"
+        ));
+        return Ok(ExitStatus::UserError);
+    };
+    let endpoint = agent.endpoint();
+    let listeners = runtime.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut channel, _) = endpoint.wait_ready(deadline).await?;
+        channel.listeners().await
+    });
+    let listeners = match listeners {
+        Ok(listeners) => listeners,
+        Err(banger::guest::GuestError::AgentCommand { stderr, .. })
+            if stderr.contains("unknown command") =>
+        {
+            context.printer.error(&format!(
+                "the guest agent in VM `{name}` predates `vm ports` (image `{image}`); \
+                 `banger image pull {image}` brings the current agent into the image, and VMs \
+                 created from it afterwards can list their ports",
+                image = vm.image
+            ));
+            return Ok(ExitStatus::UserError);
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot list the ports of VM `{name}`"));
+        }
+    };
+    let published_on = |listener: &banger::guest::Listener| -> Vec<String> {
+        vm.ports
+            .iter()
+            .filter(|port| {
+                port.guest_port == listener.port && port.protocol.as_str() == listener.protocol
+            })
+            .map(|port| format!("{}:{}", port.host_ip, port.host_port))
+            .collect()
+    };
+    let printer = &context.printer;
+    if printer.json {
+        for listener in &listeners {
+            printer.record(
+                "listener",
+                json!({
+                    "protocol": listener.protocol,
+                    "address": listener.address,
+                    "port": listener.port,
+                    "processes": listener.processes,
+                    "published": published_on(listener),
+                }),
+            )?;
+        }
+        return Ok(ExitStatus::Success);
+    }
+    if listeners.is_empty() {
+        printer.info(&format!("nothing listens in VM `{name}`"));
+        return Ok(ExitStatus::Success);
+    }
+    let rows: Vec<[String; 5]> = listeners
+        .iter()
+        .map(|listener| {
+            let processes: Vec<String> = listener
+                .processes
+                .iter()
+                .map(|process| format!("{}/{}", process.pid, process.name))
+                .collect();
+            let published = published_on(listener);
+            [
+                listener.protocol.clone(),
+                listener.address.to_string(),
+                listener.port.to_string(),
+                if processes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    processes.join(",")
+                },
+                if published.is_empty() {
+                    "-".to_owned()
+                } else {
+                    published.join(", ")
+                },
+            ]
+        })
+        .collect();
+    printer.data(&super::table(
+        &["PROTO", "ADDRESS", "PORT", "PROCESS", "PUBLISHED"],
+        &rows,
+    ))?;
+    Ok(ExitStatus::Success)
 }
 
 /// Why SSH cannot reach VM `name`: it has no network device (connecting would only hang).

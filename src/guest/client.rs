@@ -13,8 +13,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::error::GuestError;
 use super::protocol::{
     self, DATA_CHUNK, End, ErrorKind, ErrorReply, Exec, FileInfo, FrameHeader, FrameType, GetFile,
-    HEADER_LEN, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile, Ready, encode_frame,
-    encode_json_frame,
+    HEADER_LEN, Hello, Listener, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile, Ready,
+    encode_frame, encode_json_frame,
 };
 
 /// Where a guest's agent is reached.
@@ -383,6 +383,29 @@ impl GuestChannel {
         }
         self.busy = false;
         result
+    }
+
+    /// The guest's listening sockets with the processes holding them: the agent's own
+    /// `ports --json` run through `Exec`, so it works in images without `ss` or `netstat`.
+    pub async fn listeners(&mut self) -> Result<Vec<Listener>, GuestError> {
+        let argv = [crate::assets::AGENT_GUEST_PATH, "ports", "--json"];
+        let request = Exec::argv(argv);
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let status = self
+            .exec(&request, &[][..], &mut stdout, &mut stderr)
+            .await?;
+        if !status.success() {
+            return Err(GuestError::AgentCommand {
+                argv: argv.join(" "),
+                status: status.to_string(),
+                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+            });
+        }
+        serde_json::from_slice(&stdout).map_err(|error| GuestError::Protocol {
+            during: "ports",
+            message: format!("cannot parse the agent's listener list: {error}"),
+        })
     }
 
     /// Writes a file in the guest: `request.size` bytes read from `data`, installed

@@ -65,6 +65,12 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
+    #[error("`{argv}` failed in the guest ({status}): {stderr}")]
+    AgentCommand {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
     #[error("the guest channel is unusable: an earlier request on it was cancelled or broke off")]
     Poisoned,
 }

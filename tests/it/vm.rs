@@ -86,9 +86,46 @@ fn assert_published_port_reaches_the_guest(context: &TestContext, name: &str, ho
             _ => std::thread::sleep(Duration::from_millis(500)),
         }
     };
+    // While the server runs, `vm ports` names it (and sshd) and where it is published.
+    let ports = context.run(&["--json", "vm", "ports", name]);
     let _ = guest.kill();
     let _ = guest.wait();
     assert!(answer.ends_with("hello from the guest\n"), "{answer:?}");
+    assert_eq!(ports.code, Some(0), "{ports}");
+    let listeners: Vec<serde_json::Value> = records(&ports.stdout)
+        .into_iter()
+        .map(|record| record["data"].clone())
+        .collect();
+    let listener = |port: u16| {
+        listeners
+            .iter()
+            .find(|listener| listener["protocol"] == "tcp" && listener["port"] == port)
+            .unwrap_or_else(|| panic!("no TCP listener on {port}: {ports}"))
+    };
+    let web = listener(8080);
+    assert!(
+        web["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|process| process["name"] == "perl"),
+        "{ports}"
+    );
+    assert_eq!(
+        web["published"],
+        serde_json::json!([format!("127.0.0.1:{host_port}")]),
+        "{ports}"
+    );
+    let ssh = listener(22);
+    assert!(
+        ssh["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|process| process["name"] == "sshd"),
+        "{ports}"
+    );
+    assert_eq!(ssh["published"], serde_json::json!([]), "{ports}");
 }
 
 /// Deletes the VM whatever happens to the test.
@@ -347,6 +384,12 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
     let stopped = vm_ok(context, name, &["vm", "stop", name]);
     assert!(stopped.stdout.contains("stopped"), "{stopped}");
     assert_eq!(show(context, name)["state"], "stopped");
+    let not_running = context.run(&["vm", "ports", name]);
+    assert_eq!(not_running.code, Some(1), "{not_running}");
+    assert!(
+        not_running.stderr.contains("is not running"),
+        "{not_running}"
+    );
     vm_ok(context, name, &["vm", "start", name]);
     let read = vm_ok(
         context,
@@ -493,6 +536,7 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
             &["vm", "ssh", "nosuch", "--", "true"][..],
             "no VM named `nosuch`",
         ),
+        (&["vm", "ports", "nosuch"][..], "no VM named `nosuch`"),
         (
             &["vm", "run", "--network", "none"][..],
             "`vm run --network none` needs a command",

@@ -25,6 +25,7 @@ mod init;
 mod modules;
 mod mux;
 mod net;
+mod ports;
 mod protocol;
 mod reaper;
 mod serve;
@@ -51,6 +52,7 @@ fn usage() -> String {
        banger-agent init          (as PID 1 of banger's initramfs; implied when PID 1)
        banger-agent network-up [--cmdline FILE]
        banger-agent first-boot [--quiet]
+       banger-agent ports [--json]   (listening sockets and their processes)
        banger-agent --version
 
 Serves banger's guest protocol v{PROTOCOL_VERSION}: by default on vsock port {DEFAULT_PORT} and
@@ -171,6 +173,7 @@ fn main() -> ExitCode {
         "init" => Err("init mode runs only as PID 1 (from banger's initramfs)".into()),
         "network-up" => network_up(rest),
         "first-boot" => firstboot::command(rest),
+        "ports" => ports::command(rest),
         other => Err(format!("unknown command `{other}`\n{}", usage())),
     };
     match result {

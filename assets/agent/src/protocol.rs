@@ -301,6 +301,26 @@ pub struct End {
     pub size: u64,
 }
 
+/// One listening socket, as `banger-agent ports --json` prints them (a JSON array on stdout;
+/// the host runs it through `Exec`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    /// `tcp` or `udp` (either address family).
+    pub protocol: String,
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    /// Every process with the socket open (a forking server shares it), by pid; empty when
+    /// none could be seen.
+    pub processes: Vec<ListeningProcess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListeningProcess {
+    pub pid: u32,
+    /// `/proc/PID/comm`: the name `ps` shows.
+    pub name: String,
+}
+
 /// The class of an `Error`, for programs; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
