@@ -791,12 +791,57 @@ fn proxy(
         ));
         return Ok(ExitStatus::UserError);
     };
-    wait_for_sshd(context, runtime, &vm);
-    let stream = std::net::TcpStream::connect((address.as_str(), ssh_port)).with_context(|| {
-        format!("cannot reach the SSH server of VM `{name}` at {address}:{ssh_port}")
-    })?;
+    let Some((stream, greeting)) = connect_when_sshd_answers(address, ssh_port) else {
+        context.printer.error(&format!(
+            "the SSH server of VM `{name}` at {address}:{ssh_port} did not answer within 60 s; \
+             `banger vm logs {name}` shows its console"
+        ));
+        return Ok(ExitStatus::Failure);
+    };
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(&greeting)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(ExitStatus::Success);
+        }
+    }
     splice_stdio(stream)?;
     Ok(ExitStatus::Success)
+}
+
+/// A connection to `host:port` on which the server has said something (its SSH version
+/// line), with what it said, retried for up to a minute. Waiting on the very connection that
+/// is then spliced, not on a probe before it, spares the guest's sshd a second connection
+/// (a fork and re-exec, slow under TCG). A connection closed before any byte is retried: a
+/// booting guest's forwarded port accepts and closes while nothing listens yet.
+fn connect_when_sshd_answers(host: &str, port: u16) -> Option<(std::net::TcpStream, Vec<u8>)> {
+    use std::io::Read;
+    use std::net::ToSocketAddrs;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let address = (host, port).to_socket_addrs().ok()?.next()?;
+    let mut greeting = vec![0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut stream) =
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        {
+            let _ = stream.set_nodelay(true);
+            if stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .is_ok()
+                && let Ok(read @ 1..) = stream.read(&mut greeting)
+                && stream.set_read_timeout(None).is_ok()
+            {
+                greeting.truncate(read);
+                return Some((stream, greeting));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    None
 }
 
 /// Copies stdin to `stream` and `stream` to stdout until the server closes. Plain threads
