@@ -126,7 +126,7 @@ impl Drop for Bench {
                     && let Some(name) = record["data"]["name"].as_str()
                 {
                     let _ = self
-                        .command(&[env!("CARGO_BIN_EXE_banger"), "vm", "rm", name])
+                        .command(&[env!("CARGO_BIN_EXE_banger"), "vm", "rm", "-f", name])
                         .output();
                 }
             }
@@ -256,13 +256,13 @@ fn bench_create(bench: &Bench) -> bool {
     // Warm: the daemon, the state database, the bridge (a tap VM's first start makes it).
     create("warm", "tap");
     bench.banger(&["vm", "start", "warm", "--timeout", "600"]);
-    bench.banger(&["vm", "rm", "warm"]);
+    bench.banger(&["vm", "rm", "-f", "warm"]);
     let (mut tap, mut user) = (Vec::new(), Vec::new());
     for run in 0..CREATE_RUNS {
         for (network, samples) in [("tap", &mut tap), ("user", &mut user)] {
             let name = format!("c-{network}-{run}");
             samples.push(create(&name, network));
-            bench.banger(&["vm", "rm", &name]);
+            bench.banger(&["vm", "rm", "-f", &name]);
         }
     }
     let (tap, user) = (median(tap), median(user));
@@ -287,10 +287,10 @@ fn bench_create(bench: &Bench) -> bool {
             create(&name, network);
             let (_, booting) = bench.timed(&["vm", "start", &name, "--timeout", "600"], "booting");
             samples.push(booting.expect("a `booting` note"));
-            bench.banger(&["vm", "rm", &name]);
+            bench.banger(&["vm", "rm", "-f", &name]);
         }
     }
-    bench.banger(&["vm", "rm", "keeper"]);
+    bench.banger(&["vm", "rm", "-f", "keeper"]);
     let (tap, user) = (median(tap), median(user));
     println!(
         "vm start until the VMM launches, median of {START_RUNS}: tap {} · user {} · tap adds \
@@ -358,7 +358,7 @@ fn bench_ssh(bench: &Bench, home: &Path) -> bool {
         direct.push(bench.timed_program(&by_port));
     }
     bench.banger(&["ssh-config", "uninstall"]);
-    bench.banger(&["vm", "rm", "sshbench"]);
+    bench.banger(&["vm", "rm", "-f", "sshbench"]);
     let (named, direct) = (median(named), median(direct));
     let factor = ratio(named, direct);
     let met = factor <= SSH_TARGET_RATIO;

@@ -180,7 +180,7 @@ impl Sandbox {
     }
 
     fn delete_vm(&self, name: &str) {
-        self.banger(&["vm", "rm", name]);
+        self.banger(&["vm", "rm", "-f", name]);
         self.made.borrow_mut().remove(name);
     }
 
@@ -193,7 +193,7 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         for name in std::mem::take(&mut *self.made.borrow_mut()) {
-            let output = self.try_banger(&["vm", "rm", &name]);
+            let output = self.try_banger(&["vm", "rm", "-f", &name]);
             if !output.status.success() {
                 eprintln!(
                     "clean-up: `banger vm rm {name}` failed: {}",

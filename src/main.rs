@@ -3,5 +3,6 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
+    cli::complete::answer_if_asked();
     cli::run().into()
 }

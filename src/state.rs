@@ -223,6 +223,40 @@ fn query(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StateError {
     move |source| StateError::Query { what, source }
 }
 
+/// The kinds of record [`names_read_only`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    Vms,
+    Images,
+    Kernels,
+}
+
+/// The names of one kind of record in `state_dir`'s database, sorted, read without creating,
+/// migrating or waiting on anything: for shell completion, which must be fast and harmless.
+/// A missing, busy or unreadable database gives no names.
+pub fn names_read_only(state_dir: &Path, kind: Named) -> Vec<String> {
+    use rusqlite::OpenFlags;
+    let table = match kind {
+        Named::Vms => "vms",
+        Named::Images => "images",
+        Named::Kernels => "kernels",
+    };
+    let Ok(connection) = Connection::open_with_flags(
+        state_dir.join("state.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    ) else {
+        return Vec::new();
+    };
+    let Ok(mut statement) = connection.prepare(&format!("SELECT name FROM {table} ORDER BY name"))
+    else {
+        return Vec::new();
+    };
+    statement
+        .query_map([], |row| row.get::<_, String>(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
 impl State {
     /// Opens (creating and migrating as needed) the database in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<State, StateError> {

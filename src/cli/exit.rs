@@ -8,7 +8,9 @@
 //! | 2    | banger could not work: environment (store unreadable, no HOME) or internal error |
 //! | 130  | interrupted (Ctrl-C) |
 //!
-//! `vm run -- CMD` and `vm ssh NAME -- CMD` exit with the guest command's own code.
+//! `vm exec` and `vm run -- CMD` exit with the guest command's own code, else 125 (banger
+//! failed), 126 (not executable in the guest) or 127 (not found in the guest), as `docker
+//! run` does ([`super::vm`]'s `guest_command_status`); `vm ssh NAME -- CMD` with ssh's.
 
 use std::process::ExitCode;
 
@@ -161,7 +163,8 @@ pub fn classify(error: &anyhow::Error, printer: &Printer) -> ExitStatus {
         eprintln!("{error}");
         return ExitStatus::UserError;
     }
-    printer.error(&render(error));
+    let causes = error.chain().skip(1).map(ToString::to_string).collect();
+    printer.error_with_causes(&render(error), causes);
     ExitStatus::of(class)
 }
 

@@ -36,10 +36,16 @@ Every step is cached: pulling again with nothing changed does no work. Credentia
     #[command(visible_alias = "ls")]
     List(ListArgs),
     /// Show one image.
-    Show { name: String },
+    Show {
+        #[arg(add = super::complete::image_names())]
+        name: String,
+    },
     /// Forget an image; its bytes go at the next `banger cache gc` unless still used.
     #[command(visible_alias = "rm")]
-    Remove { names: Vec<String> },
+    Remove {
+        #[arg(add = super::complete::image_names())]
+        names: Vec<String>,
+    },
     /// Turn a `docker export`-style root filesystem tar (FILE, or - for stdin) into an image.
     ImportTar(ImportTarArgs),
     /// Record an existing ext4 root filesystem image under a name.
@@ -52,6 +58,7 @@ Every step is cached: pulling again with nothing changed does no work. Credentia
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The image to export.
+    #[arg(add = super::complete::image_names())]
     name: String,
     /// The bundle to write (`NAME.tar.zst`).
     out: PathBuf,

@@ -34,10 +34,16 @@ only if the bytes changed)."
     #[command(visible_alias = "ls")]
     List(ListArgs),
     /// Show one kernel.
-    Show { name: String },
+    Show {
+        #[arg(add = super::complete::kernel_names())]
+        name: String,
+    },
     /// Forget kernels; their bytes go at the next `banger cache gc`.
     #[command(visible_alias = "rm")]
-    Remove { names: Vec<String> },
+    Remove {
+        #[arg(add = super::complete::kernel_names())]
+        names: Vec<String>,
+    },
     /// Boot a kernel on an image and check that banger's guest agent answers.
     #[command(
         long_about = "Boot a kernel with its initramfs on an image under QEMU microvm and check \
@@ -56,6 +62,7 @@ serial console; the whole console log is kept under the state directory."
 #[derive(Debug, Args)]
 pub struct TestArgs {
     /// The recorded kernel to boot (`banger kernel list`).
+    #[arg(add = super::complete::kernel_names())]
     name: String,
     /// The image to boot it on (`banger image list`).
     #[arg(long, default_value = banger::bangerfile::DEFAULT_IMAGE)]

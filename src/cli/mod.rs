@@ -12,6 +12,7 @@
 
 mod build;
 mod cache;
+pub mod complete;
 mod daemon;
 mod doctor;
 mod exit;
@@ -48,7 +49,8 @@ use printer::{Printer, Verbosity};
 of steps (fetch, flatten, mkfs, provision, boot); each step's output is stored by a key over its \
 definition and inputs, so nothing is done twice and a change re-runs only what it affects.",
     after_help = "Exit status: 0 success, 1 bad input or a failed step, 2 banger could not work \
-(environment or internal error), 130 interrupted. See docs/cli.md."
+(environment or internal error), 130 interrupted; `vm exec` and `vm run -- CMD` exit with the \
+guest command's status, or 125 (banger failed), 126 (not executable), 127 (not found)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -128,6 +130,15 @@ point: the VM is deleted afterwards, and a lock that would change is an error."
     /// Make `ssh NAME.vm` reach banger's VMs through your own ssh (install or uninstall).
     #[command(subcommand)]
     SshConfig(ssh_config::SshConfigCommand),
+    /// Print the shell completion script: bash, zsh or fish, with live names.
+    #[command(
+        long_about = "Print the completion script for SHELL. It completes subcommands and \
+flags, and the names of the VMs, images and kernels that exist when you press Tab. Install it \
+with, for bash: `banger completion bash > ~/.local/share/bash-completion/completions/banger`; \
+zsh: `banger completion zsh > \"${fpath[1]}/_banger\"`; fish: `banger completion fish > \
+~/.config/fish/completions/banger.fish`."
+    )]
+    Completion(complete::CompletionArgs),
     /// banger's bridge for `--network tap` VMs: show it, or remove it (`down`).
     #[command(subcommand)]
     Network(network::NetworkCommand),
@@ -289,7 +300,30 @@ where
 pub fn run() -> ExitStatus {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(error) => return exit::clap_error(&error),
+        Err(error) => {
+            let status = exit::clap_error(&error);
+            let arguments: Vec<String> = std::env::args().skip(1).collect();
+            let status = match status {
+                ExitStatus::UserError if vm::runs_a_guest_command(&arguments) => {
+                    ExitStatus::Code(vm::BANGER_FAILED)
+                }
+                other => other,
+            };
+            if status != ExitStatus::Success && arguments.iter().any(|word| word == "--json") {
+                let printer = Printer::new(Verbosity::Normal, true);
+                let rendered = error.to_string();
+                let message = rendered.lines().next().unwrap_or_default();
+                let _ = printer.record(
+                    "error",
+                    serde_json::json!({
+                        "message": message.trim_start_matches("error: "),
+                        "causes": [],
+                        "exit_code": status.code(),
+                    }),
+                );
+            }
+            return status;
+        }
     };
     let verbosity = if cli.global.quiet {
         Verbosity::Quiet
@@ -319,11 +353,14 @@ pub fn run() -> ExitStatus {
         Command::Kernel(command) => kernel::run(&mut context, &command),
         Command::Daemon(command) => daemon::run(&mut context, &command),
         Command::Vm(command) => vm::run(&mut context, &command),
+        Command::Completion(args) => complete::run(&mut context, &args),
     };
-    match result {
+    let status = match result {
         Ok(status) => status,
         Err(error) => exit::classify(&error, &printer),
-    }
+    };
+    printer.close_with_error_record(status.code());
+    status
 }
 
 #[cfg(test)]

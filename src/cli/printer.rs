@@ -32,6 +32,16 @@ pub struct Printer {
     /// Draw progress bars on stderr (read by the engine's renderers).
     #[allow(dead_code)]
     pub progress: bool,
+    /// The last error printed, kept for `--json`'s closing `error` record.
+    last_error: std::sync::Arc<std::sync::Mutex<Option<ReportedError>>>,
+}
+
+/// An error as `--json`'s closing record gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedError {
+    pub message: String,
+    /// The chain of causes under the message, outermost first.
+    pub causes: Vec<String>,
 }
 
 /// Writing to stdout failed because the reader went away (`banger cache ls | head`).
@@ -49,6 +59,7 @@ impl Printer {
             color_stdout: !no_color && !json && std::io::stdout().is_terminal(),
             color_stderr: !no_color && stderr_tty,
             progress: stderr_tty && !json && verbosity != Verbosity::Quiet && !env::no_progress(),
+            last_error: Default::default(),
         }
     }
 
@@ -87,7 +98,39 @@ impl Printer {
 
     /// An error on stderr; never hidden.
     pub fn error(&self, text: &str) {
+        self.error_with_causes(text, Vec::new());
+    }
+
+    /// An error on stderr as `text` (which already reads its causes), with the causes kept
+    /// apart for `--json`'s closing record.
+    pub fn error_with_causes(&self, text: &str, causes: Vec<String>) {
         eprintln!("{} {text}", self.paint_stderr("error:", "\x1b[1;31m"));
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(ReportedError {
+                message: text.to_owned(),
+                causes,
+            });
+        }
+    }
+
+    /// With `--json`, ends a failed command's output with one record
+    /// `{"type": "error", "data": {message, causes, exit_code}}` for the last error printed;
+    /// nothing when no error was (a guest command's own exit status is not banger's error).
+    pub fn close_with_error_record(&self, exit_code: u8) {
+        if !self.json || exit_code == 0 {
+            return;
+        }
+        let Some(error) = self.last_error.lock().ok().and_then(|last| last.clone()) else {
+            return;
+        };
+        let _ = self.record(
+            "error",
+            json!({
+                "message": error.message,
+                "causes": error.causes,
+                "exit_code": exit_code,
+            }),
+        );
     }
 
     fn paint_stderr(&self, text: &str, code: &str) -> String {

@@ -151,6 +151,7 @@ impl VmHost for DaemonHost {
             let response = client
                 .request(&Request::VmDelete {
                     name: name.to_owned(),
+                    force: true,
                 })
                 .await
                 .map_err(|error| refusal(ErrorKind::Environment, error.to_string()))?;
@@ -262,9 +263,15 @@ pub fn down(context: &mut Context, args: &DownArgs) -> anyhow::Result<ExitStatus
     let runtime = super::runtime()?;
     let mut session = super::vm::Session::connect(context, &runtime)?;
     let request = if args.rm {
-        Request::VmDelete { name: name.clone() }
+        Request::VmDelete {
+            name: name.clone(),
+            force: true,
+        }
     } else {
-        Request::VmStop { name: name.clone() }
+        Request::VmStop {
+            name: name.clone(),
+            timeout_secs: None,
+        }
     };
     match session.call(context, &runtime, &request)? {
         Ok(Response::Deleted { .. }) => {

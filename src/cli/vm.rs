@@ -30,34 +30,71 @@ debian-bookworm, with the kernel its catalog entry names), with progress on stde
 VM is deleted afterwards, unless the guest never came up: then it is kept (stopped) so that \
 `banger vm logs NAME` can show why.
 
+With CMD, the exit status is CMD's own, or 125 when banger itself failed (the VM could not \
+be made or reached), 126 when CMD cannot be executed and 127 when it is not found in the guest, \
+as `docker run` has it.
+
 Examples:
   banger vm run
   banger vm run --rm -- uname -r
+  banger vm run --rm -e CI=1 -w /tmp -- sh -c 'echo $CI; pwd'
   banger vm run --name ci --memory 4G -- make test"
     )]
     Run(RunArgs),
+    /// Run a command in a running VM through its agent, and exit with its code.
+    #[command(
+        long_about = "Run CMD in the running VM NAME through banger's guest agent (not SSH: it \
+works with `--network none` too), streaming its output, and exit with CMD's own exit status; \
+125 when banger itself failed (no such VM, not running, agent unreachable), 126 when CMD cannot \
+be executed, 127 when it is not found in the guest.
+
+Several CMD words are a program and its arguments, run directly; use `sh -c '...'` for a shell \
+line. Standard input is forwarded only with -i.
+
+Examples:
+  banger vm exec box -- uname -r
+  banger vm exec -e A=1 -w /tmp box -- sh -c 'echo $A; pwd'
+  tar c src | banger vm exec -i box -- tar x -C /root"
+    )]
+    Exec(ExecArgs),
     /// Create a VM (stopped): its disks, its links to the image and kernel, its record.
     Create(CreateArgs),
     /// Boot a stopped VM and wait until its agent answers.
     Start(StartArgs),
-    /// Power a VM off cleanly through its agent (forced after 30 s).
-    Stop { name: String },
+    /// Power a VM off cleanly through its agent (forced after 30 s, or -t).
+    Stop {
+        #[arg(add = super::complete::vm_names())]
+        name: String,
+        /// Seconds the guest gets to shut down before its VMM is stopped (0: at once).
+        #[arg(short = 't', long = "time", value_name = "SECONDS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(0..=banger::spec::MAX_TIMEOUT_SECS))]
+        time: u64,
+    },
     /// Stop a VM, then start it again.
     Restart(StartArgs),
     /// Stop a VM's VMM at once, with no guest shutdown.
-    Kill { name: String },
-    /// Delete VMs: kill them if they run, remove their disks, logs and records.
+    Kill {
+        #[arg(add = super::complete::vm_names())]
+        name: String,
+    },
+    /// Delete VMs: their disks, logs and records (a running VM only with -f).
     #[command(visible_alias = "rm")]
     Delete {
-        #[arg(required = true)]
+        #[arg(required = true, add = super::complete::vm_names())]
         names: Vec<String>,
+        /// Delete running VMs too, killing them (no guest shutdown).
+        #[arg(short, long)]
+        force: bool,
     },
     /// List VMs with their state, spec and SSH address.
     #[command(visible_aliases = ["ls", "ps"])]
     List,
     /// Show one VM.
     #[command(visible_alias = "inspect")]
-    Show { name: String },
+    Show {
+        #[arg(add = super::complete::vm_names())]
+        name: String,
+    },
     /// Print a VM's serial console log (the guest's boot messages).
     #[command(
         long_about = "Print a VM's serial console log (the guest's boot messages). On \
@@ -65,6 +102,7 @@ a terminal, control characters from the guest are shown escaped (`\\u{1b}`) rath
 piped or redirected, the log's bytes are written as they are."
     )]
     Logs {
+        #[arg(add = super::complete::vm_names())]
         name: String,
         /// Keep printing what the guest writes, until Ctrl-C.
         #[arg(short, long)]
@@ -82,6 +120,7 @@ One CMD argument is a shell line (`banger vm ssh box -- 'ls | wc -l'`); several 
 and its arguments, each passed as one word (`banger vm ssh box -- sh -c 'exit 7'`)."
     )]
     Ssh {
+        #[arg(add = super::complete::vm_names())]
         name: String,
         /// The command to run instead of a shell.
         #[arg(last = true)]
@@ -105,7 +144,10 @@ bound, unconnected UDP sockets, each with its address, port, the processes holdi
 (pid/name) and the host address it is published on (`-p`), if any. Read by banger's guest \
 agent from the guest's /proc, so it works in images without `ss` or `netstat`."
     )]
-    Ports { name: String },
+    Ports {
+        #[arg(add = super::complete::vm_names())]
+        name: String,
+    },
     /// Delete every stopped VM (asks first unless -f).
     Prune {
         /// Do not ask.
@@ -120,10 +162,10 @@ pub struct CreateArgs {
     #[arg(long)]
     name: Option<String>,
     /// The image (`banger image list`; a catalog name or OCI reference is pulled).
-    #[arg(long)]
+    #[arg(long, add = super::complete::image_names())]
     image: Option<String>,
     /// The kernel (default: the one the image names).
-    #[arg(long)]
+    #[arg(long, add = super::complete::kernel_names())]
     kernel: Option<String>,
     /// The VMM: `qemu` or `firecracker` (default: Firecracker where KVM works and banger runs
     /// as root, QEMU otherwise).
@@ -167,13 +209,75 @@ pub struct RunArgs {
     /// Seconds to wait for the guest to come up (at most a week).
     #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
     timeout: u64,
+    #[command(flatten)]
+    guest: GuestCommandArgs,
     /// The command to run in the guest (after `--`).
     #[arg(last = true)]
     command: Vec<String>,
 }
 
+/// How a guest command runs: `vm exec` and `vm run -- CMD`.
+#[derive(Debug, Args)]
+pub struct GuestCommandArgs {
+    /// Set NAME to VALUE for the command (repeatable); `-e NAME` passes this shell's NAME.
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The command's working directory in the guest (absolute; default `/`).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR", value_parser = parse_workdir)]
+    workdir: Option<String>,
+}
+
+/// `-e NAME=VALUE`, or `-e NAME` for this process's value of NAME.
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = match text.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (text, None),
+    };
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "`{name}` is not an environment variable name (letters, digits and `_`, not \
+             starting with a digit)"
+        ));
+    }
+    let value = match value {
+        Some(value) => value.to_owned(),
+        None => std::env::var(name)
+            .map_err(|_| format!("`-e {name}` passes this shell's {name}, which is not set"))?,
+    };
+    Ok((name.to_owned(), value))
+}
+
+fn parse_workdir(text: &str) -> Result<String, String> {
+    if text.starts_with('/') {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "`{text}` is not an absolute path: the guest command's directory must be"
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The running VM.
+    #[arg(add = super::complete::vm_names())]
+    name: String,
+    #[command(flatten)]
+    guest: GuestCommandArgs,
+    /// Forward this process's standard input to the command (otherwise it reads nothing).
+    #[arg(short, long)]
+    interactive: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    #[arg(add = super::complete::vm_names())]
     name: String,
     /// Seconds to wait for the guest to come up (at most a week).
     #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
@@ -189,7 +293,15 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
     let runtime = super::runtime()?;
     let mut session = Session::connect(context, &runtime)?;
     match command {
+        VmCommand::Run(args) if !args.command.is_empty() => {
+            let result = vm_run(context, &runtime, &mut session, args);
+            Ok(guest_command_status(context, result))
+        }
         VmCommand::Run(args) => vm_run(context, &runtime, &mut session, args),
+        VmCommand::Exec(args) => {
+            let result = exec(context, &runtime, &mut session, args);
+            Ok(guest_command_status(context, result))
+        }
         VmCommand::Create(args) => {
             let request = Request::VmCreate(create_request(args, false, None));
             one_vm(context, &runtime, &mut session, &request, "created")
@@ -201,8 +313,11 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
             };
             one_vm(context, &runtime, &mut session, &request, "running")
         }
-        VmCommand::Stop { name } => {
-            let request = Request::VmStop { name: name.clone() };
+        VmCommand::Stop { name, time } => {
+            let request = Request::VmStop {
+                name: name.clone(),
+                timeout_secs: Some(*time),
+            };
             one_vm(context, &runtime, &mut session, &request, "stopped")
         }
         VmCommand::Restart(args) => {
@@ -216,7 +331,9 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
             let request = Request::VmKill { name: name.clone() };
             one_vm(context, &runtime, &mut session, &request, "killed")
         }
-        VmCommand::Delete { names } => delete(context, &runtime, &mut session, names),
+        VmCommand::Delete { names, force } => {
+            delete(context, &runtime, &mut session, names, *force)
+        }
         VmCommand::List => list(context, &runtime, &mut session),
         VmCommand::Show { name } => show(context, &runtime, &mut session, name),
         VmCommand::Logs { name, follow, tail } => {
@@ -373,10 +490,14 @@ fn delete(
     runtime: &tokio::runtime::Runtime,
     session: &mut Session,
     names: &[String],
+    force: bool,
 ) -> anyhow::Result<ExitStatus> {
     let mut status = ExitStatus::Success;
     for name in names {
-        let request = Request::VmDelete { name: name.clone() };
+        let request = Request::VmDelete {
+            name: name.clone(),
+            force,
+        };
         match session.call(context, runtime, &request)? {
             Ok(_) => {
                 let printer = &context.printer;
@@ -926,7 +1047,7 @@ fn prune(
             return Ok(ExitStatus::Success);
         }
     }
-    delete(context, runtime, session, &stopped)
+    delete(context, runtime, session, &stopped, false)
 }
 
 fn vm_run(
@@ -957,11 +1078,13 @@ fn vm_run(
     let outcome = if args.command.is_empty() {
         interactive_shell(context, runtime, &vm)
     } else {
-        run_in_guest(runtime, &vm, &args.command)
+        let forward_stdin = !std::io::stdin().is_terminal();
+        run_in_guest(runtime, &vm, &args.command, &args.guest, forward_stdin)
     };
     if args.rm {
         let request = Request::VmDelete {
             name: vm.name.clone(),
+            force: true,
         };
         if let Err(error) = session.call(context, runtime, &request)? {
             context.printer.warn(&format!(
@@ -971,7 +1094,7 @@ fn vm_run(
         }
     } else if args.command.is_empty() {
         context.printer.info(&format!(
-            "VM `{}` keeps running; `banger vm ssh {}` to come back, `banger vm rm {}` to \
+            "VM `{}` keeps running; `banger vm ssh {}` to come back, `banger vm rm -f {}` to \
              delete it",
             vm.name, vm.name, vm.name
         ));
@@ -979,12 +1102,91 @@ fn vm_run(
     outcome
 }
 
+/// `vm exec NAME -- CMD`.
+fn exec(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    args: &ExecArgs,
+) -> anyhow::Result<ExitStatus> {
+    let name = &args.name;
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    if vm.state != "running" || vm.agent.is_none() {
+        context.printer.error(&format!(
+            "VM `{name}` is not running; start it with `banger vm start {name}`"
+        ));
+        return Ok(ExitStatus::UserError);
+    }
+    run_in_guest(runtime, &vm, &args.command, &args.guest, args.interactive)
+}
+
+/// The exit status of a command that runs a guest command (`vm exec`, `vm run -- CMD`): the
+/// guest command's own code, else 126 (it cannot be executed) or 127 (not found), as a shell
+/// and `docker run` have it, and 125 for any failure of banger's own, whose message is
+/// printed here, so that a guest's 1 or 2 is never taken for banger's.
+fn guest_command_status(context: &Context, result: anyhow::Result<ExitStatus>) -> ExitStatus {
+    use banger::guest::{ErrorKind, GuestError};
+    match result {
+        Ok(status @ (ExitStatus::Code(_) | ExitStatus::Success | ExitStatus::Interrupted)) => {
+            status
+        }
+        // A refusal already printed its message.
+        Ok(ExitStatus::UserError | ExitStatus::Failure) => ExitStatus::Code(BANGER_FAILED),
+        Err(error) => {
+            let refusal = error.chain().find_map(|cause| match cause.downcast_ref() {
+                Some(GuestError::Remote {
+                    request: "Exec",
+                    kind,
+                    message,
+                }) => Some((*kind, message.clone())),
+                _ => None,
+            });
+            match refusal {
+                Some((ErrorKind::NotFound, message)) => {
+                    context.printer.error(&message);
+                    ExitStatus::Code(127)
+                }
+                Some((ErrorKind::PermissionDenied | ErrorKind::Spawn, message)) => {
+                    context.printer.error(&message);
+                    ExitStatus::Code(126)
+                }
+                _ => match super::exit::classify(&error, &context.printer) {
+                    ExitStatus::Interrupted => ExitStatus::Interrupted,
+                    _ => ExitStatus::Code(BANGER_FAILED),
+                },
+            }
+        }
+    }
+}
+
+/// The exit code of `vm exec` and `vm run -- CMD` when banger itself failed.
+pub(super) const BANGER_FAILED: u8 = 125;
+
+/// Whether `arguments` (without the program name) call `vm exec`, or `vm run` with a
+/// command: for their usage errors, which clap reports before any command runs.
+pub(super) fn runs_a_guest_command(arguments: &[String]) -> bool {
+    let mut words = arguments.iter().filter(|word| !word.starts_with('-'));
+    match (
+        words.next().map(String::as_str),
+        words.next().map(String::as_str),
+    ) {
+        (Some("vm"), Some("exec")) => true,
+        (Some("vm"), Some("run")) => arguments.iter().any(|word| word == "--"),
+        _ => false,
+    }
+}
+
 /// Runs `command` through the guest's agent with this process's stdout and stderr (and its
-/// stdin when that is not a terminal); exits with the command's code.
+/// stdin when `forward_stdin`); exits with the command's code.
 fn run_in_guest(
     runtime: &tokio::runtime::Runtime,
     vm: &VmInfo,
     command: &[String],
+    options: &GuestCommandArgs,
+    forward_stdin: bool,
 ) -> anyhow::Result<ExitStatus> {
     let agent = vm
         .agent
@@ -998,7 +1200,12 @@ fn run_in_guest(
             .await
             .with_context(|| format!("cannot reach the agent of VM `{}`", vm.name))?;
         let mut request = banger::guest::ExecRequest::argv(command.iter().cloned());
-        let forward_stdin = !std::io::stdin().is_terminal();
+        for (name, value) in &options.env {
+            request = request.with_env(name, value);
+        }
+        if let Some(dir) = &options.workdir {
+            request = request.with_cwd(dir);
+        }
         if forward_stdin {
             request = request.with_stdin();
         }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
 /// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -35,6 +35,9 @@ pub enum Request {
     /// Power the guest off through its agent, then stop the VMM (forced after a grace).
     VmStop {
         name: String,
+        /// Seconds the guest gets to power off before its VMM is stopped (default 30).
+        #[serde(default)]
+        timeout_secs: Option<u64>,
     },
     /// Stop, then start.
     VmRestart {
@@ -45,10 +48,12 @@ pub enum Request {
     VmKill {
         name: String,
     },
-    /// Kill it if it runs, then remove it and everything it owns. Answered by
-    /// [`Response::Deleted`].
+    /// Remove it and everything it owns; a running VM only with `force` (it is killed
+    /// first). Answered by [`Response::Deleted`].
     VmDelete {
         name: String,
+        #[serde(default)]
+        force: bool,
     },
     /// `banger up`'s VM: made, reused, started or recreated around its work disk, and
     /// running. Answered by [`Response::VmUp`].

@@ -265,8 +265,12 @@ async fn serve_vm_request(
                 .start(&name, timeout(timeout_secs), &events)
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
-            Request::VmStop { name } => vms
-                .stop(&name, &events)
+            Request::VmStop { name, timeout_secs } => vms
+                .stop(
+                    &name,
+                    timeout_secs.map(std::time::Duration::from_secs),
+                    &events,
+                )
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
             Request::VmRestart { name, timeout_secs } => vms
@@ -277,9 +281,10 @@ async fn serve_vm_request(
                 .kill(&name)
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
-            Request::VmDelete { name } => {
-                vms.delete(&name).await.map(|()| Response::Deleted { name })
-            }
+            Request::VmDelete { name, force } => vms
+                .delete(&name, force)
+                .await
+                .map(|()| Response::Deleted { name }),
             Request::VmUp(up) => vms
                 .up(&up, &events)
                 .await
@@ -328,7 +333,7 @@ async fn serve_vm_request(
         && let Response::Vm(info) = &response
     {
         // Nobody is left to use or delete this one-shot VM.
-        let _ = state.vms.delete(&info.name).await;
+        let _ = state.vms.delete(&info.name, true).await;
     }
     delivered
 }

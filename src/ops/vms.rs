@@ -123,6 +123,11 @@ pub enum VmError {
     AddressPoolFull { subnet: String },
     #[error("tap VMs still run on the bridge ({names}); stop them first (`banger vm stop NAME`)")]
     TapVmsRunning { names: String },
+    #[error(
+        "VM `{name}` is running; stop it first (`banger vm stop {name}`), or delete it anyway \
+         with `banger vm rm -f {name}`"
+    )]
+    DeleteRunning { name: String },
 }
 
 impl crate::error::Classify for VmError {
@@ -141,6 +146,7 @@ impl crate::error::Classify for VmError {
             | VmError::PortClash(_)
             | VmError::AddressPoolFull { .. }
             | VmError::TapVmsRunning { .. }
+            | VmError::DeleteRunning { .. }
             | VmError::Config(_) => ErrorClass::User,
             VmError::Network(error) => error.class(),
             VmError::Backend(
@@ -1072,7 +1078,14 @@ impl Vms {
 
     /// Powers the guest off through its agent, waits for the VMM to exit, forces it after a
     /// grace period.
-    pub async fn stop(&self, name: &str, events: &dyn VmProgress) -> Result<VmInfo, VmError> {
+    /// Powers the VM off through its agent, giving the guest `grace` (default
+    /// [`POWEROFF_GRACE`]) before its VMM is stopped.
+    pub async fn stop(
+        &self,
+        name: &str,
+        grace: Option<Duration>,
+        events: &dyn VmProgress,
+    ) -> Result<VmInfo, VmError> {
         let lock = self.lock(name);
         let _held = lock.lock().await;
         let record = self.state()?.require_vm(name)?;
@@ -1082,7 +1095,8 @@ impl Vms {
             });
         };
         events.note(format!("stopping `{name}`"));
-        self.power_off(&launched).await;
+        self.power_off(&launched, grace.unwrap_or(POWEROFF_GRACE))
+            .await;
         self.live_remove(name);
         self.finish_run(&record, &launched).await?;
         Ok(self.info(&record, None))
@@ -1091,7 +1105,7 @@ impl Vms {
     /// A guest that does not answer (no `Ready` within 5 s, or no answer to the power-off
     /// request) is halted at once instead of being given [`POWEROFF_GRACE`]: a hung or hostile
     /// guest must not hold the VM's lock for long.
-    async fn power_off(&self, launched: &Launched) {
+    async fn power_off(&self, launched: &Launched, grace: Duration) {
         let endpoint = launched.agent.endpoint();
         let deadline = Instant::now() + Duration::from_secs(5);
         let answered = match endpoint.wait_ready(deadline).await {
@@ -1100,7 +1114,7 @@ impl Vms {
             }
             Err(_) => false,
         };
-        if !answered || !launched.vmm.wait_gone(POWEROFF_GRACE).await {
+        if !answered || !launched.vmm.wait_gone(grace).await {
             let accel = self.accel().unwrap_or(Accel::Kvm);
             Backend::for_recorded(launched.backend, &accel)
                 .halt(launched, Duration::from_secs(3))
@@ -1115,7 +1129,7 @@ impl Vms {
         timeout: Duration,
         events: &dyn VmProgress,
     ) -> Result<VmInfo, VmError> {
-        match self.stop(name, events).await {
+        match self.stop(name, None, events).await {
             Ok(_) | Err(VmError::NotRunning { .. }) => self.start(name, timeout, events).await,
             Err(error) => Err(error),
         }
@@ -1218,7 +1232,7 @@ impl Vms {
             let record = self.state()?.require_vm(&name)?;
             if let Some(launched) = self.running(&record).await? {
                 events.note(format!("stopping `{name}` to recreate it"));
-                self.power_off(&launched).await;
+                self.power_off(&launched, POWEROFF_GRACE).await;
                 self.live_remove(&name);
                 self.finish_run(&record, &launched).await?;
             }
@@ -1311,11 +1325,18 @@ impl Vms {
     }
 
     /// Kills the VM if it runs and removes it: record, disks, logs, links, sockets.
-    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+    /// Removes the VM and everything it owns; a running one only with `force` (killed, with
+    /// no guest shutdown, as `docker rm -f`).
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), VmError> {
         let lock = self.lock(name);
         let _held = lock.lock().await;
         let record = self.state()?.require_vm(name)?;
         if let Some(launched) = self.running(&record).await? {
+            if !force {
+                return Err(VmError::DeleteRunning {
+                    name: name.to_owned(),
+                });
+            }
             launched.vmm.kill().await;
             self.live_remove(name);
             crate::vm::backend::release(&launched).await;

@@ -243,6 +243,7 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
             "image",
             "kernel",
             "ssh-config",
+            "completion",
             "network",
             "doctor",
             "cache",
@@ -437,4 +438,106 @@ fn unknown_images_and_kernels_exit_1_naming_them() {
         assert_eq!(output.code, Some(1), "{args:?}: {output}");
         assert!(output.stderr.contains(args[2]), "{args:?}: {output}");
     }
+}
+
+/// `banger completion bash`, sourced by a real bash and driven as Tab drives it, offers
+/// subcommands and the names of the VMs in the state database, without starting a daemon.
+#[test]
+fn completion_in_bash_offers_subcommands_and_existing_vm_names_without_a_daemon() {
+    use banger::spec::NetworkMode;
+    use banger::state::{State, VmRecord, VmState};
+    if !crate::support::capable("bash", crate::support::find_program("bash").is_some()) {
+        return;
+    }
+    let context = TestContext::new();
+    let state_dir = context.home().join(".local/state/banger");
+    let state = State::open(&state_dir).unwrap();
+    for (index, name) in ["beta", "alpha", "alpine-box"].into_iter().enumerate() {
+        state
+            .create_vm(&VmRecord {
+                name: name.to_owned(),
+                id: format!("completion{index}"),
+                image: "debian-bookworm".into(),
+                kernel: "debian-bookworm".into(),
+                backend: "qemu".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+                state: VmState::Stopped,
+                created_ms: 0,
+                rootfs_integrity: None,
+                network: NetworkMode::User,
+                ports: Vec::new(),
+            })
+            .unwrap();
+    }
+    drop(state);
+    let script = context.run(&["completion", "bash"]);
+    assert_eq!(script.code, Some(0), "{script}");
+    let script_path = context.root.path().join("banger.bash");
+    std::fs::write(&script_path, &script.stdout).unwrap();
+
+    let complete = |words: &[&str]| -> Vec<String> {
+        let template = context.command(&[]);
+        let mut bash = std::process::Command::new("bash");
+        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+            bash.env_remove(name);
+        }
+        for (key, value) in template.get_envs() {
+            if let Some(value) = value {
+                bash.env(key, value);
+            }
+        }
+        let quoted: Vec<String> = words.iter().map(|word| format!("'{word}'")).collect();
+        let line = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _clap_complete_banger banger {} {}; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script_path.display(),
+            quoted.join(" "),
+            words.len() - 1,
+            quoted[words.len() - 1],
+            quoted[words.len() - 2],
+        );
+        let output = bash.arg("-c").arg(&line).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|candidate| candidate.trim_end().to_owned())
+            .filter(|candidate| !candidate.is_empty())
+            .collect()
+    };
+    // An empty word is offered the names, then the flags.
+    let names: Vec<String> = complete(&["banger", "vm", "ssh", ""])
+        .into_iter()
+        .filter(|candidate| !candidate.starts_with('-'))
+        .collect();
+    assert_eq!(names, ["alpha", "alpine-box", "beta"]);
+    assert_eq!(
+        complete(&["banger", "vm", "ssh", "alp"]),
+        ["alpha", "alpine-box"]
+    );
+    assert_eq!(complete(&["banger", "vm", "rm", "-f", "b"]), ["beta"]);
+    assert!(
+        complete(&["banger", "vm", "ex"]).contains(&"exec".to_owned()),
+        "{:?}",
+        complete(&["banger", "vm", "ex"])
+    );
+    // Completing never started the daemon.
+    let socket = banger::paths::Paths::resolve(
+        &|name| {
+            context
+                .command(&[])
+                .get_envs()
+                .find(|(key, _)| *key == name)
+                .and_then(|(_, value)| value.map(std::path::PathBuf::from))
+        },
+        nix::unistd::getuid().as_raw(),
+    )
+    .unwrap()
+    .socket();
+    assert!(!socket.exists(), "{} exists", socket.display());
 }

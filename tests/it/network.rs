@@ -403,7 +403,7 @@ fn slow_network_tap_vms_get_addresses_names_nat_and_ports_and_leave_nothing() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
-    banger_ok(&context, &host, &["vm", "rm", "alpha", "beta"]);
+    banger_ok(&context, &host, &["vm", "rm", "-f", "alpha", "beta"]);
     assert_eq!(leftovers(&host), Vec::<String>::new());
 }
 

@@ -361,7 +361,11 @@ fn reliability_a_guest_gone_silent_cannot_wedge_stop_kill_or_rm() {
         ("rm", Duration::from_secs(10)),
     ]) {
         let started = Instant::now();
-        let output = context.run(&["vm", command, name]);
+        let output = if command == "rm" {
+            context.run(&["vm", command, "-f", name])
+        } else {
+            context.run(&["vm", command, name])
+        };
         let took = started.elapsed();
         assert_eq!(output.code, Some(0), "vm {command} {name}: {output}");
         assert!(

@@ -591,7 +591,7 @@ pub fn stop_daemon_and_vms(home: &std::path::Path, runtime_dir: &std::path::Path
             if let Ok(record) = serde_json::from_str::<serde_json::Value>(line)
                 && let Some(name) = record["data"]["name"].as_str()
             {
-                let _ = banger(&["vm", "rm", name]);
+                let _ = banger(&["vm", "rm", "-f", name]);
             }
         }
     }

@@ -136,7 +136,7 @@ struct Cleanup<'a> {
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        let _ = self.context.run(&["vm", "rm", self.name]);
+        let _ = self.context.run(&["vm", "rm", "-f", self.name]);
     }
 }
 
@@ -280,15 +280,117 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
     let name = "exit-seven";
     let _cleanup = Cleanup { context, name };
     let output = context.run(&[
-        "vm", "run", "--rm", "--name", name, "--memory", "1G", "--vcpu", "1", "--", "sh", "-c",
-        "exit 7",
+        "vm",
+        "run",
+        "--name",
+        name,
+        "--memory",
+        "1G",
+        "--vcpu",
+        "1",
+        "-e",
+        "A=1",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $A; pwd; exit 7",
     ]);
     assert_eq!(output.code, Some(7), "{output}\n{}", console(context, name));
+    assert_eq!(output.stdout, "1\n/tmp\n", "{output}");
     assert!(
         output.stderr.contains("spec: 1 vcpu · 1024 MiB"),
         "{output}"
     );
-    assert!(!vm_dir(context, name).exists(), "--rm left the VM's files");
+
+    // `vm exec` in the running VM: the command's own code, 127 for a program the guest does
+    // not have, 126 for one it cannot execute, 125 when banger cannot run it at all.
+    let exec = |args: &[&str]| {
+        let mut argv = vec!["vm", "exec"];
+        argv.extend_from_slice(args);
+        context.run(&argv)
+    };
+    let output = exec(&[
+        "-e",
+        "A=1",
+        "-w",
+        "/tmp",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "echo $A; pwd",
+    ]);
+    assert_eq!(
+        (output.code, output.stdout.as_str()),
+        (Some(0), "1\n/tmp\n"),
+        "{output}"
+    );
+    let output = exec(&[name, "--", "sh", "-c", "echo out; echo err >&2; exit 2"]);
+    assert_eq!(output.code, Some(2), "{output}");
+    assert_eq!(
+        (output.stdout.as_str(), output.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    let output = exec(&[name, "--", "no-such-program"]);
+    assert_eq!(output.code, Some(127), "{output}");
+    assert!(output.stderr.contains("no-such-program"), "{output}");
+    let output = exec(&[name, "--", "/etc/hostname"]);
+    assert_eq!(output.code, Some(126), "{output}");
+    let output = exec(&["-w", "/no/such/dir", name, "--", "true"]);
+    assert_eq!(output.code, Some(125), "{output}");
+    assert!(output.stderr.contains("/no/such/dir"), "{output}");
+    let output = exec(&["no-such-vm", "--", "true"]);
+    assert_eq!(output.code, Some(125), "{output}");
+    assert!(
+        output.stderr.contains("no VM named `no-such-vm`"),
+        "{output}"
+    );
+    // Standard input reaches the command with -i only.
+    for (flag, expected) in [(Some("-i"), "piped in\n"), (None, "")] {
+        use std::io::Write;
+        let mut argv = vec!["vm", "exec"];
+        argv.extend(flag);
+        argv.extend([name, "--", "cat"]);
+        let mut child = context
+            .command(&argv)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // Without -i nothing reads it: the write may meet a closed pipe, which is the point.
+        let _ = stdin.write_all(b"piped in\n");
+        drop(stdin);
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            expected,
+            "{flag:?}"
+        );
+    }
+    // A running VM is deleted only with -f; `stop -t 0` gives the guest no time.
+    let refused = context.run(&["vm", "rm", name]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("VM `{name}` is running; stop it first")),
+        "{refused}"
+    );
+    assert_eq!(show(context, name)["state"], "running");
+    let started = std::time::Instant::now();
+    vm_ok(context, name, &["vm", "stop", "-t", "0", name]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(show(context, name)["state"], "stopped");
+    vm_ok(context, name, &["vm", "rm", name]);
+    assert!(!vm_dir(context, name).exists(), "vm rm left the VM's files");
 
     // A guest given one second cannot come up (a TCG boot takes several): the error names
     // the VM and `vm logs`, the VM is kept, stopped, with its console log.
@@ -404,7 +506,7 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
         dir.join("launched.json").exists(),
         "the scratch file is where it should be"
     );
-    vm_ok(context, name, &["vm", "delete", name]);
+    vm_ok(context, name, &["vm", "delete", "-f", name]);
     assert_nothing_left(context, name, &shown);
 }
 
@@ -448,7 +550,7 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
         &["vm", "ssh", name, "--", "echo", "still", "here"],
     );
     assert_eq!(answer.stdout.trim(), "still here", "{answer}");
-    vm_ok(context, name, &["vm", "delete", name]);
+    vm_ok(context, name, &["vm", "delete", "-f", name]);
     assert_nothing_left(context, name, &after);
 }
 
@@ -542,17 +644,6 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
             "`vm run --network none` needs a command",
         ),
         (
-            &[
-                "vm",
-                "run",
-                "--timeout",
-                "18446744073709551615",
-                "--",
-                "true",
-            ][..],
-            "18446744073709551615 is not in 1..=604800",
-        ),
-        (
             &["vm", "start", "nosuch", "--timeout", "0"][..],
             "0 is not in 1..=604800",
         ),
@@ -564,6 +655,73 @@ fn vm_commands_refuse_bad_input_with_exit_1_and_build_nothing() {
             "banger {}\n{output}",
             args.join(" ")
         );
+    }
+    // Commands that run a guest command keep 1..124 for it: their own failures are 125.
+    for (args, expected) in [
+        (
+            &[
+                "vm",
+                "run",
+                "--timeout",
+                "18446744073709551615",
+                "--",
+                "true",
+            ][..],
+            "18446744073709551615 is not in 1..=604800",
+        ),
+        (
+            &["vm", "exec", "nosuch", "--", "true"][..],
+            "no VM named `nosuch`",
+        ),
+        (
+            &["vm", "exec", "-e", "1X=2", "nosuch", "--", "true"][..],
+            "`1X` is not an environment variable name",
+        ),
+        (
+            &["vm", "exec", "-w", "tmp", "nosuch", "--", "true"][..],
+            "`tmp` is not an absolute path",
+        ),
+        (
+            &["vm", "run", "--name", "Not_A_Name", "--", "true"][..],
+            "`Not_A_Name` is not a valid VM name",
+        ),
+    ] {
+        let output = context.run(args);
+        assert_eq!(
+            output.code,
+            Some(125),
+            "banger {}\n{output}",
+            args.join(" ")
+        );
+        assert!(
+            output.stderr.contains(expected),
+            "banger {}\n{output}",
+            args.join(" ")
+        );
+    }
+    // With --json, a failure ends with an `error` record: message, causes and exit code.
+    for (args, code, expected) in [
+        (
+            &["--json", "vm", "show", "nosuch"][..],
+            1,
+            "no VM named `nosuch`",
+        ),
+        (
+            &["--json", "vm", "exec", "--bogus", "x", "--", "true"][..],
+            125,
+            "unexpected argument '--bogus'",
+        ),
+    ] {
+        let output = context.run(args);
+        assert_eq!(output.code, Some(code), "{output}");
+        let last = records(&output.stdout).pop().expect("an error record");
+        assert_eq!(last["type"], "error", "{output}");
+        assert_eq!(last["data"]["exit_code"], code, "{output}");
+        assert!(
+            last["data"]["message"].as_str().unwrap().contains(expected),
+            "{output}"
+        );
+        assert!(last["data"]["causes"].is_array(), "{output}");
     }
     let prune = context.run(&["vm", "prune"]);
     assert_eq!(prune.code, Some(0), "{prune}");
@@ -666,7 +824,7 @@ fn slow_vm_network_none_boots_with_only_lo_and_ssh_is_refused_clearly() {
             started.elapsed()
         );
     }
-    vm_ok(context, name, &["vm", "delete", name]);
+    vm_ok(context, name, &["vm", "delete", "-f", name]);
     assert_nothing_left(context, name, &shown);
 }
 
@@ -793,7 +951,7 @@ fn slow_vm_ssh_name_vm_reaches_the_vm_through_ssh_config() {
 
     vm_ok(context, name, &["ssh-config", "uninstall"]);
     assert_eq!(std::fs::read(&user_config).unwrap(), original);
-    vm_ok(context, name, &["vm", "delete", name]);
+    vm_ok(context, name, &["vm", "delete", "-f", name]);
     assert!(!known_hosts.exists(), "the deleted VM's key is forgotten");
 }
 
