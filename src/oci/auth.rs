@@ -2,7 +2,10 @@
 //! `~/.docker/config.json`), read afresh for every operation so a `docker login` takes effect
 //! without restarting the daemon.
 //!
-//! Only the `auths` map is used: an `auth` field (base64 of `user:password`),
+//! As Docker does: a `credHelpers` entry for the registry, else a `credsStore`, names a
+//! credential helper, run as `docker-credential-NAME get` with the server on stdin and its
+//! `{"Username", "Secret"}` answer on stdout (a helper that has nothing for the server falls
+//! through to `auths`). In `auths`: an `auth` field (base64 of `user:password`),
 //! `username`/`password` fields, or a `registrytoken` (a bearer token). Keys may be a bare
 //! `host[:port]` or a URL (`https://host/v1/`); the default registry's keys have several
 //! spellings, all accepted. Secrets never appear in errors or `Debug` output.
@@ -49,6 +52,13 @@ pub enum CredentialSource {
         /// `None` for a `registrytoken` entry.
         username: Option<String>,
     },
+    /// A credential helper the Docker config file names.
+    Helper {
+        registry: String,
+        path: PathBuf,
+        helper: String,
+        username: String,
+    },
 }
 
 impl fmt::Display for CredentialSource {
@@ -81,6 +91,17 @@ impl fmt::Display for CredentialSource {
                 f,
                 "user `{username}` from the {registry} entry of {}; check that user's password \
                  there and that it may pull this repository",
+                path.display()
+            ),
+            CredentialSource::Helper {
+                registry,
+                path,
+                helper,
+                username,
+            } => write!(
+                f,
+                "user `{username}` from the credential helper docker-credential-{helper} (named \
+                 for {registry} by {}); check the credentials it holds",
                 path.display()
             ),
             CredentialSource::DockerConfig {
@@ -141,6 +162,102 @@ impl Credentials {
 struct DockerConfigFile {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+}
+
+/// A credential helper's answer to `get`.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// The server name a helper is asked about: what `docker login` stored it under.
+fn helper_server(registry: &str) -> String {
+    if DEFAULT_REGISTRY_ALIASES
+        .iter()
+        .any(|alias| alias.eq_ignore_ascii_case(registry))
+    {
+        "https://index.docker.io/v1/".to_owned()
+    } else {
+        registry.to_owned()
+    }
+}
+
+/// Runs `docker-credential-HELPER get` for `registry`: `Ok(None)` when the helper has nothing
+/// for it (Docker's helpers then say "credentials not found" and exit 1).
+fn ask_helper(
+    helper: &str,
+    registry: &str,
+    config: &Path,
+    helper_path: Option<&std::ffi::OsStr>,
+) -> Result<Option<(String, String)>, OciError> {
+    use std::io::Write;
+    let program = format!("docker-credential-{helper}");
+    let failed = |message: String| OciError::CredentialHelper {
+        argv: format!("{program} get"),
+        config: config.to_owned(),
+        registry: registry.to_owned(),
+        message,
+    };
+    let mut command = std::process::Command::new(&program);
+    if let Some(path) = helper_path {
+        // The child's PATH is also where `program` is looked up.
+        command.env("PATH", path);
+    }
+    let mut child = command
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| {
+            failed(format!(
+                "cannot run it ({error}); install it, or remove `{helper}` from the config file"
+            ))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading its stdin is judged by its exit status below.
+        let _ = stdin.write_all(helper_server(registry).as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|error| failed(format!("cannot wait for it: {error}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        if stdout
+            .to_ascii_lowercase()
+            .contains("credentials not found")
+        {
+            return Ok(None);
+        }
+        return Err(failed(format!(
+            "{}; stderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let answer: HelperAnswer = serde_json::from_str(stdout.trim()).map_err(|error| {
+        failed(format!(
+            "its answer is not `{{\"Username\": …, \"Secret\": …}}` (JSON error at line {} \
+             column {})",
+            error.line(),
+            error.column()
+        ))
+    })?;
+    if answer.username == "<token>" {
+        return Err(failed(
+            "it holds an identity token, which banger cannot use yet; store a user and \
+             password (or an access token as the password) instead"
+                .to_owned(),
+        ));
+    }
+    Ok(Some((answer.username, answer.secret)))
 }
 
 #[derive(Deserialize, Default)]
@@ -153,7 +270,11 @@ struct AuthEntry {
 
 /// Credentials for `registry` (as written in references, `host[:port]`) from the Docker config
 /// at `config_path`; anonymous when there is no file or no entry.
-pub(crate) fn lookup(config_path: Option<&Path>, registry: &str) -> Result<Credentials, OciError> {
+pub(crate) fn lookup(
+    config_path: Option<&Path>,
+    registry: &str,
+    helper_path: Option<&std::ffi::OsStr>,
+) -> Result<Credentials, OciError> {
     let anonymous = || Credentials {
         auth: RegistryAuth::Anonymous,
         source: CredentialSource::Anonymous {
@@ -185,6 +306,26 @@ pub(crate) fn lookup(config_path: Option<&Path>, registry: &str) -> Result<Crede
                 error.column()
             ),
         })?;
+    let helper = file
+        .cred_helpers
+        .iter()
+        .find(|(key, _)| key_matches(key, registry))
+        .map(|(_, helper)| helper)
+        .or(file.creds_store.as_ref())
+        .filter(|helper| !helper.is_empty());
+    if let Some(helper) = helper
+        && let Some((username, secret)) = ask_helper(helper, registry, path, helper_path)?
+    {
+        return Ok(Credentials {
+            auth: RegistryAuth::Basic(username.clone(), secret),
+            source: CredentialSource::Helper {
+                registry: registry.to_owned(),
+                path: path.to_owned(),
+                helper: helper.clone(),
+                username,
+            },
+        });
+    }
     let Some((key, entry)) = file
         .auths
         .iter()
@@ -227,9 +368,13 @@ pub(crate) fn lookup(config_path: Option<&Path>, registry: &str) -> Result<Crede
             source: source(None),
         });
     }
+    if helper.is_some() {
+        // `docker login` with a credential store leaves an empty `auths` entry behind.
+        return Ok(anonymous());
+    }
     Err(invalid(
         "has no usable credentials (`auth`, `username`/`password` or `registrytoken`); \
-         credential helpers and identity tokens are not supported",
+         identity tokens are not supported",
     ))
 }
 
@@ -280,18 +425,18 @@ mod tests {
                 "https://127.0.0.1:5000/v1/": {{"auth": "{encoded}"}},
                 "[::1]:6000": {{"username": "bob", "password": "pw"}},
                 "https://index.docker.io/v1/": {{"registrytoken": "tok"}}
-            }}, "credsStore": "desktop"}}"#
+            }}}}"#
         ));
-        let found = lookup(Some(&path), "127.0.0.1:5000").unwrap();
+        let found = lookup(Some(&path), "127.0.0.1:5000", None).unwrap();
         assert_eq!(
             found.auth,
             RegistryAuth::Basic("alice".into(), "s3cr:et".into())
         );
-        let found = lookup(Some(&path), "[::1]:6000").unwrap();
+        let found = lookup(Some(&path), "[::1]:6000", None).unwrap();
         assert_eq!(found.auth, RegistryAuth::Basic("bob".into(), "pw".into()));
-        let found = lookup(Some(&path), "docker.io").unwrap();
+        let found = lookup(Some(&path), "docker.io", None).unwrap();
         assert_eq!(found.auth, RegistryAuth::Bearer("tok".into()));
-        let found = lookup(Some(&path), "ghcr.io").unwrap();
+        let found = lookup(Some(&path), "ghcr.io", None).unwrap();
         assert_eq!(found.auth, RegistryAuth::Anonymous);
         assert!(found.source.to_string().contains("docker login ghcr.io"));
     }
@@ -300,7 +445,7 @@ mod tests {
     fn missing_file_is_anonymous_and_bad_files_do_not_leak_secrets() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("config.json");
-        let found = lookup(Some(&missing), "r.example:1").unwrap();
+        let found = lookup(Some(&missing), "r.example:1", None).unwrap();
         assert_eq!(found.auth, RegistryAuth::Anonymous);
         assert!(
             found
@@ -310,12 +455,16 @@ mod tests {
         );
 
         let (_dir, path) = write_config(r#"{"auths": "hunter2-secret"}"#);
-        let error = lookup(Some(&path), "r.example:1").unwrap_err().to_string();
+        let error = lookup(Some(&path), "r.example:1", None)
+            .unwrap_err()
+            .to_string();
         assert!(!error.contains("hunter2"), "{error}");
         assert!(error.contains("line 1"), "{error}");
 
         let (_dir, path) = write_config(r#"{"auths": {"r.example:1": {"auth": "!!hunter2"}}}"#);
-        let error = lookup(Some(&path), "r.example:1").unwrap_err().to_string();
+        let error = lookup(Some(&path), "r.example:1", None)
+            .unwrap_err()
+            .to_string();
         assert!(!error.contains("hunter2"), "{error}");
         assert!(error.contains("base64"), "{error}");
     }

@@ -63,6 +63,9 @@ pub fn install_tls_provider() {
 pub struct RegistryOptions {
     /// The Docker `config.json` to read credentials from; `None` means anonymous everywhere.
     pub docker_config: Option<PathBuf>,
+    /// The `PATH` credential helpers (`docker-credential-NAME`) are looked up in; `None`:
+    /// this process's.
+    pub credential_helper_path: Option<std::ffi::OsString>,
     /// Registries (`host[:port]`, as references write them) spoken to over plain HTTP, in
     /// addition to loopback ones.
     pub insecure_registries: Vec<String>,
@@ -77,6 +80,7 @@ impl Default for RegistryOptions {
     fn default() -> RegistryOptions {
         RegistryOptions {
             docker_config: None,
+            credential_helper_path: None,
             insecure_registries: Vec::new(),
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(15),
@@ -360,8 +364,15 @@ impl RegistryClient {
     }
 
     async fn session(&self, reference: &ImageReference) -> Result<Session, OciError> {
-        let credentials =
-            auth::lookup(self.options.docker_config.as_deref(), reference.registry())?;
+        // A credential helper is a process to wait for: not on the runtime's threads.
+        let config = self.options.docker_config.clone();
+        let helper_path = self.options.credential_helper_path.clone();
+        let registry = reference.registry().to_owned();
+        let credentials = tokio::task::spawn_blocking(move || {
+            auth::lookup(config.as_deref(), &registry, helper_path.as_deref())
+        })
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
         let client = self.client_for(reference.registry(), &credentials)?;
         client
             .store_auth_if_needed(

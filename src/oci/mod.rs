@@ -34,8 +34,8 @@
 //! - `Retry-After` is not honoured (oci-client does not expose the headers of failures).
 //! - oci-client swallows token-endpoint failures and goes on anonymously, so a broken token
 //!   service shows up as "not authorized" rather than as its own error.
-//! - Docker credential helpers (`credsStore`, `credHelpers`) and `identitytoken` entries are
-//!   not used; only `auth`, `username`/`password` and `registrytoken` are.
+//! - `identitytoken` entries, and identity tokens from credential helpers, are not used (they
+//!   need an OAuth2 refresh exchange oci-client does not do).
 //! - HTTP proxies from the environment are not used (no system-proxy support compiled in).
 //! - Fetched blobs are renamed into place without fsync; the store decides durability.
 
@@ -195,6 +195,18 @@ pub enum OciError {
 
     #[error("cannot read registry credentials from {}: {message}", path.display())]
     DockerConfig { path: PathBuf, message: String },
+
+    #[error(
+        "the credential helper `{argv}` (named by {}) failed for {registry}: {message}",
+        config.display()
+    )]
+    CredentialHelper {
+        argv: String,
+        config: PathBuf,
+        registry: String,
+        /// What went wrong, with the helper's stderr; never its stdout (it may hold a secret).
+        message: String,
+    },
 
     #[error(
         "image {reference} not found: the registry has no such manifest (check the name, the \
@@ -359,6 +371,7 @@ impl OciError {
             self,
             OciError::InvalidReference { .. }
                 | OciError::DockerConfig { .. }
+                | OciError::CredentialHelper { .. }
                 | OciError::ManifestNotFound { .. }
                 | OciError::Unauthorized { .. }
                 | OciError::NoMatchingPlatform { .. }

@@ -342,6 +342,96 @@ async fn basic_auth_from_the_docker_config() {
     assert_eq!(entries(blobs.path()), [destination]);
 }
 
+/// Docker credential helpers against a real registry with basic auth: `credHelpers` for the
+/// registry, then `credsStore`, run as `docker-credential-NAME get` with the server on stdin;
+/// a helper with nothing for the server means anonymous; a missing one is an error naming it.
+#[tokio::test]
+async fn credentials_from_a_docker_credential_helper() {
+    use std::os::unix::fs::PermissionsExt;
+    let user = BasicUser {
+        name: "carol".into(),
+        password: "helper-secret".into(),
+    };
+    let Some(registry) = RealRegistry::start(Some(&user)) else {
+        return;
+    };
+    let host = registry.address.clone();
+    let pusher = Pusher::new(&host, Some(&user)).await;
+    let image = push_image(&pusher, "helped", Some("v1"), "amd64", false).await;
+    let text = format!("{host}/helped:v1");
+
+    // Two helpers: `test` knows this registry (and notes what it was asked), `empty` knows
+    // nothing. Found through the client's helper PATH, not this process's.
+    let bin = tempfile::tempdir().unwrap();
+    let asked = bin.path().join("asked");
+    let write_helper = |name: &str, body: &str| {
+        let path = bin.path().join(format!("docker-credential-{name}"));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_helper(
+        "test",
+        &format!(
+            "[ \"$1\" = get ] || exit 2\nread -r server\necho \"$server\" > '{}'\n\
+             [ \"$server\" = '{host}' ] || {{ echo 'credentials not found in native keychain'; \
+             exit 1; }}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"carol\",\
+             \"Secret\":\"helper-secret\"}}' \"$server\"",
+            asked.display()
+        ),
+    );
+    write_helper(
+        "empty",
+        "echo 'credentials not found in native keychain'; exit 1",
+    );
+    let with_config = |config: serde_json::Value| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let options = RegistryOptions {
+            docker_config: docker_config_path(Some(dir.path().to_owned()), None),
+            credential_helper_path: Some(bin.path().as_os_str().to_owned()),
+            ..fast_options()
+        };
+        (dir, RegistryClient::new(options))
+    };
+
+    // credHelpers names the helper for this registry (over a credsStore that knows nothing).
+    let (_dir, client) = with_config(serde_json::json!({
+        "credsStore": "empty",
+        "credHelpers": {host.clone(): "test"},
+        "auths": {host.clone(): {}}
+    }));
+    let resolved = client.resolve(&reference(&text)).await.unwrap();
+    assert_matches_image(&resolved, &image);
+    assert_eq!(std::fs::read_to_string(&asked).unwrap().trim(), host);
+
+    // credsStore alone serves every registry.
+    let (_dir, client) = with_config(serde_json::json!({"credsStore": "test"}));
+    client.resolve(&reference(&text)).await.unwrap();
+
+    // A helper with nothing for the registry: anonymous, refused, told so.
+    let (_dir, client) = with_config(serde_json::json!({"credsStore": "empty"}));
+    let error = client.resolve(&reference(&text)).await.unwrap_err();
+    assert!(matches!(error, OciError::Unauthorized { .. }), "{error}");
+    assert!(error.to_string().contains("anonymous"), "{error}");
+
+    // A helper that is not installed: an error naming it and the config file.
+    let (dir, client) = with_config(serde_json::json!({"credsStore": "absent"}));
+    let error = client.resolve(&reference(&text)).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, OciError::CredentialHelper { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("docker-credential-absent get"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&dir.path().join("config.json").display().to_string()),
+        "{message}"
+    );
+}
+
 /// A fake registry holding one amd64 image whose config and manifest are served faithfully
 /// and whose single layer is served by `layer`.
 pub(crate) struct FakeImage {
