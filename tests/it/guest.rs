@@ -470,7 +470,7 @@ async fn bad_requests_get_an_error_not_a_hang() {
         matches!(
             error,
             GuestError::Remote {
-                kind: ErrorKind::NotFound,
+                kind: ErrorKind::BadRequest,
                 ..
             }
         ),

@@ -31,7 +31,7 @@ use nix::unistd::Pid;
 
 use crate::protocol::{self, DATA_CHUNK, ErrorKind, Exit, FrameType};
 use crate::serve::{Connection, Disconnected};
-use crate::wire::{Frame, ReadError, error_kind};
+use crate::wire::{Frame, ReadError};
 
 /// `PATH` for commands whose request has none and that do not inherit the agent's (with
 /// `clear_env`, or when the agent has none: as PID 1 it starts with the kernel's bare
@@ -132,9 +132,11 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
                     format!("working directory {cwd} is not a directory"),
                 ));
             }
+            // BadRequest, not NotFound: the client tells "no such program" (a shell's 127)
+            // from "cannot run it there" by the kind.
             Err(error) => {
                 return Err(Refusal(
-                    error_kind(&error),
+                    ErrorKind::BadRequest,
                     format!("working directory {cwd}: {error}"),
                 ));
             }
