@@ -40,6 +40,9 @@ pub const BANGER_REGISTRY_RETRIES: &str = "BANGER_REGISTRY_RETRIES";
 /// Docker's: the directory holding `config.json`, whose `auths` give registry credentials.
 /// Default: `~/.docker`.
 pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
+/// Podman's (containers-auth.json): the registry credentials file it writes; default
+/// `$XDG_RUNTIME_DIR/containers/auth.json`. Read before Docker's config.
+pub const REGISTRY_AUTH_FILE: &str = "REGISTRY_AUTH_FILE";
 /// Tests only: the `firecracker` binary the Firecracker backend tests run (default: on
 /// `PATH`).
 pub const BANGER_TEST_FIRECRACKER: &str = "BANGER_TEST_FIRECRACKER";
@@ -59,6 +62,10 @@ pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
 pub const XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
 /// Where `cargo install` put `vhost-device-vsock` (default `~/.cargo`), searched after `PATH`.
 pub const CARGO_HOME: &str = "CARGO_HOME";
+/// Proxies for registry requests (either case; `NO_PROXY` lists hosts reached directly).
+pub const HTTP_PROXY: &str = "HTTP_PROXY";
+pub const HTTPS_PROXY: &str = "HTTPS_PROXY";
+pub const NO_PROXY: &str = "NO_PROXY";
 /// Where programs banger runs are found (`banger doctor` reports what it finds there).
 pub const PATH: &str = "PATH";
 
@@ -71,6 +78,13 @@ pub const STANDARD: &[&str] = &[
     XDG_RUNTIME_DIR,
     NO_COLOR,
     DOCKER_CONFIG,
+    REGISTRY_AUTH_FILE,
+    HTTP_PROXY,
+    HTTPS_PROXY,
+    NO_PROXY,
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
 ];
 
 /// Every `BANGER_*` variable, for the docs and for test sandboxes.

@@ -30,8 +30,8 @@ NAME is looked up in the image catalog first (`banger image list --available`); 
 is an OCI reference, resolved to its linux/amd64 manifest. Layers are fetched in parallel, \
 verified against their digests, and written into an ext4 image with banger's guest agent. \
 Every step is cached: pulling again with nothing changed does no work. Credentials come from \
-~/.docker/config.json ($DOCKER_CONFIG), through its credential helpers (credHelpers, credsStore) \
-or its auths entries; loopback registries are spoken to over plain HTTP.")]
+Podman's auth.json ($REGISTRY_AUTH_FILE), then ~/.docker/config.json ($DOCKER_CONFIG), \
+through their credential helpers (credHelpers, credsStore) or auths entries; loopback registries are spoken to over plain HTTP.")]
     Pull(PullArgs),
     /// List recorded images (or, with --available, the catalog).
     #[command(visible_alias = "ls")]

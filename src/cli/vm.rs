@@ -1124,8 +1124,8 @@ fn exec(
 }
 
 /// The exit status of a command that runs a guest command (`vm exec`, `vm run -- CMD`): the
-/// guest command's own code, else 126 (it cannot be executed) or 127 (not found), as a shell
-/// and `docker run` have it, and 125 for any failure of banger's own, whose message is
+/// guest command's own code, else 126 (it cannot be executed, or not in that working
+/// directory) or 127 (not found), as a shell and `docker exec` have it, and 125 for any failure of banger's own, whose message is
 /// printed here, so that a guest's 1 or 2 is never taken for banger's.
 fn guest_command_status(context: &Context, result: anyhow::Result<ExitStatus>) -> ExitStatus {
     use banger::guest::{ErrorKind, GuestError};
@@ -1149,7 +1149,10 @@ fn guest_command_status(context: &Context, result: anyhow::Result<ExitStatus>) -
                     context.printer.error(&message);
                     ExitStatus::Code(127)
                 }
-                Some((ErrorKind::PermissionDenied | ErrorKind::Spawn, message)) => {
+                Some((
+                    ErrorKind::PermissionDenied | ErrorKind::Spawn | ErrorKind::BadRequest,
+                    message,
+                )) => {
                     context.printer.error(&message);
                     ExitStatus::Code(126)
                 }

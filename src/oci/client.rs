@@ -63,6 +63,12 @@ pub fn install_tls_provider() {
 pub struct RegistryOptions {
     /// The Docker `config.json` to read credentials from; `None` means anonymous everywhere.
     pub docker_config: Option<PathBuf>,
+    /// Podman's `auth.json` (same format), read before `docker_config`: an entry or helper
+    /// for the registry there wins.
+    pub containers_auth: Option<PathBuf>,
+    /// Proxies for registry requests, as `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` give them
+    /// (either case); `None`: direct.
+    pub proxies: Proxies,
     /// The `PATH` credential helpers (`docker-credential-NAME`) are looked up in; `None`:
     /// this process's.
     pub credential_helper_path: Option<std::ffi::OsString>,
@@ -80,11 +86,40 @@ impl Default for RegistryOptions {
     fn default() -> RegistryOptions {
         RegistryOptions {
             docker_config: None,
+            containers_auth: None,
+            proxies: Proxies::default(),
             credential_helper_path: None,
             insecure_registries: Vec::new(),
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The proxy settings of the conventional environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proxies {
+    /// For `http://` registries (loopback and `BANGER_INSECURE_REGISTRIES` ones).
+    pub http: Option<String>,
+    pub https: Option<String>,
+    /// Hosts that are reached directly: comma-separated names, domains and addresses.
+    pub no_proxy: Option<String>,
+}
+
+impl Proxies {
+    /// `HTTP_PROXY`/`http_proxy`, `HTTPS_PROXY`/`https_proxy`, `NO_PROXY`/`no_proxy`; the
+    /// lower-case spelling wins when both are set, as curl has it. Empty means unset.
+    pub fn from_env() -> Proxies {
+        let read = |name: &str| {
+            [name.to_ascii_lowercase(), name.to_owned()]
+                .iter()
+                .find_map(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+        };
+        Proxies {
+            http: read(crate::env::HTTP_PROXY),
+            https: read(crate::env::HTTPS_PROXY),
+            no_proxy: read(crate::env::NO_PROXY),
         }
     }
 }
@@ -98,6 +133,11 @@ impl RegistryOptions {
                 crate::env::var_path(crate::env::DOCKER_CONFIG),
                 crate::env::var_path(crate::env::HOME),
             ),
+            proxies: Proxies::from_env(),
+            containers_auth: crate::env::var_path(crate::env::REGISTRY_AUTH_FILE).or_else(|| {
+                crate::env::var_path(crate::env::XDG_RUNTIME_DIR)
+                    .map(|dir| dir.join("containers/auth.json"))
+            }),
             insecure_registries: crate::env::insecure_registries(),
             retry: RetryPolicy {
                 max_attempts: crate::env::registry_retries()
@@ -366,9 +406,17 @@ impl RegistryClient {
     async fn session(&self, reference: &ImageReference) -> Result<Session, OciError> {
         // A credential helper is a process to wait for: not on the runtime's threads.
         let config = self.options.docker_config.clone();
+        let containers_auth = self.options.containers_auth.clone();
         let helper_path = self.options.credential_helper_path.clone();
         let registry = reference.registry().to_owned();
         let credentials = tokio::task::spawn_blocking(move || {
+            // Podman's file first, as Podman reads it; anonymous there means "look on".
+            if let Some(path) = containers_auth.as_deref().filter(|path| path.is_file()) {
+                let found = auth::lookup(Some(path), &registry, helper_path.as_deref())?;
+                if found.auth != oci_client::secrets::RegistryAuth::Anonymous {
+                    return Ok(found);
+                }
+            }
             auth::lookup(config.as_deref(), &registry, helper_path.as_deref())
         })
         .await
@@ -412,6 +460,9 @@ impl RegistryClient {
             connect_timeout: Some(self.options.connect_timeout),
             read_timeout: Some(self.options.read_timeout),
             user_agent: USER_AGENT,
+            http_proxy: self.options.proxies.http.clone(),
+            https_proxy: self.options.proxies.https.clone(),
+            no_proxy: self.options.proxies.no_proxy.clone(),
             ..ClientConfig::default()
         };
         let client =
@@ -555,15 +606,37 @@ impl RegistryClient {
             return Ok(client.clone());
         }
         install_tls_provider();
-        let client = reqwest::Client::builder()
+        let setup_error = |error: reqwest::Error| OciError::ClientSetup {
+            registry: registry.to_owned(),
+            message: error_chain(&error),
+        };
+        // The same proxies oci-client is given for blobs and tokens.
+        let proxies = &self.options.proxies;
+        let no_proxy = || {
+            proxies
+                .no_proxy
+                .as_deref()
+                .and_then(reqwest::NoProxy::from_string)
+        };
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(self.options.connect_timeout)
             .read_timeout(self.options.read_timeout)
-            .user_agent(USER_AGENT)
-            .build()
-            .map_err(|error| OciError::ClientSetup {
-                registry: registry.to_owned(),
-                message: error_chain(&error),
-            })?;
+            .user_agent(USER_AGENT);
+        if let Some(url) = &proxies.https {
+            builder = builder.proxy(
+                reqwest::Proxy::https(url)
+                    .map_err(setup_error)?
+                    .no_proxy(no_proxy()),
+            );
+        }
+        if let Some(url) = &proxies.http {
+            builder = builder.proxy(
+                reqwest::Proxy::http(url)
+                    .map_err(setup_error)?
+                    .no_proxy(no_proxy()),
+            );
+        }
+        let client = builder.build().map_err(setup_error)?;
         clients.insert(registry.to_owned(), client.clone());
         Ok(client)
     }

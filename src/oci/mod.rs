@@ -36,7 +36,8 @@
 //!   service shows up as "not authorized" rather than as its own error.
 //! - `identitytoken` entries, and identity tokens from credential helpers, are not used (they
 //!   need an OAuth2 refresh exchange oci-client does not do).
-//! - HTTP proxies from the environment are not used (no system-proxy support compiled in).
+//! - `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` apply to registry requests (through oci-client's
+//!   settings); plain downloads (`fetch.rs`: catalog bundles, kernels) do not use them yet.
 //! - Fetched blobs are renamed into place without fsync; the store decides durability.
 
 mod auth;
@@ -48,7 +49,9 @@ mod retry;
 use std::path::PathBuf;
 
 pub use auth::{CredentialSource, docker_config_path};
-pub use client::{MAX_MANIFEST_SIZE, RegistryClient, RegistryOptions, install_tls_provider};
+pub use client::{
+    MAX_MANIFEST_SIZE, Proxies, RegistryClient, RegistryOptions, install_tls_provider,
+};
 pub use layer::{
     Compression, decompressed, layer_compression, layer_reader, media_types, sniff_compression,
 };

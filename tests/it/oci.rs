@@ -414,6 +414,32 @@ async fn credentials_from_a_docker_credential_helper() {
     assert!(matches!(error, OciError::Unauthorized { .. }), "{error}");
     assert!(error.to_string().contains("anonymous"), "{error}");
 
+    // Podman's auth.json is read first; an entry there wins, none there means Docker's.
+    let podman = tempfile::tempdir().unwrap();
+    let auth_file = podman.path().join("auth.json");
+    let with_both = |podman_config: serde_json::Value, docker_config: serde_json::Value| {
+        std::fs::write(&auth_file, podman_config.to_string()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), docker_config.to_string()).unwrap();
+        let options = RegistryOptions {
+            docker_config: docker_config_path(Some(dir.path().to_owned()), None),
+            containers_auth: Some(auth_file.clone()),
+            credential_helper_path: Some(bin.path().as_os_str().to_owned()),
+            ..fast_options()
+        };
+        (dir, RegistryClient::new(options))
+    };
+    let (_dir, client) = with_both(
+        serde_json::json!({"auths": {host.clone(): {"username": "carol", "password": "helper-secret"}}}),
+        serde_json::json!({"auths": {host.clone(): {"username": "carol", "password": "wrong"}}}),
+    );
+    client.resolve(&reference(&text)).await.unwrap();
+    let (_dir, client) = with_both(
+        serde_json::json!({"auths": {}}),
+        serde_json::json!({"credsStore": "test"}),
+    );
+    client.resolve(&reference(&text)).await.unwrap();
+
     // A helper that is not installed: an error naming it and the config file.
     let (dir, client) = with_config(serde_json::json!({"credsStore": "absent"}));
     let error = client.resolve(&reference(&text)).await.unwrap_err();
@@ -430,6 +456,49 @@ async fn credentials_from_a_docker_credential_helper() {
         message.contains(&dir.path().join("config.json").display().to_string()),
         "{message}"
     );
+}
+
+/// Registry requests go through `HTTP_PROXY`'s proxy (here a loopback server that answers
+/// 404 to everything and notes what it was asked), unless `NO_PROXY` names the registry. The
+/// registry's name resolves nowhere, so only the proxy can have answered.
+#[tokio::test]
+async fn registry_requests_go_through_the_proxy_unless_no_proxy_names_the_registry() {
+    let proxy = FakeRegistry::start(|_, _| Reply::status(404)).await;
+    let registry = "registry.invalid:5000";
+    let text = format!("{registry}/team/app:v1");
+    let client = |no_proxy: Option<&str>| {
+        RegistryClient::new(RegistryOptions {
+            insecure_registries: vec![registry.to_owned()],
+            proxies: banger::oci::Proxies {
+                http: Some(format!("http://{}", proxy.address)),
+                https: None,
+                no_proxy: no_proxy.map(str::to_owned),
+            },
+            ..fast_options()
+        })
+    };
+    let asked = format!("http://{registry}/v2/team/app/manifests/v1");
+
+    let error = client(None).resolve(&reference(&text)).await.unwrap_err();
+    assert!(
+        matches!(error, OciError::ManifestNotFound { .. }),
+        "{error}"
+    );
+    assert!(
+        proxy.count(&asked) >= 1,
+        "the proxy was not asked for {asked}"
+    );
+
+    let before = proxy.count(&asked);
+    let error = client(Some("example.org,registry.invalid"))
+        .resolve(&reference(&text))
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(error, OciError::ManifestNotFound { .. }),
+        "{error}"
+    );
+    assert_eq!(proxy.count(&asked), before, "NO_PROXY was not honoured");
 }
 
 /// A fake registry holding one amd64 image whose config and manifest are served faithfully

@@ -339,7 +339,7 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
     let output = exec(&[name, "--", "/etc/hostname"]);
     assert_eq!(output.code, Some(126), "{output}");
     let output = exec(&["-w", "/no/such/dir", name, "--", "true"]);
-    assert_eq!(output.code, Some(125), "{output}");
+    assert_eq!(output.code, Some(126), "{output}");
     assert!(output.stderr.contains("/no/such/dir"), "{output}");
     let output = exec(&["no-such-vm", "--", "true"]);
     assert_eq!(output.code, Some(125), "{output}");
