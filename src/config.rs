@@ -344,8 +344,10 @@ impl Config {
         let fetched = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let fetcher =
-                        crate::fetch::Fetcher::new(crate::fetch::FetchOptions::default())?;
+                    let fetcher = crate::fetch::Fetcher::new(crate::fetch::FetchOptions {
+                        proxies: crate::oci::Proxies::from_env(),
+                        ..crate::fetch::FetchOptions::default()
+                    })?;
                     tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

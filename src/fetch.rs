@@ -28,7 +28,8 @@
 //! Known weaknesses:
 //! - A transfer that fails midway restarts from byte 0 (no `Range` resume).
 //! - `Retry-After` is not honoured; the backoff is the policy's.
-//! - HTTP proxies from the environment are not used (no system-proxy support compiled in).
+//! - Proxies come from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` ([`crate::oci::Proxies`]), as for
+//!   registries.
 //! - The downloaded file is renamed into place without fsync; the store decides durability.
 
 use std::path::{Path, PathBuf};
@@ -171,6 +172,8 @@ pub struct FetchOptions {
     /// Longest wait for any single read, so a stalled transfer fails (and is retried) instead
     /// of hanging.
     pub read_timeout: Duration,
+    /// `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`, as registries use them.
+    pub proxies: crate::oci::Proxies,
 }
 
 impl Default for FetchOptions {
@@ -179,6 +182,7 @@ impl Default for FetchOptions {
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(60),
+            proxies: crate::oci::Proxies::default(),
         }
     }
 }
@@ -312,11 +316,14 @@ impl Progress<'_> {
 impl Fetcher {
     pub fn new(options: FetchOptions) -> Result<Fetcher, FetchError> {
         install_tls_provider();
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(options.connect_timeout)
-            .read_timeout(options.read_timeout)
-            .build()
+            .read_timeout(options.read_timeout);
+        let client = options
+            .proxies
+            .apply(builder)
+            .and_then(reqwest::ClientBuilder::build)
             .map_err(|error| FetchError::ClientSetup {
                 message: error_chain(&error.without_url()),
             })?;

@@ -122,6 +122,26 @@ impl Proxies {
             no_proxy: read(crate::env::NO_PROXY),
         }
     }
+
+    /// `builder` with these proxies (for the HTTP clients banger builds itself; oci-client
+    /// gets them through its own settings).
+    pub fn apply(
+        &self,
+        mut builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, reqwest::Error> {
+        let no_proxy = || {
+            self.no_proxy
+                .as_deref()
+                .and_then(reqwest::NoProxy::from_string)
+        };
+        if let Some(url) = &self.https {
+            builder = builder.proxy(reqwest::Proxy::https(url)?.no_proxy(no_proxy()));
+        }
+        if let Some(url) = &self.http {
+            builder = builder.proxy(reqwest::Proxy::http(url)?.no_proxy(no_proxy()));
+        }
+        Ok(builder)
+    }
 }
 
 impl RegistryOptions {
@@ -611,32 +631,16 @@ impl RegistryClient {
             message: error_chain(&error),
         };
         // The same proxies oci-client is given for blobs and tokens.
-        let proxies = &self.options.proxies;
-        let no_proxy = || {
-            proxies
-                .no_proxy
-                .as_deref()
-                .and_then(reqwest::NoProxy::from_string)
-        };
-        let mut builder = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(self.options.connect_timeout)
             .read_timeout(self.options.read_timeout)
             .user_agent(USER_AGENT);
-        if let Some(url) = &proxies.https {
-            builder = builder.proxy(
-                reqwest::Proxy::https(url)
-                    .map_err(setup_error)?
-                    .no_proxy(no_proxy()),
-            );
-        }
-        if let Some(url) = &proxies.http {
-            builder = builder.proxy(
-                reqwest::Proxy::http(url)
-                    .map_err(setup_error)?
-                    .no_proxy(no_proxy()),
-            );
-        }
-        let client = builder.build().map_err(setup_error)?;
+        let client = self
+            .options
+            .proxies
+            .apply(builder)
+            .and_then(reqwest::ClientBuilder::build)
+            .map_err(setup_error)?;
         clients.insert(registry.to_owned(), client.clone());
         Ok(client)
     }

@@ -275,6 +275,7 @@ impl Services {
         let registry = crate::oci::RegistryOptions::from_env();
         let fetch = crate::fetch::FetchOptions {
             retry: registry.retry.clone(),
+            proxies: registry.proxies.clone(),
             ..crate::fetch::FetchOptions::default()
         };
         Ok(Services {

@@ -25,6 +25,7 @@ fn fetcher() -> Fetcher {
         retry: RetryPolicy::fast(3),
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_millis(500),
+        ..FetchOptions::default()
     })
     .unwrap()
 }
@@ -113,6 +114,41 @@ async fn a_download_is_verified_and_lands_whole() {
         .await
         .unwrap();
     assert_eq!(entries(destination.dir.path()), [destination.path()]);
+}
+
+/// A download from a host that resolves nowhere lands, verified, through `HTTP_PROXY`'s
+/// proxy (a loopback server that serves the file for the absolute URL it is asked for).
+#[tokio::test]
+async fn a_download_goes_through_the_proxy() {
+    let content = body();
+    let proxy = FakeRegistry::start({
+        let content = content.clone();
+        move |_, _| Reply::ok("application/zstd", content.clone())
+    })
+    .await;
+    let url = format!("http://downloads.invalid{PATH}");
+    let through_proxy = Fetcher::new(FetchOptions {
+        retry: RetryPolicy::fast(2),
+        proxies: banger::oci::Proxies {
+            http: Some(format!("http://{}", proxy.address)),
+            ..banger::oci::Proxies::default()
+        },
+        ..FetchOptions::default()
+    })
+    .unwrap();
+    let destination = Destination::new();
+    through_proxy
+        .fetch_verified(
+            &url,
+            &expected(&content),
+            &destination.path(),
+            |_, _| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(std::fs::read(destination.path()).unwrap() == content);
+    assert_eq!(proxy.count(&url), 1);
 }
 
 #[tokio::test]
