@@ -3,6 +3,7 @@
 //! -- CMD`) or the system `ssh` (`vm ssh`, the shell of a bare `vm run`).
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,6 +17,7 @@ use banger::spec::{ByteSize, NetworkMode, PortForward};
 
 use super::Context;
 use super::exit::ExitStatus;
+use super::printer::{human_bytes, human_duration};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -145,6 +147,18 @@ bound, unconnected UDP sockets, each with its address, port, the processes holdi
 agent from the guest's /proc, so it works in images without `ss` or `netstat`."
     )]
     Ports {
+        #[arg(add = super::complete::vm_names())]
+        name: String,
+    },
+    /// Show a running VM's resource use: its VMM's CPU and memory, its disks, the guest's own.
+    #[command(
+        long_about = "Show what a running VM uses: its VMM process's CPU (over one second, as \
+a percentage of one core, and in all since it started) and resident memory, its two disks \
+(bytes allocated on the host, of their size: they are sparse), and what the guest says of \
+itself through banger's agent: uptime, load, processes, available memory and the use of its \
+root file system and /root."
+    )]
+    Stats {
         #[arg(add = super::complete::vm_names())]
         name: String,
     },
@@ -341,6 +355,7 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
         }
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
         VmCommand::Ports { name } => ports(context, &runtime, &mut session, name),
+        VmCommand::Stats { name } => stats(context, &runtime, &mut session, name),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
         VmCommand::Proxy { host, port } => proxy(context, &runtime, &mut session, host, *port),
     }
@@ -763,14 +778,159 @@ pub(super) fn ssh(
         return Ok(ExitStatus::UserError);
     }
     let Some(argv) = ssh_argv(context, &vm, command)? else {
-        context.printer.error(&format!(
-            "VM `{name}` is not running; start it with `banger vm start {name}`"
-        ));
-        return Ok(ExitStatus::UserError);
+        return Ok(not_running(context, name));
     };
     wait_for_sshd(context, runtime, &vm);
     let error = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     Err(error).with_context(|| format!("cannot run {}", argv.join(" ")))
+}
+
+/// CPU time (user + system, in clock ticks) and resident bytes of process `pid`.
+fn process_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields resume after the command name's last `)`: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((ticks, rss_kib * 1024))
+}
+
+/// `vm stats NAME`.
+fn stats(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+) -> anyhow::Result<ExitStatus> {
+    use std::os::unix::fs::MetadataExt;
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(refused(context, &error)),
+    };
+    let (Some(pid), Some(agent)) = (vm.pid, vm.agent.as_ref()) else {
+        return Ok(not_running(context, name));
+    };
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|ticks| *ticks > 0)
+        .unwrap_or(100) as f64;
+    let started = std::time::Instant::now();
+    let before = process_usage(pid);
+    // The guest is asked while the CPU sample runs; the sample lasts a second at least.
+    let endpoint = agent.endpoint();
+    let guest = runtime.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut channel, _) = endpoint.wait_ready(deadline).await?;
+        let stats = channel.stats().await;
+        let elapsed = started.elapsed();
+        if elapsed < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1) - elapsed).await;
+        }
+        stats
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = process_usage(pid);
+    let (Some((ticks_before, _)), Some((ticks_after, rss_bytes))) = (before, after) else {
+        context.printer.error(&format!(
+            "VM `{name}`'s VMM (pid {pid}) is gone; `banger vm show {name}` says what it is now"
+        ));
+        return Ok(ExitStatus::UserError);
+    };
+    let cpu_percent =
+        ticks_after.saturating_sub(ticks_before) as f64 / ticks_per_second / elapsed * 100.0;
+    let cpu_seconds = ticks_after as f64 / ticks_per_second;
+    let guest = match guest {
+        Ok(guest) => Some(guest),
+        Err(banger::guest::GuestError::AgentCommand { stderr, .. })
+            if stderr.contains("unknown command") =>
+        {
+            context.printer.warn(&format!(
+                "the guest agent in VM `{name}` predates `vm stats` (image `{}`): only the \
+                 host's figures are shown",
+                vm.image
+            ));
+            None
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot ask VM `{name}` for its figures"));
+        }
+    };
+    let disks = banger::vm::storage::VmDisks::in_dir(Path::new(&vm.dir));
+    let disk_use: Vec<(String, u64, u64)> = [&disks.overlay, &disks.work]
+        .into_iter()
+        .filter_map(|path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            let name = path.file_name()?.to_string_lossy().into_owned();
+            Some((name, metadata.blocks() * 512, metadata.len()))
+        })
+        .collect();
+    let printer = &context.printer;
+    if printer.json {
+        printer.record(
+            "vm_stats",
+            json!({
+                "name": vm.name,
+                "vmm": {
+                    "pid": pid,
+                    "cpu_percent": cpu_percent,
+                    "cpu_seconds": cpu_seconds,
+                    "rss_bytes": rss_bytes,
+                },
+                "disks": disk_use.iter().map(|(name, allocated, size)| json!({
+                    "name": name,
+                    "allocated_bytes": allocated,
+                    "size_bytes": size,
+                })).collect::<Vec<_>>(),
+                "guest": guest,
+            }),
+        )?;
+        return Ok(ExitStatus::Success);
+    }
+    let mut text = format!(
+        "vmm:     pid {pid} · cpu {cpu_percent:.1}% of a core now, {cpu_seconds:.1} s in all · \
+         {} resident\ndisks:   {}\n",
+        human_bytes(rss_bytes),
+        disk_use
+            .iter()
+            .map(|(name, allocated, size)| format!(
+                "{name} {} of {}",
+                human_bytes(*allocated),
+                human_bytes(*size)
+            ))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    );
+    if let Some(guest) = &guest {
+        text.push_str(&format!(
+            "guest:   up {} · load {:.2} {:.2} {:.2} · {} processes\nmemory:  {} available of {}\n",
+            human_duration(Duration::from_secs_f64(guest.uptime_secs.max(0.0))),
+            guest.load[0],
+            guest.load[1],
+            guest.load[2],
+            guest.processes,
+            human_bytes(guest.memory_available_bytes),
+            human_bytes(guest.memory_total_bytes),
+        ));
+        for filesystem in &guest.filesystems {
+            text.push_str(&format!(
+                "{:<9}{} used of {}\n",
+                format!("{}:", filesystem.mount),
+                human_bytes(filesystem.used_bytes),
+                human_bytes(filesystem.total_bytes)
+            ));
+        }
+    }
+    printer.data(&text)?;
+    Ok(ExitStatus::Success)
 }
 
 /// `vm ports NAME`: the guest's listeners, from its agent.
@@ -785,10 +945,7 @@ fn ports(
         Err(error) => return Ok(refused(context, &error)),
     };
     let Some(agent) = vm.agent.as_ref().filter(|_| vm.state == "running") else {
-        context.printer.error(&format!(
-            "VM `{name}` is not running; start it with `banger vm start {name}`"
-        ));
-        return Ok(ExitStatus::UserError);
+        return Ok(not_running(context, name));
     };
     let endpoint = agent.endpoint();
     let listeners = runtime.block_on(async {
@@ -875,6 +1032,14 @@ fn ports(
     Ok(ExitStatus::Success)
 }
 
+/// Says that VM `name` is not running (for commands that need it running): exit 1.
+fn not_running(context: &Context, name: &str) -> ExitStatus {
+    context.printer.error(&format!(
+        "VM `{name}` is not running; start it with `banger vm start {name}`"
+    ));
+    ExitStatus::UserError
+}
+
 /// Why SSH cannot reach VM `name`: it has no network device (connecting would only hang).
 fn no_network(name: &str) -> String {
     format!(
@@ -907,10 +1072,7 @@ fn proxy(
         return Ok(ExitStatus::UserError);
     }
     let (Some(address), Some(ssh_port)) = (&vm.ssh_host, vm.ssh_port) else {
-        context.printer.error(&format!(
-            "VM `{name}` is not running; start it with `banger vm start {name}`"
-        ));
-        return Ok(ExitStatus::UserError);
+        return Ok(not_running(context, &name));
     };
     let Some((stream, greeting)) = connect_when_sshd_answers(address, ssh_port) else {
         context.printer.error(&format!(
@@ -1115,10 +1277,7 @@ fn exec(
         Err(error) => return Ok(refused(context, &error)),
     };
     if vm.state != "running" || vm.agent.is_none() {
-        context.printer.error(&format!(
-            "VM `{name}` is not running; start it with `banger vm start {name}`"
-        ));
-        return Ok(ExitStatus::UserError);
+        return Ok(not_running(context, name));
     }
     run_in_guest(runtime, &vm, &args.command, &args.guest, args.interactive)
 }

@@ -13,8 +13,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::error::GuestError;
 use super::protocol::{
     self, DATA_CHUNK, End, ErrorKind, ErrorReply, Exec, FileInfo, FrameHeader, FrameType, GetFile,
-    HEADER_LEN, Hello, Listener, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile, Ready,
-    encode_frame, encode_json_frame,
+    GuestStats, HEADER_LEN, Hello, Listener, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile,
+    Ready, encode_frame, encode_json_frame,
 };
 
 /// Where a guest's agent is reached.
@@ -388,7 +388,20 @@ impl GuestChannel {
     /// The guest's listening sockets with the processes holding them: the agent's own
     /// `ports --json` run through `Exec`, so it works in images without `ss` or `netstat`.
     pub async fn listeners(&mut self) -> Result<Vec<Listener>, GuestError> {
-        let argv = [crate::assets::AGENT_GUEST_PATH, "ports", "--json"];
+        self.agent_json("ports").await
+    }
+
+    /// The guest's uptime, load, memory and disk use: the agent's `stats --json`.
+    pub async fn stats(&mut self) -> Result<GuestStats, GuestError> {
+        self.agent_json("stats").await
+    }
+
+    /// Runs `banger-agent COMMAND --json` in the guest and parses what it prints.
+    async fn agent_json<T: DeserializeOwned>(
+        &mut self,
+        command: &'static str,
+    ) -> Result<T, GuestError> {
+        let argv = [crate::assets::AGENT_GUEST_PATH, command, "--json"];
         let request = Exec::argv(argv);
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
@@ -403,8 +416,8 @@ impl GuestChannel {
             });
         }
         serde_json::from_slice(&stdout).map_err(|error| GuestError::Protocol {
-            during: "ports",
-            message: format!("cannot parse the agent's listener list: {error}"),
+            during: command,
+            message: format!("cannot parse what `{}` printed: {error}", argv.join(" ")),
         })
     }
 

@@ -36,6 +36,6 @@ pub mod protocol;
 pub use client::{ExitStatus, GuestChannel, GuestEndpoint};
 pub use error::GuestError;
 pub use protocol::{
-    ErrorKind, Exec as ExecRequest, FileInfo, Listener, ListeningProcess, PROTOCOL_VERSION,
-    PutFile as PutFileRequest, Ready,
+    ErrorKind, Exec as ExecRequest, FileInfo, FilesystemUse, GuestStats, Listener,
+    ListeningProcess, PROTOCOL_VERSION, PutFile as PutFileRequest, Ready,
 };

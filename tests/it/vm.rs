@@ -371,6 +371,41 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
             "{flag:?}"
         );
     }
+    // `vm stats`: the VMM's figures from the host, the guest's through its agent.
+    let stats = context.run(&["--json", "vm", "stats", name]);
+    assert_eq!(stats.code, Some(0), "{stats}");
+    let stats = records(&stats.stdout)[0]["data"].clone();
+    assert!(
+        stats["vmm"]["rss_bytes"].as_u64().unwrap() > 16 << 20,
+        "{stats}"
+    );
+    assert!(
+        stats["vmm"]["cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{stats}"
+    );
+    let disks = stats["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{stats}");
+    assert!(
+        disks
+            .iter()
+            .all(|disk| disk["allocated_bytes"].as_u64() <= disk["size_bytes"].as_u64()),
+        "{stats}"
+    );
+    let guest = &stats["guest"];
+    let memory = guest["memory_total_bytes"].as_u64().unwrap();
+    assert!(
+        (768 << 20..=1 << 30).contains(&memory),
+        "a 1 GiB guest reports {memory} bytes: {stats}"
+    );
+    assert!(guest["processes"].as_u64().unwrap() > 1, "{stats}");
+    let mounts: Vec<&str> = guest["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|filesystem| filesystem["mount"].as_str().unwrap())
+        .collect();
+    assert_eq!(mounts, ["/", "/root"], "{stats}");
+
     // A running VM is deleted only with -f; `stop -t 0` gives the guest no time.
     let refused = context.run(&["vm", "rm", name]);
     assert_eq!(refused.code, Some(1), "{refused}");
@@ -389,6 +424,12 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
         started.elapsed()
     );
     assert_eq!(show(context, name)["state"], "stopped");
+    let not_running = context.run(&["vm", "stats", name]);
+    assert_eq!(not_running.code, Some(1), "{not_running}");
+    assert!(
+        not_running.stderr.contains("is not running"),
+        "{not_running}"
+    );
     vm_ok(context, name, &["vm", "rm", name]);
     assert!(!vm_dir(context, name).exists(), "vm rm left the VM's files");
 

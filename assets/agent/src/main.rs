@@ -29,6 +29,7 @@ mod ports;
 mod protocol;
 mod reaper;
 mod serve;
+mod stats;
 mod wire;
 
 use std::path::PathBuf;
@@ -53,6 +54,7 @@ fn usage() -> String {
        banger-agent network-up [--cmdline FILE]
        banger-agent first-boot [--quiet]
        banger-agent ports [--json]   (listening sockets and their processes)
+       banger-agent stats [--json]   (uptime, load, memory, disk use)
        banger-agent --version
 
 Serves banger's guest protocol v{PROTOCOL_VERSION}: by default on vsock port {DEFAULT_PORT} and
@@ -174,6 +176,7 @@ fn main() -> ExitCode {
         "network-up" => network_up(rest),
         "first-boot" => firstboot::command(rest),
         "ports" => ports::command(rest),
+        "stats" => stats::command(rest),
         other => Err(format!("unknown command `{other}`\n{}", usage())),
     };
     match result {

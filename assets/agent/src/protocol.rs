@@ -321,6 +321,30 @@ pub struct ListeningProcess {
     pub name: String,
 }
 
+/// What the guest says of itself, as `banger-agent stats --json` prints it (one JSON object;
+/// the host runs it through `Exec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// Seconds since the guest's kernel started (`/proc/uptime`).
+    pub uptime_secs: f64,
+    /// The 1, 5 and 15 minute load averages (`/proc/loadavg`).
+    pub load: [f64; 3],
+    /// Processes that exist (`/proc/loadavg`'s fourth field, after the slash).
+    pub processes: u64,
+    pub memory_total_bytes: u64,
+    /// What the kernel estimates it could give without swapping (`MemAvailable`).
+    pub memory_available_bytes: u64,
+    /// The root file system and `/root` (the work disk), as `df` shows them.
+    pub filesystems: Vec<FilesystemUse>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesystemUse {
+    pub mount: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
 /// The class of an `Error`, for programs; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
