@@ -19,6 +19,7 @@ mod exit;
 mod graph;
 mod image;
 mod kernel;
+mod man;
 mod network;
 mod printer;
 mod reporters;
@@ -139,6 +140,8 @@ zsh: `banger completion zsh > \"${fpath[1]}/_banger\"`; fish: `banger completion
 ~/.config/fish/completions/banger.fish`."
     )]
     Completion(complete::CompletionArgs),
+    /// Write manual pages (banger.1 and one per command) into a directory.
+    Man(man::ManArgs),
     /// banger's bridge for `--network tap` VMs: show it, or remove it (`down`).
     #[command(subcommand)]
     Network(network::NetworkCommand),
@@ -354,6 +357,7 @@ pub fn run() -> ExitStatus {
         Command::Daemon(command) => daemon::run(&mut context, &command),
         Command::Vm(command) => vm::run(&mut context, &command),
         Command::Completion(args) => complete::run(&mut context, &args),
+        Command::Man(args) => man::run(&mut context, &args),
     };
     let status = match result {
         Ok(status) => status,

@@ -244,6 +244,7 @@ fn help_lists_only_working_commands_and_usage_errors_exit_1() {
             "kernel",
             "ssh-config",
             "completion",
+            "man",
             "network",
             "doctor",
             "cache",
@@ -540,4 +541,29 @@ fn completion_in_bash_offers_subcommands_and_existing_vm_names_without_a_daemon(
     .unwrap()
     .socket();
     assert!(!socket.exists(), "{} exists", socket.display());
+}
+
+/// `banger man DIR` writes a page for banger and one per command, from the same definitions
+/// as `--help`, and leaves nothing else behind.
+#[test]
+fn man_writes_a_page_per_command() {
+    let context = TestContext::new();
+    let dir = context.root.path().join("man/man1");
+    let output = context.run(&["man", dir.to_str().unwrap()]);
+    assert_eq!(output.code, Some(0), "{output}");
+    let page = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|error| panic!("{name}: {error}"))
+    };
+    let top = page("banger.1");
+    assert!(top.contains(".TH banger 1"), "{top}");
+    let exec = page("banger-vm-exec.1");
+    assert!(exec.contains(".TH banger-vm-exec 1"), "{exec}");
+    assert!(exec.contains("\\-\\-workdir"), "{exec}");
+    assert!(dir.join("banger-completion.1").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".1"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
