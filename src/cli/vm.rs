@@ -850,9 +850,7 @@ fn stats(
     let cpu_seconds = ticks_after as f64 / ticks_per_second;
     let guest = match guest {
         Ok(guest) => Some(guest),
-        Err(banger::guest::GuestError::AgentCommand { stderr, .. })
-            if stderr.contains("unknown command") =>
-        {
+        Err(banger::guest::GuestError::AgentTooOld { .. }) => {
             context.printer.warn(&format!(
                 "the guest agent in VM `{name}` predates `vm stats` (image `{}`): only the \
                  host's figures are shown",
@@ -955,9 +953,7 @@ fn ports(
     });
     let listeners = match listeners {
         Ok(listeners) => listeners,
-        Err(banger::guest::GuestError::AgentCommand { stderr, .. })
-            if stderr.contains("unknown command") =>
-        {
+        Err(banger::guest::GuestError::AgentTooOld { .. }) => {
             context.printer.error(&format!(
                 "the guest agent in VM `{name}` predates `vm ports` (image `{image}`); \
                  `banger image pull {image}` brings the current agent into the image, and VMs \

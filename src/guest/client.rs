@@ -409,10 +409,16 @@ impl GuestChannel {
             .exec(&request, &[][..], &mut stdout, &mut stderr)
             .await?;
         if !status.success() {
+            let stderr = String::from_utf8_lossy(&stderr);
+            // The agent's answer to a command it does not have (`banger-agent: unknown
+            // command`): an image built before this banger.
+            if stderr.contains("unknown command") {
+                return Err(GuestError::AgentTooOld { command });
+            }
             return Err(GuestError::AgentCommand {
                 argv: argv.join(" "),
                 status: status.to_string(),
-                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+                stderr: stderr.trim().to_owned(),
             });
         }
         serde_json::from_slice(&stdout).map_err(|error| GuestError::Protocol {

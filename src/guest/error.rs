@@ -65,6 +65,8 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
+    #[error("the guest's agent has no `{command}` command: its image predates this banger")]
+    AgentTooOld { command: &'static str },
     #[error("`{argv}` failed in the guest ({status}): {stderr}")]
     AgentCommand {
         argv: String,
