@@ -31,4 +31,5 @@ pub mod ssh;
 pub mod state;
 pub mod steps;
 pub mod store;
+pub mod untar;
 pub mod vm;

@@ -124,6 +124,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
         InspectError,
         StoreError,
         banger::ops::ssh_config::SshConfigError,
+        banger::ops::copy::CopyError,
     );
     ErrorClass::Environment
 }

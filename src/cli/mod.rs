@@ -13,6 +13,7 @@
 mod build;
 mod cache;
 pub mod complete;
+mod copy;
 mod daemon;
 mod doctor;
 mod exit;

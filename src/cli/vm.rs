@@ -59,6 +59,27 @@ Examples:
   tar c src | banger vm exec -i box -- tar x -C /root"
     )]
     Exec(ExecArgs),
+    /// Copy files or directories between the host and a running VM.
+    #[command(
+        long_about = "Copy a file or directory tree between the host and the running VM NAME, \
+one side written NAME:/path (absolute in the guest), the other a host path, as `docker cp` has \
+it: into an existing directory DST the source goes under its own name; a DST that does not \
+exist becomes the copy; SRC/. copies a directory's contents. `-` as DST writes a tar stream to \
+stdout, `-` as SRC extracts one from stdin into the guest directory DST.
+
+Modes, times and symlinks are kept. Copies into the guest are owned by root (with -a, by the \
+host's uid and gid); copies onto the host by you, without setuid/setgid bits, devices or \
+FIFOs. What the guest sends is checked before it lands: entries that would leave the \
+destination or write through a symlink are refused and nothing is written. A directory copied \
+onto an existing one is merged into it. The guest needs `tar` and `sh` (busybox's will do).
+
+Examples:
+  banger vm cp ./src box:/root/src
+  banger vm cp box:/var/log/app.log .
+  banger vm cp box:/root/out/. ./results
+  banger vm cp box:/etc - | tar t"
+    )]
+    Cp(super::copy::CpArgs),
     /// Create a VM (stopped): its disks, its links to the image and kernel, its record.
     Create(CreateArgs),
     /// Boot a stopped VM and wait until its agent answers.
@@ -354,6 +375,7 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
             logs(context, &runtime, &mut session, name, *follow, *tail)
         }
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
+        VmCommand::Cp(args) => super::copy::cp(context, &runtime, &mut session, args),
         VmCommand::Ports { name } => ports(context, &runtime, &mut session, name),
         VmCommand::Stats { name } => stats(context, &runtime, &mut session, name),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
@@ -1029,7 +1051,7 @@ fn ports(
 }
 
 /// Says that VM `name` is not running (for commands that need it running): exit 1.
-fn not_running(context: &Context, name: &str) -> ExitStatus {
+pub(super) fn not_running(context: &Context, name: &str) -> ExitStatus {
     context.printer.error(&format!(
         "VM `{name}` is not running; start it with `banger vm start {name}`"
     ));

@@ -5,26 +5,19 @@
 //! to even offsets) whose first member is `debian-binary` (`2.0\n`), followed by
 //! `control.tar.*` and `data.tar.*` (xz, zstd, gzip or plain; sniffed by magic).
 //!
-//! Extraction ([`DebPackage::extract`]):
-//! 1. A temp directory is made beside the destination (which must not exist yet).
-//! 2. `data.tar.*` is streamed entry by entry. Each path is normalized (`./` dropped) and
-//!    refused if absolute or containing `..`; unselected entries are skipped.
-//! 3. Parent directories are created as needed; an existing symlink on the way is refused, so
-//!    nothing is ever written through a link. Symlinks are kept only when their target,
-//!    resolved from the link's own directory, stays inside (absolute targets are refused);
-//!    hard links only to files already extracted. Devices and FIFOs are refused.
-//! 4. Modes keep their permission bits only (no setuid/setgid).
-//! 5. On success the temp directory is renamed to the destination; on any error it is
-//!    removed, so a failed extraction leaves nothing.
+//! Extraction ([`DebPackage::extract`]): a temp directory is made beside the destination
+//! (which must not exist yet), `data.tar.*` is streamed into it under `untar`'s confinement
+//! (no absolute paths or `..`, nothing written through a symlink, symlinks only to targets
+//! inside, hard links only to files extracted before, no devices or FIFOs, permission bits
+//! only), skipping unselected entries; on success the temp directory is renamed to the
+//! destination, on any error it is removed, so a failed extraction leaves nothing.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::compression::{self, Compression};
+use crate::untar::{self, UntarError, normalize};
 
 /// Errors from reading or extracting a Debian package.
 #[derive(Debug, thiserror::Error)]
@@ -427,209 +420,51 @@ impl DebPackage {
         select: &dyn Fn(&Path) -> bool,
     ) -> Result<ExtractSummary, DebError> {
         let member = self.tar_member("data.tar")?;
-        let member_error = |source| DebError::Member {
-            path: self.path.clone(),
-            member: member.name.clone(),
-            source,
-        };
-        let mut summary = ExtractSummary::default();
         let mut archive = tar::Archive::new(self.tar_stream(member)?);
-        for entry in archive.entries().map_err(member_error)? {
-            let mut entry = entry.map_err(member_error)?;
-            let raw = entry.path_bytes().into_owned();
-            let entry_name = String::from_utf8_lossy(&raw).into_owned();
-            let refuse = |reason: String| DebError::UnsafeEntry {
-                path: self.path.clone(),
-                entry: entry_name.clone(),
-                reason,
-            };
-            let kind = entry.header().entry_type();
-            if matches!(
-                kind,
-                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
-            ) {
-                continue;
-            }
-            let relative = normalize(&raw).map_err(|reason| refuse(reason.into()))?;
-            if relative.as_os_str().is_empty() || !select(&relative) {
-                continue;
-            }
-            let target = root.join(&relative);
-            let write_error = |source| DebError::Write {
-                path: self.path.clone(),
-                entry: entry_name.clone(),
-                target: target.clone(),
-                source,
-            };
-            prepare_parents(root, &relative).map_err(&refuse)?;
-            let mode = entry.header().mode().map_err(member_error)? & 0o777;
-            match kind {
-                tar::EntryType::Directory => {
-                    match target.symlink_metadata() {
-                        Ok(meta) if meta.is_dir() => {}
-                        Ok(_) => return Err(refuse("a directory replaces another entry".into())),
-                        Err(_) => {
-                            std::fs::create_dir(&target).map_err(write_error)?;
-                            summary.directories += 1;
-                        }
-                    }
-                    // Owner rwx so the rest of the tree can be written (and later removed).
-                    std::fs::set_permissions(
-                        &target,
-                        std::fs::Permissions::from_mode(mode | 0o700),
-                    )
-                    .map_err(write_error)?;
+        let summary =
+            untar::extract_into(&mut archive, root, &PACKAGE_RULES, select).map_err(|error| {
+                match error {
+                    UntarError::Read { source } => DebError::Member {
+                        path: self.path.clone(),
+                        member: member.name.clone(),
+                        source,
+                    },
+                    UntarError::Unsafe { entry, reason } => DebError::UnsafeEntry {
+                        path: self.path.clone(),
+                        entry,
+                        reason,
+                    },
+                    UntarError::Write {
+                        entry,
+                        target,
+                        source,
+                    } => DebError::Write {
+                        path: self.path.clone(),
+                        entry,
+                        target,
+                        source,
+                    },
                 }
-                kind if kind.is_file() || kind == tar::EntryType::GNUSparse => {
-                    let mut file = File::create_new(&target).map_err(|error| {
-                        if error.kind() == io::ErrorKind::AlreadyExists {
-                            refuse("the path appears twice in the package".into())
-                        } else {
-                            write_error(error)
-                        }
-                    })?;
-                    summary.bytes += io::copy(&mut entry, &mut file).map_err(write_error)?;
-                    file.set_permissions(std::fs::Permissions::from_mode(mode))
-                        .map_err(write_error)?;
-                    summary.files += 1;
-                }
-                tar::EntryType::Symlink => {
-                    let link = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| refuse("a symlink without a target".into()))?
-                        .into_owned();
-                    check_symlink_target(&relative, &link).map_err(&refuse)?;
-                    std::os::unix::fs::symlink(OsStr::from_bytes(&link), &target).map_err(
-                        |error| {
-                            if error.kind() == io::ErrorKind::AlreadyExists {
-                                refuse("the path appears twice in the package".into())
-                            } else {
-                                write_error(error)
-                            }
-                        },
-                    )?;
-                    summary.symlinks += 1;
-                }
-                tar::EntryType::Link => {
-                    let link = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| refuse("a hard link without a target".into()))?
-                        .into_owned();
-                    let source = normalize(&link)
-                        .map_err(|reason| refuse(format!("hard link target: {reason}")))?;
-                    let existing = root.join(&source);
-                    let is_extracted_file = no_symlink_above(root, &source)
-                        && existing.symlink_metadata().is_ok_and(|meta| meta.is_file());
-                    if !is_extracted_file {
-                        return Err(refuse(format!(
-                            "a hard link to {source:?}, which is not a file extracted before it"
-                        )));
-                    }
-                    std::fs::hard_link(&existing, &target).map_err(write_error)?;
-                    summary.hard_links += 1;
-                }
-                other => {
-                    return Err(refuse(format!(
-                        "entry type {other:?} (devices, FIFOs and the like) is not extracted"
-                    )));
-                }
-            }
-        }
-        Ok(summary)
-    }
-}
-
-/// An archive path made relative and plain: `./boot/x` → `boot/x`. Absolute paths and `..`
-/// are refused rather than "fixed", since a package that carries them is not to be trusted.
-pub fn normalize(raw: &[u8]) -> Result<PathBuf, &'static str> {
-    if raw.contains(&0) {
-        return Err("the path contains a NUL byte");
-    }
-    let path = Path::new(OsStr::from_bytes(raw));
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("the path is absolute");
-            }
-            Component::ParentDir => return Err("the path contains `..`"),
-        }
-    }
-    Ok(out)
-}
-
-/// Creates the directories above `relative` inside `root`, refusing to pass through a
-/// symlink or a non-directory.
-fn prepare_parents(root: &Path, relative: &Path) -> Result<(), String> {
-    let mut at = root.to_path_buf();
-    let Some(parent) = relative.parent() else {
-        return Ok(());
-    };
-    for part in parent.components() {
-        at.push(part);
-        match at.symlink_metadata() {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(format!(
-                    "it would be written through the symlink {:?}",
-                    at.strip_prefix(root).unwrap_or(&at)
-                ));
-            }
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "{:?} above it is not a directory",
-                    at.strip_prefix(root).unwrap_or(&at)
-                ));
-            }
-            Err(_) => std::fs::create_dir(&at)
-                .map_err(|error| format!("cannot create {at:?}: {error}"))?,
-        }
-    }
-    Ok(())
-}
-
-/// Whether every directory above `relative` inside `root` exists and is a real directory.
-fn no_symlink_above(root: &Path, relative: &Path) -> bool {
-    let mut at = root.to_path_buf();
-    relative.parent().is_none_or(|parent| {
-        parent.components().all(|part| {
-            at.push(part);
-            at.symlink_metadata().is_ok_and(|meta| meta.is_dir())
+            })?;
+        Ok(ExtractSummary {
+            files: summary.files,
+            directories: summary.directories,
+            symlinks: summary.symlinks,
+            hard_links: summary.hard_links,
+            bytes: summary.bytes,
         })
-    })
+    }
 }
 
-/// Refuses a symlink at `relative` whose target is absolute or climbs out of the root.
-fn check_symlink_target(relative: &Path, target: &[u8]) -> Result<(), String> {
-    if target.is_empty() {
-        return Err("a symlink with an empty target".into());
-    }
-    if target.starts_with(b"/") {
-        return Err(format!(
-            "a symlink to the absolute path {:?}, which would point outside",
-            String::from_utf8_lossy(target)
-        ));
-    }
-    // Depth of the directory holding the link, then walk the target lexically; extraction
-    // never writes below a symlink, so lexical resolution matches the tree on disk.
-    let mut depth = relative.components().count() as i64 - 1;
-    for part in Path::new(OsStr::from_bytes(target)).components() {
-        match part {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            _ => {}
-        }
-        if depth < 0 {
-            return Err(format!(
-                "a symlink to {:?}, which climbs out of the package",
-                String::from_utf8_lossy(target)
-            ));
-        }
-    }
-    Ok(())
-}
+/// A package's files stay inside the destination, keep permission bits only (no
+/// setuid/setgid) and leave every directory writable by its owner, so the tree can be removed.
+const PACKAGE_RULES: untar::Rules = untar::Rules {
+    link_targets: untar::LinkTargets::Inside,
+    special_files: untar::SpecialFiles::Refuse,
+    mode_mask: 0o777,
+    directory_mode_floor: 0o700,
+    keep_times: false,
+};
 
 /// Builds `.deb` files in memory for tests.
 #[cfg(test)]
@@ -726,6 +561,7 @@ pub(crate) mod build {
 mod tests {
     use super::build::Entry;
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const CONTROL: &str = "Package: linux-image-cloud-amd64\nVersion: 6.1.192-2\nDepends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2), foo:any | bar (>= 1.0) [amd64]\nDescription: meta\n more text\n";
 

@@ -11,6 +11,8 @@
 //!   the daemon.
 //! - `workspace`: a project directory as the tar stream `banger up` imports (git-aware,
 //!   incremental).
+//! - `copy`: `banger vm cp`: files and trees between host and guest as a tar stream, the
+//!   guest's side extracted under confinement.
 //! - `doctor`: what the host can do.
 //!
 //! Layering: `cli` (the binary) and `daemon` call `ops`; `ops` calls everything below it
@@ -20,6 +22,7 @@
 //! store, where a per-step lock makes two processes that need one step build it once.
 
 pub mod build;
+pub mod copy;
 pub mod doctor;
 pub mod graph;
 pub mod images;

@@ -49,6 +49,15 @@ impl Agent {
         Agent::spawn(dir, &socket, shell)
     }
 
+    /// `banger-agent --listen-unix`, with `PATH` set to `path` for the commands it runs.
+    pub(crate) fn start_with_path(path: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut command = Command::new(crate::support::agent_binary());
+        command.arg("--listen-unix").arg(&socket).env("PATH", path);
+        Agent::spawn(dir, &socket, command)
+    }
+
     /// Starts the agent with `args` and waits for `socket`, wherever it is, to appear.
     fn start_listening_at(dir: tempfile::TempDir, socket: &Path, args: Vec<String>) -> Agent {
         let mut command = Command::new(crate::support::agent_binary());
@@ -89,7 +98,7 @@ impl Agent {
         self.dir.path().join("agent.sock")
     }
 
-    async fn channel(&self) -> GuestChannel {
+    pub(crate) async fn channel(&self) -> GuestChannel {
         crate::support::connect_agent(&self.socket()).await
     }
 }

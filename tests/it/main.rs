@@ -2,6 +2,7 @@
 
 mod bundle;
 mod cli;
+mod copy;
 mod daemon;
 mod engine;
 mod ext4;

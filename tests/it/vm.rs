@@ -406,6 +406,8 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
         .collect();
     assert_eq!(mounts, ["/", "/root"], "{stats}");
 
+    check_vm_cp(context, name);
+
     // A running VM is deleted only with -f; `stop -t 0` gives the guest no time.
     let refused = context.run(&["vm", "rm", name]);
     assert_eq!(refused.code, Some(1), "{refused}");
@@ -1115,4 +1117,108 @@ fn vm_logs_tails_and_never_lets_the_guest_drive_the_terminal() {
         let output = vm_ok(&context, "chatty", &args);
         assert!(output.stdout.contains(expected), "vm {alias}: {output}");
     }
+}
+
+/// `vm cp` with the guest's own tar: a tree into the guest and back with modes and links, a
+/// tar stream to stdout, and a hostile stream from the guest refused with nothing written.
+fn check_vm_cp(context: &TestContext, name: &str) {
+    let host = tempfile::tempdir().unwrap();
+    let tree = crate::copy::make_tree(host.path());
+    let into = context.run(&[
+        "vm",
+        "cp",
+        tree.to_str().unwrap(),
+        &format!("{name}:/root/"),
+    ]);
+    assert_eq!(into.code, Some(0), "{into}");
+    assert!(into.stderr.contains("copied 3 files"), "{into}");
+    let listed = context.run(&[
+        "vm",
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%a %U %n' /root/tree/run.sh /root/tree/sub/data.txt; readlink /root/tree/link",
+    ]);
+    assert_eq!(
+        listed.stdout,
+        "755 root /root/tree/run.sh\n640 root /root/tree/sub/data.txt\nsub/data.txt\n",
+        "{listed}"
+    );
+
+    let back = host.path().join("back");
+    let out = context.run(&[
+        "vm",
+        "cp",
+        &format!("{name}:/root/tree"),
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, Some(0), "{out}");
+    crate::copy::assert_same_tree(&back);
+
+    // `-` as the destination: the raw tar stream on stdout.
+    let streamed = context
+        .command(&["vm", "cp", &format!("{name}:/root/tree/sub"), "-"])
+        .output()
+        .unwrap();
+    assert_eq!(streamed.status.code(), Some(0));
+    let mut archive = tar::Archive::new(&streamed.stdout[..]);
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|entry| entry.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|entry| entry.ends_with("sub/data.txt")),
+        "{names:?}"
+    );
+
+    // A guest whose `tar` sends an entry through a symlink out of the destination.
+    let hostile = host.path().join("hostile.tar");
+    let mut bytes = Vec::new();
+    {
+        let mut builder = tar::Builder::new(&mut bytes);
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o777);
+        header.set_size(0);
+        builder
+            .append_link(&mut header, "loot/out", host.path().join("outside"))
+            .unwrap();
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(6);
+        builder
+            .append_data(&mut header, "loot/out/pwned", &b"pwned\n"[..])
+            .unwrap();
+        builder.finish().unwrap();
+    }
+    std::fs::write(&hostile, bytes).unwrap();
+    std::fs::create_dir(host.path().join("outside")).unwrap();
+    let put = context.run(&[
+        "vm",
+        "cp",
+        hostile.to_str().unwrap(),
+        &format!("{name}:/root/hostile.tar"),
+    ]);
+    assert_eq!(put.code, Some(0), "{put}");
+    let rigged = context.run(&[
+        "vm", "exec", name, "--", "sh", "-c",
+        "printf '#!/bin/sh\\nexec cat /root/hostile.tar\\n' > /usr/local/bin/tar && chmod 755 /usr/local/bin/tar",
+    ]);
+    assert_eq!(rigged.code, Some(0), "{rigged}");
+    let destination = host.path().join("loot-copy");
+    let refused = context.run(&[
+        "vm",
+        "cp",
+        &format!("{name}:/root/loot"),
+        destination.to_str().unwrap(),
+    ]);
+    let restored = context.run(&["vm", "exec", name, "--", "rm", "/usr/local/bin/tar"]);
+    assert_eq!(restored.code, Some(0), "{restored}");
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(refused.stderr.contains("symlink"), "{refused}");
+    assert!(!host.path().join("outside/pwned").exists());
+    assert!(!destination.exists());
 }
