@@ -95,6 +95,19 @@ Examples:
     },
     /// Stop a VM, then start it again.
     Restart(StartArgs),
+    /// Change a stopped VM's vCPUs, memory or disk size (disks only grow).
+    #[command(
+        long_about = "Change a stopped VM's vCPUs, memory or disk size; the VM boots with them \
+from its next start. --disk grows both of its disks, the writable layer and the /root work \
+disk, file systems included (checked with e2fsck, grown with resize2fs: e2fsprogs is needed); \
+disks never shrink. `banger up` makes its VM again when the shape differs from the \
+Bangerfile's.
+
+Examples:
+  banger vm set box --vcpu 4 --memory 4G
+  banger vm set box --disk 32G"
+    )]
+    Set(SetArgs),
     /// Stop a VM's VMM at once, with no guest shutdown.
     Kill {
         #[arg(add = super::complete::vm_names())]
@@ -189,6 +202,22 @@ root file system and /root."
         #[arg(short, long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("change").required(true).multiple(true))]
+pub struct SetArgs {
+    #[arg(add = super::complete::vm_names())]
+    name: String,
+    /// Virtual CPUs.
+    #[arg(long, group = "change", value_parser = clap::value_parser!(u32).range(1..=256))]
+    vcpu: Option<u32>,
+    /// Memory, e.g. `4G`, `1536M`.
+    #[arg(long, group = "change", value_parser = ByteSize::parse)]
+    memory: Option<ByteSize>,
+    /// Both disks' size, e.g. `32G`: larger than now (they never shrink).
+    #[arg(long, group = "change", value_parser = ByteSize::parse)]
+    disk: Option<ByteSize>,
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +390,15 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
                 timeout_secs: Some(args.timeout),
             };
             one_vm(context, &runtime, &mut session, &request, "running")
+        }
+        VmCommand::Set(args) => {
+            let request = Request::VmSet(banger::daemon::protocol::SetVm {
+                name: args.name.clone(),
+                vcpus: args.vcpu,
+                memory_mib: args.memory.map(|size| size.bytes() >> 20),
+                disk_bytes: args.disk.map(|size| size.bytes()),
+            });
+            one_vm(context, &runtime, &mut session, &request, "updated")
         }
         VmCommand::Kill { name } => {
             let request = Request::VmKill { name: name.clone() };

@@ -10,8 +10,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
-/// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one;
+/// 7: `VmSet`).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -44,6 +45,8 @@ pub enum Request {
         name: String,
         timeout_secs: Option<u64>,
     },
+    /// A stopped VM's vCPUs, memory or disk size (grown). Answered by [`Response::Vm`].
+    VmSet(SetVm),
     /// Stop the VMM at once (no guest shutdown).
     VmKill {
         name: String,
@@ -68,7 +71,7 @@ pub enum Request {
     NetworkDown,
 }
 
-pub use crate::ops::vms::{CreateVm, UpReport, UpVm, VmInfo};
+pub use crate::ops::vms::{CreateVm, SetVm, UpReport, UpVm, VmInfo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]

@@ -277,6 +277,10 @@ async fn serve_vm_request(
                 .restart(&name, timeout(timeout_secs), &events)
                 .await
                 .map(|info| Response::Vm(Box::new(info))),
+            Request::VmSet(set) => vms
+                .set(&set, &events)
+                .await
+                .map(|info| Response::Vm(Box::new(info))),
             Request::VmKill { name } => vms
                 .kill(&name)
                 .await

@@ -163,6 +163,14 @@ pub const TOOLS: &[Tool] = &[
         required: false,
     },
     Tool {
+        name: "resize2fs",
+        program: "resize2fs",
+        version_args: &[],
+        needed_for: "`banger vm set --disk`: growing a VM's disks (with e2fsck)",
+        install: Install::Apt("e2fsprogs"),
+        required: false,
+    },
+    Tool {
         name: "ip",
         program: "ip",
         version_args: &["-V"],
@@ -579,6 +587,7 @@ mod tests {
                 ),
                 ("ssh", missing, Some("sudo apt-get install openssh-client")),
                 ("git", missing, Some("sudo apt-get install git")),
+                ("resize2fs", missing, Some("sudo apt-get install e2fsprogs")),
                 ("ip", missing, Some("sudo apt-get install iproute2")),
                 ("nft", missing, Some("sudo apt-get install nftables")),
             ]

@@ -128,6 +128,25 @@ pub enum VmError {
          with `banger vm rm -f {name}`"
     )]
     DeleteRunning { name: String },
+    #[error(
+        "VM `{name}` is running; its shape can change only while it is stopped (`banger vm \
+         stop {name}`)"
+    )]
+    SetRunning { name: String },
+    #[error(
+        "VM `{name}`'s disks are {current} bytes; they can grow, not shrink (asked: {requested})"
+    )]
+    DiskShrink {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
+    #[error("{what} must be at least {min}, not {requested}")]
+    ShapeTooSmall {
+        what: &'static str,
+        min: u64,
+        requested: u64,
+    },
 }
 
 impl crate::error::Classify for VmError {
@@ -147,6 +166,9 @@ impl crate::error::Classify for VmError {
             | VmError::AddressPoolFull { .. }
             | VmError::TapVmsRunning { .. }
             | VmError::DeleteRunning { .. }
+            | VmError::SetRunning { .. }
+            | VmError::DiskShrink { .. }
+            | VmError::ShapeTooSmall { .. }
             | VmError::Config(_) => ErrorClass::User,
             VmError::Network(error) => error.class(),
             VmError::Backend(
@@ -177,6 +199,20 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError
 pub trait VmProgress: Reporter {
     fn note(&self, text: String);
 }
+
+/// `vm set`: a stopped VM's new shape; `None` fields keep what it has. Part of the daemon's
+/// wire format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetVm {
+    pub name: String,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    /// Both disks' size; they grow (file system included), never shrink.
+    pub disk_bytes: Option<u64>,
+}
+
+/// The least memory `vm set` gives a VM: a Debian guest with systemd needs about this much.
+pub const MIN_MEMORY_MIB: u64 = 128;
 
 /// What `vm create` / `vm run` ask for; `None` fields take the defaults. Part of the daemon's
 /// wire format ([`crate::daemon::protocol`]).
@@ -1133,6 +1169,75 @@ impl Vms {
             Ok(_) | Err(VmError::NotRunning { .. }) => self.start(name, timeout, events).await,
             Err(error) => Err(error),
         }
+    }
+
+    /// Changes a stopped VM's vCPUs, memory and disk size, used from its next start. Disks
+    /// grow before the record changes, so an interrupted `set` is run again as it was.
+    pub async fn set(&self, request: &SetVm, events: &dyn VmProgress) -> Result<VmInfo, VmError> {
+        let name = &request.name;
+        let lock = self.lock(name);
+        let _held = lock.lock().await;
+        let record = self.state()?.require_vm(name)?;
+        if self.running(&record).await?.is_some() {
+            return Err(VmError::SetRunning { name: name.clone() });
+        }
+        if let Some(vcpus) = request.vcpus
+            && vcpus == 0
+        {
+            return Err(VmError::ShapeTooSmall {
+                what: "--vcpu",
+                min: 1,
+                requested: 0,
+            });
+        }
+        if let Some(memory_mib) = request.memory_mib
+            && memory_mib < MIN_MEMORY_MIB
+        {
+            return Err(VmError::ShapeTooSmall {
+                what: "--memory (MiB)",
+                min: MIN_MEMORY_MIB,
+                requested: memory_mib,
+            });
+        }
+        let disk_bytes = request.disk_bytes.unwrap_or(record.disk_bytes);
+        if disk_bytes < record.disk_bytes {
+            return Err(VmError::DiskShrink {
+                name: name.clone(),
+                current: record.disk_bytes,
+                requested: disk_bytes,
+            });
+        }
+        let updated = VmRecord {
+            vcpus: request.vcpus.unwrap_or(record.vcpus),
+            memory_mib: request.memory_mib.unwrap_or(record.memory_mib),
+            disk_bytes,
+            ..record.clone()
+        };
+        let shape = |record: &VmRecord| VmShape {
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            disk_bytes: record.disk_bytes,
+        };
+        if disk_bytes > record.disk_bytes {
+            events.note(format!(
+                "growing the disks of `{name}` to {}",
+                shape(&updated)
+            ));
+            let disks = VmDisks::in_dir(&self.vm_dir(name));
+            tokio::task::spawn_blocking(move || {
+                crate::vm::storage::grow_ext4(&disks.work, disk_bytes)?;
+                crate::vm::storage::grow_ext4(&disks.overlay, disk_bytes)
+            })
+            .await
+            .map_err(|error| VmError::Io {
+                what: "growing the disks of",
+                path: self.vm_dir(name),
+                source: std::io::Error::other(error),
+            })??;
+        }
+        self.state()?.update_vm(&updated)?;
+        events.note(format!("spec: {} -> {}", shape(&record), shape(&updated)));
+        Ok(self.info(&updated, None))
     }
 
     /// Stops the VMM at once.

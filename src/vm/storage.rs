@@ -29,6 +29,25 @@ pub enum StorageError {
     TooSmall { bytes: u64, min: u64 },
     #[error("cannot create the disk {}: it exists, and a VM's disks are never overwritten", path.display())]
     Exists { path: PathBuf },
+    #[error(
+        "cannot grow the disk {}: `{program}` is missing (install e2fsprogs)", path.display()
+    )]
+    ToolMissing {
+        path: PathBuf,
+        program: &'static str,
+    },
+    #[error("`{argv}` failed ({status}): {stderr}")]
+    Tool {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot grow the disk {}", path.display())]
+    Grow {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the disk {}", path.display())]
     Reserve {
         path: PathBuf,
@@ -83,6 +102,68 @@ fn write_blank(
     let builder = Ext4Builder::create(path, options).map_err(create_error)?;
     builder.finish(Sizing::Fixed(bytes)).map_err(create_error)?;
     Ok(())
+}
+
+/// Grows the ext4 disk at `path` to `bytes`, file system included, offline: `e2fsck -f -p`
+/// first (a VM that was killed may leave a journal to replay, and `resize2fs` wants a
+/// checked file system), then the file is extended (sparse) and `resize2fs` fills it.
+/// Returns whether anything changed: a disk already that large is left alone, so an
+/// interrupted grow of several disks can simply be run again. Never shrinks.
+pub fn grow_ext4(path: &Path, bytes: u64) -> Result<bool, StorageError> {
+    let grow_error = |source| StorageError::Grow {
+        path: path.to_owned(),
+        source,
+    };
+    let current = std::fs::metadata(path).map_err(grow_error)?.len();
+    if bytes <= current {
+        return Ok(false);
+    }
+    // e2fsck: 0 clean, 1 errors fixed; anything else needs a person.
+    run_e2fsprogs(path, "e2fsck", &["-f", "-p"], &[0, 1])?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_len(bytes))
+        .map_err(grow_error)?;
+    run_e2fsprogs(path, "resize2fs", &[], &[0])?;
+    Ok(true)
+}
+
+fn run_e2fsprogs(
+    path: &Path,
+    program: &'static str,
+    flags: &[&str],
+    success: &[i32],
+) -> Result<(), StorageError> {
+    let mut command = std::process::Command::new(program);
+    command.args(flags).arg(path);
+    let argv = std::iter::once(program.to_owned())
+        .chain(flags.iter().map(|flag| (*flag).to_owned()))
+        .chain(std::iter::once(path.display().to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = command.output().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StorageError::ToolMissing {
+                path: path.to_owned(),
+                program,
+            }
+        } else {
+            StorageError::Tool {
+                argv: argv.clone(),
+                status: "could not start".into(),
+                stderr: source.to_string(),
+            }
+        }
+    })?;
+    match output.status.code() {
+        Some(code) if success.contains(&code) => Ok(()),
+        _ => Err(StorageError::Tool {
+            argv,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }),
+    }
 }
 
 /// A VM's own disks.
@@ -188,6 +269,60 @@ mod tests {
             big_used < 64 << 20,
             "a blank 16 GiB disk allocates {big_used} bytes (1 GiB: {small_used})"
         );
+    }
+
+    #[test]
+    fn a_disk_grows_with_its_file_system_and_keeps_its_files() {
+        if std::process::Command::new("resize2fs")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: resize2fs (e2fsprogs) is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let disks = VmDisks::create(dir.path(), "vm", 256 << 20, 256 << 20).unwrap();
+        let write = std::process::Command::new("debugfs")
+            .args(["-w", "-R", "mkdir kept"])
+            .arg(&disks.work)
+            .output()
+            .unwrap();
+        assert!(write.status.success(), "{write:?}");
+        assert!(grow_ext4(&disks.work, 1 << 30).unwrap());
+        assert_eq!(std::fs::metadata(&disks.work).unwrap().len(), 1 << 30);
+        let dump = std::process::Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&disks.work)
+            .output()
+            .unwrap();
+        let header = String::from_utf8_lossy(&dump.stdout);
+        let field = |name: &str| -> u64 {
+            header
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("Block count:") * field("Block size:"), 1 << 30);
+        let check = std::process::Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&disks.work)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{check:?}");
+        let listed = std::process::Command::new("debugfs")
+            .args(["-R", "ls -l /"])
+            .arg(&disks.work)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&listed.stdout).contains("kept"));
+        // The same size again changes nothing; smaller is never done.
+        assert!(!grow_ext4(&disks.work, 1 << 30).unwrap());
+        assert!(!grow_ext4(&disks.work, 512 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&disks.work).unwrap().len(), 1 << 30);
     }
 
     #[test]

@@ -535,7 +535,51 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
         not_running.stderr.contains("is not running"),
         "{not_running}"
     );
+    // `vm set` on the stopped VM: more of everything, the disks grown with their files.
+    let shrink = context.run(&["vm", "set", name, "--disk", "1G"]);
+    assert_eq!(shrink.code, Some(1), "{shrink}");
+    assert!(shrink.stderr.contains("can grow, not shrink"), "{shrink}");
+    let set = vm_ok(
+        context,
+        name,
+        &[
+            "vm", "set", name, "--vcpu", "2", "--memory", "1536M", "--disk", "3G",
+        ],
+    );
+    assert!(
+        set.stderr
+            .contains("spec: 1 vcpu · 1024 MiB · 2G disk -> 2 vcpu · 1536 MiB · 3G disk"),
+        "{set}"
+    );
     vm_ok(context, name, &["vm", "start", name]);
+    let refused = context.run(&["vm", "set", name, "--vcpu", "1"]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(refused.stderr.contains("is running"), "{refused}");
+    let shape = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "nproc; grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2; \
+             df -B1 --output=size /root | tail -1",
+        ],
+    );
+    let figures: Vec<u64> = shape
+        .stdout
+        .split_whitespace()
+        .map(|word| word.parse().unwrap())
+        .collect();
+    assert_eq!(figures[0], 2, "{shape}");
+    assert!((1_300_000..=1_572_864).contains(&figures[1]), "{shape}");
+    assert!(
+        (2_900 << 20..=3 << 30).contains(&figures[2]),
+        "/root after growing to 3G: {shape}"
+    );
     let read = vm_ok(
         context,
         name,
