@@ -2,7 +2,6 @@
 //! `-`; the work is `ops::copy`'s.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -13,7 +12,7 @@ use banger::ops::copy::{self, CopySummary, HostDestination, HostSource, ToGuest}
 use super::Context;
 use super::exit::ExitStatus;
 use super::printer::human_bytes;
-use super::vm::{Session, not_running, refused, show_vm};
+use super::vm::{Session, agent_channel, running_agent};
 
 #[derive(Debug, Args)]
 pub struct CpArgs {
@@ -72,20 +71,12 @@ pub(super) fn cp(
             return Ok(ExitStatus::UserError);
         }
     };
-    let vm = match show_vm(context, runtime, session, &vm_name)? {
-        Ok(vm) => vm,
-        Err(error) => return Ok(refused(context, &error)),
+    let endpoint = match running_agent(context, runtime, session, &vm_name)? {
+        Ok((_, endpoint)) => endpoint,
+        Err(status) => return Ok(status),
     };
-    let Some(agent) = vm.agent.as_ref().filter(|_| vm.state == "running") else {
-        return Ok(not_running(context, &vm_name));
-    };
-    let endpoint = agent.endpoint();
     let result = runtime.block_on(async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let (mut channel, _) = endpoint
-            .wait_ready(deadline)
-            .await
-            .with_context(|| format!("cannot reach the agent of VM `{vm_name}`"))?;
+        let mut channel = agent_channel(&endpoint, &vm_name).await?;
         let copying = async {
             if into_guest {
                 let Side::Guest { path, .. } = side(&args.destination) else {

@@ -125,6 +125,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
         StoreError,
         banger::ops::ssh_config::SshConfigError,
         banger::ops::copy::CopyError,
+        banger::ops::sessions::SessionError,
     );
     ErrorClass::Environment
 }

@@ -24,6 +24,7 @@ mod man;
 mod network;
 mod printer;
 mod reporters;
+mod session;
 mod ssh_config;
 mod up;
 mod vm;

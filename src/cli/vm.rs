@@ -196,6 +196,9 @@ root file system and /root."
         #[arg(add = super::complete::vm_names())]
         name: String,
     },
+    /// Long-lived commands in a running VM that outlive this command and the daemon.
+    #[command(subcommand)]
+    Session(super::session::SessionCommand),
     /// Delete every stopped VM (asks first unless -f).
     Prune {
         /// Do not ask.
@@ -285,10 +288,10 @@ pub struct RunArgs {
 pub struct GuestCommandArgs {
     /// Set NAME to VALUE for the command (repeatable); `-e NAME` passes this shell's NAME.
     #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]", value_parser = parse_env)]
-    env: Vec<(String, String)>,
+    pub(super) env: Vec<(String, String)>,
     /// The command's working directory in the guest (absolute; default `/`).
     #[arg(short = 'w', long = "workdir", value_name = "DIR", value_parser = parse_workdir)]
-    workdir: Option<String>,
+    pub(super) workdir: Option<String>,
 }
 
 /// `-e NAME=VALUE`, or `-e NAME` for this process's value of NAME.
@@ -414,6 +417,9 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
         }
         VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
         VmCommand::Cp(args) => super::copy::cp(context, &runtime, &mut session, args),
+        VmCommand::Session(command) => {
+            super::session::run(context, &runtime, &mut session, command)
+        }
         VmCommand::Ports { name } => ports(context, &runtime, &mut session, name),
         VmCommand::Stats { name } => stats(context, &runtime, &mut session, name),
         VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
@@ -1089,6 +1095,41 @@ fn ports(
 }
 
 /// Says that VM `name` is not running (for commands that need it running): exit 1.
+/// The agent of running VM `name`, or the exit status of the refusal already printed (no
+/// such VM, not running).
+pub(super) fn running_agent(
+    context: &Context,
+    runtime: &tokio::runtime::Runtime,
+    session: &mut Session,
+    name: &str,
+) -> anyhow::Result<Result<(VmInfo, banger::guest::GuestEndpoint), ExitStatus>> {
+    let vm = match show_vm(context, runtime, session, name)? {
+        Ok(vm) => vm,
+        Err(error) => return Ok(Err(refused(context, &error))),
+    };
+    match vm.agent.as_ref().filter(|_| vm.state == "running") {
+        Some(agent) => {
+            let endpoint = agent.endpoint();
+            Ok(Ok((vm, endpoint)))
+        }
+        None => Ok(Err(not_running(context, name))),
+    }
+}
+
+/// Connects to `endpoint` and says hello, waiting up to 30 s (a guest just booted may not
+/// listen yet).
+pub(super) async fn agent_channel(
+    endpoint: &banger::guest::GuestEndpoint,
+    name: &str,
+) -> anyhow::Result<banger::guest::GuestChannel> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (channel, _) = endpoint
+        .wait_ready(deadline)
+        .await
+        .with_context(|| format!("cannot reach the agent of VM `{name}`"))?;
+    Ok(channel)
+}
+
 pub(super) fn not_running(context: &Context, name: &str) -> ExitStatus {
     context.printer.error(&format!(
         "VM `{name}` is not running; start it with `banger vm start {name}`"

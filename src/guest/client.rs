@@ -401,30 +401,63 @@ impl GuestChannel {
         &mut self,
         command: &'static str,
     ) -> Result<T, GuestError> {
-        let argv = [crate::assets::AGENT_GUEST_PATH, command, "--json"];
-        let request = Exec::argv(argv);
+        let arguments = ["--json".to_owned()];
         let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        let status = self
-            .exec(&request, &[][..], &mut stdout, &mut stderr)
+        let (status, stderr) = self
+            .agent_command(command, &arguments, None::<&[u8]>, &mut stdout)
             .await?;
         if !status.success() {
-            let stderr = String::from_utf8_lossy(&stderr);
-            // The agent's answer to a command it does not have (`banger-agent: unknown
-            // command`): an image built before this banger.
-            if stderr.contains("unknown command") {
-                return Err(GuestError::AgentTooOld { command });
-            }
             return Err(GuestError::AgentCommand {
-                argv: argv.join(" "),
+                argv: agent_argv(command, &arguments),
                 status: status.to_string(),
-                stderr: stderr.trim().to_owned(),
+                stderr,
             });
         }
         serde_json::from_slice(&stdout).map_err(|error| GuestError::Protocol {
             during: command,
-            message: format!("cannot parse what `{}` printed: {error}", argv.join(" ")),
+            message: format!(
+                "cannot parse what `{}` printed: {error}",
+                agent_argv(command, &arguments)
+            ),
         })
+    }
+
+    /// Runs the agent's own `banger-agent COMMAND ARGUMENTS...` in the guest, forwarding
+    /// `stdin` when given and writing its stdout to `stdout` as it comes; returns its exit
+    /// status and what it wrote to stderr (trimmed). An agent without COMMAND, from an image
+    /// built before this banger, is [`GuestError::AgentTooOld`].
+    pub async fn agent_command<I, O>(
+        &mut self,
+        command: &'static str,
+        arguments: &[String],
+        stdin: Option<I>,
+        stdout: O,
+    ) -> Result<(ExitStatus, String), GuestError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+    {
+        let argv = std::iter::once(crate::assets::AGENT_GUEST_PATH.to_owned())
+            .chain(std::iter::once(command.to_owned()))
+            .chain(arguments.iter().cloned());
+        let mut request = Exec::argv(argv);
+        let mut stderr = Vec::new();
+        let status = match stdin {
+            Some(stdin) => {
+                request = request.with_stdin();
+                self.exec(&request, stdin, stdout, &mut stderr).await?
+            }
+            None => {
+                self.exec(&request, tokio::io::empty(), stdout, &mut stderr)
+                    .await?
+            }
+        };
+        let stderr = String::from_utf8_lossy(&stderr).trim().to_owned();
+        // What `banger-agent` says of a command it does not have.
+        if !status.success() && stderr.contains(&format!("unknown command `{command}`")) {
+            return Err(GuestError::AgentTooOld { command });
+        }
+        Ok((status, stderr))
     }
 
     /// Writes a file in the guest: `request.size` bytes read from `data`, installed
@@ -700,4 +733,13 @@ fn unexpected(during: &'static str, kind: FrameType) -> GuestError {
         during,
         message: format!("unexpected {kind:?} frame"),
     }
+}
+
+/// `banger-agent COMMAND ARGUMENTS...` as one line, for messages.
+fn agent_argv(command: &str, arguments: &[String]) -> String {
+    std::iter::once(crate::assets::AGENT_GUEST_PATH)
+        .chain(std::iter::once(command))
+        .chain(arguments.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -13,6 +13,7 @@
 //!   incremental).
 //! - `copy`: `banger vm cp`: files and trees between host and guest as a tar stream, the
 //!   guest's side extracted under confinement.
+//! - `sessions`: `banger vm session`: long-lived guest commands the agent tracks.
 //! - `doctor`: what the host can do.
 //!
 //! Layering: `cli` (the binary) and `daemon` call `ops`; `ops` calls everything below it
@@ -29,6 +30,7 @@ pub mod images;
 pub mod kernels;
 pub mod network;
 pub mod project;
+pub mod sessions;
 pub mod ssh_config;
 pub mod up;
 pub mod vms;

@@ -51,10 +51,17 @@ impl Agent {
 
     /// `banger-agent --listen-unix`, with `PATH` set to `path` for the commands it runs.
     pub(crate) fn start_with_path(path: &str) -> Agent {
+        Agent::start_with_env(&[("PATH", path)])
+    }
+
+    /// `banger-agent --listen-unix` with these environment variables set on top of this
+    /// process's.
+    pub(crate) fn start_with_env(variables: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let mut command = Command::new(crate::support::agent_binary());
-        command.arg("--listen-unix").arg(&socket).env("PATH", path);
+        command.arg("--listen-unix").arg(&socket);
+        command.envs(variables.iter().copied());
         Agent::spawn(dir, &socket, command)
     }
 

@@ -598,7 +598,7 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
 }
 
 #[test]
-fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
+fn slow_vm_and_its_sessions_survive_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
     if !can_boot() {
         return;
     }
@@ -615,6 +615,33 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
     );
     vm_ok(context, name, &["vm", "start", name]);
     let before = show(context, name);
+    // A session, and a client attached to it that dies: the session runs on.
+    let started = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "session",
+            "start",
+            name,
+            "--name",
+            "echoer",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; while read line; do echo \"got:$line\"; done",
+        ],
+    );
+    assert_eq!(started.stdout, "echoer\n", "{started}");
+    let mut attached = context
+        .command(&["vm", "session", "attach", name, "echoer"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    attached.kill().unwrap();
+    attached.wait().unwrap();
     let status = vm_ok(context, name, &["--json", "daemon", "status"]);
     let daemon = records(&status.stdout)[0]["data"]["pid"].as_i64().unwrap();
     nix::sys::signal::kill(
@@ -637,6 +664,7 @@ fn slow_vm_survives_a_daemon_killed_with_sigkill_and_delete_still_cleans_up() {
         &["vm", "ssh", name, "--", "echo", "still", "here"],
     );
     assert_eq!(answer.stdout.trim(), "still here", "{answer}");
+    check_sessions_after_the_daemon_died(context, name);
     vm_ok(context, name, &["vm", "delete", "-f", name]);
     assert_nothing_left(context, name, &after);
 }
@@ -1265,4 +1293,101 @@ fn check_vm_cp(context: &TestContext, name: &str) {
     assert!(refused.stderr.contains("symlink"), "{refused}");
     assert!(!host.path().join("outside/pwned").exists());
     assert!(!destination.exists());
+}
+
+/// The session `echoer` started before the daemon was killed: still listed and running, its
+/// output kept; `send` and `attach` reach it; `stop` ends it.
+fn check_sessions_after_the_daemon_died(context: &TestContext, name: &str) {
+    use std::io::{BufRead, Write};
+    let listed = vm_ok(context, name, &["--json", "vm", "session", "list", name]);
+    let sessions = records(&listed.stdout);
+    assert_eq!(sessions.len(), 1, "{listed}");
+    assert_eq!(sessions[0]["data"]["name"], "echoer", "{listed}");
+    assert_eq!(sessions[0]["data"]["state"], "running", "{listed}");
+    let logs = |context: &TestContext| {
+        vm_ok(context, name, &["vm", "session", "logs", name, "echoer"]).stdout
+    };
+    assert_eq!(logs(context), "hello\n");
+
+    vm_ok(
+        context,
+        name,
+        &["vm", "session", "send", name, "echoer", "--line", "ping"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !logs(context).contains("got:ping") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`send` never reached the session: {}",
+            logs(context)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // `attach`: what is typed reaches the session, its answer comes back; Ctrl-C detaches.
+    let mut attached = context
+        .command(&["vm", "session", "attach", name, "echoer"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = attached.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    attached
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"pong\n")
+        .unwrap();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|line: &String| line == "got:pong") {
+        match received.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(error) => panic!("attach never showed got:pong ({error}); saw {seen:?}"),
+        }
+    }
+    assert!(
+        seen.contains(&"hello".to_owned()),
+        "the recent output first: {seen:?}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(attached.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let detached = attached.wait_with_output().unwrap();
+    assert_eq!(detached.status.code(), Some(0), "{detached:?}");
+    assert!(
+        String::from_utf8_lossy(&detached.stderr).contains("keeps running"),
+        "{detached:?}"
+    );
+
+    let stopped = vm_ok(context, name, &["vm", "session", "stop", name, "echoer"]);
+    assert_eq!(stopped.stdout, "echoer  killed by signal 15\n", "{stopped}");
+    let shown = vm_ok(
+        context,
+        name,
+        &["--json", "vm", "session", "show", name, "echoer"],
+    );
+    assert_eq!(
+        records(&shown.stdout)[0]["data"]["state"],
+        "killed",
+        "{shown}"
+    );
+
+    let unknown = context.run(&["vm", "session", "logs", name, "nosuch"]);
+    assert_eq!(unknown.code, Some(1), "{unknown}");
+    assert!(unknown.stderr.contains("no session `nosuch`"), "{unknown}");
+    let missing = context.run(&["vm", "session", "start", name, "--", "no-such-program"]);
+    assert_eq!(missing.code, Some(1), "{missing}");
+    assert!(missing.stderr.contains("no-such-program"), "{missing}");
 }

@@ -29,6 +29,7 @@ mod ports;
 mod protocol;
 mod reaper;
 mod serve;
+mod session;
 mod stats;
 mod wire;
 
@@ -55,6 +56,8 @@ fn usage() -> String {
        banger-agent first-boot [--quiet]
        banger-agent ports [--json]   (listening sockets and their processes)
        banger-agent stats [--json]   (uptime, load, memory, disk use)
+       banger-agent session start|list|show|logs|attach|send|stop|kill ...
+                                     (long-lived guest commands; `session --help`)
        banger-agent --version
 
 Serves banger's guest protocol v{PROTOCOL_VERSION}: by default on vsock port {DEFAULT_PORT} and
@@ -156,6 +159,11 @@ fn main() -> ExitCode {
         Some((first, rest)) if !first.starts_with('-') => (first.as_str(), rest),
         _ => ("serve", arguments.as_slice()),
     };
+    // Before the generic help check: `session start -- CMD --help` passes --help to CMD,
+    // and sessions have exit codes of their own.
+    if command == "session" {
+        return session::command(rest);
+    }
     let result = match command {
         _ if rest
             .iter()

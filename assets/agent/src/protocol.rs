@@ -377,6 +377,34 @@ pub struct ErrorReply {
     pub message: String,
 }
 
+/// A guest session as `banger-agent session list|show|start|stop --json` print it (the host
+/// runs them through `Exec`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub cwd: String,
+    pub pid: i32,
+    pub started_unix_ms: u64,
+    pub state: SessionState,
+    /// Set when `state` is `exited`.
+    pub exit_code: Option<i32>,
+    /// Set when `state` is `killed`.
+    pub signal: Option<i32>,
+    /// Set when `state` is `exited` or `killed`.
+    pub ended_unix_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Running,
+    Exited,
+    Killed,
+    /// The supervisor is gone without recording an end.
+    Lost,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
