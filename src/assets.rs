@@ -166,7 +166,8 @@ mod tests {
         };
         assert!(output.status.success());
         assert!(
-            String::from_utf8_lossy(&output.stdout).contains("protocol 1"),
+            String::from_utf8_lossy(&output.stdout)
+                .contains(&format!("protocol {}", crate::guest::PROTOCOL_VERSION)),
             "{output:?}"
         );
     }

@@ -26,6 +26,7 @@ mod printer;
 mod reporters;
 mod session;
 mod ssh_config;
+mod terminal;
 mod up;
 mod vm;
 

@@ -51,10 +51,13 @@ works with `--network none` too), streaming its output, and exit with CMD's own 
 be executed, 127 when it is not found in the guest.
 
 Several CMD words are a program and its arguments, run directly; use `sh -c '...'` for a shell \
-line. Standard input is forwarded only with -i.
+line. Standard input is forwarded only with -i. With -t the command runs on a pseudo-terminal \
+of this terminal's size, following its resizes; with -it this terminal is in raw mode until \
+the command ends (Ctrl-C goes to the guest).
 
 Examples:
   banger vm exec box -- uname -r
+  banger vm exec -it box -- top
   banger vm exec -e A=1 -w /tmp box -- sh -c 'echo $A; pwd'
   tar c src | banger vm exec -i box -- tar x -C /root"
     )]
@@ -292,6 +295,10 @@ pub struct GuestCommandArgs {
     /// The command's working directory in the guest (absolute; default `/`).
     #[arg(short = 'w', long = "workdir", value_name = "DIR", value_parser = parse_workdir)]
     pub(super) workdir: Option<String>,
+    /// Run the command on a pseudo-terminal of this terminal's size, resized with it; with
+    /// input forwarded, this terminal is in raw mode meanwhile.
+    #[arg(short = 't', long)]
+    pub(super) tty: bool,
 }
 
 /// `-e NAME=VALUE`, or `-e NAME` for this process's value of NAME.
@@ -358,41 +365,54 @@ pub(super) fn timeout_secs() -> clap::builder::RangedU64ValueParser {
 
 pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitStatus> {
     let runtime = super::runtime()?;
-    let mut session = Session::connect(context, &runtime)?;
+    let result = run_on(context, &runtime, command);
+    // tokio reads stdin on a blocking thread that a terminal never lets go of (no end of file
+    // comes after `vm exec -it` or `session attach`), and dropping the runtime would wait for
+    // it: everything this command awaited is done, so leave the thread to the exit.
+    runtime.shutdown_background();
+    result
+}
+
+fn run_on(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    command: &VmCommand,
+) -> anyhow::Result<ExitStatus> {
+    let mut session = Session::connect(context, runtime)?;
     match command {
         VmCommand::Run(args) if !args.command.is_empty() => {
-            let result = vm_run(context, &runtime, &mut session, args);
+            let result = vm_run(context, runtime, &mut session, args);
             Ok(guest_command_status(context, result))
         }
-        VmCommand::Run(args) => vm_run(context, &runtime, &mut session, args),
+        VmCommand::Run(args) => vm_run(context, runtime, &mut session, args),
         VmCommand::Exec(args) => {
-            let result = exec(context, &runtime, &mut session, args);
+            let result = exec(context, runtime, &mut session, args);
             Ok(guest_command_status(context, result))
         }
         VmCommand::Create(args) => {
             let request = Request::VmCreate(create_request(args, false, None));
-            one_vm(context, &runtime, &mut session, &request, "created")
+            one_vm(context, runtime, &mut session, &request, "created")
         }
         VmCommand::Start(args) => {
             let request = Request::VmStart {
                 name: args.name.clone(),
                 timeout_secs: Some(args.timeout),
             };
-            one_vm(context, &runtime, &mut session, &request, "running")
+            one_vm(context, runtime, &mut session, &request, "running")
         }
         VmCommand::Stop { name, time } => {
             let request = Request::VmStop {
                 name: name.clone(),
                 timeout_secs: Some(*time),
             };
-            one_vm(context, &runtime, &mut session, &request, "stopped")
+            one_vm(context, runtime, &mut session, &request, "stopped")
         }
         VmCommand::Restart(args) => {
             let request = Request::VmRestart {
                 name: args.name.clone(),
                 timeout_secs: Some(args.timeout),
             };
-            one_vm(context, &runtime, &mut session, &request, "running")
+            one_vm(context, runtime, &mut session, &request, "running")
         }
         VmCommand::Set(args) => {
             let request = Request::VmSet(banger::daemon::protocol::SetVm {
@@ -401,29 +421,25 @@ pub fn run(context: &mut Context, command: &VmCommand) -> anyhow::Result<ExitSta
                 memory_mib: args.memory.map(|size| size.bytes() >> 20),
                 disk_bytes: args.disk.map(|size| size.bytes()),
             });
-            one_vm(context, &runtime, &mut session, &request, "updated")
+            one_vm(context, runtime, &mut session, &request, "updated")
         }
         VmCommand::Kill { name } => {
             let request = Request::VmKill { name: name.clone() };
-            one_vm(context, &runtime, &mut session, &request, "killed")
+            one_vm(context, runtime, &mut session, &request, "killed")
         }
-        VmCommand::Delete { names, force } => {
-            delete(context, &runtime, &mut session, names, *force)
-        }
-        VmCommand::List => list(context, &runtime, &mut session),
-        VmCommand::Show { name } => show(context, &runtime, &mut session, name),
+        VmCommand::Delete { names, force } => delete(context, runtime, &mut session, names, *force),
+        VmCommand::List => list(context, runtime, &mut session),
+        VmCommand::Show { name } => show(context, runtime, &mut session, name),
         VmCommand::Logs { name, follow, tail } => {
-            logs(context, &runtime, &mut session, name, *follow, *tail)
+            logs(context, runtime, &mut session, name, *follow, *tail)
         }
-        VmCommand::Ssh { name, command } => ssh(context, &runtime, &mut session, name, command),
-        VmCommand::Cp(args) => super::copy::cp(context, &runtime, &mut session, args),
-        VmCommand::Session(command) => {
-            super::session::run(context, &runtime, &mut session, command)
-        }
-        VmCommand::Ports { name } => ports(context, &runtime, &mut session, name),
-        VmCommand::Stats { name } => stats(context, &runtime, &mut session, name),
-        VmCommand::Prune { force } => prune(context, &runtime, &mut session, *force),
-        VmCommand::Proxy { host, port } => proxy(context, &runtime, &mut session, host, *port),
+        VmCommand::Ssh { name, command } => ssh(context, runtime, &mut session, name, command),
+        VmCommand::Cp(args) => super::copy::cp(context, runtime, &mut session, args),
+        VmCommand::Session(command) => super::session::run(context, runtime, &mut session, command),
+        VmCommand::Ports { name } => ports(context, runtime, &mut session, name),
+        VmCommand::Stats { name } => stats(context, runtime, &mut session, name),
+        VmCommand::Prune { force } => prune(context, runtime, &mut session, *force),
+        VmCommand::Proxy { host, port } => proxy(context, runtime, &mut session, host, *port),
     }
 }
 
@@ -1337,7 +1353,9 @@ fn vm_run(
     let outcome = if args.command.is_empty() {
         interactive_shell(context, runtime, &vm)
     } else {
-        let forward_stdin = !std::io::stdin().is_terminal();
+        // A terminal's input is forwarded only to a command on a terminal of its own (-t);
+        // anything else (a pipe, a file) always is.
+        let forward_stdin = args.guest.tty || !std::io::stdin().is_terminal();
         run_in_guest(runtime, &vm, &args.command, &args.guest, forward_stdin)
     };
     if args.rm {
@@ -1439,7 +1457,8 @@ pub(super) fn runs_a_guest_command(arguments: &[String]) -> bool {
 }
 
 /// Runs `command` through the guest's agent with this process's stdout and stderr (and its
-/// stdin when `forward_stdin`); exits with the command's code.
+/// stdin when `forward_stdin`), on a pseudo-terminal with `options.tty`; exits with the
+/// command's code.
 fn run_in_guest(
     runtime: &tokio::runtime::Runtime,
     vm: &VmInfo,
@@ -1453,11 +1472,7 @@ fn run_in_guest(
         .context("the daemon reported no agent address for the running VM")?;
     let endpoint = agent.endpoint();
     runtime.block_on(async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let (mut channel, _) = endpoint
-            .wait_ready(deadline)
-            .await
-            .with_context(|| format!("cannot reach the agent of VM `{}`", vm.name))?;
+        let mut channel = agent_channel(&endpoint, &vm.name).await?;
         let mut request = banger::guest::ExecRequest::argv(command.iter().cloned());
         for (name, value) in &options.env {
             request = request.with_env(name, value);
@@ -1473,15 +1488,51 @@ fn run_in_guest(
         } else {
             Box::new(tokio::io::empty())
         };
-        let exec = channel.exec(&request, stdin, tokio::io::stdout(), tokio::io::stderr());
-        tokio::select! {
-            status = exec => {
-                let status = status.with_context(|| {
-                    format!("running `{}` in VM `{}`", command.join(" "), vm.name)
-                })?;
-                Ok(guest_exit(status))
+        let running = format!("running `{}` in VM `{}`", command.join(" "), vm.name);
+        if !options.tty {
+            let exec = channel.exec(&request, stdin, tokio::io::stdout(), tokio::io::stderr());
+            return tokio::select! {
+                status = exec => Ok(guest_exit(status.context(running)?)),
+                _ = tokio::signal::ctrl_c() => Ok(ExitStatus::Interrupted),
+            };
+        }
+        request.tty = true;
+        request.window = super::terminal::own_window_size();
+        let (resize, resizes) = tokio::sync::mpsc::unbounded_channel();
+        let mut window_changes =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+                .context("cannot watch the terminal's size")?;
+        let mut terminated =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot watch for SIGTERM")?;
+        let mut hung_up = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch for SIGHUP")?;
+        // Raw only when keystrokes go to the guest: its terminal does the echo and line
+        // editing. Undone when this guard drops, whichever way the command ends.
+        let _raw = if forward_stdin && std::io::stdin().is_terminal() {
+            Some(
+                super::terminal::RawMode::enable()
+                    .context("cannot put the terminal in raw mode")?,
+            )
+        } else {
+            None
+        };
+        let exec = channel.exec_tty(&request, stdin, tokio::io::stdout(), resizes);
+        tokio::pin!(exec);
+        loop {
+            tokio::select! {
+                status = &mut exec => return Ok(guest_exit(status.context(running)?)),
+                _ = window_changes.recv() => {
+                    if let Some(size) = super::terminal::own_window_size() {
+                        let _ = resize.send(size);
+                    }
+                }
+                // Ctrl-C is a byte for the guest in raw mode; these still end banger, with
+                // the terminal restored.
+                _ = terminated.recv() => return Ok(ExitStatus::Interrupted),
+                _ = hung_up.recv() => return Ok(ExitStatus::Interrupted),
+                _ = tokio::signal::ctrl_c() => return Ok(ExitStatus::Interrupted),
             }
-            _ = tokio::signal::ctrl_c() => Ok(ExitStatus::Interrupted),
         }
     })
 }

@@ -14,7 +14,7 @@ use super::error::GuestError;
 use super::protocol::{
     self, DATA_CHUNK, End, ErrorKind, ErrorReply, Exec, FileInfo, FrameHeader, FrameType, GetFile,
     GuestStats, HEADER_LEN, Hello, Listener, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, PutFile,
-    Ready, encode_frame, encode_json_frame,
+    Ready, TTY_PROTOCOL_VERSION, WindowSize, encode_frame, encode_json_frame,
 };
 
 /// Where a guest's agent is reached.
@@ -214,6 +214,8 @@ pub struct GuestChannel {
     /// Set while a request is in flight; still set afterwards if it was cancelled or broke
     /// off, because the stream is then out of step.
     busy: bool,
+    /// The version `Hello` settled on; 1 until then, as the agent assumes.
+    protocol: u32,
 }
 
 impl GuestChannel {
@@ -224,6 +226,7 @@ impl GuestChannel {
             writer: write_half,
             channel,
             busy: false,
+            protocol: 1,
         }
     }
 
@@ -275,6 +278,7 @@ impl GuestChannel {
                         agent: ready.protocol,
                     });
                 }
+                self.protocol = ready.protocol;
                 Ok(ready)
             }
             FrameType::Error => {
@@ -292,9 +296,45 @@ impl GuestChannel {
     pub async fn exec<I, O, E>(
         &mut self,
         request: &Exec,
+        stdin: I,
+        stdout: O,
+        stderr: E,
+    ) -> Result<ExitStatus, GuestError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+        E: AsyncWrite + Unpin,
+    {
+        self.exec_with_resizes(request, stdin, stdout, stderr, None)
+            .await
+    }
+
+    /// [`GuestChannel::exec`] of a command on a pseudo-terminal (`request.tty`, protocol 2):
+    /// its output (stdout and stderr in one) goes to `stdout`, and each window size received
+    /// from `resizes` is sent on as it comes. An agent that speaks only protocol 1 is
+    /// [`GuestError::TtyUnsupported`], before anything is sent.
+    pub async fn exec_tty<I, O>(
+        &mut self,
+        request: &Exec,
+        stdin: I,
+        stdout: O,
+        resizes: tokio::sync::mpsc::UnboundedReceiver<WindowSize>,
+    ) -> Result<ExitStatus, GuestError>
+    where
+        I: AsyncRead + Unpin,
+        O: AsyncWrite + Unpin,
+    {
+        self.exec_with_resizes(request, stdin, stdout, tokio::io::sink(), Some(resizes))
+            .await
+    }
+
+    async fn exec_with_resizes<I, O, E>(
+        &mut self,
+        request: &Exec,
         mut stdin: I,
         mut stdout: O,
         mut stderr: E,
+        mut resizes: Option<tokio::sync::mpsc::UnboundedReceiver<WindowSize>>,
     ) -> Result<ExitStatus, GuestError>
     where
         I: AsyncRead + Unpin,
@@ -302,6 +342,11 @@ impl GuestChannel {
         E: AsyncWrite + Unpin,
     {
         const DURING: &str = "Exec";
+        if request.tty && self.protocol < TTY_PROTOCOL_VERSION {
+            return Err(GuestError::TtyUnsupported {
+                agent: self.protocol,
+            });
+        }
         self.begin()?;
         self.send_json(FrameType::Exec, DURING, request).await?;
         let channel = self.channel;
@@ -343,6 +388,13 @@ impl GuestChannel {
         let outcome = loop {
             tokio::select! {
                 outcome = &mut receive => break outcome,
+                size = next_resize(&mut resizes), if frame.is_empty() => {
+                    match size {
+                        Some(size) => frame = encode_json_frame(FrameType::Resize, channel, &size),
+                        // The sender is gone: no more resizes to wait for.
+                        None => resizes = None,
+                    }
+                }
                 read = stdin.read(&mut buffer), if feeding && frame.is_empty() => {
                     let count = read.map_err(|source| GuestError::LocalRead {
                         what: "stdin",
@@ -356,7 +408,7 @@ impl GuestChannel {
                     };
                 }
                 sent = writer.write(&frame[written..]), if !frame.is_empty() => {
-                    let what = if feeding { "Stdin" } else { "StdinEof" };
+                    let what = frame_name(&frame);
                     match sent {
                         Ok(0) => {
                             return Err(GuestError::Send {
@@ -378,8 +430,7 @@ impl GuestChannel {
         // The command is over and the rest of stdin is dropped, but a frame cut in the middle
         // would swallow the next request: finish it. The agent ignores `Stdin` after `Exit`.
         if written > 0 {
-            let what = if feeding { "Stdin" } else { "StdinEof" };
-            write_all_to(writer, &frame[written..], what).await?;
+            write_all_to(writer, &frame[written..], frame_name(&frame)).await?;
         }
         self.busy = false;
         result
@@ -742,4 +793,28 @@ fn agent_argv(command: &str, arguments: &[String]) -> String {
         .chain(arguments.iter().map(String::as_str))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The next window size from `resizes`; pending forever when there is none to wait for.
+async fn next_resize(
+    resizes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<WindowSize>>,
+) -> Option<WindowSize> {
+    match resizes {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The name of the frame `encoded` holds, for errors while sending it.
+fn frame_name(encoded: &[u8]) -> &'static str {
+    match encoded
+        .get(HEADER_LEN - 1)
+        .copied()
+        .and_then(FrameType::from_byte)
+    {
+        Some(FrameType::Stdin) => "Stdin",
+        Some(FrameType::StdinEof) => "StdinEof",
+        Some(FrameType::Resize) => "Resize",
+        _ => "a frame",
+    }
 }

@@ -65,6 +65,12 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the guest's agent speaks protocol {agent}, which has no pseudo-terminals (-t): its \
+         image predates this banger; `banger image pull IMAGE` brings the current agent into \
+         it, for VMs created afterwards"
+    )]
+    TtyUnsupported { agent: u32 },
     #[error("the guest's agent has no `{command}` command: its image predates this banger")]
     AgentTooOld { command: &'static str },
     #[error("`{argv}` failed in the guest ({status}): {stderr}")]

@@ -1,4 +1,5 @@
-//! The host side of banger's guest channel: a client for the agent's protocol v1.
+//! The host side of banger's guest channel: a client for the agent's protocol (v2, and v1
+//! agents of older images).
 //!
 //! It owns connecting to a guest's agent and every request after that; what to run and when
 //! is the caller's business (the VM and CLI layers). The wire format lives in one file shared
@@ -23,9 +24,12 @@
 //!    finishes the `Stdin` frame it was writing (the agent ignores stdin after `Exit`) and
 //!    sends no more.
 //!
-//! Weaknesses: no pseudo-terminal (`tty` is refused by protocol v1); no signal forwarding
-//! during `exec` yet (the agent understands `Signal`); one channel per serial connection,
-//! since the host side has no multiplexer yet.
+//! Commands on a pseudo-terminal (`exec_tty`, with window sizes sent as `Resize` frames) need
+//! protocol 2; an agent that answers `Hello` with 1 (an older image) still serves everything
+//! else, and `exec_tty` tells it apart ([`GuestError::TtyUnsupported`]).
+//!
+//! Weaknesses: no signal forwarding during `exec` yet (the agent understands `Signal`); one
+//! channel per serial connection, since the host side has no multiplexer yet.
 
 mod client;
 mod error;
@@ -37,5 +41,5 @@ pub use client::{ExitStatus, GuestChannel, GuestEndpoint};
 pub use error::GuestError;
 pub use protocol::{
     ErrorKind, Exec as ExecRequest, FileInfo, FilesystemUse, GuestStats, Listener,
-    ListeningProcess, PROTOCOL_VERSION, PutFile as PutFileRequest, Ready,
+    ListeningProcess, PROTOCOL_VERSION, PutFile as PutFileRequest, Ready, WindowSize,
 };

@@ -492,25 +492,17 @@ async fn bad_requests_get_an_error_not_a_hang() {
         ),
         "{error:?}"
     );
+    // Without `Hello` the agent assumes protocol 1, which has no terminals: the client
+    // says so itself, before sending anything.
     let mut tty = ExecRequest::argv(["true"]);
     tty.tty = true;
+    let (_resize, resizes) = tokio::sync::mpsc::unbounded_channel();
     let error = channel
-        .exec(
-            &tty,
-            tokio::io::empty(),
-            tokio::io::sink(),
-            tokio::io::sink(),
-        )
+        .exec_tty(&tty, tokio::io::empty(), tokio::io::sink(), resizes)
         .await
         .unwrap_err();
     assert!(
-        matches!(
-            error,
-            GuestError::Remote {
-                kind: ErrorKind::Unsupported,
-                ..
-            }
-        ),
+        matches!(error, GuestError::TtyUnsupported { agent: 1 }),
         "{error:?}"
     );
 
@@ -1023,4 +1015,48 @@ async fn wait_ready_gives_up_at_once_when_the_agent_refuses_the_version() {
         started.elapsed()
     );
     fake_agent.abort();
+}
+
+/// A command on a pseudo-terminal, through the host client: the window size it starts with,
+/// a resize delivered while it runs, and its exit code.
+#[tokio::test]
+async fn a_tty_command_sees_its_window_and_a_resize() {
+    let agent = Agent::start();
+    let mut channel = agent.channel().await;
+    let ready = channel.hello().await.unwrap();
+    assert_eq!(ready.protocol, banger::guest::PROTOCOL_VERSION);
+    let mut request = ExecRequest::shell(
+        "test -t 0 && test -t 1 && stty size; trap 'stty size; exit 3' WINCH; echo ready; \
+         while :; do sleep 0.1; done",
+    );
+    request.tty = true;
+    request.window = Some(banger::guest::WindowSize { rows: 24, cols: 80 });
+    let (resize, resizes) = tokio::sync::mpsc::unbounded_channel();
+    let (output, mut seen) = tokio::io::duplex(64 * 1024);
+    let exec = channel.exec_tty(&request, tokio::io::empty(), output, resizes);
+    let watch = async {
+        let mut text = String::new();
+        let mut buffer = [0u8; 1024];
+        while !text.contains("ready") {
+            let count = seen.read(&mut buffer).await.unwrap();
+            assert!(count > 0, "the output ended before `ready`: {text:?}");
+            text.push_str(&String::from_utf8_lossy(&buffer[..count]));
+        }
+        resize
+            .send(banger::guest::WindowSize {
+                rows: 30,
+                cols: 100,
+            })
+            .unwrap();
+        (text, seen)
+    };
+    let (status, (before, mut seen)) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(exec, watch) })
+            .await
+            .expect("the tty command finished");
+    assert_eq!(status.unwrap(), ExitStatus::Code(3));
+    let mut after = String::new();
+    seen.read_to_string(&mut after).await.unwrap();
+    assert!(before.contains("24 80\r\n"), "{before:?}");
+    assert!(after.contains("30 100\r\n"), "{after:?}");
 }

@@ -407,6 +407,7 @@ fn slow_vm_exit_codes_come_back_and_a_guest_that_fails_to_boot_is_kept_for_logs(
     assert_eq!(mounts, ["/", "/root"], "{stats}");
 
     check_vm_cp(context, name);
+    check_exec_tty(context, name);
 
     // A running VM is deleted only with -f; `stop -t 0` gives the guest no time.
     let refused = context.run(&["vm", "rm", name]);
@@ -1390,4 +1391,101 @@ fn check_sessions_after_the_daemon_died(context: &TestContext, name: &str) {
     let missing = context.run(&["vm", "session", "start", name, "--", "no-such-program"]);
     assert_eq!(missing.code, Some(1), "{missing}");
     assert!(missing.stderr.contains("no-such-program"), "{missing}");
+}
+
+/// `vm exec -it` with banger's stdin and stdout on a pseudo-terminal this test made: the guest
+/// command has a terminal of that size, and a resize reaches it.
+fn check_exec_tty(context: &TestContext, name: &str) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let size = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size(24, 80)), None).unwrap();
+    // Only the copies made for banger's stdin and stdout may reach it: a master it inherited
+    // would keep the terminal open after it exits.
+    for fd in [&pty.master, &pty.slave] {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .unwrap();
+    }
+    let mut child = context
+        .command(&[
+            "vm",
+            "exec",
+            "-it",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo on-a-tty; stty size; \
+             trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 0.1; done",
+        ])
+        .stdin(std::process::Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(std::process::Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(pty.slave);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut master = std::fs::File::from(pty.master);
+    let master_fd = master.as_raw_fd();
+    let reader = {
+        let seen = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            // EIO once banger, the last holder of the terminal's other end, is gone.
+            while let Ok(count @ 1..) = master.read(&mut buffer) {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..count]));
+            }
+        })
+    };
+    let wait_for = |text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !seen.lock().unwrap().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} from `vm exec -it`: {:?}",
+                seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("ready");
+    let resized = size(30, 100);
+    #[allow(unsafe_code)]
+    // SAFETY: TIOCSWINSZ reads one `struct winsize` from a live one; the master's descriptor is
+    // open (the reader thread owns the file and is still reading).
+    let answer = unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &resized) };
+    assert_eq!(answer, 0);
+    // The terminal's session is the test's, not banger's, so the kernel signals nobody:
+    // tell banger as a terminal emulator's resize would.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGWINCH,
+    )
+    .unwrap();
+    wait_for("30 100");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`vm exec -it` did not exit after its command did");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(3), "{seen:?}");
+    assert!(seen.contains("on-a-tty\r\n24 80\r\n"), "{seen:?}");
 }

@@ -1,20 +1,29 @@
 //! `Exec`: runs one command and streams it, in the connection's own thread.
 //!
 //! 1. The program is resolved against the effective `PATH` here (so a missing program is an
-//!    `Error`, not exit code 127, and std can always use `posix_spawn`), the working directory
-//!    is checked, and the command starts in its own process group through the [`Reaper`].
-//! 2. One `poll` loop then moves bytes: client frames (`Stdin`, `StdinEof`, `Signal`), the
-//!    command's stdout and stderr (non-blocking pipes, one frame per read), pending stdin into
-//!    the command, and the reaper's exit pipe. No thread per command, no shell unless asked.
-//! 3. Once the command has exited, whatever its pipes still hold is sent, then `Exit`.
-//!    Output written later by background processes that kept the pipes open is not waited
-//!    for (like `docker exec`).
-//! 4. If the client disconnects, the whole process group gets SIGKILL.
+//!    `Error`, not exit code 127, and std can use `posix_spawn` for piped commands), the
+//!    working directory is checked, and the command starts in its own process group through
+//!    the [`Reaper`].
+//! 2. With `tty` (protocol version 2, see [`pty`]) the command instead gets a new
+//!    pseudo-terminal as stdin, stdout, stderr and controlling terminal, in a session of its
+//!    own (std forks for that, running `pre_exec`). The loop below then treats the master
+//!    like the pipes: it is read as stdout, written as stdin, and `Resize` sets its size.
+//! 3. One `poll` loop then moves bytes: client frames (`Stdin`, `StdinEof`, `Signal`,
+//!    `Resize`), the command's stdout and stderr (non-blocking pipes or the master, one frame
+//!    per read), pending stdin into the command, and the reaper's exit pipe. No thread per
+//!    command, no shell unless asked.
+//! 4. Once the command has exited, whatever its pipes or its terminal still hold is sent,
+//!    then `Exit`. Output written later by background processes that kept them open is not
+//!    waited for (like `docker exec`).
+//! 5. If the client disconnects, the whole process group gets SIGKILL.
 //!
 //! Weakness: writes to the client block; a client that stops reading stalls the command once
 //! the pipes fill, which is the backpressure we want. Client frames are not read while more
 //! than [`STDIN_BACKLOG`] bytes of stdin wait for the command, so a `Signal` sent behind a
-//! large stdin backlog waits until the command reads.
+//! large stdin backlog waits until the command reads. On a terminal, the SIGKILL and `Signal`
+//! reach the command's own process group only: of the jobs an interactive shell moved to
+//! groups of their own, the kernel hangs up the foreground one when the command (the session
+//! leader) exits, and background ones keep running, as after closing a terminal window.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -29,9 +38,11 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::protocol::{self, DATA_CHUNK, ErrorKind, Exit, FrameType};
+use crate::protocol::{self, DATA_CHUNK, ErrorKind, Exit, FrameType, TTY_PROTOCOL_VERSION};
 use crate::serve::{Connection, Disconnected};
-use crate::wire::{Frame, ReadError};
+use crate::wire::{self, Frame, ReadError};
+
+mod pty;
 
 /// `PATH` for commands whose request has none and that do not inherit the agent's (with
 /// `clear_env`, or when the agent has none: as PID 1 it starts with the kernel's bare
@@ -44,13 +55,37 @@ const STDIN_BACKLOG: usize = 256 * 1024;
 /// A request that cannot start, with the error to send.
 struct Refusal(ErrorKind, String);
 
+/// A command ready to spawn.
+struct Prepared {
+    command: Command,
+    /// With `tty`: the agent's side of the command's pseudo-terminal.
+    terminal: Option<Terminal>,
+}
+
+/// The agent's handles on a `tty` command's pseudo-terminal master, one per use.
+struct Terminal {
+    /// Kept for `Resize` until the request ends.
+    master: OwnedFd,
+    /// Read for the command's output.
+    output: File,
+    /// Written with `Stdin`; only when the request has `stdin`.
+    input: Option<File>,
+}
+
 /// Runs one `Exec` request to its `Exit` (or `Error`).
 pub fn run(connection: &mut Connection, request: protocol::Exec) -> Result<(), Disconnected> {
-    let mut command = match prepare(&request) {
-        Ok(command) => command,
+    let Prepared {
+        mut command,
+        terminal,
+    } = match prepare(&request, connection.protocol) {
+        Ok(prepared) => prepared,
         Err(Refusal(kind, message)) => return connection.refuse(kind, message),
     };
-    let (mut child, exit_pipe) = match connection.reaper.spawn(&mut command) {
+    let spawned = connection.reaper.spawn(&mut command);
+    // `command` holds the agent's copies of a pty's slave: until they are closed, the master
+    // cannot report the end of the command's output.
+    drop(command);
+    let (mut child, exit_pipe) = match spawned {
         Ok(started) => started,
         Err(error) => {
             let message = format!("cannot start {}: {error}", describe(&request));
@@ -58,10 +93,24 @@ pub fn run(connection: &mut Connection, request: protocol::Exec) -> Result<(), D
         }
     };
     let process_group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let (stdin, stdout, stderr, terminal) = match terminal {
+        Some(Terminal {
+            master,
+            output,
+            input,
+        }) => (input, Some(output), None, Some(master)),
+        None => (
+            child.stdin.take().map(OwnedFd::from).map(File::from),
+            child.stdout.take().map(OwnedFd::from).map(File::from),
+            child.stderr.take().map(OwnedFd::from).map(File::from),
+            None,
+        ),
+    };
     let mut session = Session {
-        stdin: child.stdin.take().map(OwnedFd::from).map(File::from),
-        stdout: child.stdout.take().map(OwnedFd::from).map(File::from),
-        stderr: child.stderr.take().map(OwnedFd::from).map(File::from),
+        stdin,
+        stdout,
+        stderr,
+        terminal,
         exit_pipe,
         process_group,
         pending_stdin: Vec::new(),
@@ -69,12 +118,13 @@ pub fn run(connection: &mut Connection, request: protocol::Exec) -> Result<(), D
         exit: None,
         buffer: vec![0; DATA_CHUNK],
     };
-    for pipe in [&session.stdin, &session.stdout, &session.stderr]
+    for stream in [&session.stdin, &session.stdout, &session.stderr]
         .into_iter()
         .flatten()
     {
-        // Blocking pipes would stall the loop; failing to switch is not worth refusing for.
-        let _ = fcntl(pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+        // Blocking streams would stall the loop; failing to switch is not worth refusing
+        // for. (A pty master's clones share one open file, so this sets all of them.)
+        let _ = fcntl(stream, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
     }
     let outcome = session.drive(connection);
     if outcome.is_err() {
@@ -83,12 +133,14 @@ pub fn run(connection: &mut Connection, request: protocol::Exec) -> Result<(), D
     outcome
 }
 
-/// Validates the request and builds the command.
-fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
-    if request.tty {
+/// Validates the request and builds the command, for a connection speaking `protocol`.
+fn prepare(request: &protocol::Exec, protocol: u32) -> Result<Prepared, Refusal> {
+    if request.tty && protocol < TTY_PROTOCOL_VERSION {
         return Err(Refusal(
             ErrorKind::Unsupported,
-            "tty is not supported by protocol version 1".into(),
+            format!(
+                "tty is not supported by protocol version {protocol} (it needs {TTY_PROTOCOL_VERSION}; say so in Hello)"
+            ),
         ));
     }
     let (program, arguments): (&str, Vec<&str>) = match (&request.argv, &request.shell) {
@@ -120,7 +172,13 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
         command.env_clear();
     }
     // The command sees the PATH its program was found in, and exports it to its children.
-    command.env("PATH", &search_path).envs(&request.env);
+    command.env("PATH", &search_path);
+    if request.tty {
+        // The agent's own TERM (often `linux`, from the console) describes some other
+        // terminal; the request's env overrides this default below.
+        command.env("TERM", pty::DEFAULT_TERM);
+    }
+    command.envs(&request.env);
     if let Some(cwd) = &request.cwd {
         match std::fs::metadata(cwd) {
             Ok(meta) if meta.is_dir() => {
@@ -142,6 +200,18 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
             }
         }
     }
+    if request.tty {
+        let terminal = open_terminal(request, &mut command).map_err(|error| {
+            Refusal(
+                wire::error_kind(&error),
+                format!("cannot set up a pseudo-terminal: {error}"),
+            )
+        })?;
+        return Ok(Prepared {
+            command,
+            terminal: Some(terminal),
+        });
+    }
     command
         .stdin(if request.stdin {
             Stdio::piped()
@@ -151,7 +221,27 @@ fn prepare(request: &protocol::Exec) -> Result<Command, Refusal> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    Ok(command)
+    Ok(Prepared {
+        command,
+        terminal: None,
+    })
+}
+
+/// Opens a pseudo-terminal sized as the request asks and attaches `command` to it.
+fn open_terminal(request: &protocol::Exec, command: &mut Command) -> io::Result<Terminal> {
+    let pty = pty::Pty::open(request.window).map_err(io::Error::other)?;
+    let master = pty.attach(command)?;
+    let output = File::from(master.try_clone()?);
+    let input = if request.stdin {
+        Some(File::from(master.try_clone()?))
+    } else {
+        None
+    };
+    Ok(Terminal {
+        master,
+        output,
+        input,
+    })
 }
 
 /// The `PATH` a command gets: the request's, else the agent's (`agent_path`) unless
@@ -192,11 +282,14 @@ fn describe(request: &protocol::Exec) -> String {
     }
 }
 
-/// One running command and the state of its streams.
+/// One running command and the state of its streams. With a terminal, `stdin` and `stdout`
+/// are clones of its master, and `stderr` is `None`.
 struct Session {
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
+    /// The pseudo-terminal master of a `tty` command, for `Resize`.
+    terminal: Option<OwnedFd>,
     exit_pipe: OwnedFd,
     process_group: Pid,
     pending_stdin: Vec<u8>,
@@ -329,6 +422,12 @@ impl Session {
                 // Otherwise the command did not ask for stdin or closed it: drop the bytes.
             }
             Some(FrameType::StdinEof) => {
+                if self.terminal.is_some() && self.stdin.is_some() && !self.stdin_eof_requested {
+                    // A terminal's input cannot be closed without hanging the terminal up;
+                    // its EOF character ends the command's read instead. Dropping `stdin`
+                    // after it closes only that clone: the master stays open.
+                    self.pending_stdin.push(pty::END_OF_FILE);
+                }
                 self.stdin_eof_requested = true;
                 if self.pending_stdin.is_empty() {
                     self.stdin = None;
@@ -347,6 +446,17 @@ impl Session {
                 };
                 // The group may be gone already; that is not an error.
                 let _ = killpg(self.process_group, signal);
+            }
+            Some(FrameType::Resize) => {
+                let window: protocol::WindowSize = match protocol::decode_json(&frame.payload) {
+                    Ok(window) => window,
+                    Err(error) => return Ok(Step::Violation(format!("bad Resize: {error}"))),
+                };
+                // A command without a terminal has no size to change: nothing to do. The
+                // ioctl can only fail for a descriptor that is not a terminal.
+                if let Some(master) = &self.terminal {
+                    let _ = pty::set_window_size(master.as_fd(), window);
+                }
             }
             Some(FrameType::Hello) => connection.hello(&frame)?,
             Some(other) => {
@@ -480,8 +590,10 @@ mod tests {
 
     #[test]
     fn the_command_gets_the_path_its_program_was_found_in() {
-        let command = prepare(&exec(true, None)).unwrap_or_else(|_| panic!("refused"));
-        let path = command
+        let prepared = prepare(&exec(true, None), protocol::PROTOCOL_VERSION)
+            .unwrap_or_else(|_| panic!("refused"));
+        let path = prepared
+            .command
             .get_envs()
             .find(|(name, _)| *name == "PATH")
             .and_then(|(_, value)| value);

@@ -3,7 +3,7 @@
 //! Modes, chosen from the command line (and from being PID 1):
 //! - **init** (`init.rs`): PID 1 of banger's initramfs. Mounts the root (optionally under an
 //!   overlay), switches to it and execs the image's init, or stays PID 1 and serves.
-//! - **serve** (default; `serve.rs`, `exec.rs`, `files.rs`, `mux.rs`): serves protocol v1
+//! - **serve** (default; `serve.rs`, `exec.rs`, `files.rs`, `mux.rs`): serves protocol v2
 //!   (`protocol.rs`, specified in banger's `docs/agent.md`) on AF_VSOCK port
 //!   [`DEFAULT_PORT`] and, if present, the virtio-serial port `banger.0`; `--listen-unix`
 //!   serves a unix socket instead, so tests drive the real binary without a VM.

@@ -1,4 +1,4 @@
-//! banger's guest protocol, version 1: the frame header and every message.
+//! banger's guest protocol, version 2: the frame header and every message.
 //!
 //! This one file is the wire format for both sides: the agent compiles it as its `protocol`
 //! module and the host includes it verbatim (`src/guest/mod.rs`, `#[path]`), so the two cannot
@@ -8,16 +8,24 @@
 //! A frame is a 9-byte header (payload length `u32`, channel `u32`, type `u8`, big-endian)
 //! followed by the payload: a JSON object for control messages, raw bytes for `Stdin`,
 //! `Stdout`, `Stderr` and `Data`, nothing for `StdinEof` and `Close`.
+//!
+//! Version 2 added, without changing anything version 1 peers send or read: `Exec.tty`
+//! accepted (a pseudo-terminal), `Exec.window`, and the `Resize` frame. Which version a
+//! connection speaks is settled by `Hello`/`Ready`; a version 1 connection still refuses
+//! `tty`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks (the highest it accepts in `Hello`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The first protocol version with pseudo-terminals: `Exec.tty`, `Exec.window` and `Resize`.
+pub const TTY_PROTOCOL_VERSION: u32 = 2;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 9;
@@ -48,6 +56,8 @@ pub enum FrameType {
     StdinEof = 0x06,
     /// JSON [`Signal`] for the running command's process group.
     Signal = 0x07,
+    /// JSON [`WindowSize`]: the running `tty` command's terminal changed size (version 2).
+    Resize = 0x08,
     /// Raw file bytes (`PutFile` from the client, `GetFile` from the agent).
     Data = 0x10,
     /// Empty: the channel is finished (multiplexed serial transport only).
@@ -72,7 +82,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, for lookups by byte.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Hello,
         FrameType::Exec,
         FrameType::PutFile,
@@ -80,6 +90,7 @@ impl FrameType {
         FrameType::Stdin,
         FrameType::StdinEof,
         FrameType::Signal,
+        FrameType::Resize,
         FrameType::Data,
         FrameType::Close,
         FrameType::Ready,
@@ -231,9 +242,15 @@ pub struct Exec {
     /// Working directory; the agent's (`/`) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// A pseudo-terminal. Version 1 refuses `true`.
+    /// Run the command on a new pseudo-terminal: its stdin, stdout and stderr, and its
+    /// controlling terminal, so all output arrives as `Stdout`. Version 2; a version 1
+    /// connection refuses `true`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub tty: bool,
+    /// The terminal's size when the command starts (with `tty`; ignored without). Without
+    /// it the terminal reports 0 rows and 0 columns, which programs read as "unknown".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowSize>,
     /// Whether `Stdin` frames follow; without it the command reads `/dev/null`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stdin: bool,
@@ -241,6 +258,13 @@ pub struct Exec {
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+/// A terminal's size in character cells: `Exec.window`, and the payload of `Resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Client → agent: a signal number for the running command's process group.
@@ -355,7 +379,8 @@ pub enum ErrorKind {
     UnknownFrame,
     /// `Hello` asked for a version this agent does not speak.
     UnsupportedVersion,
-    /// A feature this agent does not have (`tty`).
+    /// A feature this agent, or the connection's protocol version, does not have (`tty` on
+    /// version 1).
     Unsupported,
     /// The path or program does not exist.
     NotFound,
@@ -455,6 +480,26 @@ mod tests {
         let parsed: Exec = decode_json(br#"{"shell":"exit 7","later_field":1}"#).unwrap();
         assert_eq!(parsed.shell.as_deref(), Some("exit 7"));
         assert!(!parsed.stdin);
+    }
+
+    #[test]
+    fn exec_window_is_omitted_when_absent_and_round_trips_when_set() {
+        let exec = Exec {
+            shell: Some("stty size".into()),
+            tty: true,
+            window: Some(WindowSize { rows: 24, cols: 80 }),
+            ..Exec::default()
+        };
+        let json = serde_json::to_string(&exec).unwrap();
+        assert_eq!(
+            json,
+            r#"{"shell":"stty size","tty":true,"window":{"rows":24,"cols":80}}"#
+        );
+        assert_eq!(decode_json::<Exec>(json.as_bytes()).unwrap(), exec);
+        // What a version 1 client sends still decodes, with no window.
+        let old: Exec = decode_json(br#"{"argv":["true"]}"#).unwrap();
+        assert_eq!(old.window, None);
+        assert_eq!(FrameType::from_byte(0x08), Some(FrameType::Resize));
     }
 
     #[test]

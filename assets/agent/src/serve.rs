@@ -48,6 +48,9 @@ pub struct Connection {
     writer: FrameWriter,
     pub reaper: Arc<Reaper>,
     agent: Arc<Agent>,
+    /// The protocol version settled by the last `Hello`; the oldest one until then, so a
+    /// client that never says `Hello` is served as version 1 always was.
+    pub protocol: u32,
 }
 
 impl Connection {
@@ -105,6 +108,7 @@ impl Connection {
         }
         let mut ready = self.agent.ready.clone();
         ready.protocol = hello.version.min(PROTOCOL_VERSION);
+        self.protocol = ready.protocol;
         self.send_json(FrameType::Ready, &ready)
     }
 }
@@ -119,6 +123,7 @@ pub fn handle_connection(agent: Arc<Agent>, stream: File) {
         writer: FrameWriter::new(write_half),
         reaper: Arc::clone(&agent.reaper),
         agent,
+        protocol: MIN_PROTOCOL_VERSION,
     };
     loop {
         let frame = match connection.reader.next_frame() {
@@ -163,8 +168,9 @@ fn serve_request(connection: &mut Connection, frame: Frame) -> Result<(), Discon
             Err(error) => connection.refuse(ErrorKind::BadRequest, format!("bad GetFile: {error}")),
         },
         // Stream frames that raced with the end of an `Exec` (stdin sent while the command
-        // exited, a signal for a command that is gone): nothing to do.
-        FrameType::Stdin | FrameType::StdinEof | FrameType::Signal => Ok(()),
+        // exited, a signal for a command that is gone, a terminal resized meanwhile):
+        // nothing to do.
+        FrameType::Stdin | FrameType::StdinEof | FrameType::Signal | FrameType::Resize => Ok(()),
         other => connection.refuse(ErrorKind::BadRequest, format!("{other:?} is not a request")),
     }
 }
