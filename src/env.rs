@@ -29,6 +29,12 @@ pub const BANGER_VHOST_DEVICE_VSOCK: &str = "BANGER_VHOST_DEVICE_VSOCK";
 pub const BANGER_QEMU: &str = "BANGER_QEMU";
 /// Any non-empty value hides progress bars (events still print as plain lines with `-v`).
 pub const BANGER_NO_PROGRESS: &str = "BANGER_NO_PROGRESS";
+/// The `tracing` filter for banger's events (`info`, `banger=debug`, `banger::ops=trace`…):
+/// the CLI's on stderr, the daemon's in `daemon.log`. Default: warnings for the CLI (more
+/// with `-v`), `info` for the daemon.
+pub const BANGER_LOG: &str = "BANGER_LOG";
+/// The filter when `BANGER_LOG` is unset, as other Rust programs read it.
+pub const RUST_LOG: &str = "RUST_LOG";
 /// Any non-empty value disables colour (<https://no-color.org>).
 pub const NO_COLOR: &str = "NO_COLOR";
 /// Registries (`host[:port]`, comma-separated) spoken to over plain HTTP, in addition to
@@ -77,6 +83,7 @@ pub const STANDARD: &[&str] = &[
     XDG_CONFIG_HOME,
     XDG_RUNTIME_DIR,
     NO_COLOR,
+    RUST_LOG,
     DOCKER_CONFIG,
     REGISTRY_AUTH_FILE,
     HTTP_PROXY,
@@ -97,6 +104,7 @@ pub const ALL: &[&str] = &[
     BANGER_CONFIG,
     BANGER_RUNTIME_DIR,
     BANGER_NO_PROGRESS,
+    BANGER_LOG,
     BANGER_INSECURE_REGISTRIES,
     BANGER_REGISTRY_RETRIES,
     BANGER_TEST_REQUIRE_ALL,

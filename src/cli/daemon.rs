@@ -1,5 +1,6 @@
 //! `banger daemon run|status|stop`.
 
+use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::json;
 
@@ -19,13 +20,34 @@ pub enum DaemonCommand {
     Status,
     /// Stop the daemon (running VMs keep running).
     Stop,
+    /// Print the daemon's log: requests, VM state changes, the processes it started.
+    #[command(
+        long_about = "Print the daemon's log (`daemon.log` in banger's state directory's \
+`logs/`): each request with its outcome and duration, each VM state change, and each process \
+the daemon started (VMMs, vsock daemons) with its pid and how it ended. The log is rotated \
+past 8 MiB (the previous one is daemon.log.1). `BANGER_LOG` (else `RUST_LOG`) sets the \
+daemon's filter when it starts, e.g. `BANGER_LOG=banger=debug`; default `info`."
+    )]
+    Logs {
+        /// Keep printing what the daemon writes, until Ctrl-C (across rotations).
+        #[arg(short, long)]
+        follow: bool,
+        /// Start with the last N lines.
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
+    },
+}
+
+/// Where the daemon logs.
+fn log_path(context: &mut Context) -> anyhow::Result<std::path::PathBuf> {
+    Ok(context.paths()?.state_dir.join("logs/daemon.log"))
 }
 
 /// How the CLI starts a daemon: this very binary, its stderr in the state directory's logs.
 pub fn launcher(context: &mut Context) -> anyhow::Result<Launcher> {
     Ok(Launcher {
         executable: std::env::current_exe()?,
-        log: context.paths()?.state_dir.join("logs/daemon.log"),
+        log: log_path(context)?,
     })
 }
 
@@ -35,6 +57,9 @@ pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<Exi
     let runtime = super::runtime()?;
     match command {
         DaemonCommand::Run => {
+            let log = log_path(context)?;
+            super::logging::init_daemon(context.verbose, &log)
+                .with_context(|| format!("cannot open the daemon's log {}", log.display()))?;
             runtime.block_on(server::run(&paths))?;
             Ok(ExitStatus::Success)
         }
@@ -62,6 +87,16 @@ pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<Exi
                 ))?;
             }
             Ok(ExitStatus::Success)
+        }
+        DaemonCommand::Logs { follow, tail } => {
+            let log = log_path(context)?;
+            if !*follow && !log.exists() {
+                context
+                    .printer
+                    .info(&format!("no daemon log yet ({})", log.display()));
+                return Ok(ExitStatus::Success);
+            }
+            super::vm::show_log_file(&log, *follow, *tail)
         }
         DaemonCommand::Stop => {
             let stopped = runtime.block_on(stop(&socket))?;

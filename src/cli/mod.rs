@@ -20,6 +20,7 @@ mod exit;
 mod graph;
 mod image;
 mod kernel;
+mod logging;
 mod man;
 mod network;
 mod printer;
@@ -68,9 +69,10 @@ struct GlobalArgs {
     /// Print machine-readable JSON Lines on stdout ({"type": ..., "data": ...} per line).
     #[arg(long, global = true)]
     json: bool,
-    /// More detail on stderr (cached steps, step starts).
-    #[arg(short, long, global = true, conflicts_with = "quiet")]
-    verbose: bool,
+    /// More detail on stderr (cached steps, step starts); -v/-vv/-vvv also log banger's
+    /// events at info/debug/trace (`BANGER_LOG` sets the filter itself).
+    #[arg(short, long, global = true, conflicts_with = "quiet", action = clap::ArgAction::Count)]
+    verbose: u8,
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -170,6 +172,8 @@ only your user may use: banger refuses one that another user owns or can write."
 #[derive(Debug)]
 pub struct Context {
     pub printer: Printer,
+    /// How many `-v`s: the daemon's log filter when `BANGER_LOG` is unset.
+    pub verbose: u8,
     paths: Option<Paths>,
     config: Option<Config>,
 }
@@ -333,14 +337,18 @@ pub fn run() -> ExitStatus {
     };
     let verbosity = if cli.global.quiet {
         Verbosity::Quiet
-    } else if cli.global.verbose {
+    } else if cli.global.verbose > 0 {
         Verbosity::Verbose
     } else {
         Verbosity::Normal
     };
     let printer = Printer::new(verbosity, cli.global.json);
+    if !matches!(cli.command, Command::Daemon(daemon::DaemonCommand::Run)) {
+        logging::init_cli(cli.global.verbose, printer.color_stderr);
+    }
     let mut context = Context {
         printer: printer.clone(),
+        verbose: cli.global.verbose,
         paths: None,
         config: None,
     };

@@ -751,50 +751,72 @@ fn logs(
     follow: bool,
     tail: Option<usize>,
 ) -> anyhow::Result<ExitStatus> {
-    use std::io::{Read, Seek, Write};
-    /// How far back `--tail` looks for its lines.
-    const TAIL_WINDOW: u64 = 4 << 20;
     let vm = match show_vm(context, runtime, session, name)? {
         Ok(vm) => vm,
         Err(error) => return Ok(refused(context, &error)),
     };
-    let mut file = match std::fs::File::open(&vm.console_log) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !follow => {
-            context
-                .printer
-                .info(&format!("VM `{name}` has not booted yet: no console log"));
-            return Ok(ExitStatus::Success);
-        }
-        Err(error) => {
-            return Err(error).with_context(|| format!("cannot read {}", vm.console_log));
+    let path = Path::new(&vm.console_log);
+    if !follow && !path.exists() {
+        context
+            .printer
+            .info(&format!("VM `{name}` has not booted yet: no console log"));
+        return Ok(ExitStatus::Success);
+    }
+    show_log_file(path, follow, tail)
+}
+
+/// Prints the log at `path` (its last `tail` lines, looked for in its last 4 MiB), and with
+/// `follow` keeps printing what is appended until Ctrl-C, starting over when the file is
+/// truncated (a VM's restart) or replaced (a rotation). On a terminal, control characters are
+/// shown escaped: a guest's escape sequences must not drive the host's terminal.
+pub(super) fn show_log_file(
+    path: &Path,
+    follow: bool,
+    tail: Option<usize>,
+) -> anyhow::Result<ExitStatus> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    /// How far back `--tail` looks for its lines.
+    const TAIL_WINDOW: u64 = 4 << 20;
+    let read_error = || format!("cannot read {}", path.display());
+    let open = || -> anyhow::Result<Option<std::fs::File>> {
+        match std::fs::File::open(path) {
+            Ok(file) => Ok(Some(file)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && follow => Ok(None),
+            Err(error) => Err(error).with_context(read_error),
         }
     };
-    let read_error = || format!("cannot read {}", vm.console_log);
+    let mut file = open()?;
     let mut stdout = std::io::stdout().lock();
     let terminal = stdout.is_terminal();
     let mut buffer = Vec::new();
-    if let Some(lines) = tail {
-        let size = file.metadata().with_context(read_error)?.len();
-        file.seek(std::io::SeekFrom::Start(size.saturating_sub(TAIL_WINDOW)))
-            .with_context(read_error)?;
-        file.read_to_end(&mut buffer).with_context(read_error)?;
-        let body = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
-        let start = body
-            .iter()
-            .enumerate()
-            .rev()
-            .filter(|(_, byte)| **byte == b'\n')
-            .nth(lines.saturating_sub(1))
-            .map_or(0, |(at, _)| at + 1);
-        let start = if lines == 0 { buffer.len() } else { start };
-        buffer.drain(..start);
-    } else {
-        file.read_to_end(&mut buffer).with_context(read_error)?;
+    if let Some(open_file) = file.as_mut() {
+        if let Some(lines) = tail {
+            let size = open_file.metadata().with_context(read_error)?.len();
+            open_file
+                .seek(std::io::SeekFrom::Start(size.saturating_sub(TAIL_WINDOW)))
+                .with_context(read_error)?;
+            open_file
+                .read_to_end(&mut buffer)
+                .with_context(read_error)?;
+            let body = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
+            let start = body
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|(_, byte)| **byte == b'\n')
+                .nth(lines.saturating_sub(1))
+                .map_or(0, |(at, _)| at + 1);
+            let start = if lines == 0 { buffer.len() } else { start };
+            buffer.drain(..start);
+        } else {
+            open_file
+                .read_to_end(&mut buffer)
+                .with_context(read_error)?;
+        }
     }
     loop {
         let shown = if terminal {
-            // A guest's escape sequences must not drive the host's terminal.
             let text = String::from_utf8_lossy(&buffer).replace("\r\n", "\n");
             banger::error::printable(&text).into_bytes()
         } else {
@@ -811,13 +833,35 @@ fn logs(
             return Ok(ExitStatus::Success);
         }
         std::thread::sleep(Duration::from_millis(200));
-        // A restart truncates the log: start over.
-        let position = file.stream_position().unwrap_or(0);
-        if std::fs::metadata(&vm.console_log).map_or(0, |meta| meta.len()) < position {
-            file.seek(std::io::SeekFrom::Start(0))?;
-        }
         buffer.clear();
-        file.read_to_end(&mut buffer).with_context(read_error)?;
+        let on_disk = std::fs::metadata(path).ok();
+        let Some(open_file) = file.as_mut() else {
+            file = open()?;
+            if let Some(open_file) = file.as_mut() {
+                open_file
+                    .read_to_end(&mut buffer)
+                    .with_context(read_error)?;
+            }
+            continue;
+        };
+        let held = open_file.metadata().with_context(read_error)?;
+        let replaced = on_disk
+            .as_ref()
+            .is_some_and(|meta| (meta.dev(), meta.ino()) != (held.dev(), held.ino()));
+        if replaced {
+            // Rotated: what was appended to the old file first, then the new one.
+            open_file
+                .read_to_end(&mut buffer)
+                .with_context(read_error)?;
+            file = open()?;
+        } else if held.len() < open_file.stream_position().unwrap_or(0) {
+            open_file.seek(std::io::SeekFrom::Start(0))?;
+        }
+        if let Some(open_file) = file.as_mut() {
+            open_file
+                .read_to_end(&mut buffer)
+                .with_context(read_error)?;
+        }
     }
 }
 

@@ -184,6 +184,12 @@ async fn start(socket: &Path, launcher: &Launcher) -> Result<DaemonClient, Daemo
             source,
         })?;
     }
+    super::log::rotate_if_over(&launcher.log, super::log::LOG_CAP).map_err(|source| {
+        DaemonError::Io {
+            path: launcher.log.clone(),
+            source,
+        }
+    })?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -11,6 +11,7 @@
 //! again after a restart) is `ops::vms`: the daemon serves it.
 
 pub mod client;
+pub mod log;
 pub mod protocol;
 pub mod server;
 

@@ -73,6 +73,28 @@ pub enum Request {
 
 pub use crate::ops::vms::{CreateVm, SetVm, UpReport, UpVm, VmInfo};
 
+impl Request {
+    /// The request's name and the VM it is about, if any, for the daemon's log.
+    pub fn describe(&self) -> (&'static str, &str) {
+        match self {
+            Request::Hello { .. } => ("hello", ""),
+            Request::Status => ("status", ""),
+            Request::Stop => ("stop", ""),
+            Request::VmCreate(create) => ("vm_create", create.name.as_deref().unwrap_or("")),
+            Request::VmStart { name, .. } => ("vm_start", name),
+            Request::VmStop { name, .. } => ("vm_stop", name),
+            Request::VmRestart { name, .. } => ("vm_restart", name),
+            Request::VmSet(set) => ("vm_set", &set.name),
+            Request::VmKill { name } => ("vm_kill", name),
+            Request::VmDelete { name, .. } => ("vm_delete", name),
+            Request::VmUp(up) => ("vm_up", up.create.name.as_deref().unwrap_or("")),
+            Request::VmList => ("vm_list", ""),
+            Request::VmShow { name } => ("vm_show", name),
+            Request::NetworkDown => ("network_down", ""),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Response {

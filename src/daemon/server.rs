@@ -252,6 +252,10 @@ async fn serve_vm_request(
 ) -> std::io::Result<()> {
     let remove_if_abandoned =
         matches!(&request, Request::VmCreate(create) if create.remove_if_abandoned);
+    let (kind, vm) = request.describe();
+    let vm = vm.to_owned();
+    let started = std::time::Instant::now();
+    tracing::info!(request = kind, vm, "request");
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
     let events = Events(sender);
     let vms = Arc::clone(&state.vms);
@@ -327,6 +331,25 @@ async fn serve_vm_request(
             }),
         }
     };
+    match &response {
+        Response::Error {
+            kind: error,
+            message,
+        } => tracing::info!(
+            request = kind,
+            vm,
+            millis = started.elapsed().as_millis() as u64,
+            error = ?error,
+            message = message.as_str(),
+            "request failed"
+        ),
+        _ => tracing::info!(
+            request = kind,
+            vm,
+            millis = started.elapsed().as_millis() as u64,
+            "request done"
+        ),
+    }
     let mut delivered = Ok(());
     while let Ok(event) = receiver.try_recv() {
         delivered = delivered.and(write_line(writer, &event).await);

@@ -495,6 +495,7 @@ impl Vms {
                 Some(launched) if launched.vmm.is_alive() => {
                     self.live_insert(&record.name, launched);
                     if record.state != VmState::Running {
+                        tracing::info!(vm = %record.name, "vm running (found at start-up)");
                         self.state()?.set_vm_state(&record.name, VmState::Running)?;
                     }
                 }
@@ -504,6 +505,7 @@ impl Vms {
                     }
                     let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
                     if record.state != VmState::Stopped {
+                        tracing::info!(vm = %record.name, "vm stopped (its VMM is gone)");
                         self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
                     }
                 }
@@ -574,6 +576,7 @@ impl Vms {
             }
             None => {
                 if record.state == VmState::Running {
+                    tracing::info!(vm = %record.name, "vm stopped (its VMM is gone)");
                     self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
                 }
                 Ok(None)
@@ -586,6 +589,7 @@ impl Vms {
     async fn finish_run(&self, record: &VmRecord, launched: &Launched) -> Result<(), VmError> {
         crate::vm::backend::release(launched).await;
         let _ = std::fs::remove_dir_all(self.run_dir(&record.id));
+        tracing::info!(vm = %record.name, vmm_pid = launched.vmm.pid, "vm stopped");
         self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
         if record.network == NetworkMode::Tap && !record.ports.is_empty() {
             self.refresh_ruleset(&record.name).await?;
@@ -844,6 +848,7 @@ impl Vms {
             self.remove_vm_files(&record);
             return Err(error);
         }
+        tracing::info!(vm = %name, image = %image.name, kernel = %kernel.name, "vm created");
         events.note(format!(
             "created VM `{name}` ({} on {}, {} backend)",
             image.name,
@@ -1026,6 +1031,9 @@ impl Vms {
         let recorded = self
             .write_scratch(&record.id, &launched)
             .and_then(|()| Ok(self.state()?.set_vm_state(name, VmState::Running)?));
+        if recorded.is_ok() {
+            tracing::info!(vm = %name, vmm_pid = launched.vmm.pid, "vm running");
+        }
         if let Err(error) = recorded {
             backend.halt(&launched, Duration::from_secs(1)).await;
             self.finish_run(&record, &launched).await?;
@@ -1451,6 +1459,7 @@ impl Vms {
         }
         let state = self.state()?;
         state.remove_vm(name)?;
+        tracing::info!(vm = %name, "vm deleted");
         state.free_address(&record.id)?;
         self.network.set_names(state.addresses()?);
         self.remove_vm_files(&record);

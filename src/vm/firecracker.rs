@@ -784,6 +784,7 @@ impl FirecrackerProcess {
                 }
             })
         })?;
+        tracing::info!(program = %argv[0], pid = child.id(), "process started");
         let stdout = Capture::start(child.stdout.take());
         let stderr = Capture::start(child.stderr.take());
         let mut process = FirecrackerProcess {

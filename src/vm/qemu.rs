@@ -273,6 +273,7 @@ impl QemuProcess {
                 }
             }
         })?;
+        tracing::info!(program = %argv[0], pid = child.id(), "process started");
         let seconds = 20;
         match super::wait_for_socket(
             &mut child,

@@ -116,6 +116,7 @@ impl VhostVsock {
                 }
             }
         })?;
+        tracing::info!(program = %binary.display(), pid = child.id(), "process started");
         let seconds = 10;
         match super::wait_for_socket(
             &mut child,

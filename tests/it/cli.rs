@@ -567,3 +567,19 @@ fn man_writes_a_page_per_command() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn an_invalid_log_filter_is_reported_and_the_command_still_runs() {
+    let context = TestContext::new();
+    let output = context
+        .command(&["cache", "du"])
+        .env("BANGER_LOG", "banger=loud")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("ignoring the log filter `banger=loud`"),
+        "{stderr}"
+    );
+}

@@ -408,3 +408,30 @@ fn an_endless_request_line_is_refused_with_the_limit_and_the_daemon_stays_up() {
     );
     assert_eq!(sandbox.status()["pid"], pid, "the daemon went away");
 }
+
+#[test]
+fn the_daemon_logs_each_request_and_daemon_logs_prints_them() {
+    let sandbox = Sandbox::new();
+    let pid = sandbox.status()["pid"].as_i64().unwrap();
+    let missing = sandbox.context.run(&["vm", "show", "no-such-vm"]);
+    assert_eq!(missing.code, Some(1), "{missing}");
+    let logs = sandbox.context.run(&["daemon", "logs"]);
+    assert_eq!(logs.code, Some(0), "{logs}");
+    let lines: Vec<&str> = logs.stdout.lines().collect();
+    assert!(
+        lines.iter().any(|line| line.contains("request=\"vm_show\"")
+            && line.contains("vm=\"no-such-vm\"")
+            && line.contains("request failed")),
+        "{logs}"
+    );
+    assert!(
+        lines.iter().any(|line| line.contains("INFO")),
+        "info lines by default: {logs}"
+    );
+    // --tail: only the last line, the failed request.
+    let tail = sandbox.context.run(&["daemon", "logs", "-n", "1"]);
+    assert_eq!(tail.stdout.lines().count(), 1, "{tail}");
+    assert!(tail.stdout.contains("request failed"), "{tail}");
+    // The daemon that wrote them is the one still running.
+    assert_eq!(sandbox.status()["pid"].as_i64().unwrap(), pid);
+}
