@@ -96,13 +96,22 @@ impl DaemonClient {
         socket: &Path,
         launcher: &Launcher,
     ) -> Result<DaemonClient, DaemonError> {
-        match DaemonClient::connect(socket).await {
-            Ok(Some(client)) => return Ok(client),
-            Ok(None) => {}
-            Err(DaemonError::Version { .. }) => {
-                stop(socket).await?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match DaemonClient::connect(socket).await {
+                Ok(Some(client)) => return Ok(client),
+                Ok(None) => break,
+                Err(DaemonError::Version { .. }) => {
+                    stop(socket).await?;
+                    break;
+                }
+                // A daemon killed a moment ago can still accept and then reset: once it is
+                // gone, the socket refuses and a new one is started.
+                Err(error) if error.is_a_dying_daemon() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
         }
         start(socket, launcher).await
     }

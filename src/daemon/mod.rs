@@ -78,6 +78,26 @@ pub enum DaemonError {
     },
 }
 
+impl DaemonError {
+    /// Whether the daemon went away in the middle of being reached: the connection was reset
+    /// or closed before it answered, as happens while a killed daemon is being torn down.
+    pub fn is_a_dying_daemon(&self) -> bool {
+        let dying = |source: &std::io::Error| {
+            matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        };
+        match self {
+            DaemonError::Io { source, .. } | DaemonError::Lost { source } => dying(source),
+            _ => false,
+        }
+    }
+}
+
 /// Whether a peer of the daemon socket (the daemon, seen from a client; a client, seen from
 /// the daemon) may be trusted: the same user, or root.
 pub(crate) fn trusted_peer(peer_uid: u32) -> bool {
