@@ -257,6 +257,22 @@ pub fn names_read_only(state_dir: &Path, kind: Named) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The id of VM `name`, read like [`names_read_only`] (for shell completion, which must not
+/// wait for the daemon); `None` when there is no such VM or no database.
+pub fn vm_id_read_only(state_dir: &Path, name: &str) -> Option<String> {
+    use rusqlite::OpenFlags;
+    let connection = Connection::open_with_flags(
+        state_dir.join("state.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    connection
+        .query_row("SELECT id FROM vms WHERE name = ?1", [name], |row| {
+            row.get::<_, String>(0)
+        })
+        .ok()
+}
+
 impl State {
     /// Opens (creating and migrating as needed) the database in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<State, StateError> {

@@ -2,7 +2,8 @@
 //! calls banger back (`COMPLETE=SHELL banger -- WORDS…`, clap_complete's dynamic engine),
 //! which answers with subcommands, flags and the names that exist now: VMs, images and
 //! kernels, read straight from the state database so that completing never starts or waits
-//! for the daemon.
+//! for the daemon; and a running VM's sessions, asked of its agent directly (the VM's
+//! scratch file names it) with a one-second limit.
 
 use std::ffi::OsStr;
 
@@ -90,4 +91,93 @@ pub fn image_names() -> ArgValueCompleter {
 /// Completes an argument with the names of stored kernels.
 pub fn kernel_names() -> ArgValueCompleter {
     ArgValueCompleter::new(|current: &OsStr| candidates(Named::Kernels, current))
+}
+
+/// How long completing session names may take: the guest is asked, and a shell must not
+/// hang on a slow one.
+const SESSION_QUERY_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Completes a `vm session` subcommand's session argument with the sessions of the VM named
+/// before it on the command line.
+pub fn session_names() -> ArgValueCompleter {
+    ArgValueCompleter::new(|current: &OsStr| {
+        let (Some(current), Some(vm)) = (current.to_str(), vm_of_session_command()) else {
+            return Vec::new();
+        };
+        let Ok(paths) = Paths::from_env() else {
+            return Vec::new();
+        };
+        let Some(launched) = banger::ops::vms::launched_read_only(&paths, &vm) else {
+            return Vec::new();
+        };
+        let endpoint = launched.agent.endpoint();
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return Vec::new();
+        };
+        let sessions = runtime.block_on(async {
+            let deadline = std::time::Instant::now() + SESSION_QUERY_LIMIT;
+            tokio::time::timeout(SESSION_QUERY_LIMIT, async {
+                let mut channel = endpoint.connect(deadline).await.ok()?;
+                channel.hello().await.ok()?;
+                banger::ops::sessions::list(&mut channel).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+        });
+        runtime.shutdown_background();
+        sessions
+            .into_iter()
+            .filter(|session| session.name.starts_with(current))
+            .map(|session| CompletionCandidate::new(session.name))
+            .collect()
+    })
+}
+
+/// The VM a `vm session SUBCOMMAND VM SESSION` being completed names: the words of the
+/// command line come after `--` in a completion request.
+fn vm_of_session_command() -> Option<String> {
+    let words: Vec<String> = std::env::args().skip_while(|word| word != "--").collect();
+    vm_in_session_words(&words)
+}
+
+fn vm_in_session_words(words: &[String]) -> Option<String> {
+    let at = words
+        .windows(2)
+        .position(|pair| pair[0] == "vm" && pair[1] == "session")?;
+    // After `vm session SUBCOMMAND`, the first word that is not a flag.
+    words[at + 3..]
+        .iter()
+        .find(|word| !word.starts_with('-'))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_vm_of_a_session_command_is_the_word_after_its_subcommand() {
+        assert_eq!(
+            vm_in_session_words(&words("-- banger vm session logs -f box s")),
+            Some("box".into())
+        );
+        assert_eq!(
+            vm_in_session_words(&words("-- banger --json vm session attach box")),
+            Some("box".into())
+        );
+        assert_eq!(
+            vm_in_session_words(&words("-- banger vm session logs")),
+            None
+        );
+        assert_eq!(vm_in_session_words(&words("-- banger vm ssh box")), None);
+    }
 }

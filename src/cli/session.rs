@@ -108,6 +108,7 @@ pub struct SessionArgs {
     #[arg(add = super::complete::vm_names())]
     name: String,
     /// The session.
+    #[arg(add = super::complete::session_names())]
     session: String,
 }
 

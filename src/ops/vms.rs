@@ -211,6 +211,15 @@ pub struct SetVm {
     pub disk_bytes: Option<u64>,
 }
 
+/// The handles of running VM `name` as its scratch file has them, read without the daemon
+/// (shell completion must not start or wait for it); `None` unless its VMM runs.
+pub fn launched_read_only(paths: &Paths, name: &str) -> Option<Launched> {
+    let id = crate::state::vm_id_read_only(&paths.state_dir, name)?;
+    let path = paths.runtime_dir.join("vms").join(id).join("launched.json");
+    let launched: Launched = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    launched.vmm.is_alive().then_some(launched)
+}
+
 /// The least memory `vm set` gives a VM: a Debian guest with systemd needs about this much.
 pub const MIN_MEMORY_MIB: u64 = 128;
 

@@ -473,44 +473,7 @@ fn completion_in_bash_offers_subcommands_and_existing_vm_names_without_a_daemon(
             .unwrap();
     }
     drop(state);
-    let script = context.run(&["completion", "bash"]);
-    assert_eq!(script.code, Some(0), "{script}");
-    let script_path = context.root.path().join("banger.bash");
-    std::fs::write(&script_path, &script.stdout).unwrap();
-
-    let complete = |words: &[&str]| -> Vec<String> {
-        let template = context.command(&[]);
-        let mut bash = std::process::Command::new("bash");
-        for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
-            bash.env_remove(name);
-        }
-        for (key, value) in template.get_envs() {
-            if let Some(value) = value {
-                bash.env(key, value);
-            }
-        }
-        let quoted: Vec<String> = words.iter().map(|word| format!("'{word}'")).collect();
-        let line = format!(
-            "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _clap_complete_banger banger {} {}; \
-             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-            script_path.display(),
-            quoted.join(" "),
-            words.len() - 1,
-            quoted[words.len() - 1],
-            quoted[words.len() - 2],
-        );
-        let output = bash.arg("-c").arg(&line).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{line}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|candidate| candidate.trim_end().to_owned())
-            .filter(|candidate| !candidate.is_empty())
-            .collect()
-    };
+    let complete = |words: &[&str]| crate::support::bash_complete(&context, words);
     // An empty word is offered the names, then the flags.
     let names: Vec<String> = complete(&["banger", "vm", "ssh", ""])
         .into_iter()

@@ -627,3 +627,43 @@ pub fn fake_ready_frame(channel: u32, label: &str) -> Vec<u8> {
         },
     )
 }
+
+/// What `banger completion bash`, sourced by a real bash, offers for `words` (the last one
+/// is the word being completed), as Tab would drive it in `context`'s environment.
+pub fn bash_complete(context: &TestContext, words: &[&str]) -> Vec<String> {
+    let script = context.run(&["completion", "bash"]);
+    assert_eq!(script.code, Some(0), "{script}");
+    let script_path = context.root.path().join("banger.bash");
+    std::fs::write(&script_path, &script.stdout).unwrap();
+    let template = context.command(&[]);
+    let mut bash = std::process::Command::new("bash");
+    for name in banger::env::ALL.iter().chain(banger::env::STANDARD) {
+        bash.env_remove(name);
+    }
+    for (key, value) in template.get_envs() {
+        if let Some(value) = value {
+            bash.env(key, value);
+        }
+    }
+    let quoted: Vec<String> = words.iter().map(|word| format!("'{word}'")).collect();
+    let line = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _clap_complete_banger banger {} {}; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script_path.display(),
+        quoted.join(" "),
+        words.len() - 1,
+        quoted[words.len() - 1],
+        quoted[words.len() - 2],
+    );
+    let output = bash.arg("-c").arg(&line).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|candidate| candidate.trim_end().to_owned())
+        .filter(|candidate| !candidate.is_empty())
+        .collect()
+}

@@ -1305,6 +1305,10 @@ fn check_sessions_after_the_daemon_died(context: &TestContext, name: &str) {
     assert_eq!(sessions.len(), 1, "{listed}");
     assert_eq!(sessions[0]["data"]["name"], "echoer", "{listed}");
     assert_eq!(sessions[0]["data"]["state"], "running", "{listed}");
+    // Tab after `vm session logs NAME` offers the VM's sessions, asked of its agent.
+    let offered =
+        crate::support::bash_complete(context, &["banger", "vm", "session", "logs", name, "ec"]);
+    assert_eq!(offered, ["echoer"], "{offered:?}");
     let logs = |context: &TestContext| {
         vm_ok(context, name, &["vm", "session", "logs", name, "echoer"]).stdout
     };
