@@ -1064,14 +1064,10 @@ fn ports(
     session: &mut Session,
     name: &str,
 ) -> anyhow::Result<ExitStatus> {
-    let vm = match show_vm(context, runtime, session, name)? {
-        Ok(vm) => vm,
-        Err(error) => return Ok(refused(context, &error)),
+    let (vm, endpoint) = match running_agent(context, runtime, session, name)? {
+        Ok(running) => running,
+        Err(status) => return Ok(status),
     };
-    let Some(agent) = vm.agent.as_ref().filter(|_| vm.state == "running") else {
-        return Ok(not_running(context, name));
-    };
-    let endpoint = agent.endpoint();
     let listeners = runtime.block_on(async {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let (mut channel, _) = endpoint.wait_ready(deadline).await?;
@@ -1430,14 +1426,10 @@ fn exec(
     session: &mut Session,
     args: &ExecArgs,
 ) -> anyhow::Result<ExitStatus> {
-    let name = &args.name;
-    let vm = match show_vm(context, runtime, session, name)? {
-        Ok(vm) => vm,
-        Err(error) => return Ok(refused(context, &error)),
+    let vm = match running_agent(context, runtime, session, &args.name)? {
+        Ok((vm, _)) => vm,
+        Err(status) => return Ok(status),
     };
-    if vm.state != "running" || vm.agent.is_none() {
-        return Ok(not_running(context, name));
-    }
     run_in_guest(runtime, &vm, &args.command, &args.guest, args.interactive)
 }
 

@@ -208,37 +208,41 @@ async fn bad_destinations_are_refused_with_their_names() {
     assert!(!host.path().join("out").exists());
 }
 
+/// A stream that makes `loot/out`, a symlink to `outside`, then writes `loot/out/pwned`
+/// through it, as a compromised guest's `tar` could send.
+pub(crate) fn tar_writing_through_a_symlink(outside: &Path) -> Vec<u8> {
+    let mut hostile = Vec::new();
+    let mut builder = tar::Builder::new(&mut hostile);
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_size(0);
+    builder
+        .append_data(&mut header, "loot", std::io::empty())
+        .unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_mode(0o777);
+    header.set_size(0);
+    builder
+        .append_link(&mut header, "loot/out", outside)
+        .unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o644);
+    header.set_size(6);
+    builder
+        .append_data(&mut header, "loot/out/pwned", &b"pwned\n"[..])
+        .unwrap();
+    builder.finish().unwrap();
+    drop(builder);
+    hostile
+}
+
 #[tokio::test]
 async fn a_hostile_stream_from_the_guest_writes_nothing_outside() {
     let host = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
-    // A stream that makes a symlink to a directory outside the destination and then writes
-    // through it, as a compromised guest's `tar` could send.
-    let mut hostile = Vec::new();
-    {
-        let mut builder = tar::Builder::new(&mut hostile);
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o755);
-        header.set_size(0);
-        builder
-            .append_data(&mut header, "loot", std::io::empty())
-            .unwrap();
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_mode(0o777);
-        header.set_size(0);
-        builder
-            .append_link(&mut header, "loot/out", outside.path())
-            .unwrap();
-        let mut header = tar::Header::new_gnu();
-        header.set_mode(0o644);
-        header.set_size(6);
-        builder
-            .append_data(&mut header, "loot/out/pwned", &b"pwned\n"[..])
-            .unwrap();
-        builder.finish().unwrap();
-    }
+    let hostile = tar_writing_through_a_symlink(outside.path());
     let fake = tempfile::tempdir().unwrap();
     std::fs::write(fake.path().join("hostile.tar"), &hostile).unwrap();
     let script = fake.path().join("tar");

@@ -1249,24 +1249,7 @@ fn check_vm_cp(context: &TestContext, name: &str) {
 
     // A guest whose `tar` sends an entry through a symlink out of the destination.
     let hostile = host.path().join("hostile.tar");
-    let mut bytes = Vec::new();
-    {
-        let mut builder = tar::Builder::new(&mut bytes);
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_mode(0o777);
-        header.set_size(0);
-        builder
-            .append_link(&mut header, "loot/out", host.path().join("outside"))
-            .unwrap();
-        let mut header = tar::Header::new_gnu();
-        header.set_mode(0o644);
-        header.set_size(6);
-        builder
-            .append_data(&mut header, "loot/out/pwned", &b"pwned\n"[..])
-            .unwrap();
-        builder.finish().unwrap();
-    }
+    let bytes = crate::copy::tar_writing_through_a_symlink(&host.path().join("outside"));
     std::fs::write(&hostile, bytes).unwrap();
     std::fs::create_dir(host.path().join("outside")).unwrap();
     let put = context.run(&[
