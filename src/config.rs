@@ -6,6 +6,8 @@
 //! ```toml
 //! [cache]
 //! max_size = "20G"          # `banger cache gc` evicts least-recently-used steps above this
+//! remote = "registry.example.com/team/banger-cache"  # the remote step cache (optional)
+//! push = true               # builds also upload their shared steps to it
 //!
 //! [catalogs]
 //! images = "/srv/banger/images.json"   # replaces the embedded image catalog
@@ -126,6 +128,9 @@ struct RawFileSync {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     max_size: Option<String>,
+    remote: Option<String>,
+    #[serde(default)]
+    push: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +162,11 @@ pub struct Config {
     /// Where it was read from (whether or not the file exists).
     pub path: PathBuf,
     pub cache_max_size: ByteSize,
+    /// `[cache] remote`: the registry repository of the remote step cache
+    /// (`docs/remote-cache.md`), read by every build unless `--cache-from` names another.
+    pub cache_remote: Option<String>,
+    /// `[cache] push`: builds also upload their shared steps to `cache_remote`.
+    pub cache_push: bool,
     pub image_catalog: Option<PathBuf>,
     pub kernel_catalog: Option<PathBuf>,
     pub vm_defaults: VmDefaults,
@@ -173,6 +183,8 @@ impl Config {
         Config {
             path: path.to_owned(),
             cache_max_size: DEFAULT_CACHE_MAX_SIZE,
+            cache_remote: None,
+            cache_push: false,
             image_catalog: None,
             kernel_catalog: None,
             vm_defaults: VmDefaults::default(),
@@ -261,6 +273,14 @@ impl Config {
                 message: "a VM needs at least one vcpu".into(),
             });
         }
+        if raw.cache.push && raw.cache.remote.is_none() {
+            return Err(ConfigError::Value {
+                path: path.to_owned(),
+                key: "cache.push".into(),
+                value: "true".into(),
+                message: "pushing needs a remote: set `remote` in [cache] too".into(),
+            });
+        }
         let subnet = match &raw.network.subnet {
             None => crate::net::subnet::DEFAULT_SUBNET,
             Some(text) => {
@@ -276,6 +296,8 @@ impl Config {
             path: path.to_owned(),
             cache_max_size: size("cache.max_size", &raw.cache.max_size)?
                 .unwrap_or(DEFAULT_CACHE_MAX_SIZE),
+            cache_remote: raw.cache.remote,
+            cache_push: raw.cache.push,
             image_catalog: raw.catalogs.images.map(relative_to_config),
             kernel_catalog: raw.catalogs.kernels.map(relative_to_config),
             vm_defaults: VmDefaults {
@@ -504,6 +526,30 @@ mod tests {
         assert_eq!(config.vm_defaults.memory, Some(ByteSize(4 * ByteSize::GIB)));
         assert_eq!(config.vm_defaults.disk, None);
         assert_eq!(config.subnet, crate::net::subnet::DEFAULT_SUBNET);
+    }
+
+    #[test]
+    fn the_remote_cache_and_pushing_to_it_are_configurable() {
+        let path = Path::new("/etc/banger/config.toml");
+        let config = Config::parse(
+            "[cache]\nremote = \"registry.example.com/team/cache\"\npush = true\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            config.cache_remote.as_deref(),
+            Some("registry.example.com/team/cache")
+        );
+        assert!(config.cache_push);
+        let defaults = Config::parse("", path).unwrap();
+        assert_eq!((defaults.cache_remote, defaults.cache_push), (None, false));
+        let error = Config::parse("[cache]\npush = true\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cache.push") && error.contains("remote"),
+            "{error}"
+        );
     }
 
     #[test]

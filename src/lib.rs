@@ -24,6 +24,7 @@ pub mod ops;
 pub mod paths;
 pub mod plan;
 pub mod privileged;
+pub mod remote;
 pub mod rootfs;
 pub mod sources;
 pub mod spec;

@@ -45,6 +45,39 @@ pub struct BuildArgs {
     /// execution, successful or not) instead of building.
     #[arg(long, value_name = "STEP", conflicts_with_all = ["rebuild", "bundle", "update"])]
     log: Option<String>,
+    #[command(flatten)]
+    remote: RemoteCacheArgs,
+}
+
+/// The remote step cache of one run (`docs/remote-cache.md`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RemoteCacheArgs {
+    /// Download shared steps (recipes, `run` provisioning, the kernel's steps) that are not
+    /// stored here from this registry repository instead of running them
+    /// [default: `[cache] remote` of config.toml].
+    #[arg(long, value_name = "REGISTRY/REPO")]
+    cache_from: Option<String>,
+    /// After a successful run, upload the shared steps it used to this registry repository
+    /// (only what it lacks) [default: `[cache] remote` when `[cache] push = true`].
+    #[arg(long, value_name = "REGISTRY/REPO")]
+    cache_to: Option<String>,
+}
+
+impl RemoteCacheArgs {
+    /// The run's remote caches, with the config's defaults; an unusable name is an error
+    /// before anything runs.
+    pub fn caches(
+        &self,
+        config: &banger::config::Config,
+        services: &banger::steps::Services,
+    ) -> anyhow::Result<banger::remote::RunCaches> {
+        Ok(banger::remote::run_caches(
+            self.cache_from.as_deref(),
+            self.cache_to.as_deref(),
+            config,
+            services.registry.options(),
+        )?)
+    }
 }
 
 pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus> {
@@ -89,7 +122,9 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
     let printer = &context.printer;
     let notes = |text: String| printer.info(&text);
     let project_name = project.spec.name.clone();
-    let outcome = super::run_cancellable(&runtime, args.keep_going, |options| {
+    let caches = args.remote.caches(&config, &services)?;
+    let outcome = super::run_cancellable(&runtime, args.keep_going, |mut options| {
+        caches.apply(&mut options);
         build::build(&env, project, &request, reporter.as_ref(), &notes, options)
     })?;
     report_built(context, &outcome.built, &project_name)?;

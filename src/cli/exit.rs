@@ -126,6 +126,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
         banger::ops::ssh_config::SshConfigError,
         banger::ops::copy::CopyError,
         banger::ops::sessions::SessionError,
+        banger::remote::RemoteCacheError,
     );
     ErrorClass::Environment
 }

@@ -150,6 +150,8 @@ pub struct BuildEnv {
     store: Store,
     engine: Engine,
     state_dir: PathBuf,
+    /// The config's remote step cache (`[cache] remote`), for every run of this command.
+    pub caches: banger::remote::RunCaches,
 }
 
 impl BuildEnv {
@@ -162,6 +164,8 @@ impl BuildEnv {
         let services = steps::Services::from_env(&state_dir)?;
         let store = context.store()?;
         let engine = super::engine(&store, &services);
+        let caches =
+            banger::remote::run_caches(None, None, context.config()?, services.registry.options())?;
         Ok(BuildEnv {
             runtime,
             catalogs,
@@ -169,6 +173,7 @@ impl BuildEnv {
             store,
             engine,
             state_dir,
+            caches,
         })
     }
 
@@ -210,7 +215,8 @@ fn build_and_record(
 ) -> anyhow::Result<ExitStatus> {
     let env = build.env();
     let reporter = super::reporters::for_printer(&context.printer);
-    let (record, report) = super::run_cancellable(&build.runtime, false, |options| {
+    let (record, report) = super::run_cancellable(&build.runtime, false, |mut options| {
+        build.caches.clone().apply(&mut options);
         images::build_and_record(&env, job, reporter.as_ref(), options)
     })?;
     let printer = &context.printer;

@@ -150,7 +150,8 @@ fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
     let build = BuildEnv::open(context)?;
     let env = build.env();
     let reporter = super::reporters::for_printer(&context.printer);
-    let pulled = super::run_cancellable(&build.runtime, false, |options| {
+    let pulled = super::run_cancellable(&build.runtime, false, |mut options| {
+        build.caches.clone().apply(&mut options);
         kernels::pull(&env, &args.name, args.force, reporter.as_ref(), options)
     })?;
     print_recorded(context, &pulled)

@@ -78,17 +78,50 @@ pub fn event_line(event: &Event, verbosity: Verbosity) -> Option<String> {
         } else {
             format!("{:>9} {step}: {warning}", "warning")
         }),
+        Event::StepPushed {
+            step,
+            uploaded_bytes,
+            reused_bytes,
+            ..
+        } if verbose => Some(format!(
+            "{:>9} {step} ({} sent, {} already there)",
+            "pushed",
+            human_bytes(*uploaded_bytes),
+            human_bytes(*reused_bytes)
+        )),
+        Event::PushFinished {
+            remote,
+            pushed,
+            present,
+            uploaded_bytes,
+        } if !quiet => Some(format!(
+            "{:>9} {pushed} step(s) to {remote}, {} sent; {present} already there",
+            "pushed",
+            human_bytes(*uploaded_bytes)
+        )),
         Event::RunFinished {
             ran,
             cached,
+            remote,
+            remote_bytes,
             failed,
             skipped,
             duration,
-        } if !quiet => Some(format!(
-            "{:>9} in {}: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped",
-            "done",
-            human_duration(*duration)
-        )),
+        } if !quiet => {
+            let mut line = format!(
+                "{:>9} in {}: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped",
+                "done",
+                human_duration(*duration)
+            );
+            if *remote > 0 {
+                line.push_str(&format!(
+                    "\n{:>9} {remote} step(s) from the remote cache, {}; {ran} ran",
+                    "remote",
+                    human_bytes(*remote_bytes)
+                ));
+            }
+            Some(line)
+        }
         _ => None,
     }
 }
@@ -212,6 +245,22 @@ impl Reporter for ProgressReporter {
                 bar.enable_steady_tick(Duration::from_millis(120));
                 bars.insert(step.clone(), bar);
             }
+            Event::StepFetching { step, bytes, .. } | Event::StepPushing { step, bytes, .. } => {
+                let bar = self.multi.add(ProgressBar::new(*bytes));
+                bar.set_style(Self::bytes_style());
+                bar.set_prefix(step.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bars.insert(step.clone(), bar);
+            }
+            Event::StepCached { step, .. } | Event::StepPushed { step, .. } => {
+                if let Some(bar) = bars.remove(step) {
+                    bar.finish_and_clear();
+                    self.multi.remove(&bar);
+                }
+                if let Some(line) = event_line(event, self.verbosity) {
+                    let _ = self.multi.println(line);
+                }
+            }
             Event::StepProgress {
                 step,
                 done,
@@ -237,6 +286,16 @@ impl Reporter for ProgressReporter {
                 // The command's last line under its step's bar; every line with `-v`.
                 if let Some(bar) = bars.get(step) {
                     bar.set_message(line.clone());
+                }
+                if let Some(line) = event_line(event, self.verbosity) {
+                    let _ = self.multi.println(line);
+                }
+            }
+            Event::CacheWarning { step, .. } if bars.contains_key(step) => {
+                // A download that failed: its bar goes, the step runs here.
+                if let Some(bar) = bars.remove(step) {
+                    bar.finish_and_clear();
+                    self.multi.remove(&bar);
                 }
                 if let Some(line) = event_line(event, self.verbosity) {
                     let _ = self.multi.println(line);
@@ -337,6 +396,8 @@ mod tests {
             Event::RunFinished {
                 ran: 1,
                 cached: 1,
+                remote: 0,
+                remote_bytes: 0,
                 failed: 1,
                 skipped: 1,
                 duration: Duration::from_millis(1600),

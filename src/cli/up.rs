@@ -44,6 +44,8 @@ pub struct UpArgs {
     /// Seconds to wait for the guest's agent [default: 300; at most a week].
     #[arg(long, value_name = "SECONDS", value_parser = super::vm::timeout_secs())]
     timeout: Option<u64>,
+    #[command(flatten)]
+    remote: super::build::RemoteCacheArgs,
 }
 
 #[derive(Debug, Args)]
@@ -226,7 +228,9 @@ pub fn up(context: &mut Context, args: &UpArgs) -> anyhow::Result<ExitStatus> {
     let reporter = super::reporters::for_printer(&printer);
     let notes = |text: String| printer.info(&text);
     let io = Arc::new(ProcessIo { json: printer.json });
-    let outcome = super::run_cancellable(&runtime, false, |options| {
+    let caches = args.remote.caches(context.config()?, &services)?;
+    let outcome = super::run_cancellable(&runtime, false, |mut options| {
+        caches.apply(&mut options);
         up::up(
             &env,
             project,

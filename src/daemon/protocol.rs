@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to [`Request`] or [`Response`] (2: the VM requests;
 /// 3: `VmUp`; 4: a VM's network, which an older daemon would ignore and boot with one;
-/// 7: `VmSet`).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 7: `VmSet`; 8: remote-cache events and `run_finished`'s `remote` counts).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]

@@ -70,12 +70,13 @@ impl<'a> DrainState<'a> {
             forced,
             needed,
             hits,
+            remote_hits,
             done,
         } = prepass;
         let mut report = RunReport::default();
         reporter.report(&Event::RunStarted {
-            steps: needed.len() + hits.len(),
-            cached: hits.len(),
+            steps: needed.len() + hits.len() + remote_hits.len(),
+            cached: hits.len() + remote_hits.len(),
             to_run: needed.len(),
         });
         for &node in &hits {
@@ -87,6 +88,17 @@ impl<'a> DrainState<'a> {
                 hit: HitKind::Definition,
             });
             report.cached.push((step.id.clone(), HitKind::Definition));
+        }
+        for (node, bytes) in remote_hits {
+            let step = plan.node(node);
+            reporter.report(&Event::StepCached {
+                step: step.id.clone(),
+                kind: step.kind.clone(),
+                key: def_keys[node.index()],
+                hit: HitKind::Remote,
+            });
+            report.cached.push((step.id.clone(), HitKind::Remote));
+            report.remote_bytes += bytes;
         }
 
         let needed_set: HashSet<NodeIndex> = needed.iter().copied().collect();
@@ -380,6 +392,12 @@ impl<'a> DrainState<'a> {
         self.reporter.report(&Event::RunFinished {
             ran: report.ran.len(),
             cached: report.cached.len(),
+            remote: report
+                .cached
+                .iter()
+                .filter(|(_, hit)| *hit == HitKind::Remote)
+                .count(),
+            remote_bytes: report.remote_bytes,
             failed: self.failures.len(),
             skipped: self.skipped,
             duration: report.duration,

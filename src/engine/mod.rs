@@ -41,9 +41,11 @@
 mod drain;
 mod job;
 pub mod queue;
+pub mod remote;
 pub mod report;
 mod resources;
 
+pub use remote::{PushedStep, RemoteCache, RemoteError, RemoteScope, TransferProgress};
 pub use report::{
     Event, HitKind, NullReporter, OutputStream, ProgressUnit, RecordingReporter, Reporter,
 };
@@ -167,6 +169,10 @@ pub struct RunOptions {
     /// What depends on them is looked up by content key only, so an identical result is
     /// cut off.
     pub rebuild: HashSet<String>,
+    /// A remote cache to download shared steps from instead of running them (`--cache-from`).
+    pub cache_from: Option<Arc<dyn RemoteCache>>,
+    /// A remote cache to upload the run's shared steps to once it succeeded (`--cache-to`).
+    pub cache_to: Option<Arc<dyn RemoteCache>>,
 }
 
 /// The outputs of one finished step.
@@ -185,6 +191,8 @@ pub struct RunReport {
     pub cached: Vec<(String, HitKind)>,
     /// Outputs of every step that finished, by step id.
     pub outputs: HashMap<String, StepOutputs>,
+    /// Bytes downloaded from the remote cache.
+    pub remote_bytes: u64,
     pub duration: Duration,
 }
 
@@ -591,7 +599,9 @@ impl Engine {
                     })??
             }
         };
-        let prepass = self.prepass(plan, &options.rebuild)?;
+        let prepass = self.prepass(plan, reporter, &options).await?;
+        let def_keys = prepass.def_keys.clone();
+        let volatile = prepass.volatile.clone();
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut drain = DrainState::new(&self.inner, plan, prepass, reporter, &options, sender)?;
         loop {
@@ -607,12 +617,33 @@ impl Engine {
                 () = options.cancel.cancelled(), if !drain.is_cancelled() => drain.cancel(),
             }
         }
-        drain.finish(project, started).await
+        let report = drain.finish(project, started).await?;
+        if let Some(cache) = &options.cache_to {
+            remote::RemoteUse::new(Arc::clone(cache), reporter)
+                .push_run(
+                    &self.inner.store,
+                    plan,
+                    &def_keys,
+                    &volatile,
+                    &report,
+                    &options.cancel,
+                )
+                .await;
+        }
+        Ok(report)
     }
 
     /// Lifecycle steps 1 and 2: keys and marks for every step, then the walk back from the
-    /// targets that stops at definition-key hits.
-    fn prepass(&self, plan: &Plan, rebuild: &HashSet<String>) -> Result<Prepass, EngineError> {
+    /// targets that stops at definition-key hits, with the remote cache's part (`remote.rs`):
+    /// shared steps that miss locally are looked up remotely, and the hits downloaded, before
+    /// anything runs.
+    async fn prepass(
+        &self,
+        plan: &Plan,
+        reporter: &dyn Reporter,
+        options: &RunOptions,
+    ) -> Result<Prepass, EngineError> {
+        let rebuild = &options.rebuild;
         let store = &self.inner.store;
         let def_keys = plan.definition_keys()?;
         let volatile = volatile_steps(plan)?;
@@ -637,28 +668,69 @@ impl Engine {
         let mut needed: Vec<NodeIndex> = Vec::new();
         let mut visited: HashSet<NodeIndex> = HashSet::new();
         let mut hits: Vec<NodeIndex> = Vec::new();
+        let mut remote_hits: Vec<(NodeIndex, u64)> = Vec::new();
+        let mut remote = options
+            .cache_from
+            .as_ref()
+            .map(|cache| remote::RemoteUse::new(Arc::clone(cache), reporter));
+        // Steps whose remote entry failed: they run here.
+        let mut not_remote: HashSet<NodeIndex> = HashSet::new();
         let mut stack = plan.targets();
         stack.reverse();
-        while let Some(node) = stack.pop() {
-            if !visited.insert(node) {
-                continue;
+        loop {
+            let mut found_remotely: Vec<(NodeIndex, StepRecord)> = Vec::new();
+            while let Some(node) = stack.pop() {
+                if !visited.insert(node) {
+                    continue;
+                }
+                let step = plan.node(node);
+                let trusted = step.cache == CachePolicy::Cached
+                    && !volatile[node.index()]
+                    && !rekeyed[node.index()];
+                if trusted {
+                    let key = &def_keys[node.index()];
+                    if let Lookup::Hit(record) = store.lookup(KeyKind::Definition, key)? {
+                        done.insert(node, outputs_of(&record));
+                        hits.push(node);
+                        continue;
+                    }
+                    if let Some(remote) = remote.as_mut()
+                        && remote.usable_for(&step.kind)
+                        && !not_remote.contains(&node)
+                        && let Some(record) = remote.lookup(step, key).await
+                    {
+                        found_remotely.push((node, record));
+                        continue;
+                    }
+                }
+                needed.push(node);
+                let mut inputs: Vec<NodeIndex> =
+                    plan.inputs(node).into_iter().map(|(_, i)| i).collect();
+                inputs.reverse();
+                stack.extend(inputs);
             }
-            let step = plan.node(node);
-            if step.cache == CachePolicy::Cached
-                && !volatile[node.index()]
-                && !rekeyed[node.index()]
-                && let Lookup::Hit(record) =
-                    store.lookup(KeyKind::Definition, &def_keys[node.index()])?
-            {
+            let Some(remote) = remote.as_mut() else {
+                break;
+            };
+            if found_remotely.is_empty() {
+                break;
+            }
+            let (stored, failed) = remote
+                .fetch_all(store, plan, found_remotely, &options.cancel)
+                .await?;
+            for (node, record) in stored {
                 done.insert(node, outputs_of(&record));
-                hits.push(node);
-                continue;
+                remote_hits.push((node, record.total_size()));
             }
-            needed.push(node);
-            let mut inputs: Vec<NodeIndex> =
-                plan.inputs(node).into_iter().map(|(_, i)| i).collect();
-            inputs.reverse();
-            stack.extend(inputs);
+            // A failed download: walk the step as a miss, so it runs here.
+            for node in failed {
+                not_remote.insert(node);
+                visited.remove(&node);
+                stack.push(node);
+            }
+            if stack.is_empty() {
+                break;
+            }
         }
         needed.sort();
         hits.sort();
@@ -671,12 +743,14 @@ impl Engine {
                 });
             }
         }
+        remote_hits.sort();
         Ok(Prepass {
             def_keys,
             volatile,
             forced,
             needed,
             hits,
+            remote_hits,
             done,
         })
     }
@@ -692,6 +766,8 @@ struct Prepass {
     needed: Vec<NodeIndex>,
     /// Steps whose definition key hit, in node order; their outputs are in `done`.
     hits: Vec<NodeIndex>,
+    /// Steps downloaded from the remote cache, with their outputs' size.
+    remote_hits: Vec<(NodeIndex, u64)>,
     done: HashMap<NodeIndex, StepOutputs>,
 }
 

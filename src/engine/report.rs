@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
 
-/// How a cached step was satisfied. Serialized as `"cached"`, `"cutoff"` or `"shared"`
-/// ([`HitKind::as_str`]).
+/// How a cached step was satisfied. Serialized as `"cached"`, `"cutoff"`, `"shared"` or
+/// `"remote"` ([`HitKind::as_str`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HitKind {
     /// Its definition key was in the store.
@@ -27,6 +27,9 @@ pub enum HitKind {
     /// Another run was executing the same step; this one waited for it.
     #[serde(rename = "shared")]
     Shared,
+    /// Its definition key was in the remote cache: its outputs were downloaded.
+    #[serde(rename = "remote")]
+    Remote,
 }
 
 impl HitKind {
@@ -35,6 +38,7 @@ impl HitKind {
             HitKind::Definition => "cached",
             HitKind::Content => "cutoff",
             HitKind::Shared => "shared",
+            HitKind::Remote => "remote",
         }
     }
 }
@@ -87,6 +91,36 @@ pub enum Event {
         key: Key,
         summary: String,
     },
+    /// A step's outputs (`bytes` in all) are being downloaded from the remote cache; progress
+    /// follows as `step_progress`, and `step_cached` with hit `remote` ends it (or a
+    /// `cache_warning`, and the step runs here). Comes before `run_started`.
+    StepFetching {
+        step: String,
+        kind: String,
+        bytes: u64,
+    },
+    /// A step's outputs (`bytes` in all) are being uploaded to the remote cache after the
+    /// run; progress follows as `step_progress`, then `step_pushed` (or a `cache_warning`).
+    StepPushing {
+        step: String,
+        kind: String,
+        bytes: u64,
+    },
+    /// A step is in the remote cache: `uploaded_bytes` were sent, `reused_bytes` were there
+    /// already.
+    StepPushed {
+        step: String,
+        kind: String,
+        uploaded_bytes: u64,
+        reused_bytes: u64,
+    },
+    /// Uploading to the remote cache is over: `pushed` steps sent, `present` were there.
+    PushFinished {
+        remote: String,
+        pushed: usize,
+        present: usize,
+        uploaded_bytes: u64,
+    },
     StepProgress {
         step: String,
         done: u64,
@@ -119,9 +153,14 @@ pub enum Event {
     StepCancelled { step: String },
     /// A stored output could not be recorded; the step's result is still used.
     CacheWarning { step: String, warning: String },
+    /// `remote` of the `cached` steps came from the remote cache, `remote_bytes` in all.
     RunFinished {
         ran: usize,
         cached: usize,
+        #[serde(default)]
+        remote: usize,
+        #[serde(default)]
+        remote_bytes: u64,
         failed: usize,
         skipped: usize,
         #[serde(rename = "duration_ms", with = "millis")]
@@ -193,7 +232,11 @@ mod tests {
         r#"{"data":{"because":"s","step":"t"},"type":"step_skipped"}"#,
         r#"{"data":{"step":"u"},"type":"step_cancelled"}"#,
         r#"{"data":{"step":"","warning":"disk full"},"type":"cache_warning"}"#,
-        r#"{"data":{"cached":1,"duration_ms":1600,"failed":1,"ran":1,"skipped":1},"type":"run_finished"}"#,
+        r#"{"data":{"bytes":300,"kind":"provision.run","step":"image:a/provision[0]"},"type":"step_fetching"}"#,
+        r#"{"data":{"bytes":300,"kind":"provision.run","step":"image:a/provision[0]"},"type":"step_pushing"}"#,
+        r#"{"data":{"kind":"provision.run","reused_bytes":100,"step":"image:a/provision[0]","uploaded_bytes":200},"type":"step_pushed"}"#,
+        r#"{"data":{"present":2,"pushed":1,"remote":"127.0.0.1:5000/team/cache","uploaded_bytes":200},"type":"push_finished"}"#,
+        r#"{"data":{"cached":1,"duration_ms":1600,"failed":1,"ran":1,"remote":1,"remote_bytes":300,"skipped":1},"type":"run_finished"}"#,
     ];
 
     #[test]
@@ -235,6 +278,8 @@ mod tests {
         let run = Event::RunFinished {
             ran: 0,
             cached: 0,
+            remote: 0,
+            remote_bytes: 0,
             failed: 0,
             skipped: 0,
             duration: Duration::from_micros(2_999),
@@ -243,7 +288,12 @@ mod tests {
             serde_json::to_value(&run).expect("serializes")["data"]["duration_ms"],
             2
         );
-        for hit in [HitKind::Definition, HitKind::Content, HitKind::Shared] {
+        for hit in [
+            HitKind::Definition,
+            HitKind::Content,
+            HitKind::Shared,
+            HitKind::Remote,
+        ] {
             assert_eq!(
                 serde_json::to_value(hit).expect("serializes"),
                 serde_json::json!(hit.as_str())

@@ -304,13 +304,59 @@ impl RegistryClient {
         reference: &ImageReference,
         layer: &Layer,
         destination: &Path,
-        mut progress: impl FnMut(u64, u64) + Send,
+        progress: impl FnMut(u64, u64) + Send,
     ) -> Result<(), OciError> {
         check_layers(reference, std::slice::from_ref(layer))?;
+        self.fetch_blob_file(
+            Operation::FetchLayer,
+            reference,
+            &layer.digest,
+            layer.size,
+            destination,
+            progress,
+        )
+        .await
+    }
+
+    /// [`RegistryClient::fetch_layer`] for a blob of any kind (the remote step cache's
+    /// outputs): streamed to a temp file beside `destination`, sha256 and size checked on the
+    /// way, renamed into place only once verified.
+    pub async fn fetch_blob_to_file(
+        &self,
+        reference: &ImageReference,
+        digest: &str,
+        size: u64,
+        destination: &Path,
+        progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<(), OciError> {
+        super::reference::validate_digest(digest).map_err(|reason| OciError::InvalidManifest {
+            reference: reference.to_string(),
+            reason,
+        })?;
+        self.fetch_blob_file(
+            Operation::FetchBlob,
+            reference,
+            digest,
+            size,
+            destination,
+            progress,
+        )
+        .await
+    }
+
+    async fn fetch_blob_file(
+        &self,
+        operation: Operation,
+        reference: &ImageReference,
+        digest: &str,
+        size: u64,
+        destination: &Path,
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<(), OciError> {
         let session = self.session(reference).await?;
         let write_error = |path: &Path, source| OciError::BlobWrite {
             reference: reference.to_string(),
-            digest: layer.digest.clone(),
+            digest: digest.to_owned(),
             path: path.to_owned(),
             source,
         };
@@ -335,18 +381,228 @@ impl RegistryClient {
             path: partial.path().to_owned(),
         };
         let context = Context {
-            operation: Operation::FetchLayer,
+            operation,
             reference,
-            digest: Some(&layer.digest),
+            digest: Some(digest),
             credentials: &session.credentials,
         };
-        self.fetch_blob(&session, &context, layer.size, &mut sink, &mut progress)
+        self.fetch_blob(&session, &context, size, &mut sink, &mut progress)
             .await?;
         drop(sink);
         partial
             .persist(destination)
             .map_err(|error| write_error(destination, error.error))?;
         Ok(())
+    }
+
+    /// A small blob (a record) into memory, verified against `digest` and `size`; refused
+    /// when `size` is above `limit`.
+    pub async fn fetch_blob_bytes(
+        &self,
+        reference: &ImageReference,
+        digest: &str,
+        size: u64,
+        limit: u64,
+    ) -> Result<Vec<u8>, OciError> {
+        super::reference::validate_digest(digest).map_err(|reason| OciError::InvalidManifest {
+            reference: reference.to_string(),
+            reason,
+        })?;
+        if size > limit {
+            return Err(OciError::InvalidManifest {
+                reference: reference.to_string(),
+                reason: format!("its blob {digest} declares {size} bytes, more than {limit}"),
+            });
+        }
+        let session = self.session(reference).await?;
+        let context = Context {
+            operation: Operation::FetchBlob,
+            reference,
+            digest: Some(digest),
+            credentials: &session.credentials,
+        };
+        let mut sink = BlobSink::Memory(Vec::new());
+        self.fetch_blob(&session, &context, size, &mut sink, &mut |_, _| {})
+            .await?;
+        match sink {
+            BlobSink::Memory(bytes) => Ok(bytes),
+            BlobSink::File { .. } => unreachable!("the sink was created in memory"),
+        }
+    }
+
+    /// The manifest `reference` names (by tag or digest), as its bytes and digest, checked and
+    /// capped as for [`RegistryClient::resolve`]; `None` when the registry has no such
+    /// manifest or repository.
+    pub async fn fetch_manifest_bytes(
+        &self,
+        reference: &ImageReference,
+    ) -> Result<Option<(Vec<u8>, String)>, OciError> {
+        let session = self.session(reference).await?;
+        match self.fetch_manifest(&session, reference).await {
+            Ok(found) => Ok(Some(found)),
+            Err(OciError::ManifestNotFound { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether `reference`'s repository has blob `digest` (a `HEAD`, retried like the rest).
+    pub async fn blob_exists(
+        &self,
+        reference: &ImageReference,
+        digest: &str,
+    ) -> Result<bool, OciError> {
+        self.retried(
+            Operation::CheckBlob,
+            reference,
+            Some(digest),
+            |client, image| {
+                let digest = digest.to_owned();
+                async move { client.blob_exists(&image, &digest).await }
+            },
+        )
+        .await
+    }
+
+    /// One request of `operation`, made by `attempt` with the repository's client and its
+    /// oci-client reference, retried on transient failures; its error in banger's terms.
+    async fn retried<T, F, Fut>(
+        &self,
+        operation: Operation,
+        reference: &ImageReference,
+        digest: Option<&str>,
+        mut attempt: F,
+    ) -> Result<T, OciError>
+    where
+        F: FnMut(oci_client::Client, oci_client::Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
+    {
+        let session = self.session(reference).await?;
+        let context = Context {
+            operation,
+            reference,
+            digest,
+            credentials: &session.credentials,
+        };
+        let mut retrier = Retrier::new(&self.options.retry);
+        loop {
+            let failure =
+                match attempt(session.client.clone(), reference.to_client_reference()).await {
+                    Ok(value) => return Ok(value),
+                    Err(error) => classify(error, &context),
+                };
+            after_failure(&mut retrier, failure, &context).await?;
+        }
+    }
+
+    /// Uploads the file at `path` as blob `digest` of `size` bytes to `reference`'s
+    /// repository, unless the repository has it already. True when the bytes were sent.
+    /// One `PUT` of the whole file (a monolithic upload, which every registry takes), from
+    /// the start again on a transient failure; `progress(sent, size)` as it goes.
+    pub async fn push_blob_file(
+        &self,
+        reference: &ImageReference,
+        path: &Path,
+        digest: &str,
+        size: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<bool, OciError> {
+        if self.blob_exists(reference, digest).await? {
+            return Ok(false);
+        }
+        let session = self.session(reference).await?;
+        let context = Context {
+            operation: Operation::PushBlob,
+            reference,
+            digest: Some(digest),
+            credentials: &session.credentials,
+        };
+        let client_reference = reference.to_client_reference();
+        let mut retrier = Retrier::new(&self.options.retry);
+        loop {
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|source| OciError::BlobWrite {
+                    reference: reference.to_string(),
+                    digest: digest.to_owned(),
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let (sent, mut sent_updates) = tokio::sync::mpsc::unbounded_channel::<u64>();
+            let mut total = 0u64;
+            let body = tokio_util::io::ReaderStream::with_capacity(file, WRITE_BUFFER_SIZE).map(
+                move |chunk| {
+                    let chunk = chunk.map_err(OciDistributionError::IoError)?;
+                    total += chunk.len() as u64;
+                    let _ = sent.send(total);
+                    Ok(chunk)
+                },
+            );
+            progress(0, size);
+            let push = session
+                .client
+                .push_blob_stream(&client_reference, body, digest, Some(size));
+            let mut push = std::pin::pin!(push);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut push => break outcome,
+                    Some(done) = sent_updates.recv() => progress(done, size),
+                }
+            };
+            let failure = match outcome {
+                Ok(_) => {
+                    progress(size, size);
+                    return Ok(true);
+                }
+                Err(error) => classify(error, &context),
+            };
+            after_failure(&mut retrier, failure, &context).await?;
+        }
+    }
+
+    /// [`RegistryClient::push_blob_file`] for bytes in memory.
+    pub async fn push_blob_bytes(
+        &self,
+        reference: &ImageReference,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<bool, OciError> {
+        if self.blob_exists(reference, digest).await? {
+            return Ok(false);
+        }
+        self.retried(
+            Operation::PushBlob,
+            reference,
+            Some(digest),
+            |client, image| {
+                let (bytes, digest) = (bytes.to_vec(), digest.to_owned());
+                async move { client.push_blob(&image, bytes, &digest).await }
+            },
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Puts `body` (a manifest of `media_type`) under `reference`'s tag or digest; returns
+    /// its digest. Push the blobs it names first: registries refuse a manifest whose blobs
+    /// they lack.
+    pub async fn push_manifest(
+        &self,
+        reference: &ImageReference,
+        body: &[u8],
+        media_type: &str,
+    ) -> Result<String, OciError> {
+        let content_type = reqwest::header::HeaderValue::from_str(media_type).map_err(|_| {
+            OciError::InvalidManifest {
+                reference: reference.to_string(),
+                reason: format!("`{media_type}` is not a media type"),
+            }
+        })?;
+        self.retried(Operation::PushManifest, reference, None, |client, image| {
+            let (body, content_type) = (body.to_vec(), content_type.clone());
+            async move { client.push_manifest_raw(&image, body, content_type).await }
+        })
+        .await?;
+        Ok(format!("sha256:{}", hex(&Sha256::digest(body))))
     }
 
     /// The image's config blob, verified against its digest.
@@ -483,6 +739,8 @@ impl RegistryClient {
             http_proxy: self.options.proxies.http.clone(),
             https_proxy: self.options.proxies.https.clone(),
             no_proxy: self.options.proxies.no_proxy.clone(),
+            // One PUT per blob, streamed: chunked uploads would be one request per buffer.
+            use_monolithic_push: true,
             ..ClientConfig::default()
         };
         let client =

@@ -175,6 +175,10 @@ pub enum Operation {
     ResolveManifest,
     FetchConfig,
     FetchLayer,
+    FetchBlob,
+    CheckBlob,
+    PushBlob,
+    PushManifest,
 }
 
 impl std::fmt::Display for Operation {
@@ -183,6 +187,10 @@ impl std::fmt::Display for Operation {
             Operation::ResolveManifest => "resolving",
             Operation::FetchConfig => "fetching the config of",
             Operation::FetchLayer => "fetching a layer of",
+            Operation::FetchBlob => "fetching a blob of",
+            Operation::CheckBlob => "checking for a blob in",
+            Operation::PushBlob => "uploading a blob to",
+            Operation::PushManifest => "pushing a manifest to",
         })
     }
 }

@@ -63,6 +63,8 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
+    RemoteCache(#[from] crate::remote::RemoteCacheError),
+    #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
     #[error("{what} {}", path.display())]
     Io {
@@ -169,7 +171,8 @@ impl crate::error::Classify for VmError {
             | VmError::SetRunning { .. }
             | VmError::DiskShrink { .. }
             | VmError::ShapeTooSmall { .. }
-            | VmError::Config(_) => ErrorClass::User,
+            | VmError::Config(_)
+            | VmError::RemoteCache(_) => ErrorClass::User,
             VmError::Network(error) => error.class(),
             VmError::Backend(
                 BackendError::FirecrackerUnusable { .. }
@@ -702,8 +705,8 @@ impl Vms {
             kernel: None,
             size: None,
         };
-        let pulled =
-            crate::ops::images::pull(&env, &request, events, RunOptions::default()).await?;
+        let options = self.run_options()?;
+        let pulled = crate::ops::images::pull(&env, &request, events, options).await?;
         if let Some(resolved) = &pulled.resolved {
             events.note(resolved.clone());
         }
@@ -729,13 +732,26 @@ impl Vms {
         }
         events.note(format!("kernel `{name}` is not here yet: producing it"));
         let env = self.pull_env(&catalogs);
-        let pulled =
-            crate::ops::kernels::pull(&env, name, false, events, RunOptions::default()).await?;
+        let options = self.run_options()?;
+        let pulled = crate::ops::kernels::pull(&env, name, false, events, options).await?;
         Ok(pulled.record)
     }
 
     fn config(&self) -> Result<Config, VmError> {
         Ok(Config::load(&self.paths.config_file)?)
+    }
+
+    /// Options of the daemon's builds: the config's remote step cache, if any.
+    fn run_options(&self) -> Result<RunOptions, VmError> {
+        let mut options = RunOptions::default();
+        crate::remote::run_caches(
+            None,
+            None,
+            &self.config()?,
+            self.services.registry.options(),
+        )?
+        .apply(&mut options);
+        Ok(options)
     }
 
     fn catalogs(&self, events: &dyn VmProgress) -> Result<Catalogs, VmError> {

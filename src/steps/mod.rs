@@ -250,6 +250,18 @@ pub const ALL_KINDS: &[KindInfo] = &[
     VM_UP_COMMAND,
 ];
 
+/// Kinds the remote step cache shares (`crate::remote`): those that cost more to make than
+/// to move. Not layer fetches (they come from a registry already), nor an image's ext4 (its
+/// layers rebuild it, byte for byte, in about a second), nor cheap local work.
+pub const SHARED_KINDS: &[&str] = &[
+    RECIPE_MMDEBSTRAP.name,
+    PROVISION_RUN.name,
+    KERNEL_FETCH_PACKAGE.name,
+    KERNEL_EXTRACT.name,
+    KERNEL_INITRAMFS.name,
+    KERNEL_STAGE.name,
+];
+
 /// The output every image step ends with: an ext4 image.
 pub const ROOTFS_OUTPUT: &str = "rootfs.ext4";
 

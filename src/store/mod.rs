@@ -420,6 +420,24 @@ impl Store {
         })
     }
 
+    /// The stored file of `output`, to read in place (uploads): read-only, and valid while
+    /// the caller holds the store's lease ([`Store::lease`]). An error if it is gone.
+    pub fn content_file(&self, output: &OutputRef) -> Result<PathBuf, StoreError> {
+        let integrity = parse_integrity(&output.integrity)?;
+        let path = gc::content_path(&self.dir, &integrity);
+        match std::fs::metadata(&path) {
+            Ok(metadata) if metadata.len() == output.size => Ok(path),
+            Ok(_) => Err(StoreError::Publish {
+                path,
+                source: std::io::Error::other(format!(
+                    "the stored file is not {} bytes long",
+                    output.size
+                )),
+            }),
+            Err(source) => Err(StoreError::Publish { path, source }),
+        }
+    }
+
     /// What each step of `project` looked like on its last successful run (for
     /// `banger graph --why`). Empty when the project never ran.
     pub fn last_runs(&self, project: &str) -> Result<BTreeMap<String, LastRun>, StoreError> {

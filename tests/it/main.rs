@@ -20,6 +20,7 @@ mod oci;
 mod provision;
 mod registry;
 mod reliability;
+mod remote_cache;
 mod rootfs;
 mod slow;
 mod ssh_config;

@@ -675,3 +675,126 @@ fn slow_provision_builders_run_the_agent_as_pid1_unless_init_is_systemd() {
     assert_ne!(default, "systemd", "the default builder booted systemd");
     assert_eq!(pid1("sandbox/provision[1]"), "systemd");
 }
+
+/// Kinds of the steps a `--json` run executed.
+fn ran_kinds(output: &Output) -> Vec<String> {
+    records(&output.stdout)
+        .iter()
+        .filter(|event| event["type"] == "step_finished")
+        .map(|event| event["data"]["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `push_finished` record of a `--json` run: (pushed, present, uploaded bytes).
+fn pushed(output: &Output) -> (u64, u64, u64) {
+    let record = records(&output.stdout)
+        .into_iter()
+        .find(|event| event["type"] == "push_finished")
+        .unwrap_or_else(|| panic!("no push_finished: {output}"));
+    let data = &record["data"];
+    (
+        data["pushed"].as_u64().unwrap(),
+        data["present"].as_u64().unwrap(),
+        data["uploaded_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn slow_provision_remote_cache_gives_a_fresh_home_the_same_image_without_running_steps() {
+    if !can_build() {
+        return;
+    }
+    let Some(registry) = crate::registry::RealRegistry::start(None) else {
+        return;
+    };
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let remote = format!("{}/team/banger-cache", registry.address);
+    let bangerfile = r#"[project]
+name = "shared"
+
+[[image.provision]]
+run = "echo one > /etc/one"
+
+[[image.provision]]
+run = "echo two > /etc/two"
+
+[[image.provision]]
+run = "echo three > /etc/three"
+"#;
+
+    // A: the world's store (recipe and kernel stored), builds and uploads.
+    let a = home_like_the_world(&world);
+    let a_dir = project(&a, "shared", bangerfile);
+    let built = build(&a, &a_dir, &["--cache-to", &remote]);
+    assert_eq!(built.code, Some(0), "{built}");
+    let a_ran = ran(&built);
+    for step in [
+        "image:sandbox/provision[0]",
+        "image:sandbox/provision[1]",
+        "image:sandbox/provision[2]",
+    ] {
+        assert!(a_ran.iter().any(|id| id == step), "{step}: {built}");
+    }
+    let (sent, _, sent_bytes) = pushed(&built);
+    // The recipe, three `run` layers and the kernel.
+    assert!(sent >= 5 && sent_bytes > 0, "{built}");
+    let a_digest = image_digest(&a, "shared/sandbox");
+
+    // B: a fresh HOME with the same project (its lock too) runs no recipe and no `run`.
+    let b = TestContext::new();
+    let b_dir = project(&b, "shared", bangerfile);
+    std::fs::copy(a_dir.join("Bangerfile.lock"), b_dir.join("Bangerfile.lock")).unwrap();
+    let fetched = build(&b, &b_dir, &["--cache-from", &remote]);
+    assert_eq!(fetched.code, Some(0), "{fetched}");
+    let kinds = ran_kinds(&fetched);
+    assert!(
+        !kinds
+            .iter()
+            .any(|kind| kind == "provision.run" || kind.starts_with("recipe.")),
+        "{kinds:?}: {fetched}"
+    );
+    assert!(
+        records(&fetched.stdout).iter().any(|event| {
+            event["type"] == "step_cached"
+                && event["data"]["hit"] == "remote"
+                && event["data"]["step"] == "image:sandbox/provision[2]"
+        }),
+        "{fetched}"
+    );
+    assert_eq!(image_digest(&b, "shared/sandbox"), a_digest, "{fetched}");
+
+    // B edits the last step: only it runs (its kernel and input layers come from the remote).
+    std::fs::write(
+        b_dir.join("Bangerfile"),
+        bangerfile.replace("echo three", "echo THREE"),
+    )
+    .unwrap();
+    let edited = build(
+        &b,
+        &b_dir,
+        &["--cache-from", &remote, "--cache-to", &remote],
+    );
+    assert_eq!(
+        edited.code,
+        Some(0),
+        "{edited}\n{}",
+        step_log(&b, &b_dir, "sandbox/provision[2]")
+    );
+    let kinds = ran_kinds(&edited);
+    assert_eq!(
+        kinds.iter().filter(|kind| *kind == "provision.run").count(),
+        1,
+        "{kinds:?}: {edited}"
+    );
+    assert!(
+        !kinds.iter().any(|kind| kind.starts_with("recipe.")),
+        "{edited}"
+    );
+    assert!(ran(&edited).contains(&"image:sandbox/provision[2]".to_owned()));
+    // Its push sends the one new layer; the rest is there.
+    let (sent, present, _) = pushed(&edited);
+    assert_eq!(sent, 1, "{edited}");
+    assert!(present >= 1, "{edited}");
+}
