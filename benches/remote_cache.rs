@@ -101,7 +101,10 @@ fn ran_kinds(stdout: &[u8]) -> Vec<String> {
 }
 
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    format!(
+        "{:.1} MiB ({bytes} bytes)",
+        bytes as f64 / (1024.0 * 1024.0)
+    )
 }
 
 fn main() -> ExitCode {

@@ -40,7 +40,10 @@ use crate::engine::{
     BoxFuture, PushedStep, RemoteCache, RemoteError, RemoteScope, TransferProgress,
 };
 use crate::key::Key;
-use crate::oci::{ImageReference, OciError, RegistryClient, RegistryOptions, RetryPolicy};
+use crate::oci::{
+    ImageReference, OciError, RegistryClient, RegistryOptions, RetryPolicy, registry_digest,
+    sha256_digest,
+};
 use crate::plan::StepNode;
 use crate::store::StepRecord;
 
@@ -209,7 +212,7 @@ impl OciRemoteCache {
             && record.outputs.iter().all(|(name, output)| {
                 layers.get(name.as_str()).is_some_and(|layer| {
                     layer.size == output.size
-                        && integrity_digest(&output.integrity).as_deref() == Some(&layer.digest)
+                        && registry_digest(&output.integrity).as_deref() == Some(&layer.digest)
                 })
             });
         if !agree {
@@ -232,7 +235,7 @@ impl OciRemoteCache {
         let mut layers = Vec::new();
         let mut before = 0u64;
         for (name, output) in &record.outputs {
-            let digest = integrity_digest(&output.integrity).ok_or_else(|| {
+            let digest = registry_digest(&output.integrity).ok_or_else(|| {
                 RemoteError::step(format!(
                     "output `{name}` has an integrity banger cannot send: {}",
                     output.integrity
@@ -332,7 +335,7 @@ impl RemoteCache for OciRemoteCache {
                 .outputs
                 .get(output)
                 .ok_or_else(|| RemoteError::step(format!("the record has no output `{output}`")))?;
-            let digest = integrity_digest(&stored.integrity).ok_or_else(|| {
+            let digest = registry_digest(&stored.integrity).ok_or_else(|| {
                 RemoteError::step(format!(
                     "output `{output}` has an integrity banger cannot check: {}",
                     stored.integrity
@@ -428,22 +431,6 @@ fn oci_failure(error: OciError) -> RemoteError {
     }
 }
 
-/// `sha256:<hex>` of a cacache integrity (`sha256-<base64>`); `None` for other algorithms.
-fn integrity_digest(integrity: &str) -> Option<String> {
-    let parsed: ssri::Integrity = integrity.parse().ok()?;
-    match parsed.to_hex() {
-        (ssri::Algorithm::Sha256, hex) => Some(format!("sha256:{hex}")),
-        _ => None,
-    }
-}
-
-fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(bytes);
-    let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredRecord {
     format: u32,
@@ -477,21 +464,6 @@ struct Descriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn integrities_become_registry_digests() {
-        let integrity = ssri::IntegrityOpts::new()
-            .algorithm(ssri::Algorithm::Sha256)
-            .chain(b"hello")
-            .result()
-            .to_string();
-        assert_eq!(
-            integrity_digest(&integrity).unwrap(),
-            sha256_digest(b"hello")
-        );
-        assert_eq!(integrity_digest("sha512-AAAA"), None);
-        assert_eq!(integrity_digest("nonsense"), None);
-    }
 
     #[test]
     fn flags_override_the_config_and_one_remote_serves_both_ways() {

@@ -47,6 +47,10 @@ pub struct BuildArgs {
     log: Option<String>,
     #[command(flatten)]
     remote: RemoteCacheArgs,
+    /// After the build, push the sandbox image to this registry reference
+    /// (REGISTRY/REPOSITORY:TAG), as `banger image push` does.
+    #[arg(long, value_name = "REF", conflicts_with = "log")]
+    push: Option<String>,
 }
 
 /// The remote step cache of one run (`docs/remote-cache.md`).
@@ -122,6 +126,11 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
     let printer = &context.printer;
     let notes = |text: String| printer.info(&text);
     let project_name = project.spec.name.clone();
+    let sandbox = format!("{}/{}", project.spec.name, project.spec.sandbox_image);
+    if let Some(reference) = &args.push {
+        // A bad reference fails before anything is built.
+        banger::ops::publish::push_target(reference)?;
+    }
     let caches = args.remote.caches(&config, &services)?;
     let outcome = super::run_cancellable(&runtime, args.keep_going, |mut options| {
         caches.apply(&mut options);
@@ -137,6 +146,23 @@ pub fn run(context: &mut Context, args: &BuildArgs) -> anyhow::Result<ExitStatus
             &bundle.params.kernel_ref,
             &bundle.path,
             &(bundle.sha256.clone(), bundle.size),
+        )?;
+    }
+    if let Some(reference) = &args.push {
+        // Layers the remote step cache holds are mounted from it rather than sent again.
+        let mount_from: Vec<String> = [&args.remote.cache_to, &args.remote.cache_from]
+            .into_iter()
+            .flatten()
+            .chain(config.cache_remote.iter())
+            .cloned()
+            .collect();
+        super::image::push(
+            context,
+            &runtime,
+            &services,
+            &sandbox,
+            reference,
+            &mount_from,
         )?;
     }
     Ok(ExitStatus::Success)

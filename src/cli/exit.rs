@@ -127,6 +127,7 @@ fn class_of(error: &anyhow::Error) -> ErrorClass {
         banger::ops::copy::CopyError,
         banger::ops::sessions::SessionError,
         banger::remote::RemoteCacheError,
+        banger::ops::publish::PublishError,
     );
     ErrorClass::Environment
 }

@@ -54,6 +54,26 @@ through their credential helpers (credHelpers, credsStore) or auths entries; loo
     /// Write an image as a bundle (`.tar.zst` of rootfs.ext4 + manifest.json) and print its
     /// catalog entry.
     Export(ExportArgs),
+    /// Publish an image to an OCI registry: its layers are the steps that made it.
+    #[command(
+        long_about = "Publish a recorded image to an OCI registry as an ordinary OCI image \
+whose layers are the steps that built it: the base's layers, one per provisioning step, and \
+banger's agent. Layers the repository has already are not sent again, so a push after editing \
+the last provisioning step sends that layer and the config. `banger image pull REF` on another \
+host rebuilds the same ext4, byte for byte. Credentials as for pulls (Docker's config.json and \
+its credential helpers). Images from catalog bundles and registered ext4 files cannot be pushed \
+yet."
+    )]
+    Push(PushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The image to push (`banger image list`).
+    #[arg(add = super::complete::image_names())]
+    name: String,
+    /// Where to: REGISTRY/REPOSITORY:TAG (`registry.example.com/team/sandbox:1`).
+    reference: String,
 }
 
 #[derive(Debug, Args)]
@@ -137,7 +157,105 @@ pub fn run(context: &mut Context, command: &ImageCommand) -> anyhow::Result<Exit
             let record = state.require_image(&args.name)?;
             export_bundle(context, &record, &args.out, args.distro.as_deref())
         }
+        ImageCommand::Push(args) => {
+            let runtime = super::runtime()?;
+            let services = steps::Services::from_env(&context.paths()?.state_dir.clone())?;
+            let mount_from: Vec<String> = context.config()?.cache_remote.iter().cloned().collect();
+            push(
+                context,
+                &runtime,
+                &services,
+                &args.name,
+                &args.reference,
+                &mount_from,
+            )?;
+            Ok(ExitStatus::Success)
+        }
     }
+}
+
+/// Pushes the recorded image `name` to `reference` with a progress bar per layer, and prints
+/// where it went (`image push`, `build --push`).
+pub fn push(
+    context: &mut Context,
+    runtime: &tokio::runtime::Runtime,
+    services: &steps::Services,
+    name: &str,
+    reference: &str,
+    mount_from: &[String],
+) -> anyhow::Result<()> {
+    let store = context.store()?;
+    let state_dir = context.paths()?.state_dir.clone();
+    let printer = &context.printer;
+    let bar = printer.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner:.cyan} {prefix} [{bar:24.cyan/blue}] {bytes}/{total_bytes} \
+                 {bytes_per_sec:>11}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let progress = |what: &str, done: u64, total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_prefix(format!("pushing {what}"));
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    };
+    let outcome = runtime.block_on(banger::ops::publish::push_image(
+        &store,
+        &state_dir,
+        &services.registry,
+        name,
+        reference,
+        mount_from,
+        &progress,
+    ));
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let outcome = outcome?;
+    print_pushed(context, "image_pushed", name, &outcome)
+}
+
+/// Prints where a push went: the `KIND` record with `--json`, else the reference and a line
+/// of what travelled.
+pub fn print_pushed(
+    context: &Context,
+    kind: &str,
+    name: &str,
+    outcome: &banger::ops::publish::PushOutcome,
+) -> anyhow::Result<()> {
+    let printer = &context.printer;
+    if printer.json {
+        printer.record(
+            kind,
+            serde_json::json!({
+                "name": name,
+                "reference": outcome.reference,
+                "digest": outcome.manifest_digest,
+                "layers": outcome.layers,
+                "uploaded_blobs": outcome.uploaded_blobs,
+                "uploaded_bytes": outcome.uploaded_bytes,
+                "reused_bytes": outcome.reused_bytes,
+                "mounted_blobs": outcome.mounted_blobs,
+            }),
+        )?;
+    } else {
+        printer.data(&format!("{}\n", outcome.reference))?;
+        printer.info(&format!(
+            "pushed {name}: {} file(s), {} sent in {} blob(s), {} already there",
+            outcome.layers,
+            human_bytes(outcome.uploaded_bytes),
+            outcome.uploaded_blobs,
+            human_bytes(outcome.reused_bytes)
+        ));
+    }
+    Ok(())
 }
 
 /// What a command that builds images or kernels owns; [`BuildEnv::env`] lends it to the

@@ -24,9 +24,15 @@ A catalog kernel comes from a sha256-verified bundle, or from a recipe: the dist
 packaged kernel, fetched with the ordinary package client (apt), turned into an ELF vmlinux \
 with the PVH entry note, with banger's small initramfs (the guest agent as /init plus the \
 virtio, vsock and overlay modules). Every step is cached; --force fetches again (and rebuilds \
-only if the bytes changed)."
+only if the bytes changed).
+
+A registry reference (REGISTRY/REPOSITORY:TAG) instead of a name pulls a kernel pushed with \
+`banger kernel push`: its files are downloaded, each verified by sha256 and size, and recorded \
+as `kernel import` records a directory, under the name it was pushed with (or --name)."
     )]
     Pull(PullArgs),
+    /// Publish a recorded kernel to an OCI registry as one artifact (vmlinux, initrd, modules).
+    Push(PushArgs),
     /// Record a kernel from a directory: `vmlinux` (ELF with PVH, or a bzImage), optional
     /// `initrd`, optional `modules/` (a lib/modules/RELEASE tree).
     Import(ImportArgs),
@@ -91,11 +97,24 @@ enum TransportChoice {
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
-    /// The catalog kernel.
+    /// The catalog kernel, or the registry reference of a kernel pushed by banger.
     name: String,
     /// Fetch again even if it is cached (a moved package version is picked up).
     #[arg(long)]
     force: bool,
+    /// With a registry reference: the name to record the kernel under [default: the name it
+    /// was pushed with].
+    #[arg(long = "name", value_name = "NAME")]
+    record_as: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The kernel to push (`banger kernel list`).
+    #[arg(add = super::complete::kernel_names())]
+    name: String,
+    /// Where to: REGISTRY/REPOSITORY:TAG.
+    reference: String,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +136,7 @@ pub struct ListArgs {
 pub fn run(context: &mut Context, command: &KernelCommand) -> anyhow::Result<ExitStatus> {
     match command {
         KernelCommand::Pull(args) => pull(context, args),
+        KernelCommand::Push(args) => push(context, args),
         KernelCommand::Import(args) => import(context, args),
         KernelCommand::List(args) => list(context, args),
         KernelCommand::Show { name } => show(context, name),
@@ -150,11 +170,49 @@ fn pull(context: &mut Context, args: &PullArgs) -> anyhow::Result<ExitStatus> {
     let build = BuildEnv::open(context)?;
     let env = build.env();
     let reporter = super::reporters::for_printer(&context.printer);
+    // A name the catalog does not know, written as a registry reference, is one.
+    let pushed = build.catalogs.kernel(&args.name).is_none() && args.name.contains('/');
+    if args.record_as.is_some() && !pushed {
+        return Err(super::exit::UsageError(
+            "--name applies to a registry reference, not a catalog kernel".into(),
+        )
+        .into());
+    }
     let pulled = super::run_cancellable(&build.runtime, false, |mut options| {
         build.caches.clone().apply(&mut options);
-        kernels::pull(&env, &args.name, args.force, reporter.as_ref(), options)
+        async {
+            if pushed {
+                kernels::pull_reference(
+                    &env,
+                    &args.name,
+                    args.record_as.as_deref(),
+                    reporter.as_ref(),
+                    options,
+                )
+                .await
+            } else {
+                kernels::pull(&env, &args.name, args.force, reporter.as_ref(), options).await
+            }
+        }
     })?;
     print_recorded(context, &pulled)
+}
+
+fn push(context: &mut Context, args: &PushArgs) -> anyhow::Result<ExitStatus> {
+    let runtime = super::runtime()?;
+    let services = banger::steps::Services::from_env(&context.paths()?.state_dir.clone())?;
+    let store = context.store()?;
+    let state_dir = context.paths()?.state_dir.clone();
+    let outcome = runtime.block_on(banger::ops::publish::push_kernel(
+        &store,
+        &state_dir,
+        &services.registry,
+        &args.name,
+        &args.reference,
+        &|_, _, _| {},
+    ))?;
+    super::image::print_pushed(context, "kernel_pushed", &args.name, &outcome)?;
+    Ok(ExitStatus::Success)
 }
 
 fn import(context: &mut Context, args: &ImportArgs) -> anyhow::Result<ExitStatus> {

@@ -625,7 +625,6 @@ impl Engine {
                     plan,
                     &def_keys,
                     &volatile,
-                    &report,
                     &options.cancel,
                 )
                 .await;

@@ -9,8 +9,8 @@
 //!    it streams into the step's scratch directory, then published and recorded as if the
 //!    step had run here. A hit that fails (a lying or broken remote) is reported once and
 //!    walked like a miss: the step runs locally. Nothing unverified enters the store.
-//! 3. After a successful run with a `cache_to` remote, every shared step the run used that the
-//!    remote lacks is uploaded: outputs the remote already has (by digest) are not sent again,
+//! 3. After a successful run with a `cache_to` remote, every shared step of the plan that is
+//!    stored here (the run needed it or not) and that the remote lacks is uploaded: outputs the remote already has (by digest) are not sent again,
 //!    and the record goes last, so a reader never finds a record without its outputs.
 //!
 //! A remote that cannot be reached, refuses credentials or fails its requests is reported once
@@ -25,7 +25,7 @@ use futures_util::stream::FuturesUnordered;
 use petgraph::graph::NodeIndex;
 use tokio::sync::mpsc;
 
-use super::{BoxFuture, Event, ProgressUnit, Reporter, RunReport, error_chain};
+use super::{BoxFuture, Event, ProgressUnit, Reporter, error_chain};
 use crate::key::{Key, definition_key, output_digest};
 use crate::plan::{CachePolicy, Plan, StepNode};
 use crate::store::{KeyKind, Lookup, StepRecord, Store};
@@ -249,15 +249,14 @@ impl<'a> RemoteUse<'a> {
         Ok((stored, failed))
     }
 
-    /// Uploads every shared, trustworthy step of a finished run that the remote lacks
-    /// (step 3 of the module note). Failures are reported, never returned.
+    /// Uploads every shared, trustworthy step of the plan that is stored here and the remote
+    /// lacks (step 3 of the module note). Failures are reported, never returned.
     pub async fn push_run(
         &mut self,
         store: &Store,
         plan: &Plan,
         def_keys: &[Key],
         volatile: &[bool],
-        report: &RunReport,
         cancel: &tokio_util::sync::CancellationToken,
     ) {
         let mut pushed = 0usize;
@@ -268,17 +267,18 @@ impl<'a> RemoteUse<'a> {
             if self.disabled || cancel.is_cancelled() {
                 break;
             }
+            // Every shared step of the plan that is stored here, whether or not this run
+            // needed it: a build whose image was already stored still exports its steps.
             if step.cache != CachePolicy::Cached
                 || volatile[node.index()]
                 || !self.cache.shares(&step.kind)
-                || !report.outputs.contains_key(&step.id)
             {
                 continue;
             }
             let key = &def_keys[node.index()];
             let record = match store.lookup(KeyKind::Definition, key) {
                 Ok(Lookup::Hit(record)) => *record,
-                // Used but not recorded under this key (a cache write failed): nothing to push.
+                // Not stored here (not needed by this run, or evicted): nothing to push.
                 Ok(Lookup::Miss(_)) => continue,
                 Err(error) => {
                     self.failed(&step.id, RemoteError::step(error_chain(&error)));

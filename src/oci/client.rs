@@ -559,6 +559,31 @@ impl RegistryClient {
         }
     }
 
+    /// Asks the registry to link blob `digest` from `source`'s repository into `target`'s
+    /// (a cross-repository mount: nothing is uploaded). True when the registry did; false
+    /// when it cannot (another registry, a blob `source` lacks, a registry without mounts),
+    /// and the caller uploads instead.
+    pub async fn mount_blob(
+        &self,
+        target: &ImageReference,
+        source: &ImageReference,
+        digest: &str,
+    ) -> Result<bool, OciError> {
+        if source.registry() != target.registry() || source.repository() == target.repository() {
+            return Ok(false);
+        }
+        let session = self.session(target).await?;
+        Ok(session
+            .client
+            .mount_blob(
+                &target.to_client_reference(),
+                &source.to_client_reference(),
+                digest,
+            )
+            .await
+            .is_ok())
+    }
+
     /// [`RegistryClient::push_blob_file`] for bytes in memory.
     pub async fn push_blob_bytes(
         &self,

@@ -62,6 +62,24 @@ pub use retry::RetryPolicy;
 
 use crate::lock::{PinnedLayer, PinnedReference};
 
+/// `sha256:<hex>`, a registry digest, of a cacache integrity (`sha256-<base64>`, how the
+/// store names content); `None` for another algorithm or a malformed integrity.
+pub fn registry_digest(integrity: &str) -> Option<String> {
+    let parsed: ssri::Integrity = integrity.parse().ok()?;
+    match parsed.to_hex() {
+        (ssri::Algorithm::Sha256, hex) => Some(format!("sha256:{hex}")),
+        _ => None,
+    }
+}
+
+/// The registry digest (`sha256:<hex>`) of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(bytes);
+    let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 /// One layer of a resolved image, as its manifest describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
@@ -443,6 +461,25 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn store_integrities_become_registry_digests() {
+        let integrity = ssri::IntegrityOpts::new()
+            .algorithm(ssri::Algorithm::Sha256)
+            .chain(b"hello")
+            .result()
+            .to_string();
+        assert_eq!(
+            registry_digest(&integrity).unwrap(),
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(
+            sha256_digest(b"hello"),
+            registry_digest(&integrity).unwrap()
+        );
+        assert_eq!(registry_digest("sha512-AAAA"), None);
+        assert_eq!(registry_digest("nonsense"), None);
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub enum ImageError {
     },
     #[error("{} is not a file", path.display())]
     NotAFile { path: std::path::PathBuf },
+    #[error(transparent)]
+    Publish(Box<crate::ops::publish::PublishError>),
     #[error("{} is not an ext4 image (no ext2/3/4 superblock magic)", path.display())]
     NotExt4 { path: std::path::PathBuf },
     #[error("cannot read {}", path.display())]
@@ -123,6 +125,7 @@ impl crate::error::Classify for ImageError {
             ImageError::Plan(error) => error.class(),
             ImageError::Engine(error) => error.class(),
             ImageError::State(error) => error.class(),
+            ImageError::Publish(error) => error.class(),
             ImageError::Store(_)
             | ImageError::NoRootfs { .. }
             | ImageError::NothingBuilt { .. }
@@ -178,6 +181,7 @@ pub fn import_tar_job(
         kernel,
         plan,
         finals: BTreeMap::from([("import".to_owned(), build)]),
+        pushed: None,
     })
 }
 
@@ -234,6 +238,7 @@ pub fn register_job(
         kernel,
         plan,
         finals: BTreeMap::from([("import".to_owned(), import)]),
+        pushed: None,
     })
 }
 
@@ -509,6 +514,9 @@ pub struct ImageJob {
     pub plan: Plan,
     /// The image's last step; the first entry is the image recorded.
     pub finals: BTreeMap<String, NodeIndex>,
+    /// A banger image pulled from a registry: its reference and label, which the built
+    /// image must match ([`crate::ops::publish::check_pulled`]).
+    pub pushed: Option<(String, crate::ops::publish::ImageLabel)>,
 }
 
 /// A pull resolved and planned, not yet run.
@@ -572,6 +580,7 @@ pub async fn prepare_pull(
                 kernel,
                 plan,
                 finals,
+                pushed: None,
             };
             Ok(PreparedPull {
                 job,
@@ -601,17 +610,60 @@ pub async fn prepare_pull(
                 .first()
                 .map(|(_, digest)| digest.clone())
                 .unwrap_or_default();
+            let name = request
+                .name
+                .clone()
+                .unwrap_or_else(|| request.query.clone());
+            let pin = lock
+                .pinned(&request.query)
+                .expect("the reference was just pinned");
+            let pushed = crate::ops::publish::banger_image(&env.services.registry, pin)
+                .await
+                .map_err(|error| ImageError::Publish(Box::new(error)))?;
+            if let Some(label) = pushed {
+                // An image banger pushed: its own layers and ext4 params, its own kernel
+                // when this host has it.
+                let kernel = match (&request.kernel, &label.kernel) {
+                    (None, Some(pushed_kernel))
+                        if check_kernel(
+                            pushed_kernel,
+                            catalogs,
+                            &recorded_kernels(env.state_dir)?,
+                        )
+                        .is_ok() =>
+                    {
+                        pushed_kernel.clone()
+                    }
+                    _ => kernel,
+                };
+                let (plan, rootfs) =
+                    crate::ops::publish::plan_pull(&name, &request.query, pin, &label)
+                        .map_err(|error| ImageError::Publish(Box::new(error)))?;
+                let job = ImageJob {
+                    name: name.clone(),
+                    source: format!("oci:{reference}@{digest} (pushed by banger)"),
+                    distro: label.distro.clone(),
+                    kernel,
+                    plan,
+                    finals: BTreeMap::from([(name, rootfs)]),
+                    pushed: Some((request.query.clone(), label)),
+                };
+                return Ok(PreparedPull {
+                    job,
+                    resolved: Some(format!(
+                        "{reference} resolved to {digest}, an image pushed by banger"
+                    )),
+                });
+            }
             let (plan, finals) = plan_images(&[spec], &lock, catalogs)?;
             let job = ImageJob {
-                name: request
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| request.query.clone()),
+                name,
                 source: format!("oci:{reference}@{digest}"),
                 distro: None,
                 kernel,
                 plan,
                 finals,
+                pushed: None,
             };
             Ok(PreparedPull {
                 job,
@@ -645,6 +697,10 @@ pub async fn build_and_record(
         .ok_or_else(|| ImageError::NothingBuilt {
             image: job.name.clone(),
         })?;
+    if let Some((reference, label)) = &job.pushed {
+        crate::ops::publish::check_pulled(reference, label, &image.rootfs.integrity)
+            .map_err(|error| ImageError::Publish(Box::new(error)))?;
+    }
     let record = ImageRecord {
         name: job.name.clone(),
         source: job.source.clone(),

@@ -23,6 +23,8 @@ use crate::store::{Store, StoreError, now_ms};
 pub enum KernelError {
     #[error(transparent)]
     RuntimeDir(#[from] crate::paths::RuntimeDirError),
+    #[error(transparent)]
+    Publish(Box<crate::ops::publish::PublishError>),
     #[error(
         "`{name}` is not in the kernel catalog (it has: {}); a kernel of your own is added with \
          `banger kernel import NAME --from DIR`",
@@ -334,6 +336,27 @@ pub async fn pull(
     build_and_record(env, name, &source, &plan, target, reporter, options).await
 }
 
+/// `banger kernel pull REF`: a kernel pushed with `banger kernel push`, downloaded (every
+/// file verified) into a scratch directory of the store and imported from it as `kernel
+/// import` does, under `name` (default: the name it was pushed with).
+pub async fn pull_reference(
+    env: &PullEnv<'_>,
+    reference: &str,
+    name: Option<&str>,
+    reporter: &dyn Reporter,
+    options: RunOptions,
+) -> Result<PulledKernel, KernelError> {
+    let scratch = env.store.scratch()?;
+    let (label, digest) =
+        crate::ops::publish::fetch_kernel(&env.services.registry, reference, scratch.path())
+            .await
+            .map_err(|error| KernelError::Publish(Box::new(error)))?;
+    let name = name.unwrap_or(&label.name);
+    let (plan, target, _) = import_plan(name, scratch.path(), env.catalogs)?;
+    let source = format!("oci:{reference}@{digest}");
+    build_and_record(env, name, &source, &plan, target, reporter, options).await
+}
+
 /// Runs a kernel plan (as project `kernel:NAME`) and records its staging step `target`'s
 /// outputs as kernel `name` from `source`, replacing a kernel of that name.
 pub async fn build_and_record(
@@ -444,6 +467,7 @@ impl Classify for KernelError {
             | KernelError::Boot(_)
             | KernelError::RuntimeDir(_) => ErrorClass::Environment,
             KernelError::Plan(error) => error.class(),
+            KernelError::Publish(error) => error.class(),
             KernelError::Engine(error) => error.class(),
             KernelError::State(error) => error.class(),
             KernelError::NoVmlinux { .. } | KernelError::Store(_) => ErrorClass::Environment,

@@ -30,6 +30,7 @@ pub mod images;
 pub mod kernels;
 pub mod network;
 pub mod project;
+pub mod publish;
 pub mod sessions;
 pub mod ssh_config;
 pub mod up;

@@ -18,8 +18,9 @@ pub struct RootfsBuild;
 /// root filesystem, a layer banger wrote.
 const LAYER_OUTPUTS: [&str; 3] = [crate::steps::ROOTFS_OUTPUT, "rootfs.tar", "layer.tar"];
 
-/// The output of an input that holds its layer: the only one, else the one with a layer name.
-fn layer_output(
+/// The output of an input that holds its layer: the only one, else the one with a layer name
+/// (also how `image push` finds an image's layers).
+pub fn layer_output(
     outputs: &std::collections::BTreeMap<String, crate::store::OutputRef>,
 ) -> Option<(&String, &crate::store::OutputRef)> {
     if outputs.len() == 1 {

@@ -476,3 +476,112 @@ fn bundles_export_and_pull_back_through_a_catalog() {
         .unwrap_or_default();
     assert!(scratch.is_empty(), "{scratch:?}");
 }
+
+/// The `--json` record of `kind` in a run's output.
+fn record_of(output: &crate::support::Output, kind: &str) -> serde_json::Value {
+    records(&output.stdout)
+        .into_iter()
+        .find(|record| record["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} record: {output}"))["data"]
+        .clone()
+}
+
+#[test]
+fn a_pushed_image_pulls_back_byte_for_byte_and_a_second_push_sends_only_the_changed_layer() {
+    let Some(registry) = RealRegistry::start_logging_requests() else {
+        return;
+    };
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let base = push_faithful(&registry, "test/base", None);
+    let target = format!("{}/team/app:1", registry.address);
+    let a = TestContext::new();
+    let project = a.project();
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("one.txt"), "one\n").unwrap();
+    std::fs::write(project.join("two.txt"), "two\n").unwrap();
+    std::fs::write(
+        project.join("Bangerfile"),
+        format!(
+            "[project]\nname = \"app\"\n\n[image]\nfrom = {{ oci = \"{base}\" }}\nsize = \"256M\"\n\n\
+             [[image.provision]]\ncopy = \"one.txt\"\nto = \"/etc/one\"\n\n\
+             [[image.provision]]\ncopy = \"two.txt\"\nto = \"/etc/two\"\n"
+        ),
+    )
+    .unwrap();
+
+    // A bad reference is refused before anything is built.
+    let refused = a.run(&["build", "--push", "Not A Reference"]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(refused.stderr.contains("Not A Reference"), "{refused}");
+    assert!(!project.join("Bangerfile.lock").exists(), "{refused}");
+
+    let built = a.run(&["--json", "build", "--push", &target]);
+    assert_eq!(built.code, Some(0), "{built}");
+    let pushed = record_of(&built, "image_pushed");
+    // Three base layers, two copies and banger's agent; every blob and the config sent.
+    assert_eq!(pushed["layers"], 6, "{built}");
+    assert_eq!(pushed["uploaded_blobs"], 7, "{built}");
+    let a_rootfs = record_of(&built, "image_built")["rootfs"].clone();
+    let uploads = registry.blob_uploads("team/app").len();
+    assert_eq!(uploads, 7, "{}", registry.log());
+
+    // A fresh HOME pulls it: the same ext4, no agent layer added, the kernel kept.
+    let b = TestContext::new();
+    let pulled = b.run(&["--json", "image", "pull", &target, "--name", "pulled"]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    let image = record_of(&pulled, "image");
+    assert_eq!(image["rootfs"], a_rootfs, "{pulled}");
+    assert!(
+        image["source"]
+            .as_str()
+            .is_some_and(|source| source.contains("pushed by banger")),
+        "{pulled}"
+    );
+    let (_dir, rootfs) = rootfs_of(&b, "pulled");
+    assert_eq!(debugfs(&rootfs, "cat /etc/two"), "two\n");
+
+    // The last step edited: its layer and the config are the only uploads.
+    std::fs::write(project.join("two.txt"), "TWO\n").unwrap();
+    let again = a.run(&["--json", "build", "--push", &target]);
+    assert_eq!(again.code, Some(0), "{again}");
+    let pushed = record_of(&again, "image_pushed");
+    assert_eq!(pushed["uploaded_blobs"], 2, "{again}");
+    assert!(pushed["reused_bytes"].as_u64().unwrap() > 0, "{again}");
+    let uploads = registry.blob_uploads("team/app");
+    assert_eq!(uploads.len(), 7 + 2, "{uploads:#?}");
+    let b_again = b.run(&["--json", "image", "pull", &target, "--name", "pulled"]);
+    assert_eq!(b_again.code, Some(0), "{b_again}");
+    assert_eq!(
+        record_of(&b_again, "image")["rootfs"],
+        record_of(&again, "image_built")["rootfs"],
+        "{b_again}"
+    );
+
+    // To another repository of the registry: with the first as a mount source (it stands
+    // for the remote step cache), every layer is linked, not uploaded; only the config is.
+    std::fs::create_dir_all(a.config_file().parent().unwrap()).unwrap();
+    std::fs::write(
+        a.config_file(),
+        format!("[cache]\nremote = \"{}/team/app\"\n", registry.address),
+    )
+    .unwrap();
+    let mirror = format!("{}/team/mirror:1", registry.address);
+    let mirrored = a.run(&["--json", "image", "push", "app/sandbox", &mirror]);
+    assert_eq!(mirrored.code, Some(0), "{mirrored}");
+    let pushed = record_of(&mirrored, "image_pushed");
+    assert_eq!(pushed["mounted_blobs"], 6, "{mirrored}");
+    assert_eq!(pushed["uploaded_blobs"], 1, "{mirrored}");
+    assert_eq!(
+        registry.blob_uploads("team/mirror").len(),
+        1,
+        "{}",
+        registry.log()
+    );
+
+    // Pushing an image that does not exist names it.
+    let missing = a.run(&["image", "push", "no-such-image", &target]);
+    assert_eq!(missing.code, Some(1), "{missing}");
+    assert!(missing.stderr.contains("no-such-image"), "{missing}");
+}

@@ -686,7 +686,7 @@ fn ran_kinds(output: &Output) -> Vec<String> {
 }
 
 /// The `push_finished` record of a `--json` run: (pushed, present, uploaded bytes).
-fn pushed(output: &Output) -> (u64, u64, u64) {
+fn push_summary(output: &Output) -> (u64, u64, u64) {
     let record = records(&output.stdout)
         .into_iter()
         .find(|event| event["type"] == "push_finished")
@@ -737,10 +737,49 @@ run = "echo three > /etc/three"
     ] {
         assert!(a_ran.iter().any(|id| id == step), "{step}: {built}");
     }
-    let (sent, _, sent_bytes) = pushed(&built);
+    let (sent, _, sent_bytes) = push_summary(&built);
     // The recipe, three `run` layers and the kernel.
     assert!(sent >= 5 && sent_bytes > 0, "{built}");
     let a_digest = image_digest(&a, "shared/sandbox");
+    // The image itself, pushed as an OCI image of its layers, pulls back byte for byte.
+    let image_ref = format!("{}/team/shared:1", registry.address);
+    let pushed = a.run(&["image", "push", "shared/sandbox", &image_ref]);
+    assert_eq!(pushed.code, Some(0), "{pushed}");
+    let c = TestContext::new();
+    let pulled = c.run(&["image", "pull", &image_ref, "--name", "shared"]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    assert_eq!(image_digest(&c, "shared"), a_digest, "{pulled}");
+    // The world's kernel as one artifact: the same files under the name it was pushed with.
+    let kernel_ref = format!("{}/team/kernel:1", registry.address);
+    let pushed = world.context.run(&[
+        "--json",
+        "kernel",
+        "push",
+        "debian-cloud-amd64",
+        &kernel_ref,
+    ]);
+    assert_eq!(pushed.code, Some(0), "{pushed}");
+    let kernel_of = |context: &TestContext, name: &str| {
+        let shown = context.run(&["--json", "kernel", "show", name]);
+        assert_eq!(shown.code, Some(0), "{shown}");
+        records(&shown.stdout)[0]["data"].clone()
+    };
+    let pulled = c.run(&[
+        "--json",
+        "kernel",
+        "pull",
+        &kernel_ref,
+        "--name",
+        "shared-kernel",
+    ]);
+    assert_eq!(pulled.code, Some(0), "{pulled}");
+    let (original, copy) = (
+        kernel_of(&world.context, "debian-cloud-amd64"),
+        kernel_of(&c, "shared-kernel"),
+    );
+    for field in ["vmlinux", "initrd", "modules", "release"] {
+        assert_eq!(copy[field], original[field], "{field}: {pulled}");
+    }
 
     // B: a fresh HOME with the same project (its lock too) runs no recipe and no `run`.
     let b = TestContext::new();
@@ -794,7 +833,7 @@ run = "echo three > /etc/three"
     );
     assert!(ran(&edited).contains(&"image:sandbox/provision[2]".to_owned()));
     // Its push sends the one new layer; the rest is there.
-    let (sent, present, _) = pushed(&edited);
+    let (sent, present, _) = push_summary(&edited);
     assert_eq!(sent, 1, "{edited}");
     assert!(present >= 1, "{edited}");
 }

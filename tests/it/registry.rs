@@ -46,6 +46,16 @@ impl RealRegistry {
     /// Starts a registry, or returns `None` (test skipped) when `docker-registry` is not
     /// installed, unless `BANGER_TEST_REQUIRE_ALL=1`.
     pub fn start(user: Option<&BasicUser>) -> Option<RealRegistry> {
+        RealRegistry::start_with(user, false)
+    }
+
+    /// [`RealRegistry::start`] with the access log on: [`RealRegistry::blob_uploads`] counts
+    /// from it.
+    pub fn start_logging_requests() -> Option<RealRegistry> {
+        RealRegistry::start_with(None, true)
+    }
+
+    fn start_with(user: Option<&BasicUser>, access_log: bool) -> Option<RealRegistry> {
         let binary = find_program("docker-registry");
         if !require(
             binary.is_some(),
@@ -77,9 +87,10 @@ impl RealRegistry {
             std::fs::write(
                 &config,
                 format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
                      http:\n  addr: {address}\n  secret: banger-test-secret\n{auth}",
+                    !access_log,
                     root.path().join("storage").display()
                 ),
             )
@@ -138,6 +149,17 @@ impl RealRegistry {
     fn take_root(mut self) -> tempfile::TempDir {
         self.stop();
         std::mem::replace(&mut self.root, tempfile::tempdir().unwrap())
+    }
+
+    /// Blob uploads the registry completed into `repository` (the `PUT`s that end one), by
+    /// its access log.
+    pub fn blob_uploads(&self, repository: &str) -> Vec<String> {
+        let marker = format!("\"PUT /v2/{repository}/blobs/uploads/");
+        self.log()
+            .lines()
+            .filter(|line| line.contains(&marker) && line.contains("\" 201 "))
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn log(&self) -> String {

@@ -104,6 +104,18 @@ fn a_fresh_store_takes_steps_from_a_warm_remote_and_pushes_only_what_it_lacks() 
     // Pushing again sends nothing: every entry is there.
     let (_, events) = run(&runtime, &a, &plan, None, Some(&cache));
     assert_eq!(push_summary(&events).0, 0, "{events:#?}");
+    // A run whose target is stored needs no other step, yet it exports them all.
+    let other = Arc::new(
+        OciRemoteCache::new(
+            &format!("{}/team/other-cache", registry.address),
+            &RegistryOptions::default(),
+        )
+        .unwrap()
+        .sharing(&["test.write"]),
+    ) as Arc<dyn RemoteCache>;
+    let (report, events) = run(&runtime, &a, &plan, None, Some(&other));
+    assert!(report.ran.is_empty());
+    assert_eq!(push_summary(&events), (3, 0, 1 + 2 + 3), "{events:#?}");
 
     // Store B runs nothing: the target hits remotely, so its inputs are not even needed.
     let b_dir = tempfile::tempdir().unwrap();
