@@ -187,25 +187,8 @@ pub fn push(
     let store = context.store()?;
     let state_dir = context.paths()?.state_dir.clone();
     let printer = &context.printer;
-    let bar = printer.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner:.cyan} {prefix} [{bar:24.cyan/blue}] {bytes}/{total_bytes} \
-                 {bytes_per_sec:>11}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar
-    });
-    let progress = |what: &str, done: u64, total: u64| {
-        if let Some(bar) = &bar {
-            bar.set_prefix(format!("pushing {what}"));
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    };
+    let bar = UploadBar::new(printer);
+    let progress = |what: &str, done: u64, total: u64| bar.show(what, done, total);
     let outcome = runtime.block_on(banger::ops::publish::push_image(
         &store,
         &state_dir,
@@ -215,11 +198,45 @@ pub fn push(
         mount_from,
         &progress,
     ));
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    bar.finish();
     let outcome = outcome?;
     print_pushed(context, "image_pushed", name, &outcome)
+}
+
+/// One progress bar for the uploads of a push, when the printer shows progress.
+#[derive(Debug)]
+pub struct UploadBar(Option<indicatif::ProgressBar>);
+
+impl UploadBar {
+    pub fn new(printer: &super::printer::Printer) -> UploadBar {
+        UploadBar(printer.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner:.cyan} {prefix} [{bar:24.cyan/blue}] {bytes}/{total_bytes} \
+                     {bytes_per_sec:>11}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        }))
+    }
+
+    /// `done` of `total` bytes of `what` sent.
+    pub fn show(&self, what: &str, done: u64, total: u64) {
+        if let Some(bar) = &self.0 {
+            bar.set_prefix(format!("pushing {what}"));
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Prints where a push went: the `KIND` record with `--json`, else the reference and a line

@@ -203,14 +203,17 @@ fn push(context: &mut Context, args: &PushArgs) -> anyhow::Result<ExitStatus> {
     let services = banger::steps::Services::from_env(&context.paths()?.state_dir.clone())?;
     let store = context.store()?;
     let state_dir = context.paths()?.state_dir.clone();
+    let bar = super::image::UploadBar::new(&context.printer);
     let outcome = runtime.block_on(banger::ops::publish::push_kernel(
         &store,
         &state_dir,
         &services.registry,
         &args.name,
         &args.reference,
-        &|_, _, _| {},
-    ))?;
+        &|what, done, total| bar.show(what, done, total),
+    ));
+    bar.finish();
+    let outcome = outcome?;
     super::image::print_pushed(context, "kernel_pushed", &args.name, &outcome)?;
     Ok(ExitStatus::Success)
 }

@@ -137,8 +137,27 @@ impl<'a> RemoteUse<'a> {
         !self.disabled && self.cache.shares(kind)
     }
 
-    /// Reports `error` for `step`; a remote-wide one puts the remote out of use.
+    /// Reports a download's `error` for `step`; a remote-wide one puts the remote out of use.
     pub fn failed(&mut self, step: &str, error: RemoteError) {
+        self.warn(
+            step,
+            error,
+            "so this run goes on without it",
+            "the remote cache's entry for this step was refused, so it runs here",
+        );
+    }
+
+    /// Reports an upload's `error` for `step`; a remote-wide one ends the uploads.
+    fn push_failed(&mut self, step: &str, error: RemoteError) {
+        self.warn(
+            step,
+            error,
+            "so nothing more is uploaded (the build itself succeeded)",
+            "this step could not be uploaded to the remote cache",
+        );
+    }
+
+    fn warn(&mut self, step: &str, error: RemoteError, remote_wide: &str, this_step: &str) {
         if self.disabled {
             return;
         }
@@ -146,15 +165,12 @@ impl<'a> RemoteUse<'a> {
             RemoteScope::Remote => {
                 self.disabled = true;
                 format!(
-                    "the remote cache {} is not usable, so this run goes on without it: {}",
+                    "the remote cache {} is not usable, {remote_wide}: {}",
                     self.cache.describe(),
                     error.message
                 )
             }
-            RemoteScope::Step => format!(
-                "the remote cache's entry for this step was refused, so it runs here: {}",
-                error.message
-            ),
+            RemoteScope::Step => format!("{this_step}: {}", error.message),
         };
         self.reporter.report(&Event::CacheWarning {
             step: step.to_owned(),
@@ -281,7 +297,7 @@ impl<'a> RemoteUse<'a> {
                 // Not stored here (not needed by this run, or evicted): nothing to push.
                 Ok(Lookup::Miss(_)) => continue,
                 Err(error) => {
-                    self.failed(&step.id, RemoteError::step(error_chain(&error)));
+                    self.push_failed(&step.id, RemoteError::step(error_chain(&error)));
                     continue;
                 }
             };
@@ -292,7 +308,7 @@ impl<'a> RemoteUse<'a> {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    self.failed(&step.id, error);
+                    self.push_failed(&step.id, error);
                     continue;
                 }
             }
@@ -305,7 +321,7 @@ impl<'a> RemoteUse<'a> {
                 }
             }
             if let Some(error) = missing {
-                self.failed(&step.id, RemoteError::step(error));
+                self.push_failed(&step.id, RemoteError::step(error));
                 continue;
             }
             let mut stored_record = record.clone();
@@ -341,7 +357,7 @@ impl<'a> RemoteUse<'a> {
                         reused_bytes: done.reused_bytes,
                     });
                 }
-                Err(error) => self.failed(&step.id, error),
+                Err(error) => self.push_failed(&step.id, error),
             }
         }
         self.reporter.report(&Event::PushFinished {

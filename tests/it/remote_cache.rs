@@ -351,3 +351,25 @@ fn a_lying_or_failing_remote_is_reported_once_and_the_step_runs_here() {
         assert!(scratch.is_empty(), "{hostile:?}: {scratch:?}");
     }
 }
+
+#[test]
+fn an_upload_to_a_failing_remote_is_one_warning_and_the_run_still_succeeds() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let plan = chain(["a", "b", "c"]);
+    for status in [401, 500] {
+        let server = runtime.block_on(FakeRegistry::start(move |_, _| Reply::status(status)));
+        let cache = remote(&server.address);
+        let dir = tempfile::tempdir().unwrap();
+        let counters = Arc::new(Counters::default());
+        let engine = engine(dir.path(), &counters);
+        let (report, events) = run(&runtime, &engine, &plan, None, Some(&cache));
+        assert_eq!(report.ran.len(), 3, "HTTP {status}");
+        let warnings = warnings(&events);
+        assert_eq!(warnings.len(), 1, "HTTP {status}: {warnings:#?}");
+        assert!(
+            warnings[0].contains("nothing more is uploaded"),
+            "HTTP {status}: {warnings:#?}"
+        );
+        assert_eq!(push_summary(&events), (0, 0, 0), "HTTP {status}");
+    }
+}
