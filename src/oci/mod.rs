@@ -53,7 +53,8 @@ pub use client::{
     MAX_MANIFEST_SIZE, Proxies, RegistryClient, RegistryOptions, install_tls_provider,
 };
 pub use layer::{
-    Compression, decompressed, layer_compression, layer_reader, media_types, sniff_compression,
+    Compression, decompressed, decompressed_ahead, layer_compression, layer_reader, media_types,
+    sniff_compression,
 };
 pub use reference::{DEFAULT_REGISTRY, ImageReference, is_loopback_registry};
 /// For other HTTP clients of banger (`fetch`) to retry the same way.

@@ -28,7 +28,7 @@ use crate::ext4::{
     BuildOptions, EntryKind, EntryType, Ext4Builder, Ext4Error, Ext4Summary, Metadata, Sizing,
     is_supported_xattr_name,
 };
-use crate::oci::{decompressed, sniff_compression};
+use crate::oci::{decompressed_ahead, sniff_compression};
 
 use super::path::{
     EntryMeaning, ImageTree, PathError, TreeNode, meaning, normalize_entry,
@@ -167,7 +167,7 @@ pub fn open_layer(
             count: counter,
         },
     );
-    decompressed(sniff_compression(&head[..read]), counted).map_err(|source| {
+    decompressed_ahead(sniff_compression(&head[..read]), counted).map_err(|source| {
         RootfsError::LayerRead {
             layer: layer.name.clone(),
             source,
