@@ -6,7 +6,8 @@
 //!    Baselines: `gzip -dc LAYER > /dev/null` (the serial part no pull can avoid; target: the
 //!    pull ≤ 1.3× it) and the reference pipeline on the same layer (`tar -xpf` of the gzip,
 //!    `mkfs.ext4 -d`, a `debugfs` ownership pass; target: the pull ≥ 4× faster). Also the
-//!    pulls' peak RSS (the banger process's own, from `wait4`; target ≤ 256 MiB) and where a
+//!    pulls' peak RSS (the banger process's own, from `wait4` in a small helper process;
+//!    target ≤ 256 MiB) and where a
 //!    pull's time goes (its steps' durations). Medians of 3, the three kinds of run
 //!    alternating.
 //! 2. **A re-pull with everything cached** of a small three-layer image (target ≤ 200 ms and no
@@ -45,8 +46,7 @@ fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-/// `banger ARGS` in `home`: its wall time, its output, and its own peak RSS in KiB (from
-/// `wait4`, so no other child of the bench counts).
+/// `banger ARGS` in `home`: its wall time, its output, and its own peak RSS in KiB.
 fn banger(home: &std::path::Path, args: &[&str]) -> (Duration, std::process::Output, u64) {
     banger_from(
         std::path::Path::new(env!("CARGO_BIN_EXE_banger")),
@@ -55,49 +55,22 @@ fn banger(home: &std::path::Path, args: &[&str]) -> (Duration, std::process::Out
     )
 }
 
-/// [`banger`] with another build of it (`BANGER_BENCH_BASELINE_BINARY`).
+/// The bench re-runs itself with this flag to spawn banger from a small process: Linux
+/// carries the spawning process's memory high-water mark into the child's `ru_maxrss`
+/// across `exec`, so a child spawned by the bench itself (which held a 76 MB layer) would
+/// report the bench's peak, not its own.
+const MEASURE_FLAG: &str = "--measure-rss-of";
+const RSS_MARKER: &str = "BANGER_BENCH_PEAK_KIB=";
+
+/// Helper mode: runs `args[0]` with `args[1..]`, stdio inherited, and reports its peak RSS
+/// (`wait4`) on stderr's last line; exits with its code.
 // The child is reaped by `wait4`, which std does not know of.
 #[allow(clippy::zombie_processes)]
-fn banger_from(
-    binary: &std::path::Path,
-    home: &std::path::Path,
-    args: &[&str],
-) -> (Duration, std::process::Output, u64) {
-    use std::os::unix::process::ExitStatusExt;
-    let started = Instant::now();
-    let mut child = Command::new(binary)
-        .args(args)
-        .env("HOME", home)
-        .env_remove("XDG_CACHE_HOME")
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("BANGER_CACHE_DIR")
-        .env_remove("BANGER_STATE_DIR")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+fn measure_child(args: &[String]) -> ExitCode {
+    let child = Command::new(&args[0])
+        .args(&args[1..])
         .spawn()
-        .expect("run banger");
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+        .expect("run the measured command");
     let mut status = 0;
     // SAFETY: wait4 reaps our own child and writes into the zeroed struct it is given.
     #[allow(unsafe_code)]
@@ -106,13 +79,43 @@ fn banger_from(
         libc::wait4(child.id() as i32, &mut status, 0, &mut usage);
         usage
     };
-    let elapsed = started.elapsed();
-    let output = std::process::Output {
-        status: std::process::ExitStatus::from_raw(status),
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+    eprintln!("{RSS_MARKER}{}", usage.ru_maxrss);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
     };
-    (elapsed, output, usage.ru_maxrss as u64)
+    ExitCode::from(code as u8)
+}
+
+/// [`banger`] with another build of it (`BANGER_BENCH_BASELINE_BINARY`).
+fn banger_from(
+    binary: &std::path::Path,
+    home: &std::path::Path,
+    args: &[&str],
+) -> (Duration, std::process::Output, u64) {
+    let started = Instant::now();
+    let output = Command::new(std::env::current_exe().expect("the bench's own path"))
+        .arg(MEASURE_FLAG)
+        .arg(binary)
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("BANGER_CACHE_DIR")
+        .env_remove("BANGER_STATE_DIR")
+        .output()
+        .expect("run banger");
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let peak_kib = stderr
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix(RSS_MARKER))
+        .and_then(|kib| kib.trim().parse().ok())
+        .unwrap_or(0);
+    (elapsed, output, peak_kib)
 }
 
 /// One raw `GET /v2/REPO/manifests/TAG`, the round trip a cached re-pull cannot avoid.
@@ -298,6 +301,14 @@ fn rootfs_pull(registry: &RealRegistry) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(MEASURE_FLAG) {
+        return measure_child(&args[2..]);
+    }
+    if args.iter().any(|arg| arg == "--list") {
+        println!("pull: benchmark");
+        return ExitCode::SUCCESS;
+    }
     let Some(registry) = RealRegistry::start(None) else {
         eprintln!("pull bench: docker-registry is not installed (apt-get install docker-registry)");
         return ExitCode::FAILURE;
