@@ -585,20 +585,7 @@ impl Engine {
     ) -> Result<RunReport, EngineError> {
         let started = Instant::now();
         // Held until the run returns: `cache gc` must not sweep what it publishes.
-        let _lease = match self.inner.store.try_lease()? {
-            Some(lease) => lease,
-            None => {
-                let store = self.inner.store.clone();
-                tokio::task::spawn_blocking(move || store.lease())
-                    .await
-                    .map_err(|error| {
-                        EngineError::Store(StoreError::Lease {
-                            path: self.inner.store.dir().to_owned(),
-                            source: std::io::Error::other(error.to_string()),
-                        })
-                    })??
-            }
-        };
+        let _lease = self.inner.store.lease_async().await?;
         let prepass = self.prepass(plan, reporter, &options).await?;
         let def_keys = prepass.def_keys.clone();
         let volatile = prepass.volatile.clone();

@@ -167,15 +167,7 @@ pub async fn push_image(
                 name: name.to_owned(),
             })?;
     // Held for the whole push: `cache gc` takes nothing while layers are read in place.
-    let _lease = match store.try_lease()? {
-        Some(lease) => lease,
-        None => {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.lease())
-                .await
-                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
-        }
-    };
+    let _lease = store.lease_async().await?;
     let (rootfs, layers) = stored_layers(store, &record)?;
     let label = ImageLabel {
         rootfs_params: rootfs.params.clone(),
@@ -536,15 +528,7 @@ pub async fn push_kernel(
             .ok_or_else(|| PublishError::UnknownKernel {
                 name: name.to_owned(),
             })?;
-    let _lease = match store.try_lease()? {
-        Some(lease) => lease,
-        None => {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.lease())
-                .await
-                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?
-        }
-    };
+    let _lease = store.lease_async().await?;
     let files: Vec<(&str, &crate::state::StoredFile)> = [
         ("vmlinux", Some(&record.vmlinux)),
         ("initrd", record.initrd.as_ref()),

@@ -605,6 +605,18 @@ impl Store {
             .map(|lease| lease.expect("a blocking lock is taken or fails"))
     }
 
+    /// [`Store::lease`] for async callers: taken at once when no GC runs, else waited for on
+    /// a blocking thread.
+    pub async fn lease_async(&self) -> Result<StoreLease, StoreError> {
+        if let Some(lease) = self.try_lease()? {
+            return Ok(lease);
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.lease())
+            .await
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+    }
+
     /// The exclusive lease GC holds; `None` while any run holds a shared one.
     fn try_lease_exclusive(&self) -> Result<Option<StoreLease>, StoreError> {
         self.lease_with(nix::fcntl::FlockArg::LockExclusiveNonblock)
