@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use banger::ext4::{Ext4Summary, Sizing};
 use banger::rootfs::layers::{Layer, RootfsOptions, build_rootfs};
 
-#[path = "common/rootfs.rs"]
-mod rootfs_input;
+#[allow(dead_code)] // the helpers are shared by several benches
+mod common;
 
-use rootfs_input::{BenchResult, debugfs_commands, rootfs_tar, run, run_reference, target_dir};
+use common::rootfs::{BenchResult, debugfs_commands, rootfs_tar, run, run_reference, target_dir};
 
 const RUNS: usize = 5;
 const CHILD_FLAG: &str = "--convert";

@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 use std::io::{Read, Write};
 
 use banger::ext4::{ExportOptions, ExportSummary, Ext4Reader, export_tar, export_tar_to_file};
+use common::rootfs::{BenchResult, run};
 use common::{median, secs};
-
-type BenchResult<T> = Result<T, String>;
 
 const RUNS: usize = 3;
 
@@ -40,21 +39,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn run(command: &mut Command) -> BenchResult<String> {
-    let argv = format!("{command:?}");
-    let output = command
-        .output()
-        .map_err(|e| format!("cannot run {argv}: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{argv} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Drops the page cache (root only); says whether it could.

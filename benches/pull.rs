@@ -26,8 +26,10 @@ mod support;
 #[path = "../tests/it/registry.rs"]
 mod registry;
 
-#[path = "common/rootfs.rs"]
-mod rootfs_input;
+#[allow(dead_code)] // the helpers are shared by several benches
+mod common;
+
+use common::rootfs as rootfs_input;
 
 use std::io::{Read, Write};
 use std::process::{Command, ExitCode};

@@ -1,5 +1,7 @@
 //! Helpers the benchmarks share (each bench is its own crate: `mod common;`).
 
+pub mod rootfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

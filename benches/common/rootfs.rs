@@ -1,4 +1,4 @@
-//! Root file system inputs the benchmarks share (each bench is its own crate: `#[path]`):
+//! Root file system inputs the benchmarks share (`common::rootfs`):
 //! a Debian tar built once with mmdebstrap (or a synthetic one), and the reference pipeline
 //! banger's image writer is measured against (`tar -xp`, `mkfs.ext4 -d`, a `debugfs` pass
 //! for owners and modes: the old tool's way).
