@@ -25,10 +25,20 @@ fn vm_dir(context: &TestContext, name: &str) -> PathBuf {
 /// The VM's console log, for failure messages.
 fn console(context: &TestContext, name: &str) -> String {
     let log = vm_dir(context, name).join("console.log");
-    match std::fs::read_to_string(&log) {
+    let console = match std::fs::read_to_string(&log) {
         Ok(text) => format!("--- console of {name}\n{text}"),
         Err(error) => format!("--- no console log of {name} ({error})"),
-    }
+    };
+    // The daemon's side of what happened to the VM: its last lines about it.
+    let daemon =
+        std::fs::read_to_string(context.home().join(".local/state/banger/logs/daemon.log"))
+            .unwrap_or_default();
+    let about: Vec<&str> = daemon.lines().filter(|line| line.contains(name)).collect();
+    let tail = &about[about.len().saturating_sub(30)..];
+    format!(
+        "{console}\n--- the daemon's log about {name}\n{}",
+        tail.join("\n")
+    )
 }
 
 /// `banger ARGS`, which must succeed; on failure, panics with the output and the console.
