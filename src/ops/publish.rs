@@ -138,6 +138,18 @@ pub struct PushOutcome {
     pub mounted_blobs: usize,
 }
 
+impl PushOutcome {
+    /// Counts one blob of `size` bytes: uploaded when `sent`, else already there.
+    fn count(&mut self, sent: bool, size: u64) {
+        if sent {
+            self.uploaded_blobs += 1;
+            self.uploaded_bytes += size;
+        } else {
+            self.reused_bytes += size;
+        }
+    }
+}
+
 /// One layer of a recorded image, in the store.
 struct StoredLayer {
     output: OutputRef,
@@ -228,19 +240,13 @@ pub async fn push_image(
                 &report,
             )
             .await?;
-        if sent {
-            outcome.uploaded_blobs += 1;
-            outcome.uploaded_bytes += layer.output.size;
-        } else {
-            outcome.reused_bytes += layer.output.size;
-        }
+        outcome.count(sent, layer.output.size);
     }
     if registry
         .push_blob_bytes(&target, &config, &config_digest)
         .await?
     {
-        outcome.uploaded_blobs += 1;
-        outcome.uploaded_bytes += config.len() as u64;
+        outcome.count(true, config.len() as u64);
     }
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -563,15 +569,10 @@ pub async fn push_kernel(
             reason: format!("its {title} is not stored under a sha256"),
         })?;
         let report = |done: u64, total: u64| progress(title, done, total);
-        if registry
+        let sent = registry
             .push_blob_file(&target, &path, &digest, file.size, &report)
-            .await?
-        {
-            outcome.uploaded_blobs += 1;
-            outcome.uploaded_bytes += file.size;
-        } else {
-            outcome.reused_bytes += file.size;
-        }
+            .await?;
+        outcome.count(sent, file.size);
         layers.push(serde_json::json!({
             "mediaType": KERNEL_FILE_MEDIA_TYPE,
             "digest": digest,
@@ -589,8 +590,7 @@ pub async fn push_kernel(
         .push_blob_bytes(&target, &config, &config_digest)
         .await?
     {
-        outcome.uploaded_blobs += 1;
-        outcome.uploaded_bytes += config.len() as u64;
+        outcome.count(true, config.len() as u64);
     }
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
