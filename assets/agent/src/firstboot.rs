@@ -461,7 +461,7 @@ fn run_checked(invocation: &Invocation) -> Result<(), String> {
     ))
 }
 
-fn random_machine_id() -> Result<String, String> {
+pub fn random_machine_id() -> Result<String, String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut random| random.read_exact(&mut bytes))

@@ -13,6 +13,9 @@
 //!   OpenSSH server through the guest's package manager if `sshd` is missing, host keys). The
 //!   agent as PID 1 starts it in the background; it can also be run by hand.
 //!
+//! - **settle**, **reidentify** (`identity.rs`): before banger saves a booted guest's memory,
+//!   and in each VM restored from it.
+//!
 //! Statically linked (`+crt-static`) with no dynamic dependencies, so the same binary runs on
 //! glibc and musl guests and in images that lack a C library.
 
@@ -21,6 +24,7 @@ mod console;
 mod exec;
 mod files;
 mod firstboot;
+mod identity;
 mod init;
 mod modules;
 mod mux;
@@ -56,6 +60,10 @@ fn usage() -> String {
        banger-agent first-boot [--quiet]
        banger-agent ports [--json]   (listening sockets and their processes)
        banger-agent stats [--json]   (uptime, load, memory, disk use)
+       banger-agent settle [--timeout SECONDS]
+                                     (wait for the boot to finish: before a snapshot)
+       banger-agent reidentify < REQUEST.json
+                                     (clock, entropy, MAC, machine id, host keys: after one)
        banger-agent session start|list|show|logs|attach|send|stop|kill ...
                                      (long-lived guest commands; `session --help`)
        banger-agent --version
@@ -185,6 +193,8 @@ fn main() -> ExitCode {
         "first-boot" => firstboot::command(rest),
         "ports" => ports::command(rest),
         "stats" => stats::command(rest),
+        "settle" => identity::settle_command(rest),
+        "reidentify" => identity::reidentify_command(rest),
         other => Err(format!("unknown command `{other}`\n{}", usage())),
     };
     match result {

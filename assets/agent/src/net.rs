@@ -33,6 +33,7 @@ const AF_UNSPEC: u8 = 0;
 const AF_INET: u8 = 2;
 const IFF_UP: u32 = 0x1;
 const IFA_ADDRESS: u16 = 1;
+const IFLA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
 const RTA_OIF: u16 = 4;
@@ -215,6 +216,27 @@ fn choose_interface(named: Option<&str>) -> Result<String, String> {
         (Ok(_), Some(name)) => Ok(name),
         _ => Err("no network interface besides lo".into()),
     }
+}
+
+/// The first interface besides `lo` by name, if there is one now.
+pub fn first_interface() -> Option<String> {
+    first_ethernet()
+}
+
+/// Gives interface `name` the MAC `mac` (virtio-net takes it while up).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), String> {
+    let index = nix::net::if_::if_nametoindex(name).map_err(|errno| format!("{name}: {errno}"))?;
+    let mut body = vec![AF_UNSPEC, 0, 0, 0];
+    body.extend_from_slice(&(index as i32).to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    body.extend_from_slice(&0u32.to_ne_bytes()); // change mask: flags untouched
+    Netlink::open()?.request(
+        &format!("set the MAC of {name}"),
+        RTM_NEWLINK,
+        0,
+        &body,
+        &[(IFLA_ADDRESS, &mac)],
+    )
 }
 
 fn first_ethernet() -> Option<String> {
