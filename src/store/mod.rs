@@ -737,7 +737,7 @@ fn parse_integrity(text: &str) -> Result<cacache::Integrity, StoreError> {
     })
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     // Signal 0 checks existence without sending anything; EPERM still means it exists.
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) => true,

@@ -281,6 +281,47 @@ impl VmmBackend for QemuBackend {
     }
 
     async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        self.launch_from(spec, None).await
+    }
+
+    async fn halt(&self, launched: &Launched, grace: Duration) {
+        if launched.vmm.is_alive()
+            && let Ok(mut qmp) = super::qmp::Qmp::connect(&launched.control_socket).await
+        {
+            let _ = qmp.quit().await;
+        }
+        if !launched.vmm.wait_gone(grace).await {
+            launched.vmm.terminate(grace).await;
+        }
+    }
+}
+
+impl QemuBackend {
+    /// This backend as a VM that is saved or restored needs it: the agent over virtio-serial,
+    /// since QEMU cannot migrate a vhost-user vsock device (`snapshot.rs`).
+    pub fn for_snapshots(&self) -> QemuBackend {
+        QemuBackend {
+            transport: AgentTransport::Serial,
+            vsock_daemon: None,
+            ..self.clone()
+        }
+    }
+
+    /// [`VmmBackend::launch`], restoring the memory snapshot `state` instead of booting
+    /// (a backend from [`QemuBackend::for_snapshots`], and disks copied from the snapshot).
+    pub async fn launch_restored(
+        &self,
+        spec: &MachineSpec,
+        state: &Path,
+    ) -> Result<Launched, BackendError> {
+        self.launch_from(spec, Some(state)).await
+    }
+
+    async fn launch_from(
+        &self,
+        spec: &MachineSpec,
+        restore: Option<&Path>,
+    ) -> Result<Launched, BackendError> {
         check_network(spec.network)?;
         let network = spec.network == NetworkMode::User;
         let tap = match (spec.network, &spec.tap) {
@@ -289,7 +330,10 @@ impl VmmBackend for QemuBackend {
             _ => None,
         };
         let boot = self.boot_spec(spec);
-        let vm = BootedVm::start_logged(&boot, Some(&spec.vmm_log)).await?;
+        let vm = match restore {
+            None => BootedVm::start_logged(&boot, Some(&spec.vmm_log)).await?,
+            Some(state) => BootedVm::restore_logged(&boot, state, Some(&spec.vmm_log)).await?,
+        };
         let control_socket = vm.qemu().qmp_socket().to_owned();
         let (qemu, vsock, endpoint) = vm.detach();
         let vmm = match qemu {
@@ -318,17 +362,6 @@ impl VmmBackend for QemuBackend {
             },
             tap: tap.map(|tap| tap.tap.clone()),
         })
-    }
-
-    async fn halt(&self, launched: &Launched, grace: Duration) {
-        if launched.vmm.is_alive()
-            && let Ok(mut qmp) = super::qmp::Qmp::connect(&launched.control_socket).await
-        {
-            let _ = qmp.quit().await;
-        }
-        if !launched.vmm.wait_gone(grace).await {
-            launched.vmm.terminate(grace).await;
-        }
     }
 }
 

@@ -45,6 +45,16 @@ pub enum BootError {
         serial_log: PathBuf,
         tail: String,
     },
+    #[error(
+        "cannot restore the snapshot {}{}", state.display(),
+        vmm_log.as_ref().map(|log| format!(" (QEMU's log: {})", log.display())).unwrap_or_default()
+    )]
+    Restore {
+        state: PathBuf,
+        vmm_log: Option<PathBuf>,
+        #[source]
+        source: super::snapshot::SnapshotError,
+    },
     #[error("a command in the guest failed (console log: {log})", log = serial_log.display())]
     Command {
         serial_log: PathBuf,
@@ -178,6 +188,7 @@ impl BootSpec {
             agent_serial,
             serial_log: self.serial_log.clone(),
             qmp_socket: self.dir.join("qmp.sock"),
+            incoming: None,
             stderr_log: stderr_log.map(Path::to_path_buf),
         }
     }
@@ -280,6 +291,26 @@ impl BootedVm {
         spec: &BootSpec,
         stderr_log: Option<&Path>,
     ) -> Result<BootedVm, BootError> {
+        BootedVm::launch(spec, stderr_log, None).await
+    }
+
+    /// [`BootedVm::start_logged`], restoring the memory snapshot `state` (`snapshot.rs`)
+    /// instead of booting: returns once the restored guest runs. `spec` must describe the
+    /// machine the snapshot was saved from, with the virtio-serial transport; its disks are
+    /// copies of the ones saved with it.
+    pub async fn restore_logged(
+        spec: &BootSpec,
+        state: &Path,
+        stderr_log: Option<&Path>,
+    ) -> Result<BootedVm, BootError> {
+        BootedVm::launch(spec, stderr_log, Some(state)).await
+    }
+
+    async fn launch(
+        spec: &BootSpec,
+        stderr_log: Option<&Path>,
+        restore: Option<&Path>,
+    ) -> Result<BootedVm, BootError> {
         let started = Instant::now();
         let serial_log = spec.serial_log.clone();
         let (vsock, endpoint, agent_serial) = match spec.transport {
@@ -306,7 +337,7 @@ impl BootedVm {
                 (None, endpoint, Some(socket))
             }
         };
-        let qemu_spec = spec.qemu_spec(
+        let mut qemu_spec = spec.qemu_spec(
             accel::host_tsc_khz(),
             vsock
                 .as_ref()
@@ -314,7 +345,26 @@ impl BootedVm {
             agent_serial,
             stderr_log,
         );
+        if restore.is_some() {
+            qemu_spec.incoming = Some(spec.dir.join("incoming.sock"));
+        }
         let qemu = QemuProcess::spawn(&qemu_spec).await?;
+        if let (Some(state), Some(incoming)) = (restore, &qemu_spec.incoming) {
+            // On failure `qemu` is dropped, and with it the QEMU process.
+            let took = super::snapshot::restore(qemu.qmp_socket(), incoming, state)
+                .await
+                .map_err(|source| BootError::Restore {
+                    state: state.to_owned(),
+                    vmm_log: stderr_log.map(Path::to_path_buf),
+                    source,
+                })?;
+            tracing::info!(
+                state = %state.display(),
+                load_ms = took.as_millis() as u64,
+                running_ms = started.elapsed().as_millis() as u64,
+                "snapshot restored"
+            );
+        }
         Ok(BootedVm {
             qemu,
             vsock,

@@ -1,7 +1,7 @@
 //! Virtual machines: accelerator choice, the QEMU microvm backend and its control protocol,
 //! the Firecracker backend (API client, process, jailer), vsock through
 //! `vhost-device-vsock`, the `VmmBackend` trait over both (`backend.rs`), per-VM disks
-//! (`storage.rs`), processes that outlive the daemon (`process.rs`), and throwaway boots that
+//! (`storage.rs`), memory snapshots and restores (`snapshot.rs`), processes that outlive the daemon (`process.rs`), and throwaway boots that
 //! reach the guest agent (`boot.rs`: `kernel test`, builder VMs). The lifecycle of named VMs
 //! (create, start, stop, delete) is the daemon's, on top of these.
 
@@ -13,6 +13,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod shape;
+pub mod snapshot;
 pub mod storage;
 pub mod vsock;
 

@@ -101,6 +101,9 @@ pub struct QemuSpec {
     pub serial_log: PathBuf,
     /// QMP listens here.
     pub qmp_socket: PathBuf,
+    /// Restore a snapshot instead of booting: QEMU waits for its migration stream on this
+    /// unix socket (`snapshot::restore` sends it).
+    pub incoming: Option<PathBuf>,
     /// QEMU's own stderr is appended here, and the process is meant to outlive this one
     /// (a daemon's VM): it is not killed when its [`QemuProcess`] is dropped or detached.
     /// `None`: stderr is captured for errors and QEMU dies with its handle, and with this
@@ -150,6 +153,10 @@ impl QemuSpec {
             escape_option(&self.qmp_socket.to_string_lossy())
         );
         push(&["-qmp", &qmp]);
+        if let Some(socket) = &self.incoming {
+            let incoming = format!("unix:{}", socket.to_string_lossy());
+            push(&["-incoming", &incoming]);
+        }
         for (index, disk) in self.disks.iter().enumerate() {
             let mut drive = format!(
                 "id=disk{index},file={},format=raw,if=none",
@@ -399,6 +406,7 @@ mod tests {
             agent_serial: Some("/vm/agent.sock".into()),
             serial_log: "/vm/serial.log".into(),
             qmp_socket: "/vm/qmp.sock".into(),
+            incoming: None,
             stderr_log: None,
         }
     }

@@ -48,6 +48,13 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot copy the disk {} to {}", from.display(), to.display())]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the disk {}", path.display())]
     Reserve {
         path: PathBuf,
@@ -166,6 +173,77 @@ fn run_e2fsprogs(
     }
 }
 
+/// Copies the disk `from` to `to` (replacing it), data only: holes stay holes, so a 16 GiB
+/// disk holding a few MiB costs a few MiB to copy. `to` is written beside itself and renamed
+/// into place, so it is never left half-copied.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StorageError> {
+    let copy_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StorageError::Copy {
+            from: from.to_owned(),
+            to: path,
+            source,
+        }
+    };
+    let partial = to.with_extension("partial");
+    let result = (|| {
+        let source = std::fs::File::open(from)?;
+        let size = source.metadata()?.len();
+        let target = std::fs::File::create(&partial)?;
+        for (start, end) in data_extents(&source, size)? {
+            copy_range(&source, &target, start, end - start)?;
+        }
+        target.set_len(size)?;
+        target.sync_all()?;
+        std::fs::rename(&partial, to)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result.map_err(copy_error(to))
+}
+
+/// The `[start, end)` ranges of `file` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
+fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut extents = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let start = match lseek(file, offset as i64, Whence::SeekData) {
+            Ok(start) => start as u64,
+            // No data after `offset`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(errno) => return Err(errno.into()),
+        };
+        let end = (lseek(file, start as i64, Whence::SeekHole)? as u64).min(size);
+        extents.push((start, end));
+        offset = end;
+    }
+    Ok(extents)
+}
+
+/// `length` bytes at `offset` of `from` to the same offset of `to`. (`std::io::copy` between
+/// two files is `copy_file_range` on Linux: the kernel may copy without the bytes passing
+/// through here.)
+fn copy_range(
+    mut from: &std::fs::File,
+    mut to: &std::fs::File,
+    offset: u64,
+    length: u64,
+) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    from.seek(SeekFrom::Start(offset))?;
+    to.seek(SeekFrom::Start(offset))?;
+    let copied = std::io::copy(&mut from.take(length), &mut to)?;
+    if copied < length {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the disk got shorter while it was copied",
+        ));
+    }
+    Ok(())
+}
+
 /// A VM's own disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmDisks {
@@ -252,6 +330,37 @@ impl VmDisks {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn sparse_copies_keep_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from.ext4");
+        let to = dir.path().join("to.ext4");
+        create_blank_ext4(&from, 1 << 30, "copy", b"seed").unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(&from).unwrap();
+            file.write_all_at(&[7u8; 4096], 700 << 20).unwrap();
+        }
+        std::fs::write(&to, b"old contents").unwrap();
+        copy_sparse(&from, &to).unwrap();
+        assert!(std::fs::read(&from).unwrap() == std::fs::read(&to).unwrap());
+        let (from_meta, to_meta) = (from.metadata().unwrap(), to.metadata().unwrap());
+        assert_eq!(to_meta.len(), 1 << 30);
+        assert!(
+            to_meta.blocks() <= from_meta.blocks(),
+            "the copy allocates {} blocks, the original {}",
+            to_meta.blocks(),
+            from_meta.blocks()
+        );
+        assert!(!dir.path().join("to.partial").exists());
+        let error = copy_sparse(&dir.path().join("missing"), &to).unwrap_err();
+        assert!(
+            error.to_string().starts_with("cannot copy the disk"),
+            "{error}"
+        );
+        assert!(std::fs::read(&from).unwrap() == std::fs::read(&to).unwrap());
+    }
 
     #[test]
     fn blank_disks_are_sparse_whatever_their_size() {

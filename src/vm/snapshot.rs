@@ -1,0 +1,491 @@
+//! Memory snapshots of a booted QEMU guest, and new VMs restored from them.
+//!
+//! A snapshot is QEMU's migration stream (RAM, vCPUs, every device) written to a file while
+//! the guest is paused, plus copies of the VM's two writable disks taken at the same moment
+//! (the guest's page cache and file systems refer to their contents). Restoring starts QEMU
+//! with the same machine and `-incoming unix:SOCKET`, feeds the file into that socket, and
+//! the guest runs on from where it was saved, with disks that are copies of the saved ones.
+//!
+//! 1. [`save`]: `stop`, `migrate` to a unix socket this process listens on, the stream copied
+//!    to `state.partial`, renamed into place only once QEMU says `completed`. QEMU is left
+//!    paused (`postmigrate`) with its disks flushed, so the caller copies them, then
+//!    [`resume`]s the guest (or quits it).
+//! 2. [`restore`]: connects to QEMU's incoming socket, sends the file, waits until the guest
+//!    runs.
+//!
+//! What must match between the saved and the restoring QEMU: its version, the machine and
+//! its options, vCPUs, memory, and the devices in order (QEMU refuses a stream that does not
+//! fit, and [`restore`] reports its words). vhost-user devices cannot migrate, so a VM that
+//! is saved reaches its agent over virtio-serial, not vsock. Paths (disks, sockets, the
+//! console log) and host port forwards may differ: they are not part of the stream.
+//!
+//! QEMU 7.2 caps migration at 32 MiB/s by default; [`save`] lifts the cap, since the stream
+//! goes to a local file, not over a network.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use super::qmp::{Qmp, QmpError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU's migration {status}: {reason}")]
+    Migration { status: String, reason: String },
+    #[error("{what} took longer than {} s", limit.as_secs())]
+    Timeout { what: &'static str, limit: Duration },
+}
+
+/// How long a save or a restore may take: the stream is at most the guest's memory, read
+/// from or written to a local file.
+const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    /// The size of the state file.
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Pauses the guest of the QEMU at `qmp_socket` and writes its state to `state` (through a
+/// socket in `socket_dir`). QEMU stays paused, also when this fails: call [`resume`] after.
+pub async fn save(
+    qmp_socket: &Path,
+    socket_dir: &Path,
+    state: &Path,
+) -> Result<Saved, SnapshotError> {
+    let started = Instant::now();
+    let partial = state.with_extension("partial");
+    let result = save_to(qmp_socket, socket_dir, &partial).await;
+    let bytes = match result {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    std::fs::rename(&partial, state).map_err(|source| {
+        let _ = std::fs::remove_file(&partial);
+        SnapshotError::Io {
+            what: "cannot publish the snapshot",
+            path: state.to_owned(),
+            source,
+        }
+    })?;
+    Ok(Saved {
+        bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+async fn save_to(
+    qmp_socket: &Path,
+    socket_dir: &Path,
+    partial: &Path,
+) -> Result<u64, SnapshotError> {
+    let mut qmp = Qmp::connect(qmp_socket).await?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": 1u64 << 40 })),
+    )
+    .await?;
+    qmp.execute("stop", None).await?;
+    let socket = socket_dir.join("snapshot-out.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(|source| SnapshotError::Io {
+        what: "cannot listen on",
+        path: socket.clone(),
+        source,
+    })?;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { what, path, source }
+    };
+    let file = tokio::fs::File::create(partial)
+        .await
+        .map_err(io("cannot create", partial))?;
+    let partial_path = partial.to_owned();
+    let receive = tokio::spawn(async move {
+        let (mut stream, _) = listener
+            .accept()
+            .await
+            .map_err(io("cannot accept QEMU's migration on", &socket))?;
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let bytes = tokio::io::copy(&mut stream, &mut file)
+            .await
+            .map_err(io("cannot write", &partial_path))?;
+        file.flush()
+            .await
+            .map_err(io("cannot write", &partial_path))?;
+        file.get_ref()
+            .sync_all()
+            .await
+            .map_err(io("cannot write", &partial_path))?;
+        let _ = std::fs::remove_file(&socket);
+        Ok::<u64, SnapshotError>(bytes)
+    });
+    let uri = format!("unix:{}", socket_dir.join("snapshot-out.sock").display());
+    if let Err(error) = qmp.execute("migrate", Some(json!({ "uri": uri }))).await {
+        receive.abort();
+        return Err(error.into());
+    }
+    let bytes = match tokio::time::timeout(TRANSFER_LIMIT, receive).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => {
+            return Err(SnapshotError::Migration {
+                status: "failed".into(),
+                reason: join.to_string(),
+            });
+        }
+        Err(_) => {
+            let _ = qmp.execute("migrate_cancel", None).await;
+            return Err(SnapshotError::Timeout {
+                what: "saving the guest's memory",
+                limit: TRANSFER_LIMIT,
+            });
+        }
+    };
+    wait_for_migration(&mut qmp).await?;
+    Ok(bytes)
+}
+
+/// Polls `query-migrate` until it says `completed`; `failed` or `cancelled` is an error with
+/// QEMU's reason.
+async fn wait_for_migration(qmp: &mut Qmp) -> Result<(), SnapshotError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = qmp.execute("query-migrate", None).await?;
+        let status = reply["status"].as_str().unwrap_or("none").to_owned();
+        match status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(SnapshotError::Migration {
+                    status,
+                    reason: reply["error-desc"]
+                        .as_str()
+                        .unwrap_or("QEMU gave no reason")
+                        .to_owned(),
+                });
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(SnapshotError::Timeout {
+                    what: "finishing the migration",
+                    limit: Duration::from_secs(30),
+                });
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Lets a guest paused by [`save`] run on.
+pub async fn resume(qmp_socket: &Path) -> Result<(), SnapshotError> {
+    Qmp::connect(qmp_socket)
+        .await?
+        .execute("cont", None)
+        .await?;
+    Ok(())
+}
+
+/// Sends `state` into the QEMU at `qmp_socket`, started with `-incoming unix:{incoming}`, and
+/// waits until its guest runs. Returns how long that took.
+pub async fn restore(
+    qmp_socket: &Path,
+    incoming: &Path,
+    state: &Path,
+) -> Result<Duration, SnapshotError> {
+    let started = Instant::now();
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Io { what, path, source }
+    };
+    let mut file = tokio::fs::File::open(state)
+        .await
+        .map_err(io("cannot open the snapshot", state))?;
+    // QEMU listens for the stream only after its control socket is up.
+    let listening = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match tokio::net::UnixStream::connect(incoming).await {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < listening => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(source) => {
+                return Err(io(
+                    "cannot connect to QEMU's incoming migration socket",
+                    incoming,
+                )(source));
+            }
+        }
+    };
+    let mut qmp = Qmp::connect(qmp_socket).await?;
+    let send = async {
+        tokio::io::copy(&mut file, &mut stream)
+            .await
+            .map_err(io("cannot send the snapshot to QEMU from", state))?;
+        stream
+            .shutdown()
+            .await
+            .map_err(io("cannot send the snapshot to QEMU from", state))
+    };
+    match tokio::time::timeout(TRANSFER_LIMIT, send).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(SnapshotError::Timeout {
+                what: "loading the guest's memory",
+                limit: TRANSFER_LIMIT,
+            });
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = qmp.status().await?;
+        match status.as_str() {
+            "running" => return Ok(started.elapsed()),
+            "inmigrate" | "prelaunch" | "restore-vm" | "finish-migrate"
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The guest was paused when it was saved, and QEMU restores that state.
+            "paused" | "postmigrate"
+                if qmp.execute("query-migrate", None).await?["status"] == "completed" =>
+            {
+                qmp.execute("cont", None).await?;
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(SnapshotError::Timeout {
+                    what: "starting the restored guest",
+                    limit: Duration::from_secs(60),
+                });
+            }
+            other => {
+                let reply = qmp.execute("query-migrate", None).await.unwrap_or_default();
+                return Err(SnapshotError::Migration {
+                    status: format!("left the guest {other}"),
+                    reason: reply["error-desc"]
+                        .as_str()
+                        .unwrap_or("the stream did not fit this machine (see QEMU's log)")
+                        .to_owned(),
+                });
+            }
+        }
+    }
+}
+
+/// Version of the snapshot directory layout and of what a snapshot's key covers; bump when
+/// either changes, so old snapshots are simply never found.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Everything a saved guest depends on: a snapshot is reused only when all of it matches.
+/// Its blake3 over the JSON form is the snapshot's key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotSpec {
+    pub format: u32,
+    /// banger's version: the machine's command line and the guest agent come with it.
+    pub banger: String,
+    /// `qemu-system-x86_64 --version`'s first line (streams do not cross QEMU versions).
+    pub qemu: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The TSC rate on the kernel command line under TCG (the host's).
+    pub tsc_khz: Option<u64>,
+    /// Integrities of the image and the boot files.
+    pub rootfs: String,
+    pub vmlinux: String,
+    pub initrd: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+    pub network: crate::spec::NetworkMode,
+}
+
+impl SnapshotSpec {
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        blake3::hash(&json).to_hex().to_string()
+    }
+}
+
+/// The first line of `binary --version`, or `None` when it cannot be run.
+pub fn qemu_version(binary: &str) -> Option<String> {
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().next()?.trim();
+    (output.status.success() && !line.is_empty()).then(|| line.to_owned())
+}
+
+/// Saved snapshots, one directory per key under `dir` (`<cache>/snapshots-v1`):
+/// `state` (QEMU's stream), `overlay.ext4` and `work.ext4` (the writable disks at the save),
+/// `snapshot.json` (the [`SnapshotSpec`], sizes, when). A snapshot is written in a
+/// `.partial-*` directory beside them and renamed into place whole, so one that exists is
+/// complete; partial directories of processes that died are removed by [`Snapshots::open`].
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    dir: PathBuf,
+}
+
+/// A complete saved snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSnapshot {
+    pub key: String,
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub disks: super::storage::VmDisks,
+}
+
+impl SavedSnapshot {
+    fn in_dir(key: &str, dir: PathBuf) -> SavedSnapshot {
+        SavedSnapshot {
+            key: key.to_owned(),
+            state: dir.join("state"),
+            disks: super::storage::VmDisks::in_dir(&dir),
+            dir,
+        }
+    }
+
+    /// The state file and both disks on disk: bytes on disk (sparse), not apparent sizes.
+    pub fn disk_usage(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        [&self.state, &self.disks.overlay, &self.disks.work]
+            .iter()
+            .filter_map(|path| std::fs::metadata(path).ok())
+            .map(|meta| meta.blocks() * 512)
+            .sum()
+    }
+}
+
+/// A snapshot being written; dropped unpublished, its directory is removed.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    key: String,
+    temporary: tempfile::TempDir,
+    final_dir: PathBuf,
+}
+
+impl PendingSnapshot {
+    /// Where the files go before [`PendingSnapshot::publish`].
+    pub fn files(&self) -> SavedSnapshot {
+        SavedSnapshot::in_dir(&self.key, self.temporary.path().to_owned())
+    }
+
+    /// Writes `snapshot.json` and renames the directory into place. Another process that
+    /// published the same key first wins; this one's files are dropped.
+    pub fn publish(self, spec: &SnapshotSpec) -> Result<SavedSnapshot, SnapshotError> {
+        let files = self.files();
+        let meta = serde_json::json!({
+            "spec": spec,
+            "key": self.key,
+            "created_ms": crate::store::now_ms(),
+            "disk_usage": files.disk_usage(),
+        });
+        let meta_path = self.temporary.path().join("snapshot.json");
+        std::fs::write(&meta_path, meta.to_string()).map_err(|source| SnapshotError::Io {
+            what: "cannot write",
+            path: meta_path,
+            source,
+        })?;
+        let temporary = self.temporary.keep();
+        match std::fs::rename(&temporary, &self.final_dir) {
+            Ok(()) => Ok(SavedSnapshot::in_dir(&self.key, self.final_dir)),
+            Err(_) if self.final_dir.join("snapshot.json").exists() => {
+                let _ = std::fs::remove_dir_all(&temporary);
+                Ok(SavedSnapshot::in_dir(&self.key, self.final_dir))
+            }
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&temporary);
+                Err(SnapshotError::Io {
+                    what: "cannot publish the snapshot",
+                    path: self.final_dir,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+impl Snapshots {
+    /// The snapshots under `dir`, created if missing; partial snapshots of dead processes
+    /// are removed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Snapshots, SnapshotError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = partial_owner(&name)
+                    && !crate::store::process_alive(pid)
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(Snapshots { dir })
+    }
+
+    /// The complete snapshot saved under `key`, if there is one.
+    pub fn find(&self, key: &str) -> Option<SavedSnapshot> {
+        let dir = self.dir.join(key);
+        dir.join("snapshot.json")
+            .exists()
+            .then(|| SavedSnapshot::in_dir(key, dir))
+    }
+
+    /// A new snapshot for `key`, written beside the others until published.
+    pub fn begin(&self, key: &str) -> Result<PendingSnapshot, SnapshotError> {
+        let temporary = tempfile::Builder::new()
+            .prefix(&format!(".partial-{}-", std::process::id()))
+            .tempdir_in(&self.dir)
+            .map_err(|source| SnapshotError::Io {
+                what: "cannot create a directory in",
+                path: self.dir.clone(),
+                source,
+            })?;
+        Ok(PendingSnapshot {
+            key: key.to_owned(),
+            temporary,
+            final_dir: self.dir.join(key),
+        })
+    }
+
+    /// Deletes the snapshot of `key` (one that failed to restore).
+    pub fn remove(&self, key: &str) {
+        let dir = self.dir.join(key);
+        // Renamed away first, so no reader ever sees it half-deleted.
+        let doomed = self
+            .dir
+            .join(format!(".partial-{}-removed-{key}", std::process::id()));
+        if std::fs::rename(&dir, &doomed).is_ok() {
+            let _ = std::fs::remove_dir_all(&doomed);
+        }
+    }
+}
+
+/// The pid in a `.partial-<pid>-…` directory name.
+fn partial_owner(name: &str) -> Option<i32> {
+    name.strip_prefix(".partial-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
