@@ -165,6 +165,7 @@ fn baseline_boot(accel: &Accel, vmlinux: &Path, initrd: &Path, dir: &Path) -> Du
         agent_serial: None,
         serial_log: log.clone(),
         qmp_socket: dir.join("baseline-qmp.sock"),
+        incoming: None,
         stderr_log: None,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();

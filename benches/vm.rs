@@ -20,7 +20,13 @@
 //! Options (after `--`): `--breakdown` adds library boots that put back the daemon's
 //! differences one at a time (the VM's own disks; QEMU's user-mode network with the SSH
 //! forward and `ip=`; both plus installing banger's SSH key through the agent), to show
-//! where the added time goes; `--only create|run` runs one part.
+//! where the added time goes; `--only create|run|warm` runs one part.
+//!
+//! 3. **Warm start**: `vm run --rm -- true` restored from a memory snapshot against
+//!    `vm run --rm --cold -- true` booted, alternating, median of 3, after one run that saves
+//!    the snapshot if it is missing; prints both, the ratio, and the snapshots' size on disk.
+//!    Targets: warm ≤ 2 s and ≤ 25 % of cold. (Part 2 uses `--cold`: it measures banger's
+//!    own overhead on a boot.)
 //!
 //! Everything happens in a HOME kept under `target/bench-vm-home` (the images and kernel stay
 //! for the next run; on its first run its store is seeded by copying the one of
@@ -602,7 +608,8 @@ fn bench_run(sandbox: &Sandbox, work: &Path, short: &Path, breakdown: bool) -> b
         let timed = sandbox.timed_vm(
             &name,
             &[
-                "vm", "run", "--rm", "--name", &name, "--memory", "1G", "--vcpu", "1", "--", "true",
+                "vm", "run", "--rm", "--cold", "--name", &name, "--memory", "1G", "--vcpu", "1",
+                "--", "true",
             ],
         );
         sandbox.forget_vm(&name);
@@ -639,7 +646,7 @@ fn bench_run(sandbox: &Sandbox, work: &Path, short: &Path, breakdown: bool) -> b
         })
         .unwrap_or_else(|| "?".to_owned());
     println!(
-        "  banger vm run --rm -- true                        {:>8}  (created {}, booting {}, \
+        "  banger vm run --rm --cold -- true                 {:>8}  (created {}, booting {}, \
          up {} (daemon: {daemon_up}), exit {}; all {})",
         secs(banger),
         stage("created VM"),
@@ -708,6 +715,93 @@ fn bench_run(sandbox: &Sandbox, work: &Path, short: &Path, breakdown: bool) -> b
     ok
 }
 
+/// Warm starts (`docs/snapshots.md`): `vm run --rm -- true` restored from a memory
+/// snapshot against `vm run --rm --cold -- true` booted, alternating, after one run that
+/// makes sure the snapshot exists. Targets: warm ≤ 2 s and ≤ 25 % of cold.
+fn bench_warm(sandbox: &Sandbox) -> bool {
+    let run = |name: &str, cold: bool| {
+        let mut args = vec!["vm", "run", "--rm"];
+        if cold {
+            args.push("--cold");
+        }
+        args.extend_from_slice(&[
+            "--name", name, "--memory", "1G", "--vcpu", "1", "--", "true",
+        ]);
+        let timed = sandbox.timed_vm(name, &args);
+        sandbox.forget_vm(name);
+        timed
+    };
+    let primed = run("bench-warm-prime", false);
+    let saved = primed.at("saved the snapshot").is_some();
+    println!(
+        "warm start: vm run --rm -- true from a snapshot against --cold ({IMAGE}, 1 vCPU, 1 GiB); \
+         median of {RUN_RUNS}, alternating; the first run {} ({})",
+        if saved {
+            "saved the snapshot"
+        } else {
+            "found it saved"
+        },
+        secs(primed.wall)
+    );
+    let mut colds = Vec::new();
+    let mut warms = Vec::new();
+    for index in 0..RUN_RUNS {
+        colds.push(run(&format!("bench-cold-{index}"), true));
+        let warm = run(&format!("bench-warm-{index}"), false);
+        assert!(
+            warm.at("from its snapshot").is_some() && warm.at("did not start").is_none(),
+            "a warm run did not restore its snapshot:\n{}",
+            warm.stderr_text()
+        );
+        warms.push(warm);
+    }
+    let all = |runs: &[Timed]| {
+        runs.iter()
+            .map(|run| secs(run.wall))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cold = median(colds.iter().map(|run| run.wall).collect());
+    let warm = median(warms.iter().map(|run| run.wall).collect());
+    let snapshots = sandbox.home.join(".cache/banger/snapshots-v1");
+    let on_disk: u64 = std::fs::read_dir(&snapshots)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.path().join("snapshot.json").exists())
+        .flat_map(|entry| {
+            std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|file| file.metadata().ok())
+        .map(|meta| std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
+        .sum();
+    println!(
+        "  cold (boot)                     {:>8}  (all {})",
+        secs(cold),
+        all(&colds)
+    );
+    println!(
+        "  warm (restored)                 {:>8}  (all {})",
+        secs(warm),
+        all(&warms)
+    );
+    let share = ratio(warm, cold);
+    let ok = warm <= Duration::from_secs(2) && share <= 0.25;
+    println!(
+        "  warm / cold: {share:.2}× ({:.0} %); targets ≤ 2 s and ≤ 25 %: {}",
+        share * 100.0,
+        verdict(ok)
+    );
+    println!(
+        "  snapshots on disk: {:.0} MiB (sparse: blocks in use)",
+        on_disk as f64 / f64::from(1 << 20)
+    );
+    ok
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|arg| arg == "--list") {
@@ -736,10 +830,13 @@ fn main() -> ExitCode {
     sandbox.banger(&["kernel", "pull", KERNEL]);
     sandbox.banger(&["image", "pull", IMAGE]);
     let work = tempfile::tempdir_in(&home).unwrap();
-    let create_missed = only != Some("run") && !bench_create(&sandbox, work.path());
-    let run_missed = only != Some("create") && !bench_run(&sandbox, work.path(), &short, breakdown);
+    let create_missed =
+        matches!(only, None | Some("create")) && !bench_create(&sandbox, work.path());
+    let run_missed =
+        matches!(only, None | Some("run")) && !bench_run(&sandbox, work.path(), &short, breakdown);
+    let warm_missed = matches!(only, None | Some("warm")) && !bench_warm(&sandbox);
     drop(sandbox);
-    if !create_missed && !run_missed {
+    if !create_missed && !run_missed && !warm_missed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -273,9 +273,15 @@ fn parse_network(text: &str) -> Result<NetworkMode, String> {
 pub struct RunArgs {
     #[command(flatten)]
     create: CreateArgs,
-    /// Delete the VM afterwards (kept if it never came up, for `vm logs`).
+    /// Delete the VM afterwards (kept if it never came up, for `vm logs`). Under QEMU with
+    /// the `user` or `none` network, the VM starts from a memory snapshot of the same image,
+    /// kernel and shape booted before (saved by the first such run), made a new instance:
+    /// its own clock, entropy, MAC, machine id and SSH host keys.
     #[arg(long)]
     rm: bool,
+    /// With `--rm`: boot from scratch, neither restoring nor saving a snapshot.
+    #[arg(long, requires = "rm")]
+    cold: bool,
     /// Seconds to wait for the guest to come up (at most a week).
     #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
     timeout: u64,
@@ -550,6 +556,7 @@ fn create_request(args: &CreateArgs, start: bool, timeout: Option<u64>) -> Creat
         start,
         timeout_secs: timeout,
         remove_if_abandoned: false,
+        warm_start: false,
     }
 }
 
@@ -1382,6 +1389,7 @@ fn vm_run(
     let mut create = create_request(&args.create, true, Some(args.timeout));
     // Ctrl-C while the VM is being made ends this process; the daemon then deletes it.
     create.remove_if_abandoned = args.rm;
+    create.warm_start = args.rm && !args.cold;
     let request = Request::VmCreate(create);
     let vm = match session.vm(context, runtime, &request)? {
         Ok(vm) => vm,

@@ -346,6 +346,7 @@ impl Executor for VmBoot {
                     start: true,
                     timeout_secs: Some(self.timeout.as_secs()),
                     remove_if_abandoned: false,
+                    warm_start: false,
                 },
                 fresh: self.fresh,
             };

@@ -99,6 +99,14 @@ pub enum VmError {
         reason: String,
         tail: String,
     },
+    #[error("`{argv}` in the guest failed ({status}): {stderr}")]
+    AgentCommand {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Snapshot(#[from] crate::vm::snapshot::SnapshotError),
     #[error("cannot install banger's SSH key in VM `{name}`")]
     Authorize {
         name: String,
@@ -251,6 +259,10 @@ pub struct CreateVm {
     /// while the VM was being made).
     #[serde(default)]
     pub remove_if_abandoned: bool,
+    /// Start from a memory snapshot of this image, kernel and shape, and save one if there is
+    /// none (QEMU, `user` or `none` network; a one-shot VM: its agent is on virtio-serial).
+    #[serde(default)]
+    pub warm_start: bool,
 }
 
 /// What `banger up` asks of the daemon: this VM, booting this image, running. Part of the
@@ -883,7 +895,12 @@ impl Vms {
         drop(_held);
         if request.start {
             return self
-                .start(&name, timeout(request.timeout_secs), events)
+                .start_with(
+                    &name,
+                    timeout(request.timeout_secs),
+                    events,
+                    request.warm_start,
+                )
                 .await;
         }
         Ok(self.info(&record, None))
@@ -986,6 +1003,18 @@ impl Vms {
         timeout: Duration,
         events: &dyn VmProgress,
     ) -> Result<VmInfo, VmError> {
+        self.start_with(name, timeout, events, false).await
+    }
+
+    /// [`Vms::start`]; `warm` (a VM just made, its disks blank) restores a memory snapshot
+    /// where one fits, and saves one where none does yet (`docs/snapshots.md`).
+    async fn start_with(
+        &self,
+        name: &str,
+        timeout: Duration,
+        events: &dyn VmProgress,
+        warm: bool,
+    ) -> Result<VmInfo, VmError> {
         let lock = self.lock(name);
         let _held = lock.lock().await;
         let record = self.state()?.require_vm(name)?;
@@ -1029,17 +1058,106 @@ impl Vms {
             ports: record.ports.clone(),
             tap: tap.clone(),
         };
-        let accel_note = match &backend {
+        let plan = if warm {
+            self.warm_plan(&record, &backend, &boot)
+        } else {
+            None
+        };
+        let backend = match &plan {
+            Some(plan) => Backend::Qemu(plan.backend.clone()),
+            None => backend,
+        };
+        // A snapshot is saved when none was found, or when the one found did not restore.
+        let mut save = plan.as_ref().is_some_and(|plan| plan.saved.is_none());
+        if let Some(plan) = &plan
+            && let Some(saved) = &plan.saved
+        {
+            events.note(format!("starting `{name}` from its snapshot"));
+            let restored =
+                match crate::vm::storage::copy_sparse(&saved.disks.overlay, &spec.disks.overlay)
+                    .and_then(|()| {
+                        crate::vm::storage::copy_sparse(&saved.disks.work, &spec.disks.work)
+                    }) {
+                    Ok(()) => {
+                        self.launch_and_wait(
+                            &record,
+                            &backend,
+                            &spec,
+                            tap.as_ref(),
+                            Launch::Restore(saved),
+                            timeout,
+                            events,
+                        )
+                        .await
+                    }
+                    Err(error) => Err(error.into()),
+                };
+            match restored {
+                Ok(info) => return Ok(info),
+                Err(error) => {
+                    events.note(format!(
+                        "warning: `{name}` did not start from its snapshot ({}); booting it \
+                         instead",
+                        crate::error::error_chain(&error)
+                    ));
+                    plan.snapshots.remove(&saved.key);
+                    save = true;
+                    self.reset_disks(&record)?;
+                    std::fs::create_dir_all(&run_dir).map_err(io("cannot create", &run_dir))?;
+                }
+            }
+        }
+        let launch = match &plan {
+            Some(plan) if save => Launch::BootAndSave(plan),
+            _ => Launch::Boot,
+        };
+        self.launch_and_wait(
+            &record,
+            &backend,
+            &spec,
+            tap.as_ref(),
+            launch,
+            timeout,
+            events,
+        )
+        .await
+    }
+
+    /// Launches the machine of `spec`, records it, waits for its agent, and does what
+    /// `launch` asks before banger's SSH key goes in. A guest that does not come up is
+    /// stopped again (its console log stays), and its tap and run directory are removed.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch_and_wait(
+        &self,
+        record: &VmRecord,
+        backend: &Backend,
+        spec: &MachineSpec,
+        tap: Option<&crate::vm::boot::TapAttachment>,
+        launch: Launch<'_>,
+        timeout: Duration,
+        events: &dyn VmProgress,
+    ) -> Result<VmInfo, VmError> {
+        let name = record.name.as_str();
+        let run_dir = &spec.run_dir;
+        let accel_note = match backend {
             Backend::Qemu(qemu) => format!("QEMU microvm, {}", qemu.accel),
             Backend::Firecracker(_) => "Firecracker, KVM".to_owned(),
         };
-        events.note(format!("booting `{name}` ({accel_note})"));
         let started = Instant::now();
-        let launched = match backend.launch(&spec).await {
+        let launched = match (&launch, backend) {
+            (Launch::Restore(saved), Backend::Qemu(qemu)) => {
+                qemu.launch_restored(spec, &saved.state).await
+            }
+            _ => {
+                events.note(format!("booting `{name}` ({accel_note})"));
+                backend.launch(spec).await
+            }
+        };
+        let launched = match launched {
             Ok(launched) => launched,
             Err(error) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                if let Some(tap) = &tap {
+                let _ = std::fs::remove_dir_all(run_dir);
+                if let Some(tap) = tap {
                     let _ = crate::privileged::TapDevice::delete_by_name(&tap.tap);
                     let _ = self.refresh_ruleset(&record.name).await;
                 }
@@ -1061,25 +1179,176 @@ impl Vms {
         }
         if let Err(error) = recorded {
             backend.halt(&launched, Duration::from_secs(1)).await;
-            self.finish_run(&record, &launched).await?;
+            self.finish_run(record, &launched).await?;
             return Err(error);
         }
         self.live_insert(name, launched.clone());
-        match self.wait_guest(&record, &launched, started, timeout).await {
+        match self
+            .wait_guest(record, &launched, started, timeout, &launch, events)
+            .await
+        {
             Ok(()) => {
                 events.note(format!(
                     "`{name}` is up ({:.1} s)",
                     started.elapsed().as_secs_f64()
                 ));
-                Ok(self.info(&record, Some(&launched)))
+                Ok(self.info(record, Some(&launched)))
             }
             Err(error) => {
                 self.live_remove(name);
                 backend.halt(&launched, Duration::from_secs(2)).await;
-                self.finish_run(&record, &launched).await?;
+                self.finish_run(record, &launched).await?;
                 Err(error)
             }
         }
+    }
+
+    /// Whether and how VM `record` (just made, about to start on `backend`) uses a memory
+    /// snapshot: `None` when it cannot (Firecracker, the `tap` network, an image recorded
+    /// without its integrity, QEMU's version unknown), or when the snapshots directory cannot
+    /// be opened (said in the daemon's log).
+    fn warm_plan(&self, record: &VmRecord, backend: &Backend, boot: &Path) -> Option<WarmPlan> {
+        let Backend::Qemu(qemu) = backend else {
+            return None;
+        };
+        if record.network == NetworkMode::Tap {
+            return None;
+        }
+        let hash_file = |name: &str| -> Option<String> {
+            let mut hasher = blake3::Hasher::new();
+            let mut file = std::fs::File::open(boot.join(name)).ok()?;
+            std::io::copy(&mut file, &mut hasher).ok()?;
+            Some(hasher.finalize().to_hex().to_string())
+        };
+        let spec = crate::vm::snapshot::SnapshotSpec {
+            format: crate::vm::snapshot::SNAPSHOT_FORMAT,
+            banger: env!("CARGO_PKG_VERSION").to_owned(),
+            qemu: crate::vm::snapshot::qemu_version(&qemu.binary)?,
+            accel: if qemu.accel.is_tcg() { "tcg" } else { "kvm" }.to_owned(),
+            tsc_khz: crate::vm::accel::host_tsc_khz(),
+            rootfs: record.rootfs_integrity.clone()?,
+            vmlinux: hash_file("vmlinux")?,
+            initrd: hash_file("initrd")?,
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            disk_bytes: record.disk_bytes,
+            network: record.network,
+        };
+        let snapshots =
+            match crate::vm::snapshot::Snapshots::open(self.paths.cache_dir.join("snapshots-v1")) {
+                Ok(snapshots) => snapshots,
+                Err(error) => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "no snapshots");
+                    return None;
+                }
+            };
+        let key = spec.key();
+        Some(WarmPlan {
+            backend: qemu.for_snapshots(),
+            saved: snapshots.find(&key),
+            snapshots,
+            key,
+            spec,
+        })
+    }
+
+    /// Makes a just-made VM's disks blank again (after a failed restore wrote them).
+    fn reset_disks(&self, record: &VmRecord) -> Result<(), VmError> {
+        let dir = self.vm_dir(&record.name);
+        let disks = VmDisks::in_dir(&dir);
+        let _ = std::fs::remove_file(&disks.overlay);
+        let _ = std::fs::remove_file(&disks.work);
+        VmDisks::create(&dir, &record.id, record.disk_bytes, record.disk_bytes)?;
+        Ok(())
+    }
+
+    /// Saves a memory snapshot of the guest of `launched`, booted as `plan` says: waits
+    /// until its boot has finished, pauses it, writes its memory and copies its disks, lets
+    /// it run on. A failure is a warning: the VM itself is fine.
+    async fn save_snapshot(
+        &self,
+        channel: &mut crate::guest::GuestChannel,
+        record: &VmRecord,
+        launched: &Launched,
+        plan: &WarmPlan,
+        events: &dyn VmProgress,
+    ) {
+        let started = Instant::now();
+        let name = &record.name;
+        events.note(format!(
+            "saving a snapshot of `{name}` once its boot has finished (later `vm run --rm` \
+             of this image, kernel and shape start from it)"
+        ));
+        let result = async {
+            run_agent_command(channel, &["settle", "--timeout", "120"], None).await?;
+            let pending = plan.snapshots.begin(&plan.key)?;
+            let files = pending.files();
+            let saved = crate::vm::snapshot::save(
+                &launched.control_socket,
+                &self.run_dir(&record.id),
+                &files.state,
+            )
+            .await;
+            let disks = VmDisks::in_dir(&self.vm_dir(name));
+            let copied = match &saved {
+                Ok(_) => crate::vm::storage::copy_sparse(&disks.overlay, &files.disks.overlay)
+                    .and_then(|()| crate::vm::storage::copy_sparse(&disks.work, &files.disks.work))
+                    .map_err(VmError::from),
+                Err(_) => Ok(()),
+            };
+            let resumed = crate::vm::snapshot::resume(&launched.control_socket).await;
+            saved?;
+            copied?;
+            resumed?;
+            Ok::<_, VmError>(pending.publish(&plan.spec)?)
+        }
+        .await;
+        match result {
+            Ok(saved) => events.note(format!(
+                "saved the snapshot ({:.1} s, {} on disk)",
+                started.elapsed().as_secs_f64(),
+                format_args!("{:.0} MiB", saved.disk_usage() as f64 / f64::from(1 << 20))
+            )),
+            Err(error) => events.note(format!(
+                "warning: no snapshot of `{name}` was saved: {}",
+                crate::error::error_chain(&error)
+            )),
+        }
+    }
+
+    /// Makes a guest restored from a snapshot a new instance (`banger-agent reidentify`):
+    /// the host's time, fresh entropy, the VM's own MAC, machine id and SSH host keys.
+    async fn reidentify(
+        &self,
+        channel: &mut crate::guest::GuestChannel,
+        record: &VmRecord,
+    ) -> Result<(), VmError> {
+        let mut seed = [0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut seed))
+            .map_err(io("cannot read", Path::new("/dev/urandom")))?;
+        let (private, public) = tokio::task::spawn_blocking(crate::ssh::new_host_key)
+            .await
+            .map_err(|error| VmError::AgentCommand {
+                argv: "ssh-keygen".to_owned(),
+                status: "did not finish".to_owned(),
+                stderr: error.to_string(),
+            })??;
+        let time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        let request = serde_json::json!({
+            "time_ns": time_ns,
+            "seed": seed.iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+            "mac": crate::vm::boot::TapAttachment::mac_for(&record.id),
+            "host_keys": { "ed25519": { "private": private, "public": public } },
+        });
+        run_agent_command(
+            channel,
+            &["reidentify"],
+            Some(request.to_string().as_bytes()),
+        )
+        .await
     }
 
     /// Waits for the agent (or for the VMM to die), then authorizes banger's SSH key.
@@ -1089,6 +1358,8 @@ impl Vms {
         launched: &Launched,
         started: Instant,
         timeout: Duration,
+        launch: &Launch<'_>,
+        events: &dyn VmProgress,
     ) -> Result<(), VmError> {
         let endpoint = launched.agent.endpoint();
         let deadline = started + timeout;
@@ -1123,6 +1394,29 @@ impl Vms {
                 }
             }
         };
+        match launch {
+            Launch::Boot => {}
+            Launch::BootAndSave(plan) => {
+                self.save_snapshot(&mut channel, record, launched, plan, events)
+                    .await;
+            }
+            Launch::Restore(_) => {
+                let agent_ready = started.elapsed();
+                tokio::time::timeout_at(deadline.into(), self.reidentify(&mut channel, record))
+                    .await
+                    .map_err(|_| {
+                        did_not_come_up(
+                            "its agent did not make it a new instance in time".to_owned(),
+                        )
+                    })??;
+                tracing::info!(
+                    vm = %record.name,
+                    agent_ready_ms = agent_ready.as_millis() as u64,
+                    reidentified_ms = started.elapsed().as_millis() as u64,
+                    "restored from a snapshot"
+                );
+            }
+        }
         let identity = crate::ssh::SshIdentity::ensure(&self.paths.state_dir)?;
         // Under the VM's lock: a guest that said hello and went silent must not hold it.
         let authorize_deadline = deadline.max(Instant::now() + AUTHORIZE_TIMEOUT);
@@ -1575,6 +1869,65 @@ fn ports_note(ports: &[PortForward]) -> String {
 /// The least time the SSH key install gets once the agent answered, whatever is left of the
 /// boot timeout.
 const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a start brings its guest up.
+enum Launch<'a> {
+    /// A boot from scratch.
+    Boot,
+    /// A boot from scratch, then a snapshot saved for later starts.
+    BootAndSave(&'a WarmPlan),
+    /// This snapshot restored (the VM's disks are copies of its disks).
+    Restore(&'a crate::vm::snapshot::SavedSnapshot),
+}
+
+/// A start that may use memory snapshots ([`Vms::warm_plan`]).
+struct WarmPlan {
+    /// The VM's QEMU, with the agent on virtio-serial.
+    backend: crate::vm::backend::QemuBackend,
+    snapshots: crate::vm::snapshot::Snapshots,
+    spec: crate::vm::snapshot::SnapshotSpec,
+    key: String,
+    /// The snapshot to restore, if one is saved.
+    saved: Option<crate::vm::snapshot::SavedSnapshot>,
+}
+
+/// Runs `banger-agent ARGS` in the guest (stdin from `input`); a failure carries its
+/// status and stderr.
+async fn run_agent_command(
+    channel: &mut crate::guest::GuestChannel,
+    arguments: &[&str],
+    input: Option<&[u8]>,
+) -> Result<(), VmError> {
+    let argv: Vec<&str> = std::iter::once(crate::assets::AGENT_GUEST_PATH)
+        .chain(arguments.iter().copied())
+        .collect();
+    let mut request = crate::guest::ExecRequest::argv(argv.iter().copied());
+    if input.is_some() {
+        request = request.with_stdin();
+    }
+    let mut stderr = Vec::new();
+    let status = channel
+        .exec(
+            &request,
+            input.unwrap_or_default(),
+            tokio::io::sink(),
+            &mut stderr,
+        )
+        .await
+        .map_err(|source| VmError::AgentCommand {
+            argv: argv.join(" "),
+            status: "no answer".to_owned(),
+            stderr: crate::error::error_chain(&source),
+        })?;
+    if status.success() {
+        return Ok(());
+    }
+    Err(VmError::AgentCommand {
+        argv: argv.join(" "),
+        status: status.to_string(),
+        stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+    })
+}
 
 /// The requested agent wait, or the default.
 pub fn timeout(seconds: Option<u64>) -> Duration {

@@ -1486,3 +1486,152 @@ fn check_exec_tty(context: &TestContext, name: &str) {
     assert_eq!(status.code(), Some(3), "{seen:?}");
     assert!(seen.contains("on-a-tty\r\n24 80\r\n"), "{seen:?}");
 }
+
+/// What a guest says about its identity, one `KEY VALUE` line each.
+const IDENTITY_SCRIPT: &str = "echo machine-id $(cat /etc/machine-id); \
+     echo host-key $(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2); \
+     echo mac $(cat /sys/class/net/eth0/address); \
+     echo random $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
+     echo time $(date +%s)";
+
+/// The `KEY VALUE` lines of [`IDENTITY_SCRIPT`]'s output.
+fn identity(output: &Output) -> std::collections::BTreeMap<String, String> {
+    output
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(key, _)| ["machine-id", "host-key", "mac", "random", "time"].contains(key))
+        .map(|(key, value)| (key.to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    // A shape no other test boots, so that this test's first run is the one that saves.
+    let run = |name: &str| {
+        let mut args = vec![
+            "vm", "run", "--rm", "--name", name, "--memory", "704M", "--vcpu", "1",
+        ];
+        args.extend_from_slice(&["--", "sh", "-c", IDENTITY_SCRIPT]);
+        let output = context.run(&args);
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(output.code, Some(0), "{output}\n{}", console(context, name));
+        let identity = identity(&output);
+        assert_eq!(identity.len(), 5, "{output}");
+        let guest_now: u64 = identity["time"].parse().unwrap();
+        assert!(
+            guest_now.abs_diff(host_now) <= 5,
+            "the guest's clock says {guest_now}, the host's {host_now}\n{output}"
+        );
+        (output, identity)
+    };
+    let snapshots = context.cache_dir().join("snapshots-v1");
+    let saved_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(&snapshots)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.path())
+                    .filter(|path| path.join("snapshot.json").exists())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = saved_dirs();
+
+    let (first, _) = run("warm-first");
+    assert!(
+        first.stderr.contains("saving a snapshot of `warm-first`"),
+        "{first}"
+    );
+    assert!(first.stderr.contains("saved the snapshot"), "{first}");
+    let mut made: Vec<PathBuf> = saved_dirs()
+        .into_iter()
+        .filter(|dir| !before.contains(dir))
+        .collect();
+    assert_eq!(made.len(), 1, "one new snapshot: {made:?}\n{first}");
+    let snapshot = made.remove(0);
+
+    let (second, second_id) = run("warm-second");
+    let (third, third_id) = run("warm-third");
+    for output in [&second, &third] {
+        assert!(output.stderr.contains("from its snapshot"), "{output}");
+        assert!(
+            !output.stderr.contains("booting `"),
+            "restored, not booted: {output}"
+        );
+        assert!(!output.stderr.contains("saving a snapshot"), "{output}");
+    }
+    // Two copies of one saved guest are two instances.
+    for key in ["machine-id", "host-key", "mac", "random"] {
+        assert_ne!(
+            second_id[key], third_id[key],
+            "`{key}` is the same in two VMs restored from one snapshot\n{second}\n{third}"
+        );
+    }
+
+    // `--cold` boots and leaves the snapshot alone.
+    // (Its first boot may still be making host keys when the agent answers: `true` only.)
+    let cold = context.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--cold",
+        "--name",
+        "warm-cold",
+        "--memory",
+        "704M",
+        "--vcpu",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        cold.code,
+        Some(0),
+        "{cold}\n{}",
+        console(context, "warm-cold")
+    );
+    assert!(cold.stderr.contains("booting `warm-cold`"), "{cold}");
+    assert!(!cold.stderr.contains("snapshot"), "{cold}");
+
+    // A snapshot that does not restore is said, deleted, and replaced by a boot that saves
+    // a new one; the run itself succeeds.
+    let state = snapshot.join("state");
+    let length = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    let (recovered, _) = run("warm-recovered");
+    assert!(
+        recovered.stderr.contains("did not start from its snapshot"),
+        "{recovered}"
+    );
+    assert!(
+        recovered.stderr.contains("saved the snapshot"),
+        "{recovered}"
+    );
+    let replaced = std::fs::metadata(&state).unwrap().len();
+    assert!(
+        replaced > length * 3 / 4,
+        "the broken snapshot ({} bytes) was not replaced by a whole one ({replaced} bytes, \
+         {length} before)",
+        length / 2
+    );
+    let (after, _) = run("warm-after");
+    assert!(after.stderr.contains("from its snapshot"), "{after}");
+    assert!(!after.stderr.contains("did not start"), "{after}");
+}
