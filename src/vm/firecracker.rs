@@ -55,6 +55,7 @@
 
 pub mod api;
 pub mod jailer;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -68,6 +69,7 @@ use crate::error::error_chain;
 
 pub use api::{ApiClient, ApiRequest, ApiResponse, Method};
 pub use jailer::JailerSpec;
+pub use snapshot::SnapshotFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirecrackerError {
@@ -275,6 +277,21 @@ pub enum FirecrackerError {
         body: String,
         seconds: f64,
     },
+    #[error(
+        "Firecracker VM {id} is jailed: banger does not snapshot or restore jailed VMs yet \
+         (their files live in the jail, under other names)"
+    )]
+    SnapshotJailed { id: String },
+    #[error(
+        "the snapshot's vsock socket is {}, not {} as the VM asks: Firecracker restores it \
+         where it was saved",
+        shown_path(recorded.as_deref()),
+        shown_path(wanted.as_deref())
+    )]
+    SnapshotVsockMoved {
+        recorded: Option<PathBuf>,
+        wanted: Option<PathBuf>,
+    },
     #[error("cannot wait for {argv}")]
     Wait {
         argv: String,
@@ -287,6 +304,10 @@ pub enum FirecrackerError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn shown_path(path: Option<&Path>) -> String {
+    path.map_or_else(|| "(none)".to_owned(), |path| path.display().to_string())
 }
 
 fn shown(body: &str) -> &str {
@@ -1159,10 +1180,10 @@ fn read_tail(path: &Path, bytes: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn spec() -> FirecrackerSpec {
+    pub(in crate::vm::firecracker) fn spec() -> FirecrackerSpec {
         FirecrackerSpec {
             binary: "/usr/local/bin/firecracker".into(),
             id: "vm-1".into(),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use banger::privileged::{self, PrivilegedError, TapAddresses, TapDevice};
 use banger::vm::firecracker::{
     ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, JailerSpec, LogLevel,
-    Logger, MacAddr, Method, NetworkInterface, Stopped, Vsock,
+    Logger, MacAddr, Method, NetworkInterface, SnapshotFiles, Stopped, Vsock,
 };
 use serde_json::{Value, json};
 
@@ -110,6 +110,21 @@ const RESET_ON_KEY: &[u8] = &[
     0xb0, 0xfe, // mov al, 0xfe
     0xe6, 0x64, // out 0x64, al
     0xf4, 0xeb, 0xfd, // hlt; jmp .-1
+];
+
+/// For every key the i8042 holds, reads it and writes the next letter from `a` to the serial
+/// port: a guest whose output shows where its registers and memory left off.
+const COUNT_KEYS: &[u8] = &[
+    0xb3, b'a', // mov bl, 'a'
+    0xe4, 0x64, // in al, 0x64
+    0xa8, 0x01, // test al, 1 (output buffer full)
+    0x74, 0xfa, // jz back to the in
+    0xe4, 0x60, // in al, 0x60 (take the key)
+    0x88, 0xd8, // mov al, bl
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xee, // out dx, al
+    0xfe, 0xc3, // inc bl
+    0xeb, 0xed, // jmp back to the first in
 ];
 
 /// A temp dir with a kernel, an initrd, a read-only ext4 image and a writable ext4 disk.
@@ -533,6 +548,153 @@ async fn a_firecracker_that_cannot_start_reports_its_argv_and_stderr() {
         text.contains("Failed to bind and run the HTTP server"),
         "{text}"
     );
+}
+
+/// Waits up to 10 s for `text` in the serial log; its whole content then.
+async fn serial_showing(log: &Path, text: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let serial = std::fs::read_to_string(log).unwrap_or_default();
+        if serial.contains(text) || std::time::Instant::now() > deadline {
+            return serial;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The letters a [`COUNT_KEYS`] guest wrote, as one string: it writes no newline, and each
+/// of Firecracker's own lines ends in one.
+fn letters(serial: &str) -> String {
+    serial
+        .lines()
+        .filter(|line| !line.is_empty() && line.chars().all(|c| c.is_ascii_lowercase()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_restores_in_a_new_firecracker_with_its_own_disks_where_the_guest_left_off() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let saved = Fixture::new(binary.clone(), "snapsave", COUNT_KEYS);
+    let mut spec = saved.spec(None);
+    spec.vcpus = 1;
+    let mut process = FirecrackerProcess::launch(&spec).await.unwrap();
+    // Ctrl+Alt+Del is four scancodes: the guest writes four letters.
+    process
+        .request(&ApiRequest::send_ctrl_alt_del())
+        .await
+        .unwrap();
+    let serial = serial_showing(&saved.path("serial.log"), "abcd").await;
+    assert_eq!(letters(&serial), "abcd", "{serial}");
+
+    let files = SnapshotFiles {
+        state: saved.path("vm.state"),
+        memory: saved.path("vm.mem"),
+    };
+    process.create_snapshot(&files).await.unwrap();
+    let instance = process.api().get_json("/").await.unwrap();
+    assert_eq!(instance["state"], "Paused");
+    assert_eq!(
+        std::fs::metadata(&files.memory).unwrap().len(),
+        spec.memory_mib << 20
+    );
+    assert!(std::fs::metadata(&files.state).unwrap().len() > 0);
+    let partials: Vec<_> = std::fs::read_dir(saved.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+    process.kill().await.unwrap();
+
+    // A new Firecracker, its own API socket, serial log and disks; the vsock socket where
+    // it was saved (now free).
+    let restored = Fixture::new(binary, "snaprestore", HALT_FOREVER);
+    let mut restore_spec = restored.spec(None);
+    restore_spec.vsock = spec.vsock.clone();
+    // Asking for the vsock socket elsewhere is refused before the guest runs, leaving nothing.
+    let mut moved = restore_spec.clone();
+    moved.vsock = Some(Vsock::new(restored.path("vsock.sock")));
+    let error = FirecrackerProcess::restore(&moved, &files)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, FirecrackerError::SnapshotVsockMoved { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("vsock"), "{error}");
+    assert_gone(&restored, &[&moved.api_socket], None);
+
+    let mut process = FirecrackerProcess::restore(&restore_spec, &files)
+        .await
+        .unwrap();
+    let instance = process.api().get_json("/").await.unwrap();
+    assert_eq!(instance["state"], "Running");
+    let config = process.api().get_json("/vm/config").await.unwrap();
+    let drive_paths: Vec<&str> = config["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|drive| drive["path_on_host"].as_str().unwrap())
+        .collect();
+    let wanted: Vec<PathBuf> = restore_spec
+        .drives
+        .iter()
+        .map(|drive| drive.path.clone())
+        .collect();
+    assert_eq!(
+        drive_paths.iter().map(PathBuf::from).collect::<Vec<_>>(),
+        wanted
+    );
+    // The guest carries on from its registers: the next four letters, on the new console.
+    process
+        .request(&ApiRequest::send_ctrl_alt_del())
+        .await
+        .unwrap();
+    let serial = serial_showing(&restored.path("serial.log"), "efgh").await;
+    assert_eq!(letters(&serial), "efgh", "{serial}");
+    let log = std::fs::read_to_string(restored.path("firecracker.log")).unwrap();
+    assert!(log.contains("/snapshot/load"), "{log}");
+    assert_eq!(
+        process.stop(Duration::from_millis(200)).await.unwrap(),
+        Stopped::Killed
+    );
+    let vsock = spec.vsock.as_ref().unwrap().uds_path.clone();
+    assert_gone(&restored, &[&restore_spec.api_socket, &vsock], None);
+}
+
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_written_leaves_no_file_and_says_why() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let fixture = Fixture::new(binary, "snapfail", HALT_FOREVER);
+    let mut spec = fixture.spec(None);
+    spec.vcpus = 1;
+    let mut process = FirecrackerProcess::launch(&spec).await.unwrap();
+    let files = SnapshotFiles {
+        state: fixture.path("vm.state"),
+        memory: fixture.path("missing/vm.mem"),
+    };
+    let error = process.create_snapshot(&files).await.unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("/snapshot/create"), "{message}");
+    assert!(!files.state.exists() && !files.memory.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(fixture.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("vm."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Still paused and answering: the VM can go on.
+    process.resume().await.unwrap();
+    let instance = process.api().get_json("/").await.unwrap();
+    assert_eq!(instance["state"], "Running");
+    process.kill().await.unwrap();
 }
 
 #[tokio::test]
@@ -1004,7 +1166,17 @@ fn every_request() -> Vec<ApiRequest> {
     minimal.logger = None;
     let mut requests = fixture_spec.configuration_requests().unwrap();
     requests.extend(minimal.configuration_requests().unwrap());
+    let snapshot = SnapshotFiles {
+        state: dir.join("vm.state"),
+        memory: dir.join("vm.mem"),
+    };
     requests.extend([
+        ApiRequest::pause(),
+        ApiRequest::resume(),
+        ApiRequest::create_snapshot(&snapshot.state, &snapshot.memory).unwrap(),
+        ApiRequest::load_snapshot(&fixture_spec, &snapshot).unwrap(),
+        ApiRequest::load_snapshot(&minimal, &snapshot).unwrap(),
+        ApiRequest::replace_drive(&fixture_spec.drives[1]).unwrap(),
         ApiRequest::instance_start(),
         ApiRequest::send_ctrl_alt_del(),
         ApiRequest::get("/"),
@@ -1033,6 +1205,7 @@ fn every_request_banger_builds_matches_the_openapi_document() {
             "logger",
             "machine-config",
             "network-interfaces",
+            "snapshot",
             "vm",
             "vsock"
         ]

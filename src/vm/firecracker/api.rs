@@ -100,6 +100,13 @@ impl ApiRequest {
         }
     }
 
+    pub fn patch(path: impl Into<String>, body: &impl Serialize) -> ApiRequest {
+        ApiRequest {
+            method: Method::Patch,
+            ..ApiRequest::put(path, body)
+        }
+    }
+
     /// `PUT /actions {"action_type": "InstanceStart"}`: boots the configured guest.
     pub fn instance_start() -> ApiRequest {
         ApiRequest::action("InstanceStart")
