@@ -96,6 +96,11 @@ impl Paths {
         self.cache_dir.join("store")
     }
 
+    /// Memory snapshots of booted guests (`vm::snapshot::Snapshots`).
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.cache_dir.join("snapshots-v1")
+    }
+
     /// The daemon's socket (used from the daemon issue on).
     pub fn socket(&self) -> PathBuf {
         self.runtime_dir.join("banger.sock")

@@ -6,6 +6,7 @@ use serde_json::json;
 use banger::ops::graph::format_time_ms;
 use banger::spec::ByteSize;
 use banger::store::{GcOptions, Store};
+use banger::vm::snapshot::{SnapshotCurrency, Snapshots, StoredSnapshot};
 
 use super::Context;
 use super::exit::ExitStatus;
@@ -25,7 +26,10 @@ pub enum CacheCommand {
 The cap is --max-size, else `[cache] max_size` in the config file, else 20G. Steps pinned by a \
 root (an image in use, a running VM) are never evicted. Evicted steps leave a tombstone, so \
 `banger graph --why` can say a step will run because it was evicted. Content that no record \
-references (left by an interrupted build) is removed as well."
+references (left by an interrupted build) is removed as well.
+
+Memory snapshots that no VM can start from any more are removed too: those saved by another \
+banger or QEMU version, or of an image that is no longer recorded."
     )]
     Gc(GcArgs),
 }
@@ -106,6 +110,13 @@ fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
         Some(store) => store.usage()?,
         None => Default::default(),
     };
+    let snapshots_dir = context.paths()?.snapshots_dir();
+    let snapshots = if snapshots_dir.exists() {
+        Snapshots::open(&snapshots_dir)?.list()?
+    } else {
+        Vec::new()
+    };
+    let snapshot_bytes: u64 = snapshots.iter().map(|snapshot| snapshot.disk_usage).sum();
     let printer = &context.printer;
     if printer.json {
         printer.record(
@@ -116,17 +127,22 @@ fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
                 "output_bytes": usage.output_bytes,
                 "disk_bytes": usage.disk_bytes,
                 "max_size": cap.bytes(),
+                "snapshots": snapshots.len(),
+                "snapshot_bytes": snapshot_bytes,
             }),
         )?;
         return Ok(ExitStatus::Success);
     }
     printer.data(&format!(
-        "store:    {}\nsteps:    {}\noutputs:  {} (cap {})\non disk:  {}\n",
+        "store:     {}\nsteps:     {}\noutputs:   {} (cap {})\non disk:   {}\nsnapshots: {} ({} on disk, in {})\n",
         dir.display(),
         usage.records,
         human_bytes(usage.output_bytes),
         human_bytes(cap.bytes()),
         human_bytes(usage.disk_bytes),
+        snapshots.len(),
+        human_bytes(snapshot_bytes),
+        snapshots_dir.display(),
     ))?;
     Ok(ExitStatus::Success)
 }
@@ -136,13 +152,101 @@ fn gc(context: &mut Context, args: &GcArgs) -> anyhow::Result<ExitStatus> {
         Some(size) => size,
         None => context.config()?.cache_max_size,
     };
+    let snapshots = collect_snapshots(context, args.dry_run)?;
     let Some(store) = context.existing_store()? else {
-        context
-            .printer
-            .info("the store is empty: nothing to collect");
+        let printer = &context.printer;
+        if printer.json {
+            printer.record(
+                "cache_gc",
+                json!({"dry_run": args.dry_run, "snapshots": snapshots.json()}),
+            )?;
+        } else {
+            printer.data(&snapshots.text(args.dry_run))?;
+            printer.info("the store is empty: nothing to collect");
+        }
         return Ok(ExitStatus::Success);
     };
-    collect(context, &store, cap, args.dry_run)
+    collect(context, &store, cap, args.dry_run, &snapshots)
+}
+
+/// What `cache gc` did (or would do) to the memory snapshots.
+#[derive(Debug, Default)]
+struct SnapshotCollection {
+    removed: Vec<(StoredSnapshot, String)>,
+    kept: Vec<StoredSnapshot>,
+}
+
+impl SnapshotCollection {
+    fn freed_bytes(&self) -> u64 {
+        self.removed
+            .iter()
+            .map(|(snapshot, _)| snapshot.disk_usage)
+            .sum()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "removed": self.removed.iter().map(|(snapshot, reason)| json!({
+                "key": snapshot.key,
+                "reason": reason,
+                "bytes": snapshot.disk_usage,
+            })).collect::<Vec<_>>(),
+            "freed_bytes": self.freed_bytes(),
+            "kept": self.kept.len(),
+            "kept_bytes": self.kept.iter().map(|snapshot| snapshot.disk_usage).sum::<u64>(),
+        })
+    }
+
+    /// Nothing when there are no snapshots at all.
+    fn text(&self, dry_run: bool) -> String {
+        if self.removed.is_empty() && self.kept.is_empty() {
+            return String::new();
+        }
+        let verb = if dry_run { "would remove" } else { "removed" };
+        let mut out = String::new();
+        for (snapshot, reason) in &self.removed {
+            out.push_str(&format!(
+                "{verb} snapshot {} ({reason})\n",
+                short(&snapshot.key)
+            ));
+        }
+        out.push_str(&format!(
+            "{verb} {} snapshot(s), {}; {} kept ({})\n",
+            self.removed.len(),
+            human_bytes(self.freed_bytes()),
+            self.kept.len(),
+            human_bytes(self.kept.iter().map(|snapshot| snapshot.disk_usage).sum()),
+        ));
+        out
+    }
+}
+
+fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
+/// Removes the snapshots no VM can start from any more (none when `dry_run`).
+fn collect_snapshots(context: &mut Context, dry_run: bool) -> anyhow::Result<SnapshotCollection> {
+    let dir = context.paths()?.snapshots_dir();
+    if !dir.exists() {
+        return Ok(SnapshotCollection::default());
+    }
+    let images = context.state()?.images()?;
+    let now = SnapshotCurrency::now(images.into_iter().map(|image| image.rootfs_integrity));
+    let snapshots = Snapshots::open(dir)?;
+    let mut collection = SnapshotCollection::default();
+    for snapshot in snapshots.list()? {
+        match snapshot.stale_reason(&now) {
+            Some(reason) => {
+                if !dry_run {
+                    snapshots.remove(&snapshot.key);
+                }
+                collection.removed.push((snapshot, reason));
+            }
+            None => collection.kept.push(snapshot),
+        }
+    }
+    Ok(collection)
 }
 
 fn collect(
@@ -150,6 +254,7 @@ fn collect(
     store: &Store,
     cap: ByteSize,
     dry_run: bool,
+    snapshots: &SnapshotCollection,
 ) -> anyhow::Result<ExitStatus> {
     let report = store.gc(GcOptions {
         max_size: cap.bytes(),
@@ -167,12 +272,13 @@ fn collect(
                 "remaining_bytes": report.remaining_bytes,
                 "rooted": report.rooted,
                 "max_size": cap.bytes(),
+                "snapshots": snapshots.json(),
             }),
         )?;
         return Ok(ExitStatus::Success);
     }
     let verb = if dry_run { "would evict" } else { "evicted" };
-    let mut out = String::new();
+    let mut out = snapshots.text(dry_run);
     for step in &report.evicted {
         out.push_str(&format!("{verb} {step}\n"));
     }

@@ -1234,14 +1234,13 @@ impl Vms {
             disk_bytes: record.disk_bytes,
             network: record.network,
         };
-        let snapshots =
-            match crate::vm::snapshot::Snapshots::open(self.paths.cache_dir.join("snapshots-v1")) {
-                Ok(snapshots) => snapshots,
-                Err(error) => {
-                    tracing::warn!(error = %crate::error::error_chain(&error), "no snapshots");
-                    return None;
-                }
-            };
+        let snapshots = match crate::vm::snapshot::Snapshots::open(self.paths.snapshots_dir()) {
+            Ok(snapshots) => snapshots,
+            Err(error) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), "no snapshots");
+                return None;
+            }
+        };
         let key = spec.key();
         Some(WarmPlan {
             backend: qemu.for_snapshots(),

@@ -468,6 +468,39 @@ impl Snapshots {
         })
     }
 
+    /// Every complete snapshot, oldest first.
+    pub fn list(&self) -> Result<Vec<StoredSnapshot>, SnapshotError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| SnapshotError::Io {
+            what: "cannot list",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut snapshots = Vec::new();
+        for entry in entries.flatten() {
+            let key = entry.file_name().to_string_lossy().into_owned();
+            if key.starts_with('.') {
+                continue;
+            }
+            let Some(saved) = self.find(&key) else {
+                continue;
+            };
+            let meta: Option<serde_json::Value> = std::fs::read(saved.dir.join("snapshot.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            snapshots.push(StoredSnapshot {
+                spec: meta
+                    .as_ref()
+                    .map(|meta| meta["spec"].clone())
+                    .filter(|spec| spec.is_object()),
+                created_ms: meta.as_ref().and_then(|meta| meta["created_ms"].as_u64()),
+                disk_usage: saved.disk_usage(),
+                key,
+            });
+        }
+        snapshots.sort_by(|a, b| (a.created_ms, &a.key).cmp(&(b.created_ms, &b.key)));
+        Ok(snapshots)
+    }
+
     /// Deletes the snapshot of `key` (one that failed to restore).
     pub fn remove(&self, key: &str) {
         let dir = self.dir.join(key);
@@ -481,6 +514,71 @@ impl Snapshots {
     }
 }
 
+/// A complete snapshot, as [`Snapshots::list`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSnapshot {
+    pub key: String,
+    /// The key's parts as saved (`snapshot.json`'s `spec`); `None` when unreadable.
+    pub spec: Option<serde_json::Value>,
+    pub created_ms: Option<u64>,
+    /// Bytes on disk (sparse).
+    pub disk_usage: u64,
+}
+
+/// What snapshots would be keyed with on this host now: a snapshot that differs in any of
+/// it can never be found again ([`StoredSnapshot::stale_reason`]).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCurrency {
+    pub banger: String,
+    /// The installed QEMU's `--version` line; `None` (not installed) judges nothing.
+    pub qemu: Option<String>,
+    /// Rootfs integrities of the images recorded now.
+    pub rootfs: std::collections::HashSet<String>,
+}
+
+impl SnapshotCurrency {
+    /// This banger, the QEMU it would run, and `rootfs` (the recorded images').
+    pub fn now(rootfs: impl IntoIterator<Item = String>) -> SnapshotCurrency {
+        SnapshotCurrency {
+            banger: env!("CARGO_PKG_VERSION").to_owned(),
+            qemu: qemu_version(&super::qemu::binary()),
+            rootfs: rootfs.into_iter().collect(),
+        }
+    }
+}
+
+impl StoredSnapshot {
+    /// Why no VM can start from this snapshot any more, or `None` when one still could.
+    pub fn stale_reason(&self, now: &SnapshotCurrency) -> Option<String> {
+        let Some(spec) = &self.spec else {
+            return Some("its snapshot.json cannot be read".to_owned());
+        };
+        let text = |field: &str| spec[field].as_str().unwrap_or("?").to_owned();
+        if spec["format"].as_u64() != Some(u64::from(SNAPSHOT_FORMAT)) {
+            return Some(format!(
+                "saved in layout {}, not {SNAPSHOT_FORMAT}",
+                spec["format"]
+            ));
+        }
+        if text("banger") != now.banger {
+            return Some(format!(
+                "saved by banger {}, this is {}",
+                text("banger"),
+                now.banger
+            ));
+        }
+        if let Some(qemu) = &now.qemu
+            && &text("qemu") != qemu
+        {
+            return Some(format!("saved by {}, QEMU is now {qemu}", text("qemu")));
+        }
+        if !now.rootfs.contains(&text("rootfs")) {
+            return Some("its image is no longer recorded".to_owned());
+        }
+        None
+    }
+}
+
 /// The pid in a `.partial-<pid>-…` directory name.
 fn partial_owner(name: &str) -> Option<i32> {
     name.strip_prefix(".partial-")?
@@ -488,4 +586,110 @@ fn partial_owner(name: &str) -> Option<i32> {
         .next()?
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rootfs: &str) -> SnapshotSpec {
+        SnapshotSpec {
+            format: SNAPSHOT_FORMAT,
+            banger: "1.0.0".into(),
+            qemu: "QEMU emulator version 7.2.0".into(),
+            accel: "tcg".into(),
+            tsc_khz: Some(2_000_000),
+            rootfs: rootfs.into(),
+            vmlinux: "v".into(),
+            initrd: "i".into(),
+            vcpus: 1,
+            memory_mib: 1024,
+            disk_bytes: 8 << 30,
+            network: crate::spec::NetworkMode::User,
+        }
+    }
+
+    fn currency(banger: &str, qemu: Option<&str>, rootfs: &[&str]) -> SnapshotCurrency {
+        SnapshotCurrency {
+            banger: banger.into(),
+            qemu: qemu.map(str::to_owned),
+            rootfs: rootfs
+                .iter()
+                .map(|integrity| (*integrity).to_owned())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_published_snapshots_are_listed_with_their_spec_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(dir.path()).unwrap();
+        let saved = spec("sha256-a");
+        let pending = snapshots.begin(&saved.key()).unwrap();
+        std::fs::write(pending.files().state, vec![7u8; 64 << 10]).unwrap();
+        pending.publish(&saved).unwrap();
+        // A snapshot still being written, and a directory that is not a snapshot.
+        let _unpublished = snapshots.begin("other").unwrap();
+        std::fs::create_dir(dir.path().join("not-a-snapshot")).unwrap();
+
+        let listed = snapshots.list().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].key, saved.key());
+        assert_eq!(
+            listed[0].spec.as_ref().unwrap(),
+            &serde_json::to_value(&saved).unwrap()
+        );
+        assert!(listed[0].disk_usage >= 64 << 10);
+        assert!(listed[0].created_ms.is_some());
+
+        snapshots.remove(&saved.key());
+        assert_eq!(snapshots.list().unwrap(), Vec::new());
+        assert!(snapshots.find(&saved.key()).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_is_stale_when_any_part_of_its_key_can_no_longer_match() {
+        let stored = StoredSnapshot {
+            key: "k".into(),
+            spec: Some(serde_json::to_value(spec("sha256-a")).unwrap()),
+            created_ms: None,
+            disk_usage: 0,
+        };
+        let qemu = "QEMU emulator version 7.2.0";
+        let fits = currency("1.0.0", Some(qemu), &["sha256-a", "sha256-b"]);
+        assert_eq!(stored.stale_reason(&fits), None);
+        // No QEMU installed: the snapshot is not judged by it.
+        assert_eq!(
+            stored.stale_reason(&currency("1.0.0", None, &["sha256-a"])),
+            None
+        );
+        let cases = [
+            (
+                currency("1.1.0", Some(qemu), &["sha256-a"]),
+                "saved by banger 1.0.0, this is 1.1.0",
+            ),
+            (
+                currency("1.0.0", Some("QEMU emulator version 8.0.0"), &["sha256-a"]),
+                "saved by QEMU emulator version 7.2.0, QEMU is now QEMU emulator version 8.0.0",
+            ),
+            (
+                currency("1.0.0", Some(qemu), &["sha256-b"]),
+                "its image is no longer recorded",
+            ),
+        ];
+        for (now, reason) in cases {
+            assert_eq!(stored.stale_reason(&now).as_deref(), Some(reason));
+        }
+        let mut old_layout = stored.clone();
+        old_layout.spec.as_mut().unwrap()["format"] = serde_json::json!(0);
+        assert_eq!(
+            old_layout.stale_reason(&fits).as_deref(),
+            Some(format!("saved in layout 0, not {SNAPSHOT_FORMAT}").as_str())
+        );
+        let unreadable = StoredSnapshot {
+            spec: None,
+            ..stored
+        };
+        assert!(unreadable.stale_reason(&fits).is_some());
+    }
 }

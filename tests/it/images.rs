@@ -585,3 +585,102 @@ fn a_pushed_image_pulls_back_byte_for_byte_and_a_second_push_sends_only_the_chan
     assert_eq!(missing.code, Some(1), "{missing}");
     assert!(missing.stderr.contains("no-such-image"), "{missing}");
 }
+
+/// A published snapshot of `rootfs` made by banger `banger_version`, 1 MiB of state.
+fn fake_snapshot(context: &TestContext, banger_version: &str, rootfs: &str) -> String {
+    use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots, qemu_version};
+    let spec = SnapshotSpec {
+        format: SNAPSHOT_FORMAT,
+        banger: banger_version.to_owned(),
+        qemu: qemu_version(&banger::vm::qemu::binary()).unwrap_or_else(|| "no QEMU".into()),
+        accel: "tcg".into(),
+        tsc_khz: None,
+        rootfs: rootfs.to_owned(),
+        vmlinux: "v".into(),
+        initrd: "i".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk_bytes: 1 << 30,
+        network: banger::spec::NetworkMode::None,
+    };
+    let snapshots = Snapshots::open(context.cache_dir().join("snapshots-v1")).unwrap();
+    let pending = snapshots.begin(&spec.key()).unwrap();
+    std::fs::write(pending.files().state, vec![1u8; 1 << 20]).unwrap();
+    pending.publish(&spec).unwrap();
+    spec.key()
+}
+
+#[test]
+fn cache_gc_removes_the_snapshots_no_vm_can_start_from_any_more() {
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let context = TestContext::new();
+    let (_, blob, _) = faithful_layer_blobs().remove(0);
+    let tar = context.root.path().join("rootfs.tar.gz");
+    std::fs::write(&tar, &blob).unwrap();
+    let imported = context.run(&[
+        "image",
+        "import-tar",
+        tar.to_str().unwrap(),
+        "--name",
+        "kept",
+    ]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+    let show = context.run(&["--json", "image", "show", "kept"]);
+    let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
+    let integrity = record["data"]["rootfs"].as_str().unwrap().to_owned();
+
+    let this_version = env!("CARGO_PKG_VERSION");
+    let fits = fake_snapshot(&context, this_version, &integrity);
+    let old = fake_snapshot(&context, "0.0.0-old", &integrity);
+    let orphan = fake_snapshot(&context, this_version, "sha256-of-a-removed-image");
+    let dir = context.cache_dir().join("snapshots-v1");
+    let present = |key: &str| dir.join(key).join("snapshot.json").exists();
+
+    let du = context.run(&["--json", "cache", "du"]);
+    let usage: serde_json::Value = serde_json::from_str(du.stdout.trim()).unwrap();
+    assert_eq!(usage["data"]["snapshots"], 3, "{du}");
+    assert!(usage["data"]["snapshot_bytes"].as_u64().unwrap() >= 3 << 20);
+
+    let dry = context.run(&["cache", "gc", "--dry-run"]);
+    assert_eq!(dry.code, Some(0), "{dry}");
+    assert!(
+        dry.stdout.contains(&format!(
+            "would remove snapshot {} (saved by banger 0.0.0-old, this is {this_version})",
+            &old[..12]
+        )) && dry.stdout.contains(&format!(
+            "would remove snapshot {} (its image is no longer recorded)",
+            &orphan[..12]
+        )) && dry
+            .stdout
+            .contains("would remove 2 snapshot(s), 2.0 MiB; 1 kept (1.0 MiB)"),
+        "{dry}"
+    );
+    assert!(present(&fits) && present(&old) && present(&orphan));
+
+    let gc = context.run(&["cache", "gc"]);
+    assert_eq!(gc.code, Some(0), "{gc}");
+    assert!(gc.stdout.contains("removed 2 snapshot(s)"), "{gc}");
+    assert!(present(&fits) && !present(&old) && !present(&orphan));
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from(&fits)]);
+
+    // Once its image is forgotten, the last one goes too.
+    let removed = context.run(&["image", "rm", "kept"]);
+    assert_eq!(removed.code, Some(0), "{removed}");
+    let gc = context.run(&["--json", "cache", "gc"]);
+    let report: serde_json::Value = serde_json::from_str(gc.stdout.trim()).unwrap();
+    let snapshots = &report["data"]["snapshots"];
+    assert_eq!(snapshots["removed"][0]["key"], fits.as_str(), "{gc}");
+    assert_eq!(
+        snapshots["removed"][0]["reason"],
+        "its image is no longer recorded"
+    );
+    assert_eq!(snapshots["kept"], 0);
+    assert!(!present(&fits));
+}
