@@ -69,7 +69,8 @@ struct GlobalArgs {
     /// Print machine-readable JSON Lines on stdout ({"type": ..., "data": ...} per line).
     #[arg(long, global = true)]
     json: bool,
-    /// More detail on stderr (cached steps, step starts); -v/-vv/-vvv also log banger's
+    /// More detail on stderr (cached steps, step starts, why a VM restores or boots);
+    /// -v/-vv/-vvv also log banger's
     /// events at info/debug/trace (`BANGER_LOG` sets the filter itself).
     #[arg(short, long, global = true, conflicts_with = "quiet", action = clap::ArgAction::Count)]
     verbose: u8,

@@ -90,6 +90,19 @@ impl Printer {
         }
     }
 
+    /// A note shown only with `-v`: on stderr, or with `--json` as a `{detail}` record of
+    /// `kind`.
+    pub fn detail(&self, kind: &str, text: &str) {
+        if self.verbosity < Verbosity::Verbose {
+            return;
+        }
+        if self.json {
+            let _ = self.record(kind, json!({ "detail": text }));
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
     pub fn warn(&self, text: &str) {
         if self.verbosity >= Verbosity::Normal {
             eprintln!("{} {text}", self.paint_stderr("warning:", "\x1b[1;33m"));

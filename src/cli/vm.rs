@@ -503,6 +503,7 @@ impl Session {
                         let _ = printer.record("vm_progress", json!({ "message": text }));
                     }
                     Ok(Progress::Note(text)) => printer.info(&text),
+                    Ok(Progress::Detail(text)) => printer.detail("vm_progress", &text),
                     Err(_) => {}
                 }
             });

@@ -170,6 +170,9 @@ pub enum Progress {
     Engine(crate::engine::Event),
     /// A line about what the daemon is doing (`spec: …`, `booting …`).
     Note(String),
+    /// Why it does so, shown with `-v` (`no snapshot fits … yet: …`). Older clients ignore
+    /// it, like any kind they do not know.
+    Detail(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -397,4 +397,8 @@ impl VmProgress for Events {
     fn note(&self, text: String) {
         self.send(&Progress::Note(text));
     }
+
+    fn detail(&self, text: String) {
+        self.send(&Progress::Detail(text));
+    }
 }

@@ -208,7 +208,10 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError
 /// Where a VM operation's progress goes: engine events of a build it needs, and notes
 /// (`spec: …`, `booting …`). The daemon forwards both to its client.
 pub trait VmProgress: Reporter {
+    /// A line the user sees (unless `--quiet`).
     fn note(&self, text: String);
+    /// A line the user sees with `-v`: why the daemon chose what it did.
+    fn detail(&self, text: String);
 }
 
 /// `vm set`: a stopped VM's new shape; `None` fields keep what it has. Part of the daemon's
@@ -1059,7 +1062,21 @@ impl Vms {
             tap: tap.clone(),
         };
         let plan = if warm {
-            self.warm_plan(&record, &backend, &boot)
+            match self.warm_plan(&record, &backend, &boot) {
+                Ok(plan) => {
+                    if plan.saved.is_none() {
+                        events.detail(format!(
+                            "no snapshot fits `{name}` yet: {}",
+                            plan.snapshots.why_none_fits(&plan.spec)
+                        ));
+                    }
+                    Some(plan)
+                }
+                Err(reason) => {
+                    events.detail(format!("`{name}` boots from scratch: {reason}"));
+                    None
+                }
+            }
         } else {
             None
         };
@@ -1073,6 +1090,11 @@ impl Vms {
             && let Some(saved) = &plan.saved
         {
             events.note(format!("starting `{name}` from its snapshot"));
+            events.detail(format!(
+                "snapshot {} ({})",
+                &saved.key[..saved.key.len().min(12)],
+                saved.dir.display()
+            ));
             let restored =
                 match crate::vm::storage::copy_sparse(&saved.disks.overlay, &spec.disks.overlay)
                     .and_then(|()| {
@@ -1203,30 +1225,39 @@ impl Vms {
         }
     }
 
-    /// Whether and how VM `record` (just made, about to start on `backend`) uses a memory
-    /// snapshot: `None` when it cannot (Firecracker, the `tap` network, an image recorded
-    /// without its integrity, QEMU's version unknown), or when the snapshots directory cannot
-    /// be opened (said in the daemon's log).
-    fn warm_plan(&self, record: &VmRecord, backend: &Backend, boot: &Path) -> Option<WarmPlan> {
+    /// How VM `record` (just made, about to start on `backend`) uses a memory snapshot, or
+    /// why it cannot: Firecracker, the `tap` network, an image recorded without its
+    /// integrity, QEMU's version unknown, or a snapshots directory that cannot be opened.
+    fn warm_plan(
+        &self,
+        record: &VmRecord,
+        backend: &Backend,
+        boot: &Path,
+    ) -> Result<WarmPlan, String> {
         let Backend::Qemu(qemu) = backend else {
-            return None;
+            return Err("the Firecracker backend has no warm starts yet".to_owned());
         };
         if record.network == NetworkMode::Tap {
-            return None;
+            return Err("VMs on the `tap` network are not restored from snapshots yet".to_owned());
         }
-        let hash_file = |name: &str| -> Option<String> {
+        let hash_file = |name: &str| -> Result<String, String> {
+            let path = boot.join(name);
             let mut hasher = blake3::Hasher::new();
-            let mut file = std::fs::File::open(boot.join(name)).ok()?;
-            std::io::copy(&mut file, &mut hasher).ok()?;
-            Some(hasher.finalize().to_hex().to_string())
+            std::fs::File::open(&path)
+                .and_then(|mut file| std::io::copy(&mut file, &mut hasher))
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            Ok(hasher.finalize().to_hex().to_string())
         };
         let spec = crate::vm::snapshot::SnapshotSpec {
             format: crate::vm::snapshot::SNAPSHOT_FORMAT,
             banger: env!("CARGO_PKG_VERSION").to_owned(),
-            qemu: crate::vm::snapshot::qemu_version(&qemu.binary)?,
+            qemu: crate::vm::snapshot::qemu_version(&qemu.binary)
+                .ok_or_else(|| format!("`{} --version` gave no version", qemu.binary))?,
             accel: if qemu.accel.is_tcg() { "tcg" } else { "kvm" }.to_owned(),
             tsc_khz: crate::vm::accel::host_tsc_khz(),
-            rootfs: record.rootfs_integrity.clone()?,
+            rootfs: record.rootfs_integrity.clone().ok_or_else(|| {
+                "its image was recorded without its integrity (re-pull or rebuild it)".to_owned()
+            })?,
             vmlinux: hash_file("vmlinux")?,
             initrd: hash_file("initrd")?,
             vcpus: record.vcpus,
@@ -1234,15 +1265,10 @@ impl Vms {
             disk_bytes: record.disk_bytes,
             network: record.network,
         };
-        let snapshots = match crate::vm::snapshot::Snapshots::open(self.paths.snapshots_dir()) {
-            Ok(snapshots) => snapshots,
-            Err(error) => {
-                tracing::warn!(error = %crate::error::error_chain(&error), "no snapshots");
-                return None;
-            }
-        };
+        let snapshots = crate::vm::snapshot::Snapshots::open(self.paths.snapshots_dir())
+            .map_err(|error| crate::error::error_chain(&error))?;
         let key = spec.key();
-        Some(WarmPlan {
+        Ok(WarmPlan {
             backend: qemu.for_snapshots(),
             saved: snapshots.find(&key),
             snapshots,

@@ -501,6 +501,33 @@ impl Snapshots {
         Ok(snapshots)
     }
 
+    /// Why no snapshot is saved under `spec`'s key: none of its image, or how the newest one
+    /// of its image differs (the parts of the key that changed, saved value first).
+    pub fn why_none_fits(&self, spec: &SnapshotSpec) -> String {
+        let wanted = serde_json::to_value(spec).unwrap_or_default();
+        let newest_of_image = self.list().ok().and_then(|snapshots| {
+            snapshots.into_iter().rev().find_map(|snapshot| {
+                snapshot
+                    .spec
+                    .filter(|saved| saved["rootfs"] == wanted["rootfs"])
+            })
+        });
+        let Some(saved) = newest_of_image else {
+            return "none is saved of its image (this run saves one)".to_owned();
+        };
+        let changes: Vec<String> = wanted
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(field, value)| &saved[field.as_str()] != *value)
+            .map(|(field, value)| format!("{field} {} (now {value})", saved[field.as_str()]))
+            .collect();
+        format!(
+            "the one saved of its image differs in {} (this run saves another)",
+            changes.join(", ")
+        )
+    }
+
     /// Deletes the snapshot of `key` (one that failed to restore).
     pub fn remove(&self, key: &str) {
         let dir = self.dir.join(key);
@@ -645,6 +672,34 @@ mod tests {
         snapshots.remove(&saved.key());
         assert_eq!(snapshots.list().unwrap(), Vec::new());
         assert!(snapshots.find(&saved.key()).is_none());
+    }
+
+    #[test]
+    fn a_missing_snapshot_is_explained_by_what_changed_in_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(dir.path()).unwrap();
+        let wanted = spec("sha256-a");
+        assert_eq!(
+            snapshots.why_none_fits(&wanted),
+            "none is saved of its image (this run saves one)"
+        );
+        let mut older = wanted.clone();
+        older.qemu = "QEMU emulator version 7.1.0".into();
+        older.vcpus = 2;
+        let pending = snapshots.begin(&older.key()).unwrap();
+        pending.publish(&older).unwrap();
+        // Another image's snapshot says nothing about this one.
+        let other = spec("sha256-b");
+        snapshots
+            .begin(&other.key())
+            .unwrap()
+            .publish(&other)
+            .unwrap();
+        assert_eq!(
+            snapshots.why_none_fits(&wanted),
+            "the one saved of its image differs in qemu \"QEMU emulator version 7.1.0\" (now \
+             \"QEMU emulator version 7.2.0\"), vcpus 2 (now 1) (this run saves another)"
+        );
     }
 
     #[test]

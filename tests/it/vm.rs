@@ -1516,8 +1516,9 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
     let context = &world.context;
     // A shape no other test boots, so that this test's first run is the one that saves.
     let run = |name: &str| {
+        // `-v`: the daemon says why it restores or boots.
         let mut args = vec![
-            "vm", "run", "--rm", "--name", name, "--memory", "704M", "--vcpu", "1",
+            "-v", "vm", "run", "--rm", "--name", name, "--memory", "704M", "--vcpu", "1",
         ];
         args.extend_from_slice(&["--", "sh", "-c", IDENTITY_SCRIPT]);
         let output = context.run(&args);
@@ -1555,6 +1556,10 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
         "{first}"
     );
     assert!(first.stderr.contains("saved the snapshot"), "{first}");
+    assert!(
+        first.stderr.contains("no snapshot fits `warm-first` yet: "),
+        "{first}"
+    );
     let mut made: Vec<PathBuf> = saved_dirs()
         .into_iter()
         .filter(|dir| !before.contains(dir))
@@ -1564,8 +1569,15 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
 
     let (second, second_id) = run("warm-second");
     let (third, third_id) = run("warm-third");
+    let key = snapshot.file_name().unwrap().to_string_lossy().into_owned();
     for output in [&second, &third] {
         assert!(output.stderr.contains("from its snapshot"), "{output}");
+        assert!(
+            output
+                .stderr
+                .contains(&format!("snapshot {} (", &key[..12])),
+            "{output}"
+        );
         assert!(
             !output.stderr.contains("booting `"),
             "restored, not booted: {output}"
