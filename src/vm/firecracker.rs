@@ -838,10 +838,19 @@ impl FirecrackerProcess {
             process.start().await
         }
         .await;
+        process.kept_if(result).await
+    }
+
+    /// `self` when `result` (the steps that set it up) succeeded; otherwise killed, its files
+    /// removed, and the error.
+    async fn kept_if(
+        mut self,
+        result: Result<(), FirecrackerError>,
+    ) -> Result<FirecrackerProcess, FirecrackerError> {
         match result {
-            Ok(()) => Ok(process),
+            Ok(()) => Ok(self),
             Err(error) => {
-                let _ = process.kill_and_clean().await;
+                let _ = self.kill_and_clean().await;
                 Err(error)
             }
         }

@@ -285,18 +285,7 @@ fn import_tar_and_register_and_remove() {
         return;
     }
     let context = TestContext::new();
-    let (_, blob, _) = faithful_layer_blobs().remove(0);
-    let tar = context.root.path().join("rootfs.tar.gz");
-    std::fs::write(&tar, &blob).unwrap();
-
-    let imported = context.run(&[
-        "image",
-        "import-tar",
-        tar.to_str().unwrap(),
-        "--name",
-        "mine",
-    ]);
-    assert_eq!(imported.code, Some(0), "{imported}");
+    let tar = import_faithful_layer(&context, "mine");
     let (_dir, image) = rootfs_of(&context, "mine");
     assert_fsck_clean(&image);
 
@@ -381,17 +370,7 @@ fn bundles_export_and_pull_back_through_a_catalog() {
         return;
     }
     let context = TestContext::new();
-    let (_, blob, _) = faithful_layer_blobs().remove(0);
-    let tar = context.root.path().join("rootfs.tar.gz");
-    std::fs::write(&tar, &blob).unwrap();
-    let imported = context.run(&[
-        "image",
-        "import-tar",
-        tar.to_str().unwrap(),
-        "--name",
-        "golden",
-    ]);
-    assert_eq!(imported.code, Some(0), "{imported}");
+    import_faithful_layer(&context, "golden");
 
     let bundle = context.root.path().join("golden.tar.zst");
     // Raw output: the entry's URL holds the temp path, which `run` would redact.
@@ -586,6 +565,16 @@ fn a_pushed_image_pulls_back_byte_for_byte_and_a_second_push_sends_only_the_chan
     assert!(missing.stderr.contains("no-such-image"), "{missing}");
 }
 
+/// Imports the first faithful layer as image `name` (`image import-tar`); the layer's path.
+fn import_faithful_layer(context: &TestContext, name: &str) -> PathBuf {
+    let (_, blob, _) = faithful_layer_blobs().remove(0);
+    let tar = context.root.path().join("rootfs.tar.gz");
+    std::fs::write(&tar, &blob).unwrap();
+    let imported = context.run(&["image", "import-tar", tar.to_str().unwrap(), "--name", name]);
+    assert_eq!(imported.code, Some(0), "{imported}");
+    tar
+}
+
 /// A published snapshot of `rootfs` made by banger `banger_version`, 1 MiB of state.
 fn fake_snapshot(context: &TestContext, banger_version: &str, rootfs: &str) -> String {
     use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots, qemu_version};
@@ -616,17 +605,7 @@ fn cache_gc_removes_the_snapshots_no_vm_can_start_from_any_more() {
         return;
     }
     let context = TestContext::new();
-    let (_, blob, _) = faithful_layer_blobs().remove(0);
-    let tar = context.root.path().join("rootfs.tar.gz");
-    std::fs::write(&tar, &blob).unwrap();
-    let imported = context.run(&[
-        "image",
-        "import-tar",
-        tar.to_str().unwrap(),
-        "--name",
-        "kept",
-    ]);
-    assert_eq!(imported.code, Some(0), "{imported}");
+    import_faithful_layer(&context, "kept");
     let show = context.run(&["--json", "image", "show", "kept"]);
     let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
     let integrity = record["data"]["rootfs"].as_str().unwrap().to_owned();

@@ -223,13 +223,7 @@ impl FirecrackerProcess {
             process.resume().await
         }
         .await;
-        match result {
-            Ok(()) => Ok(process),
-            Err(error) => {
-                let _ = process.kill_and_clean().await;
-                Err(error)
-            }
-        }
+        process.kept_if(result).await
     }
 
     /// The loaded snapshot's vsock socket is where `spec` says the VM's is.
