@@ -1095,25 +1095,21 @@ impl Vms {
                 &saved.key[..saved.key.len().min(12)],
                 saved.dir.display()
             ));
-            let restored =
-                match crate::vm::storage::copy_sparse(&saved.disks.overlay, &spec.disks.overlay)
-                    .and_then(|()| {
-                        crate::vm::storage::copy_sparse(&saved.disks.work, &spec.disks.work)
-                    }) {
-                    Ok(()) => {
-                        self.launch_and_wait(
-                            &record,
-                            &backend,
-                            &spec,
-                            tap.as_ref(),
-                            Launch::Restore(saved),
-                            timeout,
-                            events,
-                        )
-                        .await
-                    }
-                    Err(error) => Err(error.into()),
-                };
+            let restored = match saved.disks.copy_to(&spec.disks) {
+                Ok(()) => {
+                    self.launch_and_wait(
+                        &record,
+                        &backend,
+                        &spec,
+                        tap.as_ref(),
+                        Launch::Restore(saved),
+                        timeout,
+                        events,
+                    )
+                    .await
+                }
+                Err(error) => Err(error.into()),
+            };
             match restored {
                 Ok(info) => return Ok(info),
                 Err(error) => {
@@ -1316,9 +1312,7 @@ impl Vms {
             .await;
             let disks = VmDisks::in_dir(&self.vm_dir(name));
             let copied = match &saved {
-                Ok(_) => crate::vm::storage::copy_sparse(&disks.overlay, &files.disks.overlay)
-                    .and_then(|()| crate::vm::storage::copy_sparse(&disks.work, &files.disks.work))
-                    .map_err(VmError::from),
+                Ok(_) => disks.copy_to(&files.disks).map_err(VmError::from),
                 Err(_) => Ok(()),
             };
             let resumed = crate::vm::snapshot::resume(&launched.control_socket).await;
@@ -1364,7 +1358,7 @@ impl Vms {
             .map_or(0, |since| since.as_nanos());
         let request = serde_json::json!({
             "time_ns": time_ns,
-            "seed": seed.iter().map(|byte| format!("{byte:02x}")).collect::<String>(),
+            "seed": crate::bundle::hex(&seed),
             "mac": crate::vm::boot::TapAttachment::mac_for(&record.id),
             "host_keys": { "ed25519": { "private": private, "public": public } },
         });

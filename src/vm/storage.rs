@@ -319,6 +319,12 @@ impl VmDisks {
         Ok(disks)
     }
 
+    /// Copies both disks to `to`'s paths, sparse ([`copy_sparse`]).
+    pub fn copy_to(&self, to: &VmDisks) -> Result<(), StorageError> {
+        copy_sparse(&self.overlay, &to.overlay)?;
+        copy_sparse(&self.work, &to.work)
+    }
+
     /// The kernel command-line words that make the agent's init use these disks, attached
     /// after the image as the second and third virtio-blk devices.
     pub fn cmdline() -> [&'static str; 2] {
