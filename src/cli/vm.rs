@@ -241,7 +241,7 @@ pub struct CreateArgs {
     /// as root, QEMU otherwise).
     #[arg(long, value_parser = ["qemu", "firecracker"])]
     backend: Option<String>,
-    /// Virtual CPUs (default: config [vm_defaults], else host CPUs / 4, at most 4).
+    /// Virtual CPUs (default: config [vm_defaults], else host CPUs / 4, at least 2, at most 4).
     #[arg(long)]
     vcpu: Option<u32>,
     /// Memory, e.g. `2G`, `1536M` (default: config, else host RAM / 8, at most 8 GiB).
