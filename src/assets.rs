@@ -62,6 +62,17 @@ pub const GUEST_ASSETS: &[GuestAsset] = &[
         include_bytes!("../assets/systemd/banger-agent.service"),
     ),
     file(
+        "/etc/systemd/system/systemd-tmpfiles-setup.service.d/banger-agent.conf",
+        0o644,
+        include_bytes!("../assets/systemd/systemd-tmpfiles-setup.service.d/banger-agent.conf"),
+    ),
+    // Replaces the image's own (Debian's empties /tmp late in the boot: see the file).
+    file(
+        "/etc/tmpfiles.d/tmp.conf",
+        0o644,
+        include_bytes!("../assets/tmpfiles.d/tmp.conf"),
+    ),
+    file(
         "/etc/systemd/system/banger-network.service",
         0o644,
         include_bytes!("../assets/systemd/banger-network.service"),
@@ -91,6 +102,13 @@ pub const GUEST_ASSETS: &[GuestAsset] = &[
         "/etc/systemd/system/serial-getty@ttyS0.service",
         "/dev/null",
     ),
+    // Masked for the same reason, and because they compete for the guest's vCPUs with the
+    // first commands: logins on virtual terminals no banger VM has a display for (Debian
+    // starts tty1 to tty6, 1.6 s of unit time under TCG), and e2scrub's reaper of LVM
+    // snapshots (3 s), which a banger VM has none of.
+    symlink("/etc/systemd/system/getty@.service", "/dev/null"),
+    symlink("/etc/systemd/system/getty-static.service", "/dev/null"),
+    symlink("/etc/systemd/system/e2scrub_reap.service", "/dev/null"),
     // Generators run before systemd starts any unit, the agent's included: under TCG each
     // costs tens of milliseconds of a boot. These do nothing in a banger VM (no EFI boot
     // counting, encrypted, integrity or verity volumes, GPT auto-discovery, hibernation,

@@ -353,6 +353,7 @@ fn layers_flatten_into_a_faithful_ext4() {
         !(path.starts_with("usr/local")
             || path.starts_with("etc/systemd")
             || path.starts_with("etc/modules-load.d")
+            || path.starts_with("etc/tmpfiles.d")
             || path.starts_with("etc/ssh")
             || path == "lost+found")
     });

@@ -523,6 +523,23 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
     drop(holder);
 
     vm_ok(context, name, &["vm", "start", name]);
+    // The agent runs commands before systemd-tmpfiles-setup: what the first command writes
+    // in /tmp must outlive the rest of the boot (a Debian `D /tmp` would empty it).
+    let first = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo mine > /tmp/first && systemctl start systemd-tmpfiles-setup.service \
+             && cat /tmp/first && test -d /tmp/.X11-unix && echo tmpfiles-ran",
+        ],
+    );
+    assert_eq!(first.stdout, "mine\ntmpfiles-ran\n", "{first}");
     assert_published_port_reaches_the_guest(context, name, host_port);
     vm_ok(
         context,
@@ -534,7 +551,7 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
             "--",
             "sh",
             "-c",
-            "echo kept across boots > /root/kept",
+            "echo kept across boots > /root/kept; echo stale > /tmp/stale",
         ],
     );
     let stopped = vm_ok(context, name, &["vm", "stop", name]);
@@ -597,6 +614,23 @@ fn slow_vm_create_stop_start_keeps_root_and_delete_leaves_nothing() {
         &["vm", "ssh", name, "--", "cat", "/root/kept"],
     );
     assert_eq!(read.stdout.trim(), "kept across boots", "{read}");
+    // /tmp is emptied at every boot, by the agent rather than systemd-tmpfiles.
+    let tmp = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "ls -A /tmp | grep -x -e stale -e first; \
+             cat /etc/tmpfiles.d/tmp.conf | grep -v '^#'; test -e /run/banger-agent/tmp-emptied \
+             && echo marker",
+        ],
+    );
+    assert_eq!(tmp.stdout, "d /tmp 1777 root root -\nmarker\n", "{tmp}");
     let shown = show(context, name);
     assert_eq!(shown["state"], "running");
     let dir = real_path(context, &shown["run_dir"]);

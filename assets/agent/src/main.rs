@@ -33,6 +33,7 @@ mod ports;
 mod protocol;
 mod reaper;
 mod serve;
+mod service;
 mod session;
 mod stats;
 mod wire;
@@ -41,6 +42,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use crate::mux::SerialSource;
 use crate::protocol::{PROTOCOL_VERSION, Ready};
@@ -51,10 +53,14 @@ use crate::serve::Agent;
 /// `assets::AGENT_VSOCK_PORT`).
 const DEFAULT_PORT: u32 = 10_789;
 
+/// How long the agent, as a service, tries to listen on vsock before it serves without it.
+const VSOCK_MODULES_WAIT: Duration = Duration::from_secs(10);
+
 fn usage() -> String {
     format!(
         "usage: banger-agent [serve] [--port N] [--no-vsock] [--listen-unix PATH]
                     [--serial DEVICE | --no-serial | --serial-listen-unix PATH]
+                    [--empty-tmp]   (empty /tmp once per boot before serving)
        banger-agent init          (as PID 1 of banger's initramfs; implied when PID 1)
        banger-agent network-up [--cmdline FILE]
        banger-agent first-boot [--quiet]
@@ -79,6 +85,8 @@ pub struct ServeOptions {
     vsock_port: Option<u32>,
     unix: Option<PathBuf>,
     serial: Option<SerialChoice>,
+    /// Empty `/tmp` once per boot before serving (`--empty-tmp`: banger's systemd unit).
+    empty_tmp: bool,
 }
 
 #[derive(Debug)]
@@ -97,6 +105,7 @@ impl ServeOptions {
             vsock_port: Some(DEFAULT_PORT),
             unix: None,
             serial: Some(SerialChoice::Auto),
+            empty_tmp: false,
         }
     }
 
@@ -105,6 +114,7 @@ impl ServeOptions {
         let mut explicit = false;
         let mut no_vsock = false;
         let mut no_serial = false;
+        let mut empty_tmp = false;
         let mut arguments = arguments.iter();
         let value = |flag: &str, arguments: &mut std::slice::Iter<'_, String>| {
             arguments
@@ -140,6 +150,7 @@ impl ServeOptions {
                     explicit = true;
                 }
                 "--no-serial" => no_serial = true,
+                "--empty-tmp" => empty_tmp = true,
                 other => return Err(format!("unknown argument `{other}`")),
             }
         }
@@ -152,6 +163,7 @@ impl ServeOptions {
         if no_serial {
             options.serial = None;
         }
+        options.empty_tmp = empty_tmp;
         Ok(options)
     }
 }
@@ -259,9 +271,19 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
     // First, while this is the only thread: the signal mask is inherited by every thread.
     let reaper =
         Reaper::start(on_shutdown).map_err(|error| format!("cannot start the reaper: {error}"))?;
+    if options.empty_tmp {
+        empty_tmp();
+    }
     let mut problems = Vec::new();
+    // As PID 1 the initramfs has loaded the modules already; as a service, see
+    // `listen_vsock_waiting`.
+    let vsock_wait = if is_pid1 {
+        Duration::ZERO
+    } else {
+        VSOCK_MODULES_WAIT
+    };
     let vsock = match options.vsock_port {
-        Some(port) => match serve::listen_vsock(port) {
+        Some(port) => match serve::listen_vsock_waiting(port, vsock_wait) {
             Ok(listener) => Some((port, listener)),
             Err(error) => {
                 problems.push(error.to_string());
@@ -313,6 +335,12 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
         },
     });
     console::info(&format!("agent ready on {}", transports.join(", ")));
+    // Under `Type=notify` systemd starts what is ordered after the agent only now.
+    if let Ok(socket) = std::env::var("NOTIFY_SOCKET")
+        && let Err(error) = service::notify_ready(&socket)
+    {
+        console::warn(&format!("cannot notify {socket}: {error}"));
+    }
     if let Some(on_start) = on_start {
         on_start(&agent.reaper);
     }
@@ -364,6 +392,28 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
         }
     }
     Err(failures.join("; "))
+}
+
+/// `--empty-tmp`: a failure is reported and serving goes on, as it would have after
+/// systemd-tmpfiles failed to empty `/tmp`.
+fn empty_tmp() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    match service::empty_once_per_boot(
+        std::path::Path::new(service::TMP),
+        std::path::Path::new(service::TMP_EMPTIED_MARKER),
+        &mountinfo,
+    ) {
+        Ok(service::Emptied::Now { removed, failed }) => {
+            if removed > 0 {
+                console::info(&format!("emptied {}: {removed} entries", service::TMP));
+            }
+            for problem in failed {
+                console::warn(&format!("cannot remove {problem}"));
+            }
+        }
+        Ok(service::Emptied::Already) => {}
+        Err(error) => console::warn(&format!("cannot empty {}: {error}", service::TMP)),
+    }
 }
 
 /// `network-up`: configures the interface from `ip=` unless systemd-networkd will.

@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, VsockAddr, accept4, bind, listen, socket,
@@ -189,6 +190,19 @@ pub fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
     listen(&listener, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
         .map_err(|errno| annotate(errno, &format!("cannot listen on vsock port {port}")))?;
     Ok(listener)
+}
+
+/// [`listen_vsock`], tried again every 25 ms until `wait` has passed: as a systemd service the
+/// agent starts beside `systemd-modules-load`, which loads the vsock modules of a kernel whose
+/// initrd is not banger's.
+pub fn listen_vsock_waiting(port: u32, wait: Duration) -> io::Result<OwnedFd> {
+    let started = Instant::now();
+    loop {
+        match listen_vsock(port) {
+            Err(_) if started.elapsed() < wait => std::thread::sleep(Duration::from_millis(25)),
+            outcome => return outcome,
+        }
+    }
 }
 
 /// Binds a unix socket at `path`, replacing a stale one.
