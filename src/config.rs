@@ -6,6 +6,7 @@
 //! ```toml
 //! [cache]
 //! max_size = "20G"          # `banger cache gc` evicts least-recently-used steps above this
+//! snapshots_max_size = "2G" # least-recently-used memory snapshots go above this
 //! remote = "registry.example.com/team/banger-cache"  # the remote step cache (optional)
 //! push = true               # builds also upload their shared steps to it
 //!
@@ -31,6 +32,10 @@ use crate::spec::ByteSize;
 
 /// Size cap of the store when the config sets none.
 pub const DEFAULT_CACHE_MAX_SIZE: ByteSize = ByteSize(20 * ByteSize::GIB);
+
+/// Size cap of the memory snapshots when the config sets none: a Debian guest's is about
+/// 120 MiB, so this keeps over a dozen (image, kernel, shape) combinations warm.
+pub const DEFAULT_SNAPSHOTS_MAX_SIZE: ByteSize = ByteSize(2 * ByteSize::GIB);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,6 +133,7 @@ struct RawFileSync {
 #[serde(deny_unknown_fields)]
 struct RawCache {
     max_size: Option<String>,
+    snapshots_max_size: Option<String>,
     remote: Option<String>,
     #[serde(default)]
     push: bool,
@@ -162,6 +168,9 @@ pub struct Config {
     /// Where it was read from (whether or not the file exists).
     pub path: PathBuf,
     pub cache_max_size: ByteSize,
+    /// `[cache] snapshots_max_size`: saving a memory snapshot, and `cache gc`, remove the least
+    /// recently used ones above it (`docs/snapshots.md`).
+    pub cache_snapshots_max_size: ByteSize,
     /// `[cache] remote`: the registry repository of the remote step cache
     /// (`docs/remote-cache.md`), read by every build unless `--cache-from` names another.
     pub cache_remote: Option<String>,
@@ -183,6 +192,7 @@ impl Config {
         Config {
             path: path.to_owned(),
             cache_max_size: DEFAULT_CACHE_MAX_SIZE,
+            cache_snapshots_max_size: DEFAULT_SNAPSHOTS_MAX_SIZE,
             cache_remote: None,
             cache_push: false,
             image_catalog: None,
@@ -296,6 +306,11 @@ impl Config {
             path: path.to_owned(),
             cache_max_size: size("cache.max_size", &raw.cache.max_size)?
                 .unwrap_or(DEFAULT_CACHE_MAX_SIZE),
+            cache_snapshots_max_size: size(
+                "cache.snapshots_max_size",
+                &raw.cache.snapshots_max_size,
+            )?
+            .unwrap_or(DEFAULT_SNAPSHOTS_MAX_SIZE),
             cache_remote: raw.cache.remote,
             cache_push: raw.cache.push,
             image_catalog: raw.catalogs.images.map(relative_to_config),
@@ -512,12 +527,13 @@ mod tests {
     #[test]
     fn values_are_parsed_and_catalog_paths_are_relative_to_the_file() {
         let config = Config::parse(
-            "[cache]\nmax_size = \"5G\"\n[catalogs]\nimages = \"cat/images.json\"\n\
+            "[cache]\nmax_size = \"5G\"\nsnapshots_max_size = \"300M\"\n[catalogs]\nimages = \"cat/images.json\"\n\
              [vm_defaults]\nvcpu = 4\nmemory = \"4G\"\n",
             Path::new("/etc/banger/config.toml"),
         )
         .unwrap();
         assert_eq!(config.cache_max_size, ByteSize(5 * ByteSize::GIB));
+        assert_eq!(config.cache_snapshots_max_size, ByteSize(300 << 20));
         assert_eq!(
             config.image_catalog.as_deref(),
             Some(Path::new("/etc/banger/cat/images.json"))

@@ -6,7 +6,9 @@ use serde_json::json;
 use banger::ops::graph::format_time_ms;
 use banger::spec::ByteSize;
 use banger::store::{GcOptions, Store};
-use banger::vm::snapshot::{SnapshotCurrency, Snapshots, StoredSnapshot};
+use banger::vm::snapshot::{
+    SnapshotCurrency, Snapshots, StoredSnapshot, least_recently_used_beyond,
+};
 
 use super::Context;
 use super::exit::ExitStatus;
@@ -29,7 +31,9 @@ root (an image in use, a running VM) are never evicted. Evicted steps leave a to
 references (left by an interrupted build) is removed as well.
 
 Memory snapshots that no VM can start from any more are removed too: those saved by another \
-banger or QEMU version, or of an image that is no longer recorded."
+banger or QEMU version, or of an image that is no longer recorded. Then the least recently \
+used snapshots go until the rest fit `[cache] snapshots_max_size` (default 2G), as they do \
+whenever a new one is saved."
     )]
     Gc(GcArgs),
 }
@@ -105,6 +109,7 @@ fn ls(context: &mut Context) -> anyhow::Result<ExitStatus> {
 
 fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
     let cap = context.config()?.cache_max_size;
+    let snapshots_cap = context.config()?.cache_snapshots_max_size;
     let dir = context.paths()?.store_dir();
     let usage = match context.existing_store()? {
         Some(store) => store.usage()?,
@@ -129,12 +134,13 @@ fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
                 "max_size": cap.bytes(),
                 "snapshots": snapshots.len(),
                 "snapshot_bytes": snapshot_bytes,
+                "snapshots_max_size": snapshots_cap.bytes(),
             }),
         )?;
         return Ok(ExitStatus::Success);
     }
     printer.data(&format!(
-        "store:     {}\nsteps:     {}\noutputs:   {} (cap {})\non disk:   {}\nsnapshots: {} ({} on disk, in {})\n",
+        "store:     {}\nsteps:     {}\noutputs:   {} (cap {})\non disk:   {}\nsnapshots: {} ({} on disk, cap {}, in {})\n",
         dir.display(),
         usage.records,
         human_bytes(usage.output_bytes),
@@ -142,6 +148,7 @@ fn du(context: &mut Context) -> anyhow::Result<ExitStatus> {
         human_bytes(usage.disk_bytes),
         snapshots.len(),
         human_bytes(snapshot_bytes),
+        human_bytes(snapshots_cap.bytes()),
         snapshots_dir.display(),
     ))?;
     Ok(ExitStatus::Success)
@@ -233,17 +240,32 @@ fn collect_snapshots(context: &mut Context, dry_run: bool) -> anyhow::Result<Sna
     }
     let images = context.state()?.images()?;
     let now = SnapshotCurrency::now(images.into_iter().map(|image| image.rootfs_integrity));
+    let cap = context.config()?.cache_snapshots_max_size;
     let snapshots = Snapshots::open(dir)?;
     let mut collection = SnapshotCollection::default();
     for snapshot in snapshots.list()? {
         match snapshot.stale_reason(&now) {
-            Some(reason) => {
-                if !dry_run {
-                    snapshots.remove(&snapshot.key);
-                }
-                collection.removed.push((snapshot, reason));
-            }
+            Some(reason) => collection.removed.push((snapshot, reason)),
             None => collection.kept.push(snapshot),
+        }
+    }
+    let beyond: Vec<String> = least_recently_used_beyond(&collection.kept, cap.bytes(), None)
+        .into_iter()
+        .map(|snapshot| snapshot.key.clone())
+        .collect();
+    let (evicted, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut collection.kept)
+        .into_iter()
+        .partition(|snapshot| beyond.contains(&snapshot.key));
+    collection.kept = kept;
+    collection
+        .removed
+        .extend(evicted.into_iter().map(|snapshot| {
+            let reason = format!("least recently used, beyond `[cache] snapshots_max_size` {cap}");
+            (snapshot, reason)
+        }));
+    if !dry_run {
+        for (snapshot, _) in &collection.removed {
+            snapshots.remove(&snapshot.key);
         }
     }
     Ok(collection)

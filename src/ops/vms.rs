@@ -1111,7 +1111,11 @@ impl Vms {
                 Err(error) => Err(error.into()),
             };
             match restored {
-                Ok(info) => return Ok(info),
+                Ok(info) => {
+                    // Only what eviction goes by: a failure costs at worst an early eviction.
+                    let _ = saved.mark_used();
+                    return Ok(info);
+                }
                 Err(error) => {
                     events.note(format!(
                         "warning: `{name}` did not start from its snapshot ({}); booting it \
@@ -1323,15 +1327,48 @@ impl Vms {
         }
         .await;
         match result {
-            Ok(saved) => events.note(format!(
-                "saved the snapshot ({:.1} s, {} on disk)",
-                started.elapsed().as_secs_f64(),
-                format_args!("{:.0} MiB", saved.disk_usage() as f64 / f64::from(1 << 20))
-            )),
+            Ok(saved) => {
+                events.note(format!(
+                    "saved the snapshot ({:.1} s, {} on disk)",
+                    started.elapsed().as_secs_f64(),
+                    mib(saved.disk_usage())
+                ));
+                self.evict_snapshots(&plan.snapshots, &saved.key, events);
+            }
             Err(error) => events.note(format!(
                 "warning: no snapshot of `{name}` was saved: {}",
                 crate::error::error_chain(&error)
             )),
+        }
+    }
+
+    /// Keeps the snapshots within `[cache] snapshots_max_size` once `just_saved` joined them,
+    /// removing the least recently used others. A failure is a warning.
+    fn evict_snapshots(
+        &self,
+        snapshots: &crate::vm::snapshot::Snapshots,
+        just_saved: &str,
+        events: &dyn VmProgress,
+    ) {
+        let evicted = self
+            .config()
+            .map_err(|error| error.to_string())
+            .and_then(|config| {
+                let cap = config.cache_snapshots_max_size;
+                snapshots
+                    .evict_to_fit(cap.bytes(), just_saved)
+                    .map(|removed| (cap, removed))
+                    .map_err(|error| crate::error::error_chain(&error))
+            });
+        match evicted {
+            Ok((_, removed)) if removed.is_empty() => {}
+            Ok((cap, removed)) => events.note(format!(
+                "removed {} least recently used snapshot(s), {}, to keep snapshots within \
+                 {cap} (`[cache] snapshots_max_size`)",
+                removed.len(),
+                mib(removed.iter().map(|snapshot| snapshot.disk_usage).sum()),
+            )),
+            Err(error) => events.note(format!("warning: old snapshots were not removed: {error}")),
         }
     }
 
@@ -1975,6 +2012,11 @@ fn new_id() -> String {
 fn free_loopback_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// `118 MiB`: a snapshot's size in the notes of a start.
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 #[cfg(test)]

@@ -360,6 +360,15 @@ impl SavedSnapshot {
         }
     }
 
+    /// Records that a VM started from this snapshot now: the modification time of its
+    /// `snapshot.json`, by which [`least_recently_used_beyond`] chooses what to evict.
+    pub fn mark_used(&self) -> std::io::Result<()> {
+        std::fs::File::options()
+            .write(true)
+            .open(self.dir.join("snapshot.json"))?
+            .set_modified(std::time::SystemTime::now())
+    }
+
     /// The state file and both disks on disk: bytes on disk (sparse), not apparent sizes.
     pub fn disk_usage(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -484,15 +493,22 @@ impl Snapshots {
             let Some(saved) = self.find(&key) else {
                 continue;
             };
-            let meta: Option<serde_json::Value> = std::fs::read(saved.dir.join("snapshot.json"))
+            let meta_path = saved.dir.join("snapshot.json");
+            let meta: Option<serde_json::Value> = std::fs::read(&meta_path)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let used_ms = std::fs::metadata(&meta_path)
+                .and_then(|metadata| metadata.modified())
+                .ok()
+                .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|since| since.as_millis() as u64);
             snapshots.push(StoredSnapshot {
                 spec: meta
                     .as_ref()
                     .map(|meta| meta["spec"].clone())
                     .filter(|spec| spec.is_object()),
                 created_ms: meta.as_ref().and_then(|meta| meta["created_ms"].as_u64()),
+                used_ms,
                 disk_usage: saved.disk_usage(),
                 key,
             });
@@ -528,6 +544,25 @@ impl Snapshots {
         )
     }
 
+    /// Removes the least recently used snapshots, never `keep` (the one just saved), until
+    /// all of them use at most `max_bytes` on disk; returns the removed ones.
+    pub fn evict_to_fit(
+        &self,
+        max_bytes: u64,
+        keep: &str,
+    ) -> Result<Vec<StoredSnapshot>, SnapshotError> {
+        let listed = self.list()?;
+        let doomed: Vec<StoredSnapshot> =
+            least_recently_used_beyond(&listed, max_bytes, Some(keep))
+                .into_iter()
+                .cloned()
+                .collect();
+        for snapshot in &doomed {
+            self.remove(&snapshot.key);
+        }
+        Ok(doomed)
+    }
+
     /// Deletes the snapshot of `key` (one that failed to restore).
     pub fn remove(&self, key: &str) {
         let dir = self.dir.join(key);
@@ -541,6 +576,30 @@ impl Snapshots {
     }
 }
 
+/// The snapshots to remove, least recently used first, so that the rest use at most
+/// `max_bytes` on disk; `keep` is never one of them, even when it alone is over.
+pub fn least_recently_used_beyond<'a>(
+    snapshots: &'a [StoredSnapshot],
+    max_bytes: u64,
+    keep: Option<&str>,
+) -> Vec<&'a StoredSnapshot> {
+    let mut total: u64 = snapshots.iter().map(|snapshot| snapshot.disk_usage).sum();
+    let mut by_use: Vec<&StoredSnapshot> = snapshots
+        .iter()
+        .filter(|snapshot| Some(snapshot.key.as_str()) != keep)
+        .collect();
+    by_use.sort_by_key(|snapshot| (snapshot.used_ms.or(snapshot.created_ms), &snapshot.key));
+    let mut doomed = Vec::new();
+    for snapshot in by_use {
+        if total <= max_bytes {
+            break;
+        }
+        total -= snapshot.disk_usage;
+        doomed.push(snapshot);
+    }
+    doomed
+}
+
 /// A complete snapshot, as [`Snapshots::list`] finds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredSnapshot {
@@ -548,6 +607,8 @@ pub struct StoredSnapshot {
     /// The key's parts as saved (`snapshot.json`'s `spec`); `None` when unreadable.
     pub spec: Option<serde_json::Value>,
     pub created_ms: Option<u64>,
+    /// When a VM last started from it, or when it was saved ([`SavedSnapshot::mark_used`]).
+    pub used_ms: Option<u64>,
     /// Bytes on disk (sparse).
     pub disk_usage: u64,
 }
@@ -675,6 +736,72 @@ mod tests {
     }
 
     #[test]
+    fn the_least_recently_used_snapshots_go_first_and_never_the_one_kept() {
+        let stored = |key: &str, created_ms: u64, used_ms: Option<u64>, mib: u64| StoredSnapshot {
+            key: key.into(),
+            spec: None,
+            created_ms: Some(created_ms),
+            used_ms,
+            disk_usage: mib << 20,
+        };
+        let snapshots = [
+            stored("old-but-used", 1, Some(50), 100),
+            stored("newer-unused", 10, None, 100),
+            stored("middle", 5, Some(20), 100),
+            stored("just-saved", 60, Some(60), 100),
+        ];
+        let keys = |max_mib: u64, keep: Option<&str>| -> Vec<String> {
+            least_recently_used_beyond(&snapshots, max_mib << 20, keep)
+                .into_iter()
+                .map(|snapshot| snapshot.key.clone())
+                .collect()
+        };
+        assert_eq!(keys(400, None), Vec::<String>::new());
+        assert_eq!(keys(399, None), ["newer-unused"]);
+        assert_eq!(keys(200, None), ["newer-unused", "middle"]);
+        assert_eq!(
+            keys(0, Some("just-saved")),
+            ["newer-unused", "middle", "old-but-used"]
+        );
+    }
+
+    #[test]
+    fn eviction_removes_from_disk_and_a_use_protects_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(dir.path()).unwrap();
+        let mut saved = Vec::new();
+        for rootfs in ["sha256-a", "sha256-b", "sha256-c"] {
+            let spec = spec(rootfs);
+            let pending = snapshots.begin(&spec.key()).unwrap();
+            std::fs::write(pending.files().state, vec![7u8; 1 << 20]).unwrap();
+            saved.push(pending.publish(&spec).unwrap());
+        }
+        // Make the order of use unambiguous whatever the clock's resolution: a used first,
+        // then c, then b.
+        let at = |snapshot: &SavedSnapshot, seconds: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(snapshot.dir.join("snapshot.json"))
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+                .unwrap();
+        };
+        at(&saved[0], 1_000);
+        at(&saved[2], 2_000);
+        at(&saved[1], 3_000);
+        saved[0].mark_used().unwrap();
+        let removed = snapshots.evict_to_fit(5 << 19, &saved[1].key).unwrap();
+        let removed: Vec<&str> = removed
+            .iter()
+            .map(|snapshot| snapshot.key.as_str())
+            .collect();
+        assert_eq!(removed, [saved[2].key.as_str()]);
+        assert!(snapshots.find(&saved[2].key).is_none());
+        assert!(snapshots.find(&saved[0].key).is_some());
+        assert!(snapshots.find(&saved[1].key).is_some());
+    }
+
+    #[test]
     fn a_missing_snapshot_is_explained_by_what_changed_in_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let snapshots = Snapshots::open(dir.path()).unwrap();
@@ -708,6 +835,7 @@ mod tests {
             key: "k".into(),
             spec: Some(serde_json::to_value(spec("sha256-a")).unwrap()),
             created_ms: None,
+            used_ms: None,
             disk_usage: 0,
         };
         let qemu = "QEMU emulator version 7.2.0";

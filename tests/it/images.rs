@@ -577,6 +577,15 @@ fn import_faithful_layer(context: &TestContext, name: &str) -> PathBuf {
 
 /// A published snapshot of `rootfs` made by banger `banger_version`, 1 MiB of state.
 fn fake_snapshot(context: &TestContext, banger_version: &str, rootfs: &str) -> String {
+    fake_snapshot_of_shape(context, banger_version, rootfs, 1)
+}
+
+fn fake_snapshot_of_shape(
+    context: &TestContext,
+    banger_version: &str,
+    rootfs: &str,
+    vcpus: u32,
+) -> String {
     use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots, qemu_version};
     let spec = SnapshotSpec {
         format: SNAPSHOT_FORMAT,
@@ -587,7 +596,7 @@ fn fake_snapshot(context: &TestContext, banger_version: &str, rootfs: &str) -> S
         rootfs: rootfs.to_owned(),
         vmlinux: "v".into(),
         initrd: "i".into(),
-        vcpus: 1,
+        vcpus,
         memory_mib: 256,
         disk_bytes: 1 << 30,
         network: banger::spec::NetworkMode::None,
@@ -662,4 +671,67 @@ fn cache_gc_removes_the_snapshots_no_vm_can_start_from_any_more() {
     );
     assert_eq!(snapshots["kept"], 0);
     assert!(!present(&fits));
+}
+
+#[test]
+fn cache_gc_keeps_the_snapshots_within_their_cap_the_least_recently_used_going_first() {
+    if !capable("e2fsprogs", have_e2fsprogs()) {
+        return;
+    }
+    let context = TestContext::new();
+    import_faithful_layer(&context, "kept");
+    let show = context.run(&["--json", "image", "show", "kept"]);
+    let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
+    let integrity = record["data"]["rootfs"].as_str().unwrap().to_owned();
+    // Three snapshots that still fit, about 1 MiB each, against a cap for two.
+    std::fs::create_dir_all(context.config_file().parent().unwrap()).unwrap();
+    std::fs::write(
+        context.config_file(),
+        "[cache]\nsnapshots_max_size = \"2100K\"\n",
+    )
+    .unwrap();
+    let this_version = env!("CARGO_PKG_VERSION");
+    let mut keys = Vec::new();
+    for vcpus in 1..=3 {
+        keys.push(fake_snapshot_of_shape(
+            &context,
+            this_version,
+            &integrity,
+            vcpus,
+        ));
+    }
+    let dir = context.cache_dir().join("snapshots-v1");
+    // Used in the order: the first, the third, then the second.
+    for (key, seconds) in [(&keys[0], 1_000), (&keys[2], 2_000), (&keys[1], 3_000)] {
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(key).join("snapshot.json"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+            .unwrap();
+    }
+    let present = |key: &str| dir.join(key).join("snapshot.json").exists();
+
+    let du = context.run(&["--json", "cache", "du"]);
+    let usage: serde_json::Value = serde_json::from_str(du.stdout.trim()).unwrap();
+    assert_eq!(usage["data"]["snapshots_max_size"], 2100 << 10, "{du}");
+
+    let dry = context.run(&["cache", "gc", "--dry-run"]);
+    assert_eq!(dry.code, Some(0), "{dry}");
+    assert!(
+        dry.stdout.contains(&format!(
+            "would remove snapshot {} (least recently used, beyond `[cache] snapshots_max_size` \
+             2100K)",
+            &keys[0][..12]
+        )) && dry.stdout.contains("would remove 1 snapshot(s)"),
+        "{dry}"
+    );
+    assert!(keys.iter().all(|key| present(key)));
+
+    let gc = context.run(&["cache", "gc"]);
+    assert_eq!(gc.code, Some(0), "{gc}");
+    assert!(
+        !present(&keys[0]) && present(&keys[1]) && present(&keys[2]),
+        "{gc}"
+    );
 }
