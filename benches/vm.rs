@@ -763,7 +763,10 @@ fn bench_warm(sandbox: &Sandbox) -> bool {
     };
     let cold = median(colds.iter().map(|run| run.wall).collect());
     let warm = median(warms.iter().map(|run| run.wall).collect());
-    let snapshots = sandbox.home.join(".cache/banger/snapshots-v1");
+    let snapshots = sandbox
+        .home
+        .join(".cache/banger")
+        .join(banger::paths::SNAPSHOTS_DIR);
     let on_disk: u64 = std::fs::read_dir(&snapshots)
         .into_iter()
         .flatten()

@@ -31,6 +31,9 @@ pub enum PathsError {
     NoHome,
 }
 
+/// The memory snapshots' directory under the cache directory ([`Paths::snapshots_dir`]).
+pub const SNAPSHOTS_DIR: &str = "snapshots-v1";
+
 /// The directories and files of one banger installation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
@@ -98,7 +101,7 @@ impl Paths {
 
     /// Memory snapshots of booted guests (`vm::snapshot::Snapshots`).
     pub fn snapshots_dir(&self) -> PathBuf {
-        self.cache_dir.join("snapshots-v1")
+        self.cache_dir.join(SNAPSHOTS_DIR)
     }
 
     /// The daemon's socket (used from the daemon issue on).

@@ -7,7 +7,7 @@ use banger::ops::graph::format_time_ms;
 use banger::spec::ByteSize;
 use banger::store::{GcOptions, Store};
 use banger::vm::snapshot::{
-    SnapshotCurrency, Snapshots, StoredSnapshot, least_recently_used_beyond,
+    SnapshotCurrency, Snapshots, StoredSnapshot, least_recently_used_beyond, short_key,
 };
 
 use super::Context;
@@ -214,7 +214,7 @@ impl SnapshotCollection {
         for (snapshot, reason) in &self.removed {
             out.push_str(&format!(
                 "{verb} snapshot {} ({reason})\n",
-                short(&snapshot.key)
+                short_key(&snapshot.key)
             ));
         }
         out.push_str(&format!(
@@ -226,10 +226,6 @@ impl SnapshotCollection {
         ));
         out
     }
-}
-
-fn short(key: &str) -> &str {
-    &key[..key.len().min(12)]
 }
 
 /// Removes the snapshots no VM can start from any more (none when `dry_run`).

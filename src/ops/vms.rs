@@ -1092,7 +1092,7 @@ impl Vms {
             events.note(format!("starting `{name}` from its snapshot"));
             events.detail(format!(
                 "snapshot {} ({})",
-                &saved.key[..saved.key.len().min(12)],
+                crate::vm::snapshot::short_key(&saved.key),
                 saved.dir.display()
             ));
             let restored = match saved.disks.copy_to(&spec.disks) {

@@ -576,6 +576,11 @@ impl Snapshots {
     }
 }
 
+/// The first 12 hex digits of a snapshot's key: how notes and `cache gc` name it.
+pub fn short_key(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
 /// The snapshots to remove, least recently used first, so that the rest use at most
 /// `max_bytes` on disk; `keep` is never one of them, even when it alone is over.
 pub fn least_recently_used_beyond<'a>(

@@ -601,7 +601,7 @@ fn fake_snapshot_of_shape(
         disk_bytes: 1 << 30,
         network: banger::spec::NetworkMode::None,
     };
-    let snapshots = Snapshots::open(context.cache_dir().join("snapshots-v1")).unwrap();
+    let snapshots = Snapshots::open(context.snapshots_dir()).unwrap();
     let pending = snapshots.begin(&spec.key()).unwrap();
     std::fs::write(pending.files().state, vec![1u8; 1 << 20]).unwrap();
     pending.publish(&spec).unwrap();
@@ -623,7 +623,7 @@ fn cache_gc_removes_the_snapshots_no_vm_can_start_from_any_more() {
     let fits = fake_snapshot(&context, this_version, &integrity);
     let old = fake_snapshot(&context, "0.0.0-old", &integrity);
     let orphan = fake_snapshot(&context, this_version, "sha256-of-a-removed-image");
-    let dir = context.cache_dir().join("snapshots-v1");
+    let dir = context.snapshots_dir();
     let present = |key: &str| dir.join(key).join("snapshot.json").exists();
 
     let du = context.run(&["--json", "cache", "du"]);
@@ -700,7 +700,7 @@ fn cache_gc_keeps_the_snapshots_within_their_cap_the_least_recently_used_going_f
             vcpus,
         ));
     }
-    let dir = context.cache_dir().join("snapshots-v1");
+    let dir = context.snapshots_dir();
     // Used in the order: the first, the third, then the second.
     for (key, seconds) in [(&keys[0], 1_000), (&keys[2], 2_000), (&keys[1], 3_000)] {
         std::fs::File::options()

@@ -182,6 +182,11 @@ impl TestContext {
         self.cache_dir().join("store")
     }
 
+    /// Where the daemon keeps memory snapshots.
+    pub fn snapshots_dir(&self) -> std::path::PathBuf {
+        self.cache_dir().join(banger::paths::SNAPSHOTS_DIR)
+    }
+
     pub fn config_file(&self) -> std::path::PathBuf {
         self.home().join(".config/banger/config.toml")
     }

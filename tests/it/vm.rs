@@ -1570,7 +1570,7 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
         );
         (output, identity)
     };
-    let snapshots = context.cache_dir().join("snapshots-v1");
+    let snapshots = context.snapshots_dir();
     let saved_dirs = || -> Vec<PathBuf> {
         std::fs::read_dir(&snapshots)
             .map(|entries| {
