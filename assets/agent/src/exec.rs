@@ -171,6 +171,8 @@ fn prepare(request: &protocol::Exec, protocol: u32) -> Result<Prepared, Refusal>
     if request.clear_env {
         command.env_clear();
     }
+    // The service manager's, for the agent alone (`service::notify_ready`).
+    command.env_remove(crate::service::NOTIFY_SOCKET);
     // The command sees the PATH its program was found in, and exports it to its children.
     command.env("PATH", &search_path);
     if request.tty {

@@ -336,7 +336,7 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
     });
     console::info(&format!("agent ready on {}", transports.join(", ")));
     // Under `Type=notify` systemd starts what is ordered after the agent only now.
-    if let Ok(socket) = std::env::var("NOTIFY_SOCKET")
+    if let Ok(socket) = std::env::var(service::NOTIFY_SOCKET)
         && let Err(error) = service::notify_ready(&socket)
     {
         console::warn(&format!("cannot notify {socket}: {error}"));

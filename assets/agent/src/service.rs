@@ -118,6 +118,11 @@ fn unescape_octal(field: &str) -> Vec<u8> {
     out
 }
 
+/// The variable through which systemd names its notification socket. The agent's commands
+/// do not inherit it: a program among them that notifies would be refused, with a warning,
+/// since the unit only accepts the agent's own (`NotifyAccess=main`).
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
 /// Tells the service manager at `socket` (`$NOTIFY_SOCKET`: a path, or `@name` for the
 /// abstract namespace) that the agent is ready.
 pub fn notify_ready(socket: &str) -> io::Result<()> {

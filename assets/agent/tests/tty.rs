@@ -30,18 +30,27 @@ struct Agent {
 
 impl Agent {
     fn start(test: &str) -> Agent {
+        Agent::start_in(Agent::fresh_dir(test), &[])
+    }
+
+    fn fresh_dir(test: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "banger-agent-tty-test-{test}-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn start_in(dir: PathBuf, env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let socket = dir.join("agent.sock");
         let mut attempts = 0;
         let child = loop {
             match Command::new(AGENT)
                 .arg("--listen-unix")
                 .arg(&socket)
+                .envs(env.iter().copied())
                 .spawn()
             {
                 Ok(child) => break child,
@@ -383,4 +392,27 @@ fn resize_without_a_terminal_is_ignored() {
     client.send_json(FrameType::Exec, &tty_shell("stty size", 5, 6));
     let output = client.finish(Output::default());
     assert_eq!(output.stdout, "5 6\r\n", "{output:?}");
+}
+
+#[test]
+fn ready_goes_to_the_service_manager_and_its_socket_to_no_command() {
+    let dir = Agent::fresh_dir("notify");
+    let notify = dir.join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let agent = Agent::start_in(dir, &[("NOTIFY_SOCKET", notify.as_os_str())]);
+    let mut buffer = [0u8; 64];
+    let length = manager
+        .recv(&mut buffer)
+        .expect("no READY=1 from the agent");
+    assert_eq!(&buffer[..length], b"READY=1");
+    let (mut client, _) = agent.connect(protocol::PROTOCOL_VERSION);
+    client.send_json(
+        FrameType::Exec,
+        &tty_shell("echo ${NOTIFY_SOCKET-unset}", 24, 80),
+    );
+    let output = client.finish(Output::default());
+    assert_eq!(output.stdout, "unset\r\n");
 }

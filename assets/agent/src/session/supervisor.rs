@@ -370,6 +370,7 @@ fn start_command(dir: &Path, launch: &Launch) -> Result<RunningCommand, Report> 
         command
             .arg0(&launch.argv[0])
             .args(&launch.argv[1..])
+            .env_remove(crate::service::NOTIFY_SOCKET)
             .env("PATH", &launch.path)
             .envs(launch.env.iter().map(|(key, value)| (key, value)))
             .current_dir(&launch.cwd)
