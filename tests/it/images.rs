@@ -576,6 +576,15 @@ fn import_faithful_layer(context: &TestContext, name: &str) -> PathBuf {
 }
 
 /// A published snapshot of `rootfs` made by banger `banger_version`, 1 MiB of state.
+/// Imports the faithful layer as `name` and returns its rootfs integrity, what snapshots of it
+/// are keyed by.
+fn imported_rootfs_integrity(context: &TestContext, name: &str) -> String {
+    import_faithful_layer(context, name);
+    let show = context.run(&["--json", "image", "show", name]);
+    let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
+    record["data"]["rootfs"].as_str().unwrap().to_owned()
+}
+
 fn fake_snapshot(context: &TestContext, banger_version: &str, rootfs: &str) -> String {
     fake_snapshot_of_shape(context, banger_version, rootfs, 1)
 }
@@ -614,10 +623,7 @@ fn cache_gc_removes_the_snapshots_no_vm_can_start_from_any_more() {
         return;
     }
     let context = TestContext::new();
-    import_faithful_layer(&context, "kept");
-    let show = context.run(&["--json", "image", "show", "kept"]);
-    let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
-    let integrity = record["data"]["rootfs"].as_str().unwrap().to_owned();
+    let integrity = imported_rootfs_integrity(&context, "kept");
 
     let this_version = env!("CARGO_PKG_VERSION");
     let fits = fake_snapshot(&context, this_version, &integrity);
@@ -679,10 +685,7 @@ fn cache_gc_keeps_the_snapshots_within_their_cap_the_least_recently_used_going_f
         return;
     }
     let context = TestContext::new();
-    import_faithful_layer(&context, "kept");
-    let show = context.run(&["--json", "image", "show", "kept"]);
-    let record: serde_json::Value = serde_json::from_str(show.stdout.trim()).unwrap();
-    let integrity = record["data"]["rootfs"].as_str().unwrap().to_owned();
+    let integrity = imported_rootfs_integrity(&context, "kept");
     // Three snapshots that still fit, about 1 MiB each, against a cap for two.
     std::fs::create_dir_all(context.config_file().parent().unwrap()).unwrap();
     std::fs::write(
