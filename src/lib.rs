@@ -27,6 +27,7 @@ pub mod privileged;
 pub mod remote;
 pub mod rootfs;
 pub mod sources;
+pub mod sparse;
 pub mod spec;
 pub mod ssh;
 pub mod state;

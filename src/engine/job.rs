@@ -429,6 +429,7 @@ async fn execute(
             .collect(),
         store: inner.store.clone(),
         scratch: OnceLock::new(),
+        vouched: Default::default(),
         cancel: cancel.clone(),
         node: job.node,
         events: sender.clone(),
@@ -454,12 +455,14 @@ async fn execute(
     let mut outputs = BTreeMap::new();
     for (name, path) in files {
         let store = inner.store.clone();
-        let published = tokio::task::spawn_blocking(move || store.publish_file(&path))
-            .await
-            .map_err(|error| {
-                Failure::failed(format!("publishing output `{name}` panicked: {error}"))
-            })?
-            .map_err(|error| Failure::failed(error_chain(&error)))?;
+        let vouched = ctx.vouched_sha256(&name);
+        let published = tokio::task::spawn_blocking(move || match vouched {
+            Some(sha256_hex) => store.publish_hashed_file(&path, &sha256_hex),
+            None => store.publish_file(&path),
+        })
+        .await
+        .map_err(|error| Failure::failed(format!("publishing output `{name}` panicked: {error}")))?
+        .map_err(|error| Failure::failed(error_chain(&error)))?;
         outputs.insert(name, published);
     }
     let digest = output_digest(

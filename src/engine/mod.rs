@@ -218,6 +218,9 @@ pub struct StepContext {
     inputs: Vec<StepInput>,
     store: Store,
     scratch: OnceLock<Result<tempfile::TempDir, String>>,
+    /// Outputs whose sha256 the executor computed over exactly the bytes it wrote
+    /// ([`StepContext::vouch_sha256`]), by output name: published without being read again.
+    vouched: std::sync::Mutex<BTreeMap<String, String>>,
     cancel: CancellationToken,
     node: NodeIndex,
     events: mpsc::UnboundedSender<Message>,
@@ -321,6 +324,25 @@ impl StepContext {
             Ok(dir) => Ok(dir.path()),
             Err(message) => Err(StepError::new(message.clone())),
         }
+    }
+
+    /// Tells the engine the sha256 (lowercase hex) of output `name`, computed while the
+    /// executor wrote it (a download checked against its digest): publishing then trusts it
+    /// instead of reading the file a second time. Vouch only for a hash of the very bytes
+    /// in the file; a wrong one would store the file under another file's name.
+    pub fn vouch_sha256(&self, name: &str, sha256_hex: &str) {
+        self.vouched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(name.to_owned(), sha256_hex.to_owned());
+    }
+
+    fn vouched_sha256(&self, name: &str) -> Option<String> {
+        self.vouched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn ensure_dir(&self, name: &str) -> Result<PathBuf, StepError> {

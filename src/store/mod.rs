@@ -17,7 +17,7 @@
 //!
 //! Lifecycle of an output:
 //! 1. A step writes files into its scratch directory.
-//! 2. [`Store::publish_file`] hashes each file (one streaming read) and renames it into content
+//! 2. [`Store::publish_file`] hashes each file (one streaming read of its data) and renames it into content
 //!    storage: never copied, never held in memory, read-only from then on.
 //! 3. [`Store::commit`] writes the content-key record, then the definition-key record. Bytes
 //!    first, record last: a reader that finds a record finds its bytes, and a record whose bytes
@@ -36,7 +36,7 @@ mod gc;
 pub use gc::{GcOptions, GcReport, Usage};
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -314,7 +314,8 @@ impl Store {
     }
 
     /// Moves a finished output file into content storage and returns its reference. The file
-    /// is read once to hash it, then renamed into place (it is in the store's scratch area, so
+    /// is read once to hash it (its data only: holes are hashed as zeros without reading
+    /// them, which is most of an image's free space), then renamed into place (it is in the store's scratch area, so
     /// on the same file system): a multi-GiB image is never copied and never held in memory.
     /// Stored content is made read-only, since hits hand it out by hard link.
     pub fn publish_file(&self, path: &Path) -> Result<OutputRef, StoreError> {
@@ -322,19 +323,50 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        let mut file = std::fs::File::open(path).map_err(publish_error)?;
-        let size = file.metadata().map_err(publish_error)?.len();
+        let file = std::fs::File::open(path).map_err(publish_error)?;
         let mut hasher = ssri::IntegrityOpts::new().algorithm(ssri::Algorithm::Sha256);
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let read = file.read(&mut buffer).map_err(publish_error)?;
-            if read == 0 {
-                break;
-            }
-            hasher.input(&buffer[..read]);
-        }
+        let size = crate::sparse::read_sparse(&file, |chunk| hasher.input(chunk))
+            .map_err(publish_error)?;
         drop(file);
-        let integrity = hasher.result();
+        self.publish_as(path, hasher.result(), size)
+    }
+
+    /// [`Store::publish_file`] for a file whose sha256 (lowercase hex) the caller computed
+    /// over exactly its bytes as it wrote them, such as a download verified against its
+    /// digest: the file is not read again.
+    pub fn publish_hashed_file(
+        &self,
+        path: &Path,
+        sha256_hex: &str,
+    ) -> Result<OutputRef, StoreError> {
+        let bad = || StoreError::BadIntegrity {
+            integrity: format!("sha256 {sha256_hex}"),
+        };
+        if sha256_hex.len() != 64 || !sha256_hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let integrity =
+            ssri::Integrity::from_hex(sha256_hex, ssri::Algorithm::Sha256).map_err(|_| bad())?;
+        let size = std::fs::metadata(path)
+            .map_err(|source| StoreError::Publish {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        self.publish_as(path, integrity, size)
+    }
+
+    /// Renames `path`, whose bytes hash to `integrity`, into content storage.
+    fn publish_as(
+        &self,
+        path: &Path,
+        integrity: ssri::Integrity,
+        size: u64,
+    ) -> Result<OutputRef, StoreError> {
+        let publish_error = |source| StoreError::Publish {
+            path: path.to_owned(),
+            source,
+        };
         let target = gc::content_path(&self.dir, &integrity);
         let reference = OutputRef {
             integrity: integrity.to_string(),

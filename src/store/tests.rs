@@ -233,3 +233,53 @@ fn publishing_moves_the_file_into_the_store_without_copying_it() {
         &parse_integrity(&output.integrity).unwrap()
     ));
 }
+
+#[test]
+fn a_sparse_file_is_published_under_the_sha256_of_all_its_bytes() {
+    use sha2::Digest as _;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let scratch = store.scratch().unwrap();
+    let file = scratch.path().join("rootfs.ext4");
+    let handle = std::fs::File::create(&file).unwrap();
+    handle.write_all_at(b"superblock", 1024).unwrap();
+    handle.write_all_at(&[3u8; 9000], 5 << 20).unwrap();
+    handle.set_len(8 << 20).unwrap();
+    drop(handle);
+    let expected = crate::bundle::hex(&sha2::Sha256::digest(std::fs::read(&file).unwrap()));
+    let output = store.publish_file(&file).unwrap();
+    let (algorithm, stored_hex) = parse_integrity(&output.integrity).unwrap().to_hex();
+    assert_eq!(algorithm, ssri::Algorithm::Sha256);
+    assert_eq!(stored_hex, expected);
+    assert_eq!(output.size, 8 << 20);
+}
+
+#[test]
+fn a_vouched_hash_publishes_like_a_computed_one_and_a_malformed_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let scratch = store.scratch().unwrap();
+    let payload = b"layer bytes, hashed while downloaded";
+    let hashed = scratch.path().join("hashed");
+    std::fs::write(&hashed, payload).unwrap();
+    let computed = store.publish_file(&hashed).unwrap();
+    let (_, sha256_hex) = parse_integrity(&computed.integrity).unwrap().to_hex();
+
+    let vouched = scratch.path().join("vouched");
+    std::fs::write(&vouched, payload).unwrap();
+    assert_eq!(
+        store.publish_hashed_file(&vouched, &sha256_hex).unwrap(),
+        computed
+    );
+    for malformed in ["", "abc", &"g".repeat(64), &format!("{sha256_hex}00")] {
+        let file = scratch.path().join("malformed");
+        std::fs::write(&file, payload).unwrap();
+        let error = store.publish_hashed_file(&file, malformed).unwrap_err();
+        assert!(
+            matches!(error, StoreError::BadIntegrity { .. }),
+            "{malformed:?}: {error}"
+        );
+        assert!(file.exists(), "a refused file is left where it was");
+    }
+}

@@ -190,7 +190,7 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StorageError> {
         let source = std::fs::File::open(from)?;
         let size = source.metadata()?.len();
         let target = std::fs::File::create(&partial)?;
-        for (start, end) in data_extents(&source, size)? {
+        for (start, end) in crate::sparse::data_extents(&source, size)? {
             copy_range(&source, &target, start, end - start)?;
         }
         target.set_len(size)?;
@@ -201,25 +201,6 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), StorageError> {
         let _ = std::fs::remove_file(&partial);
     }
     result.map_err(copy_error(to))
-}
-
-/// The `[start, end)` ranges of `file` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
-fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use nix::unistd::{Whence, lseek};
-    let mut extents = Vec::new();
-    let mut offset = 0u64;
-    while offset < size {
-        let start = match lseek(file, offset as i64, Whence::SeekData) {
-            Ok(start) => start as u64,
-            // No data after `offset`.
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(errno) => return Err(errno.into()),
-        };
-        let end = (lseek(file, start as i64, Whence::SeekHole)? as u64).min(size);
-        extents.push((start, end));
-        offset = end;
-    }
-    Ok(extents)
 }
 
 /// `length` bytes at `offset` of `from` to the same offset of `to`. (`std::io::copy` between
