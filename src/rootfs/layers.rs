@@ -124,7 +124,8 @@ pub struct RootfsOptions {
     pub seed: Vec<u8>,
     /// Checked between entries: a cancelled build stops and removes its image.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
-    /// fsync the image before returning (on for builds; benchmarks measure both).
+    /// fsync the image before returning. Off for `rootfs.build`, whose output the store
+    /// keeps unsynced like every other (see `store`); benchmarks measure both.
     pub sync: bool,
 }
 
