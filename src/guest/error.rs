@@ -13,6 +13,12 @@ pub enum GuestError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("the VMM socket {} refused vsock port {port}: {reply:?}", path.display())]
     VsockRefused {
         path: PathBuf,

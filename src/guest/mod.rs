@@ -28,11 +28,16 @@
 //! protocol 2; an agent that answers `Hello` with 1 (an older image) still serves everything
 //! else, and `exec_tty` tells it apart ([`GuestError::TtyUnsupported`]).
 //!
-//! Weaknesses: no signal forwarding during `exec` yet (the agent understands `Signal`); one
-//! channel per serial connection, since the host side has no multiplexer yet.
+//! Many clients can share one serial stream through [`SerialMux`] (`serial_mux.rs`), which
+//! holds the VMM's one connection and gives each of its own connections a channel.
+//!
+//! Weaknesses: no signal forwarding during `exec` yet (the agent understands `Signal`); the
+//! VM layer does not run a [`SerialMux`] yet, so VMs on the serial transport serve one host
+//! connection at a time.
 
 mod client;
 mod error;
+mod serial_mux;
 
 #[path = "../../assets/agent/src/protocol.rs"]
 pub mod protocol;
@@ -43,3 +48,4 @@ pub use protocol::{
     ErrorKind, Exec as ExecRequest, FileInfo, FilesystemUse, GuestStats, Listener,
     ListeningProcess, PROTOCOL_VERSION, PutFile as PutFileRequest, Ready, WindowSize,
 };
+pub use serial_mux::SerialMux;

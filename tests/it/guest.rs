@@ -857,6 +857,152 @@ async fn the_serial_transport_multiplexes_channels_and_survives_reconnects() {
 }
 
 #[tokio::test]
+async fn the_serial_multiplexer_serves_clients_at_once_and_closes_their_channels() {
+    use banger::guest::SerialMux;
+    use tokio_util::sync::CancellationToken;
+    let agent = Agent::start_with(|socket| {
+        vec![
+            "--no-vsock".into(),
+            "--serial-listen-unix".into(),
+            socket.display().to_string(),
+        ]
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mux_socket = dir.path().join("mux.sock");
+    // A stale file where the socket goes is replaced.
+    std::fs::write(&mux_socket, b"stale").unwrap();
+    let mux = SerialMux::bind(&agent.socket(), &mux_socket).await.unwrap();
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(mux.run(stop.clone()));
+
+    // A holds its channel with a command waiting on stdin; B's request goes through
+    // meanwhile. On the chardev alone, B would wait for A to hang up.
+    let mut a = GuestChannel::connect_serial(&mux_socket).await.unwrap();
+    a.hello().await.unwrap();
+    let (mut a_stdin, a_input) = tokio::io::duplex(64);
+    let a_running = tokio::spawn(async move {
+        let mut stdout = Vec::new();
+        let status = a
+            .exec(
+                &ExecRequest::shell("read line; echo \"a got $line\"").with_stdin(),
+                a_input,
+                &mut stdout,
+                tokio::io::sink(),
+            )
+            .await
+            .unwrap();
+        (status, stdout)
+    });
+    let mut b = GuestChannel::connect_serial(&mux_socket).await.unwrap();
+    let (status, stdout, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(&mut b, ExecRequest::argv(["echo", "b"]), b""),
+    )
+    .await
+    .expect("B waited for A");
+    assert_eq!(
+        (status, stdout.as_slice()),
+        (ExitStatus::Code(0), b"b\n".as_slice())
+    );
+    assert!(!a_running.is_finished());
+    a_stdin.write_all(b"hello\n").await.unwrap();
+    let (status, stdout) = tokio::time::timeout(Duration::from_secs(20), a_running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (status, stdout.as_slice()),
+        (ExitStatus::Code(0), b"a got hello\n".as_slice())
+    );
+
+    // A client that hangs up mid-command has its command killed.
+    let pid_file = dir.path().join("sleeper.pid");
+    let mut c = GuestChannel::connect_serial(&mux_socket).await.unwrap();
+    let script = format!("echo $$ > {}; exec sleep 1000", pid_file.display());
+    let hung_up = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.exec(
+            &ExecRequest::shell(script),
+            tokio::io::empty(),
+            tokio::io::sink(),
+            tokio::io::sink(),
+        ),
+    )
+    .await;
+    assert!(hung_up.is_err(), "the sleeper ended by itself");
+    drop(c);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper outlived its channel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A channel another client holds is refused; the holder is unaffected.
+    let hello = protocol::encode_json_frame(
+        FrameType::Hello,
+        77,
+        &protocol::Hello {
+            version: protocol::PROTOCOL_VERSION,
+        },
+    );
+    let mut holder = UnixStream::connect(&mux_socket).await.unwrap();
+    holder.write_all(&hello).await.unwrap();
+    let mut header = [0u8; HEADER_LEN];
+    holder.read_exact(&mut header).await.unwrap();
+    let header = FrameHeader::decode(&header).unwrap();
+    assert_eq!(
+        (header.channel, header.frame_type()),
+        (77, Some(FrameType::Ready))
+    );
+    let mut payload = vec![0u8; header.len as usize];
+    holder.read_exact(&mut payload).await.unwrap();
+    let mut intruder = UnixStream::connect(&mux_socket).await.unwrap();
+    intruder.write_all(&hello).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), intruder.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, 0, "the intruder was answered: {rest:?}");
+
+    // Stopping disconnects clients and removes the socket.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!mux_socket.exists());
+    let mut rest = Vec::new();
+    assert_eq!(holder.read_to_end(&mut rest).await.unwrap_or(0), 0);
+
+    // When the guest's end goes away, the multiplexer returns by itself.
+    let mux = SerialMux::bind(&agent.socket(), &mux_socket).await.unwrap();
+    let serving = tokio::spawn(mux.run(CancellationToken::new()));
+    let mut d = GuestChannel::connect_serial(&mux_socket).await.unwrap();
+    d.hello().await.unwrap();
+    drop(agent);
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the multiplexer outlived its serial stream")
+        .unwrap()
+        .unwrap();
+    assert!(!mux_socket.exists());
+}
+
+#[tokio::test]
 async fn clear_env_gives_the_command_and_its_children_a_default_path() {
     let agent = Agent::start();
     let mut channel = agent.channel().await;
