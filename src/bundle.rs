@@ -40,8 +40,8 @@
 //! Known weaknesses:
 //! - The manifest frame is stored uncompressed: a kernel with thousands of modules carries a
 //!   few hundred KiB of hex digests that would compress to about half.
-//! - Holes in inputs are read as zeros (no `SEEK_DATA`); that costs a read and a hash of every
-//!   byte of a mostly-empty image, cheap next to compressing it.
+//! - Holes in inputs are not read (`SEEK_DATA`) but still hashed and compressed as zeros:
+//!   the tar inside has no sparse entries.
 //! - The tar reader holds GNU long names and PAX headers in memory; a hostile bundle could make
 //!   them large. Bundles come from sha256-pinned catalog entries or the user's own builds.
 
@@ -562,7 +562,6 @@ pub fn write_bundle(
     let total: u64 = inputs.values().map(|(_, size)| size).sum();
     let mut done = 0u64;
     progress(0, total);
-    let mut buffer = vec![0u8; CHUNK_SIZE];
     for (bundle_path, (host_path, size)) in &inputs {
         let read_error = |source| BundleError::ReadInput {
             out: out.to_owned(),
@@ -574,33 +573,47 @@ pub fn write_bundle(
             path: host_path.to_path_buf(),
             detail,
         };
-        let mut input = File::open(host_path).map_err(read_error)?;
+        let input = File::open(host_path).map_err(read_error)?;
         write_entry_header(&mut encoder, bundle_path, *size).map_err(write_error)?;
         let mut hasher = Sha256::new();
         let mut remaining = *size;
-        while remaining > 0 {
+        // Holes are handed over as zeros without reading them (`sparse`): reading a hole
+        // costs a zeroed page-cache page, most of the time of a mostly-empty image.
+        let fed = crate::sparse::read_sparse(&input, |chunk| {
             if cancel.is_cancelled() {
-                return Err(BundleError::Cancelled {
+                return Err(Feed::Stop(BundleError::Cancelled {
                     bundle: out.to_owned(),
-                });
+                }));
             }
-            let want = usize::try_from(remaining).map_or(CHUNK_SIZE, |left| left.min(CHUNK_SIZE));
-            let read = input.read(&mut buffer[..want]).map_err(read_error)?;
-            if read == 0 {
+            let chunk = chunk.bytes;
+            if chunk.len() as u64 > remaining {
+                return Err(Feed::Stop(changed(format!(
+                    "it grew beyond the {size} bytes it had when packing began"
+                ))));
+            }
+            hasher.update(chunk);
+            encoder
+                .write_all(chunk)
+                .map_err(|error| Feed::Stop(write_error(error)))?;
+            remaining -= chunk.len() as u64;
+            done += chunk.len() as u64;
+            progress(done, total);
+            Ok(())
+        });
+        match fed {
+            Ok(_) if remaining == 0 => {}
+            Ok(_) => {
                 return Err(changed(format!(
                     "it shrank below the {size} bytes it had when packing began"
                 )));
             }
-            hasher.update(&buffer[..read]);
-            encoder.write_all(&buffer[..read]).map_err(write_error)?;
-            remaining -= read as u64;
-            done += read as u64;
-            progress(done, total);
-        }
-        if input.read(&mut [0u8; 1]).map_err(read_error)? != 0 {
-            return Err(changed(format!(
-                "it grew beyond the {size} bytes it had when packing began"
-            )));
+            Err(Feed::Stop(error)) => return Err(error),
+            Err(Feed::Read(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(changed(format!(
+                    "it shrank below the {size} bytes it had when packing began"
+                )));
+            }
+            Err(Feed::Read(error)) => return Err(read_error(error)),
         }
         write_padding(&mut encoder, *size).map_err(write_error)?;
         written
@@ -741,6 +754,19 @@ fn raw_frame(content: &[u8]) -> Vec<u8> {
         frame.extend_from_slice(chunk);
     }
     frame
+}
+
+/// Why feeding an input into the bundle stopped: its file could not be read, or the bundle
+/// refused what came (cancelled, a write failed, the input grew).
+enum Feed {
+    Read(io::Error),
+    Stop(BundleError),
+}
+
+impl From<io::Error> for Feed {
+    fn from(error: io::Error) -> Feed {
+        Feed::Read(error)
+    }
 }
 
 fn hash_file(path: &Path) -> io::Result<(String, u64)> {

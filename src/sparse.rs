@@ -33,17 +33,31 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 
 const CHUNK: usize = 1 << 20;
 
+/// A piece of a file handed over by [`read_sparse`].
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    /// Where in the file the bytes start.
+    pub offset: u64,
+    /// The file's bytes there: zeros when `hole`.
+    pub bytes: &'a [u8],
+    /// The bytes are a hole's: a copy can leave them unwritten and stay sparse.
+    pub hole: bool,
+}
+
 /// Feeds all of `file` to `consume` in order, in chunks of at most 1 MiB, reading only its
 /// data: holes are passed as zeros from memory. The bytes seen are exactly those a plain read
-/// would return. Returns the file's size.
-pub fn read_sparse(file: &File, mut consume: impl FnMut(&[u8])) -> io::Result<u64> {
+/// would return. Stops at the first error `consume` returns. Returns the file's size.
+pub fn read_sparse<E: From<io::Error>>(
+    file: &File,
+    mut consume: impl FnMut(Chunk<'_>) -> Result<(), E>,
+) -> Result<u64, E> {
     use std::os::unix::fs::FileExt;
     let size = file.metadata()?.len();
     let extents = data_extents(file, size)?;
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
     for (start, end) in extents {
-        feed_zeros(start - offset, &mut consume);
+        feed_zeros(offset, start, &mut consume)?;
         let mut at = start;
         while at < end {
             let want = (end - at).min(CHUNK as u64) as usize;
@@ -52,24 +66,39 @@ pub fn read_sparse(file: &File, mut consume: impl FnMut(&[u8])) -> io::Result<u6
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the file shrank to {at} bytes while it was read"),
-                ));
+                )
+                .into());
             }
-            consume(&buffer[..read]);
+            consume(Chunk {
+                offset: at,
+                bytes: &buffer[..read],
+                hole: false,
+            })?;
             at += read as u64;
         }
         offset = end;
     }
-    feed_zeros(size - offset, &mut consume);
+    feed_zeros(offset, size, &mut consume)?;
     Ok(size)
 }
 
-fn feed_zeros(mut length: u64, consume: &mut impl FnMut(&[u8])) {
+/// The hole `[from, to)` as chunks of zeros.
+fn feed_zeros<E>(
+    mut from: u64,
+    to: u64,
+    consume: &mut impl FnMut(Chunk<'_>) -> Result<(), E>,
+) -> Result<(), E> {
     static ZEROS: [u8; CHUNK] = [0; CHUNK];
-    while length > 0 {
-        let take = length.min(CHUNK as u64) as usize;
-        consume(&ZEROS[..take]);
-        length -= take as u64;
+    while from < to {
+        let take = (to - from).min(CHUNK as u64) as usize;
+        consume(Chunk {
+            offset: from,
+            bytes: &ZEROS[..take],
+            hole: true,
+        })?;
+        from += take as u64;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -95,8 +124,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (file, plain) = holey_file(dir.path());
         let mut seen = Vec::new();
-        let size = read_sparse(&file, |chunk| seen.extend_from_slice(chunk)).unwrap();
+        let mut holes = 0;
+        let size = read_sparse(&file, |chunk| {
+            assert_eq!(chunk.offset, seen.len() as u64, "chunks out of order");
+            if chunk.hole {
+                assert!(chunk.bytes.iter().all(|byte| *byte == 0));
+                holes += chunk.bytes.len();
+            }
+            seen.extend_from_slice(chunk.bytes);
+            Ok::<(), io::Error>(())
+        })
+        .unwrap();
         assert_eq!(size, plain.len() as u64);
+        assert!(holes >= 2 << 20, "only {holes} bytes came as holes");
         assert_eq!(seen.len(), plain.len());
         assert!(seen == plain, "the sparse read differs from the plain read");
     }

@@ -325,8 +325,11 @@ impl Store {
         };
         let file = std::fs::File::open(path).map_err(publish_error)?;
         let mut hasher = ssri::IntegrityOpts::new().algorithm(ssri::Algorithm::Sha256);
-        let size = crate::sparse::read_sparse(&file, |chunk| hasher.input(chunk))
-            .map_err(publish_error)?;
+        let size = crate::sparse::read_sparse(&file, |chunk| {
+            hasher.input(chunk.bytes);
+            Ok::<(), std::io::Error>(())
+        })
+        .map_err(publish_error)?;
         drop(file);
         self.publish_as(path, hasher.result(), size)
     }

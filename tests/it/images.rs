@@ -1,7 +1,8 @@
 //! `banger image` and `banger build` end to end: the real binary against Debian's real
 //! `docker-registry`, images the test pushes, the resulting ext4 checked with e2fsprogs.
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use crate::registry::{BasicUser, FakeRegistry, Pusher, RealRegistry, Reply, push_layers};
 use crate::rootfs::faithful_layer_blobs;
@@ -313,6 +314,37 @@ fn import_tar_and_register_and_remove() {
         "debian",
     ]);
     assert_eq!(registered.code, Some(0), "{registered}");
+    // A registered image keeps its holes in the store: this one ends in 64 MiB of hole, which
+    // a plain copy would write out as zeros.
+    let holey = context.home().join("holey.ext4");
+    std::fs::copy(&image, &holey).unwrap();
+    let holey_size = std::fs::metadata(&holey).unwrap().len() + (64 << 20);
+    std::fs::File::options()
+        .write(true)
+        .open(&holey)
+        .unwrap()
+        .set_len(holey_size)
+        .unwrap();
+    let registered = context.run(&[
+        "image",
+        "register",
+        "holey",
+        "--rootfs",
+        holey.to_str().unwrap(),
+    ]);
+    assert_eq!(registered.code, Some(0), "{registered}");
+    let (_holey_dir, stored) = rootfs_of(&context, "holey");
+    assert!(
+        std::fs::read(&stored).unwrap() == std::fs::read(&holey).unwrap(),
+        "the stored image differs from the registered file"
+    );
+    let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    assert!(
+        allocated(&stored) <= allocated(&holey) + (1 << 20),
+        "registering filled holes: {} bytes allocated for {holey_size}, the file {}",
+        allocated(&stored),
+        allocated(&holey)
+    );
     let not_ext4 = context.run(&[
         "image",
         "register",
