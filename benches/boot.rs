@@ -387,8 +387,8 @@ fn main() -> ExitCode {
             let ok = settled <= Duration::from_millis(100);
             met &= ok;
             println!(
-                "    settled         {:>9}  (the same once the boot is over, as systemd says where it runs, \
-                 target ≤ 100 ms: {})",
+                "    settled         {:>9}  (the same once the boot is over, as systemd says \
+                 where it runs, target ≤ 100 ms: {})",
                 ms(settled),
                 if ok { "met" } else { "MISSED" }
             );

@@ -54,6 +54,8 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use crate::sparse::SparseReadError;
 use tokio_util::sync::CancellationToken;
 
 /// The manifest `format` this code writes and reads.
@@ -313,7 +315,7 @@ impl BundleManifest {
         self.validate_fields()?;
         for (path, digest) in &self.files {
             validate_bundle_path(path).map_err(|reason| format!("file `{path}`: {reason}"))?;
-            if !is_sha256_hex(&digest.sha256) {
+            if !crate::store::is_sha256_hex(&digest.sha256) {
                 return Err(format!(
                     "file `{path}`: sha256 `{}` is not 64 lowercase hex digits",
                     digest.sha256
@@ -441,13 +443,6 @@ fn validate_bundle_path(path: &str) -> Result<(), &'static str> {
         return Err("`manifest.json` is the manifest itself");
     }
     Ok(())
-}
-
-fn is_sha256_hex(text: &str) -> bool {
-    text.len() == 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -581,39 +576,36 @@ pub fn write_bundle(
         // costs a zeroed page-cache page, most of the time of a mostly-empty image.
         let fed = crate::sparse::read_sparse(&input, |chunk| {
             if cancel.is_cancelled() {
-                return Err(Feed::Stop(BundleError::Cancelled {
+                return Err(BundleError::Cancelled {
                     bundle: out.to_owned(),
-                }));
+                });
             }
             let chunk = chunk.bytes;
             if chunk.len() as u64 > remaining {
-                return Err(Feed::Stop(changed(format!(
+                return Err(changed(format!(
                     "it grew beyond the {size} bytes it had when packing began"
-                ))));
+                )));
             }
             hasher.update(chunk);
-            encoder
-                .write_all(chunk)
-                .map_err(|error| Feed::Stop(write_error(error)))?;
+            encoder.write_all(chunk).map_err(write_error)?;
             remaining -= chunk.len() as u64;
             done += chunk.len() as u64;
             progress(done, total);
             Ok(())
         });
+        let shrank = || {
+            changed(format!(
+                "it shrank below the {size} bytes it had when packing began"
+            ))
+        };
         match fed {
             Ok(_) if remaining == 0 => {}
-            Ok(_) => {
-                return Err(changed(format!(
-                    "it shrank below the {size} bytes it had when packing began"
-                )));
+            Ok(_) => return Err(shrank()),
+            Err(SparseReadError::Consumer(error)) => return Err(error),
+            Err(SparseReadError::Read(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(shrank());
             }
-            Err(Feed::Stop(error)) => return Err(error),
-            Err(Feed::Read(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(changed(format!(
-                    "it shrank below the {size} bytes it had when packing began"
-                )));
-            }
-            Err(Feed::Read(error)) => return Err(read_error(error)),
+            Err(SparseReadError::Read(error)) => return Err(read_error(error)),
         }
         write_padding(&mut encoder, *size).map_err(write_error)?;
         written
@@ -754,19 +746,6 @@ fn raw_frame(content: &[u8]) -> Vec<u8> {
         frame.extend_from_slice(chunk);
     }
     frame
-}
-
-/// Why feeding an input into the bundle stopped: its file could not be read, or the bundle
-/// refused what came (cancelled, a write failed, the input grew).
-enum Feed {
-    Read(io::Error),
-    Stop(BundleError),
-}
-
-impl From<io::Error> for Feed {
-    fn from(error: io::Error) -> Feed {
-        Feed::Read(error)
-    }
 }
 
 fn hash_file(path: &Path) -> io::Result<(String, u64)> {

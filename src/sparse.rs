@@ -1,8 +1,9 @@
 //! Sparse files: where a file holds data, so that readers can skip its holes.
 //!
 //! Reading a hole is not free: the kernel allocates a zeroed page-cache page for each page of
-//! it. On this project's reference host that cost about 3 ms per MiB, so hashing or copying a
-//! mostly-empty disk image by plain reads spends most of its time making zeros.
+//! it. On this project's reference host `cat` of a fresh 1 GiB hole took 0.19–1.13 s, so
+//! hashing or copying a mostly-empty disk image by plain reads spends much of its time making
+//! zeros.
 
 use std::fs::File;
 use std::io;
@@ -44,16 +45,25 @@ pub struct Chunk<'a> {
     pub hole: bool,
 }
 
+/// Why [`read_sparse`] stopped.
+#[derive(Debug)]
+pub enum SparseReadError<E> {
+    /// The file could not be read; `UnexpectedEof` when it shrank while it was read.
+    Read(io::Error),
+    /// The consumer refused a chunk.
+    Consumer(E),
+}
+
 /// Feeds all of `file` to `consume` in order, in chunks of at most 1 MiB, reading only its
 /// data: holes are passed as zeros from memory. The bytes seen are exactly those a plain read
 /// would return. Stops at the first error `consume` returns. Returns the file's size.
-pub fn read_sparse<E: From<io::Error>>(
+pub fn read_sparse<E>(
     file: &File,
     mut consume: impl FnMut(Chunk<'_>) -> Result<(), E>,
-) -> Result<u64, E> {
+) -> Result<u64, SparseReadError<E>> {
     use std::os::unix::fs::FileExt;
-    let size = file.metadata()?.len();
-    let extents = data_extents(file, size)?;
+    let size = file.metadata().map_err(SparseReadError::Read)?.len();
+    let extents = data_extents(file, size).map_err(SparseReadError::Read)?;
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
     for (start, end) in extents {
@@ -61,19 +71,21 @@ pub fn read_sparse<E: From<io::Error>>(
         let mut at = start;
         while at < end {
             let want = (end - at).min(CHUNK as u64) as usize;
-            let read = file.read_at(&mut buffer[..want], at)?;
+            let read = file
+                .read_at(&mut buffer[..want], at)
+                .map_err(SparseReadError::Read)?;
             if read == 0 {
-                return Err(io::Error::new(
+                return Err(SparseReadError::Read(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the file shrank to {at} bytes while it was read"),
-                )
-                .into());
+                )));
             }
             consume(Chunk {
                 offset: at,
                 bytes: &buffer[..read],
                 hole: false,
-            })?;
+            })
+            .map_err(SparseReadError::Consumer)?;
             at += read as u64;
         }
         offset = end;
@@ -87,7 +99,7 @@ fn feed_zeros<E>(
     mut from: u64,
     to: u64,
     consume: &mut impl FnMut(Chunk<'_>) -> Result<(), E>,
-) -> Result<(), E> {
+) -> Result<(), SparseReadError<E>> {
     static ZEROS: [u8; CHUNK] = [0; CHUNK];
     while from < to {
         let take = (to - from).min(CHUNK as u64) as usize;
@@ -95,7 +107,8 @@ fn feed_zeros<E>(
             offset: from,
             bytes: &ZEROS[..take],
             hole: true,
-        })?;
+        })
+        .map_err(SparseReadError::Consumer)?;
         from += take as u64;
     }
     Ok(())
@@ -132,7 +145,7 @@ mod tests {
                 holes += chunk.bytes.len();
             }
             seen.extend_from_slice(chunk.bytes);
-            Ok::<(), io::Error>(())
+            Ok::<(), ()>(())
         })
         .unwrap();
         assert_eq!(size, plain.len() as u64);

@@ -42,31 +42,26 @@ fn copy_verified(
     progress: &crate::engine::ProgressHandle,
 ) -> Result<(), StepError> {
     use std::os::unix::fs::FileExt;
-    let input = std::fs::File::open(source)
-        .map_err(|error| StepError::with_source(format!("cannot read {source}"), error))?;
+    let read_error = |error| StepError::with_source(format!("cannot read {source}"), error);
     let write_error =
         |error| StepError::with_source(format!("cannot write {}", destination.display()), error);
+    let input = std::fs::File::open(source).map_err(read_error)?;
+    let total = input.metadata().map_err(read_error)?.len();
     let output = std::fs::File::create(destination).map_err(write_error)?;
-    let total = input
-        .metadata()
-        .map_err(|error| StepError::with_source(format!("cannot read {source}"), error))?
-        .len();
     let mut hasher = blake3::Hasher::new();
     let mut done = 0u64;
     let copied = crate::sparse::read_sparse(&input, |chunk| {
         hasher.update(chunk.bytes);
         if !chunk.hole {
-            output
-                .write_all_at(chunk.bytes, chunk.offset)
-                .map_err(Copy::Write)?;
+            output.write_all_at(chunk.bytes, chunk.offset)?;
         }
         done += chunk.bytes.len() as u64;
         progress.report(done, Some(total), ProgressUnit::Bytes);
-        Ok::<(), Copy>(())
+        Ok(())
     })
     .map_err(|error| match error {
-        Copy::Read(error) => StepError::with_source(format!("cannot read {source}"), error),
-        Copy::Write(error) => write_error(error),
+        crate::sparse::SparseReadError::Read(error) => read_error(error),
+        crate::sparse::SparseReadError::Consumer(error) => write_error(error),
     })?;
     output.set_len(copied).map_err(write_error)?;
     let actual = format!("blake3:{}", hasher.finalize().to_hex());
@@ -76,16 +71,4 @@ fn copy_verified(
         )));
     }
     Ok(())
-}
-
-/// Which side of a copy failed.
-enum Copy {
-    Read(std::io::Error),
-    Write(std::io::Error),
-}
-
-impl From<std::io::Error> for Copy {
-    fn from(error: std::io::Error) -> Copy {
-        Copy::Read(error)
-    }
 }

@@ -17,8 +17,8 @@
 //!
 //! Lifecycle of an output:
 //! 1. A step writes files into its scratch directory.
-//! 2. [`Store::publish_file`] hashes each file (one streaming read of its data) and renames it into content
-//!    storage: never copied, never held in memory, read-only from then on.
+//! 2. [`Store::publish_file`] hashes each file (one streaming read of its data) and renames
+//!    it into content storage: never copied, never held in memory, read-only from then on.
 //! 3. [`Store::commit`] writes the content-key record, then the definition-key record. Bytes
 //!    first, record last: a reader that finds a record finds its bytes, and a record whose bytes
 //!    are gone (evicted, deleted by hand) is treated as a miss ([`Miss::OutputMissing`]).
@@ -314,9 +314,10 @@ impl Store {
     }
 
     /// Moves a finished output file into content storage and returns its reference. The file
-    /// is read once to hash it (its data only: holes are hashed as zeros without reading
-    /// them, which is most of an image's free space), then renamed into place (it is in the store's scratch area, so
-    /// on the same file system): a multi-GiB image is never copied and never held in memory.
+    /// is read once to hash it (its data only: holes, most of an image's free space, are
+    /// hashed as zeros without reading them), then renamed into place (it is in the store's
+    /// scratch area, so on the same file system): a multi-GiB image is never copied and never
+    /// held in memory.
     /// Stored content is made read-only, since hits hand it out by hard link.
     pub fn publish_file(&self, path: &Path) -> Result<OutputRef, StoreError> {
         let publish_error = |source| StoreError::Publish {
@@ -327,9 +328,12 @@ impl Store {
         let mut hasher = ssri::IntegrityOpts::new().algorithm(ssri::Algorithm::Sha256);
         let size = crate::sparse::read_sparse(&file, |chunk| {
             hasher.input(chunk.bytes);
-            Ok::<(), std::io::Error>(())
+            Ok::<(), std::convert::Infallible>(())
         })
-        .map_err(publish_error)?;
+        .map_err(|error| match error {
+            crate::sparse::SparseReadError::Read(error) => publish_error(error),
+            crate::sparse::SparseReadError::Consumer(never) => match never {},
+        })?;
         drop(file);
         self.publish_as(path, hasher.result(), size)
     }
@@ -345,7 +349,7 @@ impl Store {
         let bad = || StoreError::BadIntegrity {
             integrity: format!("sha256 {sha256_hex}"),
         };
-        if sha256_hex.len() != 64 || !sha256_hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        if !is_sha256_hex(sha256_hex) {
             return Err(bad());
         }
         let integrity =
@@ -764,6 +768,14 @@ impl Store {
         writer.commit().map_err(write_error)?;
         Ok(())
     }
+}
+
+/// Whether `text` is a sha256 digest as banger writes them: 64 lowercase hex digits.
+pub(crate) fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn parse_integrity(text: &str) -> Result<cacache::Integrity, StoreError> {

@@ -27,6 +27,18 @@ impl Agent {
         Agent::start_with(|socket| vec!["--listen-unix".into(), socket.display().to_string()])
     }
 
+    /// `banger-agent --no-vsock --serial-listen-unix <dir>/agent.sock`: each connection to
+    /// the socket stands in for a VMM's serial chardev session.
+    fn start_serial() -> Agent {
+        Agent::start_with(|socket| {
+            vec![
+                "--no-vsock".into(),
+                "--serial-listen-unix".into(),
+                socket.display().to_string(),
+            ]
+        })
+    }
+
     /// Starts the agent with the arguments `args` builds from the socket path, and waits for
     /// that socket to appear.
     fn start_with(args: impl Fn(&Path) -> Vec<String>) -> Agent {
@@ -773,13 +785,7 @@ async fn hybrid_vsock_reaches_the_agent_through_a_vmm_socket() {
 
 #[tokio::test]
 async fn the_serial_transport_multiplexes_channels_and_survives_reconnects() {
-    let agent = Agent::start_with(|socket| {
-        vec![
-            "--no-vsock".into(),
-            "--serial-listen-unix".into(),
-            socket.display().to_string(),
-        ]
-    });
+    let agent = Agent::start_serial();
     let endpoint = GuestEndpoint::Serial {
         path: agent.socket(),
     };
@@ -860,13 +866,7 @@ async fn the_serial_transport_multiplexes_channels_and_survives_reconnects() {
 async fn the_serial_multiplexer_serves_clients_at_once_and_closes_their_channels() {
     use banger::guest::SerialMux;
     use tokio_util::sync::CancellationToken;
-    let agent = Agent::start_with(|socket| {
-        vec![
-            "--no-vsock".into(),
-            "--serial-listen-unix".into(),
-            socket.display().to_string(),
-        ]
-    });
+    let agent = Agent::start_serial();
     let dir = tempfile::tempdir().unwrap();
     let mux_socket = dir.path().join("mux.sock");
     // A stale file where the socket goes is replaced.
