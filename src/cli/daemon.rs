@@ -36,6 +36,17 @@ daemon's filter when it starts, e.g. `BANGER_LOG=banger=debug`; default `info`."
         #[arg(short = 'n', long, value_name = "N")]
         tail: Option<usize>,
     },
+    /// Internal: multiplex a VM's serial agent stream (the daemon starts one beside each VM
+    /// whose agent is on virtio-serial; it exits when the VM does).
+    #[command(hide = true)]
+    SerialMux {
+        /// The VMM's socket for the guest agent's serial port.
+        #[arg(long)]
+        serial: std::path::PathBuf,
+        /// The socket to serve clients on.
+        #[arg(long)]
+        listen: std::path::PathBuf,
+    },
 }
 
 /// Where the daemon logs.
@@ -52,6 +63,11 @@ pub fn launcher(context: &mut Context) -> anyhow::Result<Launcher> {
 }
 
 pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<ExitStatus> {
+    if let DaemonCommand::SerialMux { serial, listen } = command {
+        // Needs no paths or config: it may run long after they changed.
+        super::runtime()?.block_on(serial_mux(serial, listen))?;
+        return Ok(ExitStatus::Success);
+    }
     let paths = context.paths()?.clone();
     let socket = paths.socket();
     let runtime = super::runtime()?;
@@ -98,6 +114,7 @@ pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<Exi
             }
             super::vm::show_log_file(&log, *follow, *tail)
         }
+        DaemonCommand::SerialMux { .. } => unreachable!("served above"),
         DaemonCommand::Stop => {
             let stopped = runtime.block_on(stop(&socket))?;
             let printer = &context.printer;
@@ -111,4 +128,24 @@ pub fn run(context: &mut Context, command: &DaemonCommand) -> anyhow::Result<Exi
             Ok(ExitStatus::Success)
         }
     }
+}
+
+/// Serves `listen` over the serial stream at `serial` until the VMM closes it, or SIGTERM or
+/// SIGINT arrives (the daemon stopping the VM's helpers).
+async fn serial_mux(serial: &std::path::Path, listen: &std::path::Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mux = banger::guest::SerialMux::bind(serial, listen).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    mux.run(stop).await?;
+    Ok(())
 }

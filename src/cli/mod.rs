@@ -388,4 +388,28 @@ mod tests {
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn the_vm_layer_s_multiplexer_argv_is_a_hidden_daemon_command() {
+        let argv = banger::vm::agent_mux::argv(
+            std::path::Path::new("/usr/bin/banger"),
+            std::path::Path::new("/run/vm/agent.sock"),
+            std::path::Path::new("/run/vm/agent-mux.sock"),
+        );
+        let cli = Cli::try_parse_from(&argv).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Daemon(daemon::DaemonCommand::SerialMux { ref serial, ref listen })
+                if serial.ends_with("agent.sock") && listen.ends_with("agent-mux.sock")
+        ));
+        let help = Cli::command()
+            .find_subcommand_mut("daemon")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(
+            help.contains("logs") && !help.contains("serial-mux"),
+            "{help}"
+        );
+    }
 }

@@ -38,6 +38,11 @@ pub struct UpArgs {
     /// Recreate the VM from nothing, its /root work disk included.
     #[arg(long)]
     fresh: bool,
+    /// Boot a VM that up makes from scratch, neither restoring nor saving a memory snapshot
+    /// (without it, under QEMU with the `user` or `none` network, a new VM starts from a
+    /// snapshot of the same image, kernel and shape, saved by the first such start).
+    #[arg(long)]
+    cold: bool,
     /// Bring the sandbox up but do not run [up].run.
     #[arg(long)]
     no_run: bool,
@@ -204,6 +209,7 @@ pub fn up(context: &mut Context, args: &UpArgs) -> anyhow::Result<ExitStatus> {
         },
         rm: args.rm,
         fresh: args.fresh,
+        cold: args.cold,
         no_run: args.no_run,
         boot_timeout: args.timeout.map(std::time::Duration::from_secs),
         extra_file_sync: context.config()?.file_sync.clone(),

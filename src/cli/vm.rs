@@ -83,8 +83,9 @@ Examples:
   banger vm cp box:/etc - | tar t"
     )]
     Cp(super::copy::CpArgs),
-    /// Create a VM (stopped): its disks, its links to the image and kernel, its record.
-    Create(CreateArgs),
+    /// Create a VM (stopped, unless --start): its disks, its links to the image and kernel,
+    /// its record.
+    Create(CreateCommandArgs),
     /// Boot a stopped VM and wait until its agent answers.
     Start(StartArgs),
     /// Power a VM off cleanly through its agent (forced after 30 s, or -t).
@@ -263,6 +264,23 @@ pub struct CreateArgs {
     publish: Vec<PortForward>,
 }
 
+#[derive(Debug, Args)]
+pub struct CreateCommandArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Start it too, and wait until its agent answers. Under QEMU with the `user` or `none`
+    /// network it starts from a memory snapshot of the same image, kernel and shape booted
+    /// before (saved by the first such start), made a new instance.
+    #[arg(long)]
+    start: bool,
+    /// With --start: boot from scratch, neither restoring nor saving a snapshot.
+    #[arg(long, requires = "start")]
+    cold: bool,
+    /// With --start: seconds to wait for the guest to come up (at most a week).
+    #[arg(long, requires = "start", value_name = "SECONDS", value_parser = timeout_secs())]
+    timeout: Option<u64>,
+}
+
 /// `--network`: `tap`'s root check is the daemon's (it is the one that makes the bridge).
 fn parse_network(text: &str) -> Result<NetworkMode, String> {
     NetworkMode::from_name(text)
@@ -273,14 +291,14 @@ fn parse_network(text: &str) -> Result<NetworkMode, String> {
 pub struct RunArgs {
     #[command(flatten)]
     create: CreateArgs,
-    /// Delete the VM afterwards (kept if it never came up, for `vm logs`). Under QEMU with
+    /// Delete the VM afterwards (kept if it never came up, for `vm logs`).
+    #[arg(long)]
+    rm: bool,
+    /// Boot from scratch, neither restoring nor saving a snapshot. Without it, under QEMU with
     /// the `user` or `none` network, the VM starts from a memory snapshot of the same image,
     /// kernel and shape booted before (saved by the first such run), made a new instance:
     /// its own clock, entropy, MAC, machine id and SSH host keys.
     #[arg(long)]
-    rm: bool,
-    /// With `--rm`: boot from scratch, neither restoring nor saving a snapshot.
-    #[arg(long, requires = "rm")]
     cold: bool,
     /// Seconds to wait for the guest to come up (at most a week).
     #[arg(long, default_value_t = 180, value_name = "SECONDS", value_parser = timeout_secs())]
@@ -396,8 +414,11 @@ fn run_on(
             Ok(guest_command_status(context, result))
         }
         VmCommand::Create(args) => {
-            let request = Request::VmCreate(create_request(args, false, None));
-            one_vm(context, runtime, &mut session, &request, "created")
+            let mut create = create_request(&args.create, args.start, args.timeout);
+            create.warm_start = args.start && !args.cold;
+            let request = Request::VmCreate(create);
+            let done = if args.start { "running" } else { "created" };
+            one_vm(context, runtime, &mut session, &request, done)
         }
         VmCommand::Start(args) => {
             let request = Request::VmStart {
@@ -1390,7 +1411,7 @@ fn vm_run(
     let mut create = create_request(&args.create, true, Some(args.timeout));
     // Ctrl-C while the VM is being made ends this process; the daemon then deletes it.
     create.remove_if_abandoned = args.rm;
-    create.warm_start = args.rm && !args.cold;
+    create.warm_start = !args.cold;
     let request = Request::VmCreate(create);
     let vm = match session.vm(context, runtime, &request)? {
         Ok(vm) => vm,

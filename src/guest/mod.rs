@@ -29,11 +29,10 @@
 //! else, and `exec_tty` tells it apart ([`GuestError::TtyUnsupported`]).
 //!
 //! Many clients can share one serial stream through [`SerialMux`] (`serial_mux.rs`), which
-//! holds the VMM's one connection and gives each of its own connections a channel.
+//! holds the VMM's one connection and gives each of its own connections a channel; the VM
+//! layer runs one beside every QEMU VM on the serial transport (`vm/agent_mux.rs`).
 //!
-//! Weaknesses: no signal forwarding during `exec` yet (the agent understands `Signal`); the
-//! VM layer does not run a [`SerialMux`] yet, so VMs on the serial transport serve one host
-//! connection at a time.
+//! Weakness: no signal forwarding during `exec` yet (the agent understands `Signal`).
 
 mod client;
 mod error;

@@ -113,6 +113,8 @@ pub struct UpRequest {
     pub rm: bool,
     /// Recreate the VM, work disk included.
     pub fresh: bool,
+    /// A VM `up` makes boots from scratch instead of starting from a memory snapshot.
+    pub cold: bool,
     /// Do not run `[up].run`.
     pub no_run: bool,
     /// How long to wait for the guest's agent.
@@ -209,6 +211,7 @@ pub async fn up(
             image: image_name,
             kernel,
             fresh: request.fresh,
+            cold: request.cold,
             timeout: boot_timeout,
             shared: Arc::clone(&shared),
         },
@@ -310,6 +313,7 @@ struct VmBoot {
     image: String,
     kernel: Option<String>,
     fresh: bool,
+    cold: bool,
     timeout: Duration,
     shared: Arc<Mutex<Shared>>,
 }
@@ -346,7 +350,9 @@ impl Executor for VmBoot {
                     start: true,
                     timeout_secs: Some(self.timeout.as_secs()),
                     remove_if_abandoned: false,
-                    warm_start: false,
+                    // Only a VM that `up` makes starts warm; one it reuses or recreates
+                    // boots (a kept work disk is not the snapshot's).
+                    warm_start: !self.cold,
                 },
                 fresh: self.fresh,
             };

@@ -263,7 +263,8 @@ pub struct CreateVm {
     #[serde(default)]
     pub remove_if_abandoned: bool,
     /// Start from a memory snapshot of this image, kernel and shape, and save one if there is
-    /// none (QEMU, `user` or `none` network; a one-shot VM: its agent is on virtio-serial).
+    /// none (QEMU, `user` or `none` network: its agent is then on virtio-serial, multiplexed
+    /// by a helper process).
     #[serde(default)]
     pub warm_start: bool,
 }

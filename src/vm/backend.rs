@@ -72,6 +72,8 @@ pub enum BackendError {
     Firecracker(#[from] FirecrackerError),
     #[error(transparent)]
     Privileged(#[from] PrivilegedError),
+    #[error(transparent)]
+    AgentMux(#[from] super::agent_mux::AgentMuxError),
     #[error(
         "the Firecracker backend cannot boot guests on this host: {reason}; use the QEMU \
          backend (`--backend qemu`, the default here)"
@@ -222,11 +224,15 @@ pub struct QemuBackend {
     pub accel: Accel,
     pub transport: AgentTransport,
     pub vsock_daemon: Option<PathBuf>,
+    /// banger itself, run as the serial agent's multiplexer (`agent_mux.rs`) beside each VM
+    /// on the serial transport; `None`: the VM's chardev serves one client at a time.
+    pub serial_mux: Option<PathBuf>,
 }
 
 impl QemuBackend {
     /// QEMU as banger finds it: `$BANGER_QEMU` or `qemu-system-x86_64`, vsock when
-    /// `vhost-device-vsock` is installed, virtio-serial otherwise.
+    /// `vhost-device-vsock` is installed, virtio-serial (multiplexed by this very program,
+    /// which is banger) otherwise.
     pub fn from_env(accel: Accel) -> QemuBackend {
         let vsock_daemon = super::vsock::find_binary();
         QemuBackend {
@@ -238,6 +244,7 @@ impl QemuBackend {
                 AgentTransport::Serial
             },
             vsock_daemon,
+            serial_mux: this_program(),
         }
     }
 
@@ -273,6 +280,15 @@ impl QemuBackend {
             serial_log: spec.console_log.clone(),
         }
     }
+}
+
+/// This program's binary, to run again as a helper: its path, or `/proc/self/exe` once the
+/// path no longer holds it (banger was upgraded while the daemon ran).
+fn this_program() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .filter(|path| path.is_file())
+        .or_else(|| Some(PathBuf::from("/proc/self/exe")))
 }
 
 impl VmmBackend for QemuBackend {
@@ -345,12 +361,27 @@ impl QemuBackend {
                 return Err(BackendError::NoPid);
             }
         };
+        let mut helpers: Vec<ProcessHandle> = vsock.into_iter().collect();
+        let mut agent = AgentAddress::of(endpoint);
+        if let (AgentAddress::Serial { path: chardev }, Some(program)) = (&agent, &self.serial_mux)
+        {
+            match super::agent_mux::spawn(program, chardev, &spec.run_dir, &spec.vmm_log).await {
+                Ok((mux, listen)) => {
+                    helpers.push(mux);
+                    agent = AgentAddress::Serial { path: listen };
+                }
+                Err(error) => {
+                    vmm.kill().await;
+                    return Err(error.into());
+                }
+            }
+        }
         Ok(Launched {
             backend: BackendKind::Qemu,
             vmm,
-            helpers: vsock.into_iter().collect(),
+            helpers,
             control_socket,
-            agent: AgentAddress::of(endpoint),
+            agent,
             ssh_host: match tap {
                 Some(tap) => Some(tap.address.to_string()),
                 None => network.then(|| "127.0.0.1".to_owned()),
@@ -645,6 +676,7 @@ mod tests {
             },
             transport: AgentTransport::Serial,
             vsock_daemon: None,
+            serial_mux: None,
         }
     }
 

@@ -1,11 +1,13 @@
 //! Virtual machines: accelerator choice, the QEMU microvm backend and its control protocol,
 //! the Firecracker backend (API client, process, jailer), vsock through
 //! `vhost-device-vsock`, the `VmmBackend` trait over both (`backend.rs`), per-VM disks
-//! (`storage.rs`), memory snapshots and restores (`snapshot.rs`), processes that outlive the daemon (`process.rs`), and throwaway boots that
-//! reach the guest agent (`boot.rs`: `kernel test`, builder VMs). The lifecycle of named VMs
-//! (create, start, stop, delete) is the daemon's, on top of these.
+//! (`storage.rs`), memory snapshots and restores (`snapshot.rs`), processes that outlive the
+//! daemon (`process.rs`), the serial agent's multiplexer run beside a VM (`agent_mux.rs`),
+//! and throwaway boots that reach the guest agent (`boot.rs`: `kernel test`, builder VMs).
+//! The lifecycle of named VMs (create, start, stop, delete) is the daemon's, on top of these.
 
 pub mod accel;
+pub mod agent_mux;
 pub mod backend;
 pub mod boot;
 pub mod firecracker;

@@ -1206,3 +1206,83 @@ async fn a_tty_command_sees_its_window_and_a_resize() {
     assert!(before.contains("24 80\r\n"), "{before:?}");
     assert!(after.contains("30 100\r\n"), "{after:?}");
 }
+
+#[tokio::test]
+async fn the_multiplexer_helper_process_serves_two_clients_and_exits_with_the_stream() {
+    let agent = Agent::start_serial();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vmm.log");
+    let (helper, listen) = banger::vm::agent_mux::spawn(
+        Path::new(env!("CARGO_BIN_EXE_banger")),
+        &agent.socket(),
+        dir.path(),
+        &log,
+    )
+    .await
+    .unwrap();
+    assert!(helper.is_alive());
+    assert_eq!(listen, dir.path().join(banger::vm::agent_mux::SOCKET_NAME));
+
+    // Two clients at once: one holds a command waiting on stdin while the other's runs.
+    let mut a = GuestChannel::connect_serial(&listen).await.unwrap();
+    let (mut a_stdin, a_input) = tokio::io::duplex(64);
+    let a_running = tokio::spawn(async move {
+        let mut stdout = Vec::new();
+        let status = a
+            .exec(
+                &ExecRequest::shell("read line; echo \"a got $line\"").with_stdin(),
+                a_input,
+                &mut stdout,
+                tokio::io::sink(),
+            )
+            .await
+            .unwrap();
+        (status, stdout)
+    });
+    let mut b = GuestChannel::connect_serial(&listen).await.unwrap();
+    let (status, stdout, _) = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(&mut b, ExecRequest::argv(["echo", "b"]), b""),
+    )
+    .await
+    .expect("B waited for A");
+    assert_eq!(
+        (status, stdout.as_slice()),
+        (ExitStatus::Code(0), b"b\n".as_slice())
+    );
+    a_stdin.write_all(b"x\n").await.unwrap();
+    let (status, stdout) = tokio::time::timeout(Duration::from_secs(20), a_running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (status, stdout.as_slice()),
+        (ExitStatus::Code(0), b"a got x\n".as_slice())
+    );
+
+    // The VMM going away (here: the agent's end) ends the helper and its socket.
+    drop(agent);
+    assert!(
+        helper.wait_gone(Duration::from_secs(10)).await,
+        "the helper outlived its serial stream; its log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(!listen.exists());
+
+    // A serial socket that is not there: the start fails, saying why, and leaves nothing.
+    let missing = dir.path().join("no-such.sock");
+    let error = banger::vm::agent_mux::spawn(
+        Path::new(env!("CARGO_BIN_EXE_banger")),
+        &missing,
+        dir.path(),
+        &log,
+    )
+    .await
+    .unwrap_err();
+    let message = banger::error::error_chain(&error);
+    assert!(
+        message.contains("exited at start-up") && message.contains("no-such.sock"),
+        "{message}"
+    );
+    assert!(!listen.exists());
+}

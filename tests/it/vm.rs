@@ -1681,3 +1681,132 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
     assert!(after.stderr.contains("from its snapshot"), "{after}");
     assert!(!after.stderr.contains("did not start"), "{after}");
 }
+
+/// The serial multiplexers (`banger daemon serial-mux`) running for VMs of `context`.
+fn serial_muxes(context: &TestContext) -> Vec<u32> {
+    let root = context.root.path().to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("serial-mux") && cmdline.contains(&root)
+        })
+        .collect()
+}
+
+#[test]
+fn slow_a_kept_vm_restores_serves_exec_and_ssh_at_once_and_boots_cold_after_a_stop() {
+    if !can_boot() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = &world.context;
+    // A shape no other test boots: the first run saves the snapshot the second restores.
+    let run = |name: &str| {
+        vm_ok(
+            context,
+            name,
+            &[
+                "-v", "vm", "run", "--name", name, "--memory", "672M", "--vcpu", "1", "--", "true",
+            ],
+        )
+    };
+    let first = run("kept-first");
+    assert!(first.stderr.contains("saved the snapshot"), "{first}");
+    vm_ok(context, "kept-first", &["vm", "delete", "-f", "kept-first"]);
+
+    // `vm create --start` restores it too.
+    let name = "kept-warm";
+    let restored = vm_ok(
+        context,
+        name,
+        &[
+            "-v", "vm", "create", "--start", "--name", name, "--memory", "672M", "--vcpu", "1",
+        ],
+    );
+    assert!(restored.stdout.contains("running"), "{restored}");
+    assert!(restored.stderr.contains("from its snapshot"), "{restored}");
+    assert!(!restored.stderr.contains("booting `"), "{restored}");
+    assert_eq!(show(context, name)["state"], "running");
+    assert_eq!(serial_muxes(context).len(), 1, "one multiplexer for one VM");
+
+    // A command holds the agent; another command and an SSH session run meanwhile.
+    let mut holder = context
+        .command(&[
+            "vm",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "touch /tmp/holding; sleep 60; echo held",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let check = context.run(&["vm", "exec", name, "--", "test", "-e", "/tmp/holding"]);
+        if check.code == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first command never started: {check}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let exec = vm_ok(
+        context,
+        name,
+        &[
+            "vm",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo second > /root/mark; cat /root/mark",
+        ],
+    );
+    assert_eq!(exec.stdout, "second\n", "{exec}");
+    let ssh = vm_ok(
+        context,
+        name,
+        &["vm", "ssh", name, "--", "cat", "/root/mark"],
+    );
+    assert_eq!(ssh.stdout, "second\n", "{ssh}");
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the holding command ended before the others ran"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    // Stopped, its multiplexer goes with it; started again, it boots and kept its disk.
+    vm_ok(context, name, &["vm", "stop", name]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !serial_muxes(context).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the multiplexer outlived its VM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = vm_ok(context, name, &["-v", "vm", "start", name]);
+    assert!(started.stderr.contains("booting `"), "{started}");
+    assert!(!started.stderr.contains("snapshot"), "{started}");
+    let mark = vm_ok(
+        context,
+        name,
+        &["vm", "exec", name, "--", "cat", "/root/mark"],
+    );
+    assert_eq!(mark.stdout, "second\n", "{mark}");
+    vm_ok(context, name, &["vm", "delete", "-f", name]);
+}
