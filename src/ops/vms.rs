@@ -1207,7 +1207,7 @@ impl Vms {
         }
         self.live_insert(name, launched.clone());
         match self
-            .wait_guest(record, &launched, started, timeout, &launch, events)
+            .wait_guest(record, &launched, tap, started, timeout, &launch, events)
             .await
         {
             Ok(()) => {
@@ -1227,8 +1227,7 @@ impl Vms {
     }
 
     /// How VM `record` (just made, about to start on `backend`) uses a memory snapshot, or
-    /// why it cannot: Firecracker, the `tap` network, an image recorded without its
-    /// integrity, QEMU's version unknown, or a snapshots directory that cannot be opened.
+    /// why it cannot: Firecracker, an image recorded without its integrity, QEMU's version unknown, or a snapshots directory that cannot be opened.
     fn warm_plan(
         &self,
         record: &VmRecord,
@@ -1238,9 +1237,6 @@ impl Vms {
         let Backend::Qemu(qemu) = backend else {
             return Err("the Firecracker backend has no warm starts yet".to_owned());
         };
-        if record.network == NetworkMode::Tap {
-            return Err("VMs on the `tap` network are not restored from snapshots yet".to_owned());
-        }
         let hash_file = |name: &str| -> Result<String, String> {
             let path = boot.join(name);
             let mut hasher = blake3::Hasher::new();
@@ -1374,11 +1370,13 @@ impl Vms {
     }
 
     /// Makes a guest restored from a snapshot a new instance (`banger-agent reidentify`):
-    /// the host's time, fresh entropy, the VM's own MAC, machine id and SSH host keys.
+    /// the host's time, fresh entropy, the VM's own MAC, machine id and SSH host keys, and on
+    /// banger's bridge (`tap`) its own address.
     async fn reidentify(
         &self,
         channel: &mut crate::guest::GuestChannel,
         record: &VmRecord,
+        tap: Option<&crate::vm::boot::TapAttachment>,
     ) -> Result<(), VmError> {
         let mut seed = [0u8; 64];
         std::fs::File::open("/dev/urandom")
@@ -1394,25 +1392,48 @@ impl Vms {
         let time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_nanos());
-        let request = serde_json::json!({
+        let mut request = serde_json::json!({
             "time_ns": time_ns,
             "seed": crate::bundle::hex(&seed),
             "mac": crate::vm::boot::TapAttachment::mac_for(&record.id),
             "host_keys": { "ed25519": { "private": private, "public": public } },
         });
-        run_agent_command(
+        if let Some(tap) = tap {
+            // The saved guest has the address of the VM it was saved from.
+            let word = tap.guest_cmdline();
+            request["ip"] = serde_json::Value::from(word.strip_prefix("ip=").unwrap_or(&word));
+        }
+        let stdout = run_agent_command(
             channel,
             &["reidentify"],
             Some(request.to_string().as_bytes()),
         )
-        .await
+        .await?;
+        if let Some(tap) = tap {
+            // An agent older than `ip` ignores it, and the VM would keep another's address.
+            let said = format!("address {}/", tap.address);
+            if !String::from_utf8_lossy(&stdout).contains(&said) {
+                return Err(VmError::AgentCommand {
+                    argv: format!("{} reidentify", crate::assets::AGENT_GUEST_PATH),
+                    status: "exit 0".to_owned(),
+                    stderr: format!(
+                        "it did not move the guest to its own address {} (an agent older \
+                         than this banger: re-pull or rebuild the image)",
+                        tap.address
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Waits for the agent (or for the VMM to die), then authorizes banger's SSH key.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_guest(
         &self,
         record: &VmRecord,
         launched: &Launched,
+        tap: Option<&crate::vm::boot::TapAttachment>,
         started: Instant,
         timeout: Duration,
         launch: &Launch<'_>,
@@ -1459,13 +1480,14 @@ impl Vms {
             }
             Launch::Restore(_) => {
                 let agent_ready = started.elapsed();
-                tokio::time::timeout_at(deadline.into(), self.reidentify(&mut channel, record))
-                    .await
-                    .map_err(|_| {
-                        did_not_come_up(
-                            "its agent did not make it a new instance in time".to_owned(),
-                        )
-                    })??;
+                tokio::time::timeout_at(
+                    deadline.into(),
+                    self.reidentify(&mut channel, record, tap),
+                )
+                .await
+                .map_err(|_| {
+                    did_not_come_up("its agent did not make it a new instance in time".to_owned())
+                })??;
                 tracing::info!(
                     vm = %record.name,
                     agent_ready_ms = agent_ready.as_millis() as u64,
@@ -1948,13 +1970,13 @@ struct WarmPlan {
     saved: Option<crate::vm::snapshot::SavedSnapshot>,
 }
 
-/// Runs `banger-agent ARGS` in the guest (stdin from `input`); a failure carries its
-/// status and stderr.
+/// Runs `banger-agent ARGS` in the guest (stdin from `input`); returns its stdout. A failure
+/// carries its status and stderr.
 async fn run_agent_command(
     channel: &mut crate::guest::GuestChannel,
     arguments: &[&str],
     input: Option<&[u8]>,
-) -> Result<(), VmError> {
+) -> Result<Vec<u8>, VmError> {
     let argv: Vec<&str> = std::iter::once(crate::assets::AGENT_GUEST_PATH)
         .chain(arguments.iter().copied())
         .collect();
@@ -1962,12 +1984,13 @@ async fn run_agent_command(
     if input.is_some() {
         request = request.with_stdin();
     }
+    let mut stdout = Vec::new();
     let mut stderr = Vec::new();
     let status = channel
         .exec(
             &request,
             input.unwrap_or_default(),
-            tokio::io::sink(),
+            &mut stdout,
             &mut stderr,
         )
         .await
@@ -1977,7 +2000,7 @@ async fn run_agent_command(
             stderr: crate::error::error_chain(&source),
         })?;
     if status.success() {
-        return Ok(());
+        return Ok(stdout);
     }
     Err(VmError::AgentCommand {
         argv: argv.join(" "),

@@ -471,3 +471,100 @@ fn network_tap_without_root_is_refused_and_creates_nothing() {
             .exists()
     );
 }
+
+/// A tap VM restored from another tap VM's snapshot takes its own address: the host reaches
+/// it there, its default route and resolver are the bridge's, and it reaches the other by name.
+#[test]
+fn slow_network_tap_vms_start_warm_at_addresses_of_their_own() {
+    if !have_qemu() || !can_make_bridges() {
+        return;
+    }
+    let Some(world) = debian_world() else {
+        return;
+    };
+    let context = home_like_the_world(&world);
+    let host = Netns::new("bgw");
+    let _stop = StopAll(&context);
+    for args in [
+        &["kernel", "pull", "debian-cloud-amd64"][..],
+        &["image", "pull", "debian-bookworm"][..],
+    ] {
+        banger_ok(&context, &host, args);
+    }
+    let start = |name: &str| {
+        banger_ok(
+            &context,
+            &host,
+            &[
+                "-v",
+                "vm",
+                "create",
+                "--start",
+                "--timeout",
+                "600",
+                "--name",
+                name,
+                "--network",
+                "tap",
+                "--memory",
+                "640M",
+                "--vcpu",
+                "1",
+            ],
+        )
+    };
+    let saver = start("saver");
+    assert!(saver.stderr.contains("saved the snapshot"), "{saver}");
+    let restored = start("restored");
+    assert!(restored.stderr.contains("from its snapshot"), "{restored}");
+    assert!(!restored.stderr.contains("booting `"), "{restored}");
+
+    let address = |name: &str| {
+        show(&context, &host, name)["address"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (saver_address, restored_address) = (address("saver"), address("restored"));
+    assert_ne!(saver_address, restored_address);
+    // `vm ssh` dials the VM's own address: this reaching it is the first check.
+    let own = banger_ok(
+        &context,
+        &host,
+        &[
+            "vm",
+            "ssh",
+            "restored",
+            "--",
+            "ip -4 -o addr show dev eth0; ip -4 route show default; cat /etc/resolv.conf",
+        ],
+    );
+    assert!(
+        own.stdout.contains(&format!("{restored_address}/24")),
+        "{own}"
+    );
+    assert!(
+        !own.stdout.contains(&format!("{saver_address}/")),
+        "the restored VM kept the saver's address: {own}"
+    );
+    assert!(own.stdout.contains("default via 10.213.0.1"), "{own}");
+    assert!(own.stdout.contains("nameserver 10.213.0.1"), "{own}");
+    // By name, through the bridge's DNS, to the saver's sshd.
+    let banner = banger_ok(
+        &context,
+        &host,
+        &[
+            "vm",
+            "ssh",
+            "restored",
+            "--",
+            "getent hosts saver.vm; timeout 20 bash -c 'exec 3<>/dev/tcp/saver.vm/22; \
+             head -c 7 <&3'",
+        ],
+    );
+    assert!(banner.stdout.starts_with(&saver_address), "{banner}");
+    assert!(banner.stdout.ends_with("SSH-2.0"), "{banner}");
+
+    banger_ok(&context, &host, &["vm", "rm", "-f", "saver", "restored"]);
+    assert_eq!(leftovers(&host), Vec::<String>::new());
+}

@@ -15,6 +15,8 @@
 //!      generator is reseeded at once (`RNDADDENTROPY`, `RNDRESEEDCRNG`): two copies of
 //!      one kernel state would otherwise draw the same "random" bytes;
 //!    - the first network interface takes the MAC;
+//!    - with `ip`, the interface moves from the saved boot's address (its `ip=`) to the VM's
+//!      own, its default route is replaced, and `/etc/resolv.conf` names the new resolver;
 //!    - a new machine id replaces the saved one (where the image has one);
 //!    - every SSH host key is replaced: by the pair of its type in the request (the host
 //!      makes them: `ssh-keygen` here costs about 0.4 s under TCG), else by `ssh-keygen`;
@@ -45,6 +47,10 @@ pub struct Request {
     /// The new MAC of the first network interface, `aa:bb:cc:dd:ee:ff`.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The VM's own static address, as the value of an `ip=` word (a VM on banger's bridge:
+    /// the saved guest has the address of the VM it was saved from).
+    #[serde(default)]
+    pub ip: Option<String>,
     /// New host keys made by the host, by type (`ed25519`); a type the guest has and this
     /// lacks is made here with `ssh-keygen`.
     #[serde(default)]
@@ -155,6 +161,9 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
     if let Some(mac) = &request.mac {
         parse_mac(mac).ok_or_else(|| format!("bad request: `{mac}` is not a MAC address"))?;
     }
+    if let Some(ip) = &request.ip {
+        static_address(ip)?;
+    }
     Ok(request)
 }
 
@@ -170,6 +179,9 @@ fn reidentify(request: &Request) -> Result<(), String> {
     attempt("entropy", reseed(&seed));
     if let Some(mac) = request.mac.as_deref().and_then(parse_mac) {
         attempt("MAC", set_first_mac(mac));
+    }
+    if let Some(ip) = request.ip.as_deref() {
+        attempt("network address", readdress(ip));
     }
     attempt("machine id", new_machine_id());
     attempt("SSH host keys", new_host_keys(&request.host_keys));
@@ -231,6 +243,34 @@ fn set_first_mac(mac: [u8; 6]) -> Result<(), String> {
         Some(name) => crate::net::set_mac(&name, mac),
         None => Ok(()),
     }
+}
+
+/// The static address of an `ip=` value; anything else (`dhcp`, a malformed one) is refused.
+fn static_address(ip: &str) -> Result<crate::cmdline::IpConfig, String> {
+    match crate::cmdline::IpConfig::parse(ip) {
+        Ok(Some(config)) => Ok(config),
+        Ok(None) => Err(format!("bad request: ip `{ip}` names no static address")),
+        Err(error) => Err(format!("bad request: {error}")),
+    }
+}
+
+/// Moves the interface from the address the saved boot's `ip=` gave it to `ip`'s.
+fn readdress(ip: &str) -> Result<(), String> {
+    let new = static_address(ip)?;
+    let booted = std::fs::read_to_string("/proc/cmdline")
+        .ok()
+        .and_then(|text| {
+            let cmdline = crate::cmdline::Cmdline::parse(&text);
+            crate::cmdline::IpConfig::parse(cmdline.value("ip")?).ok()?
+        });
+    let interface = crate::net::readdress(booted.as_ref(), &new)?;
+    // The host checks for this line: an agent without `ip` would leave the address alone.
+    println!("address {}/{} on {interface}", new.address, new.prefix_len);
+    if !new.dns.is_empty() {
+        crate::net::replace_resolv_conf(Path::new("/etc/resolv.conf"), &new.dns)
+            .map_err(|error| format!("cannot write /etc/resolv.conf: {error}"))?;
+    }
+    Ok(())
 }
 
 fn new_machine_id() -> Result<(), String> {
@@ -404,6 +444,23 @@ mod tests {
                 .unwrap_err()
                 .starts_with("bad request: missing field")
         );
+        let addressed = format!(
+            r#"{{"time_ns": 1, "seed": "{SEED}", "ip": "10.213.0.7::10.213.0.1:255.255.255.0::eth0:off:10.213.0.1"}}"#
+        );
+        assert_eq!(
+            parse_request(&addressed).unwrap().ip.as_deref(),
+            Some("10.213.0.7::10.213.0.1:255.255.255.0::eth0:off:10.213.0.1")
+        );
+        for (ip, error) in [
+            ("dhcp", "bad request: ip `dhcp` names no static address"),
+            (
+                "10.213.0.300::::",
+                "bad request: ip=: bad client address `10.213.0.300`",
+            ),
+        ] {
+            let request = format!(r#"{{"time_ns": 1, "seed": "{SEED}", "ip": "{ip}"}}"#);
+            assert_eq!(parse_request(&request).unwrap_err(), error);
+        }
     }
 
     #[test]

@@ -24,9 +24,11 @@ const NLMSG_HEADER_LEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const AF_UNSPEC: u8 = 0;
@@ -149,6 +151,19 @@ impl Netlink {
         body: &[u8],
         attributes: &[(u16, &[u8])],
     ) -> Result<(), String> {
+        self.request_tolerating(what, kind, flags, body, attributes, Errno::EEXIST)
+    }
+
+    /// [`Netlink::request`], with `tolerated` counting as success instead of EEXIST.
+    fn request_tolerating(
+        &mut self,
+        what: &str,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+        attributes: &[(u16, &[u8])],
+        tolerated: Errno,
+    ) -> Result<(), String> {
         self.sequence += 1;
         let bytes = message(
             kind,
@@ -173,7 +188,7 @@ impl Netlink {
             };
             match ack_status(&reply[..count], self.sequence) {
                 Some(0) => return Ok(()),
-                Some(code) if -code == Errno::EEXIST as i32 => return Ok(()),
+                Some(code) if -code == tolerated as i32 => return Ok(()),
                 Some(code) => return Err(format!("{what}: {}", Errno::from_raw(-code))),
                 None => continue,
             }
@@ -308,6 +323,55 @@ pub fn configure(ip: &IpConfig) -> Result<String, String> {
     Ok(name)
 }
 
+/// Moves an interface that `old` configured (the boot's `ip=`) to the address and default
+/// route of `new` (a VM restored from another VM's memory snapshot); returns its name. The old
+/// address is removed (one already gone is fine), the new one added, and the default route
+/// replaced.
+pub fn readdress(old: Option<&IpConfig>, new: &IpConfig) -> Result<String, String> {
+    let mut netlink = Netlink::open()?;
+    let name = choose_interface(new.device.as_deref())?;
+    let index =
+        nix::net::if_::if_nametoindex(name.as_str()).map_err(|errno| format!("{name}: {errno}"))?;
+    if let Some(old) = old
+        && (old.address, old.prefix_len) != (new.address, new.prefix_len)
+    {
+        let address = old.address.octets();
+        netlink.request_tolerating(
+            &format!("remove {}/{} from {name}", old.address, old.prefix_len),
+            RTM_DELADDR,
+            0,
+            &address_body(index, old.prefix_len),
+            &[(IFA_LOCAL, &address), (IFA_ADDRESS, &address)],
+            Errno::EADDRNOTAVAIL,
+        )?;
+    }
+    let address = new.address.octets();
+    let broadcast = broadcast(new.address, new.prefix_len).octets();
+    netlink.request(
+        &format!("add {}/{} to {name}", new.address, new.prefix_len),
+        RTM_NEWADDR,
+        NLM_F_CREATE | NLM_F_EXCL,
+        &address_body(index, new.prefix_len),
+        &[
+            (IFA_LOCAL, &address),
+            (IFA_ADDRESS, &address),
+            (IFA_BROADCAST, &broadcast),
+        ],
+    )?;
+    if let Some(gateway) = new.gateway {
+        let gateway_bytes = gateway.octets();
+        let index_bytes = index.to_ne_bytes();
+        netlink.request(
+            &format!("route by default via {gateway}"),
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &default_route_body(),
+            &[(RTA_GATEWAY, &gateway_bytes), (RTA_OIF, &index_bytes)],
+        )?;
+    }
+    Ok(name)
+}
+
 /// Replaces `path` with a regular file naming `dns`, written beside it and renamed into
 /// place: a symlink there (to a resolver daemon's stub file, which nothing fills without
 /// DHCP) is replaced, not written through.
@@ -409,5 +473,66 @@ mod tests {
             resolv_conf(&[Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)]),
             "nameserver 1.1.1.1\nnameserver 9.9.9.9\n"
         );
+    }
+
+    /// `ip ARGS` in the calling thread's network namespace; its output.
+    fn ip(args: &[&str]) -> String {
+        let output = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[test]
+    fn readdressing_moves_the_interface_and_its_default_route() {
+        let usable = nix::unistd::geteuid().is_root()
+            && std::process::Command::new("ip")
+                .arg("-V")
+                .output()
+                .is_ok_and(|output| output.status.success());
+        if !usable {
+            assert!(
+                std::env::var_os("BANGER_TEST_REQUIRE_ALL").is_none(),
+                "needs root and ip"
+            );
+            eprintln!("skipped: needs root and ip (iproute2)");
+            return;
+        }
+        // A network namespace of this thread's own (and of the `ip`s it starts).
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            ip(&[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+            ]);
+            ip(&["link", "set", "peer0", "up"]);
+            let booted = IpConfig::parse("10.213.0.5::10.213.0.1:255.255.255.0::eth0:off")
+                .unwrap()
+                .unwrap();
+            configure(&booted).unwrap();
+            assert!(ip(&["-4", "-o", "addr", "show", "dev", "eth0"]).contains("10.213.0.5/24"));
+
+            let own = IpConfig::parse("10.214.0.9::10.214.0.1:16::eth0:off")
+                .unwrap()
+                .unwrap();
+            assert_eq!(readdress(Some(&booted), &own).unwrap(), "eth0");
+            let addresses = ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+            assert!(addresses.contains("10.214.0.9/16"), "{addresses}");
+            assert!(!addresses.contains("10.213.0.5"), "{addresses}");
+            let routes = ip(&["-4", "route", "show", "default"]);
+            assert_eq!(routes.trim(), "default via 10.214.0.1 dev eth0", "{routes}");
+
+            // Again (a retried request, or an address already gone): the same end state.
+            readdress(Some(&booted), &own).unwrap();
+            let again = ip(&["-4", "-o", "addr", "show", "dev", "eth0"]);
+            assert_eq!(again.lines().count(), 1, "{again}");
+        })
+        .join()
+        .unwrap();
     }
 }
