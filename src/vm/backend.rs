@@ -454,6 +454,7 @@ impl FirecrackerBackend {
                 path: spec.vmm_log.clone(),
                 level: LogLevel::Warning,
             }),
+            work_dir: None,
         }
     }
 }

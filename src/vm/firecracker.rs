@@ -457,6 +457,11 @@ pub struct FirecrackerSpec {
     /// the logger is configured). Appended to.
     pub serial_log: Option<PathBuf>,
     pub logger: Option<Logger>,
+    /// The directory an unjailed Firecracker runs in, where relative paths in `drives` and
+    /// `vsock` resolve, at boot and again when a snapshot is loaded. A snapshot records the
+    /// paths as given, so one saved with relative paths restores in any VM's directory onto
+    /// that VM's own files and socket. `None`: this process's directory.
+    pub work_dir: Option<PathBuf>,
 }
 
 /// `PUT /machine-config`.
@@ -615,11 +620,12 @@ impl FirecrackerSpec {
     /// Where the vsock socket appears on the host.
     pub fn host_vsock_uds_path(&self) -> Option<PathBuf> {
         let vsock = self.vsock.as_ref()?;
-        Some(match &self.jailer {
-            Some(jailer) => jailer
+        Some(match (&self.jailer, &self.work_dir) {
+            (Some(jailer), _) => jailer
                 .jail_root(&self.binary, &self.id)
                 .join(jailer::VSOCK_SOCKET.trim_start_matches('/')),
-            None => vsock.uds_path.clone(),
+            (None, Some(dir)) => dir.join(&vsock.uds_path),
+            (None, None) => vsock.uds_path.clone(),
         })
     }
 }
@@ -793,6 +799,9 @@ impl FirecrackerProcess {
             .stderr(Stdio::piped())
             // Not `kill_on_drop`: `Drop` kills its group unless it was detached.
             .process_group(0);
+        if let (None, Some(dir)) = (&spec.jailer, &spec.work_dir) {
+            command.current_dir(dir);
+        }
         let mut child = command.spawn().map_err(|source| {
             discard_jail(if source.kind() == std::io::ErrorKind::NotFound {
                 FirecrackerError::NotInstalled {
@@ -1218,6 +1227,7 @@ pub(super) mod tests {
                 path: "/vm/firecracker.log".into(),
                 level: LogLevel::Info,
             }),
+            work_dir: None,
         }
     }
 

@@ -187,6 +187,7 @@ impl Fixture {
                 path: self.path("firecracker.log"),
                 level: LogLevel::Info,
             }),
+            work_dir: None,
         }
     }
 }
@@ -524,6 +525,7 @@ async fn a_firecracker_that_cannot_start_reports_its_argv_and_stderr() {
         vsock: None,
         serial_log: None,
         logger: None,
+        work_dir: None,
     };
     let error = FirecrackerProcess::spawn(&spec).await.unwrap_err();
     let FirecrackerError::EarlyExit {
@@ -663,6 +665,103 @@ async fn a_snapshot_restores_in_a_new_firecracker_with_its_own_disks_where_the_g
     );
     let vsock = spec.vsock.as_ref().unwrap().uds_path.clone();
     assert_gone(&restored, &[&restore_spec.api_socket, &vsock], None);
+}
+
+/// `fixture`'s spec with its drives and vsock socket named relative to its directory, where
+/// Firecracker runs.
+fn relative_spec(fixture: &Fixture) -> FirecrackerSpec {
+    let mut spec = fixture.spec(None);
+    spec.vcpus = 1;
+    spec.drives = vec![
+        Drive::root("root.ext4"),
+        Drive::writable("work", "work.ext4"),
+    ];
+    spec.vsock = Some(Vsock::new("vsock.sock"));
+    spec.work_dir = Some(fixture.dir.path().to_owned());
+    spec
+}
+
+/// The files under `dir` that process `pid` holds open.
+fn open_files_under(pid: u32, dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+#[tokio::test]
+async fn a_snapshot_saved_with_relative_paths_restores_in_two_directories_at_once() {
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let saved = Fixture::new(binary.clone(), "relsave", COUNT_KEYS);
+    let spec = relative_spec(&saved);
+    let mut process = FirecrackerProcess::launch(&spec).await.unwrap();
+    assert_eq!(
+        process.vsock_uds_path(),
+        Some(saved.path("vsock.sock").as_path())
+    );
+    assert!(saved.path("vsock.sock").exists());
+    process
+        .request(&ApiRequest::send_ctrl_alt_del())
+        .await
+        .unwrap();
+    let serial = serial_showing(&saved.path("serial.log"), "abcd").await;
+    assert_eq!(letters(&serial), "abcd", "{serial}");
+    let snapshots = tempfile::tempdir().unwrap();
+    let files = SnapshotFiles {
+        state: snapshots.path().join("vm.state"),
+        memory: snapshots.path().join("vm.mem"),
+    };
+    process.create_snapshot(&files).await.unwrap();
+    process.kill().await.unwrap();
+    // The saved VM's disks are not needed to load: the paths resolve in the new directory.
+    for disk in ["root.ext4", "work.ext4"] {
+        std::fs::remove_file(saved.path(disk)).unwrap();
+    }
+
+    let first = Fixture::new(binary.clone(), "relfirst", HALT_FOREVER);
+    let second = Fixture::new(binary, "relsecond", HALT_FOREVER);
+    let mut running = Vec::new();
+    for fixture in [&first, &second] {
+        let spec = relative_spec(fixture);
+        let process = FirecrackerProcess::restore(&spec, &files).await.unwrap();
+        running.push((fixture, process));
+    }
+    for (fixture, process) in &mut running {
+        let instance = process.api().get_json("/").await.unwrap();
+        assert_eq!(instance["state"], "Running");
+        // Its own socket, in its own directory, and its own disks open.
+        assert_eq!(
+            process.vsock_uds_path(),
+            Some(fixture.path("vsock.sock").as_path())
+        );
+        assert!(fixture.path("vsock.sock").exists());
+        let pid = process.pid().unwrap();
+        let open = open_files_under(pid, fixture.dir.path());
+        assert!(
+            open.contains(&fixture.path("root.ext4")) && open.contains(&fixture.path("work.ext4")),
+            "{open:?}"
+        );
+        assert!(open_files_under(pid, saved.dir.path()).is_empty());
+        // Both carry on from the saved registers, each on its own console.
+        process
+            .request(&ApiRequest::send_ctrl_alt_del())
+            .await
+            .unwrap();
+        let serial = serial_showing(&fixture.path("serial.log"), "efgh").await;
+        assert_eq!(letters(&serial), "efgh", "{serial}");
+    }
+    for (fixture, process) in running {
+        process.stop(Duration::from_millis(200)).await.unwrap();
+        assert_gone(fixture, &[&fixture.path("api.sock")], None);
+    }
 }
 
 #[tokio::test]
@@ -1157,6 +1256,7 @@ fn every_request() -> Vec<ApiRequest> {
             path: dir.join("firecracker.log"),
             level: LogLevel::Off,
         }),
+        work_dir: None,
     };
     let mut minimal = fixture_spec.clone();
     minimal.initrd = None;

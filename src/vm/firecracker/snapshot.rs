@@ -11,8 +11,13 @@
 //! - **The vsock socket** comes back at the path it had when saved: Firecracker 1.12 offers
 //!   no override. A restore whose spec names another path is refused (checked against
 //!   `GET /vm/config` before the guest runs), so two restored VMs cannot share one socket
-//!   unnoticed; the jailer gives each VM its own, which is why jailed snapshots are the next
-//!   step (not offered yet: [`FirecrackerError::SnapshotJailed`]).
+//!   unnoticed.
+//! - **Relative paths** are how many VMs restore one snapshot: a VM booted with
+//!   [`FirecrackerSpec::work_dir`] and its drives and vsock socket named relative to it is
+//!   recorded with those relative names, and a restore run in another VM's directory opens
+//!   that VM's disks and makes its socket there. The saved VM's files need not exist any more
+//!   (tested with two restores of one snapshot running at once). Jailed VMs are not
+//!   snapshotted yet ([`FirecrackerError::SnapshotJailed`]).
 //! - **Memory** is loaded from the file with `mmap(MAP_PRIVATE)`: the file must stay while the
 //!   restored VM runs, and is never written by it.
 //!
@@ -185,7 +190,8 @@ impl FirecrackerProcess {
 
     /// Starts a Firecracker for `spec` from `files` instead of booting: loads the snapshot
     /// paused, puts `spec`'s drives in place of the recorded ones (the recorded files must
-    /// still exist: Firecracker opens them to load), checks the vsock socket, and resumes.
+    /// exist, resolved in `spec.work_dir` when relative: Firecracker opens them to load),
+    /// checks the vsock socket, and resumes.
     /// `spec`'s machine, kernel and boot arguments are not used: they are the snapshot's. On
     /// failure nothing is left running.
     pub async fn restore(
