@@ -373,6 +373,8 @@ pub struct Vms {
     network: Arc<crate::ops::network::BridgeNetwork>,
     /// Held while the bridge network is made, changed or removed.
     network_lock: tokio::sync::Mutex<()>,
+    /// Held while a VM's agent multiplexer is started again ([`Vms::with_agent_mux`]).
+    mux_revival: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Vms {
@@ -405,6 +407,7 @@ impl Vms {
                 paths_runtime_dir.clone(),
             )),
             network_lock: tokio::sync::Mutex::new(()),
+            mux_revival: tokio::sync::Mutex::new(()),
         };
         vms.reconcile().await?;
         vms.reconcile_network().await?;
@@ -596,7 +599,9 @@ impl Vms {
             live.get(&record.name).cloned()
         };
         match launched {
-            Some(launched) if launched.vmm.is_alive() => Ok(Some(launched)),
+            Some(launched) if launched.vmm.is_alive() => {
+                Ok(Some(self.with_agent_mux(record, launched).await))
+            }
             Some(launched) => {
                 self.live_remove(&record.name);
                 self.finish_run(record, &launched).await?;
@@ -608,6 +613,38 @@ impl Vms {
                     self.state()?.set_vm_state(&record.name, VmState::Stopped)?;
                 }
                 Ok(None)
+            }
+        }
+    }
+
+    /// `launched`, with its serial agent's multiplexer started again if it is gone (see
+    /// [`crate::vm::backend::revive_agent_mux`]); as it was if that fails, said in the log.
+    async fn with_agent_mux(&self, record: &VmRecord, launched: Launched) -> Launched {
+        if !crate::vm::backend::agent_mux_gone(&launched) {
+            return launched;
+        }
+        // One revival at a time: a second multiplexer would find QEMU's connection taken.
+        let _held = self.mux_revival.lock().await;
+        let launched = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.get(&record.name).cloned().unwrap_or(launched)
+        };
+        let vmm_log = self.vm_dir(&record.name).join("vmm.log");
+        match crate::vm::backend::revive_agent_mux(&launched, &vmm_log).await {
+            Ok(None) => launched,
+            Ok(Some(revived)) => {
+                tracing::warn!(vm = %record.name, "the agent's multiplexer was gone: started again");
+                if let Err(error) = self.write_scratch(&record.id, &revived) {
+                    tracing::warn!(vm = %record.name, error = %crate::error::error_chain(&error),
+                        "cannot record the new multiplexer");
+                }
+                self.live_insert(&record.name, revived.clone());
+                revived
+            }
+            Err(error) => {
+                tracing::warn!(vm = %record.name, error = %crate::error::error_chain(&error),
+                    "the agent's multiplexer is gone and did not start again");
+                launched
             }
         }
     }
@@ -1237,13 +1274,29 @@ impl Vms {
         let Backend::Qemu(qemu) = backend else {
             return Err("the Firecracker backend has no warm starts yet".to_owned());
         };
-        let hash_file = |name: &str| -> Result<String, String> {
-            let path = boot.join(name);
-            let mut hasher = blake3::Hasher::new();
-            std::fs::File::open(&path)
-                .and_then(|mut file| std::io::copy(&mut file, &mut hasher))
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            Ok(hasher.finalize().to_hex().to_string())
+        // The boot files are hard links to the kernel's stored files (`make_vm_files`): the
+        // store's integrity names their content without reading 50-150 MB on every start.
+        let kernel = self
+            .state()
+            .map_err(|error| crate::error::error_chain(&error))?
+            .kernel(&record.kernel)
+            .map_err(|error| crate::error::error_chain(&error))?
+            .ok_or_else(|| format!("its kernel `{}` is no longer recorded", record.kernel))?;
+        let stored_integrity = |name: &str, file: Option<&StoredFile>| -> Result<String, String> {
+            let linked = file.and_then(|file| {
+                let output = OutputRef {
+                    integrity: file.integrity.clone(),
+                    size: file.size,
+                };
+                let stored = self.store.content_file(&output).ok()?;
+                same_file(&stored, &boot.join(name)).then(|| file.integrity.clone())
+            });
+            linked.ok_or_else(|| {
+                format!(
+                    "its `{name}` is not kernel `{}`'s stored file any more",
+                    record.kernel
+                )
+            })
         };
         let spec = crate::vm::snapshot::SnapshotSpec {
             format: crate::vm::snapshot::SNAPSHOT_FORMAT,
@@ -1255,8 +1308,8 @@ impl Vms {
             rootfs: record.rootfs_integrity.clone().ok_or_else(|| {
                 "its image was recorded without its integrity (re-pull or rebuild it)".to_owned()
             })?,
-            vmlinux: hash_file("vmlinux")?,
-            initrd: hash_file("initrd")?,
+            vmlinux: stored_integrity("vmlinux", Some(&kernel.vmlinux))?,
+            initrd: stored_integrity("initrd", kernel.initrd.as_ref())?,
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,
             disk_bytes: record.disk_bytes,
@@ -2015,6 +2068,15 @@ pub fn timeout(seconds: Option<u64>) -> Duration {
     seconds.map_or(DEFAULT_BOOT_TIMEOUT, |seconds| {
         Duration::from_secs(seconds.min(crate::spec::MAX_TIMEOUT_SECS))
     })
+}
+
+/// Whether `a` and `b` are one file (hard links of one inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 fn image_file(image: &crate::state::ImageRecord) -> StoredFile {

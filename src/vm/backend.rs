@@ -615,6 +615,40 @@ impl VmmBackend for Backend {
     }
 }
 
+/// Whether a running QEMU VM's agent is behind a multiplexer that is gone (killed by hand:
+/// `pkill banger` takes it with the daemon), so that nothing reaches the agent.
+pub fn agent_mux_gone(launched: &Launched) -> bool {
+    let AgentAddress::Serial { path } = &launched.agent else {
+        return false;
+    };
+    // A serial VM's only helper is its multiplexer.
+    launched.backend == BackendKind::Qemu
+        && path.file_name() == Some(std::ffi::OsStr::new(super::agent_mux::SOCKET_NAME))
+        && !launched.helpers.iter().any(ProcessHandle::is_alive)
+}
+
+/// Starts the serial agent's multiplexer again for a VM whose multiplexer is gone
+/// ([`agent_mux_gone`]); returns the handles with the new helper, or `None` when
+/// `launched` needs none.
+pub async fn revive_agent_mux(
+    launched: &Launched,
+    vmm_log: &Path,
+) -> Result<Option<Launched>, BackendError> {
+    if !agent_mux_gone(launched) {
+        return Ok(None);
+    }
+    let (AgentAddress::Serial { path }, Some(program)) = (&launched.agent, this_program()) else {
+        return Ok(None);
+    };
+    let run_dir = path.parent().unwrap_or(Path::new("/"));
+    let chardev = run_dir.join(super::boot::AGENT_SERIAL_SOCKET);
+    let (mux, _) = super::agent_mux::spawn(&program, &chardev, run_dir, vmm_log).await?;
+    Ok(Some(Launched {
+        helpers: vec![mux],
+        ..launched.clone()
+    }))
+}
+
 /// Stops what a launch left besides the VMM (helpers, the tap) once the VMM is gone.
 pub async fn release(launched: &Launched) {
     for helper in &launched.helpers {
@@ -688,7 +722,7 @@ mod tests {
             .qemu_spec(
                 Some(2_000_000),
                 None,
-                Some(machine.run_dir.join("agent-serial.sock")),
+                Some(machine.run_dir.join(crate::vm::boot::AGENT_SERIAL_SOCKET)),
                 Some(&machine.vmm_log),
             )
             .argv()

@@ -63,6 +63,9 @@ pub enum BootError {
     },
 }
 
+/// QEMU's socket for the agent's virtio-serial port, in the VM's run directory.
+pub const AGENT_SERIAL_SOCKET: &str = "agent-serial.sock";
+
 /// How the host reaches the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentTransport {
@@ -330,7 +333,7 @@ impl BootedVm {
                 (Some(daemon), endpoint, None)
             }
             AgentTransport::Serial => {
-                let socket = spec.dir.join("agent-serial.sock");
+                let socket = spec.dir.join(AGENT_SERIAL_SOCKET);
                 let endpoint = GuestEndpoint::Serial {
                     path: socket.clone(),
                 };

@@ -293,8 +293,9 @@ pub async fn restore(
 }
 
 /// Version of the snapshot directory layout and of what a snapshot's key covers; bump when
-/// either changes, so old snapshots are simply never found.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// either changes, so old snapshots are simply never found (and `cache gc` removes them).
+/// 2: the boot files are named by their store integrity, not by a blake3 of their bytes.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 /// Everything a saved guest depends on: a snapshot is reused only when all of it matches.
 /// Its blake3 over the JSON form is the snapshot's key.
@@ -309,7 +310,7 @@ pub struct SnapshotSpec {
     pub accel: String,
     /// The TSC rate on the kernel command line under TCG (the host's).
     pub tsc_khz: Option<u64>,
-    /// Integrities of the image and the boot files.
+    /// Store integrities of the image and the boot files.
     pub rootfs: String,
     pub vmlinux: String,
     pub initrd: String,

@@ -1789,6 +1789,33 @@ fn slow_a_kept_vm_restores_serves_exec_and_ssh_at_once_and_boots_cold_after_a_st
     let _ = holder.kill();
     let _ = holder.wait();
 
+    // A multiplexer killed by hand (`pkill banger` would) is started again by the next
+    // request, and the agent answers through the new one.
+    let killed = serial_muxes(context);
+    for pid in &killed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serial_muxes(context).iter().any(|pid| killed.contains(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGKILL did not end it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back = vm_ok(
+        context,
+        name,
+        &["vm", "exec", name, "--", "cat", "/root/mark"],
+    );
+    assert_eq!(back.stdout, "second\n", "{back}");
+    let revived = serial_muxes(context);
+    assert_eq!(revived.len(), 1, "{revived:?}");
+    assert!(!killed.contains(&revived[0]));
+
     // Stopped, its multiplexer goes with it; started again, it boots and kept its disk.
     vm_ok(context, name, &["vm", "stop", name]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
