@@ -1119,7 +1119,7 @@ impl Vms {
             None
         };
         let backend = match &plan {
-            Some(plan) => Backend::Qemu(plan.backend.clone()),
+            Some(plan) => plan.backend.clone(),
             None => backend,
         };
         // A snapshot is saved when none was found, or when the one found did not restore.
@@ -1208,6 +1208,11 @@ impl Vms {
             (Launch::Restore(saved), Backend::Qemu(qemu)) => {
                 qemu.launch_restored(spec, &saved.state).await
             }
+            (Launch::Restore(saved), Backend::Firecracker(firecracker)) => {
+                firecracker
+                    .launch_restored(spec, &saved.firecracker_files())
+                    .await
+            }
             _ => {
                 events.note(format!("booting `{name}` ({accel_note})"));
                 backend.launch(spec).await
@@ -1264,15 +1269,32 @@ impl Vms {
     }
 
     /// How VM `record` (just made, about to start on `backend`) uses a memory snapshot, or
-    /// why it cannot: Firecracker, an image recorded without its integrity, QEMU's version unknown, or a snapshots directory that cannot be opened.
+    /// why it cannot: an image recorded without its integrity, boot files that are not the
+    /// kernel's stored ones, the VMM's version unknown, or a snapshots directory that cannot
+    /// be opened.
     fn warm_plan(
         &self,
         record: &VmRecord,
         backend: &Backend,
         boot: &Path,
     ) -> Result<WarmPlan, String> {
-        let Backend::Qemu(qemu) = backend else {
-            return Err("the Firecracker backend has no warm starts yet".to_owned());
+        let (warm_backend, vmm, accel) = match backend {
+            Backend::Qemu(qemu) => (
+                Backend::Qemu(qemu.for_snapshots()),
+                crate::vm::snapshot::vmm_version(&qemu.binary)
+                    .ok_or_else(|| format!("`{} --version` gave no version", qemu.binary))?,
+                if qemu.accel.is_tcg() { "tcg" } else { "kvm" },
+            ),
+            Backend::Firecracker(firecracker) => (
+                backend.clone(),
+                crate::vm::snapshot::vmm_version(&firecracker.binary).ok_or_else(|| {
+                    format!(
+                        "`{} --version` gave no version",
+                        firecracker.binary.display()
+                    )
+                })?,
+                "kvm",
+            ),
         };
         // The boot files are hard links to the kernel's stored files (`make_vm_files`): the
         // store's integrity names their content without reading 50-150 MB on every start.
@@ -1301,9 +1323,8 @@ impl Vms {
         let spec = crate::vm::snapshot::SnapshotSpec {
             format: crate::vm::snapshot::SNAPSHOT_FORMAT,
             banger: env!("CARGO_PKG_VERSION").to_owned(),
-            qemu: crate::vm::snapshot::qemu_version(&qemu.binary)
-                .ok_or_else(|| format!("`{} --version` gave no version", qemu.binary))?,
-            accel: if qemu.accel.is_tcg() { "tcg" } else { "kvm" }.to_owned(),
+            vmm,
+            accel: accel.to_owned(),
             tsc_khz: crate::vm::accel::host_tsc_khz(),
             rootfs: record.rootfs_integrity.clone().ok_or_else(|| {
                 "its image was recorded without its integrity (re-pull or rebuild it)".to_owned()
@@ -1319,7 +1340,7 @@ impl Vms {
             .map_err(|error| crate::error::error_chain(&error))?;
         let key = spec.key();
         Ok(WarmPlan {
-            backend: qemu.for_snapshots(),
+            backend: warm_backend,
             saved: snapshots.find(&key),
             snapshots,
             key,
@@ -1339,7 +1360,9 @@ impl Vms {
 
     /// Saves a memory snapshot of the guest of `launched`, booted as `plan` says: waits
     /// until its boot has finished, pauses it, writes its memory and copies its disks, lets
-    /// it run on. A failure is a warning: the VM itself is fine.
+    /// it run on. A failure to save is a warning: the VM itself is fine. Under Firecracker,
+    /// which closes the guest's vsock connections when it saves, `channel` is replaced by a
+    /// new connection; an agent that cannot be reached again is the error.
     async fn save_snapshot(
         &self,
         channel: &mut crate::guest::GuestChannel,
@@ -1347,7 +1370,7 @@ impl Vms {
         launched: &Launched,
         plan: &WarmPlan,
         events: &dyn VmProgress,
-    ) {
+    ) -> Result<(), VmError> {
         let started = Instant::now();
         let name = &record.name;
         events.note(format!(
@@ -1358,21 +1381,54 @@ impl Vms {
             run_agent_command(channel, &["settle", "--timeout", "120"], None).await?;
             let pending = plan.snapshots.begin(&plan.key)?;
             let files = pending.files();
-            let saved = crate::vm::snapshot::save(
-                &launched.control_socket,
-                &self.run_dir(&record.id),
-                &files.state,
-            )
-            .await;
+            let control = &launched.control_socket;
+            let saved: Result<(), VmError> = match launched.backend {
+                BackendKind::Qemu => {
+                    crate::vm::snapshot::save(control, &self.run_dir(&record.id), &files.state)
+                        .await
+                        .map(drop)
+                        .map_err(VmError::from)
+                }
+                BackendKind::Firecracker => crate::vm::firecracker::snapshot::create_snapshot_at(
+                    control,
+                    &files.firecracker_files(),
+                )
+                .await
+                .map_err(|error| BackendError::from(error).into()),
+            };
             let disks = VmDisks::in_dir(&self.vm_dir(name));
             let copied = match &saved {
-                Ok(_) => disks.copy_to(&files.disks).map_err(VmError::from),
+                Ok(()) => disks.copy_to(&files.disks).map_err(VmError::from),
                 Err(_) => Ok(()),
             };
-            let resumed = crate::vm::snapshot::resume(&launched.control_socket).await;
+            let resumed: Result<(), VmError> = match launched.backend {
+                BackendKind::Qemu => crate::vm::snapshot::resume(control)
+                    .await
+                    .map_err(VmError::from),
+                BackendKind::Firecracker => crate::vm::firecracker::snapshot::resume_at(control)
+                    .await
+                    .map_err(|error| BackendError::from(error).into()),
+            };
             saved?;
             copied?;
             resumed?;
+            if launched.backend == BackendKind::Firecracker {
+                // Firecracker writes every page of the guest; most were never touched.
+                let memory = files.memory.clone();
+                let punched = tokio::task::spawn_blocking(move || {
+                    std::fs::File::options()
+                        .read(true)
+                        .write(true)
+                        .open(&memory)
+                        .and_then(|file| crate::sparse::punch_zero_blocks(&file))
+                })
+                .await;
+                if let Ok(Err(error)) = punched {
+                    events.detail(format!(
+                        "the snapshot's memory file stays as large as the guest's memory: {error}"
+                    ));
+                }
+            }
             Ok::<_, VmError>(pending.publish(&plan.spec)?)
         }
         .await;
@@ -1390,6 +1446,29 @@ impl Vms {
                 crate::error::error_chain(&error)
             )),
         }
+        if launched.backend == BackendKind::Firecracker {
+            let endpoint = launched.agent.endpoint();
+            let reconnected = endpoint
+                .wait_ready(Instant::now() + AGENT_RECONNECT_TIMEOUT)
+                .await;
+            *channel = match reconnected {
+                Ok((fresh, _ready)) => fresh,
+                Err(error) => {
+                    return Err(VmError::GuestDidNotComeUp {
+                        name: name.clone(),
+                        reason: format!(
+                            "its agent did not answer again over {endpoint} after the snapshot \
+                             ({error})"
+                        ),
+                        tail: crate::vm::boot::console_tail(
+                            &self.vm_dir(name).join("console.log"),
+                            20,
+                        ),
+                    });
+                }
+            };
+        }
+        Ok(())
     }
 
     /// Keeps the snapshots within `[cache] snapshots_max_size` once `just_saved` joined them,
@@ -1445,16 +1524,30 @@ impl Vms {
         let time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_nanos());
+        let firecracker = BackendKind::parse(&record.backend) == Some(BackendKind::Firecracker);
+        let mac = if firecracker {
+            crate::vm::backend::guest_mac(&record.id).to_string()
+        } else {
+            crate::vm::boot::TapAttachment::mac_for(&record.id)
+        };
+        // The saved guest has the address of the VM it was saved from: on banger's bridge,
+        // and on the point-to-point tap a Firecracker VM of the `user` network has.
+        let own_address = match (tap, record.network) {
+            (Some(tap), _) => Some((tap.guest_cmdline(), tap.address.to_string())),
+            (None, NetworkMode::User) if firecracker => {
+                let addresses = crate::privileged::tap_addresses(&record.id);
+                Some((addresses.guest_cmdline("eth0"), addresses.guest.to_string()))
+            }
+            _ => None,
+        };
         let mut request = serde_json::json!({
             "time_ns": time_ns,
             "seed": crate::bundle::hex(&seed),
-            "mac": crate::vm::boot::TapAttachment::mac_for(&record.id),
+            "mac": mac,
             "host_keys": { "ed25519": { "private": private, "public": public } },
         });
-        if let Some(tap) = tap {
-            // The saved guest has the address of the VM it was saved from.
-            let word = tap.guest_cmdline();
-            request["ip"] = serde_json::Value::from(word.strip_prefix("ip=").unwrap_or(&word));
+        if let Some((word, _)) = &own_address {
+            request["ip"] = serde_json::Value::from(word.strip_prefix("ip=").unwrap_or(word));
         }
         let stdout = run_agent_command(
             channel,
@@ -1462,17 +1555,16 @@ impl Vms {
             Some(request.to_string().as_bytes()),
         )
         .await?;
-        if let Some(tap) = tap {
+        if let Some((_, address)) = &own_address {
             // An agent older than `ip` ignores it, and the VM would keep another's address.
-            let said = format!("address {}/", tap.address);
+            let said = format!("address {address}/");
             if !String::from_utf8_lossy(&stdout).contains(&said) {
                 return Err(VmError::AgentCommand {
                     argv: format!("{} reidentify", crate::assets::AGENT_GUEST_PATH),
                     status: "exit 0".to_owned(),
                     stderr: format!(
-                        "it did not move the guest to its own address {} (an agent older \
-                         than this banger: re-pull or rebuild the image)",
-                        tap.address
+                        "it did not move the guest to its own address {address} (an agent \
+                         older than this banger: re-pull or rebuild the image)"
                     ),
                 });
             }
@@ -1529,7 +1621,7 @@ impl Vms {
             Launch::Boot => {}
             Launch::BootAndSave(plan) => {
                 self.save_snapshot(&mut channel, record, launched, plan, events)
-                    .await;
+                    .await?;
             }
             Launch::Restore(_) => {
                 let agent_ready = started.elapsed();
@@ -1998,6 +2090,10 @@ fn ports_note(ports: &[PortForward]) -> String {
     }
 }
 
+/// How long a Firecracker guest's agent may take to answer again after a snapshot closed
+/// its connection (it is running, and only has to accept).
+const AGENT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The least time the SSH key install gets once the agent answered, whatever is left of the
 /// boot timeout.
 const AUTHORIZE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -2014,8 +2110,9 @@ enum Launch<'a> {
 
 /// A start that may use memory snapshots ([`Vms::warm_plan`]).
 struct WarmPlan {
-    /// The VM's QEMU, with the agent on virtio-serial.
-    backend: crate::vm::backend::QemuBackend,
+    /// The VM's VMM as a saved or restored VM needs it (QEMU with the agent on
+    /// virtio-serial).
+    backend: Backend,
     snapshots: crate::vm::snapshot::Snapshots,
     spec: crate::vm::snapshot::SnapshotSpec,
     key: String,

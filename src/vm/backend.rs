@@ -25,7 +25,7 @@ use super::accel::Accel;
 use super::boot::{AgentTransport, BootError, BootSpec, BootedVm};
 use super::firecracker::{
     ApiClient, ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, LogLevel,
-    Logger, NetworkInterface, Vsock,
+    Logger, NetworkInterface, SnapshotFiles, Vsock,
 };
 use super::process::ProcessHandle;
 use super::storage::VmDisks;
@@ -100,6 +100,13 @@ pub enum BackendError {
          `--backend qemu`"
     )]
     PortsNeedQemu,
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Refuses a network mode this process cannot give a VM (`tap` without root); called before
@@ -402,8 +409,8 @@ pub struct FirecrackerBackend {
     pub binary: PathBuf,
 }
 
-/// The MAC of a VM's interface: locally administered, from its id.
-fn guest_mac(vm_id: &str) -> super::firecracker::MacAddr {
+/// The MAC of a Firecracker VM's interface: locally administered, from its id.
+pub fn guest_mac(vm_id: &str) -> super::firecracker::MacAddr {
     let hash = blake3::hash(vm_id.as_bytes());
     let bytes = hash.as_bytes();
     super::firecracker::MacAddr([0x06, 0x00, bytes[0], bytes[1], bytes[2], bytes[3]])
@@ -435,10 +442,13 @@ impl FirecrackerBackend {
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             boot_args: super::boot::kernel_cmdline(&Accel::Kvm, None, &extra),
+            // Named relative to the run directory, where Firecracker runs: a snapshot records
+            // these names, so a VM restored from it in its own run directory opens its own
+            // disks and makes its own vsock socket ([`link_drives`] makes the links).
             drives: vec![
-                Drive::root(&spec.rootfs),
-                Drive::writable("overlay", &spec.disks.overlay),
-                Drive::writable("work", &spec.disks.work),
+                Drive::root(ROOTFS_LINK),
+                Drive::writable("overlay", OVERLAY_LINK),
+                Drive::writable("work", WORK_LINK),
             ],
             network_interfaces: tap
                 .map(|(tap, _)| NetworkInterface {
@@ -448,27 +458,37 @@ impl FirecrackerBackend {
                 })
                 .into_iter()
                 .collect(),
-            vsock: Some(Vsock::new(spec.run_dir.join("vsock.sock"))),
+            vsock: Some(Vsock::new(VSOCK_SOCKET)),
             serial_log: Some(spec.console_log.clone()),
             logger: Some(Logger {
                 path: spec.vmm_log.clone(),
                 level: LogLevel::Warning,
             }),
-            work_dir: None,
+            work_dir: Some(spec.run_dir.clone()),
         }
     }
-}
 
-impl VmmBackend for FirecrackerBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Firecracker
+    /// [`VmmBackend::launch`], loading the Firecracker snapshot `files` instead of booting
+    /// (the VM's disks copied from the snapshot's). The guest is the saved one: it still has
+    /// the saved VM's address and MAC until the caller re-identifies it.
+    pub async fn launch_restored(
+        &self,
+        spec: &MachineSpec,
+        files: &SnapshotFiles,
+    ) -> Result<Launched, BackendError> {
+        self.launch_from(spec, Some(files)).await
     }
 
-    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+    async fn launch_from(
+        &self,
+        spec: &MachineSpec,
+        restore: Option<&SnapshotFiles>,
+    ) -> Result<Launched, BackendError> {
         check_network(spec.network)?;
         if !spec.ports.is_empty() && spec.network != NetworkMode::Tap {
             return Err(BackendError::PortsNeedQemu);
         }
+        link_drives(spec)?;
         // `user`: a point-to-point /30 tap of its own (Firecracker has no user-mode network);
         // `tap`: the caller's tap on banger's bridge.
         let addresses = privileged::tap_addresses(&spec.id);
@@ -505,7 +525,11 @@ impl VmmBackend for FirecrackerBackend {
                 .as_ref()
                 .map(|(tap, ip_word, _)| (tap.as_str(), ip_word.as_str())),
         );
-        let process = match FirecrackerProcess::launch(&fc_spec).await {
+        let started = match restore {
+            None => FirecrackerProcess::launch(&fc_spec).await,
+            Some(files) => FirecrackerProcess::restore(&fc_spec, files).await,
+        };
+        let process = match started {
             Ok(process) => process,
             Err(error) => {
                 delete_tap();
@@ -516,7 +540,7 @@ impl VmmBackend for FirecrackerBackend {
         let uds_path = process
             .vsock_uds_path()
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| spec.run_dir.join("vsock.sock"));
+            .unwrap_or_else(|| spec.run_dir.join(VSOCK_SOCKET));
         let Some(vmm) = process.detach() else {
             delete_tap();
             return Err(BackendError::NoPid);
@@ -534,6 +558,41 @@ impl VmmBackend for FirecrackerBackend {
             ssh_port: attached.as_ref().map(|_| 22),
             tap: attached.map(|(tap, _, _)| tap),
         })
+    }
+}
+
+/// The names, in a Firecracker VM's run directory, of its drives and its vsock socket.
+const ROOTFS_LINK: &str = "rootfs.ext4";
+const OVERLAY_LINK: &str = "overlay.ext4";
+const WORK_LINK: &str = "work.ext4";
+const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// Links the run directory's drive names ([`FirecrackerBackend::firecracker_spec`]) to the
+/// image and the VM's disks, replacing links a previous run left.
+fn link_drives(spec: &MachineSpec) -> Result<(), BackendError> {
+    for (name, target) in [
+        (ROOTFS_LINK, &spec.rootfs),
+        (OVERLAY_LINK, &spec.disks.overlay),
+        (WORK_LINK, &spec.disks.work),
+    ] {
+        let link = spec.run_dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).map_err(|source| BackendError::Io {
+            what: "cannot link the VM's drive at",
+            path: link,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+impl VmmBackend for FirecrackerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    async fn launch(&self, spec: &MachineSpec) -> Result<Launched, BackendError> {
+        self.launch_from(spec, None).await
     }
 
     async fn halt(&self, launched: &Launched, grace: Duration) {
@@ -821,8 +880,14 @@ mod tests {
         let addresses = privileged::tap_addresses("k3j9x2p0qa7m");
         let ip_word = addresses.guest_cmdline("eth0");
         let spec = backend.firecracker_spec(&machine(), Some(("bgr-k3j9x2p0qa", &ip_word)));
-        assert_eq!(spec.drives[0], Drive::root("/store/rootfs.ext4"));
+        assert_eq!(spec.drives[0], Drive::root("rootfs.ext4"));
         assert!(spec.drives[1..].iter().all(|drive| !drive.is_read_only));
+        // Relative names, resolved where Firecracker runs: the VM's run directory.
+        assert_eq!(
+            spec.work_dir.as_deref(),
+            Some(Path::new("/run/banger/vms/box"))
+        );
+        assert!(spec.drives.iter().all(|drive| drive.path.is_relative()));
         assert!(spec.boot_args.contains("banger.overlay=/dev/vdb"));
         assert!(spec.boot_args.contains("banger.work=/dev/vdc"));
         assert!(
@@ -840,6 +905,42 @@ mod tests {
         );
         spec.configuration_requests()
             .expect("every path fits the API");
+    }
+
+    #[test]
+    fn the_run_directory_links_name_the_image_and_the_vm_disks_and_replace_stale_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = MachineSpec {
+            run_dir: dir.path().join("run"),
+            ..machine()
+        };
+        std::fs::create_dir_all(&machine.run_dir).unwrap();
+        std::os::unix::fs::symlink("/elsewhere", machine.run_dir.join("work.ext4")).unwrap();
+        link_drives(&machine).unwrap();
+        let backend = FirecrackerBackend {
+            binary: "/usr/bin/firecracker".into(),
+        };
+        let spec = backend.firecracker_spec(&machine, None);
+        let targets: Vec<PathBuf> = spec
+            .drives
+            .iter()
+            .map(|drive| std::fs::read_link(machine.run_dir.join(&drive.path)).unwrap())
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                machine.rootfs.clone(),
+                machine.disks.overlay.clone(),
+                machine.disks.work.clone()
+            ]
+        );
+        // Without its run directory nothing is linked, and the error names the link.
+        let missing = MachineSpec {
+            run_dir: dir.path().join("gone"),
+            ..machine
+        };
+        let error = link_drives(&missing).unwrap_err().to_string();
+        assert!(error.contains("gone/rootfs.ext4"), "{error}");
     }
 
     #[test]

@@ -295,7 +295,8 @@ pub async fn restore(
 /// Version of the snapshot directory layout and of what a snapshot's key covers; bump when
 /// either changes, so old snapshots are simply never found (and `cache gc` removes them).
 /// 2: the boot files are named by their store integrity, not by a blake3 of their bytes.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// 3: `vmm` (QEMU's or Firecracker's version) in place of `qemu`; Firecracker's `memory`.
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// Everything a saved guest depends on: a snapshot is reused only when all of it matches.
 /// Its blake3 over the JSON form is the snapshot's key.
@@ -304,8 +305,9 @@ pub struct SnapshotSpec {
     pub format: u32,
     /// banger's version: the machine's command line and the guest agent come with it.
     pub banger: String,
-    /// `qemu-system-x86_64 --version`'s first line (streams do not cross QEMU versions).
-    pub qemu: String,
+    /// The first line of the VMM's `--version` (`QEMU emulator version …`, `Firecracker
+    /// v…`): snapshots do not cross VMMs or their versions.
+    pub vmm: String,
     /// `kvm` or `tcg`.
     pub accel: String,
     /// The TSC rate on the kernel command line under TCG (the host's).
@@ -327,8 +329,9 @@ impl SnapshotSpec {
     }
 }
 
-/// The first line of `binary --version`, or `None` when it cannot be run.
-pub fn qemu_version(binary: &str) -> Option<String> {
+/// The first line of `binary --version` (QEMU, Firecracker), or `None` when it cannot be
+/// run.
+pub fn vmm_version(binary: impl AsRef<std::ffi::OsStr>) -> Option<String> {
     let output = std::process::Command::new(binary)
         .arg("--version")
         .stdin(std::process::Stdio::null())
@@ -340,7 +343,9 @@ pub fn qemu_version(binary: &str) -> Option<String> {
 }
 
 /// Saved snapshots, one directory per key under `dir` (`<cache>/snapshots-v1`):
-/// `state` (QEMU's stream), `overlay.ext4` and `work.ext4` (the writable disks at the save),
+/// `state` (QEMU's stream, or Firecracker's device and vCPU state), `memory` (Firecracker's
+/// guest memory; QEMU's is in its stream), `overlay.ext4` and `work.ext4` (the writable
+/// disks at the save),
 /// `snapshot.json` (the [`SnapshotSpec`], sizes, when). A snapshot is written in a
 /// `.partial-*` directory beside them and renamed into place whole, so one that exists is
 /// complete; partial directories of processes that died are removed by [`Snapshots::open`].
@@ -355,6 +360,8 @@ pub struct SavedSnapshot {
     pub key: String,
     pub dir: PathBuf,
     pub state: PathBuf,
+    /// Firecracker's guest memory (absent for QEMU).
+    pub memory: PathBuf,
     pub disks: super::storage::VmDisks,
 }
 
@@ -363,6 +370,7 @@ impl SavedSnapshot {
         SavedSnapshot {
             key: key.to_owned(),
             state: dir.join("state"),
+            memory: dir.join("memory"),
             disks: super::storage::VmDisks::in_dir(&dir),
             dir,
         }
@@ -377,14 +385,28 @@ impl SavedSnapshot {
             .set_modified(std::time::SystemTime::now())
     }
 
-    /// The state file and both disks on disk: bytes on disk (sparse), not apparent sizes.
+    /// Firecracker's names for the state and memory files.
+    pub fn firecracker_files(&self) -> super::firecracker::SnapshotFiles {
+        super::firecracker::SnapshotFiles {
+            state: self.state.clone(),
+            memory: self.memory.clone(),
+        }
+    }
+
+    /// The state (and memory) file and both disks on disk: bytes on disk (sparse), not
+    /// apparent sizes.
     pub fn disk_usage(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        [&self.state, &self.disks.overlay, &self.disks.work]
-            .iter()
-            .filter_map(|path| std::fs::metadata(path).ok())
-            .map(|meta| meta.blocks() * 512)
-            .sum()
+        [
+            &self.state,
+            &self.memory,
+            &self.disks.overlay,
+            &self.disks.work,
+        ]
+        .iter()
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|meta| meta.blocks() * 512)
+        .sum()
     }
 }
 
@@ -633,16 +655,20 @@ pub struct SnapshotCurrency {
     pub banger: String,
     /// The installed QEMU's `--version` line; `None` (not installed) judges nothing.
     pub qemu: Option<String>,
+    /// The installed Firecracker's, likewise.
+    pub firecracker: Option<String>,
     /// Rootfs integrities of the images recorded now.
     pub rootfs: std::collections::HashSet<String>,
 }
 
 impl SnapshotCurrency {
-    /// This banger, the QEMU it would run, and `rootfs` (the recorded images').
+    /// This banger, the QEMU and Firecracker it would run, and `rootfs` (the recorded
+    /// images').
     pub fn now(rootfs: impl IntoIterator<Item = String>) -> SnapshotCurrency {
         SnapshotCurrency {
             banger: env!("CARGO_PKG_VERSION").to_owned(),
-            qemu: qemu_version(&super::qemu::binary()),
+            qemu: vmm_version(super::qemu::binary()),
+            firecracker: crate::env::find_program("firecracker").and_then(vmm_version),
             rootfs: rootfs.into_iter().collect(),
         }
     }
@@ -668,10 +694,16 @@ impl StoredSnapshot {
                 now.banger
             ));
         }
-        if let Some(qemu) = &now.qemu
-            && &text("qemu") != qemu
+        let saved_by = text("vmm");
+        let (installed, vmm) = if saved_by.starts_with("Firecracker") {
+            (&now.firecracker, "Firecracker")
+        } else {
+            (&now.qemu, "QEMU")
+        };
+        if let Some(installed) = installed
+            && &saved_by != installed
         {
-            return Some(format!("saved by {}, QEMU is now {qemu}", text("qemu")));
+            return Some(format!("saved by {saved_by}, {vmm} is now {installed}"));
         }
         if !now.rootfs.contains(&text("rootfs")) {
             return Some("its image is no longer recorded".to_owned());
@@ -697,7 +729,7 @@ mod tests {
         SnapshotSpec {
             format: SNAPSHOT_FORMAT,
             banger: "1.0.0".into(),
-            qemu: "QEMU emulator version 7.2.0".into(),
+            vmm: "QEMU emulator version 7.2.0".into(),
             accel: "tcg".into(),
             tsc_khz: Some(2_000_000),
             rootfs: rootfs.into(),
@@ -714,6 +746,7 @@ mod tests {
         SnapshotCurrency {
             banger: banger.into(),
             qemu: qemu.map(str::to_owned),
+            firecracker: Some("Firecracker v1.12.0".into()),
             rootfs: rootfs
                 .iter()
                 .map(|integrity| (*integrity).to_owned())
@@ -824,7 +857,7 @@ mod tests {
             "none is saved of its image (this run saves one)"
         );
         let mut older = wanted.clone();
-        older.qemu = "QEMU emulator version 7.1.0".into();
+        older.vmm = "QEMU emulator version 7.1.0".into();
         older.vcpus = 2;
         let pending = snapshots.begin(&older.key()).unwrap();
         pending.publish(&older).unwrap();
@@ -837,8 +870,8 @@ mod tests {
             .unwrap();
         assert_eq!(
             snapshots.why_none_fits(&wanted),
-            "the one saved of its image differs in qemu \"QEMU emulator version 7.1.0\" (now \
-             \"QEMU emulator version 7.2.0\"), vcpus 2 (now 1) (this run saves another)"
+            "the one saved of its image differs in vcpus 2 (now 1), vmm \"QEMU emulator \
+             version 7.1.0\" (now \"QEMU emulator version 7.2.0\") (this run saves another)"
         );
     }
 
@@ -887,5 +920,35 @@ mod tests {
             ..stored
         };
         assert!(unreadable.stale_reason(&fits).is_some());
+    }
+
+    #[test]
+    fn a_firecracker_snapshot_is_judged_by_the_installed_firecracker_only() {
+        let mut saved = spec("sha256-a");
+        saved.vmm = "Firecracker v1.12.0".into();
+        saved.accel = "kvm".into();
+        let stored = StoredSnapshot {
+            key: "k".into(),
+            spec: Some(serde_json::to_value(saved).unwrap()),
+            created_ms: None,
+            used_ms: None,
+            disk_usage: 0,
+        };
+        // Any QEMU, or none, says nothing about it.
+        let fits = currency("1.0.0", Some("QEMU emulator version 8.0.0"), &["sha256-a"]);
+        assert_eq!(stored.stale_reason(&fits), None);
+        let upgraded = SnapshotCurrency {
+            firecracker: Some("Firecracker v1.13.0".into()),
+            ..fits.clone()
+        };
+        assert_eq!(
+            stored.stale_reason(&upgraded).as_deref(),
+            Some("saved by Firecracker v1.12.0, Firecracker is now Firecracker v1.13.0")
+        );
+        let uninstalled = SnapshotCurrency {
+            firecracker: None,
+            ..fits
+        };
+        assert_eq!(stored.stale_reason(&uninstalled), None);
     }
 }

@@ -1457,9 +1457,12 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
         config["network-interfaces"][0]["host_dev_name"],
         tap.as_str()
     );
+    // Named relative to the run directory, where Firecracker runs (for snapshots).
+    assert_eq!(config["vsock"]["uds_path"], "vsock.sock");
+    assert_eq!(drive("rootfs")["path_on_host"], "rootfs.ext4", "{config:#}");
     assert_eq!(
-        config["vsock"]["uds_path"],
-        run_dir.join("vsock.sock").to_str().unwrap()
+        std::fs::read_link(run_dir.join("overlay.ext4")).unwrap(),
+        spec.disks.overlay
     );
 
     // The handles survive a round trip through the scratch file format.
@@ -1510,13 +1513,163 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
             .contains("ip="),
         "{config:#}"
     );
-    assert_eq!(
-        config["vsock"]["uds_path"],
-        run_dir.join("vsock.sock").to_str().unwrap()
-    );
+    assert_eq!(config["vsock"]["uds_path"], "vsock.sock");
     backend.halt(&launched, Duration::from_secs(5)).await;
     assert!(!launched.vmm.is_alive());
     release(&launched).await;
+}
+
+/// What the daemon does for a warm start under Firecracker, through the backend: a VM
+/// launched with its drives and vsock socket named in its run directory is paused and saved
+/// into a snapshot directory, runs on, and a second VM (its own id, tap, run directory and
+/// copies of the saved disks) is restored from it after the first one's run directory is
+/// gone, and carries on where the guest was saved.
+#[tokio::test]
+async fn the_firecracker_backend_restores_a_saved_vm_as_another_with_its_own_tap_and_disks() {
+    use banger::vm::backend::{FirecrackerBackend, MachineSpec, VmmBackend, release};
+    use banger::vm::firecracker::snapshot::{create_snapshot_at, resume_at};
+    use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots};
+    use banger::vm::storage::VmDisks;
+
+    let Some(binary) = firecracker() else { return };
+    if !have_mkfs() || !have_root_and_ip() || !capable("/dev/kvm (for InstanceStart)", have_kvm()) {
+        return;
+    }
+    let fixture = Fixture::new(binary.clone(), "warm", COUNT_KEYS);
+    let dir = fixture.dir.path();
+    let machine = |id: &str| {
+        let vm_dir = dir.join(id);
+        let run_dir = vm_dir.join("run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        MachineSpec {
+            id: id.to_owned(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: dir.join("vmlinux"),
+            initrd: Some(dir.join("initrd")),
+            rootfs: dir.join("root.ext4"),
+            disks: VmDisks::in_dir(&vm_dir),
+            run_dir,
+            console_log: vm_dir.join("console.log"),
+            vmm_log: vm_dir.join("vmm.log"),
+            network: banger::spec::NetworkMode::User,
+            ssh_port: 0,
+            ports: Vec::new(),
+            tap: None,
+        }
+    };
+    let (saved_id, restored_id) = (
+        format!("s{:09}", std::process::id()),
+        format!("r{:09}", std::process::id()),
+    );
+    let _taps = [
+        Tap::guard(&privileged::tap_name(&saved_id)),
+        Tap::guard(&privileged::tap_name(&restored_id)),
+    ];
+    let backend = FirecrackerBackend { binary };
+
+    let first = machine(&saved_id);
+    VmDisks::create(&dir.join(&saved_id), &saved_id, 64 << 20, 64 << 20).unwrap();
+    let launched = backend.launch(&first).await.unwrap();
+    let _first_vmm = KillOnDrop(launched.vmm);
+    let api = banger::vm::firecracker::ApiClient::new(&launched.control_socket);
+    api.send(&ApiRequest::send_ctrl_alt_del()).await.unwrap();
+    let serial = serial_showing(&first.console_log, "abcd").await;
+    assert_eq!(letters(&serial), "abcd", "{serial}");
+
+    let snapshots = Snapshots::open(dir.join("snapshots")).unwrap();
+    let pending = snapshots.begin("k").unwrap();
+    let files = pending.files();
+    create_snapshot_at(&launched.control_socket, &files.firecracker_files())
+        .await
+        .unwrap();
+    assert_eq!(api.get_json("/").await.unwrap()["state"], "Paused");
+    first.disks.copy_to(&files.disks).unwrap();
+    resume_at(&launched.control_socket).await.unwrap();
+    let spec = SnapshotSpec {
+        format: SNAPSHOT_FORMAT,
+        banger: "test".into(),
+        vmm: "Firecracker".into(),
+        accel: "kvm".into(),
+        tsc_khz: None,
+        rootfs: "r".into(),
+        vmlinux: "v".into(),
+        initrd: "i".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        disk_bytes: 64 << 20,
+        network: banger::spec::NetworkMode::User,
+    };
+    let saved = pending.publish(&spec).unwrap();
+    assert!(saved.memory.exists() && saved.state.exists());
+    // The daemon frees the memory file's zero pages: the guest touched a few of 128 MiB, and
+    // the restore below loads the sparse file.
+    let memory = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&saved.memory)
+        .unwrap();
+    let freed = banger::sparse::punch_zero_blocks(&memory).unwrap();
+    assert!(freed > 100 << 20, "freed {freed}");
+    use std::os::unix::fs::MetadataExt;
+    assert!(memory.metadata().unwrap().blocks() * 512 < 16 << 20);
+    assert_eq!(memory.metadata().unwrap().len(), 128 << 20);
+    assert!(
+        saved.disk_usage() >= std::fs::metadata(&saved.state).unwrap().len(),
+        "the state file is counted"
+    );
+    // The saved VM runs on from where it was.
+    api.send(&ApiRequest::send_ctrl_alt_del()).await.unwrap();
+    let serial = serial_showing(&first.console_log, "efgh").await;
+    assert!(serial.contains("efgh"), "{serial}");
+    backend.halt(&launched, Duration::from_millis(200)).await;
+    release(&launched).await;
+    std::fs::remove_dir_all(&first.run_dir).unwrap();
+
+    let second = machine(&restored_id);
+    saved.disks.copy_to(&second.disks).unwrap();
+    let restored = backend
+        .launch_restored(&second, &saved.firecracker_files())
+        .await
+        .unwrap();
+    let _second_vmm = KillOnDrop(restored.vmm);
+    let own_tap = privileged::tap_name(&restored_id);
+    assert_eq!(restored.tap.as_deref(), Some(own_tap.as_str()));
+    assert_eq!(
+        restored.ssh_host,
+        Some(privileged::tap_addresses(&restored_id).guest.to_string())
+    );
+    let api = banger::vm::firecracker::ApiClient::new(&restored.control_socket);
+    let config = api.get_json("/vm/config").await.unwrap();
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"],
+        own_tap.as_str(),
+        "{config:#}"
+    );
+    match &restored.agent {
+        banger::vm::backend::AgentAddress::Vsock { uds_path, .. } => {
+            assert_eq!(uds_path, &second.run_dir.join("vsock.sock"));
+            assert!(uds_path.exists());
+        }
+        other => panic!("{other:?}"),
+    }
+    let open = open_files_under(restored.vmm.pid, dir);
+    for disk in [&second.disks.overlay, &second.disks.work] {
+        assert!(open.contains(disk), "{open:?}");
+    }
+    assert!(
+        open.iter()
+            .all(|path| !path.starts_with(dir.join(&saved_id))),
+        "{open:?}"
+    );
+    // The guest carries on from the saved registers, on the restored VM's console.
+    api.send(&ApiRequest::send_ctrl_alt_del()).await.unwrap();
+    let serial = serial_showing(&second.console_log, "efgh").await;
+    assert_eq!(letters(&serial), "efgh", "{serial}");
+    backend.halt(&restored, Duration::from_millis(200)).await;
+    assert!(!restored.vmm.is_alive());
+    release(&restored).await;
+    assert!(!Path::new("/sys/class/net").join(&own_tap).exists());
 }
 
 /// Kills a VMM the test launched if the test fails before stopping it.

@@ -627,11 +627,11 @@ fn fake_snapshot_of_shape(
     rootfs: &str,
     vcpus: u32,
 ) -> String {
-    use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots, qemu_version};
+    use banger::vm::snapshot::{SNAPSHOT_FORMAT, SnapshotSpec, Snapshots, vmm_version};
     let spec = SnapshotSpec {
         format: SNAPSHOT_FORMAT,
         banger: banger_version.to_owned(),
-        qemu: qemu_version(&banger::vm::qemu::binary()).unwrap_or_else(|| "no QEMU".into()),
+        vmm: vmm_version(banger::vm::qemu::binary()).unwrap_or_else(|| "no QEMU".into()),
         accel: "tcg".into(),
         tsc_khz: None,
         rootfs: rootfs.to_owned(),

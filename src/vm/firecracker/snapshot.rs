@@ -26,11 +26,14 @@
 //! a whole snapshot, and a failed create leaves neither.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::api::encode_segment;
-use super::{ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, utf8};
+use super::{
+    ApiClient, ApiRequest, Drive, FirecrackerError, FirecrackerProcess, FirecrackerSpec, utf8,
+};
 
 /// Where a snapshot's two files are (host paths).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,21 +174,7 @@ impl FirecrackerProcess {
                 id: self.inside.id.clone(),
             });
         }
-        let (state, memory) = (partial(&files.state), partial(&files.memory));
-        let request = ApiRequest::create_snapshot(&state, &memory)?;
-        self.pause().await?;
-        let written = async {
-            self.request(&request).await?;
-            rename(&memory, &files.memory)?;
-            rename(&state, &files.state)
-        }
-        .await;
-        if written.is_err() {
-            for path in [&state, &memory, &files.memory] {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        written
+        write_snapshot(&self.api, files).await
     }
 
     /// Starts a Firecracker for `spec` from `files` instead of booting: loads the snapshot
@@ -242,6 +231,52 @@ impl FirecrackerProcess {
         }
         Ok(())
     }
+}
+
+/// How long writing a snapshot may take: the guest's whole memory goes to a local file
+/// (the default request timeout is for answers that need no I/O).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// [`FirecrackerProcess::create_snapshot`] for an unjailed Firecracker known by its API
+/// socket only (a VM the daemon launched and detached). The VM stays paused: call
+/// [`resume_at`].
+///
+/// Firecracker resets the guest's vsock connections when it writes a snapshot (a
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, so that no half-sent packet is saved): a connection
+/// to the guest made before this call is closed once the guest runs again. Listening
+/// sockets in the guest stay.
+pub async fn create_snapshot_at(
+    api_socket: &Path,
+    files: &SnapshotFiles,
+) -> Result<(), FirecrackerError> {
+    write_snapshot(&ApiClient::new(api_socket), files).await
+}
+
+/// Resumes the paused guest of the Firecracker at `api_socket`.
+pub async fn resume_at(api_socket: &Path) -> Result<(), FirecrackerError> {
+    ApiClient::new(api_socket)
+        .send(&ApiRequest::resume())
+        .await
+        .map(drop)
+}
+
+async fn write_snapshot(api: &ApiClient, files: &SnapshotFiles) -> Result<(), FirecrackerError> {
+    let (state, memory) = (partial(&files.state), partial(&files.memory));
+    let request = ApiRequest::create_snapshot(&state, &memory)?;
+    api.send(&ApiRequest::pause()).await?;
+    let writer = api.clone().with_timeout(SNAPSHOT_TIMEOUT);
+    let written = async {
+        writer.send(&request).await?;
+        rename(&memory, &files.memory)?;
+        rename(&state, &files.state)
+    }
+    .await;
+    if written.is_err() {
+        for path in [&state, &memory, &files.memory] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    written
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), FirecrackerError> {
