@@ -1600,9 +1600,16 @@ impl Vms {
                 result = &mut ready => match result {
                     Ok((channel, _ready)) => break channel,
                     Err(error) => {
+                        // A stuck VMM and a guest that never got there look alike from the
+                        // agent's side; the VMM and its log tell them apart.
+                        let vmm_log = self.vm_dir(&record.name).join("vmm.log");
                         return Err(did_not_come_up(format!(
-                            "its agent did not answer within {} s over {endpoint} ({error})",
-                            timeout.as_secs()
+                            "its agent did not answer within {} s over {endpoint} ({error}); \
+                             {}; the VMM's log ({}) ends:\n{}",
+                            timeout.as_secs(),
+                            crate::vm::backend::diagnose(launched).await,
+                            vmm_log.display(),
+                            crate::vm::boot::log_tail(&vmm_log, 5, "VMM log"),
                         )));
                     }
                 },

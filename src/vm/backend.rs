@@ -674,6 +674,51 @@ impl VmmBackend for Backend {
     }
 }
 
+/// What the VMM of a guest whose agent never answered says of it, in one line: whether the
+/// VMM still answers on its control socket within a second (a QEMU whose main loop is stuck,
+/// say on a vhost-user device, does not), the state it reports, and which helper processes
+/// are gone. For the error that a guest did not come up.
+pub async fn diagnose(launched: &Launched) -> String {
+    const PATIENCE: Duration = Duration::from_secs(1);
+    let vmm = match launched.backend {
+        BackendKind::Qemu => "QEMU",
+        BackendKind::Firecracker => "Firecracker",
+    };
+    let state = match launched.backend {
+        BackendKind::Qemu => {
+            let asked = async {
+                let mut qmp = super::qmp::Qmp::connect(&launched.control_socket).await?;
+                qmp.status().await
+            };
+            match tokio::time::timeout(PATIENCE, asked).await {
+                Ok(Ok(status)) => Ok(status),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(String::new()),
+            }
+        }
+        BackendKind::Firecracker => {
+            let api = ApiClient::new(&launched.control_socket).with_timeout(PATIENCE);
+            match api.get_json("/").await {
+                Ok(info) => Ok(info["state"].as_str().unwrap_or("unknown").to_owned()),
+                Err(FirecrackerError::ApiTimeout { .. }) => Err(String::new()),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    };
+    let mut said = match state {
+        Ok(state) => format!("{vmm} reports the guest `{state}`"),
+        Err(error) if error.is_empty() => format!(
+            "{vmm} did not answer on its control socket within {} s (the VMM itself is stuck)",
+            PATIENCE.as_secs()
+        ),
+        Err(error) => format!("{vmm}'s control socket: {error}"),
+    };
+    for helper in launched.helpers.iter().filter(|helper| !helper.is_alive()) {
+        said.push_str(&format!("; its helper process {} is gone", helper.pid));
+    }
+    said
+}
+
 /// Whether a running QEMU VM's agent is behind a multiplexer that is gone (killed by hand:
 /// `pkill banger` takes it with the daemon), so that nothing reaches the agent.
 pub fn agent_mux_gone(launched: &Launched) -> bool {

@@ -639,8 +639,13 @@ fn read_end(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 
 /// The last `lines` lines of a console log, or a note saying it is empty or unreadable.
 pub fn console_tail(path: &Path, lines: usize) -> String {
+    log_tail(path, lines, "console log")
+}
+
+/// [`console_tail`] of any log, `what` naming it where it is empty or unreadable.
+pub fn log_tail(path: &Path, lines: usize, what: &str) -> String {
     match read_end(path, crate::limits::CONSOLE_TAIL_BYTES) {
-        Ok(bytes) if bytes.is_empty() => "  (the console log is empty)".to_owned(),
+        Ok(bytes) if bytes.is_empty() => format!("  (the {what} is empty)"),
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
@@ -656,7 +661,7 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        Err(error) => format!("  (cannot read the console log: {error})"),
+        Err(error) => format!("  (cannot read the {what}: {error})"),
     }
 }
 

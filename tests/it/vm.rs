@@ -1837,3 +1837,82 @@ fn slow_a_kept_vm_restores_serves_exec_and_ssh_at_once_and_boots_cold_after_a_st
     assert_eq!(mark.stdout, "second\n", "{mark}");
     vm_ok(context, name, &["vm", "delete", "-f", name]);
 }
+
+/// What a boot that timed out says of its VMM: a QEMU that answers on QMP reports its state,
+/// a stopped one (as a QEMU whose main loop hangs on a device) is called stuck, and a dead
+/// helper is named. A real QEMU, held before its first instruction (`-S`).
+#[tokio::test]
+async fn a_guest_that_never_answered_is_diagnosed_by_its_vmms_own_state() {
+    use banger::vm::backend::{AgentAddress, BackendKind, Launched, diagnose};
+    use banger::vm::process::ProcessHandle;
+    use nix::sys::signal::Signal;
+
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut qemu = tokio::process::Command::new(banger::vm::qemu::binary())
+        .args([
+            "-M",
+            "microvm",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+        ])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = qemu.id().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !qmp.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A process that has exited: the helper that is gone.
+    let mut helper = std::process::Command::new("true").spawn().unwrap();
+    let helper_pid = helper.id();
+    let helper_handle = ProcessHandle {
+        pid: helper_pid,
+        start_ticks: 1,
+    };
+    helper.wait().unwrap();
+    let launched = Launched {
+        backend: BackendKind::Qemu,
+        vmm: ProcessHandle::of(pid).unwrap(),
+        helpers: vec![helper_handle],
+        control_socket: qmp.clone(),
+        agent: AgentAddress::Serial {
+            path: dir.path().join("agent.sock"),
+        },
+        ssh_host: None,
+        ssh_port: None,
+        tap: None,
+    };
+    let said = diagnose(&launched).await;
+    assert!(
+        said.contains("QEMU reports the guest `prelaunch`"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("its helper process {helper_pid} is gone")),
+        "{said}"
+    );
+    assert!(launched.vmm.signal(Signal::SIGSTOP));
+    let said = diagnose(&launched).await;
+    assert!(launched.vmm.signal(Signal::SIGCONT));
+    assert!(
+        said.contains("QEMU did not answer on its control socket within 1 s"),
+        "{said}"
+    );
+    let gone = Launched {
+        control_socket: dir.path().join("missing.sock"),
+        helpers: Vec::new(),
+        ..launched
+    };
+    let said = diagnose(&gone).await;
+    assert!(said.starts_with("QEMU's control socket: "), "{said}");
+    qemu.kill().await.unwrap();
+}
