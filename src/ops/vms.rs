@@ -1085,6 +1085,7 @@ impl Vms {
         };
         let spec = MachineSpec {
             id: record.id.clone(),
+            hostname: Some(record.name.clone()),
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,
             kernel: boot.join("vmlinux"),
@@ -1544,6 +1545,7 @@ impl Vms {
             "time_ns": time_ns,
             "seed": crate::bundle::hex(&seed),
             "mac": mac,
+            "hostname": record.name,
             "host_keys": { "ed25519": { "private": private, "public": public } },
         });
         if let Some((word, _)) = &own_address {

@@ -130,6 +130,9 @@ impl From<BootError> for BackendError {
 pub struct MachineSpec {
     /// The VM's fixed random id (names its tap, its Firecracker `--id`).
     pub id: String,
+    /// The guest's hostname (`banger.hostname=`, set by the agent): the VM's name. `None`
+    /// leaves the image's.
+    pub hostname: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub kernel: PathBuf,
@@ -269,7 +272,7 @@ impl QemuBackend {
             rootfs: spec.rootfs.clone(),
             transport: self.transport,
             vsock_daemon: self.vsock_daemon.clone(),
-            extra_cmdline: Vec::new(),
+            extra_cmdline: hostname_words(spec),
             writable: super::boot::WritableLayer::VmDisks(spec.disks.clone()),
             forwards: if network {
                 std::iter::once(crate::spec::PortForward::loopback_tcp(spec.ssh_port, 22))
@@ -287,6 +290,14 @@ impl QemuBackend {
             serial_log: spec.console_log.clone(),
         }
     }
+}
+
+/// The kernel command-line word that names the guest after its VM, if it is named.
+fn hostname_words(spec: &MachineSpec) -> Vec<String> {
+    spec.hostname
+        .iter()
+        .map(|name| format!("banger.hostname={name}"))
+        .collect()
 }
 
 /// This program's binary, to run again as a helper: its path, or `/proc/self/exe` once the
@@ -432,6 +443,7 @@ impl FirecrackerBackend {
         if let Some((_, ip_word)) = tap {
             extra.push(ip_word.to_owned());
         }
+        extra.extend(hostname_words(spec));
         FirecrackerSpec {
             binary: self.binary.clone(),
             id: spec.id.clone(),
@@ -770,6 +782,7 @@ mod tests {
     fn machine() -> MachineSpec {
         MachineSpec {
             id: "k3j9x2p0qa7m".into(),
+            hostname: Some("box".into()),
             vcpus: 2,
             memory_mib: 512,
             kernel: "/store/vmlinux".into(),
@@ -846,6 +859,7 @@ mod tests {
         );
         let append = argv[argv.iter().position(|arg| arg == "-append").unwrap() + 1].clone();
         assert!(append.contains(crate::vm::boot::USER_NET_IP), "{append}");
+        assert!(append.contains(" banger.hostname=box"), "{append}");
     }
 
     #[test]
@@ -875,7 +889,7 @@ mod tests {
         -initrd
         /store/initrd
         -append
-        console=ttyS0 root=/dev/vda rw rootwait panic=-1 quiet tsc_early_khz=2000000 banger.overlay=/dev/vdb banger.work=/dev/vdc
+        console=ttyS0 root=/dev/vda rw rootwait panic=-1 quiet tsc_early_khz=2000000 banger.overlay=/dev/vdb banger.work=/dev/vdc banger.hostname=box
         -chardev
         file,id=serial0,path=/state/vms/box/console.log
         -serial
@@ -935,6 +949,11 @@ mod tests {
         assert!(spec.drives.iter().all(|drive| drive.path.is_relative()));
         assert!(spec.boot_args.contains("banger.overlay=/dev/vdb"));
         assert!(spec.boot_args.contains("banger.work=/dev/vdc"));
+        assert!(
+            spec.boot_args.contains("banger.hostname=box"),
+            "{}",
+            spec.boot_args
+        );
         assert!(
             spec.boot_args
                 .contains(&format!("ip={}::{}:", addresses.guest, addresses.host)),

@@ -1414,6 +1414,7 @@ async fn the_firecracker_backend_launches_halts_and_releases_through_the_vmm_tra
     std::fs::create_dir_all(&run_dir).unwrap();
     let spec = MachineSpec {
         id: id.clone(),
+        hostname: None,
         vcpus: 1,
         memory_mib: 128,
         kernel: dir.join("vmlinux"),
@@ -1543,6 +1544,7 @@ async fn the_firecracker_backend_restores_a_saved_vm_as_another_with_its_own_tap
         std::fs::create_dir_all(&run_dir).unwrap();
         MachineSpec {
             id: id.to_owned(),
+            hostname: None,
             vcpus: 1,
             memory_mib: 128,
             kernel: dir.join("vmlinux"),
@@ -1762,6 +1764,7 @@ async fn the_firecracker_backend_puts_a_tap_vm_on_the_bridge() {
     };
     let spec = MachineSpec {
         id: id.clone(),
+        hostname: None,
         vcpus: 1,
         memory_mib: 128,
         kernel: dir.join("vmlinux"),

@@ -1526,7 +1526,9 @@ const IDENTITY_SCRIPT: &str = "echo machine-id $(cat /etc/machine-id); \
      echo host-key $(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2); \
      echo mac $(cat /sys/class/net/eth0/address); \
      echo random $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
-     echo time $(date +%s)";
+     echo time $(date +%s); \
+     echo hostname $(cat /proc/sys/kernel/hostname) $(cat /etc/hostname) \
+     $(getent hosts $(cat /proc/sys/kernel/hostname) | cut -d' ' -f1)";
 
 /// The `KEY VALUE` lines of [`IDENTITY_SCRIPT`]'s output.
 fn identity(output: &Output) -> std::collections::BTreeMap<String, String> {
@@ -1534,7 +1536,17 @@ fn identity(output: &Output) -> std::collections::BTreeMap<String, String> {
         .stdout
         .lines()
         .filter_map(|line| line.split_once(' '))
-        .filter(|(key, _)| ["machine-id", "host-key", "mac", "random", "time"].contains(key))
+        .filter(|(key, _)| {
+            [
+                "machine-id",
+                "host-key",
+                "mac",
+                "random",
+                "time",
+                "hostname",
+            ]
+            .contains(key)
+        })
         .map(|(key, value)| (key.to_owned(), value.trim().to_owned()))
         .collect()
 }
@@ -1562,7 +1574,14 @@ fn slow_vm_run_rm_saves_a_snapshot_once_and_restores_new_instances_from_it() {
             .as_secs();
         assert_eq!(output.code, Some(0), "{output}\n{}", console(context, name));
         let identity = identity(&output);
-        assert_eq!(identity.len(), 5, "{output}");
+        assert_eq!(identity.len(), 6, "{output}");
+        // Named after the VM, booted or restored from another VM's snapshot, and the name
+        // resolves without DNS.
+        assert_eq!(
+            identity["hostname"],
+            format!("{name} {name} 127.0.1.1"),
+            "{output}"
+        );
         let guest_now: u64 = identity["time"].parse().unwrap();
         assert!(
             guest_now.abs_diff(host_now) <= 5,

@@ -51,6 +51,10 @@ pub struct Request {
     /// the saved guest has the address of the VM it was saved from).
     #[serde(default)]
     pub ip: Option<String>,
+    /// The VM's name, as its hostname ([`set_hostname`]): the saved guest has the name of
+    /// the VM it was saved from.
+    #[serde(default)]
+    pub hostname: Option<String>,
     /// New host keys made by the host, by type (`ed25519`); a type the guest has and this
     /// lacks is made here with `ssh-keygen`.
     #[serde(default)]
@@ -164,6 +168,9 @@ pub fn parse_request(text: &str) -> Result<Request, String> {
     if let Some(ip) = &request.ip {
         static_address(ip)?;
     }
+    if let Some(name) = &request.hostname {
+        check_hostname(name).map_err(|error| format!("bad request: {error}"))?;
+    }
     Ok(request)
 }
 
@@ -182,6 +189,9 @@ fn reidentify(request: &Request) -> Result<(), String> {
     }
     if let Some(ip) = request.ip.as_deref() {
         attempt("network address", readdress(ip));
+    }
+    if let Some(name) = request.hostname.as_deref() {
+        attempt("hostname", set_hostname(name, Path::new("/etc")));
     }
     attempt("machine id", new_machine_id());
     attempt("SSH host keys", new_host_keys(&request.host_keys));
@@ -271,6 +281,81 @@ fn readdress(ip: &str) -> Result<(), String> {
             .map_err(|error| format!("cannot write /etc/resolv.conf: {error}"))?;
     }
     Ok(())
+}
+
+/// The longest hostname Linux keeps (`HOST_NAME_MAX`), and a DNS label's limit.
+const HOSTNAME_MAX: usize = 63;
+
+/// A hostname banger sets: one DNS label, letters, digits and inner hyphens.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    let fits = !name.is_empty()
+        && name.len() <= HOSTNAME_MAX
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a hostname (1-{HOSTNAME_MAX} letters, digits and inner hyphens)"
+        ))
+    }
+}
+
+/// Makes `name` the machine's hostname: the kernel's, `ETC/hostname`, and the `127.0.1.1`
+/// line of `ETC/hosts` (Debian's convention), so the name resolves without DNS and tools
+/// that look themselves up (`sudo`, Java) do not wait on a resolver. The files are written
+/// only when they differ; a read-only `/etc` fails after the kernel's name is set.
+pub fn set_hostname(name: &str, etc: &Path) -> Result<(), String> {
+    check_hostname(name)?;
+    nix::unistd::sethostname(name).map_err(|errno| format!("cannot set the hostname: {errno}"))?;
+    write_hostname_files(name, etc)
+}
+
+fn write_hostname_files(name: &str, etc: &Path) -> Result<(), String> {
+    let hostname = etc.join("hostname");
+    let wanted = format!("{name}\n");
+    if std::fs::read_to_string(&hostname).ok().as_deref() != Some(wanted.as_str()) {
+        replace_file(&hostname, &wanted)?;
+    }
+    let hosts = etc.join("hosts");
+    let current = std::fs::read_to_string(&hosts).unwrap_or_default();
+    let updated = hosts_naming(&current, name);
+    if updated != current {
+        replace_file(&hosts, &updated)?;
+    }
+    Ok(())
+}
+
+/// `hosts` (an `/etc/hosts`) with one `127.0.1.1` line, for `name`, after the `127.0.0.1`
+/// line (at the top without one); other lines as they were.
+pub fn hosts_naming(hosts: &str, name: &str) -> String {
+    let own = format!("127.0.1.1\t{name}");
+    let mut lines: Vec<&str> = hosts
+        .lines()
+        .filter(|line| line.split_whitespace().next() != Some("127.0.1.1"))
+        .collect();
+    let at = lines
+        .iter()
+        .position(|line| line.split_whitespace().next() == Some("127.0.0.1"))
+        .map_or(0, |loopback| loopback + 1);
+    lines.insert(at, &own);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// Replaces `path` with `contents` through a file beside it (mode 0644).
+fn replace_file(path: &Path, contents: &str) -> Result<(), String> {
+    let temporary = path.with_extension("banger-new");
+    std::fs::write(&temporary, contents)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|error| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("cannot write {}: {error}", path.display())
+        })
 }
 
 fn new_machine_id() -> Result<(), String> {
@@ -521,6 +606,75 @@ mod tests {
         );
         let request = parse_request(&request).unwrap();
         assert_eq!(request.host_keys["ed25519"].public, "q");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hostnames_are_one_dns_label() {
+        for good in ["box", "web-1", "A9", &"x".repeat(63)] {
+            check_hostname(good).unwrap();
+        }
+        for bad in ["", "-box", "box-", "a.b", "a_b", "a b", &"x".repeat(64)] {
+            let error = check_hostname(bad).unwrap_err();
+            assert!(error.contains("is not a hostname"), "{error}");
+        }
+        let request = format!(r#"{{"time_ns": 1, "seed": "{SEED}", "hostname": "a_b"}}"#);
+        assert!(parse_request(&request).unwrap_err().contains("a_b"));
+    }
+
+    #[test]
+    fn the_hosts_file_names_the_machine_once_after_loopback() {
+        let debian = "127.0.0.1\tlocalhost\n127.0.1.1\tbuildhost\n::1\tlocalhost ip6-localhost\n";
+        assert_eq!(
+            hosts_naming(debian, "box"),
+            "127.0.0.1\tlocalhost\n127.0.1.1\tbox\n::1\tlocalhost ip6-localhost\n"
+        );
+        // Idempotent, and the name is replaced, not added beside the old one.
+        let named = hosts_naming(debian, "box");
+        assert_eq!(hosts_naming(&named, "box"), named);
+        assert_eq!(
+            hosts_naming(&named, "other").matches("127.0.1.1").count(),
+            1
+        );
+        // No loopback line, or no file: the name goes first.
+        assert_eq!(hosts_naming("", "box"), "127.0.1.1\tbox\n");
+        assert_eq!(
+            hosts_naming("10.0.0.1 gw\n", "box"),
+            "127.0.1.1\tbox\n10.0.0.1 gw\n"
+        );
+    }
+
+    #[test]
+    fn hostname_files_are_written_only_when_they_differ() {
+        let dir = tempfile_dir("hostname");
+        std::fs::write(dir.join("hostname"), "buildhost\n").unwrap();
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        write_hostname_files("box", &dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("hostname")).unwrap(),
+            "box\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("hosts")).unwrap(),
+            "127.0.0.1 localhost\n127.0.1.1\tbox\n"
+        );
+        // Unchanged files are not rewritten: a read-only one is no error then.
+        let modified = std::fs::metadata(dir.join("hosts"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_hostname_files("box", &dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("hosts"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            modified
+        );
+        // A directory that cannot be written names the file.
+        let error = write_hostname_files("other", &dir.join("missing")).unwrap_err();
+        assert!(error.contains("missing/hostname"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

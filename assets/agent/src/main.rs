@@ -274,6 +274,7 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
     if options.empty_tmp {
         empty_tmp();
     }
+    name_the_machine();
     let mut problems = Vec::new();
     // As PID 1 the initramfs has loaded the modules already; as a service, see
     // `listen_vsock_waiting`.
@@ -396,6 +397,21 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
 
 /// `--empty-tmp`: a failure is reported and serving goes on, as it would have after
 /// systemd-tmpfiles failed to empty `/tmp`.
+/// Makes the VM's name (`banger.hostname=` on the kernel command line) the hostname, before
+/// anything is served: a command run through the agent sees it at once.
+fn name_the_machine() {
+    let Ok(text) = std::fs::read_to_string("/proc/cmdline") else {
+        return;
+    };
+    let cmdline = cmdline::Cmdline::parse(&text);
+    let Some(name) = cmdline.value("banger.hostname") else {
+        return;
+    };
+    if let Err(error) = identity::set_hostname(name, std::path::Path::new("/etc")) {
+        console::warn(&format!("hostname: {error}"));
+    }
+}
+
 fn empty_tmp() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     match service::empty_once_per_boot(
