@@ -715,7 +715,13 @@ impl Vms {
     pub async fn list(&self) -> Result<Vec<VmInfo>, VmError> {
         let mut infos = Vec::new();
         for record in self.state()?.vms()? {
-            let launched = self.running(&record).await?;
+            // Listed without its lock: a VM deleted since (a `vm run --rm` finishing) is
+            // simply no longer there, not an error of the whole list.
+            let launched = match self.running(&record).await {
+                Ok(launched) => launched,
+                Err(VmError::State(StateError::NoSuchVm { .. })) => continue,
+                Err(error) => return Err(error),
+            };
             infos.push(self.info(&record, launched.as_ref()));
         }
         Ok(infos)
