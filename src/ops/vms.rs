@@ -1285,24 +1285,18 @@ impl Vms {
         backend: &Backend,
         boot: &Path,
     ) -> Result<WarmPlan, String> {
-        let (warm_backend, vmm, accel) = match backend {
+        let (warm_backend, binary, accel) = match backend {
             Backend::Qemu(qemu) => (
                 Backend::Qemu(qemu.for_snapshots()),
-                crate::vm::snapshot::vmm_version(&qemu.binary)
-                    .ok_or_else(|| format!("`{} --version` gave no version", qemu.binary))?,
+                Path::new(&qemu.binary),
                 if qemu.accel.is_tcg() { "tcg" } else { "kvm" },
             ),
-            Backend::Firecracker(firecracker) => (
-                backend.clone(),
-                crate::vm::snapshot::vmm_version(&firecracker.binary).ok_or_else(|| {
-                    format!(
-                        "`{} --version` gave no version",
-                        firecracker.binary.display()
-                    )
-                })?,
-                "kvm",
-            ),
+            Backend::Firecracker(firecracker) => {
+                (backend.clone(), firecracker.binary.as_path(), "kvm")
+            }
         };
+        let vmm = crate::vm::snapshot::vmm_version(binary)
+            .ok_or_else(|| format!("`{} --version` gave no version", binary.display()))?;
         // The boot files are hard links to the kernel's stored files (`make_vm_files`): the
         // store's integrity names their content without reading 50-150 MB on every start.
         let kernel = self

@@ -696,34 +696,34 @@ pub async fn diagnose(launched: &Launched) -> String {
         BackendKind::Qemu => "QEMU",
         BackendKind::Firecracker => "Firecracker",
     };
-    let state = match launched.backend {
+    // `None`: no answer within `PATIENCE`.
+    let state: Option<Result<String, String>> = match launched.backend {
         BackendKind::Qemu => {
             let asked = async {
                 let mut qmp = super::qmp::Qmp::connect(&launched.control_socket).await?;
                 qmp.status().await
             };
-            match tokio::time::timeout(PATIENCE, asked).await {
-                Ok(Ok(status)) => Ok(status),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err(String::new()),
-            }
+            tokio::time::timeout(PATIENCE, asked)
+                .await
+                .ok()
+                .map(|answer| answer.map_err(|error| error.to_string()))
         }
         BackendKind::Firecracker => {
             let api = ApiClient::new(&launched.control_socket).with_timeout(PATIENCE);
             match api.get_json("/").await {
-                Ok(info) => Ok(info["state"].as_str().unwrap_or("unknown").to_owned()),
-                Err(FirecrackerError::ApiTimeout { .. }) => Err(String::new()),
-                Err(error) => Err(error.to_string()),
+                Ok(info) => Some(Ok(info["state"].as_str().unwrap_or("unknown").to_owned())),
+                Err(FirecrackerError::ApiTimeout { .. }) => None,
+                Err(error) => Some(Err(error.to_string())),
             }
         }
     };
     let mut said = match state {
-        Ok(state) => format!("{vmm} reports the guest `{state}`"),
-        Err(error) if error.is_empty() => format!(
+        Some(Ok(state)) => format!("{vmm} reports the guest `{state}`"),
+        Some(Err(error)) => format!("{vmm}'s control socket: {error}"),
+        None => format!(
             "{vmm} did not answer on its control socket within {} s (the VMM itself is stuck)",
             PATIENCE.as_secs()
         ),
-        Err(error) => format!("{vmm}'s control socket: {error}"),
     };
     for helper in launched.helpers.iter().filter(|helper| !helper.is_alive()) {
         said.push_str(&format!("; its helper process {} is gone", helper.pid));

@@ -365,10 +365,7 @@ fn new_machine_id() -> Result<(), String> {
         return Ok(());
     }
     let id = crate::firstboot::random_machine_id()?;
-    let temporary = path.with_extension("banger-new");
-    std::fs::write(&temporary, format!("{id}\n"))
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|error| format!("cannot write {}: {error}", path.display()))
+    replace_file(path, &format!("{id}\n"))
 }
 
 /// The host key files (private halves) in [`SSH_DIR`], with their key types.

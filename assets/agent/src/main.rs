@@ -395,8 +395,6 @@ pub fn serve_forever(options: ServeOptions, pid1: Option<Pid1>) -> Result<(), St
     Err(failures.join("; "))
 }
 
-/// `--empty-tmp`: a failure is reported and serving goes on, as it would have after
-/// systemd-tmpfiles failed to empty `/tmp`.
 /// Makes the VM's name (`banger.hostname=` on the kernel command line) the hostname, before
 /// anything is served: a command run through the agent sees it at once.
 fn name_the_machine() {
@@ -412,6 +410,8 @@ fn name_the_machine() {
     }
 }
 
+/// `--empty-tmp`: a failure is reported and serving goes on, as it would have after
+/// systemd-tmpfiles failed to empty `/tmp`.
 fn empty_tmp() {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     match service::empty_once_per_boot(
